@@ -1,0 +1,130 @@
+// fqt/quant.hpp — quantizers: integer codes plus their grids, and the way back.
+//
+// Every quantizer maps a 2-D float matrix X (rows x cols; rows = samples for gradients) to
+// u8 codes q in [0, B], B = 2^bits - 1, with one affine grid per group (tensor, row or column):
+//     value = q / scale + lo
+// BHQ quantizes T X per row instead of X and carries T: value = T^-1 (q / scale + lo).
+// Arithmetic follows ../shared/SPEC.md section 2 exactly; see docs/QUANTIZERS.md.
+//
+// Two implementations share one contract and must give bit-identical codes:
+//   quantize_ref — plain single-threaded loops, the oracle (src/kernels/cpu/quantize_ref.cpp)
+//   quantize     — threaded fast path (src/kernels/cpu/quantize.cpp)
+// Random numbers for stochastic rounding of element (r, c) are uniform_at(key, r * cols + c),
+// so codes depend only on (input, spec, key): never on thread count.
+#pragma once
+
+#include "fqt/rng.hpp"
+#include "fqt/tensor.hpp"
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fqt {
+
+enum class Granularity : uint8_t { tensor, row, column };
+enum class Rounding : uint8_t { nearest, stochastic };
+
+enum class QuantizerKind : uint8_t {
+  // Deterministic (nearest rounding): forward activations and weights.
+  affine,         // per-tensor min/max grid
+  symmetric,      // per-tensor symmetric grid, codes centred on 2^(b-1) - 1
+  symmetric_row,  // symmetric, one grid per row (per output channel of a weight)
+  zero_aligned,   // per-tensor, range widened to contain 0 and 0 exactly on a code
+  // Stochastic (unbiased): gradients.
+  ptq,       // per-tensor
+  ptq_zero,  // per-tensor, zero-aligned grid (the authors' weight grid, stochastic)
+  psq,       // per-sample: one grid per row
+  column,    // per-column: one grid per column (wgrad operand)
+  bhq,       // block Householder transform, then per row
+};
+
+// The table of quantizers (ggml-style type traits): tests and the CLI loop over it.
+struct QuantizerTraits {
+  QuantizerKind kind;
+  const char* name;   // CLI / JSON name
+  Granularity granularity;
+  Rounding rounding;
+  const char* description;
+};
+const std::vector<QuantizerTraits>& quantizer_table();
+const QuantizerTraits& traits(QuantizerKind kind);
+// Parses a name from the table; throws InputError listing the valid names otherwise.
+QuantizerKind parse_quantizer(const std::string& name);
+
+struct QuantizerSpec {
+  QuantizerKind kind = QuantizerKind::psq;
+  int bits = 8;  // 2..8
+};
+
+// BHQ's transform T = P^T Hblk P diag(s) (SPEC section 2), stored in block form.
+// Group g consists of rows members[offsets[g] .. offsets[g+1]) (original row indices, the large
+// row first); within a group T applies row scaling then the Householder reflection H_n that maps
+// e1 to (1,...,1)/sqrt(n). Rows keep their original positions: P only gathers and scatters.
+struct BhqTransform {
+  int64_t rows = 0;
+  std::vector<float> row_scale;      // s_r, indexed by original row
+  std::vector<int64_t> offsets;      // groups + 1 entries
+  std::vector<int64_t> members;      // rows entries
+  int64_t num_groups() const { return static_cast<int64_t>(offsets.size()) - 1; }
+  int64_t group_size(int64_t g) const { return offsets[g + 1] - offsets[g]; }
+
+  // out = T x, x and out are rows x cols (may not alias). Plain loops.
+  void apply(const float* x, float* out, int64_t cols) const;
+  // out = T^-1 y (may not alias). Plain loops.
+  void apply_inverse(const float* y, float* out, int64_t cols) const;
+  // ||T^-1 e_r||^2: how much variance added to row r of T x shows up after T^-1.
+  std::vector<double> inverse_column_norms2() const;
+};
+
+// Builds the transform for X (rows x cols) exactly as SPEC section 2 describes.
+BhqTransform bhq_transform(const float* x, int64_t rows, int64_t cols);
+// Householder helpers: H_n = I - 2 v v^T with v = (e1 - u) / ||e1 - u||, u = 1/sqrt(n).
+// v_1 and v_k (k > 1) for group size n; and Qmax(n) = max |H_n entry|.
+void householder_v(int64_t n, float& v_first, float& v_rest);
+double householder_qmax(int64_t n);
+
+struct QuantizedTensor {
+  QuantizerSpec spec;
+  int64_t rows = 0, cols = 0;
+  Tensor codes;                           // u8 [rows, cols], each in [0, 2^bits - 1]
+  std::vector<float> scale;               // per group: codes per unit
+  std::vector<float> lo;                  // per group: the value of code 0
+  std::optional<BhqTransform> transform;  // BHQ only
+
+  Granularity granularity() const { return traits(spec.kind).granularity; }
+  int max_code() const { return (1 << spec.bits) - 1; }
+  // Group index of element (r, c).
+  int64_t group(int64_t r, int64_t c) const {
+    switch (granularity()) {
+      case Granularity::tensor: return 0;
+      case Granularity::row: return r;
+      case Granularity::column: return c;
+    }
+    return 0;
+  }
+};
+
+// X must be a 2-D f32 tensor (a tensor of higher rank is viewed as [size(0), rest]) with only
+// finite values (NonFiniteError otherwise). `key` is ignored by deterministic quantizers.
+QuantizedTensor quantize(const Tensor& x, QuantizerSpec spec, RngKey key = {});
+QuantizedTensor quantize_ref(const Tensor& x, QuantizerSpec spec, RngKey key = {});
+// f32 [rows, cols]; applies T^-1 for BHQ.
+Tensor dequantize(const QuantizedTensor& q);
+
+// The deterministic half of quantization: the grids (and BHQ transform) for X, and the
+// matrix the grids apply to (X itself, or T X for BHQ). quantize = prepare + rounding.
+struct QuantPlan {
+  QuantizedTensor q;  // everything but the codes
+  Tensor source;      // f32 [rows, cols]: what gets rounded
+};
+QuantPlan quant_plan(const Tensor& x, QuantizerSpec spec);
+
+// Throws NonFiniteError naming the first NaN/Inf position, if any. `what` names the tensor.
+void check_finite(const Tensor& x, const char* what);
+
+// Sets the number of threads of fqt's CPU kernels (0 = OpenMP default).
+void set_num_threads(int n);
+int num_threads();
+
+}  // namespace fqt

@@ -1,0 +1,115 @@
+// Fast CPU quantizers: threaded min/max and rounding, one Philox block per 4 elements.
+// Contract: bit-identical codes to quantize_ref (tests/unit/test_quantize.cpp).
+#include "quant/grid.hpp"
+
+#include <limits>
+
+namespace fqt {
+using namespace quant_detail;
+
+namespace {
+
+void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std::vector<double>& mn,
+                  std::vector<double>& mx) {
+  const int64_t groups = num_groups(g, rows, cols);
+  mn.assign(groups, std::numeric_limits<double>::infinity());
+  mx.assign(groups, -std::numeric_limits<double>::infinity());
+  if (g == Granularity::row) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* p = x + r * cols;
+      float a = std::numeric_limits<float>::infinity(), b = -a;
+      for (int64_t c = 0; c < cols; ++c) {
+        a = std::min(a, p[c]);
+        b = std::max(b, p[c]);
+      }
+      if (cols) mn[r] = a, mx[r] = b;
+    }
+  } else if (g == Granularity::column) {
+    // Each thread owns a slice of columns and walks all rows (row-major friendly).
+#pragma omp parallel
+    {
+      std::vector<float> a(cols, std::numeric_limits<float>::infinity()), b(cols, -std::numeric_limits<float>::infinity());
+#pragma omp for schedule(static)
+      for (int64_t c0 = 0; c0 < cols; c0 += 256) {
+        const int64_t c1 = std::min(cols, c0 + 256);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* p = x + r * cols;
+          for (int64_t c = c0; c < c1; ++c) {
+            a[c] = std::min(a[c], p[c]);
+            b[c] = std::max(b[c], p[c]);
+          }
+        }
+        if (rows)
+          for (int64_t c = c0; c < c1; ++c) mn[c] = a[c], mx[c] = b[c];
+      }
+    }
+  } else {
+    float a = std::numeric_limits<float>::infinity(), b = -a;
+    const int64_t n = rows * cols;
+#pragma omp parallel for reduction(min : a) reduction(max : b) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      a = std::min(a, x[i]);
+      b = std::max(b, x[i]);
+    }
+    if (n) mn[0] = a, mx[0] = b;
+  }
+}
+
+}  // namespace
+
+QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
+  check_spec(spec);
+  Tensor x = as_matrix(x_in);
+  check_finite(x, "quantizer input");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const Granularity gran = traits(spec.kind).granularity;
+  Tensor source = x;
+  std::optional<BhqTransform> transform;
+  if (spec.kind == QuantizerKind::bhq) {
+    transform = bhq_transform(x.data<float>(), rows, cols);
+    source = Tensor::empty({rows, cols});
+    transform->apply(x.data<float>(), source.data<float>(), cols);
+  }
+  std::vector<double> mn, mx;
+  group_minmax(source.data<float>(), rows, cols, gran, mn, mx);
+  QuantizedTensor q = make_header(spec, rows, cols, mn.data(), mx.data());
+  q.transform = std::move(transform);
+
+  const int B = q.max_code();
+  const bool stochastic = traits(spec.kind).rounding == Rounding::stochastic;
+  q.codes = Tensor::empty({rows, cols}, DType::u8);
+  uint8_t* codes = q.codes.data<uint8_t>();
+  const float* src = source.data<float>();
+  const float* scale = q.scale.data();
+  const float* lo = q.lo.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * cols;
+    uint8_t* o = codes + r * cols;
+    const int64_t base = r * cols;
+    if (!stochastic) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t gi = gran == Granularity::tensor ? 0 : gran == Granularity::row ? r : c;
+        o[c] = round_nearest(grid_pos(s[c], lo[gi], scale[gi]), B);
+      }
+      continue;
+    }
+    // Stochastic: one Philox block serves 4 consecutive global element indices.
+    uint32_t w[4];
+    int64_t c = 0;
+    while (c < cols) {
+      const uint64_t i = static_cast<uint64_t>(base + c);
+      philox_block(key, i >> 2, w);
+      const int64_t stop = std::min<int64_t>(cols, c + (4 - static_cast<int64_t>(i & 3)));
+      for (; c < stop; ++c) {
+        const uint64_t e = static_cast<uint64_t>(base + c);
+        const int64_t gi = gran == Granularity::tensor ? 0 : gran == Granularity::row ? r : c;
+        o[c] = round_stochastic(grid_pos(s[c], lo[gi], scale[gi]), bits_to_uniform(w[e & 3]), B);
+      }
+    }
+  }
+  return q;
+}
+
+}  // namespace fqt

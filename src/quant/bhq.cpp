@@ -1,0 +1,175 @@
+// BHQ: block Householder transform (SPEC section 2, steps 1-6), built and applied in block form.
+#include "fqt/quant.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace fqt {
+
+void householder_v(int64_t n, float& v_first, float& v_rest) {
+  if (n <= 1) {  // H_1 = I
+    v_first = v_rest = 0.0f;
+    return;
+  }
+  // v = (e1 - u) / ||e1 - u||, u = (1,...,1)/sqrt(n); ||e1 - u||^2 = 2 - 2/sqrt(n).
+  double rs = 1.0 / std::sqrt(static_cast<double>(n));
+  double norm = std::sqrt(2.0 - 2.0 * rs);
+  v_first = static_cast<float>((1.0 - rs) / norm);
+  v_rest = static_cast<float>(-rs / norm);
+}
+
+double householder_qmax(int64_t n) {
+  if (n <= 1) return 1.0;
+  double rs = 1.0 / std::sqrt(static_cast<double>(n));
+  double norm = std::sqrt(2.0 - 2.0 * rs);
+  double vf = (1.0 - rs) / norm, vr = -rs / norm;
+  // Entries of I - 2 v v^T: (1,1), (1,k), (k,k), (k,l).
+  return std::max({std::fabs(1 - 2 * vf * vf), std::fabs(2 * vf * vr), std::fabs(1 - 2 * vr * vr),
+                   std::fabs(2 * vr * vr)});
+}
+
+BhqTransform bhq_transform(const float* x, int64_t N, int64_t D) {
+  BhqTransform t;
+  t.rows = N;
+  t.row_scale.assign(N, 1.0f);
+  if (N == 0) {
+    t.offsets = {0};
+    return t;
+  }
+  // 1. Row ranges, sorted descending (ties by row index, so the order is deterministic).
+  std::vector<double> m(N);
+  for (int64_t i = 0; i < N; ++i) {
+    float mn = D ? x[i * D] : 0.0f, mx = mn;
+    for (int64_t j = 1; j < D; ++j) {
+      mn = std::min(mn, x[i * D + j]);
+      mx = std::max(mx, x[i * D + j]);
+    }
+    m[i] = static_cast<double>(mx) - static_cast<double>(mn) + 1e-8;
+  }
+  std::vector<int64_t> rank(N);
+  std::iota(rank.begin(), rank.end(), 0);
+  std::stable_sort(rank.begin(), rank.end(), [&](int64_t a, int64_t b) { return m[a] > m[b]; });
+  std::vector<double> v(N);
+  for (int64_t i = 0; i < N; ++i) v[i] = m[rank[i]];
+
+  if (N == 1) {  // nothing to share with: plain per-row quantization
+    t.offsets = {0, 1};
+    t.members = {0};
+    return t;
+  }
+  // 2. Split into large and small rows. G grows until G * v[N-G-1] / sum(v[0..N-G-1]) > 1,
+  //    i.e. until every large row would receive more than one small row. For N >= 3 this stops
+  //    at G <= N - 1; N == 2 (where the authors' loop reads out of bounds) is one group of two.
+  int64_t G = 1;
+  if (N >= 3) {
+    std::vector<double> prefix(N + 1, 0.0);
+    for (int64_t i = 0; i < N; ++i) prefix[i + 1] = prefix[i] + v[i];
+    G = 0;
+    while (!(static_cast<double>(G) * v[N - G - 1] / prefix[N - G] > 1.0)) ++G;
+  }
+  const int64_t NL = N - G;
+  double total = 0;
+  for (int64_t i = 0; i < NL; ++i) total += v[i];
+  // 3. Small rows shared in proportion to range: nums[i] = roundf(sum_{k<=i} G v_k / total).
+  std::vector<int64_t> nums(NL);
+  double cum = 0;
+  for (int64_t i = 0; i < NL; ++i) {
+    cum += static_cast<double>(G) * v[i] / total;
+    nums[i] = static_cast<int64_t>(std::round(cum));
+  }
+  nums[NL - 1] = G;  // the cumulative share of all large rows is G (guards rounding of cum)
+  // 4-5. Groups and their scales.
+  t.offsets.assign(1, 0);
+  t.members.reserve(N);
+  int64_t prev = 0;
+  for (int64_t i = 0; i < NL; ++i) {
+    const int64_t begin = NL + prev, end = NL + nums[i];
+    FQT_CHECK(end > begin, "BHQ grouping gave large row {} no small rows (G={}, NL={})", i, G, NL);
+    const int64_t n = 1 + (end - begin);
+    t.members.push_back(rank[i]);
+    for (int64_t k = begin; k < end; ++k) t.members.push_back(rank[k]);
+    t.offsets.push_back(static_cast<int64_t>(t.members.size()));
+    const double lambda1 = v[i], lambda2 = v[begin];
+    const double w1 = lambda1 / std::sqrt(static_cast<double>(n));
+    const double w2 = lambda2 * householder_qmax(n);
+    t.row_scale[rank[i]] = static_cast<float>(std::pow(w1, -1.0 / 3.0));
+    const float s2 = static_cast<float>(std::pow(w2 / static_cast<double>(n - 1), -1.0 / 3.0));
+    for (int64_t k = begin; k < end; ++k) t.row_scale[rank[k]] = s2;
+    prev = nums[i];
+  }
+  FQT_CHECK(static_cast<int64_t>(t.members.size()) == N, "BHQ grouping lost rows");
+  return t;
+}
+
+namespace {
+// Shared by apply and apply_inverse for one group; `dot` is scratch of `cols` floats.
+//   forward:  x_k <- s_k x_k, then y = x - 2 v (v^T x)
+//   inverse:  y = x - 2 v (v^T x), then y_k <- y_k / s_k
+void group_apply(const BhqTransform& t, int64_t g, const float* in, float* out, int64_t cols,
+                 bool inverse, std::vector<float>& dot) {
+  const int64_t* mem = t.members.data() + t.offsets[g];
+  const int64_t n = t.group_size(g);
+  float vf, vr;
+  householder_v(n, vf, vr);
+  std::fill(dot.begin(), dot.end(), 0.0f);
+  for (int64_t k = 0; k < n; ++k) {
+    const float vk = k == 0 ? vf : vr;
+    const float s = inverse ? 1.0f : t.row_scale[mem[k]];
+    const float* row = in + mem[k] * cols;
+    for (int64_t j = 0; j < cols; ++j) dot[j] += vk * (s * row[j]);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const float vk2 = 2.0f * (k == 0 ? vf : vr);
+    const float s = t.row_scale[mem[k]];
+    const float* row = in + mem[k] * cols;
+    float* o = out + mem[k] * cols;
+    if (inverse)
+      for (int64_t j = 0; j < cols; ++j) o[j] = (row[j] - vk2 * dot[j]) / s;
+    else
+      for (int64_t j = 0; j < cols; ++j) o[j] = s * row[j] - vk2 * dot[j];
+  }
+}
+}  // namespace
+
+void BhqTransform::apply(const float* x, float* out, int64_t cols) const {
+#pragma omp parallel
+  {
+    std::vector<float> dot(cols);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t g = 0; g < num_groups(); ++g) group_apply(*this, g, x, out, cols, false, dot);
+  }
+}
+
+void BhqTransform::apply_inverse(const float* y, float* out, int64_t cols) const {
+#pragma omp parallel
+  {
+    std::vector<float> dot(cols);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t g = 0; g < num_groups(); ++g) group_apply(*this, g, y, out, cols, true, dot);
+  }
+}
+
+std::vector<double> BhqTransform::inverse_column_norms2() const {
+  // T^-1 e_r = diag(1/s) H e_r (within r's group): sum over the group of (H_{m,r} / s_m)^2.
+  std::vector<double> out(rows, 0.0);
+  for (int64_t g = 0; g < num_groups(); ++g) {
+    const int64_t* mem = members.data() + offsets[g];
+    const int64_t n = group_size(g);
+    float vf, vr;
+    householder_v(n, vf, vr);
+    for (int64_t k = 0; k < n; ++k) {
+      double acc = 0;
+      for (int64_t l = 0; l < n; ++l) {
+        double vk = k == 0 ? vf : vr, vl = l == 0 ? vf : vr;
+        double h = (k == l ? 1.0 : 0.0) - 2.0 * vl * vk;
+        double e = h / row_scale[mem[l]];
+        acc += e * e;
+      }
+      out[mem[k]] = acc;
+    }
+  }
+  return out;
+}
+
+}  // namespace fqt

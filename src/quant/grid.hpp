@@ -1,0 +1,102 @@
+// Internal: the grid formulas of SPEC section 2, shared by every implementation of every
+// quantizer (reference, fast CPU, CUDA). Grid arithmetic is done in double and stored in fp32;
+// rounding is done in fp32 exactly as written here (the build uses -ffp-contract=off so that
+// (x - lo) * scale + u is never fused differently in two places).
+#pragma once
+
+#include "fqt/quant.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+namespace fqt::quant_detail {
+
+struct Grid {
+  float scale;  // codes per unit
+  float lo;     // value of code 0
+};
+
+inline int max_code(int bits) { return (1 << bits) - 1; }
+
+// Affine min/max grid: lo = min - 1e-8, hi = max + 1e-8, scale = B / (hi - lo).
+inline Grid affine_grid(double mn, double mx, int bits) {
+  double lo = mn - 1e-8, hi = mx + 1e-8;
+  return {static_cast<float>(max_code(bits) / (hi - lo)), static_cast<float>(lo)};
+}
+
+// Symmetric grid: codes 0 .. 2Z with Z = 2^(b-1) - 1 standing for -amax .. amax.
+inline Grid symmetric_grid(double mn, double mx, int bits) {
+  double amax = std::max(std::fabs(mn), std::fabs(mx)) + 1e-8;
+  int z = (1 << (bits - 1)) - 1;
+  float scale = static_cast<float>(z / amax);
+  // lo chosen so that code z dequantizes to exactly 0 in fp32: z / scale + lo == 0.
+  return {scale, -(static_cast<float>(z) / scale)};
+}
+
+// Zero-aligned grid (the authors' weight grid): the range is widened to contain 0, then the top
+// end moves (scale shrinks) until 0 falls exactly on the integer code zi = floor(-lo * scale),
+// so the grid still covers [min, max]. Guards: all-positive data (their code divides by zero:
+// here 0 is simply code 0), all-negative (0 is code B), all-zero (a tiny nonzero range).
+inline Grid zero_aligned_grid(double mn, double mx, int bits) {
+  const int B = max_code(bits);
+  double lo = std::min(mn, 0.0), hi = std::max(mx, 0.0);
+  if (hi - lo < 1e-8) hi = lo + 1e-8;
+  double s;
+  int zi;
+  if (lo >= 0) {
+    zi = 0;
+    s = B / hi;
+  } else if (hi <= 0) {
+    zi = B;
+    s = B / -lo;
+  } else {
+    double z = -lo * B / (hi - lo);
+    zi = std::clamp(static_cast<int>(std::floor(z)), 1, B - 1);
+    // Both ends must stay inside the grid: -zi/s <= lo and (B - zi)/s >= hi.
+    s = std::min(zi / -lo, (B - zi) / hi);
+  }
+  float scale = static_cast<float>(s);
+  return {scale, -(static_cast<float>(zi) / scale)};
+}
+
+inline Grid make_grid(QuantizerKind kind, double mn, double mx, int bits) {
+  switch (kind) {
+    case QuantizerKind::symmetric:
+    case QuantizerKind::symmetric_row: return symmetric_grid(mn, mx, bits);
+    case QuantizerKind::zero_aligned:
+    case QuantizerKind::ptq_zero: return zero_aligned_grid(mn, mx, bits);
+    default: return affine_grid(mn, mx, bits);
+  }
+}
+
+// Position of x on the grid, before rounding.
+inline float grid_pos(float x, float lo, float scale) { return (x - lo) * scale; }
+
+// Nearest rounding (ties to even, as torch.round and CUDA rintf): q = round(clamp(v, 0, B)).
+inline uint8_t round_nearest(float v, int B) {
+  v = std::min(std::max(v, 0.0f), static_cast<float>(B));
+  return static_cast<uint8_t>(std::nearbyint(v));
+}
+
+// Stochastic rounding: q = floor(v + u), then clamp to [0, B]. E[q] = v for v in [0, B].
+inline uint8_t round_stochastic(float v, float u, int B) {
+  float q = std::floor(v + u);
+  q = std::min(std::max(q, 0.0f), static_cast<float>(B));
+  return static_cast<uint8_t>(q);
+}
+
+inline float dequant_value(uint8_t q, float scale, float lo) { return static_cast<float>(q) / scale + lo; }
+
+// Number of groups for a granularity.
+inline int64_t num_groups(Granularity g, int64_t rows, int64_t cols) {
+  return g == Granularity::tensor ? 1 : g == Granularity::row ? rows : cols;
+}
+
+// Header (grids, no codes) from per-group min/max. For BHQ `mn`/`mx` are those of T X.
+QuantizedTensor make_header(QuantizerSpec spec, int64_t rows, int64_t cols, const double* mn,
+                            const double* mx);
+void check_spec(QuantizerSpec spec);
+// View of x as a contiguous f32 matrix [rows, cols]; validates dtype and rank.
+Tensor as_matrix(const Tensor& x);
+
+}  // namespace fqt::quant_detail

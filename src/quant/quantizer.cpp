@@ -1,0 +1,128 @@
+// The quantizer table, spec validation, headers and dequantization.
+#include "quant/grid.hpp"
+
+#include <omp.h>
+
+#include <cmath>
+
+namespace fqt {
+
+const std::vector<QuantizerTraits>& quantizer_table() {
+  static const std::vector<QuantizerTraits> table = {
+      {QuantizerKind::affine, "affine", Granularity::tensor, Rounding::nearest,
+       "per-tensor min/max grid, nearest rounding (activations)"},
+      {QuantizerKind::symmetric, "symmetric", Granularity::tensor, Rounding::nearest,
+       "per-tensor symmetric grid, nearest rounding"},
+      {QuantizerKind::symmetric_row, "symmetric-row", Granularity::row, Rounding::nearest,
+       "symmetric grid per row / output channel, nearest rounding (weights)"},
+      {QuantizerKind::zero_aligned, "zero-aligned", Granularity::tensor, Rounding::nearest,
+       "per-tensor grid with 0 on a code, nearest rounding (the paper's weights)"},
+      {QuantizerKind::ptq, "ptq", Granularity::tensor, Rounding::stochastic,
+       "per-tensor, stochastic rounding"},
+      {QuantizerKind::ptq_zero, "ptq-zero", Granularity::tensor, Rounding::stochastic,
+       "per-tensor zero-aligned grid, stochastic rounding"},
+      {QuantizerKind::psq, "psq", Granularity::row, Rounding::stochastic,
+       "per-sample (one grid per row), stochastic rounding"},
+      {QuantizerKind::column, "column", Granularity::column, Rounding::stochastic,
+       "per-column (one grid per column), stochastic rounding (wgrad)"},
+      {QuantizerKind::bhq, "bhq", Granularity::row, Rounding::stochastic,
+       "block Householder transform, then per row, stochastic rounding"},
+  };
+  return table;
+}
+
+const QuantizerTraits& traits(QuantizerKind kind) {
+  for (const auto& t : quantizer_table())
+    if (t.kind == kind) return t;
+  FQT_CHECK(false, "unknown quantizer kind {}", static_cast<int>(kind));
+  __builtin_unreachable();
+}
+
+QuantizerKind parse_quantizer(const std::string& name) {
+  std::string names;
+  for (const auto& t : quantizer_table()) {
+    if (name == t.name) return t.kind;
+    names += (names.empty() ? "" : ", ") + std::string(t.name);
+  }
+  throw InputError(fmt::format("unknown quantizer '{}' (valid: {})", name, names));
+}
+
+void check_finite(const Tensor& x, const char* what) {
+  FQT_CHECK(x.dtype() == DType::f32, "check_finite expects f32");
+  const float* p = x.data<float>();
+  const int64_t n = x.numel();
+  float acc = 0.0f;  // x * 0 is NaN exactly when x is NaN or Inf
+#pragma omp parallel for reduction(+ : acc) schedule(static)
+  for (int64_t i = 0; i < n; ++i) acc += p[i] * 0.0f;
+  if (std::isfinite(acc)) return;
+  int64_t cols = x.dim() >= 2 ? x.numel() / x.size(0) : 1;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(p[i]))
+      throw NonFiniteError(fmt::format("{} contains {} at row {}, column {} (shape {})", what,
+                                       std::isnan(p[i]) ? "NaN" : "Inf", i / cols, i % cols,
+                                       shape_str(x.shape())));
+}
+
+void set_num_threads(int n) {
+  if (n > 0) omp_set_num_threads(n);
+}
+int num_threads() { return omp_get_max_threads(); }
+
+Tensor dequantize(const QuantizedTensor& q) {
+  using namespace quant_detail;
+  Tensor out = Tensor::empty({q.rows, q.cols});
+  float* o = out.data<float>();
+  const uint8_t* c = q.codes.data<uint8_t>();
+  const Granularity g = q.granularity();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < q.rows; ++r)
+    for (int64_t j = 0; j < q.cols; ++j) {
+      int64_t gi = g == Granularity::tensor ? 0 : g == Granularity::row ? r : j;
+      o[r * q.cols + j] = dequant_value(c[r * q.cols + j], q.scale[gi], q.lo[gi]);
+    }
+  if (q.transform) {
+    Tensor back = Tensor::empty({q.rows, q.cols});
+    q.transform->apply_inverse(o, back.data<float>(), q.cols);
+    return back;
+  }
+  return out;
+}
+
+namespace quant_detail {
+
+void check_spec(QuantizerSpec spec) {
+  FQT_INPUT_CHECK(spec.bits >= 2 && spec.bits <= 8, "bit width {} is out of range: fqt supports 2 to 8 bits",
+                  spec.bits);
+  (void)traits(spec.kind);
+}
+
+Tensor as_matrix(const Tensor& x) {
+  FQT_CHECK(x.defined(), "quantize: undefined tensor");
+  FQT_CHECK(x.dtype() == DType::f32, "quantize expects an f32 tensor, got {}", dtype_name(x.dtype()));
+  FQT_CHECK(x.dim() >= 1, "quantize expects a tensor of rank >= 1");
+  int64_t rows = x.size(0);
+  int64_t cols = rows ? x.numel() / rows : 0;
+  return x.reshape({rows, cols});
+}
+
+QuantizedTensor make_header(QuantizerSpec spec, int64_t rows, int64_t cols, const double* mn,
+                            const double* mx) {
+  QuantizedTensor q;
+  q.spec = spec;
+  q.rows = rows;
+  q.cols = cols;
+  int64_t groups = num_groups(traits(spec.kind).granularity, rows, cols);
+  q.scale.resize(groups);
+  q.lo.resize(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    // An empty group (0 rows or 0 columns) has min > max: give it a harmless grid.
+    double a = mn[g] <= mx[g] ? mn[g] : 0.0, b = mn[g] <= mx[g] ? mx[g] : 0.0;
+    Grid grid = make_grid(spec.kind, a, b, spec.bits);
+    q.scale[g] = grid.scale;
+    q.lo[g] = grid.lo;
+  }
+  return q;
+}
+
+}  // namespace quant_detail
+}  // namespace fqt

@@ -1,0 +1,53 @@
+// fqt — fully quantized training. Entry point: subcommand dispatch and error-to-exit-code
+// mapping (0 ok, 2 bad input or flags, 1 internal error).
+#include "commands.hpp"
+
+#include "fqt/error.hpp"
+
+#include <cstdio>
+#include <map>
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "fqt: fully quantized training — forward and both backward GEMMs on low-bitwidth integers,\n"
+      "with unbiased stochastic gradient quantizers (PTQ, PSQ, BHQ; Chen et al., NeurIPS 2020).\n"
+      "Run `fqt <command> --help` for a command's options."};
+  app.name("fqt");
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "fqt 0.1.0");
+  std::map<CLI::App*, fqt::cli::Runner> runners;
+  auto add = [&](const char* name, const char* desc, auto adder) {
+    CLI::App* sub = app.add_subcommand(name, desc);
+    runners[sub] = adder(*sub);
+  };
+  add("quantize", "Measure bias and variance of gradient quantizers on a matrix (.npy)", fqt::cli::add_quantize);
+  add("synth", "Write a synthetic gradient-like matrix (.npy) to try the quantizers on", fqt::cli::add_synth);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "fqt: error: %s\n", e.what());
+    std::fprintf(stderr, "Run with --help for the options.\n");
+    return 2;
+  }
+  try {
+    for (auto& [sub, run] : runners)
+      if (sub->parsed()) return run();
+  } catch (const fqt::InputError& e) {
+    std::fprintf(stderr, "fqt: error: %s\n", e.what());
+    return 2;
+  } catch (const fqt::NonFiniteError& e) {
+    std::fprintf(stderr, "fqt: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "fqt: internal error: %s\n", e.what());
+    return 1;
+  }
+  return 1;
+}
