@@ -1,0 +1,81 @@
+// fqt/nn.hpp — layers with forward, and backward split into dgrad and wgrad (SPEC section 1).
+//
+// Conventions: activations are f32 tensors in N,C,H,W (conv) or N,D (linear) layout, contiguous.
+// forward(x, ctx) keeps exactly what backward needs when ctx.train is true (for quantized layers:
+// the codes and grids, not fp32 copies). backward(dy, ctx) ACCUMULATES parameter gradients into
+// Param::grad (callers zero them once per step) and returns dL/dx.
+//
+// Quantized layers (Linear, Conv2d) follow their Recipe:
+//   fp32: Y = X W^T;             dX = G W;                      dW = G^T X
+//   qat : Y = Qa(X) Qw(W)^T;     dX = G Qw(W);                  dW = G^T Qa(X)
+//   fqt : Y = Qa(X) Qw(W)^T;     dX = Qdgrad(G) Qw(W);          dW = Qwgrad(G)^T Qa(X)
+// with Qdgrad and Qwgrad two independent stochastic draws keyed by grad_key(seed, step, layer,
+// role) (recipe.hpp). For Conv2d, X is the im2col matrix and G is dY laid out as
+// (N*Ho*Wo) x Cout, so "rows = samples" means rows = output positions.
+#pragma once
+
+#include "fqt/recipe.hpp"
+#include "fqt/tensor.hpp"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace fqt {
+
+struct Param {
+  std::string name;
+  Tensor value;               // f32 master weights
+  Tensor grad;                // f32, same shape
+  bool weight_decay = true;   // false for batch-norm parameters
+};
+
+// What every layer may need to know about the current step.
+struct StepContext {
+  bool train = true;
+  uint64_t seed = 0;   // run seed: stochastic gradient quantizers draw from grad_key(seed, step, ...)
+  uint64_t step = 0;   // global step counter
+};
+
+class Module {
+ public:
+  virtual ~Module() = default;
+  virtual std::string kind() const = 0;
+  virtual Tensor forward(const Tensor& x, const StepContext& ctx) = 0;
+  virtual Tensor backward(const Tensor& dy, const StepContext& ctx) = 0;
+  // Trainable parameters, in a stable order (checkpoints rely on it). Names are unique
+  // within a model ("layer3.conv1.weight").
+  virtual void collect_params(std::vector<Param*>& out) { (void)out; }
+  // Non-trainable state saved in checkpoints (batch-norm running mean/var).
+  virtual void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) { (void)out; }
+  // Quantized layers in this module (for per-layer recipe changes and statistics).
+  virtual void collect_quantized(std::vector<class QuantizedLayer*>& out) { (void)out; }
+};
+
+// Linear and Conv2d: the layers whose three GEMMs are quantized.
+class QuantizedLayer : public Module {
+ public:
+  Recipe& recipe() { return recipe_; }
+  const Recipe& recipe() const { return recipe_; }
+  uint32_t layer_id() const { return layer_id_; }
+  const std::string& name() const { return name_; }
+  // The two halves of backward, named as in the SPEC. Both read the context saved by forward.
+  virtual Tensor dgrad(const Tensor& dy, const StepContext& ctx) = 0;
+  virtual void wgrad(const Tensor& dy, const StepContext& ctx) = 0;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override {
+    wgrad(dy, ctx);
+    return dgrad(dy, ctx);
+  }
+  void collect_quantized(std::vector<QuantizedLayer*>& out) override { out.push_back(this); }
+
+ protected:
+  QuantizedLayer(std::string name, Recipe recipe, uint32_t layer_id)
+      : recipe_(recipe), layer_id_(layer_id), name_(std::move(name)) {}
+  Recipe recipe_;
+  uint32_t layer_id_;
+  std::string name_;
+};
+
+using ModulePtr = std::unique_ptr<Module>;
+
+}  // namespace fqt

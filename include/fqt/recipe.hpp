@@ -1,0 +1,38 @@
+// fqt/recipe.hpp — which quantizer and bit width each role of a layer uses (SPEC section 1).
+//
+//   role        GEMM                         default
+//   activation  fprop operand X              affine (per tensor), 8 bits, nearest
+//   weight      fprop/dgrad operand W        symmetric-row (per output channel), 8 bits, nearest
+//   dgrad       dX = Q(G) W                  psq, 8 bits, stochastic      (fqt mode only)
+//   wgrad       dW = Q(G)^T X                ptq, 8 bits, stochastic      (fqt mode only)
+//
+// Modes: fp32 (no quantization), qat (forward quantized, backward exact on the quantized
+// operands), fqt (qat + both gradient GEMMs on independently drawn stochastic quantizations).
+#pragma once
+
+#include "fqt/quant.hpp"
+
+#include <string>
+
+namespace fqt {
+
+enum class Mode : uint8_t { fp32, qat, fqt };
+Mode parse_mode(const std::string& name);
+const char* mode_name(Mode m);
+
+struct Recipe {
+  Mode mode = Mode::fp32;
+  QuantizerSpec activation{QuantizerKind::affine, 8};
+  QuantizerSpec weight{QuantizerKind::symmetric_row, 8};
+  QuantizerSpec dgrad{QuantizerKind::psq, 8};
+  QuantizerSpec wgrad{QuantizerKind::ptq, 8};
+};
+
+// Random-number streams for the two gradient quantizations of one layer at one step: two
+// independent draws (the "bifurcated" gradient). Stream = step * 2^20 + layer * 4 + role.
+enum class GradRole : uint8_t { dgrad = 1, wgrad = 2 };
+inline RngKey grad_key(uint64_t seed, uint64_t step, uint32_t layer, GradRole role) {
+  return RngKey{seed, (step << 20) | (static_cast<uint64_t>(layer & 0x3ffff) << 2) | static_cast<uint64_t>(role)};
+}
+
+}  // namespace fqt

@@ -1,0 +1,21 @@
+#include "fqt/recipe.hpp"
+
+namespace fqt {
+
+Mode parse_mode(const std::string& name) {
+  if (name == "fp32") return Mode::fp32;
+  if (name == "qat") return Mode::qat;
+  if (name == "fqt") return Mode::fqt;
+  throw InputError(fmt::format("unknown mode '{}' (valid: fp32, qat, fqt)", name));
+}
+
+const char* mode_name(Mode m) {
+  switch (m) {
+    case Mode::fp32: return "fp32";
+    case Mode::qat: return "qat";
+    case Mode::fqt: return "fqt";
+  }
+  return "?";
+}
+
+}  // namespace fqt
