@@ -1,5 +1,6 @@
 // BHQ: block Householder transform (SPEC section 2, steps 1-6), built and applied in block form.
 #include "fqt/quant.hpp"
+#include "quant/grid.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -133,7 +134,7 @@ void group_apply(const BhqTransform& t, int64_t g, const float* in, float* out, 
 }  // namespace
 
 void BhqTransform::apply(const float* x, float* out, int64_t cols) const {
-#pragma omp parallel
+#pragma omp parallel if (rows * cols > quant_detail::kParallelMin)
   {
     std::vector<float> dot(cols);
 #pragma omp for schedule(dynamic, 4)
@@ -142,7 +143,7 @@ void BhqTransform::apply(const float* x, float* out, int64_t cols) const {
 }
 
 void BhqTransform::apply_inverse(const float* y, float* out, int64_t cols) const {
-#pragma omp parallel
+#pragma omp parallel if (rows * cols > quant_detail::kParallelMin)
   {
     std::vector<float> dot(cols);
 #pragma omp for schedule(dynamic, 4)

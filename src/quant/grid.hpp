@@ -16,6 +16,10 @@ struct Grid {
   float lo;     // value of code 0
 };
 
+// Below this many elements a kernel runs on one thread: a parallel region costs more than the
+// work, and far more when the machine is oversubscribed.
+constexpr int64_t kParallelMin = 1 << 15;
+
 inline int max_code(int bits) { return (1 << bits) - 1; }
 
 // Affine min/max grid: lo = min - 1e-8, hi = max + 1e-8, scale = B / (hi - lo).
@@ -59,7 +63,7 @@ inline Grid zero_aligned_grid(double mn, double mx, int bits) {
   return {scale, -(static_cast<float>(zi) / scale)};
 }
 
-inline Grid make_grid(QuantizerKind kind, double mn, double mx, int bits) {
+inline Grid make_grid_raw(QuantizerKind kind, double mn, double mx, int bits) {
   switch (kind) {
     case QuantizerKind::symmetric:
     case QuantizerKind::symmetric_row: return symmetric_grid(mn, mx, bits);
@@ -67,6 +71,25 @@ inline Grid make_grid(QuantizerKind kind, double mn, double mx, int bits) {
     case QuantizerKind::ptq_zero: return zero_aligned_grid(mn, mx, bits);
     default: return affine_grid(mn, mx, bits);
   }
+}
+
+// The grid of SPEC section 2, then made to cover [mn, mx] in fp32 arithmetic too: rounding the
+// double-precision scale to fp32 can move an end by an ulp, and a value that falls outside the
+// grid is clamped, i.e. rounded deterministically (a tiny bias). Shrinking the scale by an ulp
+// at a time fixes that; grids anchored on a zero code keep that code exactly at 0.
+inline Grid make_grid(QuantizerKind kind, double mn, double mx, int bits) {
+  Grid g = make_grid_raw(kind, mn, mx, bits);
+  const bool anchored = kind != QuantizerKind::affine && kind != QuantizerKind::ptq &&
+                        kind != QuantizerKind::psq && kind != QuantizerKind::column && kind != QuantizerKind::bhq;
+  const float zero_code = anchored ? -g.lo * g.scale : 0.0f;
+  const float zc = std::nearbyint(zero_code);
+  const float B = static_cast<float>(max_code(bits));
+  for (int it = 0; it < 64; ++it) {
+    if ((static_cast<float>(mn) - g.lo) * g.scale >= 0.0f && (static_cast<float>(mx) - g.lo) * g.scale <= B) break;
+    g.scale = std::nextafter(g.scale, 0.0f);
+    if (anchored) g.lo = -(zc / g.scale);
+  }
+  return g;
 }
 
 // Position of x on the grid, before rounding.

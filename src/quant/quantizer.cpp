@@ -52,7 +52,7 @@ void check_finite(const Tensor& x, const char* what) {
   const float* p = x.data<float>();
   const int64_t n = x.numel();
   float acc = 0.0f;  // x * 0 is NaN exactly when x is NaN or Inf
-#pragma omp parallel for reduction(+ : acc) schedule(static)
+#pragma omp parallel for reduction(+ : acc) schedule(static) if (n > quant_detail::kParallelMin)
   for (int64_t i = 0; i < n; ++i) acc += p[i] * 0.0f;
   if (std::isfinite(acc)) return;
   int64_t cols = x.dim() >= 2 ? x.numel() / x.size(0) : 1;
@@ -74,7 +74,7 @@ Tensor dequantize(const QuantizedTensor& q) {
   float* o = out.data<float>();
   const uint8_t* c = q.codes.data<uint8_t>();
   const Granularity g = q.granularity();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (q.rows * q.cols > kParallelMin)
   for (int64_t r = 0; r < q.rows; ++r)
     for (int64_t j = 0; j < q.cols; ++j) {
       int64_t gi = g == Granularity::tensor ? 0 : g == Granularity::row ? r : j;

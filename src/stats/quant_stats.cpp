@@ -42,7 +42,7 @@ QuantStats quantizer_stats(const Tensor& x_in, QuantizerSpec spec, int samples, 
   for (int k = 0; k < samples; ++k) {
     Tensor d = dequantize(quantize(x, spec, RngKey{seed, static_cast<uint64_t>(k)}));
     const float* dp = d.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
     for (int64_t i = 0; i < n; ++i) {
       const double e = static_cast<double>(dp[i]) - xp[i];  // error, centred on the input
       sum[i] += e;

@@ -15,7 +15,7 @@ void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   mn.assign(groups, std::numeric_limits<double>::infinity());
   mx.assign(groups, -std::numeric_limits<double>::infinity());
   if (g == Granularity::row) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
       const float* p = x + r * cols;
       float a = std::numeric_limits<float>::infinity(), b = -a;
@@ -27,7 +27,7 @@ void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
     }
   } else if (g == Granularity::column) {
     // Each thread owns a slice of columns and walks all rows (row-major friendly).
-#pragma omp parallel
+#pragma omp parallel if (rows * cols > kParallelMin)
     {
       std::vector<float> a(cols, std::numeric_limits<float>::infinity()), b(cols, -std::numeric_limits<float>::infinity());
 #pragma omp for schedule(static)
@@ -47,7 +47,7 @@ void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   } else {
     float a = std::numeric_limits<float>::infinity(), b = -a;
     const int64_t n = rows * cols;
-#pragma omp parallel for reduction(min : a) reduction(max : b) schedule(static)
+#pragma omp parallel for reduction(min : a) reduction(max : b) schedule(static) if (n > kParallelMin)
     for (int64_t i = 0; i < n; ++i) {
       a = std::min(a, x[i]);
       b = std::max(b, x[i]);
@@ -83,7 +83,7 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   const float* src = source.data<float>();
   const float* scale = q.scale.data();
   const float* lo = q.lo.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     const float* s = src + r * cols;
     uint8_t* o = codes + r * cols;

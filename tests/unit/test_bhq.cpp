@@ -1,0 +1,152 @@
+// BHQ transform: exact inverse, group structure per SPEC section 2, degenerate inputs.
+#include "fqt/quant.hpp"
+#include "fqt/stats.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <set>
+
+using namespace fqt;
+
+namespace {
+// Independent re-statement of SPEC section 2 steps 1-3: the groups BHQ must form.
+std::vector<std::vector<int64_t>> spec_groups(const Tensor& x) {
+  const int64_t N = x.size(0), D = x.size(1);
+  const float* p = x.data<float>();
+  std::vector<double> m(N);
+  for (int64_t i = 0; i < N; ++i) {
+    auto [mn, mx] = std::minmax_element(p + i * D, p + (i + 1) * D);
+    m[i] = double(*mx) - double(*mn) + 1e-8;
+  }
+  std::vector<int64_t> rank(N);
+  std::iota(rank.begin(), rank.end(), 0);
+  std::stable_sort(rank.begin(), rank.end(), [&](int64_t a, int64_t b) { return m[a] > m[b]; });
+  int64_t G = 0;
+  for (;; ++G) {
+    double sum = 0;
+    for (int64_t k = 0; k < N - G; ++k) sum += m[rank[k]];
+    if (G * m[rank[N - G - 1]] / sum > 1) break;
+  }
+  const int64_t NL = N - G;
+  double total = 0;
+  for (int64_t k = 0; k < NL; ++k) total += m[rank[k]];
+  std::vector<std::vector<int64_t>> groups;
+  double cum = 0;
+  int64_t prev = 0;
+  for (int64_t i = 0; i < NL; ++i) {
+    cum += G * m[rank[i]] / total;
+    int64_t num = i == NL - 1 ? G : static_cast<int64_t>(std::round(cum));
+    std::vector<int64_t> g{rank[i]};
+    for (int64_t k = NL + prev; k < NL + num; ++k) g.push_back(rank[k]);
+    groups.push_back(g);
+    prev = num;
+  }
+  return groups;
+}
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  double d = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) d = std::max(d, double(std::fabs(a.data<float>()[i] - b.data<float>()[i])));
+  return d;
+}
+}  // namespace
+
+TEST(Bhq, InverseUndoesTransform) {
+  for (SynthKind kind : {SynthKind::heavy_tailed, SynthKind::gaussian}) {
+    Tensor x = synthetic_matrix(kind, 128, 64, 7);
+    BhqTransform t = bhq_transform(x.data<float>(), 128, 64);
+    Tensor y = Tensor::empty({128, 64}), back = Tensor::empty({128, 64});
+    t.apply(x.data<float>(), y.data<float>(), 64);
+    t.apply_inverse(y.data<float>(), back.data<float>(), 64);
+    // T^-1 T = I in fp32: relative to each row's magnitude, within 1e-5.
+    for (int64_t r = 0; r < 128; ++r) {
+      double amax = 0, err = 0;
+      for (int64_t c = 0; c < 64; ++c) {
+        amax = std::max(amax, double(std::fabs(x.data<float>()[r * 64 + c])));
+        err = std::max(err, double(std::fabs(back.data<float>()[r * 64 + c] - x.data<float>()[r * 64 + c])));
+      }
+      EXPECT_LE(err, 1e-5 * std::max(amax, 1.0)) << "row " << r;
+    }
+    // And T T^-1 = I on an arbitrary matrix.
+    Tensor z = synthetic_matrix(SynthKind::gaussian, 128, 64, 8);
+    t.apply_inverse(z.data<float>(), y.data<float>(), 64);
+    t.apply(y.data<float>(), back.data<float>(), 64);
+    EXPECT_LE(max_abs_diff(back, z), 1e-5 * 5);  // |z| <= ~5 for 8192 N(0,1) draws
+  }
+}
+
+TEST(Bhq, GroupsFollowSpecAllocation) {
+  for (uint64_t seed : {1, 2, 3}) {
+    for (int64_t n : {3, 4, 17, 128}) {
+      Tensor x = synthetic_matrix(SynthKind::heavy_tailed, n, 50, seed);
+      BhqTransform t = bhq_transform(x.data<float>(), n, 50);
+      auto want = spec_groups(x);
+      ASSERT_EQ(t.num_groups(), static_cast<int64_t>(want.size())) << "N=" << n;
+      std::set<int64_t> seen;
+      for (int64_t g = 0; g < t.num_groups(); ++g) {
+        EXPECT_GE(t.group_size(g), 2) << "every group has a large row and at least one small row";
+        std::vector<int64_t> got(t.members.begin() + t.offsets[g], t.members.begin() + t.offsets[g + 1]);
+        EXPECT_EQ(got, want[g]) << "group " << g << " N=" << n;
+        seen.insert(got.begin(), got.end());
+      }
+      EXPECT_EQ(static_cast<int64_t>(seen.size()), n) << "every row in exactly one group";
+    }
+  }
+}
+
+TEST(Bhq, RowScalesMinimiseTheBound) {
+  // s1 = w1^(-1/3), s2 = (w2/(n-1))^(-1/3) with w1 = lambda1/sqrt(n), w2 = lambda2 Qmax(n).
+  Tensor x = synthetic_matrix(SynthKind::heavy_tailed, 32, 40, 4);
+  BhqTransform t = bhq_transform(x.data<float>(), 32, 40);
+  auto range = [&](int64_t r) {
+    auto [mn, mx] = std::minmax_element(x.data<float>() + r * 40, x.data<float>() + (r + 1) * 40);
+    return double(*mx) - double(*mn) + 1e-8;
+  };
+  for (int64_t g = 0; g < t.num_groups(); ++g) {
+    const int64_t n = t.group_size(g), large = t.members[t.offsets[g]], small = t.members[t.offsets[g] + 1];
+    double lambda2 = 0;
+    for (int64_t k = 1; k < n; ++k) lambda2 = std::max(lambda2, range(t.members[t.offsets[g] + k]));
+    EXPECT_NEAR(t.row_scale[large], std::pow(range(large) / std::sqrt(double(n)), -1.0 / 3), 1e-5 * t.row_scale[large]);
+    EXPECT_NEAR(t.row_scale[small], std::pow(lambda2 * householder_qmax(n) / (n - 1), -1.0 / 3),
+                1e-5 * t.row_scale[small]);
+  }
+}
+
+TEST(Bhq, HouseholderMapsE1ToUniformVector) {
+  for (int64_t n : {2, 3, 5, 64}) {
+    float vf, vr;
+    householder_v(n, vf, vr);
+    EXPECT_NEAR(vf * vf + (n - 1) * vr * vr, 1.0, 1e-6);  // unit vector
+    // H e1 = e1 - 2 v v1 = (1,...,1)/sqrt(n)
+    EXPECT_NEAR(1 - 2 * vf * vf, 1 / std::sqrt(double(n)), 1e-6);
+    EXPECT_NEAR(-2 * vr * vf, 1 / std::sqrt(double(n)), 1e-6);
+  }
+}
+
+TEST(Bhq, DegenerateInputsNeitherCrashNorNaN) {
+  std::vector<Tensor> inputs = {
+      synthetic_matrix(SynthKind::gaussian, 1, 16, 1),  // N = 1
+      synthetic_matrix(SynthKind::gaussian, 2, 16, 1),  // N = 2 (authors' code reads out of bounds)
+      Tensor::zeros({8, 16}),                           // all zero
+      Tensor::full({8, 16}, 3.25),                      // all rows constant
+      Tensor::zeros({3, 1}),                            // one column
+  };
+  for (const Tensor& x : inputs) {
+    for (int bits : {2, 4, 8}) {
+      QuantizedTensor q = quantize(x, {QuantizerKind::bhq, bits}, {1, 2});
+      ASSERT_TRUE(q.transform.has_value());
+      for (int64_t g = 0; g < q.transform->num_groups(); ++g)
+        if (x.size(0) >= 2) EXPECT_GE(q.transform->group_size(g), 2);
+      Tensor d = dequantize(q);
+      for (int64_t i = 0; i < d.numel(); ++i) {
+        ASSERT_TRUE(std::isfinite(d.data<float>()[i])) << "shape " << shape_str(x.shape());
+        EXPECT_NEAR(d.data<float>()[i], x.data<float>()[i],
+                    x.size(0) <= 2 ? 10.0 : 1e-3)  // constant/zero inputs come back (almost) exactly
+            << "shape " << shape_str(x.shape()) << " bits " << bits;
+      }
+    }
+  }
+}

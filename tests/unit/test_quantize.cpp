@@ -1,0 +1,181 @@
+// Quantizers: code ranges, bracketing, fast path == reference bit for bit, thread-count and
+// seed behaviour, deterministic grids, bad input.
+#include "fqt/quant.hpp"
+#include "fqt/stats.hpp"
+
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+using namespace fqt;
+
+namespace {
+std::vector<QuantizerKind> all_kinds() {
+  std::vector<QuantizerKind> k;
+  for (const auto& t : quantizer_table()) k.push_back(t.kind);
+  return k;
+}
+bool is_stochastic(QuantizerKind k) { return traits(k).rounding == Rounding::stochastic; }
+
+bool same_codes(const QuantizedTensor& a, const QuantizedTensor& b) {
+  return a.codes.numel() == b.codes.numel() &&
+         std::memcmp(a.codes.raw(), b.codes.raw(), a.codes.nbytes()) == 0 && a.scale == b.scale && a.lo == b.lo;
+}
+
+// Grid position of each element before rounding (recomputed from the plan).
+std::vector<float> positions(const QuantPlan& p) {
+  std::vector<float> v(p.q.rows * p.q.cols);
+  const float* s = p.source.data<float>();
+  for (int64_t r = 0; r < p.q.rows; ++r)
+    for (int64_t c = 0; c < p.q.cols; ++c) {
+      int64_t g = p.q.group(r, c), i = r * p.q.cols + c;
+      v[i] = (s[i] - p.q.lo[g]) * p.q.scale[g];
+    }
+  return v;
+}
+}  // namespace
+
+TEST(Quantize, CodesInRangeAndStochasticBrackets) {
+  Tensor x = synthetic_matrix(SynthKind::heavy_tailed, 37, 53, 1);
+  for (QuantizerKind k : all_kinds())
+    for (int bits = 2; bits <= 8; ++bits) {
+      QuantizerSpec spec{k, bits};
+      QuantizedTensor q = quantize(x, spec, {5, 9});
+      const int B = (1 << bits) - 1;
+      const uint8_t* c = q.codes.data<uint8_t>();
+      std::vector<float> v = positions(quant_plan(x, spec));
+      for (int64_t i = 0; i < q.codes.numel(); ++i) {
+        ASSERT_LE(c[i], B) << traits(k).name << " bits " << bits;
+        const float vc = std::min(std::max(v[i], 0.0f), static_cast<float>(B));
+        if (is_stochastic(k)) {
+          // One of the two bracketing grid points: floor(v) or floor(v) + 1 (v clamped).
+          ASSERT_TRUE(c[i] == std::floor(vc) || c[i] == std::floor(vc) + 1)
+              << traits(k).name << " bits " << bits << " v " << vc << " code " << int(c[i]);
+        } else {
+          ASSERT_LE(std::fabs(c[i] - vc), 0.5f) << traits(k).name;  // nearest
+        }
+      }
+    }
+}
+
+TEST(Quantize, FastPathEqualsReferenceBitForBit) {
+  // Awkward shapes: a single row, a single column, sizes not multiples of 4 (Philox blocks).
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 1}, {1, 7}, {7, 1}, {2, 3}, {3, 2}, {5, 129}, {64, 33}};
+  for (auto [r, c] : shapes) {
+    Tensor x = synthetic_matrix(SynthKind::heavy_tailed, r, c, 3);
+    for (QuantizerKind k : all_kinds())
+      for (int bits : {2, 3, 5, 8}) {
+        QuantizerSpec spec{k, bits};
+        EXPECT_TRUE(same_codes(quantize(x, spec, {11, 2}), quantize_ref(x, spec, {11, 2})))
+            << traits(k).name << " bits " << bits << " shape " << r << "x" << c;
+      }
+  }
+}
+
+TEST(Quantize, ThreadCountDoesNotChangeCodesSeedDoes) {
+  Tensor x = synthetic_matrix(SynthKind::gaussian, 96, 130, 4);
+  const int saved = omp_get_max_threads();
+  for (QuantizerKind k : all_kinds()) {
+    QuantizerSpec spec{k, 4};
+    omp_set_num_threads(1);
+    QuantizedTensor one = quantize(x, spec, {1, 0});
+    omp_set_num_threads(2);
+    QuantizedTensor two = quantize(x, spec, {1, 0});
+    EXPECT_TRUE(same_codes(one, two)) << traits(k).name;
+    QuantizedTensor other_seed = quantize(x, spec, {2, 0});
+    QuantizedTensor other_stream = quantize(x, spec, {1, 1});
+    if (is_stochastic(k)) {
+      EXPECT_FALSE(same_codes(one, other_seed)) << traits(k).name;
+      EXPECT_FALSE(same_codes(one, other_stream)) << traits(k).name;
+    } else {
+      EXPECT_TRUE(same_codes(one, other_seed)) << traits(k).name << " is deterministic";
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
+TEST(Quantize, DeterministicGridsKeepZeroExactAndErrorsBounded) {
+  Tensor x = synthetic_matrix(SynthKind::gaussian, 16, 40, 5);
+  x.data<float>()[3] = 0.0f;
+  for (QuantizerKind k : {QuantizerKind::symmetric, QuantizerKind::symmetric_row, QuantizerKind::zero_aligned})
+    for (int bits = 2; bits <= 8; ++bits) {
+      Tensor d = dequantize(quantize(x, {k, bits}));
+      EXPECT_EQ(d.data<float>()[3], 0.0f) << traits(k).name << " bits " << bits;
+    }
+  // Nearest rounding error is at most half a step (plus fp32 slack) everywhere.
+  for (QuantizerKind k : {QuantizerKind::affine, QuantizerKind::symmetric, QuantizerKind::symmetric_row,
+                          QuantizerKind::zero_aligned}) {
+    QuantizedTensor q = quantize(x, {k, 8});
+    Tensor d = dequantize(q);
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t c = 0; c < 40; ++c) {
+        float step = 1.0f / q.scale[q.group(r, c)];
+        EXPECT_LE(std::fabs(d.data<float>()[r * 40 + c] - x.data<float>()[r * 40 + c]), 0.5f * step * 1.001f + 1e-6f)
+            << traits(k).name;
+      }
+  }
+}
+
+TEST(Quantize, ZeroAlignedGridCoversDataAndGuardsOneSidedRanges) {
+  for (auto values : {std::vector<float>{0.5f, 1.0f, 2.0f, 3.0f},       // all positive (authors divide by 0)
+                      std::vector<float>{-3.0f, -1.0f, -0.25f, -2.0f},   // all negative
+                      std::vector<float>{0.0f, 0.0f, 0.0f, 0.0f},        // all zero
+                      std::vector<float>{-0.001f, 5.0f, 2.0f, 1.0f}}) {  // tiny negative side
+    Tensor x = Tensor::from<float>({1, 4}, values);
+    for (int bits : {2, 4, 8}) {
+      QuantizedTensor q = quantize(x, {QuantizerKind::ptq_zero, bits}, {0, 0});
+      const float lo = q.lo[0], hi = lo + ((1 << bits) - 1) / q.scale[0];
+      EXPECT_TRUE(std::isfinite(q.scale[0]) && q.scale[0] > 0);
+      float zero_pos = -lo * q.scale[0];
+      EXPECT_NEAR(zero_pos, std::round(zero_pos), 1e-3) << "0 is not on a code";
+      for (float v : values) {
+        EXPECT_GE(v, lo - 1e-6f);
+        EXPECT_LE(v, hi + 1e-5f * std::fabs(hi) + 1e-6f);
+      }
+    }
+  }
+}
+
+TEST(Quantize, NonFiniteInputIsAClearError) {
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    Tensor x = synthetic_matrix(SynthKind::gaussian, 4, 6, 1);
+    x.data<float>()[2 * 6 + 5] = bad;
+    for (QuantizerKind k : all_kinds()) {
+      try {
+        quantize(x, {k, 4}, {0, 0});
+        FAIL() << "no error for non-finite input";
+      } catch (const NonFiniteError& e) {
+        EXPECT_NE(std::string(e.what()).find("row 2, column 5"), std::string::npos) << e.what();
+      }
+      EXPECT_THROW(quantize_ref(x, {k, 4}, {0, 0}), NonFiniteError);
+    }
+  }
+}
+
+TEST(Quantize, BadSpecsAreRejected) {
+  Tensor x = synthetic_matrix(SynthKind::gaussian, 2, 2, 1);
+  EXPECT_THROW(quantize(x, {QuantizerKind::psq, 1}), InputError);
+  EXPECT_THROW(quantize(x, {QuantizerKind::psq, 9}), InputError);
+  EXPECT_THROW(parse_quantizer("pqs"), InputError);
+  EXPECT_EQ(parse_quantizer("bhq"), QuantizerKind::bhq);
+  EXPECT_THROW(quantize(x.to(DType::f64), {QuantizerKind::psq, 4}), Error);
+}
+
+TEST(Quantize, ConstantAndZeroRowsStayFinite) {
+  Tensor x = Tensor::zeros({6, 10});
+  for (int c = 0; c < 10; ++c) x.data<float>()[10 + c] = 1000.0f;  // a constant row
+  for (int c = 0; c < 10; ++c) x.data<float>()[20 + c] = -3.5f;
+  for (QuantizerKind k : all_kinds()) {
+    Tensor d = dequantize(quantize(x, {k, 4}, {1, 1}));
+    for (int64_t i = 0; i < d.numel(); ++i) {
+      ASSERT_TRUE(std::isfinite(d.data<float>()[i])) << traits(k).name;
+      // Per-row grids: a constant row dequantizes to (almost) its value.
+      if (k == QuantizerKind::psq || k == QuantizerKind::symmetric_row)
+        EXPECT_NEAR(d.data<float>()[i], x.data<float>()[i], 1e-3f * std::max(1.0f, std::fabs(x.data<float>()[i])) + 1e-5f)
+          << traits(k).name << " element " << i;
+    }
+  }
+}
