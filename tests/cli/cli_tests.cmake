@@ -1,0 +1,33 @@
+# The fqt executable's promises: help, exit status 2 with one clear line for bad input, and
+# the statistics it prints. Each test runs expect.sh STATUS REGEX -- command...
+set(FQT_EXE $<TARGET_FILE:fqt_cli>)
+set(EXPECT ${CMAKE_CURRENT_SOURCE_DIR}/cli/expect.sh)
+set(CLI_TMP ${CMAKE_CURRENT_BINARY_DIR}/cli_tmp)
+file(MAKE_DIRECTORY ${CLI_TMP})
+
+function(fqt_cli_test name status regex)
+  add_test(NAME cli.${name} COMMAND ${EXPECT} ${status} "${regex}" -- ${ARGN})
+endfunction()
+
+fqt_cli_test(help 0 "quantize.*synth|Subcommands" ${FQT_EXE} --help)
+fqt_cli_test(no_command 2 "error" ${FQT_EXE})
+fqt_cli_test(unknown_command 2 "error" ${FQT_EXE} frobnicate)
+fqt_cli_test(quantize_help 0 "--samples.*|bias" ${FQT_EXE} quantize --help)
+fqt_cli_test(quantize_missing_file 2 "cannot open" ${FQT_EXE} quantize --input ${CLI_TMP}/nope.npy)
+fqt_cli_test(quantize_bad_flag 2 "error" ${FQT_EXE} quantize --input x.npy --frobnicate)
+fqt_cli_test(quantize_bad_bits 2 "bit width from 2 to 8" ${FQT_EXE} quantize --input x.npy --bits 4,12)
+fqt_cli_test(quantize_bad_quantizer 2 "unknown quantizer 'pqs'.*valid" ${FQT_EXE} quantize --input x.npy --quantizer pqs)
+fqt_cli_test(quantize_not_npy 2 "not a valid .npy" ${FQT_EXE} quantize --input ${CMAKE_CURRENT_SOURCE_DIR}/CMakeLists.txt)
+fqt_cli_test(quantize_samples 2 "samples" ${FQT_EXE} quantize --input x.npy --samples 1)
+
+# Fixtures: a heavy-tailed matrix and a 1-D array made by the CLI itself.
+add_test(NAME cli.synth_heavy COMMAND ${EXPECT} 0 "wrote" -- ${FQT_EXE} synth --kind heavy-tailed --rows 128 --cols 1024 --seed 0 --out ${CLI_TMP}/heavy.npy)
+set_tests_properties(cli.synth_heavy PROPERTIES FIXTURES_SETUP heavy)
+fqt_cli_test(synth_bad_kind 2 "unknown matrix kind" ${FQT_EXE} synth --kind cauchy --out ${CLI_TMP}/x.npy)
+# The table prints PTQ, PSQ, BHQ rows; the JSON carries the stable field names scripts rely on.
+fqt_cli_test(quantize_table 0 "bhq +4" ${FQT_EXE} quantize --input ${CLI_TMP}/heavy.npy --quantizer ptq,psq,bhq --bits 4 --samples 20)
+fqt_cli_test(quantize_json 0 "\"bias_noise_floor\"" ${FQT_EXE} quantize --input ${CLI_TMP}/heavy.npy --bits 8 --samples 10 --json)
+set_tests_properties(cli.quantize_table cli.quantize_json PROPERTIES FIXTURES_REQUIRED heavy)
+# The ordering BHQ < PSQ < PTQ, checked on the JSON by a small script.
+add_test(NAME cli.quantize_ordering COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/check_ordering.sh ${FQT_EXE} ${CLI_TMP}/heavy.npy)
+set_tests_properties(cli.quantize_ordering PROPERTIES FIXTURES_REQUIRED heavy)
