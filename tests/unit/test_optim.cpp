@@ -1,4 +1,5 @@
 // SGD (PyTorch semantics, non-finite gradients, thread-count independence) and LR schedules.
+// Suite names start with optim / sched so that `ctest -R "optim|ckpt|sched"` selects them.
 #include "fqt/optim.hpp"
 #include "fqt/schedule.hpp"
 
@@ -46,7 +47,7 @@ struct RefSGD {
 
 }  // namespace
 
-TEST(OptimSGD, MomentumMatchesHandComputedTorchValues) {
+TEST(optimSGD, MomentumMatchesHandComputedTorchValues) {
   Param w = make_param("w", {3}, 1.0f, 0.5f);
   Param bn = make_param("bn.gamma", {2}, 1.0f, 0.5f, /*wd=*/false);
   SGD opt({&w, &bn}, SGDOptions{0.9f, 0.01f, false});
@@ -68,7 +69,7 @@ TEST(OptimSGD, MomentumMatchesHandComputedTorchValues) {
   EXPECT_EQ(opt.steps_taken(), 2);
 }
 
-TEST(OptimSGD, NesterovMatchesHandComputedTorchValues) {
+TEST(optimSGD, NesterovMatchesHandComputedTorchValues) {
   Param w = make_param("w", {1}, 1.0f, 0.5f);
   SGD opt({&w}, 0.9f, 0.01f, /*nesterov=*/true);
   opt.step(0.1f);
@@ -80,7 +81,7 @@ TEST(OptimSGD, NesterovMatchesHandComputedTorchValues) {
   EXPECT_NEAR(w.value.data<float>()[0], 0.76507411f, 1e-6);
 }
 
-TEST(OptimSGD, PlainSgdWithoutMomentum) {
+TEST(optimSGD, PlainSgdWithoutMomentum) {
   Param w = make_param("w", {2}, 1.0f, 0.5f);
   SGD opt({&w}, 0.0f, 0.01f);
   EXPECT_TRUE(opt.momentum_buffers().empty());
@@ -89,7 +90,7 @@ TEST(OptimSGD, PlainSgdWithoutMomentum) {
   EXPECT_FALSE(opt.momentum_initialized());
 }
 
-TEST(OptimSGD, BitExactAgainstScalarReferenceOverManySteps) {
+TEST(optimSGD, BitExactAgainstScalarReferenceOverManySteps) {
   for (bool nesterov : {false, true})
     for (float wd : {0.0f, 5e-4f}) {
       const int64_t n = 257;
@@ -122,7 +123,7 @@ TEST(OptimSGD, BitExactAgainstScalarReferenceOverManySteps) {
     }
 }
 
-TEST(OptimSGD, ResultIndependentOfThreadCount) {
+TEST(optimSGD, ResultIndependentOfThreadCount) {
   const int64_t n = 300000;  // above the parallel threshold
   auto run = [&](int threads) {
     Param w = make_param("w", {n}, 0.0f, 0.0f);
@@ -141,7 +142,7 @@ TEST(OptimSGD, ResultIndependentOfThreadCount) {
   EXPECT_TRUE(same_bits(run(1), run(3)));
 }
 
-TEST(OptimSGD, NonFiniteGradientThrowsAndLeavesWeightsUntouched) {
+TEST(optimSGD, NonFiniteGradientThrowsAndLeavesWeightsUntouched) {
   for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
                     -std::numeric_limits<float>::infinity()}) {
     Param a = make_param("layer1.weight", {4}, 1.0f, 0.5f);
@@ -172,7 +173,7 @@ TEST(OptimSGD, NonFiniteGradientThrowsAndLeavesWeightsUntouched) {
   }
 }
 
-TEST(OptimSGD, ZeroGradAndBadOptions) {
+TEST(optimSGD, ZeroGradAndBadOptions) {
   Param w = make_param("w", {3}, 1.0f, -0.0f);
   w.grad.fill(7.0);
   SGD opt({&w});
@@ -190,7 +191,7 @@ TEST(OptimSGD, ZeroGradAndBadOptions) {
 
 // ---- schedules -------------------------------------------------------------------------------
 
-TEST(Sched, ConstantWithWarmupEndpoints) {
+TEST(schedLr, ConstantWithWarmupEndpoints) {
   LrSchedule s = parse_schedule("constant", 0.4, 1000, 10, /*warmup=*/8);
   EXPECT_FLOAT_EQ(s.lr_at(0), 0.4f / 8);
   EXPECT_FLOAT_EQ(s.lr_at(3), 0.4f * 4 / 8);
@@ -200,7 +201,7 @@ TEST(Sched, ConstantWithWarmupEndpoints) {
   for (int64_t i = 1; i < 8; ++i) EXPECT_GT(s.lr_at(i), s.lr_at(i - 1));
 }
 
-TEST(Sched, CosinePerStepEndpointsAndMidpoint) {
+TEST(schedLr, CosinePerStepEndpointsAndMidpoint) {
   LrSchedule s = parse_schedule("cosine", 0.1, 100, 10);
   EXPECT_FLOAT_EQ(s.lr_at(0), 0.1f);
   EXPECT_NEAR(s.lr_at(50), 0.05f, 1e-7);
@@ -220,7 +221,7 @@ TEST(Sched, CosinePerStepEndpointsAndMidpoint) {
   EXPECT_FLOAT_EQ(w.lr_at(500), 0.01f);
 }
 
-TEST(Sched, CosinePerEpochIsConstantWithinAnEpoch) {
+TEST(schedLr, CosinePerEpochIsConstantWithinAnEpoch) {
   LrSchedule s = parse_schedule("cosine-epoch", 0.2, 100, 10);  // 10 epochs of 10 steps
   EXPECT_FALSE(s.per_step);
   for (int64_t e = 0; e < 10; ++e) {
@@ -235,7 +236,7 @@ TEST(Sched, CosinePerEpochIsConstantWithinAnEpoch) {
   EXPECT_EQ(p.lr_at(50), s.lr_at(50));
 }
 
-TEST(Sched, StepDecayAtMilestones) {
+TEST(schedLr, StepDecayAtMilestones) {
   LrSchedule s = parse_schedule("step:3,6", 1.0, 0, 10);
   EXPECT_EQ(s.kind, LrKind::step);
   EXPECT_FLOAT_EQ(s.gamma, 0.1);
@@ -253,7 +254,7 @@ TEST(Sched, StepDecayAtMilestones) {
   EXPECT_FLOAT_EQ(g.lr_at(8000), 0.5f * 0.2f * 0.2f * 0.2f);
 }
 
-TEST(Sched, ParseRejectsBadInput) {
+TEST(schedLr, ParseRejectsBadInput) {
   auto msg = [](auto f) {
     try {
       f();
