@@ -1,0 +1,171 @@
+// Training checkpoints on top of safetensors (see fqt/checkpoint.hpp).
+#include "fqt/checkpoint.hpp"
+
+#include <charconv>
+#include <cstring>
+#include <set>
+
+namespace fqt {
+
+namespace {
+
+const char* const kFormat = "fqt-checkpoint";
+
+std::string f2s(float v) { return fmt::format("{}", v); }  // shortest round-trip form
+
+std::map<std::string, std::string> state_metadata(const TrainState& s) {
+  std::map<std::string, std::string> m;
+  m["fqt.format"] = kFormat;
+  m["fqt.version"] = std::to_string(kCheckpointVersion);
+  m["fqt.epoch"] = std::to_string(s.epoch);
+  m["fqt.step"] = std::to_string(s.step);
+  m["fqt.seed"] = std::to_string(s.seed);
+  m["fqt.config"] = s.config_json;
+  for (const auto& [k, v] : s.rng_counters) m["fqt.rng." + k] = std::to_string(v);
+  for (const auto& [k, v] : s.extra) m["fqt.extra." + k] = v;
+  return m;
+}
+
+template <typename T>
+T parse_int(const std::map<std::string, std::string>& m, const std::string& key, const std::string& path) {
+  auto it = m.find(key);
+  FQT_INPUT_CHECK(it != m.end(), "{}: checkpoint metadata has no '{}' (not an fqt checkpoint, or damaged)", path, key);
+  const std::string& s = it->second;
+  T v{};
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  FQT_INPUT_CHECK(!s.empty() && ec == std::errc() && p == s.data() + s.size(),
+                  "{}: checkpoint metadata '{}' is '{}', not an integer", path, key, s);
+  return v;
+}
+
+TrainState state_from_metadata(const std::map<std::string, std::string>& m, const std::string& path) {
+  auto f = m.find("fqt.format");
+  FQT_INPUT_CHECK(f != m.end() && f->second == kFormat,
+                  "{}: not an fqt checkpoint (the safetensors metadata has no fqt.format = {})", path, kFormat);
+  const int version = parse_int<int>(m, "fqt.version", path);
+  FQT_INPUT_CHECK(version >= 1 && version <= kCheckpointVersion,
+                  "{}: checkpoint format version {} is not supported (this build reads versions 1 to {}); use a "
+                  "newer fqt",
+                  path, version, kCheckpointVersion);
+  TrainState s;
+  s.epoch = parse_int<int64_t>(m, "fqt.epoch", path);
+  s.step = parse_int<int64_t>(m, "fqt.step", path);
+  s.seed = parse_int<uint64_t>(m, "fqt.seed", path);
+  auto c = m.find("fqt.config");
+  if (c != m.end()) s.config_json = c->second;
+  for (const auto& [k, v] : m) {
+    if (k.rfind("fqt.rng.", 0) == 0) s.rng_counters[k.substr(8)] = parse_int<uint64_t>(m, k, path);
+    else if (k.rfind("fqt.extra.", 0) == 0) s.extra[k.substr(10)] = v;
+  }
+  return s;
+}
+
+// The tensor `name` of the file must exist with this shape and dtype.
+const Tensor& expect(const SafeTensors& st, const std::string& path, const std::string& name, const Shape& shape,
+                     DType dtype) {
+  auto it = st.tensors.find(name);
+  if (it == st.tensors.end()) {
+    FQT_INPUT_CHECK(!st.int64s.count(name), "{}: tensor '{}' is I64 in the checkpoint but {} in the model", path, name,
+                    dtype_name(dtype));
+    throw InputError(fmt::format("{}: tensor '{}' of the model is missing from the checkpoint (checkpoint was "
+                                 "written for a different model?)",
+                                 path, name));
+  }
+  const Tensor& t = it->second;
+  FQT_INPUT_CHECK(t.shape() == shape,
+                  "{}: tensor '{}' has shape {} in the checkpoint but {} in the model (checkpoint was written for a "
+                  "different model?)",
+                  path, name, shape_str(t.shape()), shape_str(shape));
+  FQT_INPUT_CHECK(t.dtype() == dtype,
+                  "{}: tensor '{}' is {} in the checkpoint but {} in the model (checkpoint was written for a "
+                  "different model?)",
+                  path, name, dtype_name(t.dtype()), dtype_name(dtype));
+  return t;
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,
+                     const SGD& opt, const TrainState& state) {
+  NamedTensors tensors;
+  tensors.reserve(params.size() * 2 + buffers.size());
+  for (const Param* p : params) {
+    FQT_CHECK(p && p->value.defined(), "save_checkpoint: undefined parameter");
+    tensors.emplace_back("param/" + p->name, p->value);
+  }
+  for (const auto& [name, t] : buffers) {
+    FQT_CHECK(t && t->defined(), "save_checkpoint: undefined buffer '{}'", name);
+    tensors.emplace_back("buffer/" + name, *t);
+  }
+  if (opt.momentum_initialized()) {
+    const auto& bufs = opt.momentum_buffers();
+    for (size_t i = 0; i < opt.params().size(); ++i)
+      tensors.emplace_back("momentum/" + opt.params()[i]->name, bufs[i]);
+  }
+  auto meta = state_metadata(state);
+  const SGDOptions& o = opt.options();
+  meta["fqt.optimizer"] = "sgd";
+  meta["fqt.sgd.momentum"] = f2s(o.momentum);
+  meta["fqt.sgd.weight_decay"] = f2s(o.weight_decay);
+  meta["fqt.sgd.nesterov"] = std::to_string(o.nesterov ? 1 : 0);
+  meta["fqt.sgd.momentum_initialized"] = std::to_string(opt.momentum_initialized() ? 1 : 0);
+  write_safetensors(path, tensors, meta);
+}
+
+TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,
+                           SGD& opt) {
+  const SafeTensors st = read_safetensors(path);
+  // ---- validate everything --------------------------------------------------------------
+  TrainState state = state_from_metadata(st.metadata, path);
+  std::set<std::string> used;
+  std::vector<std::pair<const Tensor*, Tensor*>> copies;  // (from file, into model)
+  for (Param* p : params) {
+    FQT_CHECK(p && p->value.defined(), "load_checkpoint: undefined parameter");
+    const std::string name = "param/" + p->name;
+    copies.emplace_back(&expect(st, path, name, p->value.shape(), p->value.dtype()), &p->value);
+    used.insert(name);
+  }
+  for (const auto& [bname, t] : buffers) {
+    FQT_CHECK(t && t->defined(), "load_checkpoint: undefined buffer '{}'", bname);
+    const std::string name = "buffer/" + bname;
+    copies.emplace_back(&expect(st, path, name, t->shape(), t->dtype()), t);
+    used.insert(name);
+  }
+  bool has_momentum = false;
+  for (const auto& [name, t] : st.tensors) has_momentum |= name.rfind("momentum/", 0) == 0;
+  if (has_momentum) {
+    FQT_INPUT_CHECK(opt.options().momentum != 0.0f,
+                    "{}: the checkpoint has SGD momentum buffers but the optimizer has momentum 0 (resume with the "
+                    "momentum it was trained with)",
+                    path);
+    for (size_t i = 0; i < opt.params().size(); ++i) {
+      const Param* p = opt.params()[i];
+      const std::string name = "momentum/" + p->name;
+      copies.emplace_back(&expect(st, path, name, p->value.shape(), DType::f32), &opt.momentum_buffers()[i]);
+      used.insert(name);
+    }
+  }
+  std::vector<std::string> extra;
+  for (const auto& [name, t] : st.tensors)
+    if (!used.count(name)) extra.push_back(name);
+  for (const auto& [name, t] : st.int64s) extra.push_back(name);
+  if (!extra.empty()) {
+    std::string list;
+    for (size_t i = 0; i < extra.size() && i < 5; ++i) list += (i ? ", '" : "'") + extra[i] + "'";
+    if (extra.size() > 5) list += fmt::format(" and {} more", extra.size() - 5);
+    throw InputError(fmt::format("{}: the checkpoint has {} tensor(s) the model does not: {} (checkpoint was written "
+                                 "for a different model?)",
+                                 path, extra.size(), list));
+  }
+  // ---- then copy ------------------------------------------------------------------------
+  for (const auto& [from, into] : copies)
+    if (from->nbytes()) std::memcpy(into->raw(), from->raw(), from->nbytes());
+  if (opt.options().momentum != 0.0f) opt.set_momentum_initialized(has_momentum);
+  return state;
+}
+
+TrainState read_checkpoint_state(const std::string& path) {
+  return state_from_metadata(read_safetensors_metadata(path), path);
+}
+
+}  // namespace fqt
