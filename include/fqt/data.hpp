@@ -128,6 +128,8 @@ struct Batch {
 // With `background` (the default) a worker thread prepares the next batch while the caller
 // works on the current one (two slots in flight: the one handed out and the one being made).
 // Every batch is freshly allocated, so a caller may keep a Batch across next() calls.
+// The loader holds handles on the dataset's tensors (shared storage, no copy): the Dataset
+// object itself may go away, but its pixels must not be modified while the loader runs.
 // Exceptions thrown while preparing a batch are rethrown by next().
 class Loader {
  public:

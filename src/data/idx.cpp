@@ -10,12 +10,16 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 
 namespace fqt {
 
 std::string read_file_bytes(const std::string& path) {
+  std::error_code ec;
+  FQT_INPUT_CHECK(!std::filesystem::is_directory(path, ec), "{}: is a directory, expected a file",
+                  path);
   std::ifstream f(path, std::ios::binary);
   FQT_INPUT_CHECK(f.good(), "{}: cannot open file ({})", path, std::strerror(errno));
   std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());

@@ -1,6 +1,7 @@
 // Data pipeline: IDX / CIFAR-10 readers (real files and table-driven corrupt inputs),
 // synthetic data, and the Loader's determinism, resume and background-thread guarantees.
 #include "fqt/data.hpp"
+#include "fqt/rng.hpp"
 
 #include <gtest/gtest.h>
 
@@ -252,6 +253,45 @@ TEST(data_idx, CorruptInputsAreRejected) {
             std::string::npos);
 }
 
+TEST(data_idx, RandomMutationsOnlyEverThrowInputError) {
+  // A cheap in-test fuzzer: flip, cut or extend valid (and gzipped) files at random; the
+  // parsers must either succeed or throw InputError, never crash or throw anything else.
+  const std::string img = idx_images(6, 3, 4), lab = idx_labels(6);
+  const std::string img_gz = gzip_compress(img), lab_gz = gzip_compress(lab);
+  int rejected = 0, accepted = 0;
+  for (uint64_t it = 0; it < 3000; ++it) {
+    auto rnd = [&](uint64_t k) {
+      uint32_t w[4];
+      philox_block(RngKey{12345, it}, k, w);
+      return w[0];
+    };
+    const bool gz = it % 2;
+    std::string a = gz ? img_gz : img, b = gz ? lab_gz : lab;
+    std::string& target = rnd(0) % 2 ? a : b;
+    switch (rnd(1) % 3) {
+      case 0:  // flip 1-3 bytes
+        for (uint32_t k = 0, n = 1 + rnd(2) % 3; k < n; ++k)
+          target[rnd(3 + k) % target.size()] ^= static_cast<char>(1 + rnd(10 + k) % 255);
+        break;
+      case 1:  // cut
+        target.resize(rnd(2) % target.size());
+        break;
+      default:  // extend
+        target += std::string(1 + rnd(2) % 8, static_cast<char>(rnd(3)));
+    }
+    try {
+      Dataset ds = parse_idx_pair(a, b, "fuzz");
+      ++accepted;
+      ASSERT_EQ(ds.images.size(0), ds.labels.size(0));
+      for (int64_t i = 0; i < ds.size(); ++i) ASSERT_LT(ds.labels.data<int32_t>()[i], 10);
+    } catch (const InputError&) {
+      ++rejected;
+    }
+  }
+  EXPECT_GT(rejected, 2000);  // most mutations must be caught...
+  EXPECT_GT(accepted, 10);    // ...but pixel flips in raw files are legitimately fine
+}
+
 TEST(data_idx, GzipAndRawFiles) {
   TempDir dir;
   const std::string img = idx_images(20, 4, 4), lab = idx_labels(20);
@@ -323,6 +363,9 @@ TEST(data_idx, StandardNamesRawAndMissing) {
   EXPECT_NE(msg.find("train-images-idx3-ubyte.gz: file not found"), std::string::npos) << msg;
   EXPECT_NE(msg.find("dataset-fashion-mnist"), std::string::npos) << msg;
   EXPECT_NE(msg.find("--data-dir"), std::string::npos) << msg;
+
+  msg = message_of([&] { read_file_bytes(dir.path.string()); });
+  EXPECT_NE(msg.find("is a directory"), std::string::npos) << msg;
 
   msg = message_of([&] { load_dataset("imagenet", "", true); });
   EXPECT_NE(msg.find("unknown dataset 'imagenet'"), std::string::npos) << msg;
