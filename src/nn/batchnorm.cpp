@@ -42,7 +42,7 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
     FQT_CHECK(M > 1, "BatchNorm2d {}: training needs more than one value per channel", name_);
     xhat_ = Tensor::empty(x.shape());
     float* hp = xhat_.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
     for (int64_t c = 0; c < C; ++c) {
       double s = 0.0;
       for (int64_t n = 0; n < N; ++n)
@@ -70,7 +70,7 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
     }
   } else {
     xhat_ = {};
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
     for (int64_t c = 0; c < C; ++c) {
       const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps_));
       invstd_[c] = inv;
@@ -98,7 +98,7 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
     FQT_CHECK(saved_train_ && xhat_.defined() && xhat_.numel() == dy.numel(), "BatchNorm2d {}: backward without a training forward",
               name_);
     const float* hp = xhat_.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
     for (int64_t c = 0; c < C; ++c) {
       double sdy = 0.0, sdyh = 0.0;
       for (int64_t n = 0; n < N; ++n)

@@ -25,6 +25,10 @@ inline Param make_param(std::string name, Shape shape, bool weight_decay = true)
   return p;
 }
 
+// Opening an OpenMP team costs microseconds (and much more when a core is busy elsewhere):
+// loops over fewer elements run on the calling thread. Results are the same either way.
+inline bool parallel_worth(int64_t elements) { return elements >= (int64_t{1} << 15); }
+
 inline bool quantized_forward(const Recipe& r) { return r.mode != Mode::fp32; }
 
 }  // namespace fqt::nn_detail

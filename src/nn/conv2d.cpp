@@ -17,7 +17,7 @@ Tensor im2col(const Tensor& x, int64_t k, int64_t stride, int64_t pad) {
   Tensor cols = Tensor::empty({rows, NP});
   const float* xp = x.data<float>();
   float* cp = cols.data<float>();
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(rows * NP))
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t n = 0; n < N; ++n) {
       const int64_t c = r / (k * k), kh = (r / k) % k, kw = r % k;
@@ -61,7 +61,7 @@ Tensor col2im(const Tensor& cols, const Shape& in_shape, int64_t k, int64_t stri
   const float* cp = cols.data<float>();
   float* xp = x.data<float>();
   // Each (n, c) plane is owned by one thread and summed in a fixed (kh, kw, oh, ow) order.
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(cols.numel()))
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c = 0; c < C; ++c) {
       float* plane = xp + (n * C + c) * H * W;
@@ -95,7 +95,7 @@ Tensor nchw_to_cm(const Tensor& x) {
   Tensor out = Tensor::empty({C, N * P});
   const float* xp = x.data<float>();
   float* op = out.data<float>();
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(x.numel()))
   for (int64_t c = 0; c < C; ++c)
     for (int64_t n = 0; n < N; ++n) std::memcpy(op + (c * N + n) * P, xp + (n * C + c) * P, sizeof(float) * P);
   return out;
@@ -107,7 +107,7 @@ Tensor cm_to_nchw(const Tensor& x, const Shape& shape) {
   Tensor out = Tensor::empty(shape);
   const float* xp = x.data<float>();
   float* op = out.data<float>();
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(x.numel()))
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) std::memcpy(op + (n * C + c) * P, xp + (c * N + n) * P, sizeof(float) * P);
   return out;
@@ -118,7 +118,7 @@ Tensor nchw_to_rows(const Tensor& x) {
   Tensor out = Tensor::empty({N * P, C});
   const float* xp = x.data<float>();
   float* op = out.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(x.numel()))
   for (int64_t n = 0; n < N; ++n) {
     const float* src = xp + n * C * P;
     float* dst = op + n * P * C;
@@ -173,7 +173,7 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
     const float* b = bias_.value.data<float>();
     float* yp = y.data<float>();
     const int64_t P = Ho * Wo;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(y.numel()))
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < cout_; ++c)
         for (int64_t p = 0; p < P; ++p) yp[(n * cout_ + c) * P + p] += b[c];
@@ -229,7 +229,7 @@ void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
     const int64_t N = dy.size(0), P = dy.numel() / (N * cout_);
     const float* gp = dy.data<float>();
     float* db = bias_.grad.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(dy.numel()))
     for (int64_t c = 0; c < cout_; ++c) {
       double s = 0.0;
       for (int64_t n = 0; n < N; ++n)

@@ -38,7 +38,7 @@ Tensor Linear::forward(const Tensor& x_in, const StepContext& ctx) {
   if (has_bias_) {
     const float* b = bias_.value.data<float>();
     float* yp = y.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(y.numel()))
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < out_; ++j) yp[i * out_ + j] += b[j];
   }
@@ -88,7 +88,7 @@ void Linear::wgrad(const Tensor& dy_in, const StepContext& ctx) {
     const float* gp = g.data<float>();
     float* db = bias_.grad.data<float>();
     const int64_t n = g.size(0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(g.numel()))
     for (int64_t j = 0; j < out_; ++j) {
       double s = 0.0;
       for (int64_t i = 0; i < n; ++i) s += gp[i * out_ + j];

@@ -4,6 +4,7 @@
 #include <cmath>
 
 namespace fqt {
+using nn_detail::parallel_worth;
 
 float SoftmaxCrossEntropy::forward(const Tensor& logits, const Tensor& labels, float label_smoothing) {
   FQT_CHECK(logits.dim() == 2 && logits.dtype() == DType::f32, "SoftmaxCrossEntropy: logits {} are not f32 [N, K]",
@@ -24,7 +25,7 @@ float SoftmaxCrossEntropy::forward(const Tensor& logits, const Tensor& labels, f
   const double off = label_smoothing / static_cast<double>(K), on = 1.0 - label_smoothing + off;
   for (int64_t i = 0; i < N; ++i)
     FQT_CHECK(yp[i] >= 0 && yp[i] < K, "SoftmaxCrossEntropy: label {} of sample {} not in [0, {})", yp[i], i, K);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(logits.numel()))
   for (int64_t i = 0; i < N; ++i) {
     const float* l = lp + i * K;
     double mx = l[0];

@@ -4,6 +4,7 @@
 #include <limits>
 
 namespace fqt {
+using nn_detail::parallel_worth;
 
 // ---- ReLU -------------------------------------------------------------------------------------
 
@@ -12,7 +13,7 @@ Tensor ReLU::forward(const Tensor& x, const StepContext& ctx) {
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
   const int64_t n = x.numel();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(n))
   for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] > 0.0f ? xp[i] : 0.0f;
   y_ = ctx.train ? y : Tensor();
   return y;
@@ -25,7 +26,7 @@ Tensor ReLU::backward(const Tensor& dy, const StepContext& ctx) {
   const float* dyp = dy.data<float>();
   float* dxp = dx.data<float>();
   const int64_t n = dy.numel();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(n))
   for (int64_t i = 0; i < n; ++i) dxp[i] = yp[i] > 0.0f ? dyp[i] : 0.0f;
   return dx;
 }
@@ -42,7 +43,7 @@ Tensor MaxPool2d::forward(const Tensor& x, const StepContext& ctx) {
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
   int32_t* ap = am.data<int32_t>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(x.numel()))
   for (int64_t nc = 0; nc < N * C; ++nc) {
     const float* plane = xp + nc * H * W;
     for (int64_t oh = 0; oh < Ho; ++oh)
@@ -72,7 +73,7 @@ Tensor MaxPool2d::backward(const Tensor& dy, const StepContext& ctx) {
   const float* dyp = dy.data<float>();
   const int32_t* ap = argmax_.data<int32_t>();
   float* dxp = dx.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(dy.numel() * 4))
   for (int64_t nc = 0; nc < NC; ++nc)
     for (int64_t p = 0; p < P; ++p) dxp[nc * HW + ap[nc * P + p]] += dyp[nc * P + p];
   return dx;
@@ -86,7 +87,7 @@ Tensor GlobalAvgPool::forward(const Tensor& x, const StepContext& ctx) {
   Tensor y = Tensor::empty({N, C});
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(x.numel()))
   for (int64_t nc = 0; nc < N * C; ++nc) {
     double s = 0.0;
     for (int64_t p = 0; p < P; ++p) s += xp[nc * P + p];
@@ -104,7 +105,7 @@ Tensor GlobalAvgPool::backward(const Tensor& dy, const StepContext& ctx) {
   const float inv = 1.0f / static_cast<float>(P);
   const float* dyp = dy.data<float>();
   float* dxp = dx.data<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(dx.numel()))
   for (int64_t nc = 0; nc < NC; ++nc)
     for (int64_t p = 0; p < P; ++p) dxp[nc * P + p] = dyp[nc] * inv;
   return dx;
@@ -154,7 +155,7 @@ void add_inplace(Tensor& a, const Tensor& b) {
   float* ap = a.data<float>();
   const float* bp = b.data<float>();
   const int64_t n = a.numel();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel_worth(n))
   for (int64_t i = 0; i < n; ++i) ap[i] += bp[i];
 }
 
