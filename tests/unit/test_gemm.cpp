@@ -20,7 +20,8 @@ std::vector<float> randn(int64_t n, uint64_t stream) {
 
 TEST(gemm, sgemm_matches_reference_all_transposes) {
   const int64_t shapes[][3] = {{1, 1, 1}, {1, 7, 3}, {13, 1, 5}, {17, 33, 1}, {31, 29, 67}, {65, 130, 3},
-                               {3, 257, 100}, {200, 48, 513}, {129, 140, 72}};
+                               {3, 257, 100}, {200, 48, 513}, {129, 140, 72},
+                               {16, 100, 3000} /* K-split path */, {300, 20, 700} /* M split */};
   for (auto& s : shapes) {
     const int64_t M = s[0], N = s[1], K = s[2];
     for (int t = 0; t < 4; ++t) {
@@ -63,4 +64,18 @@ TEST(gemm, sgemm_independent_of_thread_count) {
   omp_set_num_threads(saved);
   EXPECT_EQ(C1, C2);
   EXPECT_EQ(C1, C3);
+}
+
+TEST(gemm, sgemm_k_split_independent_of_thread_count) {
+  // wgrad shape: small output, long reduction -> fixed K slices summed in order.
+  const int64_t M = 16, N = 144, K = 5000;
+  const auto A = randn(K * M, 6), B = randn(K * N, 7);
+  std::vector<float> C1(M * N), C2(M * N);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  sgemm(true, false, M, N, K, 1.0f, A.data(), M, B.data(), N, 0.0f, C1.data(), N);
+  omp_set_num_threads(2);
+  sgemm(true, false, M, N, K, 1.0f, A.data(), M, B.data(), N, 0.0f, C2.data(), N);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(C1, C2);
 }
