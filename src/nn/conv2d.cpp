@@ -2,6 +2,7 @@
 #include "common.hpp"
 #include "fqt/gemm.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 namespace fqt {
@@ -253,23 +254,56 @@ Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) {
   return dx;
 }
 
+// wgrad: dW = sum_n G_n^T X_n over samples. Samples are cut into a fixed number of groups that
+// depends only on the shape (not on the thread count); each group sums its samples in order into
+// its own partial dW (one im2col per sample into a cache-resident buffer, then a GEMM with
+// beta = 1), and the partials are added in group order.
 void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
   FQT_CHECK(!in_shape_.empty() && dy.dim() == 4 && dy.size(1) == cout_ && dy.size(0) == in_shape_[0],
             "Conv2d {}: dy {} does not match the last forward", name_, shape_str(dy.shape()));
-  Tensor dw = weight_.grad.reshape({cout_, cin_ * k_ * k_});
   if (recipe_.mode == Mode::fp32) {
     FQT_CHECK(x_.defined(), "Conv2d {}: backward without a training forward", name_);
   } else {
     FQT_CHECK(xq_.codes.defined(), "Conv2d {}: backward without a training forward", name_);
   }
-  const Tensor cols =
-      im2col(recipe_.mode == Mode::fp32 ? x_ : dequantize(xq_).reshape(in_shape_), k_, stride_, pad_);
+  const Geom g = geom(in_shape_, k_, stride_, pad_);
+  const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W, wsize = cout_ * ckk;
+  const Tensor xin = recipe_.mode == Mode::fp32 ? x_ : dequantize(xq_).reshape(in_shape_);
+  Tensor grows;  // fqt: dequantized Qwgrad(G) in the SPEC's row layout [(N*P), Cout]
   if (recipe_.mode == Mode::fqt) {
     gq_wgrad_ = quantize(nchw_to_rows(dy), recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
-    matmul(GemmOperand::of(gq_wgrad_), true, GemmOperand::of(cols), true, dw, true);
-  } else {
-    const Tensor gt = nchw_to_cm(dy);
-    matmul(GemmOperand::of(gt), false, GemmOperand::of(cols), true, dw, true);
+    grows = dequantize(gq_wgrad_);
+  }
+  const bool rows_layout = grows.defined();
+  const float* gp = rows_layout ? grows.data<float>() : dy.data<float>();
+  const float* xp = xin.data<float>();
+  // Groups: up to 8, fewer when the partials would be large (ResNet-18's last stage).
+  const int64_t groups = std::clamp<int64_t>(std::min<int64_t>(8, (int64_t{1} << 24) / wsize), 1, N);
+  std::vector<float> part(static_cast<size_t>(groups * wsize));
+  const bool identity_cols = k_ == 1 && stride_ == 1 && pad_ == 0;
+#pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))
+  {
+    std::vector<float> buf(identity_cols ? 0 : static_cast<size_t>(ckk * P));
+#pragma omp for schedule(static, 1)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      float* acc = part.data() + gi * wsize;
+      const int64_t n0 = gi * N / groups, n1 = (gi + 1) * N / groups;
+      for (int64_t n = n0; n < n1; ++n) {
+        const float* cols = xp + n * chw;
+        if (!identity_cols) im2col_one(cols, g, buf.data(), P), cols = buf.data();
+        const float beta = n == n0 ? 0.0f : 1.0f;
+        // acc [Cout, ckk] (+)= G_n^T . cols^T, G_n^T = dy_n [Cout, P] or rows n*P.. of G ([P, Cout])^T
+        if (rows_layout) sgemm(true, true, cout_, ckk, P, 1.0f, gp + n * P * cout_, cout_, cols, P, beta, acc, ckk);
+        else sgemm(false, true, cout_, ckk, P, 1.0f, gp + n * cout_ * P, P, cols, P, beta, acc, ckk);
+      }
+    }
+  }
+  float* dw = weight_.grad.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(groups * wsize))
+  for (int64_t i = 0; i < wsize; ++i) {
+    float s = part[i];
+    for (int64_t gi = 1; gi < groups; ++gi) s += part[gi * wsize + i];
+    dw[i] += s;
   }
   if (has_bias_) {
     const int64_t N = dy.size(0), P = dy.numel() / (N * cout_);
