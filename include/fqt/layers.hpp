@@ -73,9 +73,11 @@ class Linear : public QuantizedLayer {
 
 // 2-D convolution, square kernel, zero padding, via im2col + GEMM.
 // The SPEC's matrices: X = im2col matrix [(N*Ho*Wo), Cin*k*k], W as [Cout, Cin*k*k],
-// G = dY as [(N*Ho*Wo), Cout] (rows = output positions = samples). Internally the im2col matrix
-// is stored transposed ([Cin*k*k, N*Ho*Wo], see im2col below) so that gathering is contiguous;
-// the GEMMs take transposes accordingly, the math is the same.
+// G = dY as [(N*Ho*Wo), Cout] (rows = output positions = samples). Internally the GEMMs run one
+// sample at a time on that sample's im2col block, stored transposed ([Cin*k*k, Ho*Wo], see
+// im2col below) in a per-thread buffer, so that no batch-sized im2col matrix is materialised;
+// the math is the same. wgrad sums samples in fixed, shape-determined groups (thread-count
+// invariant). The quantized-operand GEMMs run in fp32 on dequantized values (simulated path).
 // Quantization (qat/fqt): the INPUT tensor x (viewed as [N, C*H*W]) is quantized with the
 // activation quantizer and the dequantized values are im2col'ed with padding = exact 0. For the
 // per-tensor affine activation grid this equals quantizing the im2col matrix except that padding
@@ -111,14 +113,13 @@ class Conv2d : public QuantizedLayer {
   QuantizedTensor gq_dgrad_, gq_wgrad_;
 };
 
-// im2col, transposed layout: x N,C,H,W -> cols [C*k*k, N*Ho*Wo], row (c, kh, kw), column
+// Whole-batch im2col (reference / tools; the layer itself works per sample), transposed
+// layout: x N,C,H,W -> cols [C*k*k, N*Ho*Wo], row (c, kh, kw), column
 // (n, oh, ow); out-of-image taps are 0. cols^T is the SPEC's X.
 Tensor im2col(const Tensor& x, int64_t k, int64_t stride, int64_t pad);
 // The adjoint: sums cols [C*k*k, N*Ho*Wo] back into an N,C,H,W tensor of shape `in_shape`.
 Tensor col2im(const Tensor& cols, const Shape& in_shape, int64_t k, int64_t stride, int64_t pad);
-// N,C,H,W -> [C, N*H*W] and back; N,C,H,W -> [N*H*W, C] (the SPEC's row layout of G).
-Tensor nchw_to_cm(const Tensor& x);
-Tensor cm_to_nchw(const Tensor& x, const Shape& shape);
+// N,C,H,W -> [N*H*W, C] (the SPEC's row layout of G).
 Tensor nchw_to_rows(const Tensor& x);
 
 // ---- other layers -----------------------------------------------------------------------------

@@ -114,29 +114,6 @@ Tensor col2im(const Tensor& cols, const Shape& in_shape, int64_t k, int64_t stri
   return x;
 }
 
-Tensor nchw_to_cm(const Tensor& x) {
-  const int64_t N = x.size(0), C = x.size(1), P = x.numel() / (N * C);
-  Tensor out = Tensor::empty({C, N * P});
-  const float* xp = x.data<float>();
-  float* op = out.data<float>();
-#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(x.numel()))
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t n = 0; n < N; ++n) std::memcpy(op + (c * N + n) * P, xp + (n * C + c) * P, sizeof(float) * P);
-  return out;
-}
-
-Tensor cm_to_nchw(const Tensor& x, const Shape& shape) {
-  const int64_t N = shape[0], C = shape[1], P = shape_numel(shape) / (N * C);
-  FQT_CHECK(x.numel() == N * C * P, "cm_to_nchw: {} vs {}", shape_str(x.shape()), shape_str(shape));
-  Tensor out = Tensor::empty(shape);
-  const float* xp = x.data<float>();
-  float* op = out.data<float>();
-#pragma omp parallel for collapse(2) schedule(static) if (parallel_worth(x.numel()))
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) std::memcpy(op + (n * C + c) * P, xp + (c * N + n) * P, sizeof(float) * P);
-  return out;
-}
-
 Tensor nchw_to_rows(const Tensor& x) {
   const int64_t N = x.size(0), C = x.size(1), P = x.numel() / (N * C);
   Tensor out = Tensor::empty({N * P, C});

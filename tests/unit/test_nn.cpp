@@ -243,3 +243,27 @@ TEST(nn, loss_accuracy_count) {
   EXPECT_EQ(loss.num_correct(), 2);
   EXPECT_NEAR(l, (2 * std::log(1 + 2 * std::exp(-5.0)) + std::log(std::exp(5.0) + 2) ) / 3, 1e-5);
 }
+
+// col2im is the adjoint of im2col: <col2im(C), X> == <C, im2col(X)>, and im2col gathers the
+// right pixels (spot check against direct indexing).
+TEST(nn, im2col_col2im_adjoint) {
+  const Tensor x = randn({2, 3, 7, 6}, 20);
+  for (int64_t k : {1, 3}) {
+    for (int64_t stride : {1, 2}) {
+      const int64_t pad = k / 2;
+      const Tensor cols = im2col(x, k, stride, pad);
+      const Tensor c = randn(cols.shape(), 21);
+      const Tensor back = col2im(c, x.shape(), k, stride, pad);
+      double lhs = 0, rhs = 0;
+      for (int64_t i = 0; i < x.numel(); ++i) lhs += double(back.data<float>()[i]) * x.data<float>()[i];
+      for (int64_t i = 0; i < cols.numel(); ++i) rhs += double(c.data<float>()[i]) * cols.data<float>()[i];
+      EXPECT_NEAR(lhs, rhs, 1e-4 * std::fabs(rhs) + 1e-4);
+      const int64_t Ho = (7 + 2 * pad - k) / stride + 1, Wo = (6 + 2 * pad - k) / stride + 1, NP = 2 * Ho * Wo;
+      // row (c=1, kh=k-1, kw=0), sample 1, output (1, 1)
+      const int64_t r = (1 * k + (k - 1)) * k, col = Ho * Wo + 1 * Wo + 1;
+      const int64_t ih = stride - pad + k - 1, iw = stride - pad;
+      const float want = (ih >= 0 && ih < 7 && iw >= 0 && iw < 6) ? x.data<float>()[((1 * 3 + 1) * 7 + ih) * 6 + iw] : 0.0f;
+      EXPECT_EQ(cols.data<float>()[r * NP + col], want);
+    }
+  }
+}
