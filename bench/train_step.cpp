@@ -1,6 +1,9 @@
 // One training step (forward + backward, loss included, no optimizer) of a model, timed.
 // Usage: bench_train_step [model=preact_resnet20] [batch=128] [mode=fp32] [iters=5] [c h w = 1 28 28]
 // Prints the median over `iters` after one warm-up step, as JSON.
+// On a shared machine run with OMP_WAIT_POLICY=passive: with libgomp's default active waiting a
+// thread preempted by another process stalls every barrier (measured 3-10x slower steps at load
+// 4 on 2 cores; 310-340 ms median per PreAct-ResNet-20 fp32 step when the cores are free).
 #include "fqt/models.hpp"
 #include "fqt/rng.hpp"
 
