@@ -1,0 +1,293 @@
+// fqt/layers.hpp — the layers of fqt (interface in nn.hpp) and the loss.
+//
+// Shapes: convolution-side activations are f32 N,C,H,W; linear-side N,D. All layers are
+// deterministic and give bit-identical results on any thread count (no float atomics; every
+// reduction runs in a fixed order per output element).
+//
+// Quantized layers (Linear, Conv2d) run their three GEMMs through `matmul` below: operands are
+// either plain f32 or QuantizedTensors (codes + grids). Today quantized operands are
+// dequantized and multiplied in fp32 (the "simulated" path); an integer GEMM on the codes can
+// replace `matmul` for the quantized x quantized case without touching the layers.
+#pragma once
+
+#include "fqt/nn.hpp"
+#include "fqt/quant.hpp"
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fqt {
+
+// ---- GEMM on (possibly quantized) operands ---------------------------------------------------
+
+// One GEMM operand: exactly one of `dense` (f32 [rows, cols]) or `quant` is set.
+struct GemmOperand {
+  const Tensor* dense = nullptr;
+  const QuantizedTensor* quant = nullptr;
+  static GemmOperand of(const Tensor& t) { return {&t, nullptr}; }
+  static GemmOperand of(const QuantizedTensor& q) { return {nullptr, &q}; }
+  int64_t rows() const;
+  int64_t cols() const;
+};
+
+// C = op(A) op(B) (+ C if accumulate); C must be f32 [M, N], allocated by the caller.
+void matmul(const GemmOperand& a, bool trans_a, const GemmOperand& b, bool trans_b, Tensor& c,
+            bool accumulate);
+
+// ---- quantized layers -------------------------------------------------------------------------
+
+// Y[N, out] = X[N, in] W[out, in]^T + b. Weight init: uniform(+-sqrt(6 / in)) (Kaiming uniform,
+// ReLU gain), bias zero; random numbers from RngKey{init_seed, layer_id}.
+class Linear : public QuantizedLayer {
+ public:
+  Linear(std::string name, int64_t in, int64_t out, bool bias, Recipe recipe, uint32_t layer_id,
+         uint64_t init_seed = 0);
+  std::string kind() const override { return "Linear"; }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor dgrad(const Tensor& dy, const StepContext& ctx) override;
+  void wgrad(const Tensor& dy, const StepContext& ctx) override;
+  void collect_params(std::vector<Param*>& out) override;
+
+  Param& weight() { return weight_; }
+  Param& bias() { return bias_; }
+  bool has_bias() const { return has_bias_; }
+  int64_t in_features() const { return in_; }
+  int64_t out_features() const { return out_; }
+  // Saved by forward (train mode): quantized input / weight in qat and fqt, else empty.
+  const QuantizedTensor& saved_input_q() const { return xq_; }
+  const QuantizedTensor& saved_weight_q() const { return wq_; }
+  // The last gradient operands drawn in fqt mode (for tests and statistics).
+  const QuantizedTensor& last_dgrad_q() const { return gq_dgrad_; }
+  const QuantizedTensor& last_wgrad_q() const { return gq_wgrad_; }
+
+ private:
+  int64_t in_, out_;
+  bool has_bias_;
+  Param weight_, bias_;
+  Tensor x_;                // fp32 mode: the input (shared handle, no copy)
+  QuantizedTensor xq_, wq_;  // qat/fqt
+  QuantizedTensor gq_dgrad_, gq_wgrad_;
+};
+
+// 2-D convolution, square kernel, zero padding, via im2col + GEMM.
+// The SPEC's matrices: X = im2col matrix [(N*Ho*Wo), Cin*k*k], W as [Cout, Cin*k*k],
+// G = dY as [(N*Ho*Wo), Cout] (rows = output positions = samples). Internally the GEMMs run one
+// sample at a time on that sample's im2col block, stored transposed ([Cin*k*k, Ho*Wo], see
+// im2col below) in a per-thread buffer, so that no batch-sized im2col matrix is materialised;
+// the math is the same. wgrad sums samples in fixed, shape-determined groups (thread-count
+// invariant). The quantized-operand GEMMs run in fp32 on dequantized values (simulated path).
+// Quantization (qat/fqt): the INPUT tensor x (viewed as [N, C*H*W]) is quantized with the
+// activation quantizer and the dequantized values are im2col'ed with padding = exact 0. For the
+// per-tensor affine activation grid this equals quantizing the im2col matrix except that padding
+// zeros stay exact zeros instead of being forced onto the grid (0 may lie outside [min, max]).
+// Backward keeps the codes of x, not the im2col matrix (k*k times smaller). Gradient quantizers
+// see G in the SPEC's row layout [(N*Ho*Wo), Cout], so PSQ/BHQ rows are output positions.
+class Conv2d : public QuantizedLayer {
+ public:
+  Conv2d(std::string name, int64_t cin, int64_t cout, int64_t kernel, int64_t stride, int64_t padding,
+         bool bias, Recipe recipe, uint32_t layer_id, uint64_t init_seed = 0);
+  std::string kind() const override { return "Conv2d"; }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor dgrad(const Tensor& dy, const StepContext& ctx) override;
+  void wgrad(const Tensor& dy, const StepContext& ctx) override;
+  void collect_params(std::vector<Param*>& out) override;
+
+  Param& weight() { return weight_; }  // [Cout, Cin, k, k]
+  Param& bias() { return bias_; }
+  int64_t out_size(int64_t in) const { return (in + 2 * pad_ - k_) / stride_ + 1; }
+  const QuantizedTensor& saved_input_q() const { return xq_; }
+  const QuantizedTensor& saved_weight_q() const { return wq_; }
+  const QuantizedTensor& last_dgrad_q() const { return gq_dgrad_; }
+  const QuantizedTensor& last_wgrad_q() const { return gq_wgrad_; }
+
+ private:
+  Tensor weight2d() const { return weight_.value.reshape({cout_, cin_ * k_ * k_}); }
+  int64_t cin_, cout_, k_, stride_, pad_;
+  bool has_bias_;
+  Param weight_, bias_;
+  Shape in_shape_;
+  Tensor x_;
+  QuantizedTensor xq_, wq_;
+  QuantizedTensor gq_dgrad_, gq_wgrad_;
+};
+
+// Whole-batch im2col (reference / tools; the layer itself works per sample), transposed
+// layout: x N,C,H,W -> cols [C*k*k, N*Ho*Wo], row (c, kh, kw), column
+// (n, oh, ow); out-of-image taps are 0. cols^T is the SPEC's X.
+Tensor im2col(const Tensor& x, int64_t k, int64_t stride, int64_t pad);
+// The adjoint: sums cols [C*k*k, N*Ho*Wo] back into an N,C,H,W tensor of shape `in_shape`.
+Tensor col2im(const Tensor& cols, const Shape& in_shape, int64_t k, int64_t stride, int64_t pad);
+// N,C,H,W -> [N*H*W, C] (the SPEC's row layout of G).
+Tensor nchw_to_rows(const Tensor& x);
+
+// ---- other layers -----------------------------------------------------------------------------
+
+// Per-channel batch norm over N,H,W (also accepts N,C). Train: batch statistics (biased variance
+// for normalisation, unbiased for the running variance, as PyTorch); eval: running statistics.
+class BatchNorm2d : public Module {
+ public:
+  BatchNorm2d(std::string name, int64_t channels, float momentum = 0.1f, float eps = 1e-5f);
+  std::string kind() const override { return "BatchNorm2d"; }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+  void collect_params(std::vector<Param*>& out) override;
+  void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
+  Param& gamma() { return gamma_; }
+  Param& beta() { return beta_; }
+  Tensor& running_mean() { return running_mean_; }
+  Tensor& running_var() { return running_var_; }
+
+ private:
+  std::string name_;
+  int64_t c_;
+  float momentum_, eps_;
+  Param gamma_, beta_;
+  Tensor running_mean_, running_var_;
+  Tensor xhat_;                 // saved normalised input
+  std::vector<float> invstd_;   // per channel
+  bool saved_train_ = true;
+};
+
+class ReLU : public Module {
+ public:
+  std::string kind() const override { return "ReLU"; }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+
+ private:
+  Tensor y_;
+};
+
+class MaxPool2d : public Module {
+ public:
+  MaxPool2d(int64_t kernel, int64_t stride) : k_(kernel), stride_(stride) {}
+  std::string kind() const override { return "MaxPool2d"; }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+
+ private:
+  int64_t k_, stride_;
+  Shape in_shape_;
+  Tensor argmax_;  // i32, index within the input plane
+};
+
+// N,C,H,W -> N,C (mean over H,W).
+class GlobalAvgPool : public Module {
+ public:
+  std::string kind() const override { return "GlobalAvgPool"; }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+
+ private:
+  Shape in_shape_;
+};
+
+// N,... -> N,D.
+class Flatten : public Module {
+ public:
+  std::string kind() const override { return "Flatten"; }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+
+ private:
+  Shape in_shape_;
+};
+
+// Runs its children in order; backward in reverse. Children carry their full dotted names
+// (given at construction), so collection just concatenates in order.
+class Sequential : public Module {
+ public:
+  Sequential() = default;
+  std::string kind() const override { return "Sequential"; }
+  Module& add(ModulePtr m);
+  template <typename T, typename... Args> T& emplace(Args&&... args) {
+    auto p = std::make_unique<T>(std::forward<Args>(args)...);
+    T& ref = *p;
+    add(std::move(p));
+    return ref;
+  }
+  size_t size() const { return children_.size(); }
+  Module& child(size_t i) { return *children_.at(i); }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+  void collect_params(std::vector<Param*>& out) override;
+  void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
+  void collect_quantized(std::vector<QuantizedLayer*>& out) override;
+
+ private:
+  std::vector<ModulePtr> children_;
+};
+
+// Hands out layer ids 0, 1, 2, ... in construction (= forward) order, and the init seed.
+struct LayerIds {
+  uint32_t next = 0;
+  uint64_t init_seed = 0;
+  uint32_t take() { return next++; }
+};
+
+// Pre-activation residual block (He et al. 2016, CIFAR variant):
+//   a = ReLU(BN1(x)); s = shortcut(a) if projecting else x;
+//   y = conv2(ReLU(BN2(conv1(a)))) + s
+// The projection (1x1 conv, stride) is used when stride != 1 or cin != cout.
+// Layer ids in forward order: shortcut (if any), conv1, conv2.
+class PreActBlock : public Module {
+ public:
+  PreActBlock(const std::string& name, int64_t cin, int64_t cout, int64_t stride, const Recipe& recipe,
+              LayerIds& ids);
+  std::string kind() const override { return "PreActBlock"; }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+  void collect_params(std::vector<Param*>& out) override;
+  void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
+  void collect_quantized(std::vector<QuantizedLayer*>& out) override;
+
+ private:
+  Sequential pre_;       // bn1, relu
+  ModulePtr shortcut_;   // Conv2d or null (identity)
+  Sequential main_;      // conv1, bn2, relu, conv2
+};
+
+// Basic residual block (ResNet-18): y = ReLU(BN2(conv2(ReLU(BN1(conv1(x))))) + s(x)), s = 1x1
+// conv + BN when the shape changes, else identity. Layer ids: conv1, conv2, shortcut conv.
+class BasicBlock : public Module {
+ public:
+  BasicBlock(const std::string& name, int64_t cin, int64_t cout, int64_t stride, const Recipe& recipe,
+             LayerIds& ids);
+  std::string kind() const override { return "BasicBlock"; }
+  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+  void collect_params(std::vector<Param*>& out) override;
+  void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
+  void collect_quantized(std::vector<QuantizedLayer*>& out) override;
+
+ private:
+  Sequential main_;                 // conv1, bn1, relu, conv2, bn2
+  std::unique_ptr<Sequential> shortcut_;  // conv, bn or null
+  ReLU out_relu_;
+};
+
+// Elementwise a += b (same shape, f32).
+void add_inplace(Tensor& a, const Tensor& b);
+
+// ---- loss -------------------------------------------------------------------------------------
+
+// Softmax + cross-entropy with optional label smoothing (target = (1-ls) onehot + ls/K),
+// mean over the batch. Computed in fp64 per row.
+class SoftmaxCrossEntropy {
+ public:
+  // logits f32 [N, K], labels i32 [N] in [0, K). Returns the mean loss.
+  float forward(const Tensor& logits, const Tensor& labels, float label_smoothing = 0.0f);
+  // dL/dlogits for the mean loss, f32 [N, K].
+  Tensor backward() const;
+  int64_t num_correct() const { return correct_; }  // argmax == label in the last forward
+  const Tensor& probs() const { return probs_; }
+
+ private:
+  Tensor probs_, labels_;
+  float ls_ = 0.0f;
+  int64_t correct_ = 0;
+};
+
+}  // namespace fqt

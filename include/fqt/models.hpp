@@ -1,0 +1,28 @@
+// fqt/models.hpp — model builders.
+//
+// Every Linear/Conv2d is quantized according to `recipe` (first and last layers included) and
+// gets a unique layer_id 0, 1, 2, ... in forward order and a dotted name ("stage2.block0.conv1").
+// Weights are initialised deterministically from `init_seed`.
+//
+//   mlp              Flatten, Linear(D, 256), ReLU, Linear(256, 256), ReLU, Linear(256, classes)
+//   cnn              [conv3x3 32, BN, ReLU, maxpool2] [conv3x3 64, BN, ReLU, maxpool2], Flatten, FC
+//   preact_resnet20  CIFAR PreAct-ResNet (He et al. 2016): conv3x3 16, 3 stages x n pre-activation
+//   preact_resnet56  blocks (n = 3 / 9) with 16/32/64 channels, stride 2 at stages 2 and 3,
+//                    1x1 projection shortcuts, then BN, ReLU, global average pool, FC
+//   resnet18         basic-block ResNet-18 for small images: conv3x3 64 stride 1 + BN + ReLU,
+//                    no max pool, 4 stages x 2 blocks with 64/128/256/512 channels, GAP, FC
+#pragma once
+
+#include "fqt/layers.hpp"
+
+#include <string>
+#include <vector>
+
+namespace fqt {
+
+// Throws InputError listing the valid names for an unknown `name`.
+ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int num_classes, const Recipe& recipe,
+                     uint64_t init_seed);
+const std::vector<std::string>& model_names();
+
+}  // namespace fqt

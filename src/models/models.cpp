@@ -1,0 +1,95 @@
+// Model builders (models.hpp).
+#include "fqt/models.hpp"
+
+namespace fqt {
+
+const std::vector<std::string>& model_names() {
+  static const std::vector<std::string> names = {"mlp", "cnn", "preact_resnet20", "preact_resnet56", "resnet18"};
+  return names;
+}
+
+namespace {
+
+ModulePtr make_mlp(int in_c, int in_h, int in_w, int classes, const Recipe& r, LayerIds& ids) {
+  auto m = std::make_unique<Sequential>();
+  const int64_t d = static_cast<int64_t>(in_c) * in_h * in_w;
+  m->emplace<Flatten>();
+  m->emplace<Linear>("fc1", d, 256, true, r, ids.take(), ids.init_seed);
+  m->emplace<ReLU>();
+  m->emplace<Linear>("fc2", 256, 256, true, r, ids.take(), ids.init_seed);
+  m->emplace<ReLU>();
+  m->emplace<Linear>("fc3", 256, classes, true, r, ids.take(), ids.init_seed);
+  return m;
+}
+
+ModulePtr make_cnn(int in_c, int in_h, int in_w, int classes, const Recipe& r, LayerIds& ids) {
+  FQT_INPUT_CHECK(in_h >= 4 && in_w >= 4, "model cnn needs images of at least 4x4, got {}x{}", in_h, in_w);
+  auto m = std::make_unique<Sequential>();
+  m->emplace<Conv2d>("conv1", in_c, 32, 3, 1, 1, false, r, ids.take(), ids.init_seed);
+  m->emplace<BatchNorm2d>("bn1", 32);
+  m->emplace<ReLU>();
+  m->emplace<MaxPool2d>(2, 2);
+  m->emplace<Conv2d>("conv2", 32, 64, 3, 1, 1, false, r, ids.take(), ids.init_seed);
+  m->emplace<BatchNorm2d>("bn2", 64);
+  m->emplace<ReLU>();
+  m->emplace<MaxPool2d>(2, 2);
+  m->emplace<Flatten>();
+  const int64_t h = (in_h / 2) / 2, w = (in_w / 2) / 2;
+  m->emplace<Linear>("fc", 64 * h * w, classes, true, r, ids.take(), ids.init_seed);
+  return m;
+}
+
+ModulePtr make_preact(int blocks_per_stage, int in_c, int classes, const Recipe& r, LayerIds& ids) {
+  auto m = std::make_unique<Sequential>();
+  m->emplace<Conv2d>("conv1", in_c, 16, 3, 1, 1, false, r, ids.take(), ids.init_seed);
+  const int64_t widths[3] = {16, 32, 64};
+  int64_t cin = 16;
+  for (int s = 0; s < 3; ++s) {
+    for (int b = 0; b < blocks_per_stage; ++b) {
+      const int64_t stride = (s > 0 && b == 0) ? 2 : 1;
+      m->emplace<PreActBlock>(fmt::format("stage{}.block{}", s + 1, b), cin, widths[s], stride, r, ids);
+      cin = widths[s];
+    }
+  }
+  m->emplace<BatchNorm2d>("bn", cin);
+  m->emplace<ReLU>();
+  m->emplace<GlobalAvgPool>();
+  m->emplace<Linear>("fc", cin, classes, true, r, ids.take(), ids.init_seed);
+  return m;
+}
+
+ModulePtr make_resnet18(int in_c, int classes, const Recipe& r, LayerIds& ids) {
+  auto m = std::make_unique<Sequential>();
+  m->emplace<Conv2d>("conv1", in_c, 64, 3, 1, 1, false, r, ids.take(), ids.init_seed);
+  m->emplace<BatchNorm2d>("bn1", 64);
+  m->emplace<ReLU>();
+  const int64_t widths[4] = {64, 128, 256, 512};
+  int64_t cin = 64;
+  for (int s = 0; s < 4; ++s) {
+    for (int b = 0; b < 2; ++b) {
+      const int64_t stride = (s > 0 && b == 0) ? 2 : 1;
+      m->emplace<BasicBlock>(fmt::format("layer{}.block{}", s + 1, b), cin, widths[s], stride, r, ids);
+      cin = widths[s];
+    }
+  }
+  m->emplace<GlobalAvgPool>();
+  m->emplace<Linear>("fc", cin, classes, true, r, ids.take(), ids.init_seed);
+  return m;
+}
+
+}  // namespace
+
+ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int num_classes, const Recipe& recipe,
+                     uint64_t init_seed) {
+  FQT_INPUT_CHECK(in_c > 0 && in_h > 0 && in_w > 0 && num_classes > 0,
+                  "model {}: bad input {}x{}x{} or class count {}", name, in_c, in_h, in_w, num_classes);
+  LayerIds ids{0, init_seed};
+  if (name == "mlp") return make_mlp(in_c, in_h, in_w, num_classes, recipe, ids);
+  if (name == "cnn") return make_cnn(in_c, in_h, in_w, num_classes, recipe, ids);
+  if (name == "preact_resnet20") return make_preact(3, in_c, num_classes, recipe, ids);
+  if (name == "preact_resnet56") return make_preact(9, in_c, num_classes, recipe, ids);
+  if (name == "resnet18") return make_resnet18(in_c, num_classes, recipe, ids);
+  throw InputError(fmt::format("unknown model '{}'; valid models: {}", name, fmt::join(model_names(), ", ")));
+}
+
+}  // namespace fqt

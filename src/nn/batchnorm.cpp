@@ -1,0 +1,125 @@
+// BatchNorm2d: per-channel normalisation over N,H,W; statistics in fp64, one channel per thread.
+#include "common.hpp"
+
+#include <cmath>
+
+namespace fqt {
+using namespace nn_detail;
+
+BatchNorm2d::BatchNorm2d(std::string name, int64_t channels, float momentum, float eps)
+    : name_(std::move(name)), c_(channels), momentum_(momentum), eps_(eps) {
+  gamma_ = make_param(name_ + ".weight", {channels}, false);
+  gamma_.value.fill(1.0);
+  beta_ = make_param(name_ + ".bias", {channels}, false);
+  running_mean_ = Tensor::zeros({channels});
+  running_var_ = Tensor::full({channels}, 1.0);
+}
+
+void BatchNorm2d::collect_params(std::vector<Param*>& out) {
+  out.push_back(&gamma_);
+  out.push_back(&beta_);
+}
+
+void BatchNorm2d::collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) {
+  out.emplace_back(name_ + ".running_mean", &running_mean_);
+  out.emplace_back(name_ + ".running_var", &running_var_);
+}
+
+Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
+  FQT_CHECK(x.dtype() == DType::f32 && x.dim() >= 2 && x.size(1) == c_, "BatchNorm2d {}: input {} has not {} channels",
+            name_, shape_str(x.shape()), c_);
+  const int64_t N = x.size(0), C = c_, P = x.numel() / (N * C), M = N * P;
+  Tensor y = Tensor::empty(x.shape());
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+  const float* g = gamma_.value.data<float>();
+  const float* b = beta_.value.data<float>();
+  float* rm = running_mean_.data<float>();
+  float* rv = running_var_.data<float>();
+  saved_train_ = ctx.train;
+  invstd_.assign(C, 0.0f);
+  if (ctx.train) {
+    FQT_CHECK(M > 1, "BatchNorm2d {}: training needs more than one value per channel", name_);
+    xhat_ = Tensor::empty(x.shape());
+    float* hp = xhat_.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0.0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t p = 0; p < P; ++p) s += xp[(n * C + c) * P + p];
+      const double mean = s / static_cast<double>(M);
+      double ss = 0.0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t p = 0; p < P; ++p) {
+          const double d = xp[(n * C + c) * P + p] - mean;
+          ss += d * d;
+        }
+      const double var = ss / static_cast<double>(M);
+      const float inv = static_cast<float>(1.0 / std::sqrt(var + eps_));
+      invstd_[c] = inv;
+      const float m = static_cast<float>(mean);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t i = (n * C + c) * P + p;
+          const float h = (xp[i] - m) * inv;
+          hp[i] = h;
+          yp[i] = h * g[c] + b[c];
+        }
+      rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean);
+      rv[c] = static_cast<float>((1.0 - momentum_) * rv[c] + momentum_ * ss / static_cast<double>(M - 1));
+    }
+  } else {
+    xhat_ = {};
+#pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
+    for (int64_t c = 0; c < C; ++c) {
+      const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps_));
+      invstd_[c] = inv;
+      const float scale = g[c] * inv, shift = b[c] - rm[c] * scale;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t i = (n * C + c) * P + p;
+          yp[i] = xp[i] * scale + shift;
+        }
+    }
+  }
+  return y;
+}
+
+Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
+  const int64_t N = dy.size(0), C = c_, P = dy.numel() / (N * C), M = N * P;
+  Tensor dx = Tensor::empty(dy.shape());
+  const float* dyp = dy.data<float>();
+  float* dxp = dx.data<float>();
+  const float* g = gamma_.value.data<float>();
+  float* dg = gamma_.grad.data<float>();
+  float* db = beta_.grad.data<float>();
+  // Eval-mode forwards keep nothing (ctx.train == false): there is no backward for them.
+  {
+    FQT_CHECK(saved_train_ && xhat_.defined() && xhat_.numel() == dy.numel(), "BatchNorm2d {}: backward without a training forward",
+              name_);
+    const float* hp = xhat_.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
+    for (int64_t c = 0; c < C; ++c) {
+      double sdy = 0.0, sdyh = 0.0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t i = (n * C + c) * P + p;
+          sdy += dyp[i];
+          sdyh += static_cast<double>(dyp[i]) * hp[i];
+        }
+      dg[c] += static_cast<float>(sdyh);
+      db[c] += static_cast<float>(sdy);
+      // dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+      const float k = g[c] * invstd_[c];
+      const float mdy = static_cast<float>(sdy / M), mdyh = static_cast<float>(sdyh / M);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t i = (n * C + c) * P + p;
+          dxp[i] = k * (dyp[i] - mdy - hp[i] * mdyh);
+        }
+    }
+  }
+  return dx;
+}
+
+}  // namespace fqt

@@ -1,0 +1,98 @@
+// Residual blocks for the ResNets.
+#include "common.hpp"
+
+namespace fqt {
+
+// ---- PreActBlock ------------------------------------------------------------------------------
+
+PreActBlock::PreActBlock(const std::string& name, int64_t cin, int64_t cout, int64_t stride, const Recipe& recipe,
+                         LayerIds& ids) {
+  pre_.emplace<BatchNorm2d>(name + ".bn1", cin);
+  pre_.emplace<ReLU>();
+  if (stride != 1 || cin != cout)
+    shortcut_ = std::make_unique<Conv2d>(name + ".shortcut", cin, cout, 1, stride, 0, false, recipe, ids.take(),
+                                         ids.init_seed);
+  main_.emplace<Conv2d>(name + ".conv1", cin, cout, 3, stride, 1, false, recipe, ids.take(), ids.init_seed);
+  main_.emplace<BatchNorm2d>(name + ".bn2", cout);
+  main_.emplace<ReLU>();
+  main_.emplace<Conv2d>(name + ".conv2", cout, cout, 3, 1, 1, false, recipe, ids.take(), ids.init_seed);
+}
+
+Tensor PreActBlock::forward(const Tensor& x, const StepContext& ctx) {
+  const Tensor a = pre_.forward(x, ctx);
+  Tensor s = shortcut_ ? shortcut_->forward(a, ctx) : x;
+  Tensor y = main_.forward(a, ctx);
+  add_inplace(y, s);
+  return y;
+}
+
+Tensor PreActBlock::backward(const Tensor& dy, const StepContext& ctx) {
+  Tensor da = main_.backward(dy, ctx);
+  if (shortcut_) {
+    add_inplace(da, shortcut_->backward(dy, ctx));
+    return pre_.backward(da, ctx);
+  }
+  Tensor dx = pre_.backward(da, ctx);
+  add_inplace(dx, dy);
+  return dx;
+}
+
+// Order: bn1, shortcut, conv1, bn2, conv2 (construction order).
+void PreActBlock::collect_params(std::vector<Param*>& out) {
+  pre_.collect_params(out);
+  if (shortcut_) shortcut_->collect_params(out);
+  main_.collect_params(out);
+}
+void PreActBlock::collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) {
+  pre_.collect_buffers(out);
+  main_.collect_buffers(out);
+}
+void PreActBlock::collect_quantized(std::vector<QuantizedLayer*>& out) {
+  if (shortcut_) shortcut_->collect_quantized(out);
+  main_.collect_quantized(out);
+}
+
+// ---- BasicBlock -------------------------------------------------------------------------------
+
+BasicBlock::BasicBlock(const std::string& name, int64_t cin, int64_t cout, int64_t stride, const Recipe& recipe,
+                       LayerIds& ids) {
+  main_.emplace<Conv2d>(name + ".conv1", cin, cout, 3, stride, 1, false, recipe, ids.take(), ids.init_seed);
+  main_.emplace<BatchNorm2d>(name + ".bn1", cout);
+  main_.emplace<ReLU>();
+  main_.emplace<Conv2d>(name + ".conv2", cout, cout, 3, 1, 1, false, recipe, ids.take(), ids.init_seed);
+  main_.emplace<BatchNorm2d>(name + ".bn2", cout);
+  if (stride != 1 || cin != cout) {
+    shortcut_ = std::make_unique<Sequential>();
+    shortcut_->emplace<Conv2d>(name + ".shortcut.conv", cin, cout, 1, stride, 0, false, recipe, ids.take(),
+                               ids.init_seed);
+    shortcut_->emplace<BatchNorm2d>(name + ".shortcut.bn", cout);
+  }
+}
+
+Tensor BasicBlock::forward(const Tensor& x, const StepContext& ctx) {
+  Tensor y = main_.forward(x, ctx);
+  add_inplace(y, shortcut_ ? shortcut_->forward(x, ctx) : x);
+  return out_relu_.forward(y, ctx);
+}
+
+Tensor BasicBlock::backward(const Tensor& dy, const StepContext& ctx) {
+  const Tensor dsum = out_relu_.backward(dy, ctx);
+  Tensor dx = main_.backward(dsum, ctx);
+  add_inplace(dx, shortcut_ ? shortcut_->backward(dsum, ctx) : dsum);
+  return dx;
+}
+
+void BasicBlock::collect_params(std::vector<Param*>& out) {
+  main_.collect_params(out);
+  if (shortcut_) shortcut_->collect_params(out);
+}
+void BasicBlock::collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) {
+  main_.collect_buffers(out);
+  if (shortcut_) shortcut_->collect_buffers(out);
+}
+void BasicBlock::collect_quantized(std::vector<QuantizedLayer*>& out) {
+  main_.collect_quantized(out);
+  if (shortcut_) shortcut_->collect_quantized(out);
+}
+
+}  // namespace fqt

@@ -1,0 +1,299 @@
+// Conv2d via im2col + GEMM with the recipe's quantizers (see layers.hpp for the layout).
+#include "common.hpp"
+#include "fqt/gemm.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace fqt {
+using namespace nn_detail;
+
+// ---- layout helpers ---------------------------------------------------------------------------
+
+namespace {
+
+struct Geom {
+  int64_t C, H, W, k, stride, pad, Ho, Wo;
+  int64_t P() const { return Ho * Wo; }
+  int64_t rows() const { return C * k * k; }
+};
+
+Geom geom(const Shape& s, int64_t k, int64_t stride, int64_t pad) {
+  FQT_CHECK(s.size() == 4, "conv geometry: want an N,C,H,W shape, got {}", shape_str(s));
+  Geom g{s[1], s[2], s[3], k, stride, pad, (s[2] + 2 * pad - k) / stride + 1, (s[3] + 2 * pad - k) / stride + 1};
+  FQT_CHECK(g.Ho > 0 && g.Wo > 0, "conv: kernel {} larger than padded input {}x{}", k, g.H, g.W);
+  return g;
+}
+
+// One sample: x C,H,W -> out [C*k*k, Ho*Wo] with row stride ld.
+void im2col_one(const float* x, const Geom& g, float* out, int64_t ld) {
+  const int64_t k = g.k, H = g.H, W = g.W, Wo = g.Wo, pad = g.pad, stride = g.stride;
+  for (int64_t r = 0; r < g.rows(); ++r) {
+    const int64_t c = r / (k * k), kh = (r / k) % k, kw = r % k;
+    const float* plane = x + c * H * W;
+    float* row = out + r * ld;
+    for (int64_t oh = 0; oh < g.Ho; ++oh) {
+      const int64_t ih = oh * stride - pad + kh;
+      float* o = row + oh * Wo;
+      if (ih < 0 || ih >= H) {
+        std::memset(o, 0, sizeof(float) * Wo);
+        continue;
+      }
+      const float* src = plane + ih * W;
+      if (stride == 1) {
+        // iw = ow - pad + kw is inside the image for ow in [pad - kw, W + pad - kw)
+        const int64_t lo = std::min<int64_t>(Wo, std::max<int64_t>(0, pad - kw));
+        const int64_t hi = std::min<int64_t>(Wo, W + pad - kw);
+        for (int64_t ow = 0; ow < lo; ++ow) o[ow] = 0.0f;
+        if (hi > lo) std::memcpy(o + lo, src + lo - pad + kw, sizeof(float) * (hi - lo));
+        for (int64_t ow = std::max(lo, hi); ow < Wo; ++ow) o[ow] = 0.0f;
+      } else {
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          const int64_t iw = ow * stride - pad + kw;
+          o[ow] = (iw >= 0 && iw < W) ? src[iw] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+// One sample, the adjoint: x C,H,W = sum of cols [C*k*k, Ho*Wo] (row stride ld) (overwrites x).
+// Each plane is summed in a fixed (kh, kw, oh, ow) order.
+void col2im_one(const float* cols, int64_t ld, const Geom& g, float* x) {
+  const int64_t k = g.k, H = g.H, W = g.W, Wo = g.Wo, pad = g.pad, stride = g.stride;
+  std::memset(x, 0, sizeof(float) * g.C * H * W);
+  for (int64_t c = 0; c < g.C; ++c) {
+    float* plane = x + c * H * W;
+    for (int64_t kh = 0; kh < k; ++kh) {
+      for (int64_t kw = 0; kw < k; ++kw) {
+        const float* src = cols + ((c * k + kh) * k + kw) * ld;
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const int64_t ih = oh * stride - pad + kh;
+          if (ih < 0 || ih >= H) continue;
+          float* dst = plane + ih * W;
+          const float* s = src + oh * Wo;
+          if (stride == 1) {
+            const int64_t lo = std::max<int64_t>(0, pad - kw), hi = std::min<int64_t>(Wo, W + pad - kw);
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow - pad + kw] += s[ow];
+          } else {
+            for (int64_t ow = 0; ow < Wo; ++ow) {
+              const int64_t iw = ow * stride - pad + kw;
+              if (iw >= 0 && iw < W) dst[iw] += s[ow];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Tensor im2col(const Tensor& x, int64_t k, int64_t stride, int64_t pad) {
+  FQT_CHECK(x.dim() == 4 && x.dtype() == DType::f32, "im2col: want f32 N,C,H,W, got {}", shape_str(x.shape()));
+  const Geom g = geom(x.shape(), k, stride, pad);
+  const int64_t N = x.size(0), P = g.P(), NP = N * P;
+  Tensor cols = Tensor::empty({g.rows(), NP});
+  const float* xp = x.data<float>();
+  float* cp = cols.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(cols.numel()))
+  for (int64_t n = 0; n < N; ++n) im2col_one(xp + n * g.C * g.H * g.W, g, cp + n * P, NP);
+  return cols;
+}
+
+Tensor col2im(const Tensor& cols, const Shape& in_shape, int64_t k, int64_t stride, int64_t pad) {
+  const Geom g = geom(in_shape, k, stride, pad);
+  const int64_t N = in_shape[0], P = g.P(), NP = N * P;
+  FQT_CHECK(cols.numel() == g.rows() * NP, "col2im: cols {} do not match input {}", shape_str(cols.shape()),
+            shape_str(in_shape));
+  Tensor x = Tensor::empty(in_shape);
+  const float* cp = cols.data<float>();
+  float* xp = x.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(cols.numel()))
+  for (int64_t n = 0; n < N; ++n) col2im_one(cp + n * P, NP, g, xp + n * g.C * g.H * g.W);
+  return x;
+}
+
+Tensor nchw_to_rows(const Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.numel() / (N * C);
+  Tensor out = Tensor::empty({N * P, C});
+  const float* xp = x.data<float>();
+  float* op = out.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(x.numel()))
+  for (int64_t n = 0; n < N; ++n) {
+    const float* src = xp + n * C * P;
+    float* dst = op + n * P * C;
+    for (int64_t p0 = 0; p0 < P; p0 += 64) {
+      const int64_t p1 = std::min(P, p0 + 64);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t p = p0; p < p1; ++p) dst[p * C + c] = src[c * P + p];
+    }
+  }
+  return out;
+}
+
+// ---- the layer --------------------------------------------------------------------------------
+
+Conv2d::Conv2d(std::string name, int64_t cin, int64_t cout, int64_t kernel, int64_t stride, int64_t padding,
+               bool bias, Recipe recipe, uint32_t layer_id, uint64_t init_seed)
+    : QuantizedLayer(std::move(name), recipe, layer_id), cin_(cin), cout_(cout), k_(kernel), stride_(stride),
+      pad_(padding), has_bias_(bias) {
+  FQT_CHECK(cin > 0 && cout > 0 && kernel > 0 && stride > 0 && padding >= 0, "Conv2d {}: bad geometry", name_);
+  weight_ = make_param(name_ + ".weight", {cout, cin, kernel, kernel});
+  kaiming_uniform(weight_.value, cin * kernel * kernel, init_seed, layer_id);
+  if (has_bias_) bias_ = make_param(name_ + ".bias", {cout});
+}
+
+void Conv2d::collect_params(std::vector<Param*>& out) {
+  out.push_back(&weight_);
+  if (has_bias_) out.push_back(&bias_);
+}
+
+// Forward and dgrad run one sample per iteration: im2col of the sample into a per-thread buffer
+// ([Cin*k*k, Ho*Wo], cache-resident), then a GEMM straight into / out of the N,C,H,W tensor. No
+// batch-sized im2col matrix or layout transposes; each sample's GEMM has the same shape on any
+// thread count, so results are bit-identical across thread counts. Quantized operands are
+// dequantized first (the simulated path; W is small, x was quantized as a tensor).
+Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
+  FQT_CHECK(x.dim() == 4 && x.size(1) == cin_ && x.dtype() == DType::f32, "Conv2d {}: input {} is not N,{},H,W",
+            name_, shape_str(x.shape()), cin_);
+  const Geom g = geom(x.shape(), k_, stride_, pad_);
+  const int64_t N = x.size(0), P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
+  Tensor xin = x, w = weight2d();
+  if (!quantized_forward(recipe_)) {
+    if (ctx.train) x_ = x;
+    xq_ = {}, wq_ = {};
+  } else {
+    QuantizedTensor xq = quantize(x, recipe_.activation);
+    QuantizedTensor wq = quantize(w, recipe_.weight);
+    xin = dequantize(xq).reshape(x.shape());
+    w = dequantize(wq);
+    x_ = {};
+    if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
+  }
+  in_shape_ = x.shape();
+  Tensor y = Tensor::empty({N, cout_, g.Ho, g.Wo});
+  const float* xp = xin.data<float>();
+  const float* wp = w.data<float>();
+  const float* b = has_bias_ ? bias_.value.data<float>() : nullptr;
+  float* yp = y.data<float>();
+  const bool identity_cols = k_ == 1 && stride_ == 1 && pad_ == 0;
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+  {
+    std::vector<float> buf(identity_cols ? 0 : static_cast<size_t>(ckk * P));
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const float* cols = xp + n * chw;
+      if (!identity_cols) im2col_one(cols, g, buf.data(), P), cols = buf.data();
+      float* yn = yp + n * cout_ * P;
+      sgemm(false, false, cout_, P, ckk, 1.0f, wp, ckk, cols, P, 0.0f, yn, P);
+      if (b)
+        for (int64_t c = 0; c < cout_; ++c)
+          for (int64_t p = 0; p < P; ++p) yn[c * P + p] += b[c];
+    }
+  }
+  return y;
+}
+
+Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) {
+  FQT_CHECK(!in_shape_.empty() && dy.dim() == 4 && dy.size(1) == cout_ && dy.size(0) == in_shape_[0],
+            "Conv2d {}: dy {} does not match the last forward", name_, shape_str(dy.shape()));
+  const Geom g = geom(in_shape_, k_, stride_, pad_);
+  const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
+  FQT_CHECK(dy.numel() == N * cout_ * P, "Conv2d {}: dy {} does not match the output size", name_,
+            shape_str(dy.shape()));
+  Tensor w = weight2d();
+  Tensor grows;  // fqt: dequantized Qdgrad(G) in the SPEC's row layout [(N*P), Cout]
+  if (recipe_.mode != Mode::fp32) {
+    FQT_CHECK(wq_.codes.defined(), "Conv2d {}: backward without a training forward", name_);
+    w = dequantize(wq_);
+  }
+  if (recipe_.mode == Mode::fqt) {
+    gq_dgrad_ = quantize(nchw_to_rows(dy), recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
+    grows = dequantize(gq_dgrad_);
+  }
+  Tensor dx = Tensor::empty(in_shape_);
+  const float* wp = w.data<float>();
+  const float* gp = grows.defined() ? grows.data<float>() : dy.data<float>();
+  const bool rows_layout = grows.defined();
+  float* dxp = dx.data<float>();
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+  {
+    std::vector<float> buf(static_cast<size_t>(ckk * P));
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      // dcols_n [ckk, P] = W^T [ckk, Cout] . G_n^T, G_n = rows n*P.. of G ([P, Cout]) or dy_n ([Cout, P])
+      if (rows_layout) sgemm(true, true, ckk, P, cout_, 1.0f, wp, ckk, gp + n * P * cout_, cout_, 0.0f, buf.data(), P);
+      else sgemm(true, false, ckk, P, cout_, 1.0f, wp, ckk, gp + n * cout_ * P, P, 0.0f, buf.data(), P);
+      col2im_one(buf.data(), P, g, dxp + n * chw);
+    }
+  }
+  return dx;
+}
+
+// wgrad: dW = sum_n G_n^T X_n over samples. Samples are cut into a fixed number of groups that
+// depends only on the shape (not on the thread count); each group sums its samples in order into
+// its own partial dW (one im2col per sample into a cache-resident buffer, then a GEMM with
+// beta = 1), and the partials are added in group order.
+void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
+  FQT_CHECK(!in_shape_.empty() && dy.dim() == 4 && dy.size(1) == cout_ && dy.size(0) == in_shape_[0],
+            "Conv2d {}: dy {} does not match the last forward", name_, shape_str(dy.shape()));
+  if (recipe_.mode == Mode::fp32) {
+    FQT_CHECK(x_.defined(), "Conv2d {}: backward without a training forward", name_);
+  } else {
+    FQT_CHECK(xq_.codes.defined(), "Conv2d {}: backward without a training forward", name_);
+  }
+  const Geom g = geom(in_shape_, k_, stride_, pad_);
+  const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W, wsize = cout_ * ckk;
+  const Tensor xin = recipe_.mode == Mode::fp32 ? x_ : dequantize(xq_).reshape(in_shape_);
+  Tensor grows;  // fqt: dequantized Qwgrad(G) in the SPEC's row layout [(N*P), Cout]
+  if (recipe_.mode == Mode::fqt) {
+    gq_wgrad_ = quantize(nchw_to_rows(dy), recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
+    grows = dequantize(gq_wgrad_);
+  }
+  const bool rows_layout = grows.defined();
+  const float* gp = rows_layout ? grows.data<float>() : dy.data<float>();
+  const float* xp = xin.data<float>();
+  // Groups: up to 8, fewer when the partials would be large (ResNet-18's last stage).
+  const int64_t groups = std::clamp<int64_t>(std::min<int64_t>(8, (int64_t{1} << 24) / wsize), 1, N);
+  std::vector<float> part(static_cast<size_t>(groups * wsize));
+  const bool identity_cols = k_ == 1 && stride_ == 1 && pad_ == 0;
+#pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))
+  {
+    std::vector<float> buf(identity_cols ? 0 : static_cast<size_t>(ckk * P));
+#pragma omp for schedule(static, 1)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      float* acc = part.data() + gi * wsize;
+      const int64_t n0 = gi * N / groups, n1 = (gi + 1) * N / groups;
+      for (int64_t n = n0; n < n1; ++n) {
+        const float* cols = xp + n * chw;
+        if (!identity_cols) im2col_one(cols, g, buf.data(), P), cols = buf.data();
+        const float beta = n == n0 ? 0.0f : 1.0f;
+        // acc [Cout, ckk] (+)= G_n^T . cols^T, G_n^T = dy_n [Cout, P] or rows n*P.. of G ([P, Cout])^T
+        if (rows_layout) sgemm(true, true, cout_, ckk, P, 1.0f, gp + n * P * cout_, cout_, cols, P, beta, acc, ckk);
+        else sgemm(false, true, cout_, ckk, P, 1.0f, gp + n * cout_ * P, P, cols, P, beta, acc, ckk);
+      }
+    }
+  }
+  float* dw = weight_.grad.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(groups * wsize))
+  for (int64_t i = 0; i < wsize; ++i) {
+    float s = part[i];
+    for (int64_t gi = 1; gi < groups; ++gi) s += part[gi * wsize + i];
+    dw[i] += s;
+  }
+  if (has_bias_) {
+    const int64_t N = dy.size(0), P = dy.numel() / (N * cout_);
+    const float* gp = dy.data<float>();
+    float* db = bias_.grad.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(dy.numel()))
+    for (int64_t c = 0; c < cout_; ++c) {
+      double s = 0.0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t p = 0; p < P; ++p) s += gp[(n * cout_ + c) * P + p];
+      db[c] += static_cast<float>(s);
+    }
+  }
+}
+
+}  // namespace fqt

@@ -1,0 +1,162 @@
+// ReLU, MaxPool2d, GlobalAvgPool, Flatten, Sequential, add_inplace.
+#include "common.hpp"
+
+#include <limits>
+
+namespace fqt {
+using nn_detail::parallel_worth;
+
+// ---- ReLU -------------------------------------------------------------------------------------
+
+Tensor ReLU::forward(const Tensor& x, const StepContext& ctx) {
+  Tensor y = Tensor::empty(x.shape());
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+  const int64_t n = x.numel();
+#pragma omp parallel for schedule(static) if (parallel_worth(n))
+  for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] > 0.0f ? xp[i] : 0.0f;
+  y_ = ctx.train ? y : Tensor();
+  return y;
+}
+
+Tensor ReLU::backward(const Tensor& dy, const StepContext& ctx) {
+  FQT_CHECK(y_.defined() && y_.numel() == dy.numel(), "ReLU: backward without a training forward");
+  Tensor dx = Tensor::empty(dy.shape());
+  const float* yp = y_.data<float>();
+  const float* dyp = dy.data<float>();
+  float* dxp = dx.data<float>();
+  const int64_t n = dy.numel();
+#pragma omp parallel for schedule(static) if (parallel_worth(n))
+  for (int64_t i = 0; i < n; ++i) dxp[i] = yp[i] > 0.0f ? dyp[i] : 0.0f;
+  return dx;
+}
+
+// ---- MaxPool2d (no padding) -------------------------------------------------------------------
+
+Tensor MaxPool2d::forward(const Tensor& x, const StepContext& ctx) {
+  FQT_CHECK(x.dim() == 4, "MaxPool2d: want N,C,H,W, got {}", shape_str(x.shape()));
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = (H - k_) / stride_ + 1, Wo = (W - k_) / stride_ + 1;
+  FQT_CHECK(Ho > 0 && Wo > 0, "MaxPool2d: kernel {} larger than {}x{}", k_, H, W);
+  Tensor y = Tensor::empty({N, C, Ho, Wo});
+  Tensor am = Tensor::empty({N, C, Ho, Wo}, DType::i32);
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+  int32_t* ap = am.data<int32_t>();
+#pragma omp parallel for schedule(static) if (parallel_worth(x.numel()))
+  for (int64_t nc = 0; nc < N * C; ++nc) {
+    const float* plane = xp + nc * H * W;
+    for (int64_t oh = 0; oh < Ho; ++oh)
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        float best = -std::numeric_limits<float>::infinity();
+        int32_t bi = static_cast<int32_t>((oh * stride_) * W + ow * stride_);
+        for (int64_t kh = 0; kh < k_; ++kh)
+          for (int64_t kw = 0; kw < k_; ++kw) {
+            const int64_t i = (oh * stride_ + kh) * W + ow * stride_ + kw;
+            if (plane[i] > best) best = plane[i], bi = static_cast<int32_t>(i);  // first max wins
+          }
+        const int64_t o = nc * Ho * Wo + oh * Wo + ow;
+        yp[o] = best;
+        ap[o] = bi;
+      }
+  }
+  in_shape_ = x.shape();
+  argmax_ = ctx.train ? am : Tensor();
+  return y;
+}
+
+Tensor MaxPool2d::backward(const Tensor& dy, const StepContext& ctx) {
+  FQT_CHECK(argmax_.defined() && argmax_.numel() == dy.numel(), "MaxPool2d: backward without a training forward");
+  Tensor dx = Tensor::zeros(in_shape_);
+  const int64_t NC = in_shape_[0] * in_shape_[1], HW = in_shape_[2] * in_shape_[3];
+  const int64_t P = dy.numel() / NC;
+  const float* dyp = dy.data<float>();
+  const int32_t* ap = argmax_.data<int32_t>();
+  float* dxp = dx.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(dy.numel() * 4))
+  for (int64_t nc = 0; nc < NC; ++nc)
+    for (int64_t p = 0; p < P; ++p) dxp[nc * HW + ap[nc * P + p]] += dyp[nc * P + p];
+  return dx;
+}
+
+// ---- GlobalAvgPool ----------------------------------------------------------------------------
+
+Tensor GlobalAvgPool::forward(const Tensor& x, const StepContext& ctx) {
+  FQT_CHECK(x.dim() == 4, "GlobalAvgPool: want N,C,H,W, got {}", shape_str(x.shape()));
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  Tensor y = Tensor::empty({N, C});
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(x.numel()))
+  for (int64_t nc = 0; nc < N * C; ++nc) {
+    double s = 0.0;
+    for (int64_t p = 0; p < P; ++p) s += xp[nc * P + p];
+    yp[nc] = static_cast<float>(s / static_cast<double>(P));
+  }
+  in_shape_ = x.shape();
+  return y;
+}
+
+Tensor GlobalAvgPool::backward(const Tensor& dy, const StepContext& ctx) {
+  FQT_CHECK(in_shape_.size() == 4 && dy.numel() == in_shape_[0] * in_shape_[1], "GlobalAvgPool: bad dy {}",
+            shape_str(dy.shape()));
+  Tensor dx = Tensor::empty(in_shape_);
+  const int64_t NC = in_shape_[0] * in_shape_[1], P = in_shape_[2] * in_shape_[3];
+  const float inv = 1.0f / static_cast<float>(P);
+  const float* dyp = dy.data<float>();
+  float* dxp = dx.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(dx.numel()))
+  for (int64_t nc = 0; nc < NC; ++nc)
+    for (int64_t p = 0; p < P; ++p) dxp[nc * P + p] = dyp[nc] * inv;
+  return dx;
+}
+
+// ---- Flatten ----------------------------------------------------------------------------------
+
+Tensor Flatten::forward(const Tensor& x, const StepContext& ctx) {
+  in_shape_ = x.shape();
+  return x.reshape({x.size(0), x.numel() / x.size(0)});
+}
+
+Tensor Flatten::backward(const Tensor& dy, const StepContext& ctx) { return dy.reshape(in_shape_); }
+
+// ---- Sequential -------------------------------------------------------------------------------
+
+Module& Sequential::add(ModulePtr m) {
+  FQT_CHECK(m != nullptr, "Sequential::add: null module");
+  children_.push_back(std::move(m));
+  return *children_.back();
+}
+
+Tensor Sequential::forward(const Tensor& x, const StepContext& ctx) {
+  Tensor h = x;
+  for (auto& c : children_) h = c->forward(h, ctx);
+  return h;
+}
+
+Tensor Sequential::backward(const Tensor& dy, const StepContext& ctx) {
+  Tensor g = dy;
+  for (auto it = children_.rbegin(); it != children_.rend(); ++it) g = (*it)->backward(g, ctx);
+  return g;
+}
+
+void Sequential::collect_params(std::vector<Param*>& out) {
+  for (auto& c : children_) c->collect_params(out);
+}
+void Sequential::collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) {
+  for (auto& c : children_) c->collect_buffers(out);
+}
+void Sequential::collect_quantized(std::vector<QuantizedLayer*>& out) {
+  for (auto& c : children_) c->collect_quantized(out);
+}
+
+void add_inplace(Tensor& a, const Tensor& b) {
+  FQT_CHECK(a.numel() == b.numel(), "add_inplace: {} vs {}", shape_str(a.shape()), shape_str(b.shape()));
+  float* ap = a.data<float>();
+  const float* bp = b.data<float>();
+  const int64_t n = a.numel();
+#pragma omp parallel for schedule(static) if (parallel_worth(n))
+  for (int64_t i = 0; i < n; ++i) ap[i] += bp[i];
+}
+
+}  // namespace fqt

@@ -1,0 +1,269 @@
+// Layer semantics of the three modes, the bifurcated gradient, thread invariance, model shapes.
+#include "fqt/layers.hpp"
+#include "fqt/models.hpp"
+#include "fqt/rng.hpp"
+
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <set>
+
+using namespace fqt;
+
+namespace {
+
+Tensor randn(Shape s, uint64_t stream, float scale = 1.0f) {
+  Tensor t = Tensor::empty(std::move(s));
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = scale * normal_at({77, stream}, i);
+  return t;
+}
+
+bool bit_equal(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+double rel_err(const Tensor& a, const Tensor& b) {
+  double d = 0, n = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double x = a.data<float>()[i], y = b.data<float>()[i];
+    d += (x - y) * (x - y);
+    n += y * y;
+  }
+  return std::sqrt(d / n);
+}
+
+Recipe make_recipe(Mode m) {
+  Recipe r;
+  r.mode = m;
+  return r;
+}
+
+Tensor pre_quantize(const Tensor& x, QuantizerSpec spec) {
+  return dequantize(quantize(x, spec)).reshape(x.shape());
+}
+
+}  // namespace
+
+// qat forward/backward == fp32 forward/backward on the pre-quantized input and weight.
+TEST(nn, qat_equals_fp32_on_prequantized_operands_linear) {
+  Linear q("fc", 24, 10, true, make_recipe(Mode::qat), 0, 5), f("fc", 24, 10, true, make_recipe(Mode::fp32), 0, 5);
+  const Tensor x = randn({6, 24}, 1), dy = randn({6, 10}, 2);
+  std::memcpy(f.weight().value.raw(), pre_quantize(q.weight().value, q.recipe().weight).raw(), f.weight().value.nbytes());
+  const StepContext ctx{true, 3, 0};
+  const Tensor yq = q.forward(x, ctx), yf = f.forward(pre_quantize(x, q.recipe().activation), ctx);
+  EXPECT_TRUE(bit_equal(yq, yf));
+  const Tensor dxq = q.backward(dy, ctx), dxf = f.backward(dy, ctx);
+  EXPECT_TRUE(bit_equal(dxq, dxf));
+  EXPECT_TRUE(bit_equal(q.weight().grad, f.weight().grad));
+  EXPECT_TRUE(bit_equal(q.bias().grad, f.bias().grad));
+  // Backward keeps the codes, not fp32 copies.
+  EXPECT_EQ(q.saved_input_q().codes.dtype(), DType::u8);
+}
+
+TEST(nn, qat_equals_fp32_on_prequantized_operands_conv) {
+  Conv2d q("c", 3, 8, 3, 2, 1, true, make_recipe(Mode::qat), 0, 6), f("c", 3, 8, 3, 2, 1, true, make_recipe(Mode::fp32), 0, 6);
+  const Tensor x = randn({2, 3, 9, 8}, 3);
+  const Tensor w2 = q.weight().value.reshape({8, 27});
+  std::memcpy(f.weight().value.raw(), pre_quantize(w2, q.recipe().weight).raw(), f.weight().value.nbytes());
+  const StepContext ctx{true, 3, 0};
+  const Tensor yq = q.forward(x, ctx), yf = f.forward(pre_quantize(x, q.recipe().activation), ctx);
+  EXPECT_TRUE(bit_equal(yq, yf));
+  const Tensor dy = randn(yq.shape(), 4);
+  EXPECT_TRUE(bit_equal(q.backward(dy, ctx), f.backward(dy, ctx)));
+  EXPECT_TRUE(bit_equal(q.weight().grad, f.weight().grad));
+  EXPECT_TRUE(bit_equal(q.bias().grad, f.bias().grad));
+}
+
+// fqt: dgrad and wgrad quantize G with two independent draws (same quantizer -> different codes).
+TEST(nn, fqt_dgrad_and_wgrad_draws_are_independent) {
+  Recipe r = make_recipe(Mode::fqt);
+  r.dgrad = r.wgrad = {QuantizerKind::psq, 4};
+  for (int kind = 0; kind < 2; ++kind) {
+    std::unique_ptr<QuantizedLayer> layer;
+    Tensor x;
+    if (kind == 0) layer = std::make_unique<Linear>("fc", 16, 12, false, r, 3, 1), x = randn({32, 16}, 5);
+    else layer = std::make_unique<Conv2d>("c", 2, 6, 3, 1, 1, false, r, 3, 1), x = randn({2, 2, 5, 5}, 5);
+    const StepContext ctx{true, 9, 4};
+    const Tensor y = layer->forward(x, ctx);
+    layer->backward(randn(y.shape(), 6), ctx);
+    const QuantizedTensor& a = kind == 0 ? static_cast<Linear&>(*layer).last_dgrad_q()
+                                         : static_cast<Conv2d&>(*layer).last_dgrad_q();
+    const QuantizedTensor& b = kind == 0 ? static_cast<Linear&>(*layer).last_wgrad_q()
+                                         : static_cast<Conv2d&>(*layer).last_wgrad_q();
+    ASSERT_TRUE(a.codes.defined() && b.codes.defined());
+    EXPECT_EQ(a.rows, y.numel() / 6 / (kind == 0 ? 2 : 1));  // rows = samples / output positions
+    EXPECT_EQ(a.scale, b.scale);                        // same grid ...
+    EXPECT_FALSE(bit_equal(a.codes, b.codes));          // ... different random draws
+    // Same step and seed -> same draws (deterministic); another step -> new draws.
+    Tensor a0 = a.codes.clone();
+    layer->dgrad(randn(y.shape(), 6), ctx);
+    EXPECT_TRUE(bit_equal(a0, kind == 0 ? static_cast<Linear&>(*layer).last_dgrad_q().codes
+                                        : static_cast<Conv2d&>(*layer).last_dgrad_q().codes));
+    layer->dgrad(randn(y.shape(), 6), StepContext{true, 9, 5});
+    EXPECT_FALSE(bit_equal(a0, kind == 0 ? static_cast<Linear&>(*layer).last_dgrad_q().codes
+                                         : static_cast<Conv2d&>(*layer).last_dgrad_q().codes));
+  }
+}
+
+// fqt with 8-bit gradients stays close to qat (same forward, unbiased small-variance backward).
+TEST(nn, fqt_8bit_close_to_qat) {
+  Recipe rq = make_recipe(Mode::qat), rf = make_recipe(Mode::fqt);
+  Conv2d q("c", 4, 8, 3, 1, 1, false, rq, 0, 7), f("c", 4, 8, 3, 1, 1, false, rf, 0, 7);
+  const Tensor x = randn({4, 4, 8, 8}, 7);
+  const StepContext ctx{true, 1, 0};
+  const Tensor yq = q.forward(x, ctx), yf = f.forward(x, ctx);
+  EXPECT_TRUE(bit_equal(yq, yf));
+  const Tensor dy = randn(yq.shape(), 8);
+  const Tensor dxq = q.backward(dy, ctx), dxf = f.backward(dy, ctx);
+  // 8-bit PSQ/PTQ: per-element error <= range / 255, i.e. a few % of the RMS gradient at most.
+  EXPECT_LT(rel_err(dxf, dxq), 0.03);
+  EXPECT_LT(rel_err(f.weight().grad, q.weight().grad), 0.03);
+  EXPECT_GT(rel_err(dxf, dxq), 0.0);
+}
+
+namespace {
+struct RunResult {
+  Tensor logits, dx;
+  std::vector<Tensor> grads;
+};
+RunResult run_model(const std::string& name, Mode mode, int threads, Shape in) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  Recipe r = make_recipe(mode);
+  ModulePtr m = make_model(name, in[1], in[2], in[3], 10, r, 17);
+  std::vector<Param*> params;
+  m->collect_params(params);
+  const Tensor x = randn(in, 9);
+  Tensor labels = Tensor::empty({in[0]}, DType::i32);
+  for (int64_t i = 0; i < in[0]; ++i) labels.data<int32_t>()[i] = static_cast<int32_t>(i % 10);
+  const StepContext ctx{true, 5, 2};
+  RunResult out;
+  out.logits = m->forward(x, ctx);
+  SoftmaxCrossEntropy loss;
+  loss.forward(out.logits, labels, 0.1f);
+  out.dx = m->backward(loss.backward(), ctx);
+  for (Param* p : params) out.grads.push_back(p->grad.clone());
+  omp_set_num_threads(saved);
+  return out;
+}
+}  // namespace
+
+TEST(nn, thread_count_gives_bit_identical_results) {
+  for (const char* name : {"cnn", "preact_resnet20"}) {
+    for (Mode mode : {Mode::fp32, Mode::fqt}) {
+      const RunResult a = run_model(name, mode, 1, {8, 1, 16, 16}), b = run_model(name, mode, 2, {8, 1, 16, 16});
+      EXPECT_TRUE(bit_equal(a.logits, b.logits)) << name << " " << mode_name(mode);
+      EXPECT_TRUE(bit_equal(a.dx, b.dx)) << name << " " << mode_name(mode);
+      ASSERT_EQ(a.grads.size(), b.grads.size());
+      for (size_t i = 0; i < a.grads.size(); ++i)
+        EXPECT_TRUE(bit_equal(a.grads[i], b.grads[i])) << name << " " << mode_name(mode) << " param " << i;
+    }
+  }
+}
+
+TEST(nn, model_shapes_names_and_layer_ids) {
+  for (const std::string& name : model_names()) {
+    for (const Shape& in : {Shape{2, 1, 28, 28}, Shape{2, 3, 32, 32}}) {
+      ModulePtr m = make_model(name, in[1], in[2], in[3], 10, make_recipe(Mode::qat), 1);
+      const Tensor y = m->forward(randn(in, 10), StepContext{false, 0, 0});
+      EXPECT_EQ(y.shape(), (Shape{2, 10})) << name << " on " << shape_str(in);
+      std::vector<Param*> params;
+      m->collect_params(params);
+      std::set<std::string> names;
+      for (Param* p : params) {
+        EXPECT_TRUE(names.insert(p->name).second) << "duplicate parameter name " << p->name;
+        EXPECT_EQ(p->grad.shape(), p->value.shape());
+      }
+      std::vector<std::pair<std::string, Tensor*>> buffers;
+      m->collect_buffers(buffers);
+      std::set<std::string> bnames;
+      for (auto& b : buffers) EXPECT_TRUE(bnames.insert(b.first).second) << b.first;
+      std::vector<QuantizedLayer*> ql;
+      m->collect_quantized(ql);
+      ASSERT_FALSE(ql.empty());
+      for (size_t i = 0; i < ql.size(); ++i) {
+        EXPECT_EQ(ql[i]->layer_id(), i) << name << ": layer ids follow forward order";
+        EXPECT_EQ(ql[i]->recipe().mode, Mode::qat) << ql[i]->name();
+      }
+    }
+  }
+  {
+    std::vector<QuantizedLayer*> ql;
+    make_model("preact_resnet20", 3, 32, 32, 10, Recipe{}, 1)->collect_quantized(ql);
+    EXPECT_EQ(ql.size(), 19u + 2u + 1u);  // 19 3x3 convs + 2 projections + fc
+    ql.clear();
+    make_model("preact_resnet56", 3, 32, 32, 10, Recipe{}, 1)->collect_quantized(ql);
+    EXPECT_EQ(ql.size(), 55u + 2u + 1u);
+  }
+  EXPECT_THROW(make_model("resnet1000", 3, 32, 32, 10, Recipe{}, 1), InputError);
+  try {
+    make_model("vgg", 3, 32, 32, 10, Recipe{}, 1);
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("preact_resnet56"), std::string::npos) << e.what();
+  }
+}
+
+TEST(nn, init_is_deterministic_and_seeded) {
+  auto first = [](uint64_t seed) {
+    ModulePtr m = make_model("mlp", 1, 28, 28, 10, Recipe{}, seed);
+    std::vector<Param*> p;
+    m->collect_params(p);
+    return p[0]->value.clone();
+  };
+  EXPECT_TRUE(bit_equal(first(3), first(3)));
+  EXPECT_FALSE(bit_equal(first(3), first(4)));
+}
+
+TEST(nn, batchnorm_running_stats_and_eval) {
+  BatchNorm2d bn("bn", 2, 0.1f);
+  Tensor x = randn({8, 2, 3, 3}, 11, 2.0f);
+  bn.forward(x, StepContext{true, 0, 0});
+  // running = 0.9 * init + 0.1 * batch stat (unbiased variance)
+  for (int c = 0; c < 2; ++c) {
+    double s = 0, ss = 0;
+    for (int n = 0; n < 8; ++n)
+      for (int p = 0; p < 9; ++p) s += x.data<float>()[(n * 2 + c) * 9 + p];
+    const double mean = s / 72;
+    for (int n = 0; n < 8; ++n)
+      for (int p = 0; p < 9; ++p) ss += std::pow(x.data<float>()[(n * 2 + c) * 9 + p] - mean, 2);
+    EXPECT_NEAR(bn.running_mean().data<float>()[c], 0.1 * mean, 1e-6);
+    EXPECT_NEAR(bn.running_var().data<float>()[c], 0.9 + 0.1 * ss / 71, 1e-5);
+  }
+  const Tensor ye = bn.forward(x, StepContext{false, 0, 0});
+  const float rm = bn.running_mean().data<float>()[0], rv = bn.running_var().data<float>()[0];
+  EXPECT_NEAR(ye.data<float>()[0], (x.data<float>()[0] - rm) / std::sqrt(rv + 1e-5f), 1e-5);
+}
+
+TEST(nn, loss_accuracy_count) {
+  SoftmaxCrossEntropy loss;
+  const Tensor logits = Tensor::from<float>({3, 3}, {5, 0, 0, 0, 5, 0, 0, 0, 5});
+  const float l = loss.forward(logits, Tensor::from<int32_t>({3}, {0, 1, 0}));
+  EXPECT_EQ(loss.num_correct(), 2);
+  EXPECT_NEAR(l, (2 * std::log(1 + 2 * std::exp(-5.0)) + std::log(std::exp(5.0) + 2) ) / 3, 1e-5);
+}
+
+// col2im is the adjoint of im2col: <col2im(C), X> == <C, im2col(X)>, and im2col gathers the
+// right pixels (spot check against direct indexing).
+TEST(nn, im2col_col2im_adjoint) {
+  const Tensor x = randn({2, 3, 7, 6}, 20);
+  for (int64_t k : {1, 3}) {
+    for (int64_t stride : {1, 2}) {
+      const int64_t pad = k / 2;
+      const Tensor cols = im2col(x, k, stride, pad);
+      const Tensor c = randn(cols.shape(), 21);
+      const Tensor back = col2im(c, x.shape(), k, stride, pad);
+      double lhs = 0, rhs = 0;
+      for (int64_t i = 0; i < x.numel(); ++i) lhs += double(back.data<float>()[i]) * x.data<float>()[i];
+      for (int64_t i = 0; i < cols.numel(); ++i) rhs += double(c.data<float>()[i]) * cols.data<float>()[i];
+      EXPECT_NEAR(lhs, rhs, 1e-4 * std::fabs(rhs) + 1e-4);
+      const int64_t Ho = (7 + 2 * pad - k) / stride + 1, Wo = (6 + 2 * pad - k) / stride + 1, NP = 2 * Ho * Wo;
+      // row (c=1, kh=k-1, kw=0), sample 1, output (1, 1)
+      const int64_t r = (1 * k + (k - 1)) * k, col = Ho * Wo + 1 * Wo + 1;
+      const int64_t ih = stride - pad + k - 1, iw = stride - pad;
+      const float want = (ih >= 0 && ih < 7 && iw >= 0 && iw < 6) ? x.data<float>()[((1 * 3 + 1) * 7 + ih) * 6 + iw] : 0.0f;
+      EXPECT_EQ(cols.data<float>()[r * NP + col], want);
+    }
+  }
+}
