@@ -31,3 +31,24 @@ set_tests_properties(cli.quantize_table cli.quantize_json PROPERTIES FIXTURES_RE
 # The ordering BHQ < PSQ < PTQ, checked on the JSON by a small script.
 add_test(NAME cli.quantize_ordering COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/check_ordering.sh ${FQT_EXE} ${CLI_TMP}/heavy.npy)
 set_tests_properties(cli.quantize_ordering PROPERTIES FIXTURES_REQUIRED heavy)
+
+# fqt train / eval: a tiny real run on the built-in synthetic data, then its checkpoint.
+set(RUN ${CLI_TMP}/train_run)
+add_test(NAME cli.train_synthetic COMMAND ${EXPECT} 0 "final test accuracy" -- ${FQT_EXE} train --data synthetic
+         --model cnn --mode fqt --dgrad bhq --dgrad-bits 5 --epochs 1 --batch 64 --lr 0.02 --train-limit 256
+         --test-limit 128 --out ${RUN} --quiet)
+set_tests_properties(cli.train_synthetic PROPERTIES FIXTURES_SETUP trained)
+fqt_cli_test(eval_checkpoint 0 "test accuracy [0-9.]+% .* on 128 samples" ${FQT_EXE} eval --checkpoint ${RUN}/ckpt.safetensors --test-limit 128)
+fqt_cli_test(train_metrics_jsonl 0 "\"test_acc\"" cat ${RUN}/metrics.jsonl)
+set_tests_properties(cli.eval_checkpoint cli.train_metrics_jsonl PROPERTIES FIXTURES_REQUIRED trained)
+fqt_cli_test(train_help 0 "--dgrad-bits" ${FQT_EXE} train --help)
+fqt_cli_test(train_bad_model 2 "unknown model|valid" ${FQT_EXE} train --data synthetic --model resnet1000)
+fqt_cli_test(train_bad_mode 2 "unknown mode 'int4'" ${FQT_EXE} train --data synthetic --mode int4)
+fqt_cli_test(train_bad_dgrad 2 "stochastic" ${FQT_EXE} train --data synthetic --dgrad affine)
+fqt_cli_test(train_bad_bits 2 "2..8" ${FQT_EXE} train --data synthetic --dgrad-bits 1)
+fqt_cli_test(train_bad_lr 2 "--lr" ${FQT_EXE} train --data synthetic --lr -1)
+fqt_cli_test(train_bad_data 2 "unknown dataset" ${FQT_EXE} train --data imagenet22k)
+fqt_cli_test(train_missing_data_dir 2 "cannot|missing|not found|No such" ${FQT_EXE} train --data mnist --data-dir ${CLI_TMP}/no_such_dir)
+fqt_cli_test(train_resume_nothing 2 "no checkpoint" ${FQT_EXE} train --data synthetic --resume --out ${CLI_TMP}/never_ran)
+# A corrupt checkpoint (this CMakeLists.txt) is rejected with a message, not a crash.
+fqt_cli_test(eval_corrupt_checkpoint 2 "CMakeLists.txt" ${FQT_EXE} eval --checkpoint ${CMAKE_CURRENT_SOURCE_DIR}/CMakeLists.txt)

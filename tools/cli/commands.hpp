@@ -12,6 +12,8 @@ using Runner = std::function<int()>;
 
 Runner add_quantize(CLI::App& app);
 Runner add_synth(CLI::App& app);
+Runner add_train(CLI::App& app);
+Runner add_eval(CLI::App& app);
 
 // "a,b,c" -> {"a","b","c"} (empty items dropped).
 std::vector<std::string> split_list(const std::string& s);

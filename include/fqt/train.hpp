@@ -1,0 +1,73 @@
+// fqt/train.hpp — the training job: `fqt train` and `fqt eval` are thin wrappers around this.
+//
+// A run lives in one folder (TrainConfig::out):
+//   config.json        the full configuration (also stored inside every checkpoint)
+//   metrics.jsonl      one record per epoch: epoch, step, train_loss, train_acc, test_loss,
+//                      test_acc, images_per_s, lr, seconds
+//   ckpt.safetensors   the latest checkpoint (weights, BN buffers, momentum, RNG counters,
+//                      epoch/step), replaced atomically at the end of every epoch and, with
+//                      ckpt_every_steps, every N steps
+// Everything random is a pure function of (seed, step, layer, role) or (seed, epoch, sample), so
+// a run resumed from any checkpoint continues bit for bit like the uninterrupted run.
+#pragma once
+
+#include "fqt/recipe.hpp"
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+namespace fqt {
+
+struct TrainConfig {
+  std::string model = "cnn";
+  std::string data = "fashion-mnist";
+  std::string data_dir;  // "" = the dataset's default folder
+  Recipe recipe{Mode::fqt, {QuantizerKind::affine, 8}, {QuantizerKind::symmetric_row, 8},
+                {QuantizerKind::bhq, 5}, {QuantizerKind::ptq, 8}};
+  int epochs = 10;
+  int64_t batch = 128;
+  double lr = 0.1;
+  double momentum = 0.9;
+  bool nesterov = false;
+  double weight_decay = 5e-4;
+  std::string schedule = "cosine";
+  double warmup_epochs = 0;
+  double label_smoothing = 0;
+  std::string augment = "auto";  // auto | none | flip | crop | crop+flip
+  uint64_t seed = 0;
+  int64_t train_limit = 0;  // use only the first N training samples (0 = all)
+  int64_t test_limit = 0;   // evaluate on the first N test samples (0 = all)
+  int64_t max_steps = 0;    // stop after this many steps in total (0 = run all epochs)
+  int64_t ckpt_every_steps = 0;
+  std::string out;          // run folder; "" = no files written
+  int threads = 0;
+  bool progress = true;
+
+  std::string to_json() const;
+  static TrainConfig from_json(const std::string& json);
+};
+
+struct TrainResult {
+  int64_t epochs_done = 0;
+  int64_t steps = 0;
+  double final_train_loss = 0;
+  double final_test_acc = 0;
+  double best_test_acc = 0;
+  double images_per_s = 0;
+};
+
+// Trains (or, with resume, continues the run in cfg.out). Throws InputError for bad settings or
+// inputs, NonFiniteError when the loss or a gradient stops being finite (the last good
+// checkpoint stays in place).
+TrainResult train(const TrainConfig& cfg, bool resume = false);
+
+struct EvalResult {
+  double loss = 0;
+  double accuracy = 0;
+  int64_t samples = 0;
+};
+// Test accuracy of a checkpoint with the model and recipe stored in it.
+EvalResult evaluate_checkpoint(const std::string& path, const std::string& data_dir = "", int64_t limit = 0);
+
+}  // namespace fqt

@@ -1,0 +1,101 @@
+// fqt train / fqt eval.
+#include "commands.hpp"
+
+#include "fqt/data.hpp"
+#include "fqt/models.hpp"
+#include "fqt/train.hpp"
+
+#include <cstdio>
+
+namespace fqt::cli {
+
+namespace {
+struct TrainOptions {
+  TrainConfig cfg;
+  std::string mode = "fqt";
+  std::string dgrad = "bhq", wgrad = "ptq";
+  int dgrad_bits = 5, wgrad_bits = 8, act_bits = 8, weight_bits = 8;
+  bool resume = false, quiet = false;
+};
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+}  // namespace
+
+Runner add_train(CLI::App& app) {
+  auto o = std::make_shared<TrainOptions>();
+  TrainConfig& c = o->cfg;
+  app.description(
+      "Train a network in fp32, QAT or FQT (forward and both backward GEMMs quantized; gradients\n"
+      "quantized stochastically and without bias, two independent draws per layer).\n"
+      "Writes to --out: config.json, metrics.jsonl (one record per epoch) and ckpt.safetensors\n"
+      "(replaced atomically every epoch). --resume continues a run bit for bit from its checkpoint.\n"
+      "Example: fqt train --model preact_resnet20 --data fashion-mnist --mode fqt --dgrad bhq\n"
+      "         --dgrad-bits 5 --epochs 10 --batch 128 --lr 0.1 --seed 0 --out runs/bhq5");
+  app.add_option("--model", c.model, "model: " + join(model_names()))->capture_default_str();
+  app.add_option("--data", c.data, "dataset: " + join(dataset_names()) + ", synthetic (a small built-in problem)")->capture_default_str();
+  app.add_option("--data-dir", c.data_dir, "folder with the dataset files (default: the dataset's standard folder)");
+  app.add_option("--mode", o->mode, "fp32 | qat (forward quantized) | fqt (forward + both backward GEMMs quantized)")
+      ->capture_default_str();
+  app.add_option("--dgrad", o->dgrad, "gradient quantizer of the dgrad GEMM: ptq, ptq-zero, psq, bhq")->capture_default_str();
+  app.add_option("--dgrad-bits", o->dgrad_bits, "bits of the dgrad gradient quantizer (2..8)")->capture_default_str();
+  app.add_option("--wgrad", o->wgrad, "gradient quantizer of the wgrad GEMM: ptq, ptq-zero, column")->capture_default_str();
+  app.add_option("--wgrad-bits", o->wgrad_bits, "bits of the wgrad gradient quantizer (2..8)")->capture_default_str();
+  app.add_option("--act-bits", o->act_bits, "bits of forward activations (per-tensor affine)")->capture_default_str();
+  app.add_option("--weight-bits", o->weight_bits, "bits of weights (per-output-channel symmetric)")->capture_default_str();
+  app.add_option("--epochs", c.epochs, "epochs")->capture_default_str();
+  app.add_option("--batch", c.batch, "batch size")->capture_default_str();
+  app.add_option("--lr", c.lr, "peak learning rate")->capture_default_str();
+  app.add_option("--momentum", c.momentum, "SGD momentum")->capture_default_str();
+  app.add_flag("--nesterov", c.nesterov, "Nesterov momentum");
+  app.add_option("--weight-decay", c.weight_decay, "weight decay (not applied to batch-norm parameters)")->capture_default_str();
+  app.add_option("--schedule", c.schedule, "constant | cosine (per step) | cosine-epoch | step:E1,E2[@gamma]")->capture_default_str();
+  app.add_option("--warmup-epochs", c.warmup_epochs, "linear warmup length in epochs (fractions allowed)")->capture_default_str();
+  app.add_option("--label-smoothing", c.label_smoothing, "label smoothing of the cross-entropy")->capture_default_str();
+  app.add_option("--augment", c.augment, "auto (crop+flip on cifar10, none otherwise) | none | flip | crop | crop+flip")
+      ->capture_default_str();
+  app.add_option("--seed", c.seed, "seed of initialisation, data order, augmentation and gradient quantizers")->capture_default_str();
+  app.add_option("--train-limit", c.train_limit, "use only the first N training samples (0 = all)")->capture_default_str();
+  app.add_option("--test-limit", c.test_limit, "evaluate on the first N test samples (0 = all)")->capture_default_str();
+  app.add_option("--max-steps", c.max_steps, "stop after this many steps in total (0 = all epochs)")->capture_default_str();
+  app.add_option("--ckpt-every", c.ckpt_every_steps, "also checkpoint every N steps (0 = at epoch ends only)")->capture_default_str();
+  app.add_option("--out", c.out, "run folder for config, metrics and checkpoints (default: write nothing)");
+  app.add_flag("--resume", o->resume, "continue the run in --out from its checkpoint (its stored settings are used)");
+  app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  app.add_flag("-q,--quiet", o->quiet, "no progress output");
+  return [o] {
+    TrainConfig cfg = o->cfg;
+    cfg.recipe.mode = parse_mode(o->mode);
+    cfg.recipe.dgrad = {parse_quantizer(o->dgrad), o->dgrad_bits};
+    cfg.recipe.wgrad = {parse_quantizer(o->wgrad), o->wgrad_bits};
+    cfg.recipe.activation.bits = o->act_bits;
+    cfg.recipe.weight.bits = o->weight_bits;
+    cfg.progress = !o->quiet;
+    TrainResult r = train(cfg, o->resume);
+    std::printf("final test accuracy %.2f%% (best %.2f%%) after %lld epochs, %lld steps, %.0f images/s\n",
+                100 * r.final_test_acc, 100 * r.best_test_acc, static_cast<long long>(r.epochs_done),
+                static_cast<long long>(r.steps), r.images_per_s);
+    return 0;
+  };
+}
+
+Runner add_eval(CLI::App& app) {
+  auto path = std::make_shared<std::string>();
+  auto dir = std::make_shared<std::string>();
+  auto limit = std::make_shared<int64_t>(0);
+  app.description("Test accuracy of a checkpoint written by `fqt train`, with its stored model and recipe.");
+  app.add_option("--checkpoint", *path, "ckpt.safetensors of a run")->required();
+  app.add_option("--data-dir", *dir, "folder with the dataset files (default: the one stored in the run)");
+  app.add_option("--test-limit", *limit, "evaluate on the first N test samples (0 = all)")->capture_default_str();
+  return [=] {
+    EvalResult r = evaluate_checkpoint(*path, *dir, *limit);
+    std::printf("%s: test accuracy %.2f%% (loss %.4f) on %lld samples\n", path->c_str(), 100 * r.accuracy, r.loss,
+                static_cast<long long>(r.samples));
+    return 0;
+  };
+}
+
+}  // namespace fqt::cli
