@@ -36,6 +36,10 @@ struct GemmOperand {
 void matmul(const GemmOperand& a, bool trans_a, const GemmOperand& b, bool trans_b, Tensor& c,
             bool accumulate);
 
+// Appends a tensor / a quantized tensor (codes + grids) to a collect_saved list.
+void saved_add(std::vector<std::pair<const void*, size_t>>& out, const Tensor& t);
+void saved_add(std::vector<std::pair<const void*, size_t>>& out, const QuantizedTensor& q);
+
 // ---- quantized layers -------------------------------------------------------------------------
 
 // Y[N, out] = X[N, in] W[out, in]^T + b. Weight init: uniform(+-sqrt(6 / in)) (Kaiming uniform,
@@ -49,6 +53,10 @@ class Linear : public QuantizedLayer {
   Tensor dgrad(const Tensor& dy, const StepContext& ctx) override;
   void wgrad(const Tensor& dy, const StepContext& ctx) override;
   void collect_params(std::vector<Param*>& out) override;
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
+    saved_add(out, x_);  // activations only: the weight (codes) is not counted
+    saved_add(out, xq_);
+  }
 
   Param& weight() { return weight_; }
   Param& bias() { return bias_; }
@@ -93,6 +101,10 @@ class Conv2d : public QuantizedLayer {
   Tensor dgrad(const Tensor& dy, const StepContext& ctx) override;
   void wgrad(const Tensor& dy, const StepContext& ctx) override;
   void collect_params(std::vector<Param*>& out) override;
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
+    saved_add(out, x_);  // activations only: the weight (codes) is not counted
+    saved_add(out, xq_);
+  }
 
   Param& weight() { return weight_; }  // [Cout, Cin, k, k]
   Param& bias() { return bias_; }
@@ -139,6 +151,8 @@ class BatchNorm2d : public Module {
   Tensor& running_mean() { return running_mean_; }
   Tensor& running_var() { return running_var_; }
 
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override { saved_add(out, xhat_); }
+
  private:
   std::string name_;
   int64_t c_;
@@ -156,6 +170,8 @@ class ReLU : public Module {
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
 
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override { saved_add(out, y_); }
+
  private:
   Tensor y_;
 };
@@ -166,6 +182,8 @@ class MaxPool2d : public Module {
   std::string kind() const override { return "MaxPool2d"; }
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override { saved_add(out, argmax_); }
 
  private:
   int64_t k_, stride_;
@@ -215,6 +233,9 @@ class Sequential : public Module {
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
   void collect_quantized(std::vector<QuantizedLayer*>& out) override;
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
+    for (const auto& c : children_) c->collect_saved(out);
+  }
 
  private:
   std::vector<ModulePtr> children_;
@@ -242,6 +263,11 @@ class PreActBlock : public Module {
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
   void collect_quantized(std::vector<QuantizedLayer*>& out) override;
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
+    pre_.collect_saved(out);
+    if (shortcut_) shortcut_->collect_saved(out);
+    main_.collect_saved(out);
+  }
 
  private:
   Sequential pre_;       // bn1, relu
@@ -261,6 +287,11 @@ class BasicBlock : public Module {
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
   void collect_quantized(std::vector<QuantizedLayer*>& out) override;
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
+    main_.collect_saved(out);
+    if (shortcut_) shortcut_->collect_saved(out);
+    out_relu_.collect_saved(out);
+  }
 
  private:
   Sequential main_;                 // conv1, bn1, relu, conv2, bn2

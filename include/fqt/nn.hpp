@@ -50,7 +50,13 @@ class Module {
   virtual void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) { (void)out; }
   // Quantized layers in this module (for per-layer recipe changes and statistics).
   virtual void collect_quantized(std::vector<class QuantizedLayer*>& out) { (void)out; }
+  // The storage this module keeps from forward for backward: (address, bytes) per tensor, so
+  // that tensors shared between layers are counted once (see saved_bytes()).
+  virtual void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const { (void)out; }
 };
+
+// Bytes kept from the last training-mode forward for backward, shared storage counted once.
+size_t saved_bytes(const Module& m);
 
 // Linear and Conv2d: the layers whose three GEMMs are quantized.
 class QuantizedLayer : public Module {

@@ -1,6 +1,7 @@
 // ReLU, MaxPool2d, GlobalAvgPool, Flatten, Sequential, add_inplace.
 #include "common.hpp"
 
+#include <algorithm>
 #include <limits>
 
 namespace fqt {
@@ -157,6 +158,34 @@ void add_inplace(Tensor& a, const Tensor& b) {
   const int64_t n = a.numel();
 #pragma omp parallel for schedule(static) if (parallel_worth(n))
   for (int64_t i = 0; i < n; ++i) ap[i] += bp[i];
+}
+
+}  // namespace fqt
+
+namespace fqt {
+
+void saved_add(std::vector<std::pair<const void*, size_t>>& out, const Tensor& t) {
+  if (t.defined() && t.numel() > 0) out.emplace_back(t.raw(), t.nbytes());
+}
+
+void saved_add(std::vector<std::pair<const void*, size_t>>& out, const QuantizedTensor& q) {
+  saved_add(out, q.codes);
+  if (!q.scale.empty()) out.emplace_back(q.scale.data(), q.scale.size() * sizeof(float));
+  if (!q.lo.empty()) out.emplace_back(q.lo.data(), q.lo.size() * sizeof(float));
+}
+
+size_t saved_bytes(const Module& m) {
+  std::vector<std::pair<const void*, size_t>> items;
+  m.collect_saved(items);
+  std::sort(items.begin(), items.end());
+  size_t total = 0;
+  const void* last = nullptr;
+  for (const auto& [p, n] : items) {
+    if (p == last) continue;  // one storage shared by two layers (e.g. ReLU output = conv input)
+    total += n;
+    last = p;
+  }
+  return total;
 }
 
 }  // namespace fqt

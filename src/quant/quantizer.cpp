@@ -1,4 +1,5 @@
 // The quantizer table, spec validation, headers and dequantization.
+#include "fqt/profile.hpp"
 #include "quant/grid.hpp"
 
 #include <omp.h>
@@ -69,6 +70,7 @@ void set_num_threads(int n) {
 int num_threads() { return omp_get_max_threads(); }
 
 Tensor dequantize(const QuantizedTensor& q) {
+  profile::Scope timer(profile::dequantize);
   using namespace quant_detail;
   Tensor out = Tensor::empty({q.rows, q.cols});
   float* o = out.data<float>();

@@ -14,6 +14,7 @@ Runner add_quantize(CLI::App& app);
 Runner add_synth(CLI::App& app);
 Runner add_train(CLI::App& app);
 Runner add_eval(CLI::App& app);
+Runner add_bench(CLI::App& app);
 
 // "a,b,c" -> {"a","b","c"} (empty items dropped).
 std::vector<std::string> split_list(const std::string& s);

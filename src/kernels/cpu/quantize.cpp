@@ -1,5 +1,6 @@
 // Fast CPU quantizers: threaded min/max and rounding, one Philox block per 4 elements.
 // Contract: bit-identical codes to quantize_ref (tests/unit/test_quantize.cpp).
+#include "fqt/profile.hpp"
 #include "quant/grid.hpp"
 
 #include <limits>
@@ -59,6 +60,7 @@ void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
 }  // namespace
 
 QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
+  profile::Scope timer(profile::quantize);
   check_spec(spec);
   Tensor x = as_matrix(x_in);
   check_finite(x, "quantizer input");
