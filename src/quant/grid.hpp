@@ -1,10 +1,13 @@
 // Internal: the grid formulas of SPEC section 2, shared by every implementation of every
 // quantizer (reference, fast CPU, CUDA). Grid arithmetic is done in double and stored in fp32;
 // rounding is done in fp32 exactly as written here (the build uses -ffp-contract=off so that
-// (x - lo) * scale + u is never fused differently in two places).
+// (x - lo) * scale + u is never fused differently in two places). The inline formulas are
+// FQT_HD: plain `inline` for the C++ compiler, host+device under nvcc (built with --fmad=false),
+// so the CUDA kernels run exactly this arithmetic.
 #pragma once
 
 #include "fqt/quant.hpp"
+#include "fqt/rng.hpp"  // FQT_HD: host inline, or __host__ __device__ under nvcc
 
 #include <algorithm>
 #include <cmath>
@@ -20,16 +23,16 @@ struct Grid {
 // work, and far more when the machine is oversubscribed.
 constexpr int64_t kParallelMin = 1 << 15;
 
-inline int max_code(int bits) { return (1 << bits) - 1; }
+FQT_HD int max_code(int bits) { return (1 << bits) - 1; }
 
 // Affine min/max grid: lo = min - 1e-8, hi = max + 1e-8, scale = B / (hi - lo).
-inline Grid affine_grid(double mn, double mx, int bits) {
+FQT_HD Grid affine_grid(double mn, double mx, int bits) {
   double lo = mn - 1e-8, hi = mx + 1e-8;
   return {static_cast<float>(max_code(bits) / (hi - lo)), static_cast<float>(lo)};
 }
 
 // Symmetric grid: codes 0 .. 2Z with Z = 2^(b-1) - 1 standing for -amax .. amax.
-inline Grid symmetric_grid(double mn, double mx, int bits) {
+FQT_HD Grid symmetric_grid(double mn, double mx, int bits) {
   double amax = std::max(std::fabs(mn), std::fabs(mx)) + 1e-8;
   int z = (1 << (bits - 1)) - 1;
   float scale = static_cast<float>(z / amax);
@@ -41,7 +44,7 @@ inline Grid symmetric_grid(double mn, double mx, int bits) {
 // end moves (scale shrinks) until 0 falls exactly on the integer code zi = floor(-lo * scale),
 // so the grid still covers [min, max]. Guards: all-positive data (their code divides by zero:
 // here 0 is simply code 0), all-negative (0 is code B), all-zero (a tiny nonzero range).
-inline Grid zero_aligned_grid(double mn, double mx, int bits) {
+FQT_HD Grid zero_aligned_grid(double mn, double mx, int bits) {
   const int B = max_code(bits);
   double lo = std::min(mn, 0.0), hi = std::max(mx, 0.0);
   if (hi - lo < 1e-8) hi = lo + 1e-8;
@@ -63,7 +66,7 @@ inline Grid zero_aligned_grid(double mn, double mx, int bits) {
   return {scale, -(static_cast<float>(zi) / scale)};
 }
 
-inline Grid make_grid_raw(QuantizerKind kind, double mn, double mx, int bits) {
+FQT_HD Grid make_grid_raw(QuantizerKind kind, double mn, double mx, int bits) {
   switch (kind) {
     case QuantizerKind::symmetric:
     case QuantizerKind::symmetric_row: return symmetric_grid(mn, mx, bits);
@@ -77,7 +80,7 @@ inline Grid make_grid_raw(QuantizerKind kind, double mn, double mx, int bits) {
 // double-precision scale to fp32 can move an end by an ulp, and a value that falls outside the
 // grid is clamped, i.e. rounded deterministically (a tiny bias). Shrinking the scale by an ulp
 // at a time fixes that; grids anchored on a zero code keep that code exactly at 0.
-inline Grid make_grid(QuantizerKind kind, double mn, double mx, int bits) {
+FQT_HD Grid make_grid(QuantizerKind kind, double mn, double mx, int bits) {
   Grid g = make_grid_raw(kind, mn, mx, bits);
   const bool anchored = kind != QuantizerKind::affine && kind != QuantizerKind::ptq &&
                         kind != QuantizerKind::psq && kind != QuantizerKind::column && kind != QuantizerKind::bhq;
@@ -93,25 +96,25 @@ inline Grid make_grid(QuantizerKind kind, double mn, double mx, int bits) {
 }
 
 // Position of x on the grid, before rounding.
-inline float grid_pos(float x, float lo, float scale) { return (x - lo) * scale; }
+FQT_HD float grid_pos(float x, float lo, float scale) { return (x - lo) * scale; }
 
 // Nearest rounding (ties to even, as torch.round and CUDA rintf): q = round(clamp(v, 0, B)).
-inline uint8_t round_nearest(float v, int B) {
+FQT_HD uint8_t round_nearest(float v, int B) {
   v = std::min(std::max(v, 0.0f), static_cast<float>(B));
   return static_cast<uint8_t>(std::nearbyint(v));
 }
 
 // Stochastic rounding: q = floor(v + u), then clamp to [0, B]. E[q] = v for v in [0, B].
-inline uint8_t round_stochastic(float v, float u, int B) {
+FQT_HD uint8_t round_stochastic(float v, float u, int B) {
   float q = std::floor(v + u);
   q = std::min(std::max(q, 0.0f), static_cast<float>(B));
   return static_cast<uint8_t>(q);
 }
 
-inline float dequant_value(uint8_t q, float scale, float lo) { return static_cast<float>(q) / scale + lo; }
+FQT_HD float dequant_value(uint8_t q, float scale, float lo) { return static_cast<float>(q) / scale + lo; }
 
 // Number of groups for a granularity.
-inline int64_t num_groups(Granularity g, int64_t rows, int64_t cols) {
+FQT_HD int64_t num_groups(Granularity g, int64_t rows, int64_t cols) {
   return g == Granularity::tensor ? 1 : g == Granularity::row ? rows : cols;
 }
 

@@ -1,0 +1,146 @@
+// fqt/cuda.hpp — the CUDA component (target fqt_cuda, defines FQT_HAVE_CUDA=1): device
+// detection, errors, device memory and the quantizers on the GPU.
+//
+// Only code that links fqt_cuda may include this header; the CPU library never depends on CUDA.
+// The quantizer kernels run the grid formulas of src/quant/grid.hpp (compiled host+device with
+// --fmad=false) and the same Philox mapping as the CPU, so codes, grids and BHQ transforms are
+// bit-identical to quantize_ref (tests/cuda/test_cuda_quantize.cpp). See docs/CUDA.md.
+#pragma once
+
+#include "fqt/error.hpp"
+#include "fqt/quant.hpp"
+#include "fqt/rng.hpp"
+#include "fqt/tensor.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <string>
+
+namespace fqt {
+
+// True when a CUDA device is present and usable. Never throws (no driver: false).
+bool cuda_available();
+
+namespace cuda {
+[[noreturn]] void throw_cuda_error(cudaError_t err, const char* expr, const char* file, int line);
+}  // namespace cuda
+}  // namespace fqt
+
+// CUDA_CHECK(expr): throws fqt::Error naming the expression, file, line and CUDA's error string.
+#define CUDA_CHECK(expr)                                                                  \
+  do {                                                                                    \
+    const cudaError_t fqt_cuda_err_ = (expr);                                             \
+    if (fqt_cuda_err_ != cudaSuccess) [[unlikely]]                                        \
+      ::fqt::cuda::throw_cuda_error(fqt_cuda_err_, #expr, __FILE__, __LINE__);            \
+  } while (0)
+
+namespace fqt::cuda {
+
+int device_count();  // 0 without a driver or device
+std::string device_name(int device = 0);
+
+// Owning device allocation (cudaMalloc / cudaFree), move-only. Freed memory is returned at once:
+// hot paths keep their buffers (reserve() grows, never shrinks) instead of reallocating.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) { reserve(bytes); }
+  ~DeviceBuffer() { reset(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr, o.bytes_ = 0; }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      ptr_ = o.ptr_, bytes_ = o.bytes_;
+      o.ptr_ = nullptr, o.bytes_ = 0;
+    }
+    return *this;
+  }
+
+  void* data() { return ptr_; }
+  const void* data() const { return ptr_; }
+  template <typename T> T* as() { return static_cast<T*>(ptr_); }
+  template <typename T> const T* as() const { return static_cast<const T*>(ptr_); }
+  size_t bytes() const { return bytes_; }  // capacity
+  bool empty() const { return ptr_ == nullptr; }
+
+  // Ensures a capacity of at least `bytes` (contents are not kept when it grows).
+  void reserve(size_t bytes);
+  void reset() noexcept;
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// A dense row-major tensor in device memory.
+struct DeviceTensor {
+  DeviceBuffer buffer;
+  Shape shape;
+  DType dtype = DType::f32;
+  int64_t numel() const { return shape_numel(shape); }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  template <typename T> T* data() {
+    FQT_CHECK(dtype_of<T>() == dtype, "DeviceTensor holds {}", dtype_name(dtype));
+    return buffer.as<T>();
+  }
+  template <typename T> const T* data() const {
+    FQT_CHECK(dtype_of<T>() == dtype, "DeviceTensor holds {}", dtype_name(dtype));
+    return buffer.as<T>();
+  }
+};
+
+// Synchronous copies (the stream is synchronised before returning).
+DeviceTensor upload(const Tensor& t, cudaStream_t stream = nullptr);
+Tensor download(const DeviceTensor& t, cudaStream_t stream = nullptr);
+void copy_to_device(void* dst, const void* src, size_t bytes, cudaStream_t stream = nullptr);
+void copy_to_host(void* dst, const void* src, size_t bytes, cudaStream_t stream = nullptr);
+
+// ---- quantizers ----------------------------------------------------------------------------
+
+// A quantized matrix resident on the device (QuantizedTensor's layout). Buffers are reused
+// across calls of quantize_device with the same object.
+struct DeviceQuantized {
+  QuantizerSpec spec;
+  int64_t rows = 0, cols = 0;
+  DeviceBuffer codes;      // u8 [rows, cols]
+  DeviceBuffer scale, lo;  // f32 [groups]
+  // BHQ only: the transform in BhqTransform's layout. The number of groups is computed on the
+  // device and stays there (status[0]); offsets has room for rows + 1 entries.
+  DeviceBuffer row_scale;  // f32 [rows]
+  DeviceBuffer offsets;    // i64 [groups + 1]
+  DeviceBuffer members;    // i64 [rows]
+  DeviceBuffer status;     // i64 [2]: BHQ group count; error bits (1: non-finite input, 2: BHQ grouping)
+
+  Granularity granularity() const { return traits(spec.kind).granularity; }
+  int64_t num_groups() const;  // grids: 1, rows or cols
+  // Synchronises, then throws NonFiniteError / Error if the device flagged a problem.
+  void check(cudaStream_t stream = nullptr) const;
+  // BHQ: the number of transform groups (synchronises). 0 for other kinds.
+  int64_t bhq_groups(cudaStream_t stream = nullptr) const;
+};
+
+// Quantizes x (f32 [rows, cols], device memory) into `out`, asynchronously on `stream`: no host
+// synchronisation; call out.check() to turn device-side errors (non-finite input) into
+// exceptions. Codes, grids and transform equal quantize_ref's on the same input and key.
+// Not reentrant per host thread with several streams at once (one scratch workspace per thread).
+void quantize_device(const float* x, int64_t rows, int64_t cols, QuantizerSpec spec, RngKey key,
+                     DeviceQuantized& out, cudaStream_t stream = nullptr);
+// out (f32 [rows, cols], device) = dequantized values, applying T^-1 for BHQ. Asynchronous.
+void dequantize_device(const DeviceQuantized& q, float* out, cudaStream_t stream = nullptr);
+
+// Host <-> device copies of a quantized tensor (synchronous).
+QuantizedTensor download(const DeviceQuantized& q, cudaStream_t stream = nullptr);
+DeviceQuantized upload(const QuantizedTensor& q, cudaStream_t stream = nullptr);
+
+}  // namespace fqt::cuda
+
+namespace fqt {
+// Host convenience: upload x (validated like quantize_ref: NonFiniteError names the position),
+// quantize on the device, copy everything back. Same result as quantize_ref(x, spec, key).
+QuantizedTensor quantize_cuda(const Tensor& x, QuantizerSpec spec, RngKey key = {});
+// dequantize() on the device: upload, dequantize (and T^-1), download.
+Tensor dequantize_cuda(const QuantizedTensor& q);
+}  // namespace fqt
