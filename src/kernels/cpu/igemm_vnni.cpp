@@ -1,0 +1,162 @@
+// Own AVX-512 VNNI kernel for C = A B_t^T (u8 x s8 -> s32), vpdpbusd on packed panels.
+//
+// Packing (per K block of at most KC, K padded with zeros to a multiple of 4):
+//   A: panels of MR rows, [k4][MR] int32 words, each the 4 bytes A[m][4 k4 .. 4 k4 + 3]
+//      (broadcast to all 16 lanes);
+//   B: panels of NR = 16 NZ columns, [k4][NR][4] bytes: one zmm per 16 columns and k4.
+// Micro-kernel: MR x NZ zmm accumulators, acc[i][j] += dpbusd(bcast(A[i]), B[j]).
+// Exact as long as K stays within the int32 bound (the caller chunks longer reductions).
+#include "fqt/igemm.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define FQT_IGEMM_VNNI 1
+#endif
+
+namespace fqt::igemm_detail {
+
+#ifdef FQT_IGEMM_VNNI
+namespace {
+
+// K block (bytes of a packed row; multiple of 4): 512 for large M and N; longer when M and N
+// are small (tall-K reductions such as wgrad) so that the packed blocks stay ~2 MiB and the
+// number of parallel regions (and barriers, costly on a shared machine) stays small.
+int64_t k_block(int64_t M, int64_t N, int64_t K) {
+  int64_t kc = std::max<int64_t>(512, (int64_t(1) << 21) / (M + N + 64));
+  kc = std::min(kc, (K + 3) / 4 * 4);
+  return (kc + 3) / 4 * 4;
+}
+constexpr int64_t MC = 96;   // rows per A block handled by one task
+
+template <int MR, int NZ>
+inline void ukernel(int64_t k4n, const int32_t* __restrict Ap, const int8_t* __restrict Bp, int32_t* C,
+                    int64_t ldc, int64_t mr, int64_t nr, bool accumulate) {
+  __m512i acc[MR][NZ];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NZ; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < k4n; ++k4) {
+    __m512i b[NZ];
+#pragma GCC unroll 4
+    for (int j = 0; j < NZ; ++j) b[j] = _mm512_loadu_si512(Bp + (k4 * NZ + j) * 64);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_set1_epi32(Ap[k4 * MR + i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NZ; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a, b[j]);
+    }
+  }
+  if (mr == MR && nr == NZ * 16) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NZ; ++j) {
+        int32_t* c = C + i * ldc + j * 16;
+        __m512i v = acc[i][j];
+        if (accumulate) v = _mm512_add_epi32(v, _mm512_loadu_si512(c));
+        _mm512_storeu_si512(c, v);
+      }
+  } else {
+    for (int64_t i = 0; i < mr; ++i)
+      for (int j = 0; j < NZ; ++j) {
+        const int64_t cols = std::min<int64_t>(16, nr - j * 16);
+        if (cols <= 0) break;
+        const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+        int32_t* c = C + i * ldc + j * 16;
+        __m512i v = acc[i][j];
+        if (accumulate) v = _mm512_add_epi32(v, _mm512_maskz_loadu_epi32(mask, c));
+        _mm512_mask_storeu_epi32(c, mask, v);
+      }
+  }
+}
+
+struct Buffers {
+  std::vector<int32_t> a;
+  std::vector<int8_t> b;
+};
+
+template <int MR, int NZ>
+void driver(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+            int32_t* C, int64_t ldc) {
+  constexpr int64_t NR = 16 * NZ;
+  const int64_t mp = (M + MR - 1) / MR, np = (N + NR - 1) / NR;
+  const int64_t KC = k_block(M, N, K), kcmax = KC;
+  static thread_local Buffers buf;
+  if (static_cast<int64_t>(buf.a.size()) < mp * MR * kcmax / 4) buf.a.resize(mp * MR * kcmax / 4);
+  if (static_cast<int64_t>(buf.b.size()) < np * NR * kcmax) buf.b.resize(np * NR * kcmax);
+  int32_t* Apk = buf.a.data();
+  int8_t* Bpk = buf.b.data();
+  const int64_t mcb = (M + MC - 1) / MC;
+  const bool par = mcb * np >= 2 && M * N * K > (1 << 20);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0), k4n = (kc + 3) / 4;
+#pragma omp parallel if (par)
+    {
+      // Pack B: panel p covers columns [p NR, p NR + NR).
+#pragma omp for schedule(static) nowait
+      for (int64_t p = 0; p < np; ++p) {
+        int8_t* dst = Bpk + p * NR * k4n * 4;
+        std::memset(dst, 0, NR * k4n * 4);
+        for (int64_t nn = 0; nn < NR && p * NR + nn < N; ++nn) {
+          const int8_t* src = B + (p * NR + nn) * ldb + k0;
+          for (int64_t k = 0; k < kc; ++k) dst[((k >> 2) * NR + nn) * 4 + (k & 3)] = src[k];
+        }
+      }
+      // Pack A: panel p covers rows [p MR, p MR + MR).
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < mp; ++p) {
+        int32_t* dst = Apk + p * MR * k4n;
+        std::memset(dst, 0, MR * k4n * 4);
+        uint8_t* d8 = reinterpret_cast<uint8_t*>(dst);
+        for (int64_t i = 0; i < MR && p * MR + i < M; ++i) {
+          const uint8_t* src = A + (p * MR + i) * lda + k0;
+          for (int64_t k = 0; k < kc; ++k) d8[((k >> 2) * MR + i) * 4 + (k & 3)] = src[k];
+        }
+      }
+      const bool accumulate = k0 > 0;
+#pragma omp for schedule(dynamic, 1) collapse(2)
+      for (int64_t mb = 0; mb < mcb; ++mb)
+        for (int64_t pn = 0; pn < np; ++pn) {
+          const int64_t m_end = std::min(M, (mb + 1) * MC);
+          const int64_t nr = std::min(NR, N - pn * NR);
+          const int8_t* bp = Bpk + pn * NR * k4n * 4;
+          for (int64_t m0 = mb * MC; m0 < m_end; m0 += MR) {
+            const int64_t mr = std::min<int64_t>(MR, M - m0);
+            ukernel<MR, NZ>(k4n, Apk + (m0 / MR) * MR * k4n, bp, C + m0 * ldc + pn * NR, ldc, mr, nr, accumulate);
+          }
+        }
+    }
+  }
+}
+
+}  // namespace
+
+bool vnni_available() {
+  static const bool ok = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
+void s32_vnni(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+              int32_t* C, int64_t ldc) {
+  static_assert(MC % 12 == 0 && MC % 24 == 0);
+  if (N <= 16)
+    driver<24, 1>(M, N, K, A, lda, B, ldb, C, ldc);
+  else
+    driver<12, 2>(M, N, K, A, lda, B, ldb, C, ldc);
+}
+
+#else
+
+bool vnni_available() { return false; }
+void s32_vnni(int64_t, int64_t, int64_t, const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t) {
+  FQT_CHECK(false, "igemm: built without AVX512-VNNI");
+}
+
+#endif
+
+}  // namespace fqt::igemm_detail
