@@ -78,67 +78,66 @@ Side side_transposed(const QuantizedTensor& q, std::vector<uint8_t>& storage) {
 }
 
 // C[m][n] (+)= sum_k (qa/sa + la)(qb/sb + lb), exactly up to the final fp32 rounding.
+// Two parallel regions besides the GEMM (each costs a scheduler slice on a busy machine): B's
+// row sums and s8 conversion; then per row of A its code sum and the epilogue.
 void core(int64_t M, int64_t N, int64_t K, const Side& a, const Side& b, float* C, int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
-  // Code row sums (exact).
-  std::vector<int64_t> ra(M), rb(N);
-#pragma omp parallel for schedule(static) if (M * K > (1 << 16))
-  for (int64_t m = 0; m < M; ++m) {
-    int64_t s = 0;
-    const uint8_t* p = a.codes + m * a.ld;
-    for (int64_t k = 0; k < K; ++k) s += p[k];
-    ra[m] = s;
-  }
   // B as s8: codes of <= 7 bits are valid s8 as they are (z = 0); 8-bit codes become q - 128.
   const int z = b.max_code > 127 ? 128 : 0;
-  std::vector<int8_t> bs;
+  static thread_local std::vector<int8_t> bs;
   const int8_t* bptr = reinterpret_cast<const int8_t*>(b.codes);
   int64_t ldb = b.ld;
   if (z) {
-    bs.resize(static_cast<size_t>(N * K));
+    if (bs.size() < size_t(N * K)) bs.resize(size_t(N * K));
     bptr = bs.data();
     ldb = K;
   }
-#pragma omp parallel for schedule(static) if (N * K > (1 << 16))
+  int8_t* bsp = bs.data();
+  std::vector<double> ib(N), lb(N), rib(N);
+#pragma omp parallel for schedule(static) if (N * K > (1 << 18))
   for (int64_t n = 0; n < N; ++n) {
     int64_t s = 0;
     const uint8_t* p = b.codes + n * b.ld;
     for (int64_t k = 0; k < K; ++k) s += p[k];
-    rb[n] = s;
-    if (z)
-      for (int64_t k = 0; k < K; ++k) bs[n * K + k] = static_cast<int8_t>(p[k] ^ 0x80);
+    if (z) {
+      int8_t* d = bsp + n * K;
+      for (int64_t k = 0; k < K; ++k) d[k] = static_cast<int8_t>(p[k] ^ 0x80);
+    }
+    ib[n] = 1.0 / b.s(n);
+    lb[n] = b.l(n);
+    rib[n] = double(s) * ib[n];
   }
   const int64_t a_max = a.max_code, b_absmax = std::max(z, b.max_code - z);
 
-  // Per-row / per-column factors of the correction terms.
-  std::vector<double> ia(M), ria(M), la(M), kla(M), ib(N), lb(N), rib(N);
-  for (int64_t m = 0; m < M; ++m) {
-    ia[m] = 1.0 / a.s(m);
-    ria[m] = double(ra[m]) * ia[m];
-    la[m] = a.l(m);
-    kla[m] = double(K) * la[m];
-  }
-  for (int64_t n = 0; n < N; ++n) {
-    ib[n] = 1.0 / b.s(n);
-    lb[n] = b.l(n);
-    rib[n] = double(rb[n]) * ib[n];
-  }
-  auto epilogue = [&](auto* S) {
-#pragma omp parallel for schedule(static) if (M * N > (1 << 14))
+  auto epilogue = [&](const auto* S) {
+#pragma omp parallel for schedule(static) if (M * (N + K) > (1 << 16))
     for (int64_t m = 0; m < M; ++m) {
-      const double iam = ia[m], riam = ria[m], lam = la[m], klam = kla[m];
-      const int64_t zra = int64_t(z) * ra[m];
+      int64_t ra = 0;
+      const uint8_t* p = a.codes + m * a.ld;
+      for (int64_t k = 0; k < K; ++k) ra += p[k];
+      const double iam = 1.0 / a.s(m), lam = a.l(m), riam = double(ra) * iam, klam = double(K) * lam;
+      const double zra = double(int64_t(z) * ra);  // exact: |.| < 2^53
       float* c = C + m * ldc;
       const auto* s = S + m * N;
-      for (int64_t n = 0; n < N; ++n) {
-        const double sum = double(int64_t(s[n]) + zra);
-        const double v = sum * iam * ib[n] + lb[n] * riam + lam * rib[n] + klam * lb[n];
-        c[n] = accumulate ? static_cast<float>(double(c[n]) + v) : static_cast<float>(v);
+      const double* ibp = ib.data();
+      const double* lbp = lb.data();
+      const double* ribp = rib.data();
+      if (accumulate) {
+        for (int64_t n = 0; n < N; ++n) {
+          const double sum = double(s[n]) + zra;
+          c[n] = static_cast<float>(double(c[n]) + (sum * iam * ibp[n] + lbp[n] * riam + lam * ribp[n] + klam * lbp[n]));
+        }
+      } else {
+        for (int64_t n = 0; n < N; ++n) {
+          const double sum = double(s[n]) + zra;
+          c[n] = static_cast<float>(sum * iam * ibp[n] + lbp[n] * riam + lam * ribp[n] + klam * lbp[n]);
+        }
       }
     }
   };
   if (K <= igemm_max_k(a_max, b_absmax)) {
-    std::vector<int32_t> S(static_cast<size_t>(M * N));
+    static thread_local std::vector<int32_t> S;
+    if (S.size() < size_t(M * N)) S.resize(size_t(M * N));
     igemm_detail::s32_dispatch(M, N, K, a.codes, a.ld, bptr, ldb, S.data(), N);
     epilogue(S.data());
   } else {

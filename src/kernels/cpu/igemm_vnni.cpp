@@ -62,74 +62,70 @@ inline void ukernel(int64_t k4n, const int32_t* __restrict Ap, const int8_t* __r
         _mm512_storeu_si512(c, v);
       }
   } else {
+    // Partial tile: spill through a buffer with compile-time indices only (a runtime index into
+    // acc would force the accumulators into memory in the main loop too).
+    alignas(64) int32_t tile[MR][NZ * 16];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NZ; ++j) _mm512_store_si512(&tile[i][j * 16], acc[i][j]);
     for (int64_t i = 0; i < mr; ++i)
-      for (int j = 0; j < NZ; ++j) {
-        const int64_t cols = std::min<int64_t>(16, nr - j * 16);
-        if (cols <= 0) break;
-        const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
-        int32_t* c = C + i * ldc + j * 16;
-        __m512i v = acc[i][j];
-        if (accumulate) v = _mm512_add_epi32(v, _mm512_maskz_loadu_epi32(mask, c));
-        _mm512_mask_storeu_epi32(c, mask, v);
-      }
+      for (int64_t j = 0; j < nr; ++j) C[i * ldc + j] = (accumulate ? C[i * ldc + j] : 0) + tile[i][j];
   }
 }
-
-struct Buffers {
-  std::vector<int32_t> a;
-  std::vector<int8_t> b;
-};
 
 template <int MR, int NZ>
 void driver(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
             int32_t* C, int64_t ldc) {
+  // One parallel region with a single barrier (after packing B): on a shared, oversubscribed
+  // machine every barrier can cost a scheduler time slice, so K blocks must not add barriers.
   constexpr int64_t NR = 16 * NZ;
-  const int64_t mp = (M + MR - 1) / MR, np = (N + NR - 1) / NR;
-  const int64_t KC = k_block(M, N, K), kcmax = KC;
-  static thread_local Buffers buf;
-  if (static_cast<int64_t>(buf.a.size()) < mp * MR * kcmax / 4) buf.a.resize(mp * MR * kcmax / 4);
-  if (static_cast<int64_t>(buf.b.size()) < np * NR * kcmax) buf.b.resize(np * NR * kcmax);
-  int32_t* Apk = buf.a.data();
-  int8_t* Bpk = buf.b.data();
+  const int64_t np = (N + NR - 1) / NR;
+  const int64_t K4 = (K + 3) / 4;            // packed k4 steps over all of K
+  const int64_t KC = k_block(M, N, K);       // multiple of 4
   const int64_t mcb = (M + MC - 1) / MC;
-  const bool par = mcb * np >= 2 && M * N * K > (1 << 20);
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kc = std::min(KC, K - k0), k4n = (kc + 3) / 4;
+  static thread_local std::vector<int8_t> bbuf;
+  if (static_cast<int64_t>(bbuf.size()) < np * NR * K4 * 4) bbuf.resize(np * NR * K4 * 4);
+  int8_t* Bpk = bbuf.data();
+  const bool par = (mcb >= 2 || np >= 2) && M * N * K > (1 << 20);
 #pragma omp parallel if (par)
-    {
-      // Pack B: panel p covers columns [p NR, p NR + NR).
-#pragma omp for schedule(static) nowait
-      for (int64_t p = 0; p < np; ++p) {
-        int8_t* dst = Bpk + p * NR * k4n * 4;
-        std::memset(dst, 0, NR * k4n * 4);
-        for (int64_t nn = 0; nn < NR && p * NR + nn < N; ++nn) {
-          const int8_t* src = B + (p * NR + nn) * ldb + k0;
-          for (int64_t k = 0; k < kc; ++k) dst[((k >> 2) * NR + nn) * 4 + (k & 3)] = src[k];
-        }
-      }
-      // Pack A: panel p covers rows [p MR, p MR + MR).
+  {
+    // Pack B: panel p = columns [p NR, p NR + NR), all of K: [k4][NR][4] bytes.
 #pragma omp for schedule(static)
-      for (int64_t p = 0; p < mp; ++p) {
-        int32_t* dst = Apk + p * MR * k4n;
-        std::memset(dst, 0, MR * k4n * 4);
-        uint8_t* d8 = reinterpret_cast<uint8_t*>(dst);
-        for (int64_t i = 0; i < MR && p * MR + i < M; ++i) {
-          const uint8_t* src = A + (p * MR + i) * lda + k0;
-          for (int64_t k = 0; k < kc; ++k) d8[((k >> 2) * MR + i) * 4 + (k & 3)] = src[k];
-        }
+    for (int64_t p = 0; p < np; ++p) {
+      int8_t* dst = Bpk + p * NR * K4 * 4;
+      std::memset(dst, 0, NR * K4 * 4);
+      for (int64_t nn = 0; nn < NR && p * NR + nn < N; ++nn) {
+        const int8_t* src = B + (p * NR + nn) * ldb;
+        for (int64_t k = 0; k < K; ++k) dst[((k >> 2) * NR + nn) * 4 + (k & 3)] = src[k];
       }
-      const bool accumulate = k0 > 0;
-#pragma omp for schedule(dynamic, 1) collapse(2)
-      for (int64_t mb = 0; mb < mcb; ++mb)
+    }
+    // Row blocks: each thread packs its own A block per K block ([k4][MR] words per panel).
+    std::vector<int32_t> abuf(static_cast<size_t>(((MC + MR - 1) / MR) * MR * (KC / 4)));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t mb = 0; mb < mcb; ++mb) {
+      const int64_t m0 = mb * MC, m1 = std::min(M, m0 + MC);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0), k4n = (kc + 3) / 4;
+        uint8_t* d8 = reinterpret_cast<uint8_t*>(abuf.data());
+        const int64_t panels = (m1 - m0 + MR - 1) / MR;
+        std::memset(d8, 0, panels * MR * k4n * 4);
+        for (int64_t i = 0; i < m1 - m0; ++i) {
+          const uint8_t* src = A + (m0 + i) * lda + k0;
+          uint8_t* dst = d8 + (i / MR) * MR * k4n * 4 + (i % MR) * 4;
+          for (int64_t k = 0; k < kc; ++k) dst[(k >> 2) * MR * 4 + (k & 3)] = src[k];
+        }
+        const bool accumulate = k0 > 0;
         for (int64_t pn = 0; pn < np; ++pn) {
-          const int64_t m_end = std::min(M, (mb + 1) * MC);
           const int64_t nr = std::min(NR, N - pn * NR);
-          const int8_t* bp = Bpk + pn * NR * k4n * 4;
-          for (int64_t m0 = mb * MC; m0 < m_end; m0 += MR) {
-            const int64_t mr = std::min<int64_t>(MR, M - m0);
-            ukernel<MR, NZ>(k4n, Apk + (m0 / MR) * MR * k4n, bp, C + m0 * ldc + pn * NR, ldc, mr, nr, accumulate);
+          const int8_t* bp = Bpk + (pn * K4 + k0 / 4) * NR * 4;
+          for (int64_t pm = 0; pm < panels; ++pm) {
+            const int64_t mr = std::min<int64_t>(MR, m1 - m0 - pm * MR);
+            ukernel<MR, NZ>(k4n, abuf.data() + pm * MR * k4n, bp, C + (m0 + pm * MR) * ldc + pn * NR, ldc, mr, nr,
+                            accumulate);
           }
         }
+      }
     }
   }
 }
