@@ -10,8 +10,9 @@
 //      portable  — blocked C++ loops (int32 per chunk, OpenMP), no intrinsics
 //      vnni      — own AVX-512 VNNI kernel (vpdpbusd), packed panels, OpenMP
 //      onednn    — oneDNN int8 matmul, primitives created once per shape and cached
-//    `automatic` (the default) is the fastest available: onednn or vnni, whichever was faster
-//    on the measured shapes (see bench/gemm_bench.cpp), then vnni, then portable.
+//    `automatic` (the default) resolves to onednn, else vnni, else portable: oneDNN measured
+//    faster at 1024^3 and on most training shapes (bench/gemm_bench.cpp, Zen 4, 1 thread:
+//    ~400 vs ~370 GOPS at 1024^3); the own kernel is on par or ahead only for N <= 16.
 //
 //    No silent overflow: an int32 accumulator holds at most K * a_max * b_absmax, so the
 //    reduction is split into chunks of at most igemm_max_k(a_max, b_absmax) terms (65793 for

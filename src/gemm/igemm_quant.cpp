@@ -78,30 +78,32 @@ Side side_transposed(const QuantizedTensor& q, std::vector<uint8_t>& storage) {
 }
 
 // C[m][n] (+)= sum_k (qa/sa + la)(qb/sb + lb), exactly up to the final fp32 rounding.
-// Two parallel regions besides the GEMM (each costs a scheduler slice on a busy machine): B's
-// row sums and s8 conversion; then per row of A its code sum and the epilogue.
+// B is copied to an s8 operand [N + 1, K]: its codes (shifted by z for 8 bits) and a row of
+// ones, so that the GEMM also yields the code row sums of A (column N of S) without a separate
+// pass over A. One parallel region besides the GEMM's for the copy, one for the epilogue (each
+// costs a scheduler slice on a busy machine).
 void core(int64_t M, int64_t N, int64_t K, const Side& a, const Side& b, float* C, int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
-  // B as s8: codes of <= 7 bits are valid s8 as they are (z = 0); 8-bit codes become q - 128.
+  // Codes of <= 7 bits are valid s8 as they are (z = 0); 8-bit codes become q - 128.
   const int z = b.max_code > 127 ? 128 : 0;
+  const uint8_t flip = z ? 0x80 : 0x00;
+  const int64_t NS = N + 1;  // columns of S
   static thread_local std::vector<int8_t> bs;
-  const int8_t* bptr = reinterpret_cast<const int8_t*>(b.codes);
-  int64_t ldb = b.ld;
-  if (z) {
-    if (bs.size() < size_t(N * K)) bs.resize(size_t(N * K));
-    bptr = bs.data();
-    ldb = K;
-  }
+  if (bs.size() < size_t(NS * K)) bs.resize(size_t(NS * K));
   int8_t* bsp = bs.data();
   std::vector<double> ib(N), lb(N), rib(N);
 #pragma omp parallel for schedule(static) if (N * K > (1 << 18))
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = 0; n <= N; ++n) {
+    int8_t* d = bsp + n * K;
+    if (n == N) {
+      std::fill(d, d + K, int8_t(1));
+      continue;
+    }
     int64_t s = 0;
     const uint8_t* p = b.codes + n * b.ld;
-    for (int64_t k = 0; k < K; ++k) s += p[k];
-    if (z) {
-      int8_t* d = bsp + n * K;
-      for (int64_t k = 0; k < K; ++k) d[k] = static_cast<int8_t>(p[k] ^ 0x80);
+    for (int64_t k = 0; k < K; ++k) {
+      s += p[k];
+      d[k] = static_cast<int8_t>(p[k] ^ flip);
     }
     ib[n] = 1.0 / b.s(n);
     lb[n] = b.l(n);
@@ -110,15 +112,13 @@ void core(int64_t M, int64_t N, int64_t K, const Side& a, const Side& b, float* 
   const int64_t a_max = a.max_code, b_absmax = std::max(z, b.max_code - z);
 
   auto epilogue = [&](const auto* S) {
-#pragma omp parallel for schedule(static) if (M * (N + K) > (1 << 16))
+#pragma omp parallel for schedule(static) if (M * N > (1 << 15))
     for (int64_t m = 0; m < M; ++m) {
-      int64_t ra = 0;
-      const uint8_t* p = a.codes + m * a.ld;
-      for (int64_t k = 0; k < K; ++k) ra += p[k];
+      const auto* s = S + m * NS;
+      const int64_t ra = s[N];  // row sum of A's codes
       const double iam = 1.0 / a.s(m), lam = a.l(m), riam = double(ra) * iam, klam = double(K) * lam;
       const double zra = double(int64_t(z) * ra);  // exact: |.| < 2^53
       float* c = C + m * ldc;
-      const auto* s = S + m * N;
       const double* ibp = ib.data();
       const double* lbp = lb.data();
       const double* ribp = rib.data();
@@ -137,12 +137,12 @@ void core(int64_t M, int64_t N, int64_t K, const Side& a, const Side& b, float* 
   };
   if (K <= igemm_max_k(a_max, b_absmax)) {
     static thread_local std::vector<int32_t> S;
-    if (S.size() < size_t(M * N)) S.resize(size_t(M * N));
-    igemm_detail::s32_dispatch(M, N, K, a.codes, a.ld, bptr, ldb, S.data(), N);
+    if (S.size() < size_t(M * NS)) S.resize(size_t(M * NS));
+    igemm_detail::s32_dispatch(M, NS, K, a.codes, a.ld, bsp, K, S.data(), NS);
     epilogue(S.data());
   } else {
-    std::vector<int64_t> S(static_cast<size_t>(M * N));
-    igemm_u8s8s64(M, N, K, a.codes, a.ld, bptr, ldb, S.data(), N, a_max, b_absmax);
+    std::vector<int64_t> S(static_cast<size_t>(M * NS));
+    igemm_u8s8s64(M, NS, K, a.codes, a.ld, bsp, K, S.data(), NS, a_max, b_absmax);
     epilogue(S.data());
   }
 }

@@ -58,7 +58,9 @@ TEST(igemm_raw, AllBackendsMatchReferenceBitForBit) {
   BackendGuard guard;
   const std::vector<Shape3> shapes = {{1, 1, 1, 0},    {1, 7, 3, 0},     {5, 1, 13, 2},   {13, 17, 67, 0},
                                       {37, 33, 129, 5}, {1, 40, 1000, 0}, {24, 16, 4, 0},  {50, 48, 515, 3},
-                                      {25, 15, 63, 1},  {97, 65, 1031, 0}, {2, 3, 70001, 0}, {12, 32, 513, 0}, {600, 40, 3001, 0}};
+                                      {25, 15, 63, 1},  {97, 65, 1031, 0}, {2, 3, 70001, 0}, {12, 32, 513, 0}, {600, 40, 3001, 0},
+                                      // K % 4 == 0 with few column panels: A read in place (VNNI).
+                                      {100, 20, 144, 3}, {49, 64, 576, 0}, {48, 16, 16, 1}, {30, 33, 8, 0}};
   uint32_t seed = 1;
   for (const auto& s : shapes) {
     const int64_t lda = s.K + s.pad, ldb = s.K + 2 * s.pad, ldc = s.N + s.pad;
