@@ -13,6 +13,9 @@
 //    `automatic` (the default) resolves to onednn, else vnni, else portable: oneDNN measured
 //    faster at 1024^3 and on most training shapes (bench/gemm_bench.cpp, Zen 4, 1 thread:
 //    ~400 vs ~370 GOPS at 1024^3); the own kernel is on par or ahead only for N <= 16.
+//    oneDNN is chosen only on CPUs with VNNI: elsewhere its int8 path may saturate s16
+//    intermediates (vpmaddubsw), which would break exactness. Its primitives are cached per
+//    shape for the life of the process (training uses a fixed set of shapes).
 //
 //    No silent overflow: an int32 accumulator holds at most K * a_max * b_absmax, so the
 //    reduction is split into chunks of at most igemm_max_k(a_max, b_absmax) terms (65793 for
@@ -29,6 +32,9 @@
 //    valid s8 (0..127) and are used as they are (zero point z = 0); 8-bit codes on the B side
 //    are shifted to s8 by z = 128 (q - 128) and z * ra[m] is added back exactly in int64.
 //    The chunk bound uses the actual bit widths: a_max = 2^ba - 1, b_absmax = max(z, 2^bb-1-z).
+//    ra comes out of the GEMM itself: the s8 copy of B gets an extra row of ones (N + 1 columns).
+//    Scratch (the s8 copy of B, the int32 products) lives in per-thread buffers that grow to the
+//    largest shape seen and are reused, so steady-state calls do not page-fault.
 //
 //    A grid that varies along the reduction dimension k cannot be factored out of the sum, so
 //    the integer path supports grids per tensor or per row of the *non-reduced* dimension only.
