@@ -1,6 +1,8 @@
 // fqt_bench_gemm: int8 (u8 x s8 -> s32, raw and qgemm with corrections) against fp32
 // cblas_sgemm on the same shapes, in one run. Every repetition times int8 and fp32 back to back
 // (interleaved, so that load from other users of the machine hits both alike); medians.
+// On a shared machine compare --threads 1 too: OpenBLAS (pthreads) and OpenMP each keep their
+// threads spinning after a call, and with other users' jobs the 2-thread figures swing widely.
 //   fqt_bench_gemm [--json] [--threads N] [--reps R] [--quick] [--shape MxNxK ...]
 // GOPS = 2 M N K / t. Layout for all: C = A B^T with A [M, K], B [N, K] row-major.
 #include "fqt/igemm.hpp"
@@ -68,7 +70,7 @@ int main(int argc, char** argv) {
   if (shapes.empty()) {
     shapes = {{1024, 1024, 1024, "square"},
               {128 * 28 * 28, 16, 144, "conv fprop im2col 3x3x16->16, 28x28, batch 128"},
-              {144, 16, 128 * 28 * 28, "conv wgrad-like (reduction over batch x spatial)"},
+              {16, 144, 128 * 28 * 28, "conv wgrad dW = G^T X: reduction over batch x spatial"},
               {128 * 28 * 28, 144, 16, "wgrad-like as given: M=100352 N=144 K=16"},
               {128 * 7 * 7, 64, 576, "conv fprop im2col 3x3x64->64, 7x7, batch 128"}};
     if (quick) shapes.resize(1);
@@ -119,7 +121,6 @@ int main(int argc, char** argv) {
       return now_ms() - t0;
     };
     const double ops = 2.0 * double(M) * double(N) * double(K);
-    // Scale repetitions so that tiny shapes are not dominated by timer noise.
     const int warm = 3;
     for (int r = -warm; r < reps; ++r) {
       for (auto be : backends) {

@@ -157,6 +157,18 @@ void run(int64_t M, int64_t N, int64_t K, const Side& a, const Side& b, const Bh
   }
   FQT_CHECK(c.dtype() == DType::f32 && c.shape() == (Shape{M, N}), "qgemm: output must be f32 [{}, {}], got {} {}", M,
             N, dtype_name(c.dtype()), shape_str(c.shape()));
+  if (!t && !accumulate && N > M) {
+    // core copies its right operand (s8 shift, ones row): give it the smaller one and
+    // transpose the product, C = (B A^T)^T. Wgrad-like shapes save a pass over the big operand.
+    static thread_local std::vector<float> ct;
+    if (ct.size() < size_t(M * N)) ct.resize(size_t(M * N));
+    core(N, M, K, b, a, ct.data(), M, false);
+    float* cp = c.data<float>();
+#pragma omp parallel for schedule(static) if (M * N > (1 << 16))
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) cp[m * N + n] = accumulate ? cp[m * N + n] + ct[n * M + m] : ct[n * M + m];
+    return;
+  }
   if (!t) {
     core(M, N, K, a, b, c.data<float>(), N, accumulate);
     return;

@@ -260,20 +260,23 @@ std::string name(QuantizerKind a, QuantizerKind b, int bits, IgemmBackend be) {
 
 TEST(igemm_quant, FpropAllGridCombinations) {
   BackendGuard guard;
-  const int64_t N = 19, Din = 67, Dout = 21;
-  const Tensor x = random_tensor(N, Din, 11, 0.5f), w = random_tensor(Dout, Din, 12, 0.0f, 0.1f);
-  for (auto be : available_backends()) {
-    set_igemm_backend(be);
-    for (int bits = 2; bits <= 8; ++bits)
-      for (auto xk : {QuantizerKind::affine, QuantizerKind::zero_aligned, QuantizerKind::symmetric, QuantizerKind::psq})
-        for (auto wk : {QuantizerKind::symmetric, QuantizerKind::symmetric_row, QuantizerKind::zero_aligned,
-                        QuantizerKind::ptq_zero, QuantizerKind::affine}) {
-          const auto xq = q_of(x, xk, bits, 1), wq = q_of(w, wk, bits, 2);
-          Mat want, mag;
-          gemm_abt(grid_values(xq), grid_values(wq), want, mag);
-          add_expansion_error(part_sizes(xq), part_sizes(wq), mag);
-          expect_close(qgemm_fprop(xq, wq), want, mag, "fprop " + name(xk, wk, bits, be));
-        }
+  // Both orientations: qgemm computes (B A^T)^T when B has more rows.
+  for (auto [N, Dout] : {std::pair<int64_t, int64_t>{19, 21}, {29, 7}}) {
+    const int64_t Din = 67;
+    const Tensor x = random_tensor(N, Din, 11, 0.5f), w = random_tensor(Dout, Din, 12, 0.0f, 0.1f);
+    for (auto be : available_backends()) {
+      set_igemm_backend(be);
+      for (int bits = 2; bits <= 8; ++bits)
+        for (auto xk : {QuantizerKind::affine, QuantizerKind::zero_aligned, QuantizerKind::symmetric, QuantizerKind::psq})
+          for (auto wk : {QuantizerKind::symmetric, QuantizerKind::symmetric_row, QuantizerKind::zero_aligned,
+                          QuantizerKind::ptq_zero, QuantizerKind::affine}) {
+            const auto xq = q_of(x, xk, bits, 1), wq = q_of(w, wk, bits, 2);
+            Mat want, mag;
+            gemm_abt(grid_values(xq), grid_values(wq), want, mag);
+            add_expansion_error(part_sizes(xq), part_sizes(wq), mag);
+            expect_close(qgemm_fprop(xq, wq), want, mag, "fprop " + name(xk, wk, bits, be));
+          }
+    }
   }
 }
 
@@ -338,19 +341,21 @@ TEST(igemm_quant, DgradFoldedPerChannelWeights) {
 
 TEST(igemm_quant, WgradAllGridCombinations) {
   BackendGuard guard;
-  const int64_t N = 131, Dout = 13, Din = 18;
-  const Tensor g = random_tensor(N, Dout, 41, 0.0f, 1e-3f), x = random_tensor(N, Din, 42, 0.5f);
-  for (auto be : available_backends()) {
-    set_igemm_backend(be);
-    for (int bits = 2; bits <= 8; ++bits)
-      for (auto gk : {QuantizerKind::ptq, QuantizerKind::column})
-        for (auto xk : {QuantizerKind::affine, QuantizerKind::zero_aligned, QuantizerKind::column}) {
-          const auto gq = q_of(g, gk, bits, 7), xq = q_of(x, xk, bits, 8);
-          Mat want, mag;
-          gemm_abt(transpose(grid_values(gq)), transpose(grid_values(xq)), want, mag);
-          add_expansion_error(transpose(part_sizes(gq)), transpose(part_sizes(xq)), mag);
-          expect_close(qgemm_wgrad(gq, xq), want, mag, "wgrad " + name(gk, xk, bits, be));
-        }
+  for (auto [Dout, Din] : {std::pair<int64_t, int64_t>{13, 18}, {17, 5}}) {
+    const int64_t N = 131;
+    const Tensor g = random_tensor(N, Dout, 41, 0.0f, 1e-3f), x = random_tensor(N, Din, 42, 0.5f);
+    for (auto be : available_backends()) {
+      set_igemm_backend(be);
+      for (int bits = 2; bits <= 8; ++bits)
+        for (auto gk : {QuantizerKind::ptq, QuantizerKind::column})
+          for (auto xk : {QuantizerKind::affine, QuantizerKind::zero_aligned, QuantizerKind::column}) {
+            const auto gq = q_of(g, gk, bits, 7), xq = q_of(x, xk, bits, 8);
+            Mat want, mag;
+            gemm_abt(transpose(grid_values(gq)), transpose(grid_values(xq)), want, mag);
+            add_expansion_error(transpose(part_sizes(gq)), transpose(part_sizes(xq)), mag);
+            expect_close(qgemm_wgrad(gq, xq), want, mag, "wgrad " + name(gk, xk, bits, be));
+          }
+    }
   }
 }
 
