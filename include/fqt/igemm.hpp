@@ -50,15 +50,20 @@
 //    not re-quantize W. Instead the weight scales are folded into G *before* G is quantized:
 //        G' = G diag(1/s_w)   (dgrad_fold_weight_scales)
 //    and qgemm_dgrad_folded(quantize(G'), wq) computes deq(G') (q_w - z) where z is W's common
-//    integer zero code (symmetric grids: z = 2^(b-1) - 1, the same for every row), i.e. exactly
-//    deq(G') diag(s_w) deq(W) ~= G W. Reason: it keeps one weight quantization (the forward one,
+//    integer zero code (symmetric grids: z = 2^(b-1) - 1, the same for every row), i.e.
+//    deq(G') diag(s_w) deq(W) ~= G W (equal up to the fp32 rounding of W's lo = -z / s_w). Reason: it keeps one weight quantization (the forward one,
 //    saved as codes) and the per-channel accuracy of the weight; only G's quantization changes
-//    (it now sees the gradient in weight-code units), which the unbiased gradient quantizers
-//    handle like any other input. The alternative — a second, per-tensor weight grid for dgrad —
+//    (it now sees the gradient in weight-code units: columns of G are rescaled by 1/s_w before
+//    the per-row or BHQ grid is fitted), which the unbiased gradient quantizers handle like any
+//    other input; its variance changes accordingly and should be measured with the stats tools. The alternative — a second, per-tensor weight grid for dgrad —
 //    would cost a re-quantization of W every step and lose per-channel resolution.
 //
 //    Exactness contract: each qgemm result equals the GEMM of the dequantized values computed in
-//    fp64 up to fp32 rounding (tests/unit/test_igemm.cpp: tolerance ~ eps_f32 * sum |terms|).
+//    fp64 up to fp32 rounding. Tested (tests/unit/test_igemm.cpp) with the tolerance
+//        eps_f32 sum_k |a b| + 64 eps_f64 sum_k (|qa/sa| + |la|)(|qb/sb| + |lb|)
+//    where the second term covers values that nearly cancel inside q/s + lo (a zero code); for
+//    BHQ the bound is carried through T^-1. When B has more rows than A (and no accumulate, no
+//    BHQ), qgemm computes (B A^T)^T so that the copied operand is the smaller one.
 #pragma once
 
 #include "fqt/quant.hpp"
