@@ -6,8 +6,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
+#include <thread>
 #include <vector>
 
 using namespace fqt;
@@ -409,4 +411,32 @@ TEST(igemm_quant, RejectsGridsAlongTheReduction) {
   EXPECT_THROW(qgemm_wgrad(q_of(g, QuantizerKind::ptq, 8, 3), q_of(x, QuantizerKind::psq, 8, 3)), Error);
   // Per-row min/max weight grids have no common integer zero code: folding is refused.
   EXPECT_THROW(qgemm_dgrad_folded(gq, q_of(w, QuantizerKind::psq, 8, 3)), Error);
+}
+
+TEST(igemm_quant, ConcurrentCallersAndThreadCountsAgree) {
+  // Per-thread scratch and the oneDNN primitive cache must be safe for concurrent callers, and
+  // results (integers, then one rounding) must not depend on the thread count.
+  const Tensor x1 = random_tensor(150, 72, 71, 0.3f), w1 = random_tensor(40, 72, 72);
+  const Tensor x2 = random_tensor(64, 200, 73), w2 = random_tensor(24, 200, 74);
+  const auto x1q = q_of(x1, QuantizerKind::affine, 8, 1), w1q = q_of(w1, QuantizerKind::symmetric_row, 8, 2);
+  const auto x2q = q_of(x2, QuantizerKind::psq, 7, 3), w2q = q_of(w2, QuantizerKind::symmetric, 4, 4);
+  const Tensor r1 = qgemm_fprop(x1q, w1q), r2 = qgemm_fprop(x2q, w2q);
+  auto same = [](const Tensor& a, const Tensor& b) {
+    return a.shape() == b.shape() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+  };
+  const int saved = num_threads();
+  set_num_threads(1);
+  EXPECT_TRUE(same(qgemm_fprop(x1q, w1q), r1));
+  set_num_threads(saved);
+  bool ok1 = true, ok2 = true;
+  std::thread t1([&] {
+    for (int i = 0; i < 20; ++i) ok1 = ok1 && same(qgemm_fprop(x1q, w1q), r1);
+  });
+  std::thread t2([&] {
+    for (int i = 0; i < 20; ++i) ok2 = ok2 && same(qgemm_fprop(x2q, w2q), r2);
+  });
+  t1.join();
+  t2.join();
+  EXPECT_TRUE(ok1);
+  EXPECT_TRUE(ok2);
 }
