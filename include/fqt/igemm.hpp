@@ -15,7 +15,8 @@
 //    ~400 vs ~370 GOPS at 1024^3); the own kernel is on par or ahead only for N <= 16.
 //    oneDNN is chosen only on CPUs with VNNI: elsewhere its int8 path may saturate s16
 //    intermediates (vpmaddubsw), which would break exactness. Its primitives are cached per
-//    shape for the life of the process (training uses a fixed set of shapes).
+//    shape for the life of the process (training uses a fixed set of shapes). Products under
+//    2^20 multiply-adds go to the own kernel on the calling thread when automatic.
 //
 //    No silent overflow: an int32 accumulator holds at most K * a_max * b_absmax, so the
 //    reduction is split into chunks of at most igemm_max_k(a_max, b_absmax) terms (65793 for

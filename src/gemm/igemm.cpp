@@ -136,7 +136,14 @@ void s32_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0);
     return;
   }
-  switch (igemm_resolved_backend()) {
+  IgemmBackend be = igemm_resolved_backend();
+  // Small products (< 2^20 MACs, e.g. per-layer GEMMs of tiny models): oneDNN's per-call cost
+  // (stream, parallel region: a scheduler slice on a busy machine) dominates; the own kernel
+  // runs them on the calling thread. Only when the backend was left on automatic.
+  if (be == IgemmBackend::onednn && igemm_backend() == IgemmBackend::automatic && M * N * K < (int64_t(1) << 20) &&
+      vnni_available())
+    be = IgemmBackend::vnni;
+  switch (be) {
     case IgemmBackend::reference: {
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
