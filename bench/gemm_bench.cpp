@@ -3,7 +3,7 @@
 // (interleaved, so that load from other users of the machine hits both alike); medians.
 // On a shared machine compare --threads 1 too: OpenBLAS (pthreads) and OpenMP each keep their
 // threads spinning after a call, and with other users' jobs the 2-thread figures swing widely.
-//   fqt_bench_gemm [--json] [--threads N] [--reps R] [--quick] [--shape MxNxK ...]
+//   fqt_bench_gemm [--json] [--threads N] [--reps R] [--pause-ms P] [--quick] [--shape MxNxK ...]
 // GOPS = 2 M N K / t. Layout for all: C = A B^T with A [M, K], B [N, K] row-major.
 #include "fqt/igemm.hpp"
 #include "fqt/quant.hpp"
@@ -21,6 +21,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace fqt;
@@ -46,7 +47,7 @@ struct ShapeM {
 
 int main(int argc, char** argv) {
   bool json = false, quick = false;
-  int threads = 2, reps = 21;
+  int threads = 2, reps = 25, pause_ms = 300;
   std::vector<ShapeM> shapes;
   std::vector<std::string> owned;
   for (int i = 1; i < argc; ++i) {
@@ -54,7 +55,8 @@ int main(int argc, char** argv) {
     if (a == "--json") json = true;
     else if (a == "--quick") quick = true;
     else if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
-    else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (a == "--reps" && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
+    else if (a == "--pause-ms" && i + 1 < argc) pause_ms = std::atoi(argv[++i]);
     else if (a == "--shape" && i + 1 < argc) {
       long long m, n, k;
       if (std::sscanf(argv[++i], "%lldx%lldx%lld", &m, &n, &k) != 3) {
@@ -63,7 +65,7 @@ int main(int argc, char** argv) {
       }
       shapes.push_back({m, n, k, "custom"});
     } else {
-      std::fprintf(stderr, "usage: %s [--json] [--threads N] [--reps R] [--quick] [--shape MxNxK ...]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--json] [--threads N] [--reps R] [--pause-ms P] [--quick] [--shape MxNxK ...]\n", argv[0]);
       return 2;
     }
   }
@@ -121,24 +123,32 @@ int main(int argc, char** argv) {
       return now_ms() - t0;
     };
     const double ops = 2.0 * double(M) * double(N) * double(K);
-    const int warm = 3;
-    for (int r = -warm; r < reps; ++r) {
+    // Blocks of repetitions, alternating between the contenders, with a pause after each block:
+    // OpenMP (int8) and OpenBLAS (fp32) keep their idle threads spinning for a while after a
+    // call, and on 2 cores a spinning pool halves the other's throughput. Alternating blocks
+    // still spread slow changes of the machine's load over both sides.
+    const int blocks = std::min(reps, 5);
+    auto block = [&](std::vector<double>& out, int n, const std::function<void()>& f) {
+      f();  // warm-up (first call of a shape also creates the oneDNN primitive)
+      for (int i = 0; i < n; ++i) out.push_back(time(f));
+      std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
+    };
+    for (int bl = 0; bl < blocks; ++bl) {
+      const int n = reps / blocks + (bl < reps % blocks ? 1 : 0);
       for (auto be : backends) {
         set_igemm_backend(be);
-        const double t = time([&] { igemm_u8s8s32(M, N, K, A.data(), K, B.data(), K, C.data(), N); });
-        if (r >= 0) t_raw[be].push_back(t);
+        block(t_raw[be], n, [&] { igemm_u8s8s32(M, N, K, A.data(), K, B.data(), K, C.data(), N); });
       }
       set_igemm_backend(IgemmBackend::automatic);
-      const double tq = time([&] { qgemm(qa, qb, qc, false); });
+      block(t_q, n, [&] { qgemm(qa, qb, qc, false); });
 #ifdef FQT_HAVE_OPENBLAS
-      const double tf = time([&] {
+      block(t_f, n, [&] {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, Af.data(), K, Bf.data(), K, 0.0f,
                     Cf.data(), N);
       });
 #else
-      const double tf = 0;
+      t_f.push_back(0);
 #endif
-      if (r >= 0) t_q.push_back(tq), t_f.push_back(tf);
     }
     const double int8_ms = median(t_raw[deflt]), q_ms = median(t_q), f_ms = median(t_f);
     const double int8_gops = ops / int8_ms * 1e-6, q_gops = ops / q_ms * 1e-6, f_gflops = ops / f_ms * 1e-6;
