@@ -1,0 +1,177 @@
+// Own AVX-512 VNNI kernel for C = A B_t^T (u8 x s8 -> s32), vpdpbusd on packed panels.
+//
+// Packing (per K block of at most KC, K padded with zeros to a multiple of 4):
+//   A: panels of MR rows, [k4][MR] int32 words, each the 4 bytes A[m][4 k4 .. 4 k4 + 3]
+//      (broadcast to all 16 lanes);
+//   B: panels of NR = 16 NZ columns, [k4][NR][4] bytes: one zmm per 16 columns and k4.
+// Micro-kernel: MR x NZ zmm accumulators, acc[i][j] += dpbusd(bcast(A[i]), B[j]).
+// Exact as long as K stays within the int32 bound (the caller chunks longer reductions).
+#include "fqt/igemm.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define FQT_IGEMM_VNNI 1
+#endif
+
+namespace fqt::igemm_detail {
+
+#ifdef FQT_IGEMM_VNNI
+namespace {
+
+// K block (bytes of a packed row; multiple of 4): 512 for large M and N; longer when M and N
+// are small (tall-K reductions such as wgrad) so that the packed blocks stay ~2 MiB and the
+// number of parallel regions (and barriers, costly on a shared machine) stays small.
+int64_t k_block(int64_t M, int64_t N, int64_t K) {
+  int64_t kc = std::max<int64_t>(512, (int64_t(1) << 21) / (M + N + 64));
+  kc = std::min(kc, (K + 3) / 4 * 4);
+  return (kc + 3) / 4 * 4;
+}
+constexpr int64_t MC = 96;   // rows per A block handled by one task
+
+template <int MR, int NZ>
+inline void ukernel(int64_t k4n, const uint8_t* __restrict Ab, int64_t a_rs, int64_t a_cs,
+                    const int8_t* __restrict Bp, int32_t* C, int64_t ldc, int64_t mr, int64_t nr, bool accumulate) {
+  __m512i acc[MR][NZ];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NZ; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < k4n; ++k4) {
+    __m512i b[NZ];
+#pragma GCC unroll 4
+    for (int j = 0; j < NZ; ++j) b[j] = _mm512_loadu_si512(Bp + (k4 * NZ + j) * 64);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      int32_t w;
+      std::memcpy(&w, Ab + i * a_rs + k4 * a_cs, 4);
+      const __m512i a = _mm512_set1_epi32(w);
+#pragma GCC unroll 4
+      for (int j = 0; j < NZ; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a, b[j]);
+    }
+  }
+  if (mr == MR && nr == NZ * 16) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NZ; ++j) {
+        int32_t* c = C + i * ldc + j * 16;
+        __m512i v = acc[i][j];
+        if (accumulate) v = _mm512_add_epi32(v, _mm512_loadu_si512(c));
+        _mm512_storeu_si512(c, v);
+      }
+  } else {
+    // Partial tile: spill through a buffer with compile-time indices only (a runtime index into
+    // acc would force the accumulators into memory in the main loop too).
+    alignas(64) int32_t tile[MR][NZ * 16];
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NZ; ++j) _mm512_store_si512(&tile[i][j * 16], acc[i][j]);
+    for (int64_t i = 0; i < mr; ++i)
+      for (int64_t j = 0; j < nr; ++j) C[i * ldc + j] = (accumulate ? C[i * ldc + j] : 0) + tile[i][j];
+  }
+}
+
+template <int MR, int NZ>
+void driver(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+            int32_t* C, int64_t ldc) {
+  // One parallel region with a single barrier (after packing B): on a shared, oversubscribed
+  // machine every barrier can cost a scheduler time slice, so K blocks must not add barriers.
+  constexpr int64_t NR = 16 * NZ;
+  const int64_t np = (N + NR - 1) / NR;
+  const int64_t K4 = (K + 3) / 4;            // packed k4 steps over all of K
+  const int64_t KC = k_block(M, N, K);       // multiple of 4
+  const int64_t mcb = (M + MC - 1) / MC;
+  static thread_local std::vector<int8_t> bbuf;
+  if (static_cast<int64_t>(bbuf.size()) < np * NR * K4 * 4) bbuf.resize(np * NR * K4 * 4);
+  int8_t* Bpk = bbuf.data();
+  const bool par = (mcb >= 2 || np >= 2) && M * N * K > (1 << 20);
+  // Measured (1 thread): in place A doubles tall-skinny shapes (N = 16: 112 -> 216 GOPS) and
+  // is neutral at 64 columns.
+  const bool direct = K % 4 == 0 && np <= 4;
+#pragma omp parallel if (par)
+  {
+    // Pack B: panel p = columns [p NR, p NR + NR), all of K: [k4][NR][4] bytes.
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < np; ++p) {
+      int8_t* dst = Bpk + p * NR * K4 * 4;
+      std::memset(dst, 0, NR * K4 * 4);
+      int32_t* d32 = reinterpret_cast<int32_t*>(dst);
+      for (int64_t nn = 0; nn < NR && p * NR + nn < N; ++nn) {
+        const int8_t* src = B + (p * NR + nn) * ldb;
+        const int64_t kfull = K & ~int64_t(3);
+        for (int64_t k4 = 0; k4 < kfull / 4; ++k4) std::memcpy(d32 + k4 * NR + nn, src + 4 * k4, 4);
+        for (int64_t k = kfull; k < K; ++k) dst[((k >> 2) * NR + nn) * 4 + (k & 3)] = src[k];
+      }
+    }
+    // Row blocks: each thread packs its own A block per K block ([k4][MR] words per panel).
+    std::vector<int32_t> abuf(static_cast<size_t>(((MC + MR - 1) / MR) * MR * (KC / 4)));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t mb = 0; mb < mcb; ++mb) {
+      const int64_t m0 = mb * MC, m1 = std::min(M, m0 + MC);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0), k4n = (kc + 3) / 4;
+        // Full panels are read in place when rows are 4-byte groups (K % 4 == 0) and A is used by
+        // few column panels (packing would not pay off); otherwise, and for the partial last
+        // panel, A is packed.
+        const int64_t panels = (m1 - m0 + MR - 1) / MR;
+        const int64_t full = (m1 - m0) / MR;
+        const int64_t first_packed = direct ? full : 0;
+        uint8_t* d8 = reinterpret_cast<uint8_t*>(abuf.data());
+        if (panels > first_packed) std::memset(d8, 0, (panels - first_packed) * MR * k4n * 4);
+        const int64_t kfull = kc & ~int64_t(3);
+        for (int64_t i = first_packed * MR; i < m1 - m0; ++i) {
+          const uint8_t* src = A + (m0 + i) * lda + k0;
+          int32_t* d32 = abuf.data() + (i / MR - first_packed) * MR * k4n + (i % MR);
+          for (int64_t k4 = 0; k4 < kfull / 4; ++k4) std::memcpy(d32 + k4 * MR, src + 4 * k4, 4);
+          uint8_t* dst = reinterpret_cast<uint8_t*>(d32);
+          for (int64_t k = kfull; k < kc; ++k) dst[(k >> 2) * MR * 4 + (k & 3)] = src[k];
+        }
+        const bool accumulate = k0 > 0;
+        for (int64_t pn = 0; pn < np; ++pn) {
+          const int64_t nr = std::min(NR, N - pn * NR);
+          const int8_t* bp = Bpk + (pn * K4 + k0 / 4) * NR * 4;
+          for (int64_t pm = 0; pm < panels; ++pm) {
+            const int64_t mr = std::min<int64_t>(MR, m1 - m0 - pm * MR);
+            int32_t* c = C + (m0 + pm * MR) * ldc + pn * NR;
+            if (pm < first_packed)
+              ukernel<MR, NZ>(k4n, A + (m0 + pm * MR) * lda + k0, lda, 4, bp, c, ldc, mr, nr, accumulate);
+            else
+              ukernel<MR, NZ>(k4n, d8 + (pm - first_packed) * MR * k4n * 4, 4, MR * 4, bp, c, ldc, mr, nr, accumulate);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool vnni_available() {
+  static const bool ok = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
+void s32_vnni(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+              int32_t* C, int64_t ldc) {
+  static_assert(MC % 12 == 0 && MC % 24 == 0);
+  if (N <= 16)
+    driver<24, 1>(M, N, K, A, lda, B, ldb, C, ldc);
+  else
+    driver<12, 2>(M, N, K, A, lda, B, ldb, C, ldc);
+}
+
+#else
+
+bool vnni_available() { return false; }
+void s32_vnni(int64_t, int64_t, int64_t, const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t) {
+  FQT_CHECK(false, "igemm: built without AVX512-VNNI");
+}
+
+#endif
+
+}  // namespace fqt::igemm_detail
