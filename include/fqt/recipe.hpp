@@ -8,6 +8,11 @@
 //
 // Modes: fp32 (no quantization), qat (forward quantized, backward exact on the quantized
 // operands), fqt (qat + both gradient GEMMs on independently drawn stochastic quantizations).
+//
+// Arithmetic of the quantized GEMMs (SPEC section 4): `integer` multiplies the 8-bit codes
+// (u8 x s8 -> s32, include/fqt/igemm.hpp) and applies scales/offsets afterwards; `sim`
+// dequantizes and multiplies in fp32. Same codes, same random numbers: the two agree to fp32
+// rounding. Integer is the default; fp32 mode ignores it.
 #pragma once
 
 #include "fqt/quant.hpp"
@@ -20,12 +25,17 @@ enum class Mode : uint8_t { fp32, qat, fqt };
 Mode parse_mode(const std::string& name);
 const char* mode_name(Mode m);
 
+enum class Arith : uint8_t { integer, sim };
+Arith parse_arith(const std::string& name);  // "int" or "sim"
+const char* arith_name(Arith a);             // "int" / "sim"
+
 struct Recipe {
   Mode mode = Mode::fp32;
   QuantizerSpec activation{QuantizerKind::affine, 8};
   QuantizerSpec weight{QuantizerKind::symmetric_row, 8};
   QuantizerSpec dgrad{QuantizerKind::psq, 8};
   QuantizerSpec wgrad{QuantizerKind::ptq, 8};
+  Arith arith = Arith::integer;
 };
 
 // Random-number streams for the two gradient quantizations of one layer at one step: two

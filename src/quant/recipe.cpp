@@ -9,6 +9,14 @@ Mode parse_mode(const std::string& name) {
   throw InputError(fmt::format("unknown mode '{}' (valid: fp32, qat, fqt)", name));
 }
 
+Arith parse_arith(const std::string& name) {
+  if (name == "int" || name == "integer") return Arith::integer;
+  if (name == "sim") return Arith::sim;
+  throw InputError(fmt::format("unknown arithmetic '{}' (valid: int, sim)", name));
+}
+
+const char* arith_name(Arith a) { return a == Arith::integer ? "int" : "sim"; }
+
 const char* mode_name(Mode m) {
   switch (m) {
     case Mode::fp32: return "fp32";
