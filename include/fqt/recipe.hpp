@@ -1,8 +1,8 @@
 // fqt/recipe.hpp — which quantizer and bit width each role of a layer uses (SPEC section 1).
 //
 //   role        GEMM                         default
-//   activation  fprop operand X              affine (per tensor), 8 bits, nearest
-//   weight      fprop/dgrad operand W        symmetric-row (per output channel), 8 bits, nearest
+//   activation  fprop operand X              zero-aligned (per tensor), 8 bits, nearest
+//   weight      fprop/dgrad operand W        symmetric (per tensor), 8 bits, nearest
 //   dgrad       dX = Q(G) W                  psq, 8 bits, stochastic      (fqt mode only)
 //   wgrad       dW = Q(G)^T X                ptq, 8 bits, stochastic      (fqt mode only)
 //
@@ -13,6 +13,13 @@
 // (u8 x s8 -> s32, include/fqt/igemm.hpp) and applies scales/offsets afterwards; `sim`
 // dequantizes and multiplies in fp32. Same codes, same random numbers: the two agree to fp32
 // rounding. Integer is the default; fp32 mode ignores it.
+//
+// Why these forward grids: both must factor out of all three GEMMs. The activation grid has 0 as
+// an exact code, so convolution padding can be written as codes (im2col runs on 8-bit codes).
+// The weight grid is per tensor because the dgrad GEMM (G W) reduces over W's output channels:
+// a per-output-channel weight scale would sit inside that sum. Per-channel weights
+// (symmetric-row) still work: fprop runs on integers, dgrad then falls back to an fp32 GEMM on
+// the dequantized operands.
 #pragma once
 
 #include "fqt/quant.hpp"
@@ -31,12 +38,15 @@ const char* arith_name(Arith a);             // "int" / "sim"
 
 struct Recipe {
   Mode mode = Mode::fp32;
-  QuantizerSpec activation{QuantizerKind::affine, 8};
-  QuantizerSpec weight{QuantizerKind::symmetric_row, 8};
+  QuantizerSpec activation{QuantizerKind::zero_aligned, 8};
+  QuantizerSpec weight{QuantizerKind::symmetric, 8};
   QuantizerSpec dgrad{QuantizerKind::psq, 8};
   QuantizerSpec wgrad{QuantizerKind::ptq, 8};
   Arith arith = Arith::integer;
 };
+
+// One line for logs: "mode fqt (int): act zero-aligned 8, weight symmetric 8, dgrad bhq 5, wgrad ptq 8".
+std::string recipe_summary(const Recipe& r);
 
 // Random-number streams for the two gradient quantizations of one layer at one step: two
 // independent draws (the "bifurcated" gradient). Stream = step * 2^20 + layer * 4 + role.

@@ -23,8 +23,12 @@ struct TrainConfig {
   std::string model = "cnn";
   std::string data = "fashion-mnist";
   std::string data_dir;  // "" = the dataset's default folder
-  Recipe recipe{Mode::fqt, {QuantizerKind::affine, 8}, {QuantizerKind::symmetric_row, 8},
-                {QuantizerKind::bhq, 5}, {QuantizerKind::ptq, 8}};
+  Recipe recipe = [] {  // recipe.hpp's defaults, with 5-bit BHQ gradients
+    Recipe r;
+    r.mode = Mode::fqt;
+    r.dgrad = {QuantizerKind::bhq, 5};
+    return r;
+  }();
   int epochs = 10;
   int64_t batch = 128;
   double lr = 0.1;

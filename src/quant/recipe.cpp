@@ -1,5 +1,7 @@
 #include "fqt/recipe.hpp"
 
+#include <fmt/format.h>
+
 namespace fqt {
 
 Mode parse_mode(const std::string& name) {
@@ -24,6 +26,16 @@ const char* mode_name(Mode m) {
     case Mode::fqt: return "fqt";
   }
   return "?";
+}
+
+std::string recipe_summary(const Recipe& r) {
+  if (r.mode == Mode::fp32) return "mode fp32";
+  std::string s = fmt::format("mode {} ({}): act {} {}, weight {} {}", mode_name(r.mode), arith_name(r.arith),
+                              traits(r.activation.kind).name, r.activation.bits, traits(r.weight.kind).name, r.weight.bits);
+  if (r.mode == Mode::fqt)
+    s += fmt::format(", dgrad {} {}, wgrad {} {}", traits(r.dgrad.kind).name, r.dgrad.bits, traits(r.wgrad.kind).name,
+                     r.wgrad.bits);
+  return s;
 }
 
 }  // namespace fqt

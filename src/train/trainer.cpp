@@ -154,6 +154,7 @@ std::string TrainConfig::to_json() const {
             {"data", data},
             {"data_dir", data_dir},
             {"mode", mode_name(recipe.mode)},
+            {"arith", arith_name(recipe.arith)},
             {"activation", spec_json(recipe.activation)},
             {"weight", spec_json(recipe.weight)},
             {"dgrad", spec_json(recipe.dgrad)},
@@ -189,6 +190,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.data = j.at("data");
     c.data_dir = j.value("data_dir", "");
     c.recipe.mode = parse_mode(j.at("mode"));
+    c.recipe.arith = parse_arith(j.value("arith", "int"));
     c.recipe.activation = spec_from(j.at("activation"));
     c.recipe.weight = spec_from(j.at("weight"));
     c.recipe.dgrad = spec_from(j.at("dgrad"));
@@ -286,10 +288,9 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   };
 
   if (cfg.progress)
-    std::fprintf(stderr, "fqt train: %s on %s (%lld train / %lld test), mode %s, dgrad %s %d-bit, wgrad %s %d-bit, %d epochs x %lld steps, batch %lld%s\n",
+    std::fprintf(stderr, "fqt train: %s on %s (%lld train / %lld test), %s, %d epochs x %lld steps, batch %lld%s\n",
                  cfg.model.c_str(), cfg.data.c_str(), static_cast<long long>(train_set.size()),
-                 static_cast<long long>(test_set.size()), mode_name(cfg.recipe.mode), traits(cfg.recipe.dgrad.kind).name,
-                 cfg.recipe.dgrad.bits, traits(cfg.recipe.wgrad.kind).name, cfg.recipe.wgrad.bits, cfg.epochs,
+                 static_cast<long long>(test_set.size()), recipe_summary(cfg.recipe).c_str(), cfg.epochs,
                  static_cast<long long>(spe), static_cast<long long>(cfg.batch),
                  resume ? fmt::format(", resumed at epoch {} step {}", state.epoch, state.step).c_str() : "");
 

@@ -13,7 +13,7 @@ namespace {
 struct TrainOptions {
   TrainConfig cfg;
   std::string mode = "fqt";
-  std::string dgrad = "bhq", wgrad = "ptq";
+  std::string dgrad = "bhq", wgrad = "ptq", arith = "int", weight_q = "symmetric";
   int dgrad_bits = 5, wgrad_bits = 8, act_bits = 8, weight_bits = 8;
   bool resume = false, quiet = false;
 };
@@ -44,8 +44,14 @@ Runner add_train(CLI::App& app) {
   app.add_option("--dgrad-bits", o->dgrad_bits, "bits of the dgrad gradient quantizer (2..8)")->capture_default_str();
   app.add_option("--wgrad", o->wgrad, "gradient quantizer of the wgrad GEMM: ptq, ptq-zero, column")->capture_default_str();
   app.add_option("--wgrad-bits", o->wgrad_bits, "bits of the wgrad gradient quantizer (2..8)")->capture_default_str();
-  app.add_option("--act-bits", o->act_bits, "bits of forward activations (per-tensor affine)")->capture_default_str();
-  app.add_option("--weight-bits", o->weight_bits, "bits of weights (per-output-channel symmetric)")->capture_default_str();
+  app.add_option("--arith", o->arith,
+                 "arithmetic of the quantized GEMMs: int (8-bit integer GEMMs on the codes) | sim (dequantize, fp32 GEMM)")
+      ->capture_default_str();
+  app.add_option("--weight-quantizer", o->weight_q,
+                 "weight grid: symmetric (per tensor) | symmetric-row (per output channel; dgrad then runs in fp32) | zero-aligned")
+      ->capture_default_str();
+  app.add_option("--act-bits", o->act_bits, "bits of forward activations (per-tensor, zero-aligned)")->capture_default_str();
+  app.add_option("--weight-bits", o->weight_bits, "bits of weights (per-tensor symmetric)")->capture_default_str();
   app.add_option("--epochs", c.epochs, "epochs")->capture_default_str();
   app.add_option("--batch", c.batch, "batch size")->capture_default_str();
   app.add_option("--lr", c.lr, "peak learning rate")->capture_default_str();
@@ -72,7 +78,11 @@ Runner add_train(CLI::App& app) {
     cfg.recipe.dgrad = {parse_quantizer(o->dgrad), o->dgrad_bits};
     cfg.recipe.wgrad = {parse_quantizer(o->wgrad), o->wgrad_bits};
     cfg.recipe.activation.bits = o->act_bits;
-    cfg.recipe.weight.bits = o->weight_bits;
+    cfg.recipe.weight = {parse_quantizer(o->weight_q), o->weight_bits};
+    cfg.recipe.arith = parse_arith(o->arith);
+    FQT_INPUT_CHECK(cfg.recipe.weight.kind == QuantizerKind::symmetric || cfg.recipe.weight.kind == QuantizerKind::symmetric_row ||
+                        cfg.recipe.weight.kind == QuantizerKind::zero_aligned,
+                    "--weight-quantizer must be symmetric, symmetric-row or zero-aligned (got '{}')", o->weight_q);
     cfg.progress = !o->quiet;
     TrainResult r = train(cfg, o->resume);
     std::printf("final test accuracy %.2f%% (best %.2f%%) after %lld epochs, %lld steps, %.0f images/s\n",
