@@ -116,6 +116,13 @@ class Conv2d : public QuantizedLayer {
 
  private:
   Tensor weight2d() const { return weight_.value.reshape({cout_, cin_ * k_ * k_}); }
+  // The integer path (conv2d_int.cpp): GEMMs on 8-bit codes, im2col on codes (padding = the
+  // activation grid's zero code), scales and offsets applied after each per-sample GEMM.
+  Tensor forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code) const;
+  Tensor dgrad_int(const QuantizedTensor& gq) const;
+  void wgrad_int(const QuantizedTensor& gq);
+  void add_bias_grad(const Tensor& dy);
+  int zero_code_ = -1;  // the saved activation grid's code for 0 (-1: none, simulated path)
   int64_t cin_, cout_, k_, stride_, pad_;
   bool has_bias_;
   Param weight_, bias_;

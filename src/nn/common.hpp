@@ -31,4 +31,44 @@ inline bool parallel_worth(int64_t elements) { return elements >= (int64_t{1} <<
 
 inline bool quantized_forward(const Recipe& r) { return r.mode != Mode::fp32; }
 
+// Which quantized GEMMs run on integer codes (Recipe::arith == integer). A grid that varies along
+// a GEMM's reduction dimension cannot be factored out of the sum; such a GEMM runs the simulated
+// path (dequantize + fp32 GEMM) instead, with the same codes.
+//   fprop  Y = X W^T   reduces over Din: X and W per tensor or per row.
+//   dgrad  dX = G W    reduces over Dout: G per tensor or per row (PSQ, BHQ); W per tensor.
+//   wgrad  dW = G^T X  reduces over samples: G per tensor or per column; X per tensor.
+inline bool not_column(const QuantizedTensor& q) { return q.granularity() != Granularity::column; }
+inline bool int_fprop(const Recipe& r, const QuantizedTensor& xq, const QuantizedTensor& wq) {
+  return r.arith == Arith::integer && not_column(xq) && not_column(wq);
+}
+inline bool int_dgrad(const Recipe& r, const QuantizedTensor& gq, const QuantizedTensor& wq) {
+  return r.arith == Arith::integer && not_column(gq) && wq.granularity() == Granularity::tensor;
+}
+inline bool int_wgrad(const Recipe& r, const QuantizedTensor& gq, const QuantizedTensor& xq) {
+  return r.arith == Arith::integer && gq.granularity() != Granularity::row && xq.granularity() == Granularity::tensor;
+}
+
+// The code that dequantizes to exactly 0 on a per-tensor grid (q / scale + lo == 0 in fp32, as
+// dequantize computes it), or -1 if the grid has none.
+inline int exact_zero_code(float scale, float lo, int max_code) {
+  const long z = std::lrint(-static_cast<double>(lo) * scale);
+  if (z < 0 || z > max_code || static_cast<float>(z) / scale + lo != 0.0f) return -1;
+  return static_cast<int>(z);
+}
+
+// Convolution geometry of one sample: C,H,W input, k x k kernel; P = Ho*Wo output positions,
+// rows() = C*k*k (the im2col row count, the GEMM reduction length of fprop).
+struct Geom {
+  int64_t C, H, W, k, stride, pad, Ho, Wo;
+  int64_t P() const { return Ho * Wo; }
+  int64_t rows() const { return C * k * k; }
+};
+
+inline Geom geom(const Shape& s, int64_t k, int64_t stride, int64_t pad) {
+  FQT_CHECK(s.size() == 4, "conv geometry: want an N,C,H,W shape, got {}", shape_str(s));
+  Geom g{s[1], s[2], s[3], k, stride, pad, (s[2] + 2 * pad - k) / stride + 1, (s[3] + 2 * pad - k) / stride + 1};
+  FQT_CHECK(g.Ho > 0 && g.Wo > 0, "conv: kernel {} larger than padded input {}x{}", k, g.H, g.W);
+  return g;
+}
+
 }  // namespace fqt::nn_detail

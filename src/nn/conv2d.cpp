@@ -12,19 +12,6 @@ using namespace nn_detail;
 
 namespace {
 
-struct Geom {
-  int64_t C, H, W, k, stride, pad, Ho, Wo;
-  int64_t P() const { return Ho * Wo; }
-  int64_t rows() const { return C * k * k; }
-};
-
-Geom geom(const Shape& s, int64_t k, int64_t stride, int64_t pad) {
-  FQT_CHECK(s.size() == 4, "conv geometry: want an N,C,H,W shape, got {}", shape_str(s));
-  Geom g{s[1], s[2], s[3], k, stride, pad, (s[2] + 2 * pad - k) / stride + 1, (s[3] + 2 * pad - k) / stride + 1};
-  FQT_CHECK(g.Ho > 0 && g.Wo > 0, "conv: kernel {} larger than padded input {}x{}", k, g.H, g.W);
-  return g;
-}
-
 // One sample: x C,H,W -> out [C*k*k, Ho*Wo] with row stride ld.
 void im2col_one(const float* x, const Geom& g, float* out, int64_t ld) {
   const int64_t k = g.k, H = g.H, W = g.W, Wo = g.Wo, pad = g.pad, stride = g.stride;
@@ -166,9 +153,17 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
   } else {
     QuantizedTensor xq = quantize(x, recipe_.activation);
     QuantizedTensor wq = quantize(w, recipe_.weight);
+    x_ = {};
+    in_shape_ = x.shape();
+    // Integer path: needs grids that factor out of the GEMM and an exact code for 0 (padding).
+    zero_code_ = xq.granularity() == Granularity::tensor ? exact_zero_code(xq.scale[0], xq.lo[0], xq.max_code()) : -1;
+    if (zero_code_ >= 0 && int_fprop(recipe_, xq, wq)) {
+      Tensor y = forward_int(xq, wq, zero_code_);
+      if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
+      return y;
+    }
     xin = dequantize(xq).reshape(x.shape());
     w = dequantize(wq);
-    x_ = {};
     if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
   }
   in_shape_ = x.shape();
@@ -210,6 +205,7 @@ Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) {
   }
   if (recipe_.mode == Mode::fqt) {
     gq_dgrad_ = quantize(nchw_to_rows(dy), recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
+    if (int_dgrad(recipe_, gq_dgrad_, wq_)) return dgrad_int(gq_dgrad_);
     grows = dequantize(gq_dgrad_);
   }
   Tensor dx = Tensor::empty(in_shape_);
@@ -245,12 +241,17 @@ void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
   }
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W, wsize = cout_ * ckk;
-  const Tensor xin = recipe_.mode == Mode::fp32 ? x_ : dequantize(xq_).reshape(in_shape_);
   Tensor grows;  // fqt: dequantized Qwgrad(G) in the SPEC's row layout [(N*P), Cout]
   if (recipe_.mode == Mode::fqt) {
     gq_wgrad_ = quantize(nchw_to_rows(dy), recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
+    if (zero_code_ >= 0 && int_wgrad(recipe_, gq_wgrad_, xq_)) {
+      wgrad_int(gq_wgrad_);
+      add_bias_grad(dy);
+      return;
+    }
     grows = dequantize(gq_wgrad_);
   }
+  const Tensor xin = recipe_.mode == Mode::fp32 ? x_ : dequantize(xq_).reshape(in_shape_);
   const bool rows_layout = grows.defined();
   const float* gp = rows_layout ? grows.data<float>() : dy.data<float>();
   const float* xp = xin.data<float>();
@@ -282,6 +283,10 @@ void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
     for (int64_t gi = 1; gi < groups; ++gi) s += part[gi * wsize + i];
     dw[i] += s;
   }
+  add_bias_grad(dy);
+}
+
+void Conv2d::add_bias_grad(const Tensor& dy) {
   if (has_bias_) {
     const int64_t N = dy.size(0), P = dy.numel() / (N * cout_);
     const float* gp = dy.data<float>();

@@ -1,5 +1,6 @@
 // Linear: Y[N, out] = X W^T + b with the recipe's quantizers (nn.hpp, SPEC section 1).
 #include "common.hpp"
+#include "fqt/igemm.hpp"
 
 namespace fqt {
 using namespace nn_detail;
@@ -31,7 +32,8 @@ Tensor Linear::forward(const Tensor& x_in, const StepContext& ctx) {
   } else {
     QuantizedTensor xq = quantize(x, recipe_.activation);
     QuantizedTensor wq = quantize(weight_.value, recipe_.weight);
-    matmul(GemmOperand::of(xq), false, GemmOperand::of(wq), true, y, false);
+    if (int_fprop(recipe_, xq, wq)) y = qgemm_fprop(xq, wq);
+    else matmul(GemmOperand::of(xq), false, GemmOperand::of(wq), true, y, false);
     x_ = {};
     if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
   }
@@ -61,7 +63,8 @@ Tensor Linear::dgrad(const Tensor& dy_in, const StepContext& ctx) {
     case Mode::fqt:
       FQT_CHECK(wq_.codes.defined(), "Linear {}: backward without a training forward", name_);
       gq_dgrad_ = quantize(g, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
-      matmul(GemmOperand::of(gq_dgrad_), false, GemmOperand::of(wq_), false, dx, false);
+      if (int_dgrad(recipe_, gq_dgrad_, wq_)) dx = qgemm_dgrad(gq_dgrad_, wq_);
+      else matmul(GemmOperand::of(gq_dgrad_), false, GemmOperand::of(wq_), false, dx, false);
       break;
   }
   return dx;
@@ -81,7 +84,14 @@ void Linear::wgrad(const Tensor& dy_in, const StepContext& ctx) {
     case Mode::fqt:
       FQT_CHECK(xq_.codes.defined(), "Linear {}: backward without a training forward", name_);
       gq_wgrad_ = quantize(g, recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
-      matmul(GemmOperand::of(gq_wgrad_), true, GemmOperand::of(xq_), false, weight_.grad, true);
+      if (int_wgrad(recipe_, gq_wgrad_, xq_)) {
+        const Tensor dw = qgemm_wgrad(gq_wgrad_, xq_);
+        float* acc = weight_.grad.data<float>();
+        const float* d = dw.data<float>();
+        for (int64_t i = 0; i < dw.numel(); ++i) acc[i] += d[i];
+      } else {
+        matmul(GemmOperand::of(gq_wgrad_), true, GemmOperand::of(xq_), false, weight_.grad, true);
+      }
       break;
   }
   if (has_bias_) {  // fp32, from the unquantized G; fixed summation order per output

@@ -34,9 +34,12 @@ double rel_err(const Tensor& a, const Tensor& b) {
   return std::sqrt(d / n);
 }
 
+// The simulated path: these tests pin down the modes' semantics bit for bit against fp32 GEMMs
+// (the integer path is checked against this one in test_int_path.cpp).
 Recipe make_recipe(Mode m) {
   Recipe r;
   r.mode = m;
+  r.arith = Arith::sim;
   return r;
 }
 

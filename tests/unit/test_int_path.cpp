@@ -1,0 +1,197 @@
+// The integer path (Recipe::arith = integer) against the simulated path (dequantize + fp32 GEMM):
+// same layer, same weights, same input, same random numbers -> same codes, and outputs, input
+// gradients and weight gradients equal to fp32 rounding. Every layer type, every gradient
+// quantizer, bit widths 2..8, awkward shapes (odd channels, N = 1, K not a multiple of 4 or 64,
+// stride 2, padding, 1x1).
+//
+// Tolerance: both paths compute the same K-term dot products of the same dequantized values;
+// fp32 summation of K terms errs by at most K eps sum_k |a_k b_k| (eps = 2^-24), the integer
+// path only by the final rounding (its sum is exact), so
+//     |int - sim| <= (K + 2) eps sum_k |a_k b_k| <= (K + 2) eps K max|a| max|b|.
+// For BHQ the dgrad operand's max|a| is taken in the transformed domain times the largest
+// row-scale ratio of T^-1 (||T^-1||_inf), since T^-1 is applied to the GEMM output.
+#include "fqt/layers.hpp"
+#include "fqt/rng.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+using namespace fqt;
+
+namespace {
+
+Tensor randn(Shape s, uint64_t stream, float scale = 1.0f) {
+  Tensor t = Tensor::empty(std::move(s));
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = scale * normal_at({91, stream}, i);
+  return t;
+}
+
+double max_abs(const Tensor& t) {
+  double m = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::fabs(static_cast<double>(t.data<float>()[i])));
+  return m;
+}
+
+double max_abs_deq(const QuantizedTensor& q) {
+  // Magnitude of the dequantized operand as the GEMM sees it: BHQ's in the transformed domain,
+  // scaled by the largest amplification of T^-1 (max row of |T^-1| summed = ||T^-1||_inf).
+  if (!q.transform) return max_abs(dequantize(q));
+  QuantizedTensor plain = q;
+  plain.transform.reset();
+  const Tensor t = dequantize(plain);
+  double amp = 0;
+  for (double v : q.transform->inverse_column_norms2()) amp = std::max(amp, std::sqrt(v));
+  return max_abs(t) * amp * std::sqrt(static_cast<double>(q.rows));
+}
+
+constexpr double kEps = 1.0 / (1 << 24);
+
+void expect_within(const Tensor& got, const Tensor& want, double bound, const std::string& what) {
+  ASSERT_EQ(got.shape(), want.shape()) << what;
+  double worst = 0;
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    const double d = std::fabs(static_cast<double>(got.data<float>()[i]) - want.data<float>()[i]);
+    ASSERT_TRUE(std::isfinite(got.data<float>()[i])) << what << " element " << i;
+    worst = std::max(worst, d);
+  }
+  EXPECT_LE(worst, bound) << what << " (max |sim| " << max_abs(want) << ")";
+}
+
+bool same_codes(const QuantizedTensor& a, const QuantizedTensor& b) {
+  return a.codes.nbytes() == b.codes.nbytes() && std::memcmp(a.codes.raw(), b.codes.raw(), a.codes.nbytes()) == 0 &&
+         a.scale == b.scale && a.lo == b.lo;
+}
+
+Recipe recipe(Arith arith, QuantizerSpec dgrad, QuantizerSpec wgrad, int fwd_bits = 8) {
+  Recipe r;
+  r.mode = Mode::fqt;
+  r.arith = arith;
+  r.dgrad = dgrad;
+  r.wgrad = wgrad;
+  r.activation.bits = fwd_bits;
+  r.weight.bits = fwd_bits;
+  return r;
+}
+
+struct ConvCase {
+  int64_t n, cin, cout, h, w, k, stride, pad;
+};
+
+}  // namespace
+
+TEST(intPath, ConvEqualsSimulatedEverywhere) {
+  const ConvCase cases[] = {
+      {4, 3, 8, 9, 9, 3, 1, 1},   // K = 27: not a multiple of 4
+      {2, 5, 7, 8, 6, 3, 2, 1},   // odd channels, stride 2, non-square
+      {1, 16, 16, 7, 7, 3, 1, 1}, // N = 1
+      {3, 13, 6, 5, 5, 1, 2, 0},  // 1x1 stride 2 (shortcut)
+      {2, 8, 5, 6, 6, 3, 1, 0},   // no padding
+      {2, 9, 4, 4, 4, 5, 1, 2},   // 5x5 kernel, K = 225
+  };
+  const QuantizerKind dgrads[] = {QuantizerKind::ptq, QuantizerKind::ptq_zero, QuantizerKind::psq, QuantizerKind::bhq};
+  const QuantizerKind wgrads[] = {QuantizerKind::ptq, QuantizerKind::column};
+  uint64_t stream = 0;
+  for (const ConvCase& c : cases)
+    for (int bits : {2, 4, 5, 8})
+      for (QuantizerKind dk : dgrads) {
+        const QuantizerKind wk = wgrads[(stream / 7) % 2];
+        const Recipe ri = recipe(Arith::integer, {dk, bits}, {wk, bits == 2 ? 4 : bits}, bits == 2 ? 4 : 8);
+        Recipe rs = ri;
+        rs.arith = Arith::sim;
+        Conv2d li("conv", c.cin, c.cout, c.k, c.stride, c.pad, true, ri, 3, 11);
+        Conv2d ls("conv", c.cin, c.cout, c.k, c.stride, c.pad, true, rs, 3, 11);
+        // Inputs with negative values (first layer) and after a ReLU (non-negative), alternately.
+        Tensor x = randn({c.n, c.cin, c.h, c.w}, ++stream);
+        if (stream % 2)
+          for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = std::max(0.0f, x.data<float>()[i]);
+        const StepContext ctx{true, 5, stream};
+        const std::string what = "conv n" + std::to_string(c.n) + " cin" + std::to_string(c.cin) + " k" +
+                                 std::to_string(c.k) + " s" + std::to_string(c.stride) + " " + traits(dk).name + " " +
+                                 std::to_string(bits) + "b";
+        const Tensor yi = li.forward(x, ctx), ys = ls.forward(x, ctx);
+        ASSERT_TRUE(same_codes(li.saved_input_q(), ls.saved_input_q())) << what;
+        const int64_t K = c.cin * c.k * c.k;
+        const double ax = max_abs(dequantize(ls.saved_input_q())), aw = max_abs(dequantize(ls.saved_weight_q()));
+        expect_within(yi, ys, (K + 2) * kEps * K * ax * aw, what + " fprop");
+        const Tensor dy = randn(ys.shape(), 1000 + stream, 1e-2f);
+        const Tensor dxi = li.backward(dy, ctx), dxs = ls.backward(dy, ctx);
+        ASSERT_TRUE(same_codes(li.last_dgrad_q(), ls.last_dgrad_q())) << what;
+        ASSERT_TRUE(same_codes(li.last_wgrad_q(), ls.last_wgrad_q())) << what;
+        // dgrad: K = Cout per output tap, up to k*k taps summed (col2im) -> K = Cout k k.
+        const int64_t Kd = c.cout * c.k * c.k;
+        expect_within(dxi, dxs, (Kd + 2) * kEps * Kd * max_abs_deq(ls.last_dgrad_q()) * aw, what + " dgrad");
+        const int64_t Kw = c.n * yi.size(2) * yi.size(3);
+        expect_within(li.weight().grad, ls.weight().grad,
+                      (Kw + 2) * kEps * Kw * max_abs(dequantize(ls.last_wgrad_q())) * ax, what + " wgrad");
+        expect_within(li.bias().grad, ls.bias().grad, 0.0, what + " bias");
+      }
+}
+
+TEST(intPath, LinearEqualsSimulatedEverywhere) {
+  struct Case {
+    int64_t n, in, out;
+  };
+  const Case cases[] = {{1, 7, 3}, {5, 67, 10}, {33, 130, 17}, {64, 256, 64}};
+  uint64_t stream = 500;
+  for (const Case& c : cases)
+    for (int bits : {2, 5, 8})
+      for (QuantizerKind dk : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq})
+        for (QuantizerKind wk : {QuantizerKind::ptq, QuantizerKind::column}) {
+          const Recipe ri = recipe(Arith::integer, {dk, bits}, {wk, 8});
+          Recipe rs = ri;
+          rs.arith = Arith::sim;
+          Linear li("fc", c.in, c.out, true, ri, 2, 7), ls("fc", c.in, c.out, true, rs, 2, 7);
+          const Tensor x = randn({c.n, c.in}, ++stream);
+          const StepContext ctx{true, 9, stream};
+          const std::string what = "linear " + std::to_string(c.n) + "x" + std::to_string(c.in) + "->" +
+                                   std::to_string(c.out) + " " + traits(dk).name + "/" + traits(wk).name + " " +
+                                   std::to_string(bits) + "b";
+          const Tensor yi = li.forward(x, ctx), ys = ls.forward(x, ctx);
+          const double ax = max_abs(dequantize(ls.saved_input_q())), aw = max_abs(dequantize(ls.saved_weight_q()));
+          expect_within(yi, ys, (c.in + 2) * kEps * c.in * ax * aw, what + " fprop");
+          const Tensor dy = randn(ys.shape(), 2000 + stream, 1e-2f);
+          const Tensor dxi = li.backward(dy, ctx), dxs = ls.backward(dy, ctx);
+          ASSERT_TRUE(same_codes(li.last_dgrad_q(), ls.last_dgrad_q())) << what;
+          expect_within(dxi, dxs, (c.out + 2) * kEps * c.out * max_abs_deq(ls.last_dgrad_q()) * aw, what + " dgrad");
+          expect_within(li.weight().grad, ls.weight().grad,
+                        (c.n + 2) * kEps * c.n * max_abs(dequantize(ls.last_wgrad_q())) * ax, what + " wgrad");
+        }
+}
+
+// Per-output-channel weights: fprop still integer, dgrad falls back to fp32 on the same codes.
+TEST(intPath, PerChannelWeightsStillMatch) {
+  Recipe ri = recipe(Arith::integer, {QuantizerKind::psq, 8}, {QuantizerKind::ptq, 8});
+  ri.weight = {QuantizerKind::symmetric_row, 8};
+  Recipe rs = ri;
+  rs.arith = Arith::sim;
+  Conv2d li("conv", 6, 10, 3, 1, 1, false, ri, 1, 3), ls("conv", 6, 10, 3, 1, 1, false, rs, 1, 3);
+  const Tensor x = randn({2, 6, 8, 8}, 77);
+  const StepContext ctx{true, 1, 1};
+  const Tensor yi = li.forward(x, ctx), ys = ls.forward(x, ctx);
+  const double ax = max_abs(dequantize(ls.saved_input_q())), aw = max_abs(dequantize(ls.saved_weight_q()));
+  expect_within(yi, ys, 56 * kEps * 54 * ax * aw, "per-channel fprop");
+  const Tensor dy = randn(ys.shape(), 78, 1e-2f);
+  const Tensor dxi = li.backward(dy, ctx), dxs = ls.backward(dy, ctx);
+  expect_within(dxi, dxs, 0.0, "per-channel dgrad (same fp32 fallback)");
+}
+
+// The integer path is thread-count invariant: integer sums are exact.
+TEST(intPath, ConvIntegerPathIsThreadInvariant) {
+  const Recipe r = recipe(Arith::integer, {QuantizerKind::bhq, 5}, {QuantizerKind::ptq, 8});
+  Tensor outs[2], grads[2], dxs[2];
+  for (int t = 0; t < 2; ++t) {
+    set_num_threads(t + 1);
+    Conv2d l("conv", 8, 12, 3, 1, 1, false, r, 4, 21);
+    const Tensor x = randn({16, 8, 10, 10}, 31);
+    const StepContext ctx{true, 2, 3};
+    outs[t] = l.forward(x, ctx);
+    dxs[t] = l.backward(randn(outs[t].shape(), 32, 1e-2f), ctx);
+    grads[t] = l.weight().grad.clone();
+  }
+  set_num_threads(0);
+  EXPECT_EQ(std::memcmp(outs[0].raw(), outs[1].raw(), outs[0].nbytes()), 0);
+  EXPECT_EQ(std::memcmp(dxs[0].raw(), dxs[1].raw(), dxs[0].nbytes()), 0);
+  EXPECT_EQ(std::memcmp(grads[0].raw(), grads[1].raw(), grads[0].nbytes()), 0);
+}
