@@ -94,3 +94,17 @@ TEST(CorePhilox, UniformsDependOnlyOnSeedStreamIndex) {
   for (uint64_t i = 0; i < 4096; ++i) sum += uniform_at(a, i);
   EXPECT_NEAR(sum / 4096, 0.5, 0.027);
 }
+
+// The batched Philox (AVX-512 when built for it) gives exactly uniform_at, element by element,
+// across carries of the 64-bit block counter and for lengths that are not multiples of 16.
+#include "kernels/cpu/philox_batch.hpp"
+TEST(Rng, FillUniformsEqualsUniformAt) {
+  for (uint64_t block0 : {uint64_t{0}, uint64_t{5}, uint64_t{0xFFFFFFF8ull}, uint64_t{0x1234FFFFFFFAull}})
+    for (int64_t n : {1, 15, 16, 17, 53}) {
+      const RngKey key{0x9876543210ull + block0, 0xABCDEF01234ull ^ static_cast<uint64_t>(n)};
+      std::vector<float> got(static_cast<size_t>(4 * n));
+      kernels::fill_uniforms(key, block0, n, got.data());
+      for (int64_t i = 0; i < 4 * n; ++i)
+        ASSERT_EQ(got[i], uniform_at(key, 4 * block0 + static_cast<uint64_t>(i))) << "block0 " << block0 << " i " << i;
+    }
+}

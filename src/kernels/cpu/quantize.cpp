@@ -1,6 +1,8 @@
-// Fast CPU quantizers: threaded min/max and rounding, one Philox block per 4 elements.
+// Fast CPU quantizers: threaded min/max and rounding; stochastic rounding draws its uniforms 16
+// Philox blocks at a time (philox_batch.hpp).
 // Contract: bit-identical codes to quantize_ref (tests/unit/test_quantize.cpp).
 #include "fqt/profile.hpp"
+#include "philox_batch.hpp"
 #include "quant/grid.hpp"
 
 #include <limits>
@@ -85,29 +87,44 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   const float* src = source.data<float>();
   const float* scale = q.scale.data();
   const float* lo = q.lo.data();
+  if (!stochastic) {
 #pragma omp parallel for schedule(static) if (rows * cols > kParallelMin)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* s = src + r * cols;
-    uint8_t* o = codes + r * cols;
-    const int64_t base = r * cols;
-    if (!stochastic) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s = src + r * cols;
+      uint8_t* o = codes + r * cols;
       for (int64_t c = 0; c < cols; ++c) {
         const int64_t gi = gran == Granularity::tensor ? 0 : gran == Granularity::row ? r : c;
         o[c] = round_nearest(grid_pos(s[c], lo[gi], scale[gi]), B);
       }
-      continue;
     }
-    // Stochastic: one Philox block serves 4 consecutive global element indices.
-    uint32_t w[4];
-    int64_t c = 0;
-    while (c < cols) {
-      const uint64_t i = static_cast<uint64_t>(base + c);
-      philox_block(key, i >> 2, w);
-      const int64_t stop = std::min<int64_t>(cols, c + (4 - static_cast<int64_t>(i & 3)));
-      for (; c < stop; ++c) {
-        const uint64_t e = static_cast<uint64_t>(base + c);
-        const int64_t gi = gran == Granularity::tensor ? 0 : gran == Granularity::row ? r : c;
-        o[c] = round_stochastic(grid_pos(s[c], lo[gi], scale[gi]), bits_to_uniform(w[e & 3]), B);
+    return q;
+  }
+  // Stochastic: the flat element range in fixed chunks of kChunk elements (a multiple of 4, so
+  // each chunk starts on a Philox block); the uniforms of a chunk come 16 blocks at a time
+  // (kernels::fill_uniforms), then each row piece of the chunk is rounded with its group's grid.
+  constexpr int64_t kChunk = 4096;
+  const int64_t total = rows * cols, chunks = (total + kChunk - 1) / kChunk;
+#pragma omp parallel if (total > kParallelMin)
+  {
+    std::vector<float> u(kChunk);
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t e0 = ch * kChunk, e1 = std::min(total, e0 + kChunk);
+      kernels::fill_uniforms(key, static_cast<uint64_t>(e0) >> 2, (e1 - e0 + 3) / 4, u.data());
+      int64_t r = e0 / cols, c = e0 % cols;
+      for (int64_t e = e0; e < e1;) {
+        const int64_t run = std::min(e1 - e, cols - c);
+        const float* s = src + e;
+        const float* uu = u.data() + (e - e0);
+        uint8_t* o = codes + e;
+        if (gran == Granularity::column) {
+          for (int64_t i = 0; i < run; ++i) o[i] = round_stochastic(grid_pos(s[i], lo[c + i], scale[c + i]), uu[i], B);
+        } else {
+          const int64_t gi = gran == Granularity::tensor ? 0 : r;
+          const float l = lo[gi], sc = scale[gi];
+          for (int64_t i = 0; i < run; ++i) o[i] = round_stochastic(grid_pos(s[i], l, sc), uu[i], B);
+        }
+        e += run, ++r, c = 0;
       }
     }
   }

@@ -1,0 +1,73 @@
+#include "philox_batch.hpp"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace fqt::kernels {
+
+namespace {
+void fill_scalar(RngKey key, uint64_t block0, int64_t nblocks, float* out) {
+  for (int64_t j = 0; j < nblocks; ++j) {
+    uint32_t w[4];
+    philox_block(key, block0 + static_cast<uint64_t>(j), w);
+    for (int k = 0; k < 4; ++k) out[4 * j + k] = bits_to_uniform(w[k]);
+  }
+}
+
+#if defined(__AVX512F__)
+// 16 lanes of 32-bit a * m: low and high halves.
+inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);                          // lanes 0,2,..: 64-bit products
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);    // lanes 1,3,..
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+#endif
+}  // namespace
+
+void fill_uniforms(RngKey key, uint64_t block0, int64_t nblocks, float* out) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512i M0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i M1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i s_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.stream)));
+  const __m512i s_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.stream >> 32)));
+  const __m512 inv = _mm512_set1_ps(1.0f / 16777216.0f);
+  alignas(64) uint32_t words[4][16];
+  for (; j + 16 <= nblocks; j += 16) {
+    const uint64_t b = block0 + static_cast<uint64_t>(j);
+    // 64-bit counters b + lane: low word, and high word with the carry of the low addition.
+    const __m512i blo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(b)));
+    __m512i c0 = _mm512_add_epi32(blo, lane);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, blo);
+    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(b >> 32))), carry,
+                                       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(b >> 32))),
+                                       _mm512_set1_epi32(1));
+    __m512i c2 = s_lo, c3 = s_hi;
+    uint32_t k0 = static_cast<uint32_t>(key.seed), k1 = static_cast<uint32_t>(key.seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0, M0, hi0, lo0);
+      mulhilo16(c2, M1, hi1, lo1);
+      const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const __m512i cs[4] = {c0, c1, c2, c3};
+    for (int w = 0; w < 4; ++w)
+      _mm512_store_ps(reinterpret_cast<float*>(words[w]),
+                      _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(cs[w], 8)), inv));
+    float* o = out + 4 * j;
+    const float* f = reinterpret_cast<const float*>(words);
+    for (int l = 0; l < 16; ++l)
+      for (int w = 0; w < 4; ++w) o[4 * l + w] = f[w * 16 + l];
+  }
+#endif
+  fill_scalar(key, block0 + static_cast<uint64_t>(j), nblocks - j, out + 4 * j);
+}
+
+}  // namespace fqt::kernels
