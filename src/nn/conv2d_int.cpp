@@ -32,78 +32,88 @@ namespace {
 // b-bit codes as s8: 8-bit codes are shifted by 128, narrower ones fit as they are.
 int s8_shift(int bits) { return bits == 8 ? 128 : 0; }
 
-// One sample's patches, row per output position: out[p][(c, kh, kw)] = code - shift, padding
-// taps = pad_val (the zero code, shifted).
-void im2row_codes(const uint8_t* x, const Geom& g, int shift, int8_t pad_val, int8_t* out) {
-  const int64_t k = g.k, H = g.H, W = g.W, ckk = g.rows();
-  for (int64_t oh = 0; oh < g.Ho; ++oh)
-    for (int64_t ow = 0; ow < g.Wo; ++ow) {
-      int8_t* row = out + (oh * g.Wo + ow) * ckk;
-      const int64_t ih0 = oh * g.stride - g.pad, iw0 = ow * g.stride - g.pad;
-      const bool inside = ih0 >= 0 && iw0 >= 0 && ih0 + k <= H && iw0 + k <= W;
-      for (int64_t c = 0; c < g.C; ++c) {
-        const uint8_t* plane = x + c * H * W;
-        for (int64_t kh = 0; kh < k; ++kh) {
-          int8_t* dst = row + (c * k + kh) * k;
-          const int64_t ih = ih0 + kh;
-          if (inside) {
-            const uint8_t* src = plane + ih * W + iw0;
-            for (int64_t kw = 0; kw < k; ++kw) dst[kw] = static_cast<int8_t>(src[kw] - shift);
-          } else {
-            for (int64_t kw = 0; kw < k; ++kw) {
-              const int64_t iw = iw0 + kw;
-              dst[kw] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? static_cast<int8_t>(plane[ih * W + iw] - shift)
-                                                                 : pad_val;
-            }
-          }
-        }
-      }
+// Patches are built from a padded, pre-shifted s8 copy of one sample, so every inner step is a
+// contiguous copy. Fprop and dgrad order a patch's taps (kh, kw, c) — channels last — so that a
+// patch row is k runs of k*C contiguous bytes of the HWC image; wgrad uses the usual (c, kh, kw)
+// rows over output positions. The weight codes are reordered to match (once per call).
+
+// x codes C,H,W -> out [(H+2p), (W+2p), C] s8: code - shift inside, pad_val on the border.
+void pad_hwc(const uint8_t* x, const Geom& g, int shift, int8_t pad_val, int8_t* out) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C;
+  std::memset(out, static_cast<uint8_t>(pad_val), static_cast<size_t>(Hp * Wp * C));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t h = 0; h < g.H; ++h) {
+      const uint8_t* src = x + (c * g.H + h) * g.W;
+      int8_t* dst = out + ((h + g.pad) * Wp + g.pad) * C + c;
+      for (int64_t w = 0; w < g.W; ++w) dst[w * C] = static_cast<int8_t>(src[w] - shift);
     }
 }
 
-// One sample, column per output position: out[(c, kh, kw)][p] (the transposed layout).
-void im2col_codes(const uint8_t* x, const Geom& g, int shift, int8_t pad_val, int8_t* out) {
-  const int64_t k = g.k, H = g.H, W = g.W, P = g.P();
+// Patch rows [P, k*k*C] in (kh, kw, c) order from the padded HWC image.
+void im2row_hwc(const int8_t* img, const Geom& g, int8_t* out) {
+  const int64_t Wp = g.W + 2 * g.pad, C = g.C, run = g.k * C, ckk = g.rows();
+  for (int64_t oh = 0; oh < g.Ho; ++oh)
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      int8_t* row = out + (oh * g.Wo + ow) * ckk;
+      for (int64_t kh = 0; kh < g.k; ++kh)
+        std::memcpy(row + kh * run, img + ((oh * g.stride + kh) * Wp + ow * g.stride) * C, static_cast<size_t>(run));
+    }
+}
+
+// x codes C,H,W -> out [C, (H+2p), (W+2p)] s8 (shifted, padded).
+void pad_chw(const uint8_t* x, const Geom& g, int shift, int8_t pad_val, int8_t* out) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
+  std::memset(out, static_cast<uint8_t>(pad_val), static_cast<size_t>(g.C * Hp * Wp));
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t h = 0; h < g.H; ++h) {
+      const uint8_t* src = x + (c * g.H + h) * g.W;
+      int8_t* dst = out + (c * Hp + h + g.pad) * Wp + g.pad;
+      for (int64_t w = 0; w < g.W; ++w) dst[w] = static_cast<int8_t>(src[w] - shift);
+    }
+}
+
+// im2col rows [(c, kh, kw), P] from the padded CHW image.
+void im2col_chw(const int8_t* img, const Geom& g, int8_t* out) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, k = g.k, P = g.P();
   for (int64_t r = 0; r < g.rows(); ++r) {
     const int64_t c = r / (k * k), kh = (r / k) % k, kw = r % k;
-    const uint8_t* plane = x + c * H * W;
     int8_t* row = out + r * P;
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
-      const int64_t ih = oh * g.stride - g.pad + kh;
+      const int8_t* src = img + (c * Hp + oh * g.stride + kh) * Wp + kw;
       int8_t* o = row + oh * g.Wo;
-      if (ih < 0 || ih >= H) {
-        std::memset(o, static_cast<uint8_t>(pad_val), static_cast<size_t>(g.Wo));
-        continue;
-      }
-      const uint8_t* src = plane + ih * W;
-      for (int64_t ow = 0; ow < g.Wo; ++ow) {
-        const int64_t iw = ow * g.stride - g.pad + kw;
-        o[ow] = (iw >= 0 && iw < W) ? static_cast<int8_t>(src[iw] - shift) : pad_val;
-      }
+      if (g.stride == 1) std::memcpy(o, src, static_cast<size_t>(g.Wo));
+      else
+        for (int64_t ow = 0; ow < g.Wo; ++ow) o[ow] = src[ow * g.stride];
     }
   }
 }
 
-// The adjoint of im2row: x C,H,W (overwritten) = sum of rows [P, Ckk] onto their taps.
-void row2im_one(const float* rows, const Geom& g, float* x) {
-  const int64_t k = g.k, H = g.H, W = g.W, ckk = g.rows();
-  std::memset(x, 0, sizeof(float) * g.C * H * W);
+// The adjoint of im2row_hwc: rows [P, k*k*C] ((kh, kw, c) order) summed onto a padded HWC
+// accumulator (contiguous adds of k*C floats), then the interior written to x C,H,W.
+void row2im_hwc(const float* rows, const Geom& g, float* acc, float* x) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C, run = g.k * C, ckk = g.rows();
+  std::memset(acc, 0, sizeof(float) * static_cast<size_t>(Hp * Wp * C));
   for (int64_t oh = 0; oh < g.Ho; ++oh)
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       const float* row = rows + (oh * g.Wo + ow) * ckk;
-      const int64_t ih0 = oh * g.stride - g.pad, iw0 = ow * g.stride - g.pad;
-      for (int64_t c = 0; c < g.C; ++c)
-        for (int64_t kh = 0; kh < k; ++kh) {
-          const int64_t ih = ih0 + kh;
-          if (ih < 0 || ih >= H) continue;
-          float* dst = x + (c * H + ih) * W;
-          const float* src = row + (c * k + kh) * k;
-          for (int64_t kw = 0; kw < k; ++kw) {
-            const int64_t iw = iw0 + kw;
-            if (iw >= 0 && iw < W) dst[iw] += src[kw];
-          }
-        }
+      for (int64_t kh = 0; kh < g.k; ++kh) {
+        float* dst = acc + ((oh * g.stride + kh) * Wp + ow * g.stride) * C;
+        const float* src = row + kh * run;
+        for (int64_t i = 0; i < run; ++i) dst[i] += src[i];
+      }
     }
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t h = 0; h < g.H; ++h) {
+      const float* src = acc + ((h + g.pad) * Wp + g.pad) * C + c;
+      float* dst = x + (c * g.H + h) * g.W;
+      for (int64_t w = 0; w < g.W; ++w) dst[w] = src[w * C];
+    }
+}
+
+// Tap index of (c, kh, kw) in the (kh, kw, c) order.
+inline int64_t hwc_tap(int64_t r, int64_t k, int64_t C) {
+  const int64_t c = r / (k * k), kh = (r / k) % k, kw = r % k;
+  return (kh * k + kw) * C + c;
 }
 
 // The per-sample GEMMs run inside the layer's own OpenMP loop over samples, one GEMM per thread:
@@ -127,7 +137,9 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
   // A = weight codes [Cout, Ckk] plus a row of ones (its GEMM row = the patch code sums).
   std::vector<uint8_t> A(static_cast<size_t>((cout_ + 1) * ckk), 1);
-  std::memcpy(A.data(), wq.codes.data<uint8_t>(), static_cast<size_t>(cout_ * ckk));
+  const uint8_t* wc = wq.codes.data<uint8_t>();
+  for (int64_t c = 0; c < cout_; ++c)
+    for (int64_t r = 0; r < ckk; ++r) A[c * ckk + hwc_tap(r, k_, cin_)] = wc[c * ckk + r];
   const int shx = s8_shift(xq.spec.bits);
   const double sx = xq.scale[0], lx = xq.lo[0] + shx / sx;  // value = (code - shx) / sx + lx
   std::vector<double> inv(cout_), cb(cout_), crow(cout_);
@@ -144,11 +156,13 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   float* yp = y.data<float>();
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
+    std::vector<int8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
     std::vector<int8_t> B(static_cast<size_t>(P * ckk));
     std::vector<int32_t> C(static_cast<size_t>((cout_ + 1) * P));
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-      im2row_codes(xc + n * chw, g, shx, pad_val, B.data());
+      pad_hwc(xc + n * chw, g, shx, pad_val, img.data());
+      im2row_hwc(img.data(), g, B.data());
       igemm_worker(cout_ + 1, P, ckk, A.data(), ckk, B.data(), ckk, C.data(), P);
       const int32_t* rb = C.data() + cout_ * P;
       float* yn = yp + n * cout_ * P;
@@ -174,10 +188,11 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   std::vector<int8_t> Bt(static_cast<size_t>(ldc * cout_), 1);
   std::vector<double> rb(ckk, 0.0);
   const uint8_t* wc = wq_.codes.data<uint8_t>();
-  for (int64_t k = 0; k < ckk; ++k) {
+  for (int64_t r = 0; r < ckk; ++r) {  // row of Bt in (kh, kw, c) tap order
+    const int64_t k = hwc_tap(r, k_, cin_);
     int64_t s = 0;
     for (int64_t c = 0; c < cout_; ++c) {
-      const int v = wc[c * ckk + k] - shw;
+      const int v = wc[c * ckk + r] - shw;
       Bt[k * cout_ + c] = static_cast<int8_t>(v), s += v;
     }
     rb[k] = static_cast<double>(s);
@@ -192,6 +207,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));
     std::vector<float> rows(bhq ? 0 : static_cast<size_t>(P * ckk));
+    std::vector<float> acc(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       igemm_worker(P, ldc, cout_, gc + n * P * cout_, cout_, Bt.data(), cout_, C.data(), ldc);
@@ -204,15 +220,19 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         const double cr = lw / sg * s[ckk] + static_cast<double>(cout_) * lg * lw;
         for (int64_t k = 0; k < ckk; ++k) out[p * ckk + k] = static_cast<float>(s[k] * inv + cb * rb[k] + cr);
       }
-      if (!bhq) row2im_one(out, g, dxp + n * chw);
+      if (!bhq) row2im_hwc(out, g, acc.data(), dxp + n * chw);
     }
   }
   if (bhq) {
     Tensor back = Tensor::empty({N * P, ckk});
     gq.transform->apply_inverse(all.data<float>(), back.data<float>(), ckk);
     const float* bp = back.data<float>();
-#pragma omp parallel for schedule(static) if (N > 1 && parallel_worth(N * P * ckk))
-    for (int64_t n = 0; n < N; ++n) row2im_one(bp + n * P * ckk, g, dxp + n * chw);
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+    {
+      std::vector<float> acc(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) row2im_hwc(bp + n * P * ckk, g, acc.data(), dxp + n * chw);
+    }
   }
   return dx;
 }
@@ -232,6 +252,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
 #pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<uint8_t> At(static_cast<size_t>(m * P), 1);  // G_n^T codes [Cout, P] + ones row
+    std::vector<int8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
     std::vector<int8_t> B(static_cast<size_t>(ckk * P));
     std::vector<int32_t> C(static_cast<size_t>(wsize));
 #pragma omp for schedule(static, 1)
@@ -242,7 +263,8 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
         for (int64_t p0 = 0; p0 < P; p0 += 64)
           for (int64_t c = 0; c < cout_; ++c)
             for (int64_t p = p0; p < std::min(P, p0 + 64); ++p) At[c * P + p] = gn[p * cout_ + c];
-        im2col_codes(xc + n * chw, g, shx, pad_val, B.data());
+        pad_chw(xc + n * chw, g, shx, pad_val, img.data());
+        im2col_chw(img.data(), g, B.data());
         igemm_worker(m, ckk, P, At.data(), P, B.data(), P, C.data(), ckk);
         for (int64_t i = 0; i < wsize; ++i) acc[i] += C[i];
       }
