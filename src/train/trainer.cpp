@@ -220,6 +220,10 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   TrainConfig cfg = cfg_in;
   const std::string ckpt_path = cfg.out.empty() ? "" : (fs::path(cfg.out) / "ckpt.safetensors").string();
   TrainState state;
+  // Never overwrite a run's saved progress by starting afresh in its folder.
+  FQT_INPUT_CHECK(resume || ckpt_path.empty() || !fs::exists(ckpt_path),
+                  "{} already holds a run (ckpt.safetensors): add --resume to continue it, or choose another --out",
+                  cfg.out);
   if (resume) {
     FQT_INPUT_CHECK(!cfg.out.empty(), "--resume needs --out: the run folder to continue");
     FQT_INPUT_CHECK(fs::exists(ckpt_path), "--resume: no checkpoint at {} (nothing to resume; drop --resume to start)",

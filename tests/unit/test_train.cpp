@@ -107,3 +107,16 @@ TEST(Train, BadSettingsAreInputErrors) {
   c = small(tmp_dir("noresume"));
   EXPECT_THROW(train(c, /*resume=*/true), InputError);
 }
+
+// Starting a fresh run in a folder that holds one is refused, and the saved checkpoint survives.
+TEST(Train, FreshRunDoesNotOverwriteSavedRun) {
+  const std::string dir = tmp_dir("no_overwrite");
+  TrainConfig c = small(dir);
+  c.epochs = 1;
+  train(c);
+  const auto before = fs::file_size(dir + "/ckpt.safetensors");
+  const auto stamp = fs::last_write_time(dir + "/ckpt.safetensors");
+  EXPECT_THROW(train(c), InputError);
+  EXPECT_EQ(fs::file_size(dir + "/ckpt.safetensors"), before);
+  EXPECT_EQ(fs::last_write_time(dir + "/ckpt.safetensors"), stamp);
+}
