@@ -11,11 +11,15 @@ SGD (momentum 0.9, weight decay 5e-4 on all but batch-norm parameters, as fqt's 
 on one fixed random N(0,1) batch of 1x28x28 images, fp32, train mode. Warm-up steps, then the
 median of the timed steps. One JSON record per model:
     model, framework ("pytorch"), mode ("fp32"), batch, input, threads, steps, params,
-    median_ms, min_ms, images_per_s, torch_version
+    median_ms, min_ms, images_per_s, torch_version, peak_rss_bytes (ru_maxrss of a process that ran
+    only that model: includes the Python + PyTorch runtime)
 """
 import argparse
 import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -106,7 +110,6 @@ def main():
     ap.add_argument("--params-only", action="store_true", help="print parameter counts and exit")
     a = ap.parse_args()
     c, h, w = (int(v) for v in a.input.split("x"))
-    import os
     threads = a.threads if a.threads > 0 else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     models = [m for m in a.model.split(",") if m]
@@ -116,7 +119,15 @@ def main():
         return 0
     recs = []
     for m in models:
-        r = bench(m, a.batch, c, h, w, a.steps, a.warmup, threads)
+        if len(models) == 1:
+            r = bench(m, a.batch, c, h, w, a.steps, a.warmup, threads)
+            r["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        else:
+            # One process per model, so that peak RSS is that model's (it includes the Python and
+            # PyTorch runtime, a few hundred MB, unlike fqt's figure).
+            cmd = [sys.executable, os.path.abspath(__file__), "--model", m, "--batch", str(a.batch), "--input",
+                   a.input, "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(threads), "--json"]
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)[0]
         recs.append(r)
         if not a.json:
             print(f"{m:16s} pytorch fp32 batch {a.batch}: median {r['median_ms']:.1f} ms, min {r['min_ms']:.1f} ms, "

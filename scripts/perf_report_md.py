@@ -118,13 +118,13 @@ def main(argv):
         w("Full step: forward + both backward GEMMs + quantizers + SGD (momentum 0.9, weight decay 5e-4). "
           "`quantizer share` = time inside quantize()/dequantize() over the step time; `saved act.` = bytes kept "
           "from forward for backward (activations or their codes); `peak RSS` = peak resident set of the process "
-          "running that configuration alone (fqt: a fork()ed child per configuration; PyTorch: the whole Python "
-          "process, not comparable). Speedups are median fp32 step time / median step time.")
+          "running that configuration alone (fqt: a fork()ed child per configuration; PyTorch: a process per "
+          "model, including the Python and PyTorch runtime). Speedups are median fp32 step time / median step time.")
         w("")
         w("| model | framework | mode | dgrad | arith | median ms | images/s | quantizer share | saved act. MB | "
           "peak RSS MB | vs fqt fp32 | vs PyTorch fp32 |")
         w("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        models = []
+        models = [m for m in meta.get("models", []) if any(r["model"] == m for r in steps + torch)]
         for r in steps + torch:
             if r["model"] not in models:
                 models.append(r["model"])
@@ -189,6 +189,9 @@ def main(argv):
     target("activation memory saved for backward >= 3x smaller than fp32 (PreAct-ResNet-20, FQT)",
            ratio(base["saved_activation_bytes"] if base else None, r["saved_activation_bytes"] if r else None),
            lambda v: v >= 3)
+    rss = ratio(base.get("peak_rss_bytes") if base else None, r.get("peak_rss_bytes") if r else None)
+    w(f"| (no target) peak RSS of a training step, fp32 / FQT (PreAct-ResNet-20) | "
+      f"{fmt(rss, '.2f', 'not measured')}{'x' if rss is not None else ''} | — |")
     if not fqt_int:
         w("")
         w("No FQT integer-arithmetic records for PreAct-ResNet-20 in this run.")
