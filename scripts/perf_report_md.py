@@ -39,6 +39,12 @@ def find(recs, **kw):
     return None
 
 
+def gemm_ms(r):
+    if "gemm_f32_ms" not in r:
+        return "—"
+    return f"{r['gemm_f32_ms']:.1f} / {r.get('gemm_int_ms', 0):.1f}"
+
+
 def short_uses(uses, limit=3):
     if not uses:
         return ""
@@ -75,12 +81,19 @@ def main(argv):
         w("")
     w(f"- Command: `{meta.get('command', '?')}`")
     w(f"- Date: {meta.get('date', '?')}; git {meta.get('git', '?')}")
-    w(f"- Machine: {meta.get('cpu', '?')}, {meta.get('nproc', '?')} logical CPUs, kernel {meta.get('kernel', '?')}; "
-      f"load average {fmt(meta.get('loadavg_start'), '.2f')} at start, {fmt(meta.get('loadavg_end'), '.2f')} at end")
+    cores = f"{meta['cores']} cores, " if meta.get("cores") else ""
+    isa = f" ({', '.join(meta['isa'])})" if meta.get("isa") else ""
+    w(f"- Machine: {meta.get('cpu', '?')}{isa}, {cores}{meta.get('nproc', '?')} logical CPUs, kernel "
+      f"{meta.get('kernel', '?')}; load average {fmt(meta.get('loadavg_start'), '.2f')} at start, "
+      f"{fmt(meta.get('loadavg_end'), '.2f')} at end")
     w(f"- Threads: {meta.get('threads', '?')} for fqt and PyTorch alike (OMP_WAIT_POLICY={meta.get('omp_wait_policy', '')}); "
       f"training steps: batch {meta.get('batch', '?')}, 1x28x28, {meta.get('warmup', '?')} warm-up + "
       f"{meta.get('steps', '?')} timed steps, medians; GEMMs: medians of {meta.get('gemm_reps', '?')} alternated "
       f"int8/fp32 repetitions")
+    busy = max(meta.get("loadavg_start") or 0, meta.get("loadavg_end") or 0)
+    if meta.get("nproc") and busy > 0.5 * meta["nproc"]:
+        w(f"- **Warning: the machine was busy (load average up to {busy:.2f} on {meta['nproc']} CPUs); other "
+          f"processes shared the cores, so absolute times and ratios are noisy.**")
     if torch:
         w(f"- PyTorch {torch[0].get('torch_version', '?')} (Debian python3-torch, /usr/bin/python3)")
     w("")
@@ -116,14 +129,16 @@ def main(argv):
         w("## Training step")
         w("")
         w("Full step: forward + both backward GEMMs + quantizers + SGD (momentum 0.9, weight decay 5e-4). "
-          "`quantizer share` = time inside quantize()/dequantize() over the step time; `saved act.` = bytes kept "
+          "`quantizer share` = time inside quantize()/dequantize() over the step time; `GEMM ms` = time inside fqt's fp32 / integer GEMM "
+          "kernels per step, summed over the threads that call them (Conv2d runs one sample per thread); "
+          "`saved act.` = bytes kept "
           "from forward for backward (activations or their codes); `peak RSS` = peak resident set of the process "
           "running that configuration alone (fqt: a fork()ed child per configuration; PyTorch: a process per "
           "model, including the Python and PyTorch runtime). Speedups are median fp32 step time / median step time.")
         w("")
-        w("| model | framework | mode | dgrad | arith | median ms | images/s | quantizer share | saved act. MB | "
-          "peak RSS MB | vs fqt fp32 | vs PyTorch fp32 |")
-        w("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        w("| model | framework | mode | dgrad | arith | median ms | images/s | quantizer share | GEMM ms f32 / int | "
+          "saved act. MB | peak RSS MB | vs fqt fp32 | vs PyTorch fp32 |")
+        w("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         models = [m for m in meta.get("models", []) if any(r["model"] == m for r in steps + torch)]
         for r in steps + torch:
             if r["model"] not in models:
@@ -140,10 +155,16 @@ def main(argv):
                 w(f"| {m} | {fw} | {r.get('mode', '')} | {r.get('dgrad', '-')} | {r.get('arith', '-')} | "
                   f"{fmt(r['median_ms'])} | {fmt(r.get('images_per_s'), '.0f')} | "
                   f"{fmt(None if qs is None else 100 * qs, '.1f')}{'%' if qs is not None else ''} | "
-                  f"{fmt(None if sa is None else sa / MB, '.2f')} | {fmt(None if rss is None else rss / MB, '.0f')} | "
+                  f"{gemm_ms(r)} | {fmt(None if sa is None else sa / MB, '.2f')} | {fmt(None if rss is None else rss / MB, '.0f')} | "
                   f"{fmt(ratio(base['median_ms'] if base else None, r['median_ms']), '.2f')}x | "
                   f"{fmt(ratio(tref['median_ms'] if tref else None, r['median_ms']), '.2f')}x |")
         w("")
+        no_int = [r for r in steps if r.get("arith") == "int" and r.get("gemm_int_ms") == 0]
+        if no_int:
+            w(f"**Note:** {len(no_int)} configuration(s) asked for integer arithmetic but spent no time in the integer "
+              "GEMM kernels (`gemm_int_ms` = 0): the layers of this build still multiply dequantized values in fp32, "
+              "so their `int` rows measure the simulated path.")
+            w("")
         # parameter counts
         if torch:
             w("Parameter counts (same architectures):")

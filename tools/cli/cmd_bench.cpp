@@ -279,7 +279,7 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
   for (const Param* p : params) nparams += p->value.numel();
   SGD opt(params, SGDOptions{0.9f, 5e-4f, false});
   SoftmaxCrossEntropy ce;
-  std::vector<double> ms, qms;
+  std::vector<double> ms, qms, gfs, gis;
   size_t saved = 0;
   for (int s = 0; s < o.warmup + o.steps; ++s) {
     StepContext ctx{true, 0, static_cast<uint64_t>(s)};
@@ -297,6 +297,8 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
     if (s >= o.warmup) {
       ms.push_back(dt);
       qms.push_back(1e3 * (profile::seconds(profile::quantize) + profile::seconds(profile::dequantize)));
+      gfs.push_back(1e3 * profile::seconds(profile::gemm_f32));
+      gis.push_back(1e3 * profile::seconds(profile::gemm_int));
     }
   }
   rusage ru{};
@@ -319,6 +321,8 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
           {"min_ms", mn},
           {"quantizer_ms", qmed},
           {"quantizer_share", med > 0 ? qmed / med : 0},
+          {"gemm_f32_ms", median(gfs)},
+          {"gemm_int_ms", median(gis)},
           {"images_per_s", o.batch / (med / 1e3)},
           {"saved_activation_bytes", saved},
           {"peak_rss_bytes", static_cast<int64_t>(ru.ru_maxrss) * 1024},
@@ -476,6 +480,8 @@ Runner add_bench(CLI::App& app) {
       "  median_ms, min_ms  median / fastest of the timed steps (wall time)\n"
       "  quantizer_ms    median time inside quantize() + dequantize() per step (profile scopes)\n"
       "  quantizer_share quantizer_ms / median_ms\n"
+      "  gemm_f32_ms, gemm_int_ms  median time per step inside sgemm() / the integer GEMM kernels, summed\n"
+      "                  over calling threads (Conv2d calls them from every thread, one sample each)\n"
       "  images_per_s    batch / median step time\n"
       "  saved_activation_bytes  bytes kept from forward for backward (activations and their codes,\n"
       "                  shared storage counted once; weights not counted)\n"
