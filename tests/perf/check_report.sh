@@ -10,7 +10,8 @@ for pat in "^# Performance" "QUICK MODE" "Command: \`scripts/perf_report" "## GE
            "^\| 1024 \| 1024 \| 1024 \| 1 \| square" "## Training step" "\| preact_resnet20 \| pytorch \| fp32" \
            "\| preact_resnet20 \| fqt \| fqt \| bhq \| int" "## Targets" "int8 GEMM >= 3x fp32 GEMM at 1024\^3 \| [0-9.]+x \| (yes|no)" \
            "quantizer time \(PSQ\) <= 15%.*\| [0-9.]+% \| (yes|no)" "activation memory saved .*\| [0-9.]+x \| (yes|no)" \
-           "\| preact_resnet20 \| [0-9]+ \| [0-9]+ \| yes"; do
+           "\| preact_resnet20 \| [0-9]+ \| [0-9]+ \| yes" "GEMM ms f32 / int" "Warning: the machine was busy" \
+           "\*\*Note:\*\* [0-9]+ configuration"; do
   if ! grep -Eq -- "$pat" "$out"; then echo "missing /$pat/ in $out"; fail=1; fi
 done
 # An empty folder is an error, not an empty document.
