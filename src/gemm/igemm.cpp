@@ -1,6 +1,7 @@
 // Raw integer GEMM: backend selection, the reference, the portable kernel and the chunking of
 // long reductions (int32 per chunk, int64 across chunks).
 #include "fqt/igemm.hpp"
+#include "fqt/profile.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -132,6 +133,7 @@ void s32_portable(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
 void s32_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
                   int32_t* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  profile::Scope timer(profile::gemm_int);  // fqt bench step: time in integer GEMM kernels
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0);
     return;

@@ -2,6 +2,7 @@
 #include "fqt/gemm.hpp"
 
 #include "fqt/error.hpp"
+#include "fqt/profile.hpp"
 
 #include <omp.h>
 
@@ -37,6 +38,7 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   FQT_CHECK(M >= 0 && N >= 0 && K >= 0, "sgemm: negative size {}x{}x{}", M, N, K);
   if (M == 0 || N == 0) return;
+  profile::Scope timer(profile::gemm_f32);  // fqt bench step: time in fp32 GEMMs
 #ifdef FQT_HAVE_OPENBLAS
   if (K == 0) {  // BLAS would scale C by beta; do it explicitly (beta == 0 must not read C)
     for (int64_t i = 0; i < M; ++i)

@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
   };
   add("train", "Train a model in fp32, QAT or FQT on Fashion-MNIST, MNIST or CIFAR-10", fqt::cli::add_train);
   add("eval", "Test accuracy of a training checkpoint", fqt::cli::add_eval);
-  add("bench", "Benchmarks: training step time per precision mode", fqt::cli::add_bench);
+  add("bench", "Benchmarks: int8 vs fp32 GEMM throughput, training step time per precision mode", fqt::cli::add_bench);
   add("quantize", "Measure bias and variance of gradient quantizers on a matrix (.npy)", fqt::cli::add_quantize);
   add("synth", "Write a synthetic gradient-like matrix (.npy) to try the quantizers on", fqt::cli::add_synth);
 
