@@ -34,13 +34,17 @@ set_tests_properties(cli.quantize_ordering PROPERTIES FIXTURES_REQUIRED heavy)
 
 # fqt train / eval: a tiny real run on the built-in synthetic data, then its checkpoint.
 set(RUN ${CLI_TMP}/train_run)
+add_test(NAME cli.train_clean COMMAND ${CMAKE_COMMAND} -E rm -rf ${RUN})
+set_tests_properties(cli.train_clean PROPERTIES FIXTURES_SETUP clean_run)
 add_test(NAME cli.train_synthetic COMMAND ${EXPECT} 0 "final test accuracy" -- ${FQT_EXE} train --data synthetic
          --model cnn --mode fqt --dgrad bhq --dgrad-bits 5 --epochs 1 --batch 64 --lr 0.02 --train-limit 256
          --test-limit 128 --out ${RUN} --quiet)
-set_tests_properties(cli.train_synthetic PROPERTIES FIXTURES_SETUP trained)
+set_tests_properties(cli.train_synthetic PROPERTIES FIXTURES_SETUP trained FIXTURES_REQUIRED clean_run)
+# A fresh run into a folder that holds one is refused (exit 2), keeping the saved checkpoint.
+fqt_cli_test(train_no_overwrite 2 "already holds a run" ${FQT_EXE} train --data synthetic --epochs 1 --out ${RUN})
 fqt_cli_test(eval_checkpoint 0 "test accuracy [0-9.]+% .* on 128 samples" ${FQT_EXE} eval --checkpoint ${RUN}/ckpt.safetensors --test-limit 128)
 fqt_cli_test(train_metrics_jsonl 0 "\"test_acc\"" cat ${RUN}/metrics.jsonl)
-set_tests_properties(cli.eval_checkpoint cli.train_metrics_jsonl PROPERTIES FIXTURES_REQUIRED trained)
+set_tests_properties(cli.eval_checkpoint cli.train_metrics_jsonl cli.train_no_overwrite PROPERTIES FIXTURES_REQUIRED trained)
 fqt_cli_test(train_help 0 "--dgrad-bits" ${FQT_EXE} train --help)
 fqt_cli_test(train_bad_model 2 "unknown model|valid" ${FQT_EXE} train --data synthetic --model resnet1000)
 fqt_cli_test(train_bad_mode 2 "unknown mode 'int4'" ${FQT_EXE} train --data synthetic --mode int4)

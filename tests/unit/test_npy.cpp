@@ -6,6 +6,9 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <string>
+
+#include <unistd.h>
 
 using namespace fqt;
 
@@ -58,7 +61,7 @@ TEST(Npy, FortranOrderIsTransposedIntoRowMajor) {
 }
 
 TEST(Npy, WriteThenReadRoundTrips) {
-  auto path = (std::filesystem::temp_directory_path() / "fqt_test_roundtrip.npy").string();
+  auto path = (std::filesystem::temp_directory_path() / ("fqt_test_roundtrip_" + std::to_string(::getpid()) + ".npy")).string();
   Tensor a = Tensor::from<float>({2, 2}, {1.5f, -2, 3, 1e-30f});
   write_npy(path, a);
   Tensor b = read_npy(path);

@@ -6,13 +6,17 @@
 
 #include <cstring>
 #include <filesystem>
+#include <string>
+
+#include <unistd.h>
 
 using namespace fqt;
 namespace fs = std::filesystem;
 
 namespace {
 std::string tmp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("fqt_test_train_" + name);
+  // Per process: several checkouts may run the suite at once on one machine.
+  fs::path p = fs::temp_directory_path() / ("fqt_test_train_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(p);
   return p.string();
 }
