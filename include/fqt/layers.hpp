@@ -122,6 +122,11 @@ class Conv2d : public QuantizedLayer {
   Tensor dgrad_int(const QuantizedTensor& gq) const;
   void wgrad_int(const QuantizedTensor& gq);
   void add_bias_grad(const Tensor& dy);
+  // dY in the SPEC's row layout [(N*P), Cout], computed once per backward: wgrad (first) keeps it
+  // for dgrad, which takes it (keep = false clears the cache). Matched on dY's storage and size.
+  Tensor grad_rows(const Tensor& dy, bool keep);
+  Tensor g_rows_;
+  const void* g_rows_src_ = nullptr;
   int zero_code_ = -1;  // the saved activation grid's code for 0 (-1: none, simulated path)
   int64_t cin_, cout_, k_, stride_, pad_;
   bool has_bias_;

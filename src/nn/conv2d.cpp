@@ -147,6 +147,7 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
   const Geom g = geom(x.shape(), k_, stride_, pad_);
   const int64_t N = x.size(0), P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
   Tensor xin = x, w = weight2d();
+  g_rows_ = {}, g_rows_src_ = nullptr;
   if (!quantized_forward(recipe_)) {
     if (ctx.train) x_ = x;
     xq_ = {}, wq_ = {};
@@ -204,7 +205,7 @@ Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) {
     w = dequantize(wq_);
   }
   if (recipe_.mode == Mode::fqt) {
-    gq_dgrad_ = quantize(nchw_to_rows(dy), recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
+    gq_dgrad_ = quantize(grad_rows(dy, false), recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
     if (int_dgrad(recipe_, gq_dgrad_, wq_)) return dgrad_int(gq_dgrad_);
     grows = dequantize(gq_dgrad_);
   }
@@ -243,7 +244,7 @@ void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W, wsize = cout_ * ckk;
   Tensor grows;  // fqt: dequantized Qwgrad(G) in the SPEC's row layout [(N*P), Cout]
   if (recipe_.mode == Mode::fqt) {
-    gq_wgrad_ = quantize(nchw_to_rows(dy), recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
+    gq_wgrad_ = quantize(grad_rows(dy, true), recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
     if (zero_code_ >= 0 && int_wgrad(recipe_, gq_wgrad_, xq_)) {
       wgrad_int(gq_wgrad_);
       add_bias_grad(dy);
@@ -284,6 +285,13 @@ void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
     dw[i] += s;
   }
   add_bias_grad(dy);
+}
+
+Tensor Conv2d::grad_rows(const Tensor& dy, bool keep) {
+  Tensor rows = g_rows_src_ == dy.raw() && g_rows_.numel() == dy.numel() ? g_rows_ : nchw_to_rows(dy);
+  g_rows_ = keep ? rows : Tensor();
+  g_rows_src_ = keep ? dy.raw() : nullptr;
+  return rows;
 }
 
 void Conv2d::add_bias_grad(const Tensor& dy) {
