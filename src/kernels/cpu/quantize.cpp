@@ -12,6 +12,25 @@ using namespace quant_detail;
 
 namespace {
 
+// min and max of n floats. 16 independent lanes (an elementwise min/max the compiler turns into
+// vector instructions; a single running min is a serial chain under strict fp semantics), then
+// the lanes. Inputs are finite (checked before), and min/max are exact, so the order of the
+// comparisons cannot change the result (up to the sign of a zero, which no grid depends on).
+inline void minmax_lanes(const float* p, int64_t n, float& lo, float& hi) {
+  constexpr int L = 16;
+  float a[L], b[L];
+  for (int l = 0; l < L; ++l) a[l] = std::numeric_limits<float>::infinity(), b[l] = -a[l];
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int l = 0; l < L; ++l) {
+      a[l] = p[i + l] < a[l] ? p[i + l] : a[l];
+      b[l] = p[i + l] > b[l] ? p[i + l] : b[l];
+    }
+  for (; i < n; ++i) a[0] = std::min(a[0], p[i]), b[0] = std::max(b[0], p[i]);
+  for (int l = 1; l < L; ++l) a[0] = std::min(a[0], a[l]), b[0] = std::max(b[0], b[l]);
+  lo = std::min(lo, a[0]), hi = std::max(hi, b[0]);
+}
+
 void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std::vector<double>& mn,
                   std::vector<double>& mx) {
   const int64_t groups = num_groups(g, rows, cols);
@@ -20,12 +39,8 @@ void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   if (g == Granularity::row) {
 #pragma omp parallel for schedule(static) if (rows * cols > kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
-      const float* p = x + r * cols;
       float a = std::numeric_limits<float>::infinity(), b = -a;
-      for (int64_t c = 0; c < cols; ++c) {
-        a = std::min(a, p[c]);
-        b = std::max(b, p[c]);
-      }
+      minmax_lanes(x + r * cols, cols, a, b);
       if (cols) mn[r] = a, mx[r] = b;
     }
   } else if (g == Granularity::column) {
@@ -49,12 +64,10 @@ void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
     }
   } else {
     float a = std::numeric_limits<float>::infinity(), b = -a;
-    const int64_t n = rows * cols;
+    const int64_t n = rows * cols, chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for reduction(min : a) reduction(max : b) schedule(static) if (n > kParallelMin)
-    for (int64_t i = 0; i < n; ++i) {
-      a = std::min(a, x[i]);
-      b = std::max(b, x[i]);
-    }
+    for (int64_t ch = 0; ch < chunks; ++ch)
+      minmax_lanes(x + ch * chunk, std::min(chunk, n - ch * chunk), a, b);
     if (n) mn[0] = a, mx[0] = b;
   }
 }
