@@ -240,7 +240,9 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
-  const int64_t m = cout_ + 1, wsize = m * ckk;
+  // C [Cout + 1, Ckk + 1]: the ones row of A gives the im2col code sums, the ones row of B the
+  // code sums of G's columns (both over this sample's positions).
+  const int64_t m = cout_ + 1, kb = ckk + 1, wsize = m * kb;
   const int shx = s8_shift(xq_.spec.bits);
   const double sx = xq_.scale[0], lx = xq_.lo[0] + shx / sx;
   const auto pad_val = static_cast<int8_t>(zero_code_ - shx);
@@ -253,7 +255,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   {
     std::vector<uint8_t> At(static_cast<size_t>(m * P), 1);  // G_n^T codes [Cout, P] + ones row
     std::vector<int8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
-    std::vector<int8_t> B(static_cast<size_t>(ckk * P));
+    std::vector<int8_t> B(static_cast<size_t>(kb * P), 1);
     std::vector<int32_t> C(static_cast<size_t>(wsize));
 #pragma omp for schedule(static, 1)
     for (int64_t gi = 0; gi < groups; ++gi) {
@@ -265,27 +267,24 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
             for (int64_t p = p0; p < std::min(P, p0 + 64); ++p) At[c * P + p] = gn[p * cout_ + c];
         pad_chw(xc + n * chw, g, shx, pad_val, img.data());
         im2col_chw(img.data(), g, B.data());
-        igemm_worker(m, ckk, P, At.data(), P, B.data(), P, C.data(), ckk);
+        igemm_worker(m, kb, P, At.data(), P, B.data(), P, C.data(), kb);
         for (int64_t i = 0; i < wsize; ++i) acc[i] += C[i];
       }
     }
   }
   for (int64_t gi = 1; gi < groups; ++gi)
     for (int64_t i = 0; i < wsize; ++i) part[i] += part[gi * wsize + i];
-  // Code sums of G's columns over all rows.
-  std::vector<int64_t> ra(cout_, 0);
-  for (int64_t r = 0; r < N * P; ++r)
-    for (int64_t c = 0; c < cout_; ++c) ra[c] += gc[r * cout_ + c];
   const bool per_col = gq.granularity() == Granularity::column;
   const int64_t* S = part.data();
-  const int64_t* rb = part.data() + cout_ * ckk;
+  const int64_t* rb = part.data() + cout_ * kb;  // im2col code sums (row Cout)
   const double K = static_cast<double>(N * P);
   float* dw = weight_.grad.data<float>();
   for (int64_t c = 0; c < cout_; ++c) {
     const double sg = scale_of(gq, per_col ? c : 0), lg = lo_of(gq, per_col ? c : 0);
-    const double inv = 1.0 / (sg * sx), cb = lg / sx, cr = lx / sg * static_cast<double>(ra[c]) + K * lg * lx;
+    const double ra = static_cast<double>(S[c * kb + ckk]);  // G's code sum, column c (column Ckk)
+    const double inv = 1.0 / (sg * sx), cb = lg / sx, cr = lx / sg * ra + K * lg * lx;
     for (int64_t k = 0; k < ckk; ++k)
-      dw[c * ckk + k] += static_cast<float>(static_cast<double>(S[c * ckk + k]) * inv + cb * static_cast<double>(rb[k]) + cr);
+      dw[c * ckk + k] += static_cast<float>(static_cast<double>(S[c * kb + k]) * inv + cb * static_cast<double>(rb[k]) + cr);
   }
 }
 

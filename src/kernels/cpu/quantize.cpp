@@ -103,11 +103,14 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   if (!stochastic) {
 #pragma omp parallel for schedule(static) if (rows * cols > kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
-      const float* s = src + r * cols;
-      uint8_t* o = codes + r * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t gi = gran == Granularity::tensor ? 0 : gran == Granularity::row ? r : c;
-        o[c] = round_nearest(grid_pos(s[c], lo[gi], scale[gi]), B);
+      const float* __restrict s = src + r * cols;
+      uint8_t* __restrict o = codes + r * cols;
+      if (gran == Granularity::column) {
+        for (int64_t c = 0; c < cols; ++c) o[c] = round_nearest(grid_pos(s[c], lo[c], scale[c]), B);
+      } else {
+        const int64_t gi = gran == Granularity::tensor ? 0 : r;
+        const float l = lo[gi], sc = scale[gi];
+        for (int64_t c = 0; c < cols; ++c) o[c] = round_nearest(grid_pos(s[c], l, sc), B);
       }
     }
     return q;
@@ -127,9 +130,9 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
       int64_t r = e0 / cols, c = e0 % cols;
       for (int64_t e = e0; e < e1;) {
         const int64_t run = std::min(e1 - e, cols - c);
-        const float* s = src + e;
-        const float* uu = u.data() + (e - e0);
-        uint8_t* o = codes + e;
+        const float* __restrict s = src + e;
+        const float* __restrict uu = u.data() + (e - e0);
+        uint8_t* __restrict o = codes + e;  // u8 stores may alias anything: say they do not
         if (gran == Granularity::column) {
           for (int64_t i = 0; i < run; ++i) o[i] = round_stochastic(grid_pos(s[i], lo[c + i], scale[c + i]), uu[i], B);
         } else {
