@@ -580,7 +580,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
         if (cfg.on_nonfinite == "stop")
           throw NonFiniteError(fmt::format(
               "{}; training stopped, {} (try a lower --lr, or --on-nonfinite skip)", problem,
-              saved_step >= 0 ? fmt::format("the last good checkpoint {} (step {}) is kept", ckpt_path, saved_step)
+              saved_step >= 0 ? fmt::format("the last good checkpoint {} (saved after {} steps) is kept", ckpt_path, saved_step)
                               : std::string("no checkpoint was written")));
         ++skipped;
         state.extra["nonfinite_skipped"] = std::to_string(skipped);
@@ -643,6 +643,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
 }
 
 EvalResult evaluate_checkpoint(const std::string& path, const std::string& data_dir, int64_t limit) {
+  FQT_INPUT_CHECK(limit >= 0, "--test-limit must be >= 0 (got {}; 0 = all samples)", limit);
   TrainState st = read_checkpoint_state(path);
   TrainConfig cfg = TrainConfig::from_json(st.config_json);
   if (!data_dir.empty()) cfg.data_dir = data_dir;

@@ -52,3 +52,16 @@ fqt_cli_test(train_missing_data_dir 2 "cannot|missing|not found|No such" ${FQT_E
 fqt_cli_test(train_resume_nothing 2 "no checkpoint" ${FQT_EXE} train --data synthetic --resume --out ${CLI_TMP}/never_ran)
 # A corrupt checkpoint (this CMakeLists.txt) is rejected with a message, not a crash.
 fqt_cli_test(eval_corrupt_checkpoint 2 "CMakeLists.txt" ${FQT_EXE} eval --checkpoint ${CMAKE_CURRENT_SOURCE_DIR}/CMakeLists.txt)
+
+# Reliability (docs/RELIABILITY.md): every subcommand x class of bad input exits 2 with one
+# clear line and leaves no output behind; kill -9 at random moments, then --resume, ends
+# byte-identical to an uninterrupted run (10 trials).
+add_test(NAME cli.bad_inputs COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/bad_inputs.sh ${FQT_EXE} ${CLI_TMP}/bad_inputs)
+add_test(NAME cli.kill_resume COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/kill_resume.sh ${FQT_EXE} ${CLI_TMP}/kill_resume 10 12345)
+set_tests_properties(cli.kill_resume PROPERTIES TIMEOUT 300)
+fqt_cli_test(train_on_nonfinite_stop 2 "non-finite gradient at epoch 1 step 2, layer conv2: .*last good checkpoint .*saved after 2 steps. is kept"
+             env FQT_TEST_POISON=grad:conv2.weight:2 ${FQT_EXE} train --data synthetic --model cnn --epochs 1 --batch 64
+             --train-limit 256 --test-limit 64 --ckpt-every 1 --quiet --out ${CLI_TMP}/nan_stop)
+fqt_cli_test(train_on_nonfinite_skip 0 "1 step.s. skipped"
+             env FQT_TEST_POISON=grad:fc.weight:1 ${FQT_EXE} train --data synthetic --model cnn --epochs 1 --batch 64
+             --train-limit 256 --test-limit 64 --on-nonfinite skip --quiet --out ${CLI_TMP}/nan_skip)
