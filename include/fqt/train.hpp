@@ -45,6 +45,7 @@ struct TrainConfig {
   // that step, batch-norm statistics restored; counted in TrainResult::skipped_steps).
   std::string on_nonfinite = "stop";
   std::string out;          // run folder; "" = no files written
+  bool overwrite = false;   // start afresh even if `out` holds a checkpoint (otherwise an InputError)
   int threads = 0;
   bool progress = true;
 

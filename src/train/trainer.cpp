@@ -372,6 +372,11 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     cfg = stored;
   }
   check_config(cfg);
+  std::error_code exists_ec;
+  FQT_INPUT_CHECK(resume || cfg.overwrite || ckpt_path.empty() || !fs::exists(ckpt_path, exists_ec),
+                  "--out {} already holds a run ({} exists): add --resume to continue it, --overwrite to start "
+                  "it again, or choose another --out",
+                  cfg.out, ckpt_path);
   set_num_threads(cfg.threads);
 
   const Dataset train_full = load_data(cfg.data, cfg.data_dir, true);

@@ -74,6 +74,7 @@ check train missing-file      "file not found"             --no-output "$R" -- "
 check train corrupt-file      "bad magic number"           --no-output "$R" -- "$fqt" train --data mnist --data-dir "$fx/mnist_garbage" --out "$R"
 check train truncated-file    "truncated gzip"             --no-output "$R" -- "$fqt" train --data mnist --data-dir "$fx/mnist_truncated" --out "$R"
 check train corrupt-checkpoint "truncated|runs past"        -- "$fqt" train --resume --out "$tmp/resume_bad"
+check train existing-run      "already holds a run"        -- "$fqt" "${T[@]}" --out "$fx/run"
 check train unwritable-output "cannot create the run folder" --no-output "$fx/a_file/run" -- "$fqt" "${T[@]}" --out "$fx/a_file/run"
 
 check eval unknown-option     "frobnicate"                 -- "$fqt" eval --checkpoint "$ckpt" --frobnicate

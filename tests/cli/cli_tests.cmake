@@ -36,7 +36,7 @@ set_tests_properties(cli.quantize_ordering PROPERTIES FIXTURES_REQUIRED heavy)
 set(RUN ${CLI_TMP}/train_run)
 add_test(NAME cli.train_synthetic COMMAND ${EXPECT} 0 "final test accuracy" -- ${FQT_EXE} train --data synthetic
          --model cnn --mode fqt --dgrad bhq --dgrad-bits 5 --epochs 1 --batch 64 --lr 0.02 --train-limit 256
-         --test-limit 128 --out ${RUN} --quiet)
+         --test-limit 128 --out ${RUN} --overwrite --quiet)
 set_tests_properties(cli.train_synthetic PROPERTIES FIXTURES_SETUP trained)
 fqt_cli_test(eval_checkpoint 0 "test accuracy [0-9.]+% .* on 128 samples" ${FQT_EXE} eval --checkpoint ${RUN}/ckpt.safetensors --test-limit 128)
 fqt_cli_test(train_metrics_jsonl 0 "\"test_acc\"" cat ${RUN}/metrics.jsonl)
@@ -49,6 +49,8 @@ fqt_cli_test(train_bad_bits 2 "2..8" ${FQT_EXE} train --data synthetic --dgrad-b
 fqt_cli_test(train_bad_lr 2 "--lr" ${FQT_EXE} train --data synthetic --lr -1)
 fqt_cli_test(train_bad_data 2 "unknown dataset" ${FQT_EXE} train --data imagenet22k)
 fqt_cli_test(train_missing_data_dir 2 "cannot|missing|not found|No such" ${FQT_EXE} train --data mnist --data-dir ${CLI_TMP}/no_such_dir)
+fqt_cli_test(train_existing_run 2 "already holds a run .*--resume.*--overwrite" ${FQT_EXE} train --data synthetic --out ${RUN})
+set_tests_properties(cli.train_existing_run PROPERTIES FIXTURES_REQUIRED trained)
 fqt_cli_test(train_resume_nothing 2 "no checkpoint" ${FQT_EXE} train --data synthetic --resume --out ${CLI_TMP}/never_ran)
 # A corrupt checkpoint (this CMakeLists.txt) is rejected with a message, not a crash.
 fqt_cli_test(eval_corrupt_checkpoint 2 "CMakeLists.txt" ${FQT_EXE} eval --checkpoint ${CMAKE_CURRENT_SOURCE_DIR}/CMakeLists.txt)
@@ -61,7 +63,7 @@ add_test(NAME cli.kill_resume COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/kill_resum
 set_tests_properties(cli.kill_resume PROPERTIES TIMEOUT 300)
 fqt_cli_test(train_on_nonfinite_stop 2 "non-finite gradient at epoch 1 step 2, layer conv2: .*last good checkpoint .*saved after 2 steps. is kept"
              env FQT_TEST_POISON=grad:conv2.weight:2 ${FQT_EXE} train --data synthetic --model cnn --epochs 1 --batch 64
-             --train-limit 256 --test-limit 64 --ckpt-every 1 --quiet --out ${CLI_TMP}/nan_stop)
+             --train-limit 256 --test-limit 64 --ckpt-every 1 --quiet --overwrite --out ${CLI_TMP}/nan_stop)
 fqt_cli_test(train_on_nonfinite_skip 0 "1 step.s. skipped"
              env FQT_TEST_POISON=grad:fc.weight:1 ${FQT_EXE} train --data synthetic --model cnn --epochs 1 --batch 64
-             --train-limit 256 --test-limit 64 --on-nonfinite skip --quiet --out ${CLI_TMP}/nan_skip)
+             --train-limit 256 --test-limit 64 --on-nonfinite skip --quiet --overwrite --out ${CLI_TMP}/nan_skip)

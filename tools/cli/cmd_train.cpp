@@ -67,6 +67,7 @@ Runner add_train(CLI::App& app) {
                  "is kept) | skip (no update for that step, logged and counted)")
       ->capture_default_str();
   app.add_option("--out", c.out, "run folder for config, metrics and checkpoints (default: write nothing)");
+  app.add_flag("--overwrite", c.overwrite, "start afresh even if --out holds a checkpoint (it is replaced)");
   app.add_flag("--resume", o->resume, "continue the run in --out from its checkpoint (its stored settings are used)");
   app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_flag("-q,--quiet", o->quiet, "no progress output");
