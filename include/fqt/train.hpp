@@ -44,7 +44,12 @@ struct TrainConfig {
   int64_t test_limit = 0;   // evaluate on the first N test samples (0 = all)
   int64_t max_steps = 0;    // stop after this many steps in total (0 = run all epochs)
   int64_t ckpt_every_steps = 0;
+  // What a NaN or Inf in the loss or a gradient does: "stop" (throw NonFiniteError naming the
+  // step and the layer; the last good checkpoint is kept) or "skip" (no optimizer update for
+  // that step, batch-norm statistics restored; counted in TrainResult::skipped_steps).
+  std::string on_nonfinite = "stop";
   std::string out;          // run folder; "" = no files written
+  bool overwrite = false;   // start afresh even if `out` holds a checkpoint (otherwise an InputError)
   int threads = 0;
   bool progress = true;
 
@@ -59,11 +64,17 @@ struct TrainResult {
   double final_test_acc = 0;
   double best_test_acc = 0;
   double images_per_s = 0;
+  int64_t skipped_steps = 0;  // steps skipped for a non-finite loss or gradient (on_nonfinite = skip)
 };
 
 // Trains (or, with resume, continues the run in cfg.out). Throws InputError for bad settings or
-// inputs, NonFiniteError when the loss or a gradient stops being finite (the last good
-// checkpoint stays in place).
+// inputs (also an unwritable or full output folder), NonFiniteError when the loss or a gradient
+// stops being finite: its message names the epoch, the step and the layer where the NaN/Inf
+// appeared, and the last good checkpoint stays in place.
+//
+// Test hook (not a user option): the environment variable FQT_TEST_POISON="grad:<param>:<step>"
+// or "weight:<param>:<step>" writes a NaN into that parameter's gradient (after backward) or
+// weights (before forward) at that global step, to test the detection end to end.
 TrainResult train(const TrainConfig& cfg, bool resume = false);
 
 struct EvalResult {

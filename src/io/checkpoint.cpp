@@ -50,6 +50,10 @@ TrainState state_from_metadata(const std::map<std::string, std::string>& m, cons
   TrainState s;
   s.epoch = parse_int<int64_t>(m, "fqt.epoch", path);
   s.step = parse_int<int64_t>(m, "fqt.step", path);
+  FQT_INPUT_CHECK(s.epoch >= 0 && s.step >= 0 && s.epoch <= s.step,
+                  "{}: checkpoint metadata fqt.epoch = {}, fqt.step = {} is impossible (negative, or more epochs "
+                  "than steps): the checkpoint is damaged",
+                  path, s.epoch, s.step);
   s.seed = parse_int<uint64_t>(m, "fqt.seed", path);
   auto c = m.find("fqt.config");
   if (c != m.end()) s.config_json = c->second;

@@ -126,6 +126,9 @@ Header parse_header(const char* h, size_t n, uint64_t data_size, const std::stri
     });
   } catch (const json::parse_error& e) {
     fail(name, fmt::format("header is not valid JSON (error at byte {} of the {}-byte header)", e.byte, n));
+  } catch (const json::exception& e) {
+    // e.g. out_of_range 406: a number too large for a double ("1e999").
+    fail(name, fmt::format("header is not valid JSON ({})", e.what()));
   }
   if (!j.is_object()) fail(name, "header is not a JSON object");
   if (!duplicate.empty()) fail(name, fmt::format("header names '{}' twice", duplicate));

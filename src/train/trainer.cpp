@@ -10,11 +10,16 @@
 #include "fqt/schedule.hpp"
 
 #include <nlohmann/json.hpp>
+#include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -125,6 +130,86 @@ EvalResult run_eval(Module& net, const Dataset& test, int64_t batch) {
   return r;
 }
 
+// ---- non-finite diagnosis ------------------------------------------------------------------
+
+bool finite(const Tensor& t) {
+  if (!t.defined() || t.dtype() != DType::f32) return true;
+  const float* p = t.data<float>();
+  const int64_t n = t.numel();
+  float acc = 0.0f;  // x * 0 is NaN exactly when x is NaN or Inf
+  for (int64_t i = 0; i < n; ++i) acc += p[i] * 0.0f;
+  return std::isfinite(acc);
+}
+
+int64_t first_bad(const Tensor& t) {
+  const float* p = t.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (!std::isfinite(p[i])) return i;
+  return -1;
+}
+
+std::string layer_of_param(const std::string& name) {
+  const size_t dot = name.rfind('.');
+  return dot == std::string::npos ? name : name.substr(0, dot);
+}
+
+// Names of the top-level modules: the common dotted prefix of their parameter names ("conv1",
+// "stage2.block0"), or their kind and the named module before them ("ReLU after bn1").
+std::vector<std::string> child_names(Sequential& seq) {
+  std::vector<std::string> names;
+  std::string prev;
+  for (size_t k = 0; k < seq.size(); ++k) {
+    std::vector<Param*> ps;
+    seq.child(k).collect_params(ps);
+    std::string name;
+    if (!ps.empty()) {
+      name = layer_of_param(ps[0]->name);
+      for (const Param* p : ps)
+        while (!name.empty() && p->name.rfind(name + ".", 0) != 0) {
+          const size_t dot = name.rfind('.');
+          name = dot == std::string::npos ? "" : name.substr(0, dot);
+        }
+    }
+    if (name.empty())
+      name = prev.empty() ? fmt::format("{} (module {})", seq.child(k).kind(), k + 1)
+                          : fmt::format("{} after {}", seq.child(k).kind(), prev);
+    else
+      prev = name;
+    names.push_back(name);
+  }
+  return names;
+}
+
+// FQT_TEST_POISON="grad:<param>:<step>" or "weight:<param>:<step>" (see train.hpp).
+struct Poison {
+  std::string kind, param;
+  int64_t step = -1;
+};
+
+Poison poison_from_env() {
+  Poison p;
+  const char* env = std::getenv("FQT_TEST_POISON");
+  if (!env || !*env) return p;
+  const std::string v = env;
+  const size_t a = v.find(':'), b = v.rfind(':');
+  FQT_INPUT_CHECK(a != std::string::npos && b != a && (v.substr(0, a) == "grad" || v.substr(0, a) == "weight"),
+                  "FQT_TEST_POISON='{}' is not grad:<param>:<step> or weight:<param>:<step>", v);
+  p.kind = v.substr(0, a);
+  p.param = v.substr(a + 1, b - a - 1);
+  p.step = std::stoll(v.substr(b + 1));
+  return p;
+}
+
+void apply_poison(const Poison& poison, const char* kind, int64_t step, const std::vector<Param*>& params) {
+  if (poison.step != step || poison.kind != kind) return;
+  for (Param* p : params)
+    if (p->name == poison.param) {
+      (poison.kind == "grad" ? p->grad : p->value).data<float>()[0] = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+  throw InputError(fmt::format("FQT_TEST_POISON: the model has no parameter '{}'", poison.param));
+}
+
 void check_config(const TrainConfig& c) {
   FQT_INPUT_CHECK(c.epochs >= 1 && c.epochs <= 100000, "--epochs must be at least 1 (got {})", c.epochs);
   FQT_INPUT_CHECK(c.batch >= 1 && c.batch <= 65536, "--batch must be in 1..65536 (got {})", c.batch);
@@ -144,7 +229,59 @@ void check_config(const TrainConfig& c) {
                   traits(c.recipe.wgrad.kind).name);
   FQT_INPUT_CHECK(c.recipe.wgrad.kind != QuantizerKind::bhq, "--wgrad bhq is not supported: BHQ transforms rows "
                   "(samples), which the wgrad GEMM reduces over; use ptq or column");
+  FQT_INPUT_CHECK(c.on_nonfinite == "stop" || c.on_nonfinite == "skip",
+                  "unknown --on-nonfinite '{}' (valid: stop, skip)", c.on_nonfinite);
+  FQT_INPUT_CHECK(c.max_steps >= 0, "--max-steps must be >= 0 (got {})", c.max_steps);
+  FQT_INPUT_CHECK(c.ckpt_every_steps >= 0, "--ckpt-every must be >= 0 (got {})", c.ckpt_every_steps);
+  FQT_INPUT_CHECK(c.train_limit >= 0 && c.test_limit >= 0, "--train-limit and --test-limit must be >= 0");
+  FQT_INPUT_CHECK(c.threads >= 0 && c.threads <= 4096, "--threads must be in 0..4096 (got {})", c.threads);
   (void)augment_for(c.augment, c.data);
+}
+
+// A small text file, replaced atomically (temporary file + rename); a full disk or an
+// unwritable folder is an InputError naming the file.
+void write_text(const std::string& path, const std::string& text) {
+  const std::string tmp = fmt::format("{}.tmp.{}", path, static_cast<long>(::getpid()));
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    if (f) f << text;
+    if (f) f.flush();
+    if (!f) {
+      const int err = errno;
+      f.close();
+      std::remove(tmp.c_str());
+      throw InputError(fmt::format("{}: cannot write ({}); is the output folder writable, is the disk full?", path,
+                                   std::strerror(err)));
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    std::remove(tmp.c_str());
+    throw InputError(fmt::format("{}: cannot rename into place ({})", path, std::strerror(err)));
+  }
+}
+
+void append_text(const std::string& path, const std::string& text) {
+  std::ofstream f(path, std::ios::app);
+  if (f) f << text;
+  if (f) f.flush();
+  FQT_INPUT_CHECK(static_cast<bool>(f), "{}: cannot append ({}); is the disk full?", path, std::strerror(errno));
+}
+
+// Temporary files "<name>.tmp.<pid>" left by a killed run (kill -9 mid-write), whose process
+// is gone. A live writer's file is left alone.
+void remove_stale_temporaries(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    const size_t k = n.rfind(".tmp.");
+    if (k == std::string::npos) continue;
+    char* end = nullptr;
+    const long pid = std::strtol(n.c_str() + k + 5, &end, 10);
+    if (pid <= 0 || *end != '\0') continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    fs::remove(e.path(), ec);
+  }
 }
 
 }  // namespace
@@ -173,7 +310,8 @@ std::string TrainConfig::to_json() const {
             {"train_limit", train_limit},
             {"test_limit", test_limit},
             {"max_steps", max_steps},
-            {"ckpt_every_steps", ckpt_every_steps}};
+            {"ckpt_every_steps", ckpt_every_steps},
+            {"on_nonfinite", on_nonfinite}};
   return j.dump(2);
 }
 
@@ -210,6 +348,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.test_limit = j.at("test_limit");
     c.max_steps = j.value("max_steps", int64_t{0});
     c.ckpt_every_steps = j.value("ckpt_every_steps", int64_t{0});
+    c.on_nonfinite = j.value("on_nonfinite", std::string("stop"));
   } catch (const json::exception& e) {
     throw InputError(fmt::format("run configuration is incomplete or has a wrong type: {}", e.what()));
   }
@@ -220,10 +359,6 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   TrainConfig cfg = cfg_in;
   const std::string ckpt_path = cfg.out.empty() ? "" : (fs::path(cfg.out) / "ckpt.safetensors").string();
   TrainState state;
-  // Never overwrite a run's saved progress by starting afresh in its folder.
-  FQT_INPUT_CHECK(resume || ckpt_path.empty() || !fs::exists(ckpt_path),
-                  "{} already holds a run (ckpt.safetensors): add --resume to continue it, or choose another --out",
-                  cfg.out);
   if (resume) {
     FQT_INPUT_CHECK(!cfg.out.empty(), "--resume needs --out: the run folder to continue");
     FQT_INPUT_CHECK(fs::exists(ckpt_path), "--resume: no checkpoint at {} (nothing to resume; drop --resume to start)",
@@ -239,6 +374,11 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     cfg = stored;
   }
   check_config(cfg);
+  std::error_code exists_ec;
+  FQT_INPUT_CHECK(resume || cfg.overwrite || ckpt_path.empty() || !fs::exists(ckpt_path, exists_ec),
+                  "--out {} already holds a run ({} exists): add --resume to continue it, --overwrite to start "
+                  "it again, or choose another --out",
+                  cfg.out, ckpt_path);
   set_num_threads(cfg.threads);
 
   const Dataset train_full = load_data(cfg.data, cfg.data_dir, true);
@@ -265,13 +405,17 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     std::error_code ec;
     fs::create_directories(cfg.out, ec);
     FQT_INPUT_CHECK(!ec && fs::is_directory(cfg.out), "--out {}: cannot create the run folder ({})", cfg.out, ec.message());
-    const std::string cfg_path = (fs::path(cfg.out) / "config.json").string();
-    std::ofstream(cfg_path) << state.config_json << "\n";
+    FQT_INPUT_CHECK(::access(cfg.out.c_str(), W_OK | X_OK) == 0,
+                    "--out {}: the run folder is not writable ({}); choose another --out or fix its permissions",
+                    cfg.out, std::strerror(errno));
+    remove_stale_temporaries(cfg.out);
+    write_text((fs::path(cfg.out) / "config.json").string(), state.config_json + "\n");
+    const std::string mpath = (fs::path(cfg.out) / "metrics.jsonl").string();
+    std::string kept;
     if (resume) {
       // Drop metrics of epochs after the checkpoint (written before a crash, redone now).
-      const std::string mpath = (fs::path(cfg.out) / "metrics.jsonl").string();
       std::ifstream in(mpath);
-      std::string line, kept;
+      std::string line;
       while (std::getline(in, line))
         if (!line.empty()) {
           try {
@@ -279,16 +423,128 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
           } catch (const std::exception&) {
           }
         }
-      in.close();
-      std::ofstream(mpath, std::ios::trunc) << kept;
-    } else {
-      std::ofstream(fs::path(cfg.out) / "metrics.jsonl", std::ios::trunc);
     }
+    write_text(mpath, kept);
   }
 
+  int64_t saved_step = resume ? state.step : -1;  // the last good checkpoint on disk
   auto save = [&] {
     if (ckpt_path.empty()) return;
     save_checkpoint(ckpt_path, m.params, m.buffers, opt, state);
+    saved_step = state.step;
+  };
+
+  // Non-finite handling: top-level modules are run one by one so that a NaN/Inf caught inside
+  // one (quantizers reject them) is attributed to it; batch-norm statistics are snapshot before
+  // every step and restored when the step fails.
+  Sequential* seq = dynamic_cast<Sequential*>(m.net.get());
+  const std::vector<std::string> names = seq ? child_names(*seq) : std::vector<std::string>{};
+  std::vector<Tensor> buffer_snapshot;
+  for (auto& [name, t] : m.buffers) buffer_snapshot.push_back(t->clone());
+  const Poison poison = poison_from_env();
+  int64_t skipped = 0;
+  if (auto it = state.extra.find("nonfinite_skipped"); it != state.extra.end()) skipped = std::atoll(it->second.c_str());
+  const float smoothing = static_cast<float>(cfg.label_smoothing);
+  SoftmaxCrossEntropy ce;
+  // Runs one training step; returns "" or, when a loss/gradient is not finite, "non-finite
+  // <what> at epoch E step N, layer <name>: <detail>" (then nothing is updated).
+  auto train_step = [&](const Batch& b, const StepContext& ctx, float lr, float& loss) -> std::string {
+    for (size_t k = 0; k < buffer_snapshot.size(); ++k)
+      std::memcpy(buffer_snapshot[k].raw(), m.buffers[k].second->raw(), buffer_snapshot[k].nbytes());
+    const char* phase = "activation";
+    std::string layer;
+    try {
+      apply_poison(poison, "weight", static_cast<int64_t>(ctx.step), m.params);
+      Tensor h = b.x;
+      if (seq) {
+        for (size_t k = 0; k < seq->size(); ++k) {
+          layer = names[k];
+          try {
+            h = seq->child(k).forward(h, ctx);
+          } catch (const NonFiniteError& e) {
+            // A non-finite input was made by the module before (a quantizer here noticed it).
+            if (k == 0 || finite(h)) throw;
+            layer = names[k - 1];
+            throw NonFiniteError(fmt::format("its output is non-finite (noticed by {}: {})", names[k], e.what()));
+          }
+        }
+      } else {
+        h = m.net->forward(h, ctx);
+      }
+      layer.clear();
+      phase = "loss";
+      loss = ce.forward(h, b.y, smoothing);
+      if (!std::isfinite(loss)) throw NonFiniteError(fmt::format("loss is {}", loss));
+      phase = "gradient";
+      Tensor g = ce.backward();
+      if (seq) {
+        for (size_t k = seq->size(); k-- > 0;) {
+          layer = names[k];
+          try {
+            g = seq->child(k).backward(g, ctx);
+          } catch (const NonFiniteError& e) {
+            // A non-finite incoming gradient was made by the module after this one.
+            if (k + 1 == seq->size() || finite(g)) throw;
+            layer = names[k + 1];
+            throw NonFiniteError(fmt::format("the gradient it passes back is non-finite (noticed by {}: {})", names[k],
+                                             e.what()));
+          }
+        }
+      } else {
+        m.net->backward(g, ctx);
+      }
+      layer.clear();
+      apply_poison(poison, "grad", static_cast<int64_t>(ctx.step), m.params);
+      phase = "update";
+      opt.step(lr);
+      return "";
+    } catch (const NonFiniteError& e) {
+      std::string detail = e.what();
+      // Weights that are already non-finite explain everything downstream.
+      for (const Param* p : m.params)
+        if (!finite(p->value)) {
+          layer = layer_of_param(p->name);
+          detail = fmt::format("the weights {} are non-finite ({} at element {}); {}", p->name,
+                               p->value.data<float>()[first_bad(p->value)], first_bad(p->value), detail);
+          phase = "weight";
+          break;
+        }
+      if (std::string(phase) == "loss" && seq) {
+        // The NaN/Inf went through the forward pass unnoticed (fp32): find the first module
+        // whose output is not finite.
+        Tensor h = b.x;
+        for (size_t k = 0; k < seq->size() && layer.empty(); ++k) {
+          try {
+            h = seq->child(k).forward(h, ctx);
+            if (!finite(h)) layer = names[k], detail = fmt::format("its output is non-finite ({})", detail);
+          } catch (const NonFiniteError& e2) {
+            layer = names[k], detail = e2.what();
+          }
+        }
+      }
+      if (std::string(phase) == "update") {
+        // Gradients went non-finite without a quantizer noticing (fp32): name the layer nearest
+        // the output, where backpropagation produced the NaN/Inf first.
+        int bad = 0;
+        const Param* origin = nullptr;
+        for (const Param* p : m.params)
+          if (!finite(p->grad)) ++bad, origin = p;
+        if (origin) {
+          phase = "gradient";
+          layer = layer_of_param(origin->name);
+          const int64_t i = first_bad(origin->grad);
+          detail = fmt::format("gradient of {} is {} at element {} of {}", origin->name, origin->grad.data<float>()[i],
+                               i, origin->grad.numel());
+          if (bad > 1)
+            detail += fmt::format(" ({} of {} parameter tensors have non-finite gradients; this is the one nearest the "
+                                  "output)", bad, m.params.size());
+        }
+      }
+      for (size_t k = 0; k < buffer_snapshot.size(); ++k)
+        std::memcpy(m.buffers[k].second->raw(), buffer_snapshot[k].raw(), buffer_snapshot[k].nbytes());
+      return fmt::format("non-finite {} at epoch {} step {}, layer {}: {}", phase, state.epoch + 1, ctx.step,
+                         layer.empty() ? "unknown" : layer, detail);
+    }
   };
 
   if (cfg.progress)
@@ -299,7 +555,6 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                  resume ? fmt::format(", resumed at epoch {} step {}", state.epoch, state.step).c_str() : "");
 
   TrainResult result;
-  SoftmaxCrossEntropy ce;
   Progress progress(cfg.progress);
   using clock = std::chrono::steady_clock;
   const auto run_start = clock::now();
@@ -307,7 +562,10 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   while (state.epoch < cfg.epochs) {
     const int64_t epoch = state.epoch;
     const int64_t skip = state.step - epoch * spe;  // > 0 when resuming mid-epoch
-    FQT_CHECK(skip >= 0 && skip <= spe, "checkpoint step {} does not lie in epoch {}", state.step, epoch);
+    FQT_INPUT_CHECK(skip >= 0 && skip <= spe,
+                    "{}: checkpoint step {} does not lie in epoch {} ({} steps per epoch): the checkpoint is damaged "
+                    "or belongs to another run",
+                    ckpt_path, state.step, epoch + 1, spe);
     loader.start_epoch(static_cast<uint64_t>(epoch), skip);
     double loss_sum = 0;
     int64_t correct = 0, seen = 0;
@@ -322,17 +580,22 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       }
       StepContext ctx{true, cfg.seed, static_cast<uint64_t>(state.step)};
       opt.zero_grad();
-      Tensor logits = m.net->forward(b.x, ctx);
-      const float loss = ce.forward(logits, b.y, static_cast<float>(cfg.label_smoothing));
-      if (!std::isfinite(loss))
-        throw NonFiniteError(fmt::format("loss is {} at epoch {} step {} (try a lower --lr); the last good checkpoint is kept",
-                                         loss, epoch + 1, state.step));
-      m.net->backward(ce.backward(), ctx);
-      try {
-        opt.step(sched.lr_at(state.step));
-      } catch (const NonFiniteError& e) {
-        throw NonFiniteError(fmt::format("at epoch {} step {}: {}; the last good checkpoint is kept", epoch + 1,
-                                         state.step, e.what()));
+      float loss = 0;
+      const std::string problem = train_step(b, ctx, sched.lr_at(state.step), loss);
+      if (!problem.empty()) {
+        if (cfg.on_nonfinite == "stop")
+          throw NonFiniteError(fmt::format(
+              "{}; training stopped, {} (try a lower --lr, or --on-nonfinite skip)", problem,
+              saved_step >= 0 ? fmt::format("the last good checkpoint {} (saved after {} steps) is kept", ckpt_path, saved_step)
+                              : std::string("no checkpoint was written")));
+        ++skipped;
+        state.extra["nonfinite_skipped"] = std::to_string(skipped);
+        std::fprintf(stderr, "%sfqt train: warning: %s; step skipped (%lld so far)\n", cfg.progress ? "\n" : "",
+                     problem.c_str(), static_cast<long long>(skipped));
+        ++state.step;
+        ++i;
+        if (cfg.ckpt_every_steps > 0 && state.step % cfg.ckpt_every_steps == 0 && i < spe) save();
+        continue;
       }
       ++state.step;
       ++i;
@@ -374,10 +637,11 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                   {"images_per_s", result.images_per_s},
                   {"lr", sched.lr_at(std::max<int64_t>(state.step - 1, 0))},
                   {"seconds", secs}};
-      std::ofstream(fs::path(cfg.out) / "metrics.jsonl", std::ios::app) << rec.dump() << "\n";
+      append_text((fs::path(cfg.out) / "metrics.jsonl").string(), rec.dump() + "\n");
     }
   }
   result.steps = state.step;
+  result.skipped_steps = skipped;
   if (result.epochs_done == 0) result.epochs_done = state.epoch;
   const double total = std::chrono::duration<double>(clock::now() - run_start).count();
   if (result.images_per_s == 0 && total > 0) result.images_per_s = run_images / total;
@@ -385,6 +649,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
 }
 
 EvalResult evaluate_checkpoint(const std::string& path, const std::string& data_dir, int64_t limit) {
+  FQT_INPUT_CHECK(limit >= 0, "--test-limit must be >= 0 (got {}; 0 = all samples)", limit);
   TrainState st = read_checkpoint_state(path);
   TrainConfig cfg = TrainConfig::from_json(st.config_json);
   if (!data_dir.empty()) cfg.data_dir = data_dir;

@@ -34,12 +34,10 @@ set_tests_properties(cli.quantize_ordering PROPERTIES FIXTURES_REQUIRED heavy)
 
 # fqt train / eval: a tiny real run on the built-in synthetic data, then its checkpoint.
 set(RUN ${CLI_TMP}/train_run)
-add_test(NAME cli.train_clean COMMAND ${CMAKE_COMMAND} -E rm -rf ${RUN})
-set_tests_properties(cli.train_clean PROPERTIES FIXTURES_SETUP clean_run)
 add_test(NAME cli.train_synthetic COMMAND ${EXPECT} 0 "final test accuracy" -- ${FQT_EXE} train --data synthetic
          --model cnn --mode fqt --dgrad bhq --dgrad-bits 5 --epochs 1 --batch 64 --lr 0.02 --train-limit 256
-         --test-limit 128 --out ${RUN} --quiet)
-set_tests_properties(cli.train_synthetic PROPERTIES FIXTURES_SETUP trained FIXTURES_REQUIRED clean_run)
+         --test-limit 128 --out ${RUN} --overwrite --quiet)
+set_tests_properties(cli.train_synthetic PROPERTIES FIXTURES_SETUP trained)
 # A fresh run into a folder that holds one is refused (exit 2), keeping the saved checkpoint.
 fqt_cli_test(train_no_overwrite 2 "already holds a run" ${FQT_EXE} train --data synthetic --epochs 1 --out ${RUN})
 fqt_cli_test(eval_checkpoint 0 "test accuracy [0-9.]+% .* on 128 samples" ${FQT_EXE} eval --checkpoint ${RUN}/ckpt.safetensors --test-limit 128)
@@ -53,6 +51,21 @@ fqt_cli_test(train_bad_bits 2 "2..8" ${FQT_EXE} train --data synthetic --dgrad-b
 fqt_cli_test(train_bad_lr 2 "--lr" ${FQT_EXE} train --data synthetic --lr -1)
 fqt_cli_test(train_bad_data 2 "unknown dataset" ${FQT_EXE} train --data imagenet22k)
 fqt_cli_test(train_missing_data_dir 2 "cannot|missing|not found|No such" ${FQT_EXE} train --data mnist --data-dir ${CLI_TMP}/no_such_dir)
+fqt_cli_test(train_existing_run 2 "already holds a run .*--resume.*--overwrite" ${FQT_EXE} train --data synthetic --out ${RUN})
+set_tests_properties(cli.train_existing_run PROPERTIES FIXTURES_REQUIRED trained)
 fqt_cli_test(train_resume_nothing 2 "no checkpoint" ${FQT_EXE} train --data synthetic --resume --out ${CLI_TMP}/never_ran)
 # A corrupt checkpoint (this CMakeLists.txt) is rejected with a message, not a crash.
 fqt_cli_test(eval_corrupt_checkpoint 2 "CMakeLists.txt" ${FQT_EXE} eval --checkpoint ${CMAKE_CURRENT_SOURCE_DIR}/CMakeLists.txt)
+
+# Reliability (docs/RELIABILITY.md): every subcommand x class of bad input exits 2 with one
+# clear line and leaves no output behind; kill -9 at random moments, then --resume, ends
+# byte-identical to an uninterrupted run (10 trials).
+add_test(NAME cli.bad_inputs COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/bad_inputs.sh ${FQT_EXE} ${CLI_TMP}/bad_inputs)
+add_test(NAME cli.kill_resume COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/kill_resume.sh ${FQT_EXE} ${CLI_TMP}/kill_resume 10 12345)
+set_tests_properties(cli.kill_resume PROPERTIES TIMEOUT 300)
+fqt_cli_test(train_on_nonfinite_stop 2 "non-finite gradient at epoch 1 step 2, layer conv2: .*last good checkpoint .*saved after 2 steps. is kept"
+             env FQT_TEST_POISON=grad:conv2.weight:2 ${FQT_EXE} train --data synthetic --model cnn --epochs 1 --batch 64
+             --train-limit 256 --test-limit 64 --ckpt-every 1 --quiet --overwrite --out ${CLI_TMP}/nan_stop)
+fqt_cli_test(train_on_nonfinite_skip 0 "1 step.s. skipped"
+             env FQT_TEST_POISON=grad:fc.weight:1 ${FQT_EXE} train --data synthetic --model cnn --epochs 1 --batch 64
+             --train-limit 256 --test-limit 64 --on-nonfinite skip --quiet --overwrite --out ${CLI_TMP}/nan_skip)

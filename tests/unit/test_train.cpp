@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -123,4 +126,104 @@ TEST(Train, FreshRunDoesNotOverwriteSavedRun) {
   EXPECT_THROW(train(c), InputError);
   EXPECT_EQ(fs::file_size(dir + "/ckpt.safetensors"), before);
   EXPECT_EQ(fs::last_write_time(dir + "/ckpt.safetensors"), stamp);
+}
+
+namespace {
+// Sets FQT_TEST_POISON for one scope (the trainer's NaN-injection test hook).
+struct PoisonEnv {
+  explicit PoisonEnv(const char* v) { setenv("FQT_TEST_POISON", v, 1); }
+  ~PoisonEnv() { unsetenv("FQT_TEST_POISON"); }
+};
+
+std::string train_error(const TrainConfig& c) {
+  try {
+    train(c);
+  } catch (const NonFiniteError& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+bool all_finite(const std::string& ckpt) {
+  for (const auto& [name, t] : read_safetensors(ckpt).tensors)
+    if (t.dtype() == DType::f32)
+      for (int64_t i = 0; i < t.numel(); ++i)
+        if (!std::isfinite(t.data<float>()[i])) return false;
+  return true;
+}
+}  // namespace
+
+// A NaN injected into one layer's gradient stops the run with a message naming the step and
+// that layer, in every mode; the checkpoint on disk stays the last good one.
+TEST(TrainNonFinite, NaNGradientStopsNamingStepAndLayer) {
+  for (Mode mode : {Mode::fp32, Mode::qat, Mode::fqt}) {
+    SCOPED_TRACE(mode_name(mode));
+    const std::string out = tmp_dir("nan_stop");
+    TrainConfig c = small(out, mode);
+    c.ckpt_every_steps = 2;
+    PoisonEnv poison("grad:conv2.weight:5");
+    const std::string msg = train_error(c);
+    EXPECT_NE(msg.find("non-finite gradient at epoch 1 step 5, layer conv2: gradient of conv2.weight is nan"),
+              std::string::npos) << msg;
+    EXPECT_NE(msg.find("(saved after 4 steps) is kept"), std::string::npos) << msg;
+    EXPECT_EQ(read_checkpoint_state(out + "/ckpt.safetensors").step, 4);
+    EXPECT_TRUE(all_finite(out + "/ckpt.safetensors"));
+  }
+}
+
+// Non-finite weights (here injected; in practice an overflowing update) are named too, whichever
+// check notices first (a quantizer in the forward pass, the loss, or the optimizer).
+TEST(TrainNonFinite, NaNWeightNamesTheLayer) {
+  for (Mode mode : {Mode::fp32, Mode::fqt}) {
+    SCOPED_TRACE(mode_name(mode));
+    TrainConfig c = small("", mode);
+    PoisonEnv poison("weight:fc.weight:2");
+    const std::string msg = train_error(c);
+    EXPECT_NE(msg.find("at epoch 1 step 2, layer fc: the weights fc.weight are non-finite"), std::string::npos) << msg;
+  }
+}
+
+// A real divergence (absurd learning rate, fp32): the first module whose output overflows is named.
+TEST(TrainNonFinite, DivergenceIsReportedWithTheLayer) {
+  TrainConfig c = small("", Mode::fp32);
+  c.model = "mlp";
+  c.lr = 99;
+  c.momentum = 0.99;
+  c.weight_decay = 0;
+  const std::string msg = train_error(c);
+  EXPECT_NE(msg.find("non-finite"), std::string::npos) << msg;
+  EXPECT_NE(msg.find(", layer fc"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("try a lower --lr"), std::string::npos) << msg;
+}
+
+// --on-nonfinite skip: the poisoned step makes no update and is counted; the run finishes with
+// finite weights and the count survives in the checkpoint.
+TEST(TrainNonFinite, SkipModeSkipsTheStepAndFinishes) {
+  const std::string out = tmp_dir("nan_skip");
+  TrainConfig c = small(out);
+  c.on_nonfinite = "skip";
+  PoisonEnv poison("grad:conv1.weight:3");
+  TrainResult r = train(c);
+  EXPECT_EQ(r.skipped_steps, 1);
+  EXPECT_EQ(r.steps, 16);
+  EXPECT_TRUE(all_finite(out + "/ckpt.safetensors"));
+  EXPECT_EQ(read_checkpoint_state(out + "/ckpt.safetensors").extra.at("nonfinite_skipped"), "1");
+  c.on_nonfinite = "sometimes";
+  EXPECT_THROW(train(c), InputError);
+}
+
+// An output folder that cannot be created or written is an InputError before any training.
+TEST(Train, UnwritableOutputFolderIsAnInputError) {
+  const std::string dir = tmp_dir("unwritable");
+  fs::create_directories(dir);
+  std::FILE* f = std::fopen((dir + "/file").c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  std::fclose(f);
+  TrainConfig c = small(dir + "/file/run");  // a folder below a regular file
+  try {
+    train(c);
+    FAIL() << "expected InputError";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot create the run folder"), std::string::npos) << e.what();
+  }
 }

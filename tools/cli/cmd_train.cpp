@@ -68,7 +68,12 @@ Runner add_train(CLI::App& app) {
   app.add_option("--test-limit", c.test_limit, "evaluate on the first N test samples (0 = all)")->capture_default_str();
   app.add_option("--max-steps", c.max_steps, "stop after this many steps in total (0 = all epochs)")->capture_default_str();
   app.add_option("--ckpt-every", c.ckpt_every_steps, "also checkpoint every N steps (0 = at epoch ends only)")->capture_default_str();
+  app.add_option("--on-nonfinite", c.on_nonfinite,
+                 "NaN/Inf in the loss or a gradient: stop (error naming step and layer; the last good checkpoint "
+                 "is kept) | skip (no update for that step, logged and counted)")
+      ->capture_default_str();
   app.add_option("--out", c.out, "run folder for config, metrics and checkpoints (default: write nothing)");
+  app.add_flag("--overwrite", c.overwrite, "start afresh even if --out holds a checkpoint (it is replaced)");
   app.add_flag("--resume", o->resume, "continue the run in --out from its checkpoint (its stored settings are used)");
   app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_flag("-q,--quiet", o->quiet, "no progress output");
@@ -88,6 +93,8 @@ Runner add_train(CLI::App& app) {
     std::printf("final test accuracy %.2f%% (best %.2f%%) after %lld epochs, %lld steps, %.0f images/s\n",
                 100 * r.final_test_acc, 100 * r.best_test_acc, static_cast<long long>(r.epochs_done),
                 static_cast<long long>(r.steps), r.images_per_s);
+    if (r.skipped_steps > 0)
+      std::printf("%lld step(s) skipped for a non-finite loss or gradient\n", static_cast<long long>(r.skipped_steps));
     return 0;
   };
 }

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# bad_inputs.sh FQT TMPDIR
+#
+# Every subcommand of fqt, given each class of bad input, must exit with status 2 (no crash,
+# no core dump: a signal would give 128+N), print one clear "fqt: error: ..." line that matches
+# the expected phrase, and leave no output file behind (no run folder, no .npy, no temporary).
+# Classes: unknown option, malformed number, out-of-range value, unknown name, incompatible
+# combination, missing file, corrupt file, truncated file, unwritable output.
+# Prints a table (subcommand, class, result) and exits 1 if any row fails.
+set -u
+fqt=$1 tmp=$2
+export OMP_WAIT_POLICY=passive
+rm -rf "$tmp" && mkdir -p "$tmp/fixtures" || exit 1
+fx=$tmp/fixtures
+
+# ---- fixtures: a real checkpoint and .npy, and broken copies of them ----------------------
+"$fqt" train --data synthetic --model mlp --epochs 1 --batch 64 --train-limit 128 --test-limit 64 --quiet \
+  --out "$fx/run" > "$fx/train.log" 2>&1 || { echo "fixture run failed:"; cat "$fx/train.log"; exit 1; }
+ckpt=$fx/run/ckpt.safetensors
+head -c $(($(stat -c %s "$ckpt") / 2)) "$ckpt" > "$fx/truncated.safetensors"
+"$fqt" synth --rows 8 --cols 16 --out "$fx/good.npy" > /dev/null || exit 1
+head -c 100 "$fx/good.npy" > "$fx/truncated.npy"
+printf 'just some text, not an array\n' > "$fx/text.npy"
+# A valid 1-D float32 .npy (header padded to 128 bytes, as numpy writes it): quantize needs 2-D.
+dict="{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
+{ printf '\x93NUMPY\x01\x00\x76\x00'; printf '%s%*s\n' "$dict" $((118 - ${#dict} - 1)) ''; printf '\0\0\x80\x3f\0\0\0\x40'; } > "$fx/vec.npy"
+# MNIST folders: garbage files, and a truncated gzip.
+mkdir -p "$fx/mnist_garbage" "$fx/mnist_truncated" "$fx/mnist_empty"
+for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+  printf 'garbage garbage garbage' > "$fx/mnist_garbage/$f"
+  printf '\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00\x00\x1c\x00\x00\x00\x1c' | gzip -c | head -c 20 > "$fx/mnist_truncated/$f.gz"
+done
+printf 'x' > "$fx/a_file"
+# A valid safetensors file that is not an fqt checkpoint: the checkpoint with its fqt.format renamed.
+sed 's/"fqt.format"/"fqt.formax"/' "$ckpt" > "$fx/plain.safetensors"
+mkdir -p "$tmp/resume_bad" && cp "$fx/truncated.safetensors" "$tmp/resume_bad/ckpt.safetensors"
+
+rows=0 failed=0
+# check SUBCOMMAND CLASS REGEX [--no-output PATH] -- command args...
+check() {
+  local sub=$1 class=$2 regex=$3 no_output=""
+  shift 3
+  if [[ $1 == --no-output ]]; then no_output=$2; shift 2; fi
+  shift  # --
+  local out status
+  out=$("$@" 2>&1)
+  status=$?
+  local verdict=ok
+  if ((status != 2)); then verdict="exit status $status"
+  elif [[ $(grep -c . <<<"$out") -gt 2 ]] || ! grep -q '^fqt: error: ' <<<"$out"; then verdict="not one 'fqt: error:' line"
+  elif ! grep -Eq -- "$regex" <<<"$out"; then verdict="message does not match /$regex/"
+  elif [[ -n $no_output ]] && compgen -G "$no_output*" > /dev/null; then verdict="left output behind: $(compgen -G "$no_output*")"
+  fi
+  rows=$((rows + 1))
+  printf '%-9s %-22s %s\n' "$sub" "$class" "$verdict"
+  if [[ $verdict != ok ]]; then
+    failed=$((failed + 1))
+    echo "    command: ${*:2}"; sed 's/^/    | /' <<<"$out"
+  fi
+}
+
+T=(train --data synthetic --quiet --epochs 1 --train-limit 128 --test-limit 64)
+R=$tmp/run  # must never be created by a failing train
+check train unknown-option    "frobnicate"                 --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --frobnicate
+check train malformed-number  "--batch.*ten"          --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --batch ten
+check train out-of-range      "--batch must be in 1..65536" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --batch 0
+check train out-of-range-2    "--lr"                       --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --lr 1e999
+check train out-of-range-3    "--train-limit"              --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --train-limit -5
+check train unknown-name      "unknown model"              --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --model resnet1000
+check train unknown-name-2    "unknown --on-nonfinite"     --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --on-nonfinite ignore
+check train incompatible      "--wgrad bhq is not supported" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --wgrad bhq
+check train incompatible-2    "larger than the training set" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --batch 1000
+check train missing-file      "file not found"             --no-output "$R" -- "$fqt" train --data mnist --data-dir "$fx/mnist_empty" --out "$R"
+check train corrupt-file      "bad magic number"           --no-output "$R" -- "$fqt" train --data mnist --data-dir "$fx/mnist_garbage" --out "$R"
+check train truncated-file    "truncated gzip"             --no-output "$R" -- "$fqt" train --data mnist --data-dir "$fx/mnist_truncated" --out "$R"
+check train corrupt-checkpoint "truncated|runs past"        -- "$fqt" train --resume --out "$tmp/resume_bad"
+check train existing-run      "already holds a run"        -- "$fqt" "${T[@]}" --out "$fx/run"
+check train unwritable-output "cannot create the run folder" --no-output "$fx/a_file/run" -- "$fqt" "${T[@]}" --out "$fx/a_file/run"
+
+check eval unknown-option     "frobnicate"                 -- "$fqt" eval --checkpoint "$ckpt" --frobnicate
+check eval malformed-number   "test-limit"                 -- "$fqt" eval --checkpoint "$ckpt" --test-limit many
+check eval out-of-range       "--test-limit must be >= 0"  -- "$fqt" eval --checkpoint "$ckpt" --test-limit -3
+check eval missing-file       "cannot open"                -- "$fqt" eval --checkpoint "$fx/nope.safetensors"
+check eval corrupt-file       "not a safetensors file|absurd" -- "$fqt" eval --checkpoint "$fx/good.npy"
+check eval truncated-file     "truncated"                  -- "$fqt" eval --checkpoint "$fx/truncated.safetensors"
+check eval folder-not-file    "not a regular file"              -- "$fqt" eval --checkpoint "$fx/run"
+check eval not-a-checkpoint   "not an fqt checkpoint"      -- "$fqt" eval --checkpoint "$fx/plain.safetensors"
+
+check bench unknown-option    "frobnicate"                 -- "$fqt" bench step --frobnicate
+check bench malformed-number  "steps"                      -- "$fqt" bench step --steps few
+check bench out-of-range      "--batch must be in 1..65536" -- "$fqt" bench step --batch 0
+check bench unknown-name      "unknown mode 'int4'"        -- "$fqt" bench step --mode int4
+check bench incompatible      "input|CxHxW"                -- "$fqt" bench step --input 3x0x32
+check bench missing-subcommand "subcommand is required"    -- "$fqt" bench
+
+check quantize unknown-option "frobnicate"                 -- "$fqt" quantize --input "$fx/good.npy" --frobnicate
+check quantize malformed-number "samples"                  -- "$fqt" quantize --input "$fx/good.npy" --samples lots
+check quantize out-of-range   "bit width from 2 to 8"      -- "$fqt" quantize --input "$fx/good.npy" --bits 12
+check quantize unknown-name   "unknown quantizer 'pqs'"    -- "$fqt" quantize --input "$fx/good.npy" --quantizer pqs
+check quantize incompatible   "expected a 2-D array"       -- "$fqt" quantize --input "$fx/vec.npy"
+check quantize missing-file   "cannot open"                -- "$fqt" quantize --input "$fx/nope.npy"
+check quantize corrupt-file   "not a valid .npy"           -- "$fqt" quantize --input "$fx/text.npy"
+check quantize truncated-file "truncated|runs past|needs more data" -- "$fqt" quantize --input "$fx/truncated.npy"
+
+S=$tmp/synth_out.npy  # must never be created by a failing synth
+check synth unknown-option    "frobnicate"                 --no-output "$S" -- "$fqt" synth --out "$S" --frobnicate
+check synth malformed-number  "rows"                       --no-output "$S" -- "$fqt" synth --out "$S" --rows twelve
+check synth out-of-range      "rows"                       --no-output "$S" -- "$fqt" synth --out "$S" --rows 0
+check synth unknown-name      "unknown matrix kind"        --no-output "$S" -- "$fqt" synth --out "$S" --kind cauchy
+check synth incompatible      "too large"                  --no-output "$S" -- "$fqt" synth --out "$S" --rows 1048576 --cols 1048576
+check synth unwritable-output "cannot write|No such file"  --no-output "$fx/a_file/x.npy" -- "$fqt" synth --out "$fx/a_file/x.npy"
+
+check fqt unknown-subcommand  "frobnicate|error"           -- "$fqt" frobnicate
+echo "bad inputs: $((rows - failed))/$rows rows exit 2 with one clear line"
+((failed == 0))
