@@ -227,3 +227,25 @@ TEST(Train, UnwritableOutputFolderIsAnInputError) {
     EXPECT_NE(std::string(e.what()).find("cannot create the run folder"), std::string::npos) << e.what();
   }
 }
+
+// A temporary file left by a killed writer (its process is gone) is removed when the run is
+// resumed; one of a live process is left alone. The resumed run is unaffected.
+TEST(Train, ResumeRemovesTemporariesOfKilledRuns) {
+  const std::string out = tmp_dir("stale_tmp");
+  TrainConfig c = small(out);
+  c.max_steps = 3;
+  c.ckpt_every_steps = 1;
+  train(c);
+  const std::string dead = out + "/ckpt.safetensors.tmp.999999999";  // above any pid_max
+  const std::string live = out + "/ckpt.safetensors.tmp.1";           // pid 1 always exists
+  for (const std::string& p : {dead, live}) {
+    std::FILE* f = std::fopen(p.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    std::fputs("partial", f);
+    std::fclose(f);
+  }
+  train(small(out), /*resume=*/true);
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_EQ(read_checkpoint_state(out + "/ckpt.safetensors").step, 16);
+}
