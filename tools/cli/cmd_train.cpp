@@ -62,6 +62,10 @@ Runner add_train(CLI::App& app) {
   app.add_option("--test-limit", c.test_limit, "evaluate on the first N test samples (0 = all)")->capture_default_str();
   app.add_option("--max-steps", c.max_steps, "stop after this many steps in total (0 = all epochs)")->capture_default_str();
   app.add_option("--ckpt-every", c.ckpt_every_steps, "also checkpoint every N steps (0 = at epoch ends only)")->capture_default_str();
+  app.add_option("--track-variance", c.track_variance_every,
+                 "every N steps, log quantization/sampling variance ratio per layer to metrics.jsonl and warn "
+                 "when quantization variance exceeds sampling variance (0 = off)")
+      ->capture_default_str();
   app.add_option("--out", c.out, "run folder for config, metrics and checkpoints (default: write nothing)");
   app.add_flag("--resume", o->resume, "continue the run in --out from its checkpoint (its stored settings are used)");
   app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->capture_default_str();
