@@ -81,3 +81,9 @@ set_tests_properties(cli.train_track_variance PROPERTIES FIXTURES_SETUP tracked)
 fqt_cli_test(train_track_variance_records 0 "\"kind\":\"variance\".*\"ratio\"" cat ${CLI_TMP}/track_run/metrics.jsonl)
 set_tests_properties(cli.train_track_variance_records PROPERTIES FIXTURES_REQUIRED tracked)
 fqt_cli_test(train_bad_track_variance 2 "--track-variance" ${FQT_EXE} train --data synthetic --track-variance -5)
+# scripts/write_results (the RESULTS.md generator of scripts/replicate) on the runs above.
+add_test(NAME cli.write_results COMMAND sh -c "/usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/write_results --runs ${CLI_TMP} \
+  --names 'train_run track_run' --variance ${CLI_TMP}/variance/variance.json --figures ${CLI_TMP}/figures \
+  --results ${CLI_TMP}/RESULTS.md --smoke 1 && grep -q '| train_run | 1 |' ${CLI_TMP}/RESULTS.md \
+  && grep -q 'Smoke test' ${CLI_TMP}/RESULTS.md && grep -q 'Sampling (QAT) variance' ${CLI_TMP}/RESULTS.md")
+set_tests_properties(cli.write_results PROPERTIES FIXTURES_REQUIRED "variance;trained;tracked")
