@@ -51,7 +51,8 @@ struct TrainConfig {
   // current batch (variance.hpp, track_variance: 2 extra FQT draws around the QAT gradient; batch
   // split in 4 for the sampling variance), log a {"kind": "variance"} record with the ratio per
   // layer to metrics.jsonl and warn when quantization variance exceeds sampling variance. Costs
-  // about 5 extra backward passes (and 1 forward) per tracked step; training is unchanged.
+  // about 4 extra backward passes and 1 forward pass (1 QAT + 2 FQT backward on the batch, forward +
+  // backward of its 4 quarters) per tracked step; training is unchanged.
   int64_t track_variance_every = 0;
   std::string out;          // run folder; "" = no files written
   int threads = 0;
