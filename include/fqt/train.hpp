@@ -3,7 +3,9 @@
 // A run lives in one folder (TrainConfig::out):
 //   config.json        the full configuration (also stored inside every checkpoint)
 //   metrics.jsonl      one record per epoch: epoch, step, train_loss, train_acc, test_loss,
-//                      test_acc, images_per_s, lr, seconds
+//                      test_acc, images_per_s, lr, seconds; with track_variance_every also
+//                      {"kind": "variance", epoch, step, quant_variance, sampling_variance, ratio,
+//                      layers_over, layers: {name: {quant_variance, sampling_variance, ratio}}}
 //   ckpt.safetensors   the latest checkpoint (weights, BN buffers, momentum, RNG counters,
 //                      epoch/step), replaced atomically at the end of every epoch and, with
 //                      ckpt_every_steps, every N steps
@@ -18,6 +20,11 @@
 #include <string>
 
 namespace fqt {
+
+struct Dataset;
+// The data of a run: a dataset by name (data.hpp) or `synthetic` (a small learnable problem,
+// 1x16x16, 10 classes, 2048 train / 512 test samples, independent of the run seed).
+Dataset load_run_data(const std::string& name, const std::string& dir, bool train);
 
 struct TrainConfig {
   std::string model = "cnn";
@@ -48,6 +55,13 @@ struct TrainConfig {
   // step and the layer; the last good checkpoint is kept) or "skip" (no optimizer update for
   // that step, batch-norm statistics restored; counted in TrainResult::skipped_steps).
   std::string on_nonfinite = "stop";
+  // Every N steps (0 = never): estimate quantization and sampling variance of the gradient on the
+  // current batch (variance.hpp, track_variance: 2 extra FQT draws around the QAT gradient; batch
+  // split in 4 for the sampling variance), log a {"kind": "variance"} record with the ratio per
+  // layer to metrics.jsonl and warn when quantization variance exceeds sampling variance. Costs
+  // about 4 extra backward passes and 1 forward pass (1 QAT + 2 FQT backward on the batch, forward +
+  // backward of its 4 quarters) per tracked step; training is unchanged.
+  int64_t track_variance_every = 0;
   std::string out;          // run folder; "" = no files written
   bool overwrite = false;   // start afresh even if `out` holds a checkpoint (otherwise an InputError)
   int threads = 0;

@@ -8,6 +8,7 @@
 #include "fqt/models.hpp"
 #include "fqt/optim.hpp"
 #include "fqt/schedule.hpp"
+#include "fqt/variance.hpp"
 
 #include <nlohmann/json.hpp>
 #include <signal.h>
@@ -54,14 +55,8 @@ Dataset slice(const Dataset& ds, int64_t begin, int64_t end) {
   return out;
 }
 
-// `--data synthetic`: a small learnable problem (1x16x16, 10 classes; 2048 train, 512 test
-// samples of the same class prototypes) for tests and smoke runs. Independent of the run seed.
 Dataset load_data(const std::string& name, const std::string& dir, bool train) {
-  if (name == "synthetic") {
-    const Dataset all = synthetic_dataset(2560, 1, 16, 16, 10, 11);
-    return train ? slice(all, 0, 2048) : slice(all, 2048, 2560);
-  }
-  return load_dataset(name, dir, train);
+  return load_run_data(name, dir, train);
 }
 
 Dataset subset(const Dataset& ds, int64_t limit) {
@@ -235,6 +230,8 @@ void check_config(const TrainConfig& c) {
   FQT_INPUT_CHECK(c.ckpt_every_steps >= 0, "--ckpt-every must be >= 0 (got {})", c.ckpt_every_steps);
   FQT_INPUT_CHECK(c.train_limit >= 0 && c.test_limit >= 0, "--train-limit and --test-limit must be >= 0");
   FQT_INPUT_CHECK(c.threads >= 0 && c.threads <= 4096, "--threads must be in 0..4096 (got {})", c.threads);
+  FQT_INPUT_CHECK(c.track_variance_every >= 0, "--track-variance must be 0 (off) or a number of steps (got {})",
+                  c.track_variance_every);
   (void)augment_for(c.augment, c.data);
 }
 
@@ -284,7 +281,52 @@ void remove_stale_temporaries(const std::string& dir) {
   }
 }
 
+// --track-variance: quantization vs sampling variance on the current batch (track_variance in
+// variance.hpp), one {"kind": "variance"} record in metrics.jsonl, a warning when quantization
+// variance exceeds sampling variance. Leaves gradients and batch-norm statistics unchanged.
+void log_variance(Model& m, const Batch& b, const Tensor& dlogits, const StepContext& ctx, const TrainConfig& cfg,
+                  int64_t epoch) {
+  const std::vector<TrackedVariance> tv =
+      track_variance(*m.net, b.x, b.y, dlogits, ctx, 2, 4, static_cast<float>(cfg.label_smoothing));
+  json layers = json::object();
+  std::vector<std::string> over;
+  const TrackedVariance* worst = nullptr;
+  for (const auto& t : tv) {
+    if (t.layer == "total") continue;
+    layers[t.layer] = {{"quant_variance", t.quant_variance},
+                       {"sampling_variance", t.sampling_variance},
+                       {"ratio", std::isfinite(t.ratio) ? json(t.ratio) : json(nullptr)}};
+    if (t.quant_variance > t.sampling_variance) over.push_back(t.layer);
+    if (!worst || t.ratio > worst->ratio) worst = &t;
+  }
+  const TrackedVariance& total = tv.back();
+  if (!over.empty() || total.quant_variance > total.sampling_variance)
+    std::fprintf(stderr,
+                 "%sfqt train: warning: step %llu: quantization variance exceeds sampling variance in %zu of %zu layers "
+                 "(worst %s, ratio %.3g; all parameters: ratio %.3g) - consider more gradient bits or bhq\n",
+                 cfg.progress && isatty(fileno(stderr)) ? "\n" : "", static_cast<unsigned long long>(ctx.step),
+                 over.size(), tv.size() - 1, worst ? worst->layer.c_str() : "-", worst ? worst->ratio : 0.0, total.ratio);
+  if (cfg.out.empty()) return;
+  json rec = {{"kind", "variance"},
+              {"epoch", epoch},
+              {"step", ctx.step},
+              {"quant_variance", total.quant_variance},
+              {"sampling_variance", total.sampling_variance},
+              {"ratio", std::isfinite(total.ratio) ? json(total.ratio) : json(nullptr)},
+              {"layers_over", over.size()},
+              {"layers", layers}};
+  std::ofstream(fs::path(cfg.out) / "metrics.jsonl", std::ios::app) << rec.dump() << "\n";
+}
+
 }  // namespace
+
+Dataset load_run_data(const std::string& name, const std::string& dir, bool train) {
+  if (name == "synthetic") {
+    const Dataset all = synthetic_dataset(2560, 1, 16, 16, 10, 11);
+    return train ? slice(all, 0, 2048) : slice(all, 2048, 2560);
+  }
+  return load_dataset(name, dir, train);
+}
 
 std::string TrainConfig::to_json() const {
   json j = {{"model", model},
@@ -311,7 +353,8 @@ std::string TrainConfig::to_json() const {
             {"test_limit", test_limit},
             {"max_steps", max_steps},
             {"ckpt_every_steps", ckpt_every_steps},
-            {"on_nonfinite", on_nonfinite}};
+            {"on_nonfinite", on_nonfinite},
+            {"track_variance_every", track_variance_every}};
   return j.dump(2);
 }
 
@@ -349,6 +392,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.max_steps = j.value("max_steps", int64_t{0});
     c.ckpt_every_steps = j.value("ckpt_every_steps", int64_t{0});
     c.on_nonfinite = j.value("on_nonfinite", std::string("stop"));
+    c.track_variance_every = j.value("track_variance_every", int64_t{0});
   } catch (const json::exception& e) {
     throw InputError(fmt::format("run configuration is incomplete or has a wrong type: {}", e.what()));
   }
@@ -371,6 +415,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     stored.progress = cfg.progress;
     if (!cfg.data_dir.empty()) stored.data_dir = cfg.data_dir;
     stored.max_steps = cfg.max_steps;
+    stored.track_variance_every = cfg.track_variance_every;
     cfg = stored;
   }
   check_config(cfg);
@@ -419,7 +464,11 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       while (std::getline(in, line))
         if (!line.empty()) {
           try {
-            if (json::parse(line).value("epoch", int64_t{0}) <= state.epoch) kept += line + "\n";
+            const json rec = json::parse(line);
+            const bool keep = rec.value("kind", std::string()) == "variance"
+                                  ? rec.value("step", int64_t{0}) < state.step  // redone from state.step on
+                                  : rec.value("epoch", int64_t{0}) <= state.epoch;
+            if (keep) kept += line + "\n";
           } catch (const std::exception&) {
           }
         }
@@ -477,6 +526,8 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       if (!std::isfinite(loss)) throw NonFiniteError(fmt::format("loss is {}", loss));
       phase = "gradient";
       Tensor g = ce.backward();
+      const bool track = cfg.track_variance_every > 0 && static_cast<int64_t>(ctx.step) % cfg.track_variance_every == 0;
+      const Tensor dlogits = track ? g.clone() : Tensor();
       if (seq) {
         for (size_t k = seq->size(); k-- > 0;) {
           layer = names[k];
@@ -494,6 +545,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
         m.net->backward(g, ctx);
       }
       layer.clear();
+      if (track) log_variance(m, b, dlogits, ctx, cfg, state.epoch + 1);
       apply_poison(poison, "grad", static_cast<int64_t>(ctx.step), m.params);
       phase = "update";
       opt.step(lr);

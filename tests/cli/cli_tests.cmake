@@ -69,3 +69,37 @@ fqt_cli_test(train_on_nonfinite_stop 2 "non-finite gradient at epoch 1 step 2, l
 fqt_cli_test(train_on_nonfinite_skip 0 "1 step.s. skipped"
              env FQT_TEST_POISON=grad:fc.weight:1 ${FQT_EXE} train --data synthetic --model cnn --epochs 1 --batch 64
              --train-limit 256 --test-limit 64 --on-nonfinite skip --quiet --overwrite --out ${CLI_TMP}/nan_skip)
+# fqt variance: help, clear errors, a small real measurement on the trained checkpoint, plots.
+fqt_cli_test(variance_help 0 "--dgrad-bits.*--samples|--samples" ${FQT_EXE} variance --help)
+fqt_cli_test(variance_bad_bits 2 "bit width from 2 to 8" ${FQT_EXE} variance --data synthetic --dgrad-bits 4,9)
+fqt_cli_test(variance_one_batch 2 "--batches must be at least 2" ${FQT_EXE} variance --data synthetic --batches 1)
+fqt_cli_test(variance_deterministic 2 "must be stochastic" ${FQT_EXE} variance --data synthetic --dgrad affine)
+fqt_cli_test(variance_bad_breakdown 2 "--breakdown" ${FQT_EXE} variance --data synthetic --breakdown bhq4)
+fqt_cli_test(variance_missing_checkpoint 2 "cannot open" ${FQT_EXE} variance --checkpoint ${CLI_TMP}/nope.safetensors)
+add_test(NAME cli.variance_run COMMAND ${EXPECT} 0 "Per-layer breakdown, dgrad bhq 4-bit" -- ${FQT_EXE} variance
+         --checkpoint ${RUN}/ckpt.safetensors --dgrad ptq,psq,bhq --dgrad-bits 4,8 --samples 3 --batches 2 --batch 32
+         --threads 1 --out ${CLI_TMP}/variance --quiet)
+set_tests_properties(cli.variance_run PROPERTIES FIXTURES_REQUIRED trained FIXTURES_SETUP variance)
+add_test(NAME cli.variance_json_fields COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/check_variance_json.sh ${CLI_TMP}/variance/variance.json)
+set_tests_properties(cli.variance_json_fields PROPERTIES FIXTURES_REQUIRED variance)
+# Plots with Debian's matplotlib; skipped (77) where /usr/bin/python3 has none.
+add_test(NAME cli.plot_variance COMMAND sh -c "/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || exit 77; \
+  /usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/plot_variance ${CLI_TMP}/variance/variance.json --runs ${RUN} \
+  --out ${CLI_TMP}/figures && test -s ${CLI_TMP}/figures/variance_vs_bits.svg && test -s ${CLI_TMP}/figures/variance_per_layer.png \
+  && test -s ${CLI_TMP}/figures/training_curves.png")
+set_tests_properties(cli.plot_variance PROPERTIES FIXTURES_REQUIRED "variance;trained" SKIP_RETURN_CODE 77)
+fqt_cli_test(plot_variance_no_args 2 "give a variance.json" /usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/plot_variance)
+# fqt train --track-variance: variance records in metrics.jsonl.
+add_test(NAME cli.train_track_variance COMMAND ${EXPECT} 0 "final test accuracy" -- ${FQT_EXE} train --data synthetic
+         --model cnn --mode fqt --dgrad ptq --dgrad-bits 4 --epochs 1 --batch 64 --train-limit 256 --test-limit 64
+         --track-variance 2 --threads 1 --out ${CLI_TMP}/track_run --quiet)
+set_tests_properties(cli.train_track_variance PROPERTIES FIXTURES_SETUP tracked)
+fqt_cli_test(train_track_variance_records 0 "\"kind\":\"variance\".*\"ratio\"" cat ${CLI_TMP}/track_run/metrics.jsonl)
+set_tests_properties(cli.train_track_variance_records PROPERTIES FIXTURES_REQUIRED tracked)
+fqt_cli_test(train_bad_track_variance 2 "--track-variance" ${FQT_EXE} train --data synthetic --track-variance -5)
+# scripts/write_results (the RESULTS.md generator of scripts/replicate) on the runs above.
+add_test(NAME cli.write_results COMMAND sh -c "/usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/write_results --runs ${CLI_TMP} \
+  --names 'train_run track_run' --variance ${CLI_TMP}/variance/variance.json --figures ${CLI_TMP}/figures \
+  --results ${CLI_TMP}/RESULTS.md --smoke 1 && grep -q '| train_run | 1 |' ${CLI_TMP}/RESULTS.md \
+  && grep -q 'Smoke test' ${CLI_TMP}/RESULTS.md && grep -q 'Sampling (QAT) variance' ${CLI_TMP}/RESULTS.md")
+set_tests_properties(cli.write_results PROPERTIES FIXTURES_REQUIRED "variance;trained;tracked")

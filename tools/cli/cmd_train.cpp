@@ -72,6 +72,10 @@ Runner add_train(CLI::App& app) {
                  "NaN/Inf in the loss or a gradient: stop (error naming step and layer; the last good checkpoint "
                  "is kept) | skip (no update for that step, logged and counted)")
       ->capture_default_str();
+  app.add_option("--track-variance", c.track_variance_every,
+                 "every N steps, log quantization/sampling variance ratio per layer to metrics.jsonl and warn "
+                 "when quantization variance exceeds sampling variance (0 = off)")
+      ->capture_default_str();
   app.add_option("--out", c.out, "run folder for config, metrics and checkpoints (default: write nothing)");
   app.add_flag("--overwrite", c.overwrite, "start afresh even if --out holds a checkpoint (it is replaced)");
   app.add_flag("--resume", o->resume, "continue the run in --out from its checkpoint (its stored settings are used)");

@@ -15,6 +15,7 @@ Runner add_synth(CLI::App& app);
 Runner add_train(CLI::App& app);
 Runner add_eval(CLI::App& app);
 Runner add_bench(CLI::App& app);
+Runner add_variance(CLI::App& app);
 
 // "a,b,c" -> {"a","b","c"} (empty items dropped).
 std::vector<std::string> split_list(const std::string& s);

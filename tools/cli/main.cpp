@@ -34,6 +34,8 @@ int main(int argc, char** argv) {
   add("eval", "Test accuracy of a training checkpoint", fqt::cli::add_eval);
   add("bench", "Benchmarks: int8 vs fp32 GEMM throughput, training step time per precision mode", fqt::cli::add_bench);
   add("quantize", "Measure bias and variance of gradient quantizers on a matrix (.npy)", fqt::cli::add_quantize);
+  add("variance", "Bias and variance of the FQT gradient of a network, per layer and in total (PTQ/PSQ/BHQ)",
+      fqt::cli::add_variance);
   add("synth", "Write a synthetic gradient-like matrix (.npy) to try the quantizers on", fqt::cli::add_synth);
 
   try {
