@@ -164,9 +164,12 @@ void run(int64_t M, int64_t N, int64_t K, const Side& a, const Side& b, const Bh
     if (ct.size() < size_t(M * N)) ct.resize(size_t(M * N));
     core(N, M, K, b, a, ct.data(), M, false);
     float* cp = c.data<float>();
+    // The calling thread's buffer, by pointer: inside the parallel region `ct` would name each
+    // worker thread's own (empty) thread_local vector.
+    const float* ctp = ct.data();
 #pragma omp parallel for schedule(static) if (M * N > (1 << 16))
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) cp[m * N + n] = accumulate ? cp[m * N + n] + ct[n * M + m] : ct[n * M + m];
+      for (int64_t n = 0; n < N; ++n) cp[m * N + n] = accumulate ? cp[m * N + n] + ctp[n * M + m] : ctp[n * M + m];
     return;
   }
   if (!t) {
