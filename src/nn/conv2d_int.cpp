@@ -123,6 +123,7 @@ inline int64_t hwc_tap(int64_t r, int64_t k, int64_t C) {
 void igemm_worker(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
                   int32_t* C, int64_t ldc) {
   FQT_CHECK(K <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", K);
+  profile::Scope timer(profile::gemm_int);
   if (igemm_detail::vnni_available()) igemm_detail::s32_vnni(M, N, K, A, lda, B, ldb, C, ldc);
   else igemm_detail::s32_portable(M, N, K, A, lda, B, ldb, C, ldc);
 }
