@@ -92,6 +92,19 @@ check bench out-of-range      "--batch must be in 1..65536" -- "$fqt" bench step
 check bench unknown-name      "unknown mode 'int4'"        -- "$fqt" bench step --mode int4
 check bench incompatible      "input|CxHxW"                -- "$fqt" bench step --input 3x0x32
 check bench missing-subcommand "subcommand is required"    -- "$fqt" bench
+check bench-gemm unknown-option "frobnicate"               -- "$fqt" bench gemm --frobnicate
+check bench-gemm malformed-number "--m"                    -- "$fqt" bench gemm --m big
+check bench-gemm out-of-range "--m|must be"                -- "$fqt" bench gemm --m 0
+check bench-gemm unknown-name "unknown model|valid"        -- "$fqt" bench gemm --shapes resnet1000
+
+V=$tmp/variance_out  # must never be created by a failing variance run
+check variance unknown-option "frobnicate"                 --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --frobnicate
+check variance malformed-number "samples"                  --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --samples lots
+check variance out-of-range   "bit width from 2 to 8"      --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-bits 9
+check variance unknown-name   "unknown quantizer 'pqs'"    --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad pqs
+check variance incompatible   "must be stochastic"         --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad affine
+check variance missing-file   "cannot open"                --no-output "$V" -- "$fqt" variance --checkpoint "$fx/nope.safetensors" --out "$V"
+check variance truncated-file "truncated"                  --no-output "$V" -- "$fqt" variance --checkpoint "$fx/truncated.safetensors" --out "$V"
 
 check quantize unknown-option "frobnicate"                 -- "$fqt" quantize --input "$fx/good.npy" --frobnicate
 check quantize malformed-number "samples"                  -- "$fqt" quantize --input "$fx/good.npy" --samples lots
