@@ -100,6 +100,7 @@ class Conv2d : public QuantizedLayer {
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
   Tensor dgrad(const Tensor& dy, const StepContext& ctx) override;
   void wgrad(const Tensor& dy, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;  // wgrad then dgrad, dY laid out once
   void collect_params(std::vector<Param*>& out) override;
   void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
     saved_add(out, x_);  // activations only: the weight (codes) is not counted
@@ -122,12 +123,13 @@ class Conv2d : public QuantizedLayer {
   Tensor dgrad_int(const QuantizedTensor& gq) const;
   void wgrad_int(const QuantizedTensor& gq);
   void add_bias_grad(const Tensor& dy);
-  // dY in the SPEC's row layout [(N*P), Cout], computed once per backward: wgrad (first) keeps it
-  // for dgrad, which takes it (keep = false clears the cache). Matched on dY's storage and size.
-  Tensor grad_rows(const Tensor& dy, bool keep);
-  Tensor g_rows_;
-  const void* g_rows_src_ = nullptr;
-  int zero_code_ = -1;  // the saved activation grid's code for 0 (-1: none, simulated path)
+  // The two halves given dY in the SPEC's row layout [(N*P), Cout] (fqt mode; else undefined):
+  // backward() lays dY out once for both, dgrad() / wgrad() alone each lay it out themselves.
+  Tensor dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx);
+  void wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx);
+  Tensor rows_for_gradients(const Tensor& dy) const;
+  // The saved activation grid's code for 0 (-1: none; the integer path needs one for padding).
+  int saved_zero_code() const;
   int64_t cin_, cout_, k_, stride_, pad_;
   bool has_bias_;
   Param weight_, bias_;

@@ -147,7 +147,6 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
   const Geom g = geom(x.shape(), k_, stride_, pad_);
   const int64_t N = x.size(0), P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
   Tensor xin = x, w = weight2d();
-  g_rows_ = {}, g_rows_src_ = nullptr;
   if (!quantized_forward(recipe_)) {
     if (ctx.train) x_ = x;
     xq_ = {}, wq_ = {};
@@ -157,9 +156,10 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
     x_ = {};
     in_shape_ = x.shape();
     // Integer path: needs grids that factor out of the GEMM and an exact code for 0 (padding).
-    zero_code_ = xq.granularity() == Granularity::tensor ? exact_zero_code(xq.scale[0], xq.lo[0], xq.max_code()) : -1;
-    if (zero_code_ >= 0 && int_fprop(recipe_, xq, wq)) {
-      Tensor y = forward_int(xq, wq, zero_code_);
+    const int zero_code =
+        xq.granularity() == Granularity::tensor ? exact_zero_code(xq.scale[0], xq.lo[0], xq.max_code()) : -1;
+    if (zero_code >= 0 && int_fprop(recipe_, xq, wq)) {
+      Tensor y = forward_int(xq, wq, zero_code);
       if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
       return y;
     }
@@ -191,7 +191,27 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
   return y;
 }
 
-Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) {
+int Conv2d::saved_zero_code() const {
+  return xq_.codes.defined() && xq_.granularity() == Granularity::tensor
+             ? exact_zero_code(xq_.scale[0], xq_.lo[0], xq_.max_code())
+             : -1;
+}
+
+Tensor Conv2d::rows_for_gradients(const Tensor& dy) const {
+  return recipe_.mode == Mode::fqt ? nchw_to_rows(dy) : Tensor();
+}
+
+Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
+  const Tensor rows = rows_for_gradients(dy);
+  wgrad_rows(dy, rows, ctx);
+  return dgrad_rows(dy, rows, ctx);
+}
+
+Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) { return dgrad_rows(dy, rows_for_gradients(dy), ctx); }
+
+void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) { wgrad_rows(dy, rows_for_gradients(dy), ctx); }
+
+Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx) {
   FQT_CHECK(!in_shape_.empty() && dy.dim() == 4 && dy.size(1) == cout_ && dy.size(0) == in_shape_[0],
             "Conv2d {}: dy {} does not match the last forward", name_, shape_str(dy.shape()));
   const Geom g = geom(in_shape_, k_, stride_, pad_);
@@ -205,7 +225,7 @@ Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) {
     w = dequantize(wq_);
   }
   if (recipe_.mode == Mode::fqt) {
-    gq_dgrad_ = quantize(grad_rows(dy, false), recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
+    gq_dgrad_ = quantize(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
     if (int_dgrad(recipe_, gq_dgrad_, wq_)) return dgrad_int(gq_dgrad_);
     grows = dequantize(gq_dgrad_);
   }
@@ -232,7 +252,7 @@ Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) {
 // depends only on the shape (not on the thread count); each group sums its samples in order into
 // its own partial dW (one im2col per sample into a cache-resident buffer, then a GEMM with
 // beta = 1), and the partials are added in group order.
-void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
+void Conv2d::wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx) {
   FQT_CHECK(!in_shape_.empty() && dy.dim() == 4 && dy.size(1) == cout_ && dy.size(0) == in_shape_[0],
             "Conv2d {}: dy {} does not match the last forward", name_, shape_str(dy.shape()));
   if (recipe_.mode == Mode::fp32) {
@@ -244,8 +264,8 @@ void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W, wsize = cout_ * ckk;
   Tensor grows;  // fqt: dequantized Qwgrad(G) in the SPEC's row layout [(N*P), Cout]
   if (recipe_.mode == Mode::fqt) {
-    gq_wgrad_ = quantize(grad_rows(dy, true), recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
-    if (zero_code_ >= 0 && int_wgrad(recipe_, gq_wgrad_, xq_)) {
+    gq_wgrad_ = quantize(rows, recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
+    if (saved_zero_code() >= 0 && int_wgrad(recipe_, gq_wgrad_, xq_)) {
       wgrad_int(gq_wgrad_);
       add_bias_grad(dy);
       return;
@@ -285,13 +305,6 @@ void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) {
     dw[i] += s;
   }
   add_bias_grad(dy);
-}
-
-Tensor Conv2d::grad_rows(const Tensor& dy, bool keep) {
-  Tensor rows = g_rows_src_ == dy.raw() && g_rows_.numel() == dy.numel() ? g_rows_ : nchw_to_rows(dy);
-  g_rows_ = keep ? rows : Tensor();
-  g_rows_src_ = keep ? dy.raw() : nullptr;
-  return rows;
 }
 
 void Conv2d::add_bias_grad(const Tensor& dy) {

@@ -246,7 +246,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const int64_t m = cout_ + 1, kb = ckk + 1, wsize = m * kb;
   const int shx = s8_shift(xq_.spec.bits);
   const double sx = xq_.scale[0], lx = xq_.lo[0] + shx / sx;
-  const auto pad_val = static_cast<int8_t>(zero_code_ - shx);
+  const auto pad_val = static_cast<int8_t>(saved_zero_code() - shx);
   const uint8_t* gc = gq.codes.data<uint8_t>();
   const uint8_t* xc = xq_.codes.data<uint8_t>();
   // Integer partial sums per fixed group of samples (exact: the grouping cannot change them).
