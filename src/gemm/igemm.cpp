@@ -83,10 +83,12 @@ void igemm_u8s8s64_ref(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_
 void igemm_u8s8s32_ref(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B_t,
                        int64_t ldb, int32_t* C, int64_t ldc) {
   check_args(M, N, K, lda, ldb, ldc);
+  // The int64 reference, then a checked narrowing.
+  std::vector<int64_t> wide(static_cast<size_t>(M * N));
+  igemm_u8s8s64_ref(M, N, K, A, lda, B_t, ldb, wide.data(), N);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
-      int64_t s = 0;
-      for (int64_t k = 0; k < K; ++k) s += int64_t(A[m * lda + k]) * int64_t(B_t[n * ldb + k]);
+      const int64_t s = wide[m * N + n];
       FQT_CHECK(s >= INT32_MIN && s <= INT32_MAX, "igemm_u8s8s32_ref: C[{}][{}] = {} does not fit in int32", m, n, s);
       C[m * ldc + n] = static_cast<int32_t>(s);
     }

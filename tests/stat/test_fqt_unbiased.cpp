@@ -10,6 +10,7 @@
 // so we also check that the error shrinks with K (16 -> 512: expected factor 5.7, we ask for 2).
 // Fixed seeds: the test is deterministic.
 #include "fqt/layers.hpp"
+#include "tiny_net.hpp"
 #include "fqt/rng.hpp"
 
 #include <gtest/gtest.h>
@@ -19,33 +20,9 @@
 #include <vector>
 
 using namespace fqt;
+using fqt::test::TinyNet;
 
 namespace {
-
-struct TinyNet {
-  Sequential net;
-  explicit TinyNet(const Recipe& r) {
-    net.emplace<Conv2d>("conv1", 3, 8, 3, 1, 1, false, r, 0, 5);
-    net.emplace<BatchNorm2d>("bn1", 8);
-    net.emplace<ReLU>();
-    net.emplace<Conv2d>("conv2", 8, 8, 3, 1, 1, true, r, 1, 5);
-    net.emplace<GlobalAvgPool>();
-    net.emplace<Linear>("fc", 8, 10, true, r, 2, 5);
-  }
-  std::vector<double> gradient(const Tensor& x, const Tensor& y, uint64_t step) {
-    std::vector<Param*> params;
-    net.collect_params(params);
-    for (Param* p : params) p->grad.fill(0.0);
-    const StepContext ctx{true, 1234, step};
-    SoftmaxCrossEntropy loss;
-    loss.forward(net.forward(x, ctx), y);
-    net.backward(loss.backward(), ctx);
-    std::vector<double> g;
-    for (Param* p : params)
-      for (int64_t i = 0; i < p->grad.numel(); ++i) g.push_back(p->grad.data<float>()[i]);
-    return g;
-  }
-};
 
 double norm(const std::vector<double>& v) {
   double s = 0;

@@ -7,6 +7,7 @@
 #include "fqt/rng.hpp"
 #include "fqt/train.hpp"
 #include "fqt/variance.hpp"
+#include "tiny_net.hpp"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -19,21 +20,9 @@
 #include <fstream>
 
 using namespace fqt;
+using fqt::test::TinyNet;
 
 namespace {
-
-// conv-BN-ReLU-conv-GAP-linear, as in test_fqt_unbiased.cpp.
-struct TinyNet {
-  Sequential net;
-  explicit TinyNet(const Recipe& r) {
-    net.emplace<Conv2d>("conv1", 3, 8, 3, 1, 1, false, r, 0, 5);
-    net.emplace<BatchNorm2d>("bn1", 8);
-    net.emplace<ReLU>();
-    net.emplace<Conv2d>("conv2", 8, 8, 3, 1, 1, true, r, 1, 5);
-    net.emplace<GlobalAvgPool>();
-    net.emplace<Linear>("fc", 8, 10, true, r, 2, 5);
-  }
-};
 
 Recipe qat_recipe() {
   Recipe r;
