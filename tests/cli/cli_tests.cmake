@@ -92,7 +92,7 @@ fqt_cli_test(plot_variance_no_args 2 "give a variance.json" /usr/bin/python3 ${C
 # fqt train --track-variance: variance records in metrics.jsonl.
 add_test(NAME cli.train_track_variance COMMAND ${EXPECT} 0 "final test accuracy" -- ${FQT_EXE} train --data synthetic
          --model cnn --mode fqt --dgrad ptq --dgrad-bits 4 --epochs 1 --batch 64 --train-limit 256 --test-limit 64
-         --track-variance 2 --threads 1 --out ${CLI_TMP}/track_run --quiet)
+         --track-variance 2 --threads 1 --out ${CLI_TMP}/track_run --overwrite --quiet)
 set_tests_properties(cli.train_track_variance PROPERTIES FIXTURES_SETUP tracked)
 fqt_cli_test(train_track_variance_records 0 "\"kind\":\"variance\".*\"ratio\"" cat ${CLI_TMP}/track_run/metrics.jsonl)
 set_tests_properties(cli.train_track_variance_records PROPERTIES FIXTURES_REQUIRED tracked)
