@@ -79,6 +79,9 @@ struct BhqTransform {
 
 // Builds the transform for X (rows x cols) exactly as SPEC section 2 describes.
 BhqTransform bhq_transform(const float* x, int64_t rows, int64_t cols);
+// BHQ's row order (step 1): indices by range m descending, ties by index (a stable radix sort;
+// every m must be > 0).
+std::vector<int64_t> bhq_rank_descending(const std::vector<double>& m);
 // Householder helpers: H_n = I - 2 v v^T with v = (e1 - u) / ||e1 - u||, u = 1/sqrt(n).
 // v_1 and v_k (k > 1) for group size n; and Qmax(n) = max |H_n entry|.
 void householder_v(int64_t n, float& v_first, float& v_rest);

@@ -11,13 +11,14 @@
 //
 //   fprop  Y_n [Cout, P]  = Wq [Cout, Ckk] . im2row(xq_n)^T      A = weight codes (+ ones row)
 //   dgrad  dcols_n [P, Ckk] = Gq_n [P, Cout] . Wq                  A = gradient codes (rows of G)
-//          then row2im (the adjoint of im2row) into dx_n; BHQ: T^-1 on all rows first
+//          then row2im (the adjoint of im2row) into dx_n; BHQ: T^-1 fused row by row (see dgrad_int)
 //   wgrad  dW [Cout, Ckk] = sum_n Gq_n^T . im2col(xq_n)^T          A = gradient codes^T (+ ones)
 //          integer partial sums in int64 (exact, so any grouping gives the same result)
 //
 // im2col runs on the codes: padding is the activation grid's code for 0 (zero-aligned grids have
 // one by construction), so nothing is dequantized and the saved input stays 1 byte per value.
 #include "common.hpp"
+#include "fqt/gemm.hpp"
 #include "fqt/igemm.hpp"
 #include "fqt/profile.hpp"
 
@@ -200,39 +201,78 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   }
   const bool bhq = gq.transform.has_value();
   const bool per_row = gq.granularity() == Granularity::row;
-  Tensor all = bhq ? Tensor::empty({N * P, ckk}) : Tensor();  // BHQ: T^-1 mixes rows of all samples
-  Tensor dx = Tensor::empty(in_shape_);
+  // BHQ: dx rows = T^-1 (Z W) with T^-1 = diag(1/s) H and H = I - 2 v v^T within each group, so
+  //   (T^-1 Z W)_r = (Z_r W - 2 v_r (v^T Z)_g(r) W) / s_r.
+  // (v^T Z)_g is a Cout-vector per group: one small fp32 product U W [groups, Ckk] carries the
+  // whole correction, and the inverse is applied row by row inside the per-sample loop (no
+  // [N*P, Ckk] product is materialised, and the groups may mix samples freely).
+  std::vector<int32_t> grp;
+  std::vector<double> v2, inv_s;
+  std::vector<float> UW;
   const uint8_t* gc = gq.codes.data<uint8_t>();
+  if (bhq) {
+    const BhqTransform& t = *gq.transform;
+    const int64_t G = t.num_groups();
+    grp.resize(N * P), v2.resize(N * P), inv_s.resize(N * P);
+    std::vector<float> U(static_cast<size_t>(G * cout_));
+#pragma omp parallel if (parallel_worth(N * P * cout_))
+    {
+      std::vector<double> u(static_cast<size_t>(cout_));
+#pragma omp for schedule(static)
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int64_t* mem = t.members.data() + t.offsets[gi];
+        const int64_t n = t.group_size(gi);
+        float vf, vr;
+        householder_v(n, vf, vr);
+        std::fill(u.begin(), u.end(), 0.0);
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t r = mem[k];
+          const double vk = k == 0 ? vf : vr, sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
+          grp[r] = static_cast<int32_t>(gi), v2[r] = 2.0 * vk, inv_s[r] = 1.0 / t.row_scale[r];
+          const double a = vk / sg, b = vk * lg;
+          const uint8_t* zr = gc + r * cout_;
+          for (int64_t c = 0; c < cout_; ++c) u[c] += a * zr[c] + b;
+        }
+        for (int64_t c = 0; c < cout_; ++c) U[gi * cout_ + c] = static_cast<float>(u[c]);
+      }
+    }
+    std::vector<float> Wd(static_cast<size_t>(cout_ * ckk));  // dequantized W [Cout, Ckk], tap order
+    for (int64_t k = 0; k < ckk; ++k)
+      for (int64_t c = 0; c < cout_; ++c) Wd[c * ckk + k] = static_cast<float>(Bt[k * cout_ + c] / sw + lw);
+    UW.resize(static_cast<size_t>(G * ckk));
+    sgemm(false, false, G, ckk, cout_, 1.0f, U.data(), cout_, Wd.data(), ckk, 0.0f, UW.data(), ckk);
+  }
+  Tensor dx = Tensor::empty(in_shape_);
   float* dxp = dx.data<float>();
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));
-    std::vector<float> rows(bhq ? 0 : static_cast<size_t>(P * ckk));
+    std::vector<float> rows(static_cast<size_t>(P * ckk));
     std::vector<float> acc(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       igemm_worker(P, ldc, cout_, gc + n * P * cout_, cout_, Bt.data(), cout_, C.data(), ldc);
-      float* out = bhq ? all.data<float>() + n * P * ckk : rows.data();
+      float* out = rows.data();
       for (int64_t p = 0; p < P; ++p) {
         const int64_t r = n * P + p;
         const double sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
         const int32_t* s = C.data() + p * ldc;
         const double inv = 1.0 / (sg * sw), cb = lg / sw;
         const double cr = lw / sg * s[ckk] + static_cast<double>(cout_) * lg * lw;
-        for (int64_t k = 0; k < ckk; ++k) out[p * ckk + k] = static_cast<float>(s[k] * inv + cb * rb[k] + cr);
+        float* o = out + p * ckk;
+        if (bhq) {
+          const float* uw = UW.data() + static_cast<int64_t>(grp[r]) * ckk;
+          if (p + 4 < P) {  // the groups are in range order, not row order: fetch a later row's early
+            const char* ahead = reinterpret_cast<const char*>(UW.data() + static_cast<int64_t>(grp[r + 4]) * ckk);
+            for (int64_t off = 0; off < ckk * 4; off += 64) __builtin_prefetch(ahead + off);
+          }
+          const double c2 = v2[r], is = inv_s[r];
+          for (int64_t k = 0; k < ckk; ++k) o[k] = static_cast<float>((s[k] * inv + cb * rb[k] + cr - c2 * uw[k]) * is);
+        } else {
+          for (int64_t k = 0; k < ckk; ++k) o[k] = static_cast<float>(s[k] * inv + cb * rb[k] + cr);
+        }
       }
-      if (!bhq) row2im_hwc(out, g, acc.data(), dxp + n * chw);
-    }
-  }
-  if (bhq) {
-    Tensor back = Tensor::empty({N * P, ckk});
-    gq.transform->apply_inverse(all.data<float>(), back.data<float>(), ckk);
-    const float* bp = back.data<float>();
-#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
-    {
-      std::vector<float> acc(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) row2im_hwc(bp + n * P * ckk, g, acc.data(), dxp + n * chw);
+      row2im_hwc(out, g, acc.data(), dxp + n * chw);
     }
   }
   return dx;
