@@ -206,15 +206,29 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   // (v^T Z)_g is a Cout-vector per group: one small fp32 product U W [groups, Ckk] carries the
   // whole correction, and the inverse is applied row by row inside the per-sample loop (no
   // [N*P, Ckk] product is materialised, and the groups may mix samples freely).
-  std::vector<int32_t> grp;
-  std::vector<double> v2, inv_s;
-  std::vector<float> UW;
+  // Scratch shared by all layers of the thread that runs backward, grown to the largest layer and
+  // kept: a fresh buffer would page-fault and zero-fill ~30 MB per stage-1 layer, and the number of
+  // groups changes every step, so the tensor block cache (exact sizes) would not reuse it.
+  struct BhqScratch {
+    std::vector<int32_t> grp;
+    std::vector<double> v2, inv_s;
+    std::vector<float> U, UW;
+  };
+  static thread_local BhqScratch scratch;
+  auto grow = [](auto& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+    return v.data();
+  };
+  int32_t* grp = nullptr;
+  double *v2 = nullptr, *inv_s = nullptr;
+  float* UW = nullptr;
   const uint8_t* gc = gq.codes.data<uint8_t>();
   if (bhq) {
     const BhqTransform& t = *gq.transform;
     const int64_t G = t.num_groups();
-    grp.resize(N * P), v2.resize(N * P), inv_s.resize(N * P);
-    std::vector<float> U(static_cast<size_t>(G * cout_));
+    grp = grow(scratch.grp, N * P), v2 = grow(scratch.v2, N * P), inv_s = grow(scratch.inv_s, N * P);
+    UW = grow(scratch.UW, G * ckk);
+    float* U = grow(scratch.U, G * cout_);
 #pragma omp parallel if (parallel_worth(N * P * cout_))
     {
       std::vector<double> u(static_cast<size_t>(cout_));
@@ -239,8 +253,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     std::vector<float> Wd(static_cast<size_t>(cout_ * ckk));  // dequantized W [Cout, Ckk], tap order
     for (int64_t k = 0; k < ckk; ++k)
       for (int64_t c = 0; c < cout_; ++c) Wd[c * ckk + k] = static_cast<float>(Bt[k * cout_ + c] / sw + lw);
-    UW.resize(static_cast<size_t>(G * ckk));
-    sgemm(false, false, G, ckk, cout_, 1.0f, U.data(), cout_, Wd.data(), ckk, 0.0f, UW.data(), ckk);
+    sgemm(false, false, G, ckk, cout_, 1.0f, U, cout_, Wd.data(), ckk, 0.0f, UW, ckk);
   }
   Tensor dx = Tensor::empty(in_shape_);
   float* dxp = dx.data<float>();
@@ -261,9 +274,9 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         const double cr = lw / sg * s[ckk] + static_cast<double>(cout_) * lg * lw;
         float* o = out + p * ckk;
         if (bhq) {
-          const float* uw = UW.data() + static_cast<int64_t>(grp[r]) * ckk;
+          const float* uw = UW + static_cast<int64_t>(grp[r]) * ckk;
           if (p + 4 < P) {  // the groups are in range order, not row order: fetch a later row's early
-            const char* ahead = reinterpret_cast<const char*>(UW.data() + static_cast<int64_t>(grp[r + 4]) * ckk);
+            const char* ahead = reinterpret_cast<const char*>(UW + static_cast<int64_t>(grp[r + 4]) * ckk);
             for (int64_t off = 0; off < ckk * 4; off += 64) __builtin_prefetch(ahead + off);
           }
           const double c2 = v2[r], is = inv_s[r];
