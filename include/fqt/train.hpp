@@ -5,7 +5,9 @@
 //   metrics.jsonl      one record per epoch: epoch, step, train_loss, train_acc, test_loss,
 //                      test_acc, images_per_s, lr, seconds; with track_variance_every also
 //                      {"kind": "variance", epoch, step, quant_variance, sampling_variance, ratio,
-//                      layers_over, layers: {name: {quant_variance, sampling_variance, ratio}}}
+//                      layers_over, layers: {name: {quant_variance, sampling_variance, ratio}}};
+//                      with log_every also {"kind": "step", step, epoch (fractional), train_loss,
+//                      train_acc, lr} every N steps (means over those N steps)
 //   ckpt.safetensors   the latest checkpoint (weights, BN buffers, momentum, RNG counters,
 //                      epoch/step), replaced atomically at the end of every epoch and, with
 //                      ckpt_every_steps, every N steps
@@ -62,6 +64,9 @@ struct TrainConfig {
   // about 4 extra backward passes and 1 forward pass (1 QAT + 2 FQT backward on the batch, forward +
   // backward of its 4 quarters) per tracked step; training is unchanged.
   int64_t track_variance_every = 0;
+  // Every N steps, a {"kind": "step"} record (training loss and accuracy over those steps) in
+  // metrics.jsonl: training curves finer than one point per epoch. 0 = off.
+  int64_t log_every = 0;
   std::string out;          // run folder; "" = no files written
   bool overwrite = false;   // start afresh even if `out` holds a checkpoint (otherwise an InputError)
   int threads = 0;

@@ -232,6 +232,7 @@ void check_config(const TrainConfig& c) {
   FQT_INPUT_CHECK(c.threads >= 0 && c.threads <= 4096, "--threads must be in 0..4096 (got {})", c.threads);
   FQT_INPUT_CHECK(c.track_variance_every >= 0, "--track-variance must be 0 (off) or a number of steps (got {})",
                   c.track_variance_every);
+  FQT_INPUT_CHECK(c.log_every >= 0, "--log-every must be 0 (off) or a number of steps (got {})", c.log_every);
   (void)augment_for(c.augment, c.data);
 }
 
@@ -354,7 +355,8 @@ std::string TrainConfig::to_json() const {
             {"max_steps", max_steps},
             {"ckpt_every_steps", ckpt_every_steps},
             {"on_nonfinite", on_nonfinite},
-            {"track_variance_every", track_variance_every}};
+            {"track_variance_every", track_variance_every},
+            {"log_every", log_every}};
   return j.dump(2);
 }
 
@@ -393,6 +395,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.ckpt_every_steps = j.value("ckpt_every_steps", int64_t{0});
     c.on_nonfinite = j.value("on_nonfinite", std::string("stop"));
     c.track_variance_every = j.value("track_variance_every", int64_t{0});
+    c.log_every = j.value("log_every", int64_t{0});
   } catch (const json::exception& e) {
     throw InputError(fmt::format("run configuration is incomplete or has a wrong type: {}", e.what()));
   }
@@ -416,6 +419,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     if (!cfg.data_dir.empty()) stored.data_dir = cfg.data_dir;
     stored.max_steps = cfg.max_steps;
     stored.track_variance_every = cfg.track_variance_every;
+    stored.log_every = cfg.log_every;
     cfg = stored;
   }
   check_config(cfg);
@@ -465,9 +469,10 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
         if (!line.empty()) {
           try {
             const json rec = json::parse(line);
-            const bool keep = rec.value("kind", std::string()) == "variance"
-                                  ? rec.value("step", int64_t{0}) < state.step  // redone from state.step on
-                                  : rec.value("epoch", int64_t{0}) <= state.epoch;
+            const std::string kind = rec.value("kind", std::string());
+            const bool keep = kind == "variance" ? rec.value("step", int64_t{0}) < state.step  // redone from state.step on
+                              : kind == "step"   ? rec.value("step", int64_t{0}) <= state.step
+                                                 : rec.value("epoch", int64_t{0}) <= state.epoch;
             if (keep) kept += line + "\n";
           } catch (const std::exception&) {
           }
@@ -621,6 +626,8 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     loader.start_epoch(static_cast<uint64_t>(epoch), skip);
     double loss_sum = 0;
     int64_t correct = 0, seen = 0;
+    double log_loss = 0;  // --log-every window
+    int64_t log_correct = 0, log_seen = 0;
     const auto epoch_start = clock::now();
     Batch b;
     int64_t i = skip;
@@ -659,6 +666,19 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       const double ips = seen / std::max(secs, 1e-9);
       const double eta = (spe - i + (cfg.epochs - epoch - 1) * spe) * cfg.batch / std::max(ips, 1e-9);
       progress.update(static_cast<int>(epoch + 1), cfg.epochs, i, spe, loss_sum / seen, double(correct) / seen, ips, eta);
+      if (cfg.log_every > 0 && !cfg.out.empty()) {
+        log_loss += static_cast<double>(loss) * b.size, log_correct += ce.num_correct(), log_seen += b.size;
+        if (state.step % cfg.log_every == 0) {
+          const json rec = {{"kind", "step"},
+                            {"step", state.step},
+                            {"epoch", static_cast<double>(state.step) / static_cast<double>(spe)},
+                            {"train_loss", log_loss / log_seen},
+                            {"train_acc", double(log_correct) / log_seen},
+                            {"lr", sched.lr_at(state.step - 1)}};
+          append_text((fs::path(cfg.out) / "metrics.jsonl").string(), rec.dump() + "\n");
+          log_loss = 0, log_correct = 0, log_seen = 0;
+        }
+      }
       if (cfg.ckpt_every_steps > 0 && state.step % cfg.ckpt_every_steps == 0 && i < spe) save();
     }
     if (stopped) {

@@ -89,13 +89,17 @@ add_test(NAME cli.plot_variance COMMAND sh -c "/usr/bin/python3 -c 'import matpl
   && test -s ${CLI_TMP}/figures/training_curves.png")
 set_tests_properties(cli.plot_variance PROPERTIES FIXTURES_REQUIRED "variance;trained" SKIP_RETURN_CODE 77)
 fqt_cli_test(plot_variance_no_args 2 "give a variance.json" /usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/plot_variance)
-# fqt train --track-variance: variance records in metrics.jsonl.
+# fqt train --track-variance and --log-every: variance and step records in metrics.jsonl.
 add_test(NAME cli.train_track_variance COMMAND ${EXPECT} 0 "final test accuracy" -- ${FQT_EXE} train --data synthetic
          --model cnn --mode fqt --dgrad ptq --dgrad-bits 4 --epochs 1 --batch 64 --train-limit 256 --test-limit 64
-         --track-variance 2 --threads 1 --out ${CLI_TMP}/track_run --overwrite --quiet)
+         --track-variance 2 --log-every 2 --threads 1 --out ${CLI_TMP}/track_run --overwrite --quiet)
 set_tests_properties(cli.train_track_variance PROPERTIES FIXTURES_SETUP tracked)
 fqt_cli_test(train_track_variance_records 0 "\"kind\":\"variance\".*\"ratio\"" cat ${CLI_TMP}/track_run/metrics.jsonl)
 set_tests_properties(cli.train_track_variance_records PROPERTIES FIXTURES_REQUIRED tracked)
+# 256 samples / batch 64 = 4 steps: a step record after steps 2 and 4 (keys in sorted order).
+fqt_cli_test(train_log_every_records 0 "\"kind\":\"step\",\"lr\":[^,]+,\"step\":4,\"train_acc\"" cat ${CLI_TMP}/track_run/metrics.jsonl)
+set_tests_properties(cli.train_log_every_records PROPERTIES FIXTURES_REQUIRED tracked)
+fqt_cli_test(train_bad_log_every 2 "--log-every" ${FQT_EXE} train --data synthetic --log-every -1)
 fqt_cli_test(train_bad_track_variance 2 "--track-variance" ${FQT_EXE} train --data synthetic --track-variance -5)
 # scripts/write_results (the RESULTS.md generator of scripts/replicate) on the runs above.
 add_test(NAME cli.write_results COMMAND sh -c "/usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/write_results --runs ${CLI_TMP} \

@@ -76,6 +76,10 @@ Runner add_train(CLI::App& app) {
                  "every N steps, log quantization/sampling variance ratio per layer to metrics.jsonl and warn "
                  "when quantization variance exceeds sampling variance (0 = off)")
       ->capture_default_str();
+  app.add_option("--log-every", c.log_every,
+                 "every N steps, log training loss and accuracy over those steps to metrics.jsonl "
+                 "(training curves finer than per epoch; 0 = off)")
+      ->capture_default_str();
   app.add_option("--out", c.out, "run folder for config, metrics and checkpoints (default: write nothing)");
   app.add_flag("--overwrite", c.overwrite, "start afresh even if --out holds a checkpoint (it is replaced)");
   app.add_flag("--resume", o->resume, "continue the run in --out from its checkpoint (its stored settings are used)");
