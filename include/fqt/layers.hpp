@@ -178,16 +178,20 @@ class BatchNorm2d : public Module {
   bool saved_train_ = true;
 };
 
+// Backward needs only where the output is positive: kept as a bit mask (1 bit per value, not the
+// fp32 output), so the output itself may be freed once the next layer has used it (an FQT conv
+// keeps only its 8-bit codes).
 class ReLU : public Module {
  public:
   std::string kind() const override { return "ReLU"; }
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
 
-  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override { saved_add(out, y_); }
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override { saved_add(out, mask_); }
 
  private:
-  Tensor y_;
+  Tensor mask_;  // u8, bit i % 8 of byte i / 8 = (y_i > 0); empty after an eval forward
+  int64_t n_ = 0;
 };
 
 class MaxPool2d : public Module {

@@ -13,22 +13,33 @@ Tensor ReLU::forward(const Tensor& x, const StepContext& ctx) {
   Tensor y = Tensor::empty(x.shape());
   const float* xp = x.data<float>();
   float* yp = y.data<float>();
-  const int64_t n = x.numel();
+  const int64_t n = x.numel(), bytes = (n + 7) / 8;
+  mask_ = ctx.train ? Tensor::empty({bytes}, DType::u8) : Tensor();
+  n_ = ctx.train ? n : 0;
+  uint8_t* m = ctx.train ? mask_.data<uint8_t>() : nullptr;
+  // Blocks of 8 values = one mask byte, so threads never share a byte.
 #pragma omp parallel for schedule(static) if (parallel_worth(n))
-  for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] > 0.0f ? xp[i] : 0.0f;
-  y_ = ctx.train ? y : Tensor();
+  for (int64_t j = 0; j < bytes; ++j) {
+    uint8_t bits = 0;
+    for (int64_t i = j * 8, k = 0; i < std::min(n, j * 8 + 8); ++i, ++k) {
+      const bool pos = xp[i] > 0.0f;
+      yp[i] = pos ? xp[i] : 0.0f;
+      bits |= static_cast<uint8_t>(pos) << k;
+    }
+    if (m) m[j] = bits;
+  }
   return y;
 }
 
 Tensor ReLU::backward(const Tensor& dy, const StepContext& ctx) {
-  FQT_CHECK(y_.defined() && y_.numel() == dy.numel(), "ReLU: backward without a training forward");
+  FQT_CHECK(mask_.defined() && n_ == dy.numel(), "ReLU: backward without a training forward");
   Tensor dx = Tensor::empty(dy.shape());
-  const float* yp = y_.data<float>();
+  const uint8_t* m = mask_.data<uint8_t>();
   const float* dyp = dy.data<float>();
   float* dxp = dx.data<float>();
-  const int64_t n = dy.numel();
+  const int64_t n = n_;
 #pragma omp parallel for schedule(static) if (parallel_worth(n))
-  for (int64_t i = 0; i < n; ++i) dxp[i] = yp[i] > 0.0f ? dyp[i] : 0.0f;
+  for (int64_t i = 0; i < n; ++i) dxp[i] = (m[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
   return dx;
 }
 
