@@ -173,9 +173,10 @@ TEST(Quantize, ConstantAndZeroRowsStayFinite) {
     for (int64_t i = 0; i < d.numel(); ++i) {
       ASSERT_TRUE(std::isfinite(d.data<float>()[i])) << traits(k).name;
       // Per-row grids: a constant row dequantizes to (almost) its value.
-      if (k == QuantizerKind::psq || k == QuantizerKind::symmetric_row)
+      if (k == QuantizerKind::psq || k == QuantizerKind::symmetric_row) {
         EXPECT_NEAR(d.data<float>()[i], x.data<float>()[i], 1e-3f * std::max(1.0f, std::fabs(x.data<float>()[i])) + 1e-5f)
           << traits(k).name << " element " << i;
+      }
     }
   }
 }
