@@ -1,6 +1,10 @@
 // ReLU, MaxPool2d, GlobalAvgPool, Flatten, Sequential, add_inplace.
 #include "common.hpp"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <limits>
 
@@ -17,9 +21,31 @@ Tensor ReLU::forward(const Tensor& x, const StepContext& ctx) {
   mask_ = ctx.train ? Tensor::empty({bytes}, DType::u8) : Tensor();
   n_ = ctx.train ? n : 0;
   uint8_t* m = ctx.train ? mask_.data<uint8_t>() : nullptr;
-  // Blocks of 8 values = one mask byte, so threads never share a byte.
+  // Blocks of 16 values = two mask bytes, so threads never share a byte. Bit k of byte j is
+  // x[8j + k] > 0 (NaN: 0), in both the vector and the scalar form.
+  const int64_t blocks = n / 16;
 #pragma omp parallel for schedule(static) if (parallel_worth(n))
-  for (int64_t j = 0; j < bytes; ++j) {
+  for (int64_t b = 0; b < blocks; ++b) {
+#if defined(__AVX512F__)
+    const __m512 v = _mm512_loadu_ps(xp + b * 16);
+    const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+    _mm512_storeu_ps(yp + b * 16, _mm512_maskz_mov_ps(pos, v));
+    if (m) {
+      m[2 * b] = static_cast<uint8_t>(pos & 0xff);
+      m[2 * b + 1] = static_cast<uint8_t>(pos >> 8);
+    }
+#else
+    uint32_t bits = 0;
+    for (int64_t k = 0; k < 16; ++k) {
+      const float v = xp[b * 16 + k];
+      const bool pos = v > 0.0f;
+      yp[b * 16 + k] = pos ? v : 0.0f;
+      bits |= static_cast<uint32_t>(pos) << k;
+    }
+    if (m) m[2 * b] = static_cast<uint8_t>(bits & 0xff), m[2 * b + 1] = static_cast<uint8_t>(bits >> 8);
+#endif
+  }
+  for (int64_t j = blocks * 2; j < bytes; ++j) {  // the tail: at most 15 values
     uint8_t bits = 0;
     for (int64_t i = j * 8, k = 0; i < std::min(n, j * 8 + 8); ++i, ++k) {
       const bool pos = xp[i] > 0.0f;
@@ -38,8 +64,17 @@ Tensor ReLU::backward(const Tensor& dy, const StepContext& ctx) {
   const float* dyp = dy.data<float>();
   float* dxp = dx.data<float>();
   const int64_t n = n_;
+  const int64_t blocks = n / 16;
 #pragma omp parallel for schedule(static) if (parallel_worth(n))
-  for (int64_t i = 0; i < n; ++i) dxp[i] = (m[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
+  for (int64_t b = 0; b < blocks; ++b) {
+#if defined(__AVX512F__)
+    const __mmask16 pos = static_cast<__mmask16>(m[2 * b] | (static_cast<unsigned>(m[2 * b + 1]) << 8));
+    _mm512_storeu_ps(dxp + b * 16, _mm512_maskz_loadu_ps(pos, dyp + b * 16));
+#else
+    for (int64_t i = b * 16; i < b * 16 + 16; ++i) dxp[i] = (m[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
+#endif
+  }
+  for (int64_t i = blocks * 16; i < n; ++i) dxp[i] = (m[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
   return dx;
 }
 
@@ -148,7 +183,10 @@ Tensor Sequential::forward(const Tensor& x, const StepContext& ctx) {
 
 Tensor Sequential::backward(const Tensor& dy, const StepContext& ctx) {
   Tensor g = dy;
-  for (auto it = children_.rbegin(); it != children_.rend(); ++it) g = (*it)->backward(g, ctx);
+  for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
+    g = (*it)->backward(g, ctx);
+    if (!g.defined()) break;  // a first layer without input gradient: nothing below needs one
+  }
   return g;
 }
 

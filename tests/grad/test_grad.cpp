@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <numeric>
 
@@ -138,17 +139,21 @@ TEST(grad, relu_bitmask_backward_is_exact) {
   // ReLU keeps a 1-bit mask instead of its output: dx must be exactly (x > 0 ? dy : 0), at the
   // kink (+0, -0), for denormals, across mask-byte and thread-block boundaries, and an eval
   // forward must not leave a mask behind.
-  for (int64_t n : {1, 13, 64, 300007}) {
+  // Sizes around the 16-value vector blocks and their scalar tail.
+  for (int64_t n : {1, 13, 15, 16, 17, 31, 33, 64, 300007}) {
     Tensor x = randn({n}, 11);
     float* xp = x.data<float>();
-    const float specials[] = {0.0f, -0.0f, 1e-40f, -1e-40f, 3.0f, -3.0f};
-    for (int64_t i = 0; i < n; i += 5) xp[i] = specials[(i / 5) % 6];
+    const float specials[] = {0.0f, -0.0f, 1e-40f, -1e-40f, 3.0f, -3.0f, std::nanf("")};
+    for (int64_t i = 0; i < n; i += 5) xp[i] = specials[(i / 5) % 7];
     Tensor dy = randn({n}, 12);
     ReLU relu;
-    relu.forward(x, StepContext{true, 0, 0});
+    const Tensor y = relu.forward(x, StepContext{true, 0, 0});
     const Tensor dx = relu.backward(dy, StepContext{true, 0, 0});
-    for (int64_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i) {
       ASSERT_EQ(dx.data<float>()[i], xp[i] > 0.0f ? dy.data<float>()[i] : 0.0f) << "n " << n << " i " << i;
+      const float want = xp[i] > 0.0f ? xp[i] : 0.0f;  // NaN and -0 give +0
+      ASSERT_EQ(std::memcmp(&y.data<float>()[i], &want, sizeof want), 0) << "n " << n << " i " << i;
+    }
     EXPECT_EQ(saved_bytes(relu), static_cast<size_t>((n + 7) / 8)) << "one bit per value";
     relu.forward(x, StepContext{false, 0, 0});
     EXPECT_EQ(saved_bytes(relu), 0u);
