@@ -68,10 +68,17 @@ class QuantizedLayer : public Module {
   // The two halves of backward, named as in the SPEC. Both read the context saved by forward.
   virtual Tensor dgrad(const Tensor& dy, const StepContext& ctx) = 0;
   virtual void wgrad(const Tensor& dy, const StepContext& ctx) = 0;
+  // backward() = wgrad, then dgrad unless the input gradient is not wanted (see set_input_grad):
+  // then it returns an undefined Tensor.
   Tensor backward(const Tensor& dy, const StepContext& ctx) override {
     wgrad(dy, ctx);
-    return dgrad(dy, ctx);
+    return input_grad_ ? dgrad(dy, ctx) : Tensor();
   }
+  // A model's first layer has no use for the gradient of its input (the images): the model
+  // builders switch it off, which skips that layer's dgrad (its quantizer draw and its GEMM).
+  // Every other gradient is unchanged: each draw has its own counter-based key.
+  void set_input_grad(bool on) { input_grad_ = on; }
+  bool input_grad() const { return input_grad_; }
   void collect_quantized(std::vector<QuantizedLayer*>& out) override { out.push_back(this); }
 
  protected:
@@ -80,6 +87,7 @@ class QuantizedLayer : public Module {
   Recipe recipe_;
   uint32_t layer_id_;
   std::string name_;
+  bool input_grad_ = true;
 };
 
 using ModulePtr = std::unique_ptr<Module>;

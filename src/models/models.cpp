@@ -77,6 +77,16 @@ ModulePtr make_resnet18(int in_c, int classes, const Recipe& r, LayerIds& ids) {
   return m;
 }
 
+// The first quantized layer (forward order) gets no input gradient: only parameter-free layers
+// (Flatten) come before it, so nothing needs the gradient of the images.
+ModulePtr first_layer_without_input_grad(ModulePtr m) {
+  std::vector<QuantizedLayer*> layers;
+  m->collect_quantized(layers);
+  FQT_CHECK(!layers.empty(), "model without quantized layers");
+  layers.front()->set_input_grad(false);
+  return m;
+}
+
 }  // namespace
 
 ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int num_classes, const Recipe& recipe,
@@ -84,11 +94,11 @@ ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int 
   FQT_INPUT_CHECK(in_c > 0 && in_h > 0 && in_w > 0 && num_classes > 0,
                   "model {}: bad input {}x{}x{} or class count {}", name, in_c, in_h, in_w, num_classes);
   LayerIds ids{0, init_seed};
-  if (name == "mlp") return make_mlp(in_c, in_h, in_w, num_classes, recipe, ids);
-  if (name == "cnn") return make_cnn(in_c, in_h, in_w, num_classes, recipe, ids);
-  if (name == "preact_resnet20") return make_preact(3, in_c, num_classes, recipe, ids);
-  if (name == "preact_resnet56") return make_preact(9, in_c, num_classes, recipe, ids);
-  if (name == "resnet18") return make_resnet18(in_c, num_classes, recipe, ids);
+  if (name == "mlp") return first_layer_without_input_grad(make_mlp(in_c, in_h, in_w, num_classes, recipe, ids));
+  if (name == "cnn") return first_layer_without_input_grad(make_cnn(in_c, in_h, in_w, num_classes, recipe, ids));
+  if (name == "preact_resnet20") return first_layer_without_input_grad(make_preact(3, in_c, num_classes, recipe, ids));
+  if (name == "preact_resnet56") return first_layer_without_input_grad(make_preact(9, in_c, num_classes, recipe, ids));
+  if (name == "resnet18") return first_layer_without_input_grad(make_resnet18(in_c, num_classes, recipe, ids));
   throw InputError(fmt::format("unknown model '{}'; valid models: {}", name, fmt::join(model_names(), ", ")));
 }
 

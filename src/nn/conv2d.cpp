@@ -204,7 +204,7 @@ Tensor Conv2d::rows_for_gradients(const Tensor& dy) const {
 Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
   const Tensor rows = rows_for_gradients(dy);
   wgrad_rows(dy, rows, ctx);
-  return dgrad_rows(dy, rows, ctx);
+  return input_grad_ ? dgrad_rows(dy, rows, ctx) : Tensor();
 }
 
 Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) { return dgrad_rows(dy, rows_for_gradients(dy), ctx); }

@@ -538,6 +538,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
           layer = names[k];
           try {
             g = seq->child(k).backward(g, ctx);
+            if (!g.defined()) break;  // the first layer: no input gradient (models.cpp)
           } catch (const NonFiniteError& e) {
             // A non-finite incoming gradient was made by the module after this one.
             if (k + 1 == seq->size() || finite(g)) throw;

@@ -131,11 +131,14 @@ struct RunResult {
   Tensor logits, dx;
   std::vector<Tensor> grads;
 };
-RunResult run_model(const std::string& name, Mode mode, int threads, Shape in) {
+RunResult run_model(const std::string& name, Mode mode, int threads, Shape in, bool input_grad = true) {
   const int saved = omp_get_max_threads();
   omp_set_num_threads(threads);
   Recipe r = make_recipe(mode);
   ModulePtr m = make_model(name, in[1], in[2], in[3], 10, r, 17);
+  std::vector<QuantizedLayer*> layers;
+  m->collect_quantized(layers);
+  if (input_grad) layers.front()->set_input_grad(true);  // the builders switch it off
   std::vector<Param*> params;
   m->collect_params(params);
   const Tensor x = randn(in, 9);
@@ -158,12 +161,36 @@ TEST(nn, thread_count_gives_bit_identical_results) {
     for (Mode mode : {Mode::fp32, Mode::fqt}) {
       const RunResult a = run_model(name, mode, 1, {8, 1, 16, 16}), b = run_model(name, mode, 2, {8, 1, 16, 16});
       EXPECT_TRUE(bit_equal(a.logits, b.logits)) << name << " " << mode_name(mode);
+      ASSERT_TRUE(a.dx.defined() && b.dx.defined());
       EXPECT_TRUE(bit_equal(a.dx, b.dx)) << name << " " << mode_name(mode);
       ASSERT_EQ(a.grads.size(), b.grads.size());
       for (size_t i = 0; i < a.grads.size(); ++i)
         EXPECT_TRUE(bit_equal(a.grads[i], b.grads[i])) << name << " " << mode_name(mode) << " param " << i;
     }
   }
+}
+
+// The model builders switch off the first layer's input gradient (nobody needs d loss / d image):
+// backward then returns no tensor, and every parameter gradient is bit for bit what it is with
+// the input gradient on (each gradient draw has its own key, so skipping one moves no other).
+TEST(nn, first_layer_skips_only_the_input_gradient) {
+  for (const std::string& name : model_names()) {
+    if (name == "preact_resnet56" || name == "resnet18") continue;  // same builders, larger
+    for (Mode mode : {Mode::fp32, Mode::qat, Mode::fqt}) {
+      const RunResult on = run_model(name, mode, 1, {4, 1, 16, 16}, true);
+      const RunResult off = run_model(name, mode, 1, {4, 1, 16, 16}, false);
+      EXPECT_TRUE(on.dx.defined() && on.dx.shape() == (Shape{4, 1, 16, 16})) << name;
+      EXPECT_FALSE(off.dx.defined()) << name << " " << mode_name(mode);
+      EXPECT_TRUE(bit_equal(on.logits, off.logits));
+      ASSERT_EQ(on.grads.size(), off.grads.size());
+      for (size_t i = 0; i < on.grads.size(); ++i)
+        EXPECT_TRUE(bit_equal(on.grads[i], off.grads[i])) << name << " " << mode_name(mode) << " param " << i;
+    }
+  }
+  std::vector<QuantizedLayer*> ql;
+  ModulePtr m = make_model("resnet18", 3, 32, 32, 10, Recipe{}, 1);
+  m->collect_quantized(ql);
+  for (size_t i = 0; i < ql.size(); ++i) EXPECT_EQ(ql[i]->input_grad(), i != 0) << ql[i]->name();
 }
 
 TEST(nn, model_shapes_names_and_layer_ids) {
