@@ -11,7 +11,7 @@
 //
 //   fprop  Y_n [Cout, P]  = Wq [Cout, Ckk] . im2row(xq_n)^T      A = weight codes (+ ones row)
 //   dgrad  dcols_n [P, Ckk] = Gq_n [P, Cout] . Wq                  A = gradient codes (rows of G)
-//          then row2im (the adjoint of im2row) into dx_n; BHQ: T^-1 fused row by row (see dgrad_int)
+//          each row summed at once onto dx_n (the adjoint of im2row); BHQ: T^-1 fused row by row (see dgrad_int)
 //   wgrad  dW [Cout, Ckk] = sum_n Gq_n^T . im2col(xq_n)^T          A = gradient codes^T (+ ones)
 //          integer partial sums in int64 (exact, so any grouping gives the same result)
 //
@@ -87,28 +87,6 @@ void im2col_chw(const int8_t* img, const Geom& g, int8_t* out) {
         for (int64_t ow = 0; ow < g.Wo; ++ow) o[ow] = src[ow * g.stride];
     }
   }
-}
-
-// The adjoint of im2row_hwc: rows [P, k*k*C] ((kh, kw, c) order) summed onto a padded HWC
-// accumulator (contiguous adds of k*C floats), then the interior written to x C,H,W.
-void row2im_hwc(const float* rows, const Geom& g, float* acc, float* x) {
-  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C, run = g.k * C, ckk = g.rows();
-  std::memset(acc, 0, sizeof(float) * static_cast<size_t>(Hp * Wp * C));
-  for (int64_t oh = 0; oh < g.Ho; ++oh)
-    for (int64_t ow = 0; ow < g.Wo; ++ow) {
-      const float* row = rows + (oh * g.Wo + ow) * ckk;
-      for (int64_t kh = 0; kh < g.k; ++kh) {
-        float* dst = acc + ((oh * g.stride + kh) * Wp + ow * g.stride) * C;
-        const float* src = row + kh * run;
-        for (int64_t i = 0; i < run; ++i) dst[i] += src[i];
-      }
-    }
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t h = 0; h < g.H; ++h) {
-      const float* src = acc + ((h + g.pad) * Wp + g.pad) * C + c;
-      float* dst = x + (c * g.H + h) * g.W;
-      for (int64_t w = 0; w < g.W; ++w) dst[w] = src[w * C];
-    }
 }
 
 // Tap index of (c, kh, kw) in the (kh, kw, c) order.
@@ -257,22 +235,26 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   }
   Tensor dx = Tensor::empty(in_shape_);
   float* dxp = dx.data<float>();
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, run = k_ * cin_;
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));
-    std::vector<float> rows(static_cast<size_t>(P * ckk));
-    std::vector<float> acc(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
+    std::vector<float> row(static_cast<size_t>(ckk));
+    std::vector<float> acc(static_cast<size_t>(Hp * Wp * cin_));
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       igemm_worker(P, ldc, cout_, gc + n * P * cout_, cout_, Bt.data(), cout_, C.data(), ldc);
-      float* out = rows.data();
+      // Each dgrad row is finished (scales, offsets, BHQ's T^-1) into one row buffer and summed
+      // straight onto the padded HWC accumulator (the adjoint of im2row_hwc), so the
+      // [P, Ckk] fp32 rows are never stored.
+      std::memset(acc.data(), 0, sizeof(float) * acc.size());
       for (int64_t p = 0; p < P; ++p) {
         const int64_t r = n * P + p;
         const double sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
         const int32_t* s = C.data() + p * ldc;
         const double inv = 1.0 / (sg * sw), cb = lg / sw;
         const double cr = lw / sg * s[ckk] + static_cast<double>(cout_) * lg * lw;
-        float* o = out + p * ckk;
+        float* o = row.data();
         if (bhq) {
           const float* uw = UW + static_cast<int64_t>(grp[r]) * ckk;
           if (p + 4 < P) {  // the groups are in range order, not row order: fetch a later row's early
@@ -284,8 +266,20 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         } else {
           for (int64_t k = 0; k < ckk; ++k) o[k] = static_cast<float>(s[k] * inv + cb * rb[k] + cr);
         }
+        const int64_t oh = p / g.Wo, ow = p % g.Wo;
+        for (int64_t kh = 0; kh < k_; ++kh) {
+          float* __restrict dst = acc.data() + ((oh * stride_ + kh) * Wp + ow * stride_) * cin_;
+          const float* __restrict src = o + kh * run;
+          for (int64_t i = 0; i < run; ++i) dst[i] += src[i];
+        }
       }
-      row2im_hwc(out, g, acc.data(), dxp + n * chw);
+      float* xn = dxp + n * chw;
+      for (int64_t c = 0; c < cin_; ++c)
+        for (int64_t h = 0; h < g.H; ++h) {
+          const float* src = acc.data() + ((h + g.pad) * Wp + g.pad) * cin_ + c;
+          float* dst = xn + (c * g.H + h) * g.W;
+          for (int64_t w = 0; w < g.W; ++w) dst[w] = src[w * cin_];
+        }
     }
   }
   return dx;
