@@ -1,5 +1,6 @@
 // Conv2d via im2col + GEMM with the recipe's quantizers (see layers.hpp for the layout).
 #include "common.hpp"
+#include "kernels/cpu/transpose.hpp"
 #include "fqt/gemm.hpp"
 
 #include <algorithm>
@@ -108,13 +109,8 @@ Tensor nchw_to_rows(const Tensor& x) {
   float* op = out.data<float>();
 #pragma omp parallel for schedule(static) if (parallel_worth(x.numel()))
   for (int64_t n = 0; n < N; ++n) {
-    const float* src = xp + n * C * P;
-    float* dst = op + n * P * C;
-    for (int64_t p0 = 0; p0 < P; p0 += 64) {
-      const int64_t p1 = std::min(P, p0 + 64);
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t p = p0; p < p1; ++p) dst[p * C + c] = src[c * P + p];
-    }
+    // sample n: [C, P] -> [P, C]
+    kernels::transpose(xp + n * C * P, C, P, P, op + n * P * C, C);
   }
   return out;
 }

@@ -18,6 +18,7 @@
 // im2col runs on the codes: padding is the activation grid's code for 0 (zero-aligned grids have
 // one by construction), so nothing is dequantized and the saved input stays 1 byte per value.
 #include "common.hpp"
+#include "kernels/cpu/transpose.hpp"
 #include "fqt/gemm.hpp"
 #include "fqt/igemm.hpp"
 #include "fqt/profile.hpp"
@@ -274,12 +275,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         }
       }
       float* xn = dxp + n * chw;
-      for (int64_t c = 0; c < cin_; ++c)
-        for (int64_t h = 0; h < g.H; ++h) {
-          const float* src = acc.data() + ((h + g.pad) * Wp + g.pad) * cin_ + c;
-          float* dst = xn + (c * g.H + h) * g.W;
-          for (int64_t w = 0; w < g.W; ++w) dst[w] = src[w * cin_];
-        }
+      for (int64_t h = 0; h < g.H; ++h)  // image row h: [W, C] (HWC interior) -> [C, W] in dx_n
+        kernels::transpose(acc.data() + ((h + g.pad) * Wp + g.pad) * cin_, g.W, cin_, cin_, xn + h * g.W, g.H * g.W);
     }
   }
   return dx;

@@ -108,3 +108,22 @@ TEST(Rng, FillUniformsEqualsUniformAt) {
         ASSERT_EQ(got[i], uniform_at(key, 4 * block0 + static_cast<uint64_t>(i))) << "block0 " << block0 << " i " << i;
     }
 }
+
+#include "kernels/cpu/transpose.hpp"
+
+// The layout transpose is pure data movement: every shape (8x8 tiles, edges, strides) bit-exact.
+TEST(Transpose, EveryShapeAndStrideIsExact) {
+  for (int64_t rows : {1, 7, 8, 9, 16, 17, 49, 784}) {
+    for (int64_t cols : {1, 3, 8, 15, 16, 64}) {
+      const int64_t lds = cols + 3, ldd = rows + 5;
+      std::vector<float> src(static_cast<size_t>(rows * lds)), dst(static_cast<size_t>(cols * ldd), -1.0f);
+      for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<float>(i) * 0.5f - 7.0f;
+      fqt::kernels::transpose(src.data(), rows, cols, lds, dst.data(), ldd);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+          ASSERT_EQ(dst[c * ldd + r], src[r * lds + c]) << rows << "x" << cols << " at " << r << "," << c;
+      for (int64_t c = 0; c < cols; ++c)  // the padding between rows of dst is untouched
+        for (int64_t r = rows; r < ldd; ++r) ASSERT_EQ(dst[c * ldd + r], -1.0f);
+    }
+  }
+}
