@@ -2,18 +2,26 @@
 // codes (fqt's AVX-512 VNNI kernel), one sample at a time per thread, and the scales and
 // offsets are applied afterwards as row / column / rank-1 corrections.
 //
-// For operands a = qa / sa + la and b = qb / sb + lb (qb shifted into s8 when it has 8 bits),
+// For operands a = qa / sa + la (u8 codes) and b = qb / sb + lb (qb shifted into s8 when it has
+// 8 bits),
 //     sum_k a b = S / (sa sb) + (lb / sa) ra + (la / sb) rb + K la lb,
-// with S the integer GEMM and ra, rb the code sums of the two operands along k. The code sums of
-// the operand on the B side come out of the GEMM itself: the u8 operand gets an extra row of ones.
-// Everything after S is evaluated in double and rounded once to fp32, so each result equals the
-// GEMM of the dequantized values (the simulated path) to fp32 rounding.
+// with S the integer GEMM and ra, rb the code sums of the two operands along k. Everything after
+// S is evaluated in double and rounded once to fp32, so each result equals the GEMM of the
+// dequantized values (the simulated path) to fp32 rounding.
 //
-//   fprop  Y_n [Cout, P]  = Wq [Cout, Ckk] . im2row(xq_n)^T      A = weight codes (+ ones row)
-//   dgrad  dcols_n [P, Ckk] = Gq_n [P, Cout] . Wq                  A = gradient codes (rows of G)
-//          each row summed at once onto dx_n (the adjoint of im2row); BHQ: T^-1 fused row by row (see dgrad_int)
-//   wgrad  dW [Cout, Ckk] = sum_n Gq_n^T . im2col(xq_n)^T          A = gradient codes^T (+ ones)
-//          integer partial sums in int64 (exact, so any grouping gives the same result)
+// The kernel computes C = A B^T and reads A in place (rows of 4-byte groups) while it packs B;
+// so the large per-sample operand (the patches) is A and the small one (weights, gradient
+// codes) is B:
+//   fprop  Y_n^T [P, Cout] = im2row(xq_n) [P, Ckk] . Wq^T       A = patch codes (u8)
+//          ra = patch code sums (a byte-sum pass), rb = weight code sums; then [P, Cout] is
+//          transposed to Y_n [Cout, P]
+//   dgrad  dcols_n [P, Ckk] = Gq_n [P, Cout] . Wq                 A = gradient codes (rows of G)
+//          B = W^T plus a row of ones (its GEMM column = the row sums of G's codes);
+//          each row summed at once onto dx_n (the adjoint of im2row);
+//          BHQ: T^-1 fused row by row (see dgrad_int)
+//   wgrad  dW^T [Ckk, Cout] = sum_n im2col(xq_n) [Ckk, P] . Gq_n  A = im2col codes (u8)
+//          B = G_n^T codes (s8); code sums per tap row and per gradient column, and the integer
+//          partial sums, in int64 (exact, so any grouping gives the same result)
 //
 // im2col runs on the codes: padding is the activation grid's code for 0 (zero-aligned grids have
 // one by construction), so nothing is dequantized and the saved input stays 1 byte per value.
@@ -26,6 +34,10 @@
 #include <algorithm>
 #include <cstring>
 
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
 namespace fqt {
 using namespace nn_detail;
 
@@ -34,60 +46,71 @@ namespace {
 // b-bit codes as s8: 8-bit codes are shifted by 128, narrower ones fit as they are.
 int s8_shift(int bits) { return bits == 8 ? 128 : 0; }
 
-// Patches are built from a padded, pre-shifted s8 copy of one sample, so every inner step is a
-// contiguous copy. Fprop and dgrad order a patch's taps (kh, kw, c) — channels last — so that a
-// patch row is k runs of k*C contiguous bytes of the HWC image; wgrad uses the usual (c, kh, kw)
-// rows over output positions. The weight codes are reordered to match (once per call).
+// Patches are built from a padded copy of one sample's codes, so every inner step is a
+// contiguous copy. Fprop orders a patch's taps (kh, kw, c) — channels last — so that a patch
+// row is k runs of k*C contiguous bytes of the HWC image; wgrad uses the usual (c, kh, kw) rows
+// over output positions. The weight codes are reordered to match (once per call).
 
-// x codes C,H,W -> out [(H+2p), (W+2p), C] s8: code - shift inside, pad_val on the border.
-void pad_hwc(const uint8_t* x, const Geom& g, int shift, int8_t pad_val, int8_t* out) {
+// x codes C,H,W -> out [(H+2p), (W+2p), C]: the codes inside, pad_code on the border.
+void pad_hwc(const uint8_t* x, const Geom& g, uint8_t pad_code, uint8_t* out) {
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C;
-  std::memset(out, static_cast<uint8_t>(pad_val), static_cast<size_t>(Hp * Wp * C));
+  std::memset(out, pad_code, static_cast<size_t>(Hp * Wp * C));
   for (int64_t c = 0; c < C; ++c)
     for (int64_t h = 0; h < g.H; ++h) {
       const uint8_t* src = x + (c * g.H + h) * g.W;
-      int8_t* dst = out + ((h + g.pad) * Wp + g.pad) * C + c;
-      for (int64_t w = 0; w < g.W; ++w) dst[w * C] = static_cast<int8_t>(src[w] - shift);
+      uint8_t* dst = out + ((h + g.pad) * Wp + g.pad) * C + c;
+      for (int64_t w = 0; w < g.W; ++w) dst[w * C] = src[w];
     }
 }
 
 // Patch rows [P, k*k*C] in (kh, kw, c) order from the padded HWC image.
-void im2row_hwc(const int8_t* img, const Geom& g, int8_t* out) {
+void im2row_hwc(const uint8_t* img, const Geom& g, uint8_t* out) {
   const int64_t Wp = g.W + 2 * g.pad, C = g.C, run = g.k * C, ckk = g.rows();
   for (int64_t oh = 0; oh < g.Ho; ++oh)
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
-      int8_t* row = out + (oh * g.Wo + ow) * ckk;
+      uint8_t* row = out + (oh * g.Wo + ow) * ckk;
       for (int64_t kh = 0; kh < g.k; ++kh)
         std::memcpy(row + kh * run, img + ((oh * g.stride + kh) * Wp + ow * g.stride) * C, static_cast<size_t>(run));
     }
 }
 
-// x codes C,H,W -> out [C, (H+2p), (W+2p)] s8 (shifted, padded).
-void pad_chw(const uint8_t* x, const Geom& g, int shift, int8_t pad_val, int8_t* out) {
+// x codes C,H,W -> out [C, (H+2p), (W+2p)] (padded with pad_code).
+void pad_chw(const uint8_t* x, const Geom& g, uint8_t pad_code, uint8_t* out) {
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
-  std::memset(out, static_cast<uint8_t>(pad_val), static_cast<size_t>(g.C * Hp * Wp));
+  std::memset(out, pad_code, static_cast<size_t>(g.C * Hp * Wp));
   for (int64_t c = 0; c < g.C; ++c)
-    for (int64_t h = 0; h < g.H; ++h) {
-      const uint8_t* src = x + (c * g.H + h) * g.W;
-      int8_t* dst = out + (c * Hp + h + g.pad) * Wp + g.pad;
-      for (int64_t w = 0; w < g.W; ++w) dst[w] = static_cast<int8_t>(src[w] - shift);
-    }
+    for (int64_t h = 0; h < g.H; ++h)
+      std::memcpy(out + (c * Hp + h + g.pad) * Wp + g.pad, x + (c * g.H + h) * g.W, static_cast<size_t>(g.W));
 }
 
 // im2col rows [(c, kh, kw), P] from the padded CHW image.
-void im2col_chw(const int8_t* img, const Geom& g, int8_t* out) {
+void im2col_chw(const uint8_t* img, const Geom& g, uint8_t* out) {
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, k = g.k, P = g.P();
   for (int64_t r = 0; r < g.rows(); ++r) {
     const int64_t c = r / (k * k), kh = (r / k) % k, kw = r % k;
-    int8_t* row = out + r * P;
+    uint8_t* row = out + r * P;
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
-      const int8_t* src = img + (c * Hp + oh * g.stride + kh) * Wp + kw;
-      int8_t* o = row + oh * g.Wo;
+      const uint8_t* src = img + (c * Hp + oh * g.stride + kh) * Wp + kw;
+      uint8_t* o = row + oh * g.Wo;
       if (g.stride == 1) std::memcpy(o, src, static_cast<size_t>(g.Wo));
       else
         for (int64_t ow = 0; ow < g.Wo; ++ow) o[ow] = src[ow * g.stride];
     }
   }
+}
+
+// Sum of n bytes (exact in int64).
+inline int64_t byte_sum(const uint8_t* p, int64_t n) {
+  int64_t i = 0, s = 0;
+#if defined(__AVX512BW__)
+  __m512i acc = _mm512_setzero_si512();
+  for (; i + 64 <= n; i += 64) acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_loadu_si512(p + i), _mm512_setzero_si512()));
+  alignas(64) int64_t lanes[8];
+  _mm512_store_si512(lanes, acc);
+  for (int64_t l : lanes) s += l;
+#endif
+  for (; i < n; ++i) s += p[i];
+  return s;
 }
 
 // Tap index of (c, kh, kw) in the (kh, kw, c) order.
@@ -116,41 +139,47 @@ double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() 
 Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code) const {
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
-  // A = weight codes [Cout, Ckk] plus a row of ones (its GEMM row = the patch code sums).
-  std::vector<uint8_t> A(static_cast<size_t>((cout_ + 1) * ckk), 1);
+  // B = weight codes [Cout, Ckk] as s8, taps in (kh, kw, c) order.
+  const int shw = s8_shift(wq.spec.bits);
+  std::vector<int8_t> Bw(static_cast<size_t>(cout_ * ckk));
   const uint8_t* wc = wq.codes.data<uint8_t>();
-  for (int64_t c = 0; c < cout_; ++c)
-    for (int64_t r = 0; r < ckk; ++r) A[c * ckk + hwc_tap(r, k_, cin_)] = wc[c * ckk + r];
-  const int shx = s8_shift(xq.spec.bits);
-  const double sx = xq.scale[0], lx = xq.lo[0] + shx / sx;  // value = (code - shx) / sx + lx
-  std::vector<double> inv(cout_), cb(cout_), crow(cout_);
+  const double sx = xq.scale[0], lx = xq.lo[0];  // value = code / sx + lx
+  std::vector<double> inv(cout_), cx(cout_), crow(cout_);
   for (int64_t c = 0; c < cout_; ++c) {
-    const double sw = scale_of(wq, c), lw = lo_of(wq, c);
-    int64_t ra = 0;
-    for (int64_t k = 0; k < ckk; ++k) ra += A[c * ckk + k];
-    inv[c] = 1.0 / (sw * sx), cb[c] = lw / sx, crow[c] = lx / sw * static_cast<double>(ra) + static_cast<double>(ckk) * lw * lx;
+    int64_t rbw = 0;
+    for (int64_t r = 0; r < ckk; ++r) {
+      const int v = wc[c * ckk + r] - shw;
+      Bw[c * ckk + hwc_tap(r, k_, cin_)] = static_cast<int8_t>(v), rbw += v;
+    }
+    const double sw = scale_of(wq, c), Lw = lo_of(wq, c) + shw / sw;  // weight = (code - shw) / sw + Lw
+    inv[c] = 1.0 / (sx * sw), cx[c] = Lw / sx;
+    crow[c] = lx / sw * static_cast<double>(rbw) + static_cast<double>(ckk) * lx * Lw;
   }
-  const auto pad_val = static_cast<int8_t>(zero_code - shx);
+  FQT_CHECK(zero_code >= 0 && zero_code <= 255, "Conv2d {}: padding code {} out of range", name_, zero_code);
+  const auto pad_code = static_cast<uint8_t>(zero_code);
   const uint8_t* xc = xq.codes.data<uint8_t>();
   const float* b = has_bias_ ? bias_.value.data<float>() : nullptr;
   Tensor y = Tensor::empty({N, cout_, g.Ho, g.Wo});
   float* yp = y.data<float>();
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
-    std::vector<int8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
-    std::vector<int8_t> B(static_cast<size_t>(P * ckk));
-    std::vector<int32_t> C(static_cast<size_t>((cout_ + 1) * P));
+    std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
+    std::vector<uint8_t> A(static_cast<size_t>(P * ckk));
+    std::vector<int32_t> C(static_cast<size_t>(P * cout_)), Ct(static_cast<size_t>(cout_ * P));
+    std::vector<double> rx(static_cast<size_t>(P));
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-      pad_hwc(xc + n * chw, g, shx, pad_val, img.data());
-      im2row_hwc(img.data(), g, B.data());
-      igemm_worker(cout_ + 1, P, ckk, A.data(), ckk, B.data(), ckk, C.data(), P);
-      const int32_t* rb = C.data() + cout_ * P;
+      pad_hwc(xc + n * chw, g, pad_code, img.data());
+      im2row_hwc(img.data(), g, A.data());
+      for (int64_t p = 0; p < P; ++p) rx[p] = static_cast<double>(byte_sum(A.data() + p * ckk, ckk));
+      igemm_worker(P, cout_, ckk, A.data(), ckk, Bw.data(), ckk, C.data(), cout_);
+      kernels::transpose(C.data(), P, cout_, cout_, Ct.data(), P);  // [P, Cout] -> [Cout, P]
       float* yn = yp + n * cout_ * P;
       for (int64_t c = 0; c < cout_; ++c) {
-        const int32_t* s = C.data() + c * P;
+        const int32_t* s = Ct.data() + c * P;
+        const double ic = inv[c], xc_ = cx[c], rc = crow[c];
         for (int64_t p = 0; p < P; ++p) {
-          float v = static_cast<float>(s[p] * inv[c] + cb[c] * rb[p] + crow[c]);
+          float v = static_cast<float>(s[p] * ic + xc_ * rx[p] + rc);
           yn[c * P + p] = b ? v + b[c] : v;
         }
       }
@@ -285,12 +314,14 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
-  // C [Cout + 1, Ckk + 1]: the ones row of A gives the im2col code sums, the ones row of B the
-  // code sums of G's columns (both over this sample's positions).
-  const int64_t m = cout_ + 1, kb = ckk + 1, wsize = m * kb;
-  const int shx = s8_shift(xq_.spec.bits);
-  const double sx = xq_.scale[0], lx = xq_.lo[0] + shx / sx;
-  const auto pad_val = static_cast<int8_t>(saved_zero_code() - shx);
+  // Per group of samples, in int64: S [Ckk, Cout] (the GEMMs), then the im2col code sums per tap
+  // row (Ckk) and the shifted gradient code sums per column (Cout).
+  const int64_t ssize = ckk * cout_, wsize = ssize + ckk + cout_;
+  const int shg = s8_shift(gq.spec.bits);
+  const double sx = xq_.scale[0], lx = xq_.lo[0];  // value = code / sx + lx
+  const int zero_code = saved_zero_code();
+  FQT_CHECK(zero_code >= 0 && zero_code <= 255, "Conv2d {}: padding code {} out of range", name_, zero_code);
+  const auto pad_code = static_cast<uint8_t>(zero_code);
   const uint8_t* gc = gq.codes.data<uint8_t>();
   const uint8_t* xc = xq_.codes.data<uint8_t>();
   // Integer partial sums per fixed group of samples (exact: the grouping cannot change them).
@@ -298,22 +329,31 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   std::vector<int64_t> part(static_cast<size_t>(groups * wsize), 0);
 #pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))
   {
-    std::vector<uint8_t> At(static_cast<size_t>(m * P), 1);  // G_n^T codes [Cout, P] + ones row
-    std::vector<int8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
-    std::vector<int8_t> B(static_cast<size_t>(kb * P), 1);
-    std::vector<int32_t> C(static_cast<size_t>(wsize));
+    std::vector<int8_t> Bg(static_cast<size_t>(cout_ * P));  // G_n^T codes [Cout, P], s8
+    std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
+    std::vector<uint8_t> A(static_cast<size_t>(ckk * P));
+    std::vector<int32_t> C(static_cast<size_t>(ssize));
 #pragma omp for schedule(static, 1)
     for (int64_t gi = 0; gi < groups; ++gi) {
       int64_t* acc = part.data() + gi * wsize;
+      int64_t* rx = acc + ssize;
+      int64_t* rg = rx + ckk;
       for (int64_t n = gi * N / groups; n < (gi + 1) * N / groups; ++n) {
         const uint8_t* gn = gc + n * P * cout_;
         for (int64_t p0 = 0; p0 < P; p0 += 64)
-          for (int64_t c = 0; c < cout_; ++c)
-            for (int64_t p = p0; p < std::min(P, p0 + 64); ++p) At[c * P + p] = gn[p * cout_ + c];
-        pad_chw(xc + n * chw, g, shx, pad_val, img.data());
-        im2col_chw(img.data(), g, B.data());
-        igemm_worker(m, kb, P, At.data(), P, B.data(), P, C.data(), kb);
-        for (int64_t i = 0; i < wsize; ++i) acc[i] += C[i];
+          for (int64_t c = 0; c < cout_; ++c) {
+            int64_t sum = 0;
+            for (int64_t p = p0; p < std::min(P, p0 + 64); ++p) {
+              const int v = gn[p * cout_ + c] - shg;
+              Bg[c * P + p] = static_cast<int8_t>(v), sum += v;
+            }
+            rg[c] += sum;
+          }
+        pad_chw(xc + n * chw, g, pad_code, img.data());
+        im2col_chw(img.data(), g, A.data());
+        for (int64_t k = 0; k < ckk; ++k) rx[k] += byte_sum(A.data() + k * P, P);
+        igemm_worker(ckk, cout_, P, A.data(), P, Bg.data(), P, C.data(), cout_);
+        for (int64_t i = 0; i < ssize; ++i) acc[i] += C[i];
       }
     }
   }
@@ -321,15 +361,15 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
     for (int64_t i = 0; i < wsize; ++i) part[i] += part[gi * wsize + i];
   const bool per_col = gq.granularity() == Granularity::column;
   const int64_t* S = part.data();
-  const int64_t* rb = part.data() + cout_ * kb;  // im2col code sums (row Cout)
+  const int64_t* rx = S + ssize;
+  const int64_t* rg = rx + ckk;
   const double K = static_cast<double>(N * P);
   float* dw = weight_.grad.data<float>();
   for (int64_t c = 0; c < cout_; ++c) {
-    const double sg = scale_of(gq, per_col ? c : 0), lg = lo_of(gq, per_col ? c : 0);
-    const double ra = static_cast<double>(S[c * kb + ckk]);  // G's code sum, column c (column Ckk)
-    const double inv = 1.0 / (sg * sx), cb = lg / sx, cr = lx / sg * ra + K * lg * lx;
+    const double sg = scale_of(gq, per_col ? c : 0), Lg = lo_of(gq, per_col ? c : 0) + shg / sg;
+    const double inv = 1.0 / (sg * sx), cb = Lg / sx, cr = lx / sg * static_cast<double>(rg[c]) + K * lx * Lg;
     for (int64_t k = 0; k < ckk; ++k)
-      dw[c * ckk + k] += static_cast<float>(static_cast<double>(S[c * kb + k]) * inv + cb * static_cast<double>(rb[k]) + cr);
+      dw[c * ckk + k] += static_cast<float>(static_cast<double>(S[k * cout_ + c]) * inv + cb * static_cast<double>(rx[k]) + cr);
   }
 }
 

@@ -1,6 +1,7 @@
-// Float matrix transpose for layout changes (NCHW <-> rows, HWC -> CHW): dst[c][r] = src[r][c].
-// Pure data movement (bit-exact); 8x8 AVX tiles where the CPU has them, plain loops for the
-// edges and elsewhere. Used by nchw_to_rows and the integer conv dgrad.
+// Transpose of 4-byte elements (float, int32) for layout changes (NCHW <-> rows, HWC -> CHW,
+// [P, Cout] -> [Cout, P]): dst[c][r] = src[r][c]. Pure data movement (bit-exact); 8x8 AVX tiles
+// where the CPU has them (the float load/store intrinsics may alias any type and move bits
+// unchanged), plain loops for the edges and elsewhere.
 #pragma once
 
 #include <cstdint>
@@ -37,13 +38,16 @@ inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd)
 }
 #endif
 
-// src [rows, cols] (row stride lds) -> dst [cols, rows] (row stride ldd).
-inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
+// src [rows, cols] (row stride lds) -> dst [cols, rows] (row stride ldd). T: float or int32.
+template <typename T>
+inline void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  static_assert(sizeof(T) == 4, "transpose moves 4-byte elements");
   int64_t r0 = 0;
 #if defined(__AVX__)
   for (; r0 + 8 <= rows; r0 += 8) {
     int64_t c0 = 0;
-    for (; c0 + 8 <= cols; c0 += 8) transpose8x8(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+    for (; c0 + 8 <= cols; c0 += 8)
+      transpose8x8(reinterpret_cast<const float*>(src + r0 * lds + c0), lds, reinterpret_cast<float*>(dst + c0 * ldd + r0), ldd);
     for (int64_t c = c0; c < cols; ++c)
       for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ldd + r] = src[r * lds + c];
   }
