@@ -82,6 +82,12 @@ add_test(NAME cli.variance_run COMMAND ${EXPECT} 0 "Per-layer breakdown, dgrad b
 set_tests_properties(cli.variance_run PROPERTIES FIXTURES_REQUIRED trained FIXTURES_SETUP variance)
 add_test(NAME cli.variance_json_fields COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/check_variance_json.sh ${CLI_TMP}/variance/variance.json)
 set_tests_properties(cli.variance_json_fields PROPERTIES FIXTURES_REQUIRED variance)
+# The table shows the wgrad-only floor as quantizer "none"; --no-floor leaves it out of the records.
+fqt_cli_test(variance_floor_row 0 "none +- +[0-9.]+e[-+][0-9]+ +[0-9.]+e" ${FQT_EXE} variance --data synthetic --model cnn
+             --dgrad psq --dgrad-bits 8 --samples 2 --batches 2 --batch 16 --threads 1 --breakdown none --quiet)
+add_test(NAME cli.variance_no_floor COMMAND sh -c "$<TARGET_FILE:fqt_cli> variance --data synthetic --model cnn --dgrad psq \
+  --dgrad-bits 8 --samples 2 --batches 2 --batch 16 --threads 1 --breakdown none --no-floor --json > ${CLI_TMP}/no_floor.json \
+  && grep -q '\"quant_variance_se\"' ${CLI_TMP}/no_floor.json && ! grep -q '\"quantizer\": \"none\"' ${CLI_TMP}/no_floor.json")
 # Plots with Debian's matplotlib; skipped (77) where /usr/bin/python3 has none.
 add_test(NAME cli.plot_variance COMMAND sh -c "/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || exit 77; \
   /usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/plot_variance ${CLI_TMP}/variance/variance.json --runs ${RUN} \
