@@ -111,5 +111,8 @@ fqt_cli_test(train_bad_track_variance 2 "--track-variance" ${FQT_EXE} train --da
 add_test(NAME cli.write_results COMMAND sh -c "/usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/write_results --runs ${CLI_TMP} \
   --names 'train_run track_run' --variance ${CLI_TMP}/variance/variance.json --figures ${CLI_TMP}/figures \
   --results ${CLI_TMP}/RESULTS.md --smoke 1 && grep -q '| train_run | 1 |' ${CLI_TMP}/RESULTS.md \
-  && grep -q 'Smoke test' ${CLI_TMP}/RESULTS.md && grep -q 'Sampling (QAT) variance' ${CLI_TMP}/RESULTS.md")
+  && grep -q 'Smoke test' ${CLI_TMP}/RESULTS.md && grep -q 'Sampling (QAT) variance' ${CLI_TMP}/RESULTS.md \
+  && grep -q '| none (wgrad-only floor, dgrad exact) |' ${CLI_TMP}/RESULTS.md \
+  && grep -q 'Any violation beyond 2 SE' ${CLI_TMP}/RESULTS.md && grep -q '| variance BHQ <= PSQ <= PTQ at 8 bits' ${CLI_TMP}/RESULTS.md \
+  && grep -q 'ratio (dgrad-induced)' ${CLI_TMP}/RESULTS.md")
 set_tests_properties(cli.write_results PROPERTIES FIXTURES_REQUIRED "variance;trained;tracked")
