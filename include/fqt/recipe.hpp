@@ -43,9 +43,14 @@ struct Recipe {
   QuantizerSpec dgrad{QuantizerKind::psq, 8};
   QuantizerSpec wgrad{QuantizerKind::ptq, 8};
   Arith arith = Arith::integer;
+  // fqt mode only: compute dgrad exactly as in qat mode (fp32 GEMM of the unquantized G with the
+  // quantized W; `dgrad` is ignored) while wgrad stays quantized. The "wgrad-only floor" of
+  // `fqt variance` (variance.hpp): the variance the wgrad quantizers alone add.
+  bool exact_dgrad = false;
 };
 
-// One line for logs: "mode fqt (int): act zero-aligned 8, weight symmetric 8, dgrad bhq 5, wgrad ptq 8".
+// One line for logs: "mode fqt (int): act zero-aligned 8, weight symmetric 8, dgrad bhq 5, wgrad ptq 8"
+// ("dgrad exact" with exact_dgrad).
 std::string recipe_summary(const Recipe& r);
 
 // Random-number streams for the two gradient quantizations of one layer at one step: two

@@ -8,6 +8,11 @@
 // and for a set of parameters (one layer's weight+bias, or all parameters = "total"):
 //   quant_variance    E_b[ sum_i Var_k(g_{b,k,i}) ]  (unbiased sample variance over the K draws,
 //                     conditional on the batch, averaged over batches)
+//   quant_variance_batches  the B per-batch values v_b = sum_i Var_k(g_{b,k,i}) it averages
+//   quant_variance_se standard error of quant_variance: sd_b(v_b) / sqrt(B) (sample sd, B-1),
+//                     i.e. the batches are treated as independent draws from the data and the
+//                     estimate's uncertainty includes both the K-draw noise and the batch-to-batch
+//                     spread; NaN for B = 1 (no estimate)
 //   sampling_variance sum_i Var_b(qat_{b,i})         (the QAT / mini-batch variance across batches;
 //                     independent of the gradient quantizer by construction)
 //   bias              sqrt(E_b ||mean_k g_{b,k} - qat_b||^2) / sqrt(E_b ||qat_b||^2)
@@ -54,10 +59,15 @@ struct VarianceBatch {
 
 // One gradient-quantizer configuration to measure: the model's layers get these gradient
 // quantizers in fqt mode (their forward quantizers are left as they are).
+// exact_dgrad: the "wgrad-only floor": every layer's dgrad is computed as in QAT (exact, `dgrad`
+// ignored; Recipe::exact_dgrad) and only the wgrad quantizers are active. Its records carry
+// quantizer "none" and bits 0. Since the wgrad quantizer is the same in every configuration, the
+// floor is the part of each configuration's variance that no dgrad quantizer can remove.
 struct VarianceConfig {
   QuantizerSpec dgrad{QuantizerKind::psq, 8};
   QuantizerSpec wgrad{QuantizerKind::ptq, 8};
-  bool breakdown = false;  // also compute the per-layer increments
+  bool breakdown = false;    // also compute the per-layer increments
+  bool exact_dgrad = false;  // the wgrad-only floor (see above)
 };
 
 struct VarianceOptions {
@@ -70,8 +80,8 @@ struct VarianceOptions {
 };
 
 struct VarianceRecord {
-  std::string quantizer;   // dgrad quantizer name
-  int bits = 0;            // dgrad bits
+  std::string quantizer;   // dgrad quantizer name; "none" for the wgrad-only floor (exact dgrad)
+  int bits = 0;            // dgrad bits; 0 for the wgrad-only floor
   std::string wgrad;       // wgrad quantizer name
   int wgrad_bits = 0;
   std::string layer;       // layer name, or "total" (all parameters)
@@ -79,6 +89,8 @@ struct VarianceRecord {
   int64_t params = 0;      // number of parameters in the record
   int samples = 0, batches = 0;
   double quant_variance = 0;
+  double quant_variance_se = 0;               // sd over batches / sqrt(B); NaN when B = 1
+  std::vector<double> quant_variance_batches; // the B per-batch values quant_variance averages
   double sampling_variance = 0;
   double ratio = 0;        // quant_variance / sampling_variance (inf when the latter is 0)
   double bias = 0;
@@ -118,6 +130,8 @@ double grid_variance_bound(const QuantizedTensor& q);
 struct TrackedVariance {
   std::string layer;  // name or "total"
   double quant_variance = 0;
+  double quant_variance_se = 0;               // sd over batches / sqrt(B); NaN when B = 1
+  std::vector<double> quant_variance_batches; // the B per-batch values quant_variance averages
   double sampling_variance = 0;
   double ratio = 0;
 };

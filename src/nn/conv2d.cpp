@@ -220,7 +220,9 @@ Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContex
     FQT_CHECK(wq_.codes.defined(), "Conv2d {}: backward without a training forward", name_);
     w = dequantize(wq_);
   }
-  if (recipe_.mode == Mode::fqt) {
+  if (recipe_.mode == Mode::fqt && recipe_.exact_dgrad) {
+    gq_dgrad_ = QuantizedTensor{};  // dgrad as in qat: the fp32 GEMM on dy below
+  } else if (recipe_.mode == Mode::fqt) {
     gq_dgrad_ = quantize(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
     if (int_dgrad(recipe_, gq_dgrad_, wq_)) return dgrad_int(gq_dgrad_);
     grows = dequantize(gq_dgrad_);

@@ -52,7 +52,10 @@ Tensor Linear::dgrad(const Tensor& dy_in, const StepContext& ctx) {
             shape_str(dy_in.shape()), out_);
   const Tensor g = dy_in.reshape({dy_in.size(0), out_});
   Tensor dx = Tensor::empty({g.size(0), in_});
-  switch (recipe_.mode) {
+  // exact_dgrad: fqt mode with the dgrad GEMM computed as in qat (wgrad stays quantized).
+  const Mode mode = recipe_.mode == Mode::fqt && recipe_.exact_dgrad ? Mode::qat : recipe_.mode;
+  if (mode != recipe_.mode) gq_dgrad_ = QuantizedTensor{};  // no dgrad operand was quantized
+  switch (mode) {
     case Mode::fp32:
       matmul(GemmOperand::of(g), false, GemmOperand::of(weight_.value), false, dx, false);
       break;

@@ -32,9 +32,10 @@ std::string recipe_summary(const Recipe& r) {
   if (r.mode == Mode::fp32) return "mode fp32";
   std::string s = fmt::format("mode {} ({}): act {} {}, weight {} {}", mode_name(r.mode), arith_name(r.arith),
                               traits(r.activation.kind).name, r.activation.bits, traits(r.weight.kind).name, r.weight.bits);
-  if (r.mode == Mode::fqt)
-    s += fmt::format(", dgrad {} {}, wgrad {} {}", traits(r.dgrad.kind).name, r.dgrad.bits, traits(r.wgrad.kind).name,
-                     r.wgrad.bits);
+  if (r.mode == Mode::fqt) {
+    s += r.exact_dgrad ? std::string(", dgrad exact") : fmt::format(", dgrad {} {}", traits(r.dgrad.kind).name, r.dgrad.bits);
+    s += fmt::format(", wgrad {} {}", traits(r.wgrad.kind).name, r.wgrad.bits);
+  }
   return s;
 }
 

@@ -139,9 +139,23 @@ const QuantizedTensor* last_wgrad_q(QuantizedLayer* l) {
 // Per configuration, summed over batches (divided by B at the end).
 struct Accum {
   std::vector<double> quant_var, bias2, bound, wbound, increment;
+  std::vector<std::vector<double>> quant_var_batches;  // per segment: one value per batch
   int64_t bound_n = 0, increment_n = 0;
-  explicit Accum(size_t n) : quant_var(n, 0), bias2(n, 0), bound(n, 0), wbound(n, 0), increment(n, 0) {}
+  explicit Accum(size_t n)
+      : quant_var(n, 0), bias2(n, 0), bound(n, 0), wbound(n, 0), increment(n, 0), quant_var_batches(n) {}
 };
+
+// Standard error of the mean of `v`: sample sd (B - 1) / sqrt(B); NaN for fewer than 2 values.
+double standard_error(const std::vector<double>& v) {
+  const size_t n = v.size();
+  if (n < 2) return std::numeric_limits<double>::quiet_NaN();
+  double mean = 0;
+  for (double x : v) mean += x;
+  mean /= static_cast<double>(n);
+  double ss = 0;
+  for (double x : v) ss += (x - mean) * (x - mean);
+  return std::sqrt(ss / static_cast<double>(n - 1) / static_cast<double>(n));
+}
 
 }  // namespace
 
@@ -175,12 +189,14 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
                   "breakdown samples must be in 1..samples ({}), got {}", opt.samples, opt.breakdown_samples);
   FQT_INPUT_CHECK(!batches.empty(), "need at least one batch");
   for (const VarianceConfig& c : configs) {
-    FQT_INPUT_CHECK(traits(c.dgrad.kind).rounding == Rounding::stochastic && traits(c.wgrad.kind).rounding == Rounding::stochastic,
+    // The floor's dgrad spec is ignored (exact dgrad), so it is not checked.
+    FQT_INPUT_CHECK((c.exact_dgrad || traits(c.dgrad.kind).rounding == Rounding::stochastic) &&
+                        traits(c.wgrad.kind).rounding == Rounding::stochastic,
                     "gradient quantizers must be stochastic (got dgrad {}, wgrad {})", traits(c.dgrad.kind).name,
                     traits(c.wgrad.kind).name);
     FQT_INPUT_CHECK(c.wgrad.kind != QuantizerKind::bhq, "wgrad bhq is not supported (BHQ transforms the rows "
                     "the wgrad GEMM reduces over); use ptq or column");
-    FQT_INPUT_CHECK(c.dgrad.bits >= 2 && c.dgrad.bits <= 8 && c.wgrad.bits >= 2 && c.wgrad.bits <= 8,
+    FQT_INPUT_CHECK((c.exact_dgrad || (c.dgrad.bits >= 2 && c.dgrad.bits <= 8)) && c.wgrad.bits >= 2 && c.wgrad.bits <= 8,
                     "bit widths must be 2..8");
   }
   ParamLayout L = layout_of(model);
@@ -198,6 +214,7 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
     for (size_t i = 0; i < nl; ++i) {
       Recipe& r = L.layers[i]->recipe();
       if (c) r.dgrad = c->dgrad, r.wgrad = c->wgrad;
+      r.exact_dgrad = c && c->exact_dgrad;
       r.mode = (c && i >= exact_below) ? Mode::fqt : Mode::qat;
     }
   };
@@ -258,7 +275,10 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
       const std::vector<double> var =
           segment_sums(L, [&](int64_t i) { return std::max(0.0, (sumsq[i] - sum[i] * sum[i] / K) / (K - 1)); });
       const std::vector<double> bias2 = segment_sums(L, [&](int64_t i) { return sum[i] / K * (sum[i] / K); });
-      for (size_t s = 0; s < nseg; ++s) a.quant_var[s] += var[s], a.bias2[s] += bias2[s];
+      for (size_t s = 0; s < nseg; ++s) {
+        a.quant_var[s] += var[s], a.bias2[s] += bias2[s];
+        a.quant_var_batches[s].push_back(var[s]);
+      }
     }
     if (opt.progress) {
       const double secs = std::chrono::duration<double>(clock::now() - t0).count();
@@ -288,8 +308,8 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
     double bound_total = 0, wbound_total = 0, inc_total = 0;
     for (size_t s = 0; s < nseg; ++s) {
       VarianceRecord r;
-      r.quantizer = traits(c.dgrad.kind).name;
-      r.bits = c.dgrad.bits;
+      r.quantizer = c.exact_dgrad ? "none" : traits(c.dgrad.kind).name;
+      r.bits = c.exact_dgrad ? 0 : c.dgrad.bits;
       r.wgrad = traits(c.wgrad.kind).name;
       r.wgrad_bits = c.wgrad.bits;
       r.samples = K;
@@ -303,6 +323,8 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
         for (auto [b0, e0] : L.ranges[s]) r.params += e0 - b0;
       }
       r.quant_variance = a.quant_var[s] / B;
+      r.quant_variance_batches = a.quant_var_batches[s];
+      r.quant_variance_se = standard_error(r.quant_variance_batches);
       r.sampling_variance = samp[s];
       r.ratio = r.sampling_variance > 0 ? r.quant_variance / r.sampling_variance
                                         : std::numeric_limits<double>::infinity();

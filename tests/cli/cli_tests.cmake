@@ -82,6 +82,12 @@ add_test(NAME cli.variance_run COMMAND ${EXPECT} 0 "Per-layer breakdown, dgrad b
 set_tests_properties(cli.variance_run PROPERTIES FIXTURES_REQUIRED trained FIXTURES_SETUP variance)
 add_test(NAME cli.variance_json_fields COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/check_variance_json.sh ${CLI_TMP}/variance/variance.json)
 set_tests_properties(cli.variance_json_fields PROPERTIES FIXTURES_REQUIRED variance)
+# The table shows the wgrad-only floor as quantizer "none"; --no-floor leaves it out of the records.
+fqt_cli_test(variance_floor_row 0 "none +- +[0-9.]+e[-+][0-9]+ +[0-9.]+e" ${FQT_EXE} variance --data synthetic --model cnn
+             --dgrad psq --dgrad-bits 8 --samples 2 --batches 2 --batch 16 --threads 1 --breakdown none --quiet)
+add_test(NAME cli.variance_no_floor COMMAND sh -c "$<TARGET_FILE:fqt_cli> variance --data synthetic --model cnn --dgrad psq \
+  --dgrad-bits 8 --samples 2 --batches 2 --batch 16 --threads 1 --breakdown none --no-floor --json > ${CLI_TMP}/no_floor.json \
+  && grep -q '\"quant_variance_se\"' ${CLI_TMP}/no_floor.json && ! grep -q '\"quantizer\": \"none\"' ${CLI_TMP}/no_floor.json")
 # Plots with Debian's matplotlib; skipped (77) where /usr/bin/python3 has none.
 add_test(NAME cli.plot_variance COMMAND sh -c "/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || exit 77; \
   /usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/plot_variance ${CLI_TMP}/variance/variance.json --runs ${RUN} \
@@ -105,5 +111,8 @@ fqt_cli_test(train_bad_track_variance 2 "--track-variance" ${FQT_EXE} train --da
 add_test(NAME cli.write_results COMMAND sh -c "/usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/write_results --runs ${CLI_TMP} \
   --names 'train_run track_run' --variance ${CLI_TMP}/variance/variance.json --figures ${CLI_TMP}/figures \
   --results ${CLI_TMP}/RESULTS.md --smoke 1 && grep -q '| train_run | 1 |' ${CLI_TMP}/RESULTS.md \
-  && grep -q 'Smoke test' ${CLI_TMP}/RESULTS.md && grep -q 'Sampling (QAT) variance' ${CLI_TMP}/RESULTS.md")
+  && grep -q 'Smoke test' ${CLI_TMP}/RESULTS.md && grep -q 'Sampling (QAT) variance' ${CLI_TMP}/RESULTS.md \
+  && grep -q '| none (wgrad-only floor, dgrad exact) |' ${CLI_TMP}/RESULTS.md \
+  && grep -q 'Any violation beyond 2 SE' ${CLI_TMP}/RESULTS.md && grep -q '| variance BHQ <= PSQ <= PTQ at 8 bits' ${CLI_TMP}/RESULTS.md \
+  && grep -q 'ratio (dgrad-induced)' ${CLI_TMP}/RESULTS.md")
 set_tests_properties(cli.write_results PROPERTIES FIXTURES_REQUIRED "variance;trained;tracked")

@@ -39,6 +39,7 @@ struct VarianceCliOptions {
   std::string out;
   int threads = 0;
   bool json = false, quiet = false;
+  bool no_floor = false;  // skip the wgrad-only floor configuration
   bool model_given = false, data_given = false;  // else taken from --checkpoint
   std::string command_line;
 };
@@ -77,6 +78,8 @@ nlohmann::json record_json(const VarianceRecord& r) {
           {"samples", r.samples},
           {"batches", r.batches},
           {"quant_variance", r.quant_variance},
+          {"quant_variance_se", num(r.quant_variance_se)},
+          {"quant_variance_batches", r.quant_variance_batches},
           {"sampling_variance", r.sampling_variance},
           {"ratio", num(r.ratio)},
           {"bias", r.bias},
@@ -175,16 +178,19 @@ int run_variance(const VarianceCliOptions& o) {
   std::vector<VarianceConfig> configs;
   for (QuantizerKind k : kinds)
     for (int b : bits) configs.push_back({{k, b}, {wkind, o.wgrad_bits}, breakdown.count({int(k), b}) > 0});
+  // The wgrad-only floor: dgrad exact, only the (fixed) wgrad quantizer active; records "none", 0.
+  if (!o.no_floor) configs.push_back({{}, {wkind, o.wgrad_bits}, false, true});
 
   std::vector<QuantizedLayer*> layers;
   net->collect_quantized(layers);
   const bool talk = !o.quiet && !o.json;
   if (talk)
     std::fprintf(stderr,
-                 "fqt variance: %s on %s (%s), %zu quantized layers; %zu configurations x %d batches x %d draws; "
+                 "fqt variance: %s on %s (%s), %zu quantized layers; %zu configurations%s x %d batches x %d draws; "
                  "per-layer breakdown for %zu of them (%d draw%s per batch, %zu backward passes each)\n",
                  cfg.model.c_str(), cfg.data.c_str(), o.checkpoint.empty() ? "initial weights" : o.checkpoint.c_str(),
-                 layers.size(), configs.size(), o.batches, o.samples, breakdown.size(), o.breakdown_samples,
+                 layers.size(), configs.size(), o.no_floor ? "" : " (incl. the wgrad-only floor)", o.batches, o.samples,
+                 breakdown.size(), o.breakdown_samples,
                  o.breakdown_samples == 1 ? "" : "s", layers.size() - 1);
   VarianceOptions vo;
   vo.samples = o.samples;
@@ -213,14 +219,17 @@ int run_variance(const VarianceCliOptions& o) {
   line(fmt::format("{} on {}, {}: {} batches of {}, K = {} FQT draws per batch, wgrad {} {}-bit ({:.1f} s)", cfg.model,
                    cfg.data, o.checkpoint.empty() ? "initial weights" : o.checkpoint, o.batches, o.batch, o.samples,
                    o.wgrad, o.wgrad_bits, secs));
-  line("Totals over all parameters (quant = quantization variance given the batch; sampling = QAT variance across batches):");
-  line(fmt::format("{:<9} {:>4}  {:>10}  {:>10}  {:>9}  {:>10}  {:>10}  {:>10}  {:>12}", "quantizer", "bits", "quant_var",
-                   "sampl_var", "ratio", "bias", "noise_flr", "dgrad_bnd", "sum_of_incr"));
+  line("Totals over all parameters (quant = quantization variance given the batch, se = its standard error over the");
+  line("batches; sampling = QAT variance across batches; quantizer none = the wgrad-only floor, dgrad exact):");
+  line(fmt::format("{:<9} {:>4}  {:>10}  {:>9}  {:>10}  {:>9}  {:>10}  {:>10}  {:>10}  {:>12}", "quantizer", "bits",
+                   "quant_var", "se", "sampl_var", "ratio", "bias", "noise_flr", "dgrad_bnd", "sum_of_incr"));
   for (const auto& r : recs)
     if (r.layer_index < 0)
-      line(fmt::format("{:<9} {:>4}  {:>10}  {:>10}  {:>9.3g}  {:>10}  {:>10}  {:>10}  {:>12}", r.quantizer, r.bits,
-                       fmt_num(r.quant_variance), fmt_num(r.sampling_variance), r.ratio, fmt_num(r.bias),
-                       fmt_num(r.bias_noise_floor), fmt_num(r.bound), r.increment >= 0 ? fmt_num(r.increment) : "-"));
+      line(fmt::format("{:<9} {:>4}  {:>10}  {:>9}  {:>10}  {:>9.3g}  {:>10}  {:>10}  {:>10}  {:>12}", r.quantizer,
+                       r.bits > 0 ? std::to_string(r.bits) : std::string("-"), fmt_num(r.quant_variance),
+                       std::isfinite(r.quant_variance_se) ? fmt::format("{:.2e}", r.quant_variance_se) : "-",
+                       fmt_num(r.sampling_variance), r.ratio, fmt_num(r.bias), fmt_num(r.bias_noise_floor),
+                       r.bits > 0 ? fmt_num(r.bound) : "-", r.increment >= 0 ? fmt_num(r.increment) : "-"));
   for (const auto& c : configs) {
     if (!c.breakdown) continue;
     line("");
@@ -266,6 +275,8 @@ Runner add_variance(CLI::App& app) {
       "quantization variance (given the batch), sampling variance across batches (the QAT variance) and\n"
       "their ratio; the per-layer breakdown (variance added by each layer's quantizers, layers switched to\n"
       "exact one at a time from input to output); and the SPEC section 3 bound of each dgrad operand.\n"
+      "Also measures the wgrad-only floor (dgrad exact, only the wgrad quantizer active; --no-floor skips it),\n"
+      "and the standard error over batches of every quantization variance.\n"
       "Writes variance.json (records) and variance.txt to --out; plot with scripts/plot_variance.\n"
       "Example: fqt variance --model preact_resnet20 --data fashion-mnist --checkpoint runs/x/ckpt.safetensors\n"
       "         --dgrad ptq,psq,bhq --dgrad-bits 4,5,6,7,8 --samples 16 --batches 8 --out runs/var");
@@ -299,6 +310,9 @@ Runner add_variance(CLI::App& app) {
   app.add_option("--seed", o->seed, "seed of batch choice, initial weights and gradient quantizers")->capture_default_str();
   app.add_option("--out", o->out, "folder for variance.json and variance.txt (default: print only)");
   app.add_option("--threads", o->threads, "CPU threads (0 = all cores)")->capture_default_str();
+  app.add_flag("--no-floor", o->no_floor,
+               "skip the wgrad-only floor (by default also measured: dgrad exact as in QAT, only the wgrad quantizer "
+               "active; records quantizer \"none\", bits 0)");
   app.add_flag("--json", o->json, "print the JSON records instead of the table");
   app.add_flag("-q,--quiet", o->quiet, "no progress output");
   return [o, &app] {
