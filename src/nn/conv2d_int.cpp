@@ -105,6 +105,11 @@ inline int64_t byte_sum(const uint8_t* p, int64_t n) {
 #if defined(__AVX512BW__)
   __m512i acc = _mm512_setzero_si512();
   for (; i + 64 <= n; i += 64) acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_loadu_si512(p + i), _mm512_setzero_si512()));
+  if (i < n) {  // the tail (< 64 bytes) through a masked load: bytes past n read as 0
+    const __mmask64 m = (uint64_t{1} << (n - i)) - 1;  // n - i in 1..63
+    acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_maskz_loadu_epi8(m, p + i), _mm512_setzero_si512()));
+    i = n;
+  }
   alignas(64) int64_t lanes[8];
   _mm512_store_si512(lanes, acc);
   for (int64_t l : lanes) s += l;

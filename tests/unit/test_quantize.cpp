@@ -140,17 +140,24 @@ TEST(Quantize, ZeroAlignedGridCoversDataAndGuardsOneSidedRanges) {
 }
 
 TEST(Quantize, NonFiniteInputIsAClearError) {
-  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
-    Tensor x = synthetic_matrix(SynthKind::gaussian, 4, 6, 1);
-    x.data<float>()[2 * 6 + 5] = bad;
-    for (QuantizerKind k : all_kinds()) {
-      try {
-        quantize(x, {k, 4}, {0, 0});
-        FAIL() << "no error for non-finite input";
-      } catch (const NonFiniteError& e) {
-        EXPECT_NE(std::string(e.what()).find("row 2, column 5"), std::string::npos) << e.what();
+  // The fast path finds non-finite values inside its min/max pass: small (serial, scalar tails)
+  // and large (vector lanes, threads) shapes, NaN and both infinities.
+  const float inf = std::numeric_limits<float>::infinity();
+  struct Case { int64_t rows, cols, r, c; };
+  for (const Case& cs : {Case{4, 6, 2, 5}, Case{300, 70, 211, 37}}) {
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), inf, -inf}) {
+      Tensor x = synthetic_matrix(SynthKind::gaussian, cs.rows, cs.cols, 1);
+      x.data<float>()[cs.r * cs.cols + cs.c] = bad;
+      const std::string where = fmt::format("row {}, column {}", cs.r, cs.c);
+      for (QuantizerKind k : all_kinds()) {
+        try {
+          quantize(x, {k, 4}, {0, 0});
+          FAIL() << "no error for non-finite input " << bad << ", " << traits(k).name;
+        } catch (const NonFiniteError& e) {
+          EXPECT_NE(std::string(e.what()).find(where), std::string::npos) << e.what();
+        }
+        EXPECT_THROW(quantize_ref(x, {k, 4}, {0, 0}), NonFiniteError);
       }
-      EXPECT_THROW(quantize_ref(x, {k, 4}, {0, 0}), NonFiniteError);
     }
   }
 }

@@ -5,6 +5,7 @@
 #include "philox_batch.hpp"
 #include "quant/grid.hpp"
 
+#include <cmath>
 #include <limits>
 
 namespace fqt {
@@ -16,36 +17,43 @@ namespace {
 // vector instructions; a single running min is a serial chain under strict fp semantics), then
 // the lanes. Inputs are finite (checked before), and min/max are exact, so the order of the
 // comparisons cannot change the result (up to the sign of a zero, which no grid depends on).
-inline void minmax_lanes(const float* p, int64_t n, float& lo, float& hi) {
+// NaN never wins a comparison, so the lanes also OR together "x != x": the caller learns of a
+// NaN (an Inf shows up as the min or max itself) without a separate pass over the data.
+inline void minmax_lanes(const float* p, int64_t n, float& lo, float& hi, uint32_t& nan) {
   constexpr int L = 16;
   float a[L], b[L];
+  uint32_t bad[L] = {};
   for (int l = 0; l < L; ++l) a[l] = std::numeric_limits<float>::infinity(), b[l] = -a[l];
   int64_t i = 0;
   for (; i + L <= n; i += L)
     for (int l = 0; l < L; ++l) {
       a[l] = p[i + l] < a[l] ? p[i + l] : a[l];
       b[l] = p[i + l] > b[l] ? p[i + l] : b[l];
+      bad[l] |= static_cast<uint32_t>(p[i + l] != p[i + l]);
     }
-  for (; i < n; ++i) a[0] = std::min(a[0], p[i]), b[0] = std::max(b[0], p[i]);
-  for (int l = 1; l < L; ++l) a[0] = std::min(a[0], a[l]), b[0] = std::max(b[0], b[l]);
-  lo = std::min(lo, a[0]), hi = std::max(hi, b[0]);
+  for (; i < n; ++i) a[0] = std::min(a[0], p[i]), b[0] = std::max(b[0], p[i]), bad[0] |= static_cast<uint32_t>(p[i] != p[i]);
+  for (int l = 1; l < L; ++l) a[0] = std::min(a[0], a[l]), b[0] = std::max(b[0], b[l]), bad[0] |= bad[l];
+  lo = std::min(lo, a[0]), hi = std::max(hi, b[0]), nan |= bad[0];
 }
 
-void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std::vector<double>& mn,
+// Per-group min and max; returns true when the data hold a NaN or an Inf (then the caller
+// reports where, through check_finite).
+bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std::vector<double>& mn,
                   std::vector<double>& mx) {
+  uint32_t nan = 0;
   const int64_t groups = num_groups(g, rows, cols);
   mn.assign(groups, std::numeric_limits<double>::infinity());
   mx.assign(groups, -std::numeric_limits<double>::infinity());
   if (g == Granularity::row) {
-#pragma omp parallel for schedule(static) if (rows * cols > kParallelMin)
+#pragma omp parallel for reduction(| : nan) schedule(static) if (rows * cols > kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
       float a = std::numeric_limits<float>::infinity(), b = -a;
-      minmax_lanes(x + r * cols, cols, a, b);
+      minmax_lanes(x + r * cols, cols, a, b, nan);
       if (cols) mn[r] = a, mx[r] = b;
     }
   } else if (g == Granularity::column) {
     // Each thread owns a slice of columns and walks all rows (row-major friendly).
-#pragma omp parallel if (rows * cols > kParallelMin)
+#pragma omp parallel reduction(| : nan) if (rows * cols > kParallelMin)
     {
       std::vector<float> a(cols, std::numeric_limits<float>::infinity()), b(cols, -std::numeric_limits<float>::infinity());
 #pragma omp for schedule(static)
@@ -56,6 +64,7 @@ void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
           for (int64_t c = c0; c < c1; ++c) {
             a[c] = std::min(a[c], p[c]);
             b[c] = std::max(b[c], p[c]);
+            nan |= static_cast<uint32_t>(p[c] != p[c]);
           }
         }
         if (rows)
@@ -65,11 +74,15 @@ void group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   } else {
     float a = std::numeric_limits<float>::infinity(), b = -a;
     const int64_t n = rows * cols, chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for reduction(min : a) reduction(max : b) schedule(static) if (n > kParallelMin)
+#pragma omp parallel for reduction(min : a) reduction(max : b) reduction(| : nan) schedule(static) if (n > kParallelMin)
     for (int64_t ch = 0; ch < chunks; ++ch)
-      minmax_lanes(x + ch * chunk, std::min(chunk, n - ch * chunk), a, b);
+      minmax_lanes(x + ch * chunk, std::min(chunk, n - ch * chunk), a, b, nan);
     if (n) mn[0] = a, mx[0] = b;
   }
+  if (nan) return true;
+  for (size_t i = 0; i < mn.size(); ++i)
+    if (!std::isfinite(mn[i]) || !std::isfinite(mx[i])) return true;
+  return false;
 }
 
 }  // namespace
@@ -78,7 +91,8 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   profile::Scope timer(profile::quantize);
   check_spec(spec);
   Tensor x = as_matrix(x_in);
-  check_finite(x, "quantizer input");
+  // Non-finite input is found by the min/max pass below (one pass less); BHQ transforms first.
+  if (spec.kind == QuantizerKind::bhq) check_finite(x, "quantizer input");
   const int64_t rows = x.size(0), cols = x.size(1);
   const Granularity gran = traits(spec.kind).granularity;
   Tensor source = x;
@@ -89,7 +103,7 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
     transform->apply(x.data<float>(), source.data<float>(), cols);
   }
   std::vector<double> mn, mx;
-  group_minmax(source.data<float>(), rows, cols, gran, mn, mx);
+  if (group_minmax(source.data<float>(), rows, cols, gran, mn, mx)) check_finite(x, "quantizer input");
   QuantizedTensor q = make_header(spec, rows, cols, mn.data(), mx.data());
   q.transform = std::move(transform);
 
