@@ -137,6 +137,7 @@ class Conv2d : public QuantizedLayer {
   Tensor x_;
   QuantizedTensor xq_, wq_;
   QuantizedTensor gq_dgrad_, gq_wgrad_;
+  bool grads_quantized_ = false;  // backward(): both draws already made by quantize_pair
 };
 
 // Whole-batch im2col (reference / tools; the layer itself works per sample), transposed

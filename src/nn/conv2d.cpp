@@ -199,6 +199,18 @@ Tensor Conv2d::rows_for_gradients(const Tensor& dy) const {
 
 Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
   const Tensor rows = rows_for_gradients(dy);
+  // FQT with both halves: the two draws of G in one pass over it (quantize_pair: the same codes
+  // as two quantize() calls), handed to wgrad_rows / dgrad_rows.
+  if (recipe_.mode == Mode::fqt && input_grad_ && !recipe_.exact_dgrad) {
+    auto [d, w] = quantize_pair(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad),
+                                recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
+    gq_dgrad_ = std::move(d), gq_wgrad_ = std::move(w);
+    grads_quantized_ = true;
+  }
+  struct Reset {
+    bool& flag;
+    ~Reset() { flag = false; }
+  } reset{grads_quantized_};  // also when a half throws
   wgrad_rows(dy, rows, ctx);
   return input_grad_ ? dgrad_rows(dy, rows, ctx) : Tensor();
 }
@@ -223,7 +235,8 @@ Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContex
   if (recipe_.mode == Mode::fqt && recipe_.exact_dgrad) {
     gq_dgrad_ = QuantizedTensor{};  // dgrad as in qat: the fp32 GEMM on dy below
   } else if (recipe_.mode == Mode::fqt) {
-    gq_dgrad_ = quantize(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
+    if (!grads_quantized_)
+      gq_dgrad_ = quantize(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
     if (int_dgrad(recipe_, gq_dgrad_, wq_)) return dgrad_int(gq_dgrad_);
     grows = dequantize(gq_dgrad_);
   }
@@ -262,7 +275,8 @@ void Conv2d::wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext&
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W, wsize = cout_ * ckk;
   Tensor grows;  // fqt: dequantized Qwgrad(G) in the SPEC's row layout [(N*P), Cout]
   if (recipe_.mode == Mode::fqt) {
-    gq_wgrad_ = quantize(rows, recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
+    if (!grads_quantized_)
+      gq_wgrad_ = quantize(rows, recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
     if (saved_zero_code() >= 0 && int_wgrad(recipe_, gq_wgrad_, xq_)) {
       wgrad_int(gq_wgrad_);
       add_bias_grad(dy);

@@ -139,7 +139,9 @@ TEST(Bhq, DegenerateInputsNeitherCrashNorNaN) {
       QuantizedTensor q = quantize(x, {QuantizerKind::bhq, bits}, {1, 2});
       ASSERT_TRUE(q.transform.has_value());
       for (int64_t g = 0; g < q.transform->num_groups(); ++g)
-        if (x.size(0) >= 2) EXPECT_GE(q.transform->group_size(g), 2);
+        if (x.size(0) >= 2) {
+          EXPECT_GE(q.transform->group_size(g), 2);
+        }
       Tensor d = dequantize(q);
       for (int64_t i = 0; i < d.numel(); ++i) {
         ASSERT_TRUE(std::isfinite(d.data<float>()[i])) << "shape " << shape_str(x.shape());

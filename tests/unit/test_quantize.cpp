@@ -187,3 +187,37 @@ TEST(Quantize, ConstantAndZeroRowsStayFinite) {
     }
   }
 }
+
+// quantize_pair (the two gradient draws in one pass) gives, code for code and grid for grid,
+// what two separate quantize() calls give: every pair of quantizers (fused or not), bit widths,
+// small and threaded shapes, 1 and 2 threads. Also equal to the plain-loop reference.
+TEST(Quantize, PairEqualsTwoSeparateCalls) {
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2}) {
+    omp_set_num_threads(threads);
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{3, 5}, {129, 16}, {1000, 37}}) {
+      const Tensor x = synthetic_matrix(SynthKind::heavy_tailed, rows, cols, 7);
+      for (QuantizerKind a : all_kinds()) {
+        if (!is_stochastic(a)) continue;
+        for (QuantizerKind b : all_kinds()) {
+          if (!is_stochastic(b)) continue;
+          for (auto [ba, bb] : {std::pair<int, int>{8, 8}, {4, 8}, {2, 5}}) {
+            const RngKey ka{11, 3}, kb{11, 4};
+            auto [qa, qb] = quantize_pair(x, {a, ba}, ka, {b, bb}, kb);
+            const QuantizedTensor ra = quantize(x, {a, ba}, ka), rb = quantize(x, {b, bb}, kb);
+            ASSERT_TRUE(same_codes(qa, ra)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols;
+            ASSERT_TRUE(same_codes(qb, rb)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols;
+            if (threads == 1 && rows == 129) {
+              ASSERT_TRUE(same_codes(qa, quantize_ref(x, {a, ba}, ka))) << traits(a).name;
+              ASSERT_TRUE(same_codes(qb, quantize_ref(x, {b, bb}, kb))) << traits(b).name;
+            }
+          }
+        }
+      }
+    }
+  }
+  omp_set_num_threads(saved);
+  Tensor bad = synthetic_matrix(SynthKind::gaussian, 200, 40, 1);
+  bad.data<float>()[150 * 40 + 3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(quantize_pair(bad, {QuantizerKind::psq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}), NonFiniteError);
+}

@@ -161,4 +161,66 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   return q;
 }
 
+std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, QuantizerSpec sa, RngKey ka,
+                                                          QuantizerSpec sb, RngKey kb) {
+  auto fusable = [](QuantizerSpec s) {
+    const QuantizerTraits& t = traits(s.kind);
+    return t.rounding == Rounding::stochastic && s.kind != QuantizerKind::bhq &&
+           (t.granularity == Granularity::row || t.granularity == Granularity::tensor);
+  };
+  if (!fusable(sa) || !fusable(sb) || x_in.numel() == 0) return {quantize(x_in, sa, ka), quantize(x_in, sb, kb)};
+  profile::Scope timer(profile::quantize);
+  check_spec(sa);
+  check_spec(sb);
+  Tensor x = as_matrix(x_in);
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const float* src = x.data<float>();
+  // Row ranges in one pass; the tensor range is their range (min and max are exact).
+  std::vector<double> rmn, rmx;
+  if (group_minmax(src, rows, cols, Granularity::row, rmn, rmx)) check_finite(x, "quantizer input");
+  double tmn = std::numeric_limits<double>::infinity(), tmx = -tmn;
+  for (int64_t r = 0; r < rows; ++r) tmn = std::min(tmn, rmn[r]), tmx = std::max(tmx, rmx[r]);
+  auto header = [&](QuantizerSpec s) {
+    QuantizedTensor q = traits(s.kind).granularity == Granularity::row ? make_header(s, rows, cols, rmn.data(), rmx.data())
+                                                                        : make_header(s, rows, cols, &tmn, &tmx);
+    q.codes = Tensor::empty({rows, cols}, DType::u8);
+    return q;
+  };
+  QuantizedTensor qa = header(sa), qb = header(sb);
+  const bool row_a = qa.granularity() == Granularity::row, row_b = qb.granularity() == Granularity::row;
+  const int Ba = qa.max_code(), Bb = qb.max_code();
+  uint8_t* ca = qa.codes.data<uint8_t>();
+  uint8_t* cb = qb.codes.data<uint8_t>();
+  // The chunking and the uniforms of quantize(): element e of either draw gets the same u.
+  constexpr int64_t kChunk = 4096;
+  const int64_t total = rows * cols, chunks = (total + kChunk - 1) / kChunk;
+#pragma omp parallel if (total > kParallelMin)
+  {
+    std::vector<float> ua(kChunk), ub(kChunk);
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t e0 = ch * kChunk, e1 = std::min(total, e0 + kChunk);
+      kernels::fill_uniforms(ka, static_cast<uint64_t>(e0) >> 2, (e1 - e0 + 3) / 4, ua.data());
+      kernels::fill_uniforms(kb, static_cast<uint64_t>(e0) >> 2, (e1 - e0 + 3) / 4, ub.data());
+      int64_t r = e0 / cols, c = e0 % cols;
+      for (int64_t e = e0; e < e1;) {
+        const int64_t run = std::min(e1 - e, cols - c);
+        const float* __restrict s = src + e;
+        const float* __restrict uua = ua.data() + (e - e0);
+        const float* __restrict uub = ub.data() + (e - e0);
+        uint8_t* __restrict oa = ca + e;
+        uint8_t* __restrict ob = cb + e;
+        const float la = qa.lo[row_a ? r : 0], sca = qa.scale[row_a ? r : 0];
+        const float lb = qb.lo[row_b ? r : 0], scb = qb.scale[row_b ? r : 0];
+        for (int64_t i = 0; i < run; ++i) {
+          oa[i] = round_stochastic(grid_pos(s[i], la, sca), uua[i], Ba);
+          ob[i] = round_stochastic(grid_pos(s[i], lb, scb), uub[i], Bb);
+        }
+        e += run, ++r, c = 0;
+      }
+    }
+  }
+  return {std::move(qa), std::move(qb)};
+}
+
 }  // namespace fqt
