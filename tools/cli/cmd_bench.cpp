@@ -65,6 +65,9 @@ struct GemmOptions {
 struct GemmShape {
   int64_t m, n, k, count;
   std::vector<std::string> uses;
+  // The integer path's own layout of the same product (0: same as m, n, k); `extra_n` columns
+  // of it are correction columns (not counted as useful operations).
+  int64_t im = 0, in = 0, ik = 0, extra_n = 0;
 };
 
 // The GEMMs of a model's quantized layers at the given batch and input, derived from the layers
@@ -75,7 +78,11 @@ struct GemmShape {
 //   dgrad  dcols_n [ckk, P] = W^T [ckk, Cout] . G_n [Cout, P]     M=ckk  N=P   K=Cout
 //   wgrad  dW [Cout, ckk] += G_n [Cout, P] . cols_n^T [P, ckk]    M=Cout N=ckk K=P
 // and src/nn/linear.cpp (whole batch): fprop M=N_b N=out K=in, dgrad M=N_b N=in K=out,
-// wgrad M=out N=in K=N_b.
+// wgrad M=out N=in K=N_b. The integer path (src/nn/conv2d_int.cpp) computes the same conv
+// products with the per-sample operand as A (C = A B^T):
+//   fprop  [P, Cout] = patches [P, ckk] . W^T                      M=P    N=Cout   K=ckk
+//   dgrad  [P, ckk + 1] = G_n [P, Cout] . [W | ones]^T             M=P    N=ckk+1  K=Cout
+//   wgrad  [ckk, Cout] = cols_n [ckk, P] . G_n^T                   M=ckk  N=Cout   K=P
 std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::string& input, int64_t batch) {
   int c = 0, h = 0, w = 0;
   parse_input(input, c, h, w);
@@ -86,13 +93,14 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::st
   std::vector<QuantizedLayer*> layers;
   net->collect_quantized(layers);
   std::vector<GemmShape> out;
-  auto add = [&](int64_t m, int64_t n, int64_t k, int64_t count, std::string use) {
+  auto add = [&](int64_t m, int64_t n, int64_t k, int64_t count, std::string use, int64_t im = 0, int64_t in = 0,
+                 int64_t ik = 0, int64_t extra_n = 0) {
     for (auto& s : out)
-      if (s.m == m && s.n == n && s.k == k && s.count == count) {
+      if (s.m == m && s.n == n && s.k == k && s.count == count && s.im == im && s.in == in && s.ik == ik) {
         s.uses.push_back(std::move(use));
         return;
       }
-    out.push_back({m, n, k, count, {std::move(use)}});
+    out.push_back({m, n, k, count, {std::move(use)}, im, in, ik, extra_n});
   };
   for (QuantizedLayer* l : layers) {
     if (auto* conv = dynamic_cast<Conv2d*>(l)) {
@@ -107,9 +115,9 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::st
       FQT_CHECK(hin * hin == hw && static_cast<int64_t>(bytes) == cin * hw * 4,
                 "bench gemm: cannot infer the input size of {} (saved {} bytes, Cin {})", conv->name(), bytes, cin);
       const int64_t ho = conv->out_size(hin), P = ho * ho, ckk = cin * kk;
-      add(cout, P, ckk, batch, conv->name() + " fprop");
-      add(ckk, P, cout, batch, conv->name() + " dgrad");
-      add(cout, ckk, P, batch, conv->name() + " wgrad");
+      add(cout, P, ckk, batch, conv->name() + " fprop", P, cout, ckk);
+      add(ckk, P, cout, batch, conv->name() + " dgrad", P, ckk + 1, cout, 1);
+      add(cout, ckk, P, batch, conv->name() + " wgrad", ckk, cout, P);
     } else if (auto* lin = dynamic_cast<Linear*>(l)) {
       const int64_t in = lin->in_features(), o = lin->out_features();
       add(batch, o, in, 1, lin->name() + " fprop");
@@ -161,10 +169,11 @@ int run_gemm_bench(const GemmOptions& o) {
   std::mt19937 gen(1234);
   for (const GemmShape& s : shapes) {
     const int64_t M = s.m, N = s.n, K = s.k, cnt = s.count;
+    const int64_t IM = s.im ? s.im : M, IN = s.in ? s.in : N, IK = s.ik ? s.ik : K;  // int8 layout
     // Operands shared by all `count` products (in the layers one operand is the weight and the
     // other a cache-resident per-thread im2col buffer); each product writes its own output.
-    std::vector<uint8_t> A(M * K);
-    std::vector<int8_t> B(N * K);
+    std::vector<uint8_t> A(IM * IK);
+    std::vector<int8_t> B(IN * IK);
     std::vector<float> Af(M * K), Bf(N * K);
     std::uniform_int_distribution<int> du(0, 255), ds(-128, 127);
     std::normal_distribution<float> dn;
@@ -172,12 +181,24 @@ int run_gemm_bench(const GemmOptions& o) {
     for (auto& v : B) v = static_cast<int8_t>(ds(gen));
     for (auto& v : Af) v = dn(gen);
     for (auto& v : Bf) v = dn(gen);
-    std::vector<int32_t> C(cnt * M * N);
+    std::vector<int32_t> C(cnt * IM * IN);
     std::vector<float> Cf(cnt * M * N);
+    // Conv products run as in Conv2d's integer path: fqt's kernel called per sample (VNNI when the
+    // CPU has it, else the portable one), not the automatic dispatcher.
+    const bool conv_kernel = s.im != 0;
+    auto per_sample = [&](int32_t* c) {
+      if (igemm_detail::vnni_available()) igemm_detail::s32_vnni(IM, IN, IK, A.data(), IK, B.data(), IK, c, IN);
+      else igemm_detail::s32_portable(IM, IN, IK, A.data(), IK, B.data(), IK, c, IN);
+    };
     auto int8 = [&] {
-      if (cnt == 1) return igemm_u8s8s32(M, N, K, A.data(), K, B.data(), K, C.data(), N);
+      if (conv_kernel) {
 #pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < cnt; ++i) igemm_u8s8s32(M, N, K, A.data(), K, B.data(), K, C.data() + i * M * N, N);
+        for (int64_t i = 0; i < cnt; ++i) per_sample(C.data() + i * IM * IN);
+        return;
+      }
+      if (cnt == 1) return igemm_u8s8s32(IM, IN, IK, A.data(), IK, B.data(), IK, C.data(), IN);
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < cnt; ++i) igemm_u8s8s32(IM, IN, IK, A.data(), IK, B.data(), IK, C.data() + i * IM * IN, IN);
     };
     auto fp32 = [&] {
       if (cnt == 1) return sgemm(false, true, M, N, K, 1.0f, Af.data(), K, Bf.data(), K, 0.0f, Cf.data(), N);
@@ -199,7 +220,7 @@ int run_gemm_bench(const GemmOptions& o) {
     }
     const double mi = median(ti), mf = median(tf), ops = 2.0 * double(M) * double(N) * double(K) * double(cnt);
     const double gi = ops / (mi * 1e6), gf = ops / (mf * 1e6);
-    const char* backend = int8_backend_for(M, N, K);
+    const char* backend = conv_kernel ? (igemm_detail::vnni_available() ? "vnni" : "portable") : int8_backend_for(IM, IN, IK);
     std::string uses = s.uses[0];
     if (s.uses.size() > 1) uses += fmt::format(" (+{} more)", s.uses.size() - 1);
     if (o.json) {
@@ -207,6 +228,9 @@ int run_gemm_bench(const GemmOptions& o) {
                          {"n", N},
                          {"k", K},
                          {"count", cnt},
+                         {"int8_m", IM},
+                         {"int8_n", IN},
+                         {"int8_k", IK},
                          {"backend", backend},
                          {"threads", num_threads()},
                          {"reps", o.reps},
