@@ -4,13 +4,19 @@
     /usr/bin/python3 scripts/perf_report_md.py RUNDIR [OUT.md]
 
 RUNDIR holds meta.json (machine, date, command), gemm.json (`fqt bench gemm --json`),
-step_*.json (`fqt bench step --json`) and torch.json (bench/torch_reference.py --json); any but
-meta.json may be missing. Every number in the document comes from these files: the tables and
-the targets table (target, measured, met?) are computed here.
+step_*.json (`fqt bench step --json`) and torch*.json (bench/torch_reference.py --json); any but
+meta.json may be missing. Files ending in _rN.json are round N of the step benchmarks (every
+configuration of fqt and PyTorch runs once per round, so the rounds alternate them): a
+configuration's time is the median over rounds of its median step time, and each speedup the
+median over rounds of the per-round ratio (both sides measured in the same round). Every number
+in the document comes from these files: the tables and the targets table (target, measured,
+met?) are computed here.
 """
 import glob
 import json
 import os
+import re
+import statistics
 import sys
 
 MB = 1024.0 * 1024.0
@@ -60,10 +66,53 @@ def main(argv):
     out = argv[2] if len(argv) > 2 else "docs/PERFORMANCE.md"
     meta = load(os.path.join(run, "meta.json"), {})
     gemm = load(os.path.join(run, "gemm.json"), [])
-    steps = []
-    for p in sorted(glob.glob(os.path.join(run, "step_*.json"))):
-        steps += load(p, [])
-    torch = load(os.path.join(run, "torch.json"), [])
+    def round_of(path):
+        m = re.search(r"_r(\d+)\.json$", path)
+        return int(m.group(1)) if m else 1
+
+    # key -> {round: record}
+    per_round = {}
+    order = []
+
+    def key_of(r):
+        return (r["model"], r.get("framework", "fqt"), r.get("mode"), r.get("dgrad", "-"), r.get("arith", "-"))
+
+    def collect(pattern):
+        for p in sorted(glob.glob(os.path.join(run, pattern))):
+            for r in load(p, []):
+                k = key_of(r)
+                if k not in per_round:
+                    per_round[k] = {}
+                    order.append(k)
+                per_round[k][round_of(p)] = r
+
+    collect("step_*.json")
+    collect("torch*.json")
+    nrounds = max((len(v) for v in per_round.values()), default=0)
+
+    def med(vals):
+        vals = [v for v in vals if v is not None]
+        return statistics.median(vals) if vals else None
+
+    def aggregate(k):
+        recs = list(per_round[k].values())
+        a = dict(recs[0])
+        for f in ("median_ms", "min_ms", "quantizer_share", "gemm_f32_ms", "gemm_int_ms", "images_per_s",
+                  "peak_rss_bytes"):
+            if f in a:
+                a[f] = med([r.get(f) for r in recs])
+        a["_key"] = k
+        return a
+
+    def round_ratios(kb, k):
+        """Per-round base/config time ratios (both measured in the same round)."""
+        if kb not in per_round or k not in per_round:
+            return []
+        b, c = per_round[kb], per_round[k]
+        return [b[i]["median_ms"] / c[i]["median_ms"] for i in sorted(set(b) & set(c)) if c[i]["median_ms"]]
+
+    steps = [aggregate(k) for k in order if k[1] == "fqt"]
+    torch = [aggregate(k) for k in order if k[1] != "fqt"]
     if not gemm and not steps and not torch:
         print(f"perf_report_md: no results in {run}", file=sys.stderr)
         return 1
@@ -129,6 +178,16 @@ def main(argv):
     # ---- steps ----
     fp32_of = {r["model"]: r for r in steps if r.get("mode") == "fp32"}
     torch_of = {r["model"]: r for r in torch}
+
+    def speedup(base, r):
+        """Median over rounds of base / r, or None."""
+        if base is None or r is None:
+            return None
+        return med(round_ratios(base["_key"], r["_key"]))
+
+    def spread(base, r):
+        v = round_ratios(base["_key"], r["_key"]) if base is not None and r is not None else []
+        return f" (rounds: {min(v):.2f}-{max(v):.2f}, n={len(v)})" if len(v) > 1 else ""
     if steps or torch:
         w("## Training step")
         w("")
@@ -138,7 +197,9 @@ def main(argv):
           "`saved act.` = bytes kept "
           "from forward for backward (activations or their codes); `peak RSS` = peak resident set of the process "
           "running that configuration alone (fqt: a fork()ed child per configuration; PyTorch: a process per "
-          "model, including the Python and PyTorch runtime). Speedups are median fp32 step time / median step time.")
+          "model, including the Python and PyTorch runtime). "
+          f"Each configuration ran in {nrounds} round(s), fqt and PyTorch alternating; times are medians over the "
+          "rounds of each round's median step, speedups the median over rounds of the per-round ratio.")
         w("")
         w("| model | framework | mode | dgrad | arith | median ms | images/s | quantizer share | GEMM ms f32 / int | "
           "saved act. MB | peak RSS MB | vs fqt fp32 | vs PyTorch fp32 |")
@@ -160,8 +221,8 @@ def main(argv):
                   f"{fmt(r['median_ms'])} | {fmt(r.get('images_per_s'), '.0f')} | "
                   f"{fmt(None if qs is None else 100 * qs, '.1f')}{'%' if qs is not None else ''} | "
                   f"{gemm_ms(r)} | {fmt(None if sa is None else sa / MB, '.2f')} | {fmt(None if rss is None else rss / MB, '.0f')} | "
-                  f"{fmt(ratio(base['median_ms'] if base else None, r['median_ms']), '.2f')}x | "
-                  f"{fmt(ratio(tref['median_ms'] if tref else None, r['median_ms']), '.2f')}x |")
+                  f"{fmt(speedup(base, r), '.2f')}x | "
+                  f"{fmt(speedup(tref, r), '.2f')}x |")
         w("")
         no_int = [r for r in steps if r.get("arith") == "int" and r.get("gemm_int_ms") == 0]
         if no_int:
@@ -187,11 +248,11 @@ def main(argv):
     w("| target | measured | met? |")
     w("|---|---:|---|")
 
-    def target(name, measured, ok, unit="x"):
+    def target(name, measured, ok, unit="x", note=""):
         if measured is None:
             w(f"| {name} | not measured | — |")
         else:
-            w(f"| {name} | {measured:.2f}{unit} | {'yes' if ok(measured) else 'no'} |")
+            w(f"| {name} | {measured:.2f}{unit}{note} | {'yes' if ok(measured) else 'no'} |")
 
     sq = next((g for g in gemm if g["m"] == g["n"] == g["k"] == 1024 and g.get("count", 1) == 1), None)
     target("int8 GEMM >= 3x fp32 GEMM at 1024^3", sq["speedup"] if sq else None, lambda v: v >= 3)
@@ -201,11 +262,11 @@ def main(argv):
     for r in fqt_int:
         d = r.get("dgrad")
         target(f"FQT-int8 ({d}) step of PreAct-ResNet-20 >= 1.5x faster than fqt fp32",
-               ratio(base["median_ms"] if base else None, r["median_ms"]), lambda v: v >= 1.5)
+               speedup(base, r), lambda v: v >= 1.5, note=spread(base, r))
     for r in fqt_int:
         d = r.get("dgrad")
         target(f"FQT-int8 ({d}) step of PreAct-ResNet-20 >= 2x faster than PyTorch fp32",
-               ratio(tref["median_ms"] if tref else None, r["median_ms"]), lambda v: v >= 2)
+               speedup(tref, r), lambda v: v >= 2, note=spread(tref, r))
     for d in ("psq", "bhq"):
         r = find(fqt_int, dgrad=d)
         target(f"quantizer time ({d.upper()}) <= 15% of the FQT step (PreAct-ResNet-20)",
