@@ -125,8 +125,9 @@ class Conv2d : public QuantizedLayer {
   void add_bias_grad(const Tensor& dy);
   // The two halves given dY in the SPEC's row layout [(N*P), Cout] (fqt mode; else undefined):
   // backward() lays dY out once for both, dgrad() / wgrad() alone each lay it out themselves.
-  Tensor dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx);
-  void wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx);
+  // drawn: gq_dgrad_ / gq_wgrad_ already hold this step's draw (backward()'s quantize_pair).
+  Tensor dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx, bool drawn = false);
+  void wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx, bool drawn = false);
   Tensor rows_for_gradients(const Tensor& dy) const;
   // The saved activation grid's code for 0 (-1: none; the integer path needs one for padding).
   int saved_zero_code() const;
@@ -137,7 +138,6 @@ class Conv2d : public QuantizedLayer {
   Tensor x_;
   QuantizedTensor xq_, wq_;
   QuantizedTensor gq_dgrad_, gq_wgrad_;
-  bool grads_quantized_ = false;  // backward(): both draws already made by quantize_pair
 };
 
 // Whole-batch im2col (reference / tools; the layer itself works per sample), transposed

@@ -130,8 +130,6 @@ double grid_variance_bound(const QuantizedTensor& q);
 struct TrackedVariance {
   std::string layer;  // name or "total"
   double quant_variance = 0;
-  double quant_variance_se = 0;               // sd over batches / sqrt(B); NaN when B = 1
-  std::vector<double> quant_variance_batches; // the B per-batch values quant_variance averages
   double sampling_variance = 0;
   double ratio = 0;
 };

@@ -94,12 +94,14 @@ ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int 
   FQT_INPUT_CHECK(in_c > 0 && in_h > 0 && in_w > 0 && num_classes > 0,
                   "model {}: bad input {}x{}x{} or class count {}", name, in_c, in_h, in_w, num_classes);
   LayerIds ids{0, init_seed};
-  if (name == "mlp") return first_layer_without_input_grad(make_mlp(in_c, in_h, in_w, num_classes, recipe, ids));
-  if (name == "cnn") return first_layer_without_input_grad(make_cnn(in_c, in_h, in_w, num_classes, recipe, ids));
-  if (name == "preact_resnet20") return first_layer_without_input_grad(make_preact(3, in_c, num_classes, recipe, ids));
-  if (name == "preact_resnet56") return first_layer_without_input_grad(make_preact(9, in_c, num_classes, recipe, ids));
-  if (name == "resnet18") return first_layer_without_input_grad(make_resnet18(in_c, num_classes, recipe, ids));
-  throw InputError(fmt::format("unknown model '{}'; valid models: {}", name, fmt::join(model_names(), ", ")));
+  ModulePtr m;
+  if (name == "mlp") m = make_mlp(in_c, in_h, in_w, num_classes, recipe, ids);
+  else if (name == "cnn") m = make_cnn(in_c, in_h, in_w, num_classes, recipe, ids);
+  else if (name == "preact_resnet20") m = make_preact(3, in_c, num_classes, recipe, ids);
+  else if (name == "preact_resnet56") m = make_preact(9, in_c, num_classes, recipe, ids);
+  else if (name == "resnet18") m = make_resnet18(in_c, num_classes, recipe, ids);
+  else throw InputError(fmt::format("unknown model '{}'; valid models: {}", name, fmt::join(model_names(), ", ")));
+  return first_layer_without_input_grad(std::move(m));
 }
 
 }  // namespace fqt

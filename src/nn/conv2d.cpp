@@ -201,25 +201,21 @@ Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
   const Tensor rows = rows_for_gradients(dy);
   // FQT with both halves: the two draws of G in one pass over it (quantize_pair: the same codes
   // as two quantize() calls), handed to wgrad_rows / dgrad_rows.
-  if (recipe_.mode == Mode::fqt && input_grad_ && !recipe_.exact_dgrad) {
+  const bool drawn = recipe_.mode == Mode::fqt && input_grad_ && !recipe_.exact_dgrad;
+  if (drawn) {
     auto [d, w] = quantize_pair(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad),
                                 recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
     gq_dgrad_ = std::move(d), gq_wgrad_ = std::move(w);
-    grads_quantized_ = true;
   }
-  struct Reset {
-    bool& flag;
-    ~Reset() { flag = false; }
-  } reset{grads_quantized_};  // also when a half throws
-  wgrad_rows(dy, rows, ctx);
-  return input_grad_ ? dgrad_rows(dy, rows, ctx) : Tensor();
+  wgrad_rows(dy, rows, ctx, drawn);
+  return input_grad_ ? dgrad_rows(dy, rows, ctx, drawn) : Tensor();
 }
 
 Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) { return dgrad_rows(dy, rows_for_gradients(dy), ctx); }
 
 void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) { wgrad_rows(dy, rows_for_gradients(dy), ctx); }
 
-Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx) {
+Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx, bool drawn) {
   FQT_CHECK(!in_shape_.empty() && dy.dim() == 4 && dy.size(1) == cout_ && dy.size(0) == in_shape_[0],
             "Conv2d {}: dy {} does not match the last forward", name_, shape_str(dy.shape()));
   const Geom g = geom(in_shape_, k_, stride_, pad_);
@@ -235,7 +231,7 @@ Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContex
   if (recipe_.mode == Mode::fqt && recipe_.exact_dgrad) {
     gq_dgrad_ = QuantizedTensor{};  // dgrad as in qat: the fp32 GEMM on dy below
   } else if (recipe_.mode == Mode::fqt) {
-    if (!grads_quantized_)
+    if (!drawn)
       gq_dgrad_ = quantize(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
     if (int_dgrad(recipe_, gq_dgrad_, wq_)) return dgrad_int(gq_dgrad_);
     grows = dequantize(gq_dgrad_);
@@ -263,7 +259,7 @@ Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContex
 // depends only on the shape (not on the thread count); each group sums its samples in order into
 // its own partial dW (one im2col per sample into a cache-resident buffer, then a GEMM with
 // beta = 1), and the partials are added in group order.
-void Conv2d::wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx) {
+void Conv2d::wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx, bool drawn) {
   FQT_CHECK(!in_shape_.empty() && dy.dim() == 4 && dy.size(1) == cout_ && dy.size(0) == in_shape_[0],
             "Conv2d {}: dy {} does not match the last forward", name_, shape_str(dy.shape()));
   if (recipe_.mode == Mode::fp32) {
@@ -275,7 +271,7 @@ void Conv2d::wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext&
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W, wsize = cout_ * ckk;
   Tensor grows;  // fqt: dequantized Qwgrad(G) in the SPEC's row layout [(N*P), Cout]
   if (recipe_.mode == Mode::fqt) {
-    if (!grads_quantized_)
+    if (!drawn)
       gq_wgrad_ = quantize(rows, recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
     if (saved_zero_code() >= 0 && int_wgrad(recipe_, gq_wgrad_, xq_)) {
       wgrad_int(gq_wgrad_);

@@ -30,9 +30,10 @@ Recipe qat_recipe() {
   return r;
 }
 
-std::vector<VarianceBatch> tiny_batches(int count, int64_t n = 16) {
+// `count` batches of the tiny net's input, batch indices first..first+count-1.
+std::vector<VarianceBatch> tiny_batches(int count, int64_t n = 16, int first = 0) {
   std::vector<VarianceBatch> out;
-  for (int b = 0; b < count; ++b) {
+  for (int b = first; b < first + count; ++b) {
     VarianceBatch vb{Tensor::empty({n, 3, 8, 8}), Tensor::empty({n}, DType::i32)};
     for (int64_t i = 0; i < vb.x.numel(); ++i) vb.x.data<float>()[i] = normal_at({31, static_cast<uint64_t>(b)}, i);
     for (int64_t i = 0; i < n; ++i) vb.y.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + b) % 10);
@@ -284,19 +285,6 @@ TEST(Variance, ExactDgradIsQatDgradWhileWgradStaysQuantized) {
   }
 }
 
-namespace {
-// `count` batches of the tiny net's input, batch indices first..first+count-1.
-std::vector<VarianceBatch> tiny_batches_from(int first, int count, int64_t n = 16) {
-  std::vector<VarianceBatch> out;
-  for (int b = first; b < first + count; ++b) {
-    VarianceBatch vb{Tensor::empty({n, 3, 8, 8}), Tensor::empty({n}, DType::i32)};
-    for (int64_t i = 0; i < vb.x.numel(); ++i) vb.x.data<float>()[i] = normal_at({31, static_cast<uint64_t>(b)}, i);
-    for (int64_t i = 0; i < n; ++i) vb.y.data<int32_t>()[i] = static_cast<int32_t>((i * 7 + b) % 10);
-    out.push_back(vb);
-  }
-  return out;
-}
-}  // namespace
 
 // The wgrad-only floor in measure_variance: records "none"/0; the top layer (fc), whose incoming
 // gradient is the loss gradient in every configuration, has bit for bit the same quantization
@@ -369,7 +357,7 @@ TEST(Variance, StandardErrorOverBatches) {
   std::vector<double> est, se2;
   for (int rep = 0; rep < R; ++rep) {
     o.seed = 100 + rep + 1000 * spread;
-    const auto rs = measure_variance(m.net, tiny_batches_from(1000 + static_cast<int>(spread) * 1000 + rep * B, B), cfg, o);
+    const auto rs = measure_variance(m.net, tiny_batches(B, 16, 1000 + static_cast<int>(spread) * 1000 + rep * B), cfg, o);
     for (const auto& r : rs) {
       ASSERT_EQ(r.quant_variance_batches.size(), static_cast<size_t>(B)) << r.layer;
       double mean = 0;

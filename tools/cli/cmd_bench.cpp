@@ -65,9 +65,9 @@ struct GemmOptions {
 struct GemmShape {
   int64_t m, n, k, count;
   std::vector<std::string> uses;
-  // The integer path's own layout of the same product (0: same as m, n, k); `extra_n` columns
-  // of it are correction columns (not counted as useful operations).
-  int64_t im = 0, in = 0, ik = 0, extra_n = 0;
+  // The integer path's own layout of the same product (0: same as m, n, k). Operations are
+  // counted from m, n, k: dgrad's extra correction column is not useful work.
+  int64_t im = 0, in = 0, ik = 0;
 };
 
 // The GEMMs of a model's quantized layers at the given batch and input, derived from the layers
@@ -94,13 +94,13 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::st
   net->collect_quantized(layers);
   std::vector<GemmShape> out;
   auto add = [&](int64_t m, int64_t n, int64_t k, int64_t count, std::string use, int64_t im = 0, int64_t in = 0,
-                 int64_t ik = 0, int64_t extra_n = 0) {
+                 int64_t ik = 0) {
     for (auto& s : out)
       if (s.m == m && s.n == n && s.k == k && s.count == count && s.im == im && s.in == in && s.ik == ik) {
         s.uses.push_back(std::move(use));
         return;
       }
-    out.push_back({m, n, k, count, {std::move(use)}, im, in, ik, extra_n});
+    out.push_back({m, n, k, count, {std::move(use)}, im, in, ik});
   };
   for (QuantizedLayer* l : layers) {
     if (auto* conv = dynamic_cast<Conv2d*>(l)) {
@@ -116,7 +116,7 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::st
                 "bench gemm: cannot infer the input size of {} (saved {} bytes, Cin {})", conv->name(), bytes, cin);
       const int64_t ho = conv->out_size(hin), P = ho * ho, ckk = cin * kk;
       add(cout, P, ckk, batch, conv->name() + " fprop", P, cout, ckk);
-      add(ckk, P, cout, batch, conv->name() + " dgrad", P, ckk + 1, cout, 1);
+      add(ckk, P, cout, batch, conv->name() + " dgrad", P, ckk + 1, cout);
       add(cout, ckk, P, batch, conv->name() + " wgrad", ckk, cout, P);
     } else if (auto* lin = dynamic_cast<Linear*>(l)) {
       const int64_t in = lin->in_features(), o = lin->out_features();

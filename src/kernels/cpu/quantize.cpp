@@ -85,6 +85,36 @@ bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   return false;
 }
 
+// The stochastic rounding pass over a rows x cols matrix, for one or more independent draws:
+// the flat element range in fixed chunks of kChunk elements (a multiple of 4, so each chunk
+// starts on a Philox block); the uniforms of a chunk come 16 blocks at a time
+// (kernels::fill_uniforms), one buffer per key, then `piece(e, run, r, c, u)` rounds each row
+// piece of the chunk: elements e .. e+run-1 (row r, from column c), u[k] = key k's uniforms for
+// element e. Element e gets the same uniform whatever the chunking or thread count.
+template <int K, typename Piece>
+void stochastic_pass(int64_t rows, int64_t cols, const RngKey (&keys)[K], Piece&& piece) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t total = rows * cols, chunks = (total + kChunk - 1) / kChunk;
+#pragma omp parallel if (total > kParallelMin)
+  {
+    std::vector<float> buf(static_cast<size_t>(K * kChunk));
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t e0 = ch * kChunk, e1 = std::min(total, e0 + kChunk);
+      for (int k = 0; k < K; ++k)
+        kernels::fill_uniforms(keys[k], static_cast<uint64_t>(e0) >> 2, (e1 - e0 + 3) / 4, buf.data() + k * kChunk);
+      int64_t r = e0 / cols, c = e0 % cols;
+      for (int64_t e = e0; e < e1;) {
+        const int64_t run = std::min(e1 - e, cols - c);
+        const float* u[K];
+        for (int k = 0; k < K; ++k) u[k] = buf.data() + k * kChunk + (e - e0);
+        piece(e, run, r, c, u);
+        e += run, ++r, c = 0;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
@@ -129,35 +159,20 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
     }
     return q;
   }
-  // Stochastic: the flat element range in fixed chunks of kChunk elements (a multiple of 4, so
-  // each chunk starts on a Philox block); the uniforms of a chunk come 16 blocks at a time
-  // (kernels::fill_uniforms), then each row piece of the chunk is rounded with its group's grid.
-  constexpr int64_t kChunk = 4096;
-  const int64_t total = rows * cols, chunks = (total + kChunk - 1) / kChunk;
-#pragma omp parallel if (total > kParallelMin)
-  {
-    std::vector<float> u(kChunk);
-#pragma omp for schedule(static)
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t e0 = ch * kChunk, e1 = std::min(total, e0 + kChunk);
-      kernels::fill_uniforms(key, static_cast<uint64_t>(e0) >> 2, (e1 - e0 + 3) / 4, u.data());
-      int64_t r = e0 / cols, c = e0 % cols;
-      for (int64_t e = e0; e < e1;) {
-        const int64_t run = std::min(e1 - e, cols - c);
-        const float* __restrict s = src + e;
-        const float* __restrict uu = u.data() + (e - e0);
-        uint8_t* __restrict o = codes + e;  // u8 stores may alias anything: say they do not
-        if (gran == Granularity::column) {
-          for (int64_t i = 0; i < run; ++i) o[i] = round_stochastic(grid_pos(s[i], lo[c + i], scale[c + i]), uu[i], B);
-        } else {
-          const int64_t gi = gran == Granularity::tensor ? 0 : r;
-          const float l = lo[gi], sc = scale[gi];
-          for (int64_t i = 0; i < run; ++i) o[i] = round_stochastic(grid_pos(s[i], l, sc), uu[i], B);
-        }
-        e += run, ++r, c = 0;
-      }
+  // Stochastic: each row piece rounded with its group's grid.
+  const RngKey keys[1] = {key};
+  stochastic_pass(rows, cols, keys, [&](int64_t e, int64_t run, int64_t r, int64_t c, const float* const* u) {
+    const float* __restrict s = src + e;
+    const float* __restrict uu = u[0];
+    uint8_t* __restrict o = codes + e;  // u8 stores may alias anything: say they do not
+    if (gran == Granularity::column) {
+      for (int64_t i = 0; i < run; ++i) o[i] = round_stochastic(grid_pos(s[i], lo[c + i], scale[c + i]), uu[i], B);
+    } else {
+      const int64_t gi = gran == Granularity::tensor ? 0 : r;
+      const float l = lo[gi], sc = scale[gi];
+      for (int64_t i = 0; i < run; ++i) o[i] = round_stochastic(grid_pos(s[i], l, sc), uu[i], B);
     }
-  }
+  });
   return q;
 }
 
@@ -191,35 +206,21 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
   const int Ba = qa.max_code(), Bb = qb.max_code();
   uint8_t* ca = qa.codes.data<uint8_t>();
   uint8_t* cb = qb.codes.data<uint8_t>();
-  // The chunking and the uniforms of quantize(): element e of either draw gets the same u.
-  constexpr int64_t kChunk = 4096;
-  const int64_t total = rows * cols, chunks = (total + kChunk - 1) / kChunk;
-#pragma omp parallel if (total > kParallelMin)
-  {
-    std::vector<float> ua(kChunk), ub(kChunk);
-#pragma omp for schedule(static)
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t e0 = ch * kChunk, e1 = std::min(total, e0 + kChunk);
-      kernels::fill_uniforms(ka, static_cast<uint64_t>(e0) >> 2, (e1 - e0 + 3) / 4, ua.data());
-      kernels::fill_uniforms(kb, static_cast<uint64_t>(e0) >> 2, (e1 - e0 + 3) / 4, ub.data());
-      int64_t r = e0 / cols, c = e0 % cols;
-      for (int64_t e = e0; e < e1;) {
-        const int64_t run = std::min(e1 - e, cols - c);
-        const float* __restrict s = src + e;
-        const float* __restrict uua = ua.data() + (e - e0);
-        const float* __restrict uub = ub.data() + (e - e0);
-        uint8_t* __restrict oa = ca + e;
-        uint8_t* __restrict ob = cb + e;
-        const float la = qa.lo[row_a ? r : 0], sca = qa.scale[row_a ? r : 0];
-        const float lb = qb.lo[row_b ? r : 0], scb = qb.scale[row_b ? r : 0];
-        for (int64_t i = 0; i < run; ++i) {
-          oa[i] = round_stochastic(grid_pos(s[i], la, sca), uua[i], Ba);
-          ob[i] = round_stochastic(grid_pos(s[i], lb, scb), uub[i], Bb);
-        }
-        e += run, ++r, c = 0;
-      }
+  // The rounding pass of quantize(), both draws at once (element e of each gets its key's u).
+  const RngKey keys[2] = {ka, kb};
+  stochastic_pass(rows, cols, keys, [&](int64_t e, int64_t run, int64_t r, int64_t, const float* const* u) {
+    const float* __restrict s = src + e;
+    const float* __restrict uua = u[0];
+    const float* __restrict uub = u[1];
+    uint8_t* __restrict oa = ca + e;
+    uint8_t* __restrict ob = cb + e;
+    const float la = qa.lo[row_a ? r : 0], sca = qa.scale[row_a ? r : 0];
+    const float lb = qb.lo[row_b ? r : 0], scb = qb.scale[row_b ? r : 0];
+    for (int64_t i = 0; i < run; ++i) {
+      oa[i] = round_stochastic(grid_pos(s[i], la, sca), uua[i], Ba);
+      ob[i] = round_stochastic(grid_pos(s[i], lb, scb), uub[i], Bb);
     }
-  }
+  });
   return {std::move(qa), std::move(qb)};
 }
 
