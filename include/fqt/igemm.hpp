@@ -9,8 +9,11 @@
 //      reference — plain loops, int64 accumulation then checked narrowing (the oracle)
 //      portable  — blocked C++ loops (int32 per chunk, OpenMP), no intrinsics
 //      vnni      — own AVX-512 VNNI kernel (vpdpbusd), packed panels, OpenMP
+//      avx2      — own AVX2 kernel for CPUs without VNNI: vpmaddwd on operands widened to
+//                  int16 (exact for any codes), or vpmaddubsw when the data has <= 7 bits on
+//                  a side (checked per call); about fp32 speed, not faster (see the source)
 //      onednn    — oneDNN int8 matmul, primitives created once per shape and cached
-//    `automatic` (the default) resolves to onednn, else vnni, else portable: oneDNN measured
+//    `automatic` (the default) resolves to onednn, else vnni, else avx2, else portable: oneDNN measured
 //    faster at 1024^3 and on most training shapes (bench/gemm_bench.cpp, Zen 4, 1 thread:
 //    ~400 vs ~370 GOPS at 1024^3); the own kernel is on par or ahead only for N <= 16.
 //    oneDNN is chosen only on CPUs with VNNI: elsewhere its int8 path may saturate s16
@@ -74,7 +77,7 @@
 
 namespace fqt {
 
-enum class IgemmBackend : uint8_t { automatic, reference, portable, vnni, onednn };
+enum class IgemmBackend : uint8_t { automatic, reference, portable, vnni, onednn, avx2 };
 
 const char* igemm_backend_name(IgemmBackend b);
 // Whether a backend can run here (onednn: built with oneDNN; vnni: CPU has AVX512-VNNI and the
@@ -126,6 +129,16 @@ void s32_portable(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
 bool vnni_available();
 void s32_vnni(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
               int32_t* C, int64_t ldc);
+bool avx2_available();
+void s32_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+              int32_t* C, int64_t ldc);
+// Whether the AVX2 kernel may use vpmaddubsw (2 max|A| max|B| <= 32767) for these operands.
+bool avx2_bytes_exact(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb);
+// The fastest own kernel of this CPU (vnni, else avx2, else portable), run on the calling
+// thread when called inside a parallel region (the layers' per-sample GEMMs), and its name.
+void s32_local(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+               int32_t* C, int64_t ldc);
+const char* local_kernel_name();
 bool onednn_available();
 void s32_onednn(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B,
                 int64_t ldb, int32_t* C, int64_t ldc);

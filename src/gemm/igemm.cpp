@@ -31,6 +31,7 @@ const char* igemm_backend_name(IgemmBackend b) {
     case IgemmBackend::portable: return "portable";
     case IgemmBackend::vnni: return "vnni";
     case IgemmBackend::onednn: return "onednn";
+    case IgemmBackend::avx2: return "avx2";
   }
   return "?";
 }
@@ -38,6 +39,7 @@ const char* igemm_backend_name(IgemmBackend b) {
 bool igemm_backend_available(IgemmBackend b) {
   switch (b) {
     case IgemmBackend::vnni: return igemm_detail::vnni_available();
+    case IgemmBackend::avx2: return igemm_detail::avx2_available();
     case IgemmBackend::onednn: return igemm_detail::onednn_available();
     default: return true;
   }
@@ -59,6 +61,7 @@ IgemmBackend igemm_resolved_backend() {
   // (255 * 127 * 2 > 32767; oneDNN documents this): not exact, so it is never chosen there.
   if (igemm_detail::vnni_available())
     return igemm_detail::onednn_available() ? IgemmBackend::onednn : IgemmBackend::vnni;
+  if (igemm_detail::avx2_available()) return IgemmBackend::avx2;
   return IgemmBackend::portable;
 }
 
@@ -132,6 +135,15 @@ void s32_portable(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
     }
 }
 
+void s32_local(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+               int32_t* C, int64_t ldc) {
+  if (vnni_available()) s32_vnni(M, N, K, A, lda, B, ldb, C, ldc);
+  else if (avx2_available()) s32_avx2(M, N, K, A, lda, B, ldb, C, ldc);
+  else s32_portable(M, N, K, A, lda, B, ldb, C, ldc);
+}
+
+const char* local_kernel_name() { return vnni_available() ? "vnni" : avx2_available() ? "avx2" : "portable"; }
+
 void s32_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
                   int32_t* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
@@ -159,6 +171,7 @@ void s32_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
     }
     case IgemmBackend::vnni: s32_vnni(M, N, K, A, lda, B, ldb, C, ldc); return;
     case IgemmBackend::onednn: s32_onednn(M, N, K, A, lda, B, ldb, C, ldc); return;
+    case IgemmBackend::avx2: s32_avx2(M, N, K, A, lda, B, ldb, C, ldc); return;
     default: s32_portable(M, N, K, A, lda, B, ldb, C, ldc); return;
   }
 }

@@ -30,7 +30,13 @@ Dnnl& dnnl_state() {
 
 }  // namespace
 
-bool onednn_available() { return true; }
+// Only on CPUs with VNNI (vpdpbusd, exact in int32): without it oneDNN's int8 matmul runs on
+// vpmaddubsw, whose int16 pair sums saturate for full-range u8 x s8 codes (seen on a Zen 3 VM:
+// -72576 instead of -76038 for K = 13), which would break the bit-exact contract.
+bool onednn_available() {
+  static const bool ok = __builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni");
+  return ok;
+}
 
 void s32_onednn(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
                 int32_t* C, int64_t ldc) {

@@ -141,15 +141,14 @@ inline int64_t hwc_tap(int64_t r, int64_t k, int64_t C) {
 }
 
 // The per-sample GEMMs run inside the layer's own OpenMP loop over samples, one GEMM per thread:
-// they call fqt's kernels directly (AVX-512 VNNI, else portable), which run on the calling thread
+// they call fqt's kernels directly (AVX-512 VNNI, else AVX2, else portable), which run on the calling thread
 // there. (oneDNN is not re-entered from several threads at once.) K stays within the int32 chunk
 // bound, so no reduction is split here.
 void igemm_worker(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
                   int32_t* C, int64_t ldc) {
   FQT_CHECK(K <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", K);
   profile::Scope timer(profile::gemm_int);
-  if (igemm_detail::vnni_available()) igemm_detail::s32_vnni(M, N, K, A, lda, B, ldb, C, ldc);
-  else igemm_detail::s32_portable(M, N, K, A, lda, B, ldb, C, ldc);
+  igemm_detail::s32_local(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
 double scale_of(const QuantizedTensor& q, int64_t group) { return q.scale[q.scale.size() == 1 ? 0 : group]; }

@@ -24,7 +24,7 @@ struct BackendGuard {
 std::vector<IgemmBackend> available_backends() {
   std::vector<IgemmBackend> v;
   for (auto b : {IgemmBackend::automatic, IgemmBackend::reference, IgemmBackend::portable, IgemmBackend::vnni,
-                 IgemmBackend::onednn})
+                 IgemmBackend::onednn, IgemmBackend::avx2})
     if (igemm_backend_available(b)) v.push_back(b);
   return v;
 }
@@ -89,6 +89,45 @@ TEST(igemm_raw, AllBackendsMatchReferenceBitForBit) {
         }
     }
   }
+}
+
+// The AVX2 kernel picks vpmaddubsw (saturating int16 pairs) only when 2 max|a| max|b| <= 32767.
+// Operands at and just past that edge, filled with the extreme values (the worst pairs), must
+// equal the reference bit for bit on both inner loops, on shapes with K and N tails.
+TEST(igemm_raw, Avx2BytePathChosenOnlyWhenExact) {
+  if (!igemm_detail::avx2_available()) GTEST_SKIP() << "CPU/build without AVX2";
+  struct Case {
+    int a_lo, a_hi, b_lo, b_hi;
+    bool bytes;
+  };
+  const std::vector<Case> cases = {
+      {0, 127, -128, 127, true},   // 7-bit A (e.g. 7-bit codes): 2 * 127 * 128 = 32512
+      {0, 255, -64, 64, true},     // |B| <= 64 (7-bit signed): 2 * 255 * 64 = 32640
+      {0, 31, -128, 127, true},    // 5-bit gradient codes x 8-bit weights
+      {0, 255, -65, 64, false},    // 2 * 255 * 65 = 33150: would saturate
+      {0, 128, -128, 127, false},  // 2 * 128 * 128 = 32768: would saturate by one
+      {0, 255, -128, 127, false},  // full range
+  };
+  const std::vector<Shape3> shapes = {{7, 5, 3, 0}, {13, 17, 67, 1}, {100, 16, 144, 0}, {37, 145, 16, 2}, {30, 9, 785, 0}};
+  uint32_t seed = 900;
+  for (const auto& cs : cases)
+    for (const auto& s : shapes) {
+      const int64_t lda = s.K + s.pad, ldb = s.K + 2 * s.pad, ldc = s.N + s.pad;
+      // Half the entries at the extremes (the products that could saturate), half random.
+      auto A = random_ints<uint8_t>(s.M * lda, cs.a_lo, cs.a_hi, seed++);
+      auto B = random_ints<int8_t>(s.N * ldb, cs.b_lo, cs.b_hi, seed++);
+      for (size_t i = 0; i < A.size(); i += 2) A[i] = static_cast<uint8_t>(cs.a_hi);
+      for (size_t i = 0; i < B.size(); i += 2) B[i] = static_cast<int8_t>((i / 2) % 2 ? cs.b_lo : cs.b_hi);
+      EXPECT_EQ(igemm_detail::avx2_bytes_exact(s.M, s.N, s.K, A.data(), lda, B.data(), ldb), cs.bytes)
+          << cs.a_hi << " " << cs.b_lo << " " << s.M << "x" << s.N << "x" << s.K;
+      std::vector<int32_t> ref(s.M * ldc, -7), c(s.M * ldc, -7);
+      igemm_u8s8s32_ref(s.M, s.N, s.K, A.data(), lda, B.data(), ldb, ref.data(), ldc);
+      igemm_detail::s32_avx2(s.M, s.N, s.K, A.data(), lda, B.data(), ldb, c.data(), ldc);
+      for (int64_t m = 0; m < s.M; ++m)
+        for (int64_t n = 0; n < ldc; ++n)  // the padding columns stay untouched
+          ASSERT_EQ(c[m * ldc + n], ref[m * ldc + n]) << "a<=" << cs.a_hi << " b>=" << cs.b_lo << " " << s.M << "x"
+                                                      << s.N << "x" << s.K << " at " << m << "," << n;
+    }
 }
 
 TEST(igemm_raw, ChunkBoundFromBitWidths) {

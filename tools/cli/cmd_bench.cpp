@@ -146,9 +146,11 @@ int run_gemm_bench(const GemmOptions& o) {
   if (o.backend == "auto" || o.backend == "automatic") set_igemm_backend(IgemmBackend::automatic);
   else {
     IgemmBackend be = IgemmBackend::automatic;
-    for (auto b : {IgemmBackend::reference, IgemmBackend::portable, IgemmBackend::vnni, IgemmBackend::onednn})
+    for (auto b : {IgemmBackend::reference, IgemmBackend::portable, IgemmBackend::vnni, IgemmBackend::onednn,
+                   IgemmBackend::avx2})
       if (o.backend == igemm_backend_name(b)) be = b;
-    FQT_INPUT_CHECK(be != IgemmBackend::automatic, "unknown --backend '{}'; valid: auto, reference, portable, vnni, onednn",
+    FQT_INPUT_CHECK(be != IgemmBackend::automatic,
+                    "unknown --backend '{}'; valid: auto, reference, portable, avx2, vnni, onednn",
                     o.backend);
     FQT_INPUT_CHECK(igemm_backend_available(be), "--backend {} is not available on this machine/build", o.backend);
     set_igemm_backend(be);
@@ -184,12 +186,9 @@ int run_gemm_bench(const GemmOptions& o) {
     std::vector<int32_t> C(cnt * IM * IN);
     std::vector<float> Cf(cnt * M * N);
     // Conv products run as in Conv2d's integer path: fqt's kernel called per sample (VNNI when the
-    // CPU has it, else the portable one), not the automatic dispatcher.
+    // CPU has it, else AVX2, else the portable one), not the automatic dispatcher.
     const bool conv_kernel = s.im != 0;
-    auto per_sample = [&](int32_t* c) {
-      if (igemm_detail::vnni_available()) igemm_detail::s32_vnni(IM, IN, IK, A.data(), IK, B.data(), IK, c, IN);
-      else igemm_detail::s32_portable(IM, IN, IK, A.data(), IK, B.data(), IK, c, IN);
-    };
+    auto per_sample = [&](int32_t* c) { igemm_detail::s32_local(IM, IN, IK, A.data(), IK, B.data(), IK, c, IN); };
     auto int8 = [&] {
       if (conv_kernel) {
 #pragma omp parallel for schedule(static)
@@ -220,7 +219,7 @@ int run_gemm_bench(const GemmOptions& o) {
     }
     const double mi = median(ti), mf = median(tf), ops = 2.0 * double(M) * double(N) * double(K) * double(cnt);
     const double gi = ops / (mi * 1e6), gf = ops / (mf * 1e6);
-    const char* backend = conv_kernel ? (igemm_detail::vnni_available() ? "vnni" : "portable") : int8_backend_for(IM, IN, IK);
+    const char* backend = conv_kernel ? igemm_detail::local_kernel_name() : int8_backend_for(IM, IN, IK);
     std::string uses = s.uses[0];
     if (s.uses.size() > 1) uses += fmt::format(" (+{} more)", s.uses.size() - 1);
     if (o.json) {
@@ -488,7 +487,7 @@ Runner add_bench(CLI::App& app) {
   gemm->add_option("--input", g->input, "input shape CxHxW for --shapes")->capture_default_str();
   gemm->add_option("--reps", g->reps, "timed repetitions per contender (alternated)")->capture_default_str();
   gemm->add_option("--threads", g->threads, "CPU threads (0 = all)")->capture_default_str();
-  gemm->add_option("--backend", g->backend, "int8 backend: auto, vnni, onednn, portable, reference")
+  gemm->add_option("--backend", g->backend, "int8 backend: auto, vnni, onednn, avx2, portable, reference")
       ->capture_default_str();
   gemm->add_flag("--json", g->json, "JSON records instead of a table");
 

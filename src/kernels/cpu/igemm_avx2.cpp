@@ -1,0 +1,259 @@
+// Own AVX2 kernel for C = A B_t^T (u8 x s8 -> s32) on CPUs without AVX-512 VNNI (Zen 2/3,
+// Haswell..Ice Lake client parts).
+//
+// Exactness decides the instruction. AVX2's byte multiply, vpmaddubsw, adds two u8 x s8
+// products into a *saturating* int16: 255 * (-128) * 2 = -65280 does not fit, so it is only
+// exact when one operand has at most 7 bits (then |pair| <= 2 * 255 * 64 or 2 * 127 * 128 <
+// 2^15). The kernel therefore has two inner loops:
+//   wide  — both operands widened to int16 while packing, vpmaddwd (int16 x int16 pairs summed
+//           into int32, exact for any u8 / s8 values), vpaddd into the accumulators;
+//   bytes — when the operands allow it (max A <= 127, or max |B| <= 64, so 2 max|a| max|b| <=
+//           32767): vpmaddubsw on 4-byte groups, vpmaddwd with ones, vpaddd. Twice the
+//           products per multiply instruction. s32_avx2 measures both maxima first (one cheap
+//           pass over A and B), so the choice is exact by construction, never by luck: codes of
+//           up to 7 bits on either side (e.g. 5-bit BHQ gradients in dgrad) take it.
+// Measured on the Zen 3 development VM (scripts in bench/, one core): vpmaddwd 16 MACs per
+// instruction reach ~0.8x the fp32 FMA rate in a 6x16 tile; vpmaddubsw + vpmaddwd ~1.3x. So
+// on AVX2 an exact 8-bit x 8-bit GEMM is at best on par with fp32 — the integer speed-up of
+// SPEC claim 4 needs VNNI (vpdpbusd: 64 MACs per instruction on zmm, exact in int32).
+//
+// Packing (per call, K padded with zeros to the group size):
+//   B: panels of NR = 8 NZ columns, [kg][NR] 32-bit words (wide: two int16 of k = 2kg, 2kg+1;
+//      bytes: four int8 of k = 4kg..4kg+3);
+//   A: per thread and row block, panels of MR rows, [kg][MR] 32-bit words of the same kind,
+//      broadcast to all 8 lanes.
+// Micro-kernel: MR x NZ ymm accumulators.
+#include "fqt/igemm.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+#include <type_traits>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define FQT_IGEMM_AVX2 1
+#endif
+
+namespace fqt::igemm_detail {
+
+#ifdef FQT_IGEMM_AVX2
+namespace {
+
+constexpr int64_t MC = 96;  // rows per A block (one task)
+
+// K block in elements (a multiple of 4): the packed B block of a panel stays in L1/L2.
+int64_t k_block(int64_t K) { return std::min<int64_t>(512, (K + 3) / 4 * 4); }
+
+// One 32-bit word of packed data for group g of a row: wide = 2 int16, bytes = 4 int8.
+template <bool Bytes, typename T>
+inline int32_t pack_word(const T* src, int64_t k, int64_t kc) {
+  if constexpr (Bytes) {
+    uint8_t b[4] = {0, 0, 0, 0};
+    for (int t = 0; t < 4 && k + t < kc; ++t) b[t] = static_cast<uint8_t>(src[k + t]);
+    int32_t w;
+    std::memcpy(&w, b, 4);
+    return w;
+  } else {
+    const int16_t lo = static_cast<int16_t>(src[k]);
+    const int16_t hi = k + 1 < kc ? static_cast<int16_t>(src[k + 1]) : int16_t{0};
+    return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(lo)) |
+                                (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16));
+  }
+}
+
+// Packs rows [0, rows) of src (row stride ld, elements k0..k0+kc) into panels of R rows:
+// dst[panel][kg][R] words; rows past `rows` are zero.
+template <bool Bytes, typename T>
+void pack_rows(const T* src, int64_t ld, int64_t rows, int64_t k0, int64_t kc, int64_t R, int32_t* dst) {
+  constexpr int64_t G = Bytes ? 4 : 2;
+  const int64_t kg = (kc + G - 1) / G, panels = (rows + R - 1) / R;
+  std::memset(dst, 0, sizeof(int32_t) * static_cast<size_t>(panels * R * kg));
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * ld + k0;
+    int32_t* d = dst + (r / R) * R * kg + (r % R);
+    const int64_t full = kc / G;
+    if constexpr (!Bytes) {
+      if constexpr (std::is_same_v<T, uint8_t>) {
+        int64_t g = 0;
+        for (; g + 8 <= full; g += 8) {  // 16 bytes -> 8 words of two zero-extended int16
+          const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 2 * g)));
+          alignas(32) int32_t t[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(t), w);
+          for (int j = 0; j < 8; ++j) d[(g + j) * R] = t[j];
+        }
+        for (; g < full; ++g) d[g * R] = pack_word<false>(s, 2 * g, kc);
+      } else {
+        int64_t g = 0;
+        for (; g + 8 <= full; g += 8) {  // sign-extended
+          const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 2 * g)));
+          alignas(32) int32_t t[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(t), w);
+          for (int j = 0; j < 8; ++j) d[(g + j) * R] = t[j];
+        }
+        for (; g < full; ++g) d[g * R] = pack_word<false>(s, 2 * g, kc);
+      }
+    } else {
+      for (int64_t g = 0; g < full; ++g) std::memcpy(d + g * R, s + 4 * g, 4);
+    }
+    for (int64_t g = full; g < kg; ++g) d[g * R] = pack_word<Bytes>(s, G * g, kc);
+  }
+}
+
+template <bool Bytes>
+inline __m256i product(__m256i a, __m256i b, __m256i ones) {
+  if constexpr (Bytes) return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones);
+  else return _mm256_madd_epi16(a, b);
+}
+
+template <int MR, int NZ, bool Bytes>
+void ukernel(int64_t kg, const int32_t* __restrict Ap, const int32_t* __restrict Bp, int32_t* C, int64_t ldc,
+             int64_t mr, int64_t nr, bool accumulate) {
+  __m256i acc[MR][NZ];
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NZ; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < kg; ++g) {
+    __m256i b[NZ];
+#pragma GCC unroll 4
+    for (int j = 0; j < NZ; ++j) b[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Bp + (g * NZ + j) * 8));
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m256i a = _mm256_set1_epi32(Ap[g * MR + i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NZ; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], product<Bytes>(a, b[j], ones));
+    }
+  }
+  if (mr == MR && nr == NZ * 8) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NZ; ++j) {
+        auto* c = reinterpret_cast<__m256i*>(C + i * ldc + j * 8);
+        __m256i v = acc[i][j];
+        if (accumulate) v = _mm256_add_epi32(v, _mm256_loadu_si256(c));
+        _mm256_storeu_si256(c, v);
+      }
+  } else {
+    alignas(32) int32_t tile[MR][NZ * 8];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NZ; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(&tile[i][j * 8]), acc[i][j]);
+    for (int64_t i = 0; i < mr; ++i)
+      for (int64_t j = 0; j < nr; ++j) C[i * ldc + j] = (accumulate ? C[i * ldc + j] : 0) + tile[i][j];
+  }
+}
+
+template <int MR, int NZ, bool Bytes>
+void driver(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+            int32_t* C, int64_t ldc) {
+  constexpr int64_t NR = 8 * NZ, G = Bytes ? 4 : 2;
+  const int64_t np = (N + NR - 1) / NR;
+  const int64_t KC = k_block(K);
+  const int64_t kblocks = (K + KC - 1) / KC, kgc = KC / G;  // words per row per K block
+  const int64_t mcb = (M + MC - 1) / MC;
+  // Packed B: [k block][panel][kg][NR] words (each K block padded to KC).
+  static thread_local std::vector<int32_t> bbuf;
+  const auto bsize = static_cast<size_t>(kblocks * np * NR * kgc);
+  if (bbuf.size() < bsize) bbuf.resize(bsize);
+  int32_t* Bpk = bbuf.data();
+  const bool par = (mcb >= 2 || np >= 2) && M * N * K > (1 << 20);
+#pragma omp parallel if (par)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < kblocks * np; ++t) {
+      const int64_t kb = t / np, p = t % np, k0 = kb * KC;
+      pack_rows<Bytes>(B + p * NR * ldb, ldb, std::min(NR, N - p * NR), k0, std::min(KC, K - k0), NR,
+                       Bpk + t * NR * kgc);
+    }
+    std::vector<int32_t> abuf(static_cast<size_t>(((MC + MR - 1) / MR) * MR * kgc));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t mb = 0; mb < mcb; ++mb) {
+      const int64_t m0 = mb * MC, m1 = std::min(M, m0 + MC), panels = (m1 - m0 + MR - 1) / MR;
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        const int64_t k0 = kb * KC, kc = std::min(KC, K - k0), kg = (kc + G - 1) / G;
+        pack_rows<Bytes>(A + m0 * lda, lda, m1 - m0, k0, kc, MR, abuf.data());
+        for (int64_t pn = 0; pn < np; ++pn) {
+          const int64_t nr = std::min(NR, N - pn * NR);
+          const int32_t* bp = Bpk + (kb * np + pn) * NR * kgc;
+          for (int64_t pm = 0; pm < panels; ++pm) {
+            const int64_t mr = std::min<int64_t>(MR, m1 - m0 - pm * MR);
+            ukernel<MR, NZ, Bytes>(kg, abuf.data() + pm * MR * kg, bp, C + (m0 + pm * MR) * ldc + pn * NR, ldc, mr,
+                                   nr, kb > 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <bool Bytes>
+void dispatch_tile(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+                   int32_t* C, int64_t ldc) {
+  static_assert(MC % 6 == 0 && MC % 12 == 0);
+  if (N <= 8) driver<12, 1, Bytes>(M, N, K, A, lda, B, ldb, C, ldc);
+  else driver<6, 2, Bytes>(M, N, K, A, lda, B, ldb, C, ldc);
+}
+
+}  // namespace
+
+bool avx2_available() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+}
+
+namespace {
+// max of rows x n bytes (row stride ld); signed: max |v|.
+template <bool Signed>
+int max_abs(const void* p, int64_t rows, int64_t n, int64_t ld) {
+  __m256i mx = _mm256_setzero_si256();
+  int tail = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto* row = static_cast<const uint8_t*>(p) + r * ld;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+      if constexpr (Signed) v = _mm256_abs_epi8(v);  // |-128| stays 0x80 = 128 as unsigned
+      mx = _mm256_max_epu8(mx, v);
+    }
+    for (; i < n; ++i) {
+      const int v = Signed ? std::abs(static_cast<int>(static_cast<int8_t>(row[i]))) : row[i];
+      tail = std::max(tail, v);
+    }
+  }
+  alignas(32) uint8_t b[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(b), mx);
+  for (uint8_t v : b) tail = std::max<int>(tail, v);
+  return tail;
+}
+}  // namespace
+
+bool avx2_bytes_exact(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb) {
+  // vpmaddubsw is exact when |a1 b1 + a2 b2| <= 32767 for every pair: 2 max|a| max|b| <= 32767.
+  const int64_t bmax = max_abs<true>(B, N, K, ldb);
+  if (2 * 255 * bmax <= 32767) return true;
+  return 2 * int64_t{max_abs<false>(A, M, K, lda)} * bmax <= 32767;
+}
+
+void s32_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+              int32_t* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (avx2_bytes_exact(M, N, K, A, lda, B, ldb)) dispatch_tile<true>(M, N, K, A, lda, B, ldb, C, ldc);
+  else dispatch_tile<false>(M, N, K, A, lda, B, ldb, C, ldc);
+}
+
+#else
+
+bool avx2_available() { return false; }
+bool avx2_bytes_exact(int64_t, int64_t, int64_t, const uint8_t*, int64_t, const int8_t*, int64_t) { return false; }
+void s32_avx2(int64_t, int64_t, int64_t, const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t) {
+  FQT_CHECK(false, "igemm: built without AVX2");
+}
+
+#endif
+
+}  // namespace fqt::igemm_detail
