@@ -34,7 +34,7 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__AVX512BW__)
+#if defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -71,6 +71,30 @@ inline void copy_bytes(uint8_t* dst, const uint8_t* src, int64_t n) {
   if (n <= 64) {
     const __mmask64 m = n == 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
     _mm512_mask_storeu_epi8(dst, m, _mm512_maskz_loadu_epi8(m, src));
+    return;
+  }
+#elif defined(__AVX2__)
+  // Overlapping head and tail moves (src and dst never overlap): no library call for short runs.
+  if (n >= 16 && n <= 32) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + n - 16));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), a);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + n - 16), b);
+    return;
+  }
+  if (n > 32 && n <= 64) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + n - 32));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), a);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n - 32), b);
+    return;
+  }
+  if (n >= 8 && n < 16) {
+    uint64_t a, b;
+    std::memcpy(&a, src, 8);
+    std::memcpy(&b, src + n - 8, 8);
+    std::memcpy(dst, &a, 8);
+    std::memcpy(dst + n - 8, &b, 8);
     return;
   }
 #endif
@@ -128,6 +152,14 @@ inline int64_t byte_sum(const uint8_t* p, int64_t n) {
 #endif
   alignas(64) int64_t lanes[8];
   _mm512_store_si512(lanes, acc);
+  for (int64_t l : lanes) s += l;
+#elif defined(__AVX2__)
+  __m256i acc = _mm256_setzero_si256();
+  for (; i + 32 <= n; i += 32)
+    acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)),
+                                                _mm256_setzero_si256()));
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
   for (int64_t l : lanes) s += l;
 #endif
   for (; i < n; ++i) s += p[i];

@@ -1,7 +1,7 @@
 // ReLU, MaxPool2d, GlobalAvgPool, Flatten, Sequential, add_inplace.
 #include "common.hpp"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -33,6 +33,14 @@ Tensor ReLU::forward(const Tensor& x, const StepContext& ctx) {
     if (m) {
       m[2 * b] = static_cast<uint8_t>(pos & 0xff);
       m[2 * b + 1] = static_cast<uint8_t>(pos >> 8);
+    }
+#elif defined(__AVX2__)
+    // Two 8-value halves: compare, movemask (bit k = lane k, as the mask layout wants).
+    for (int h = 0; h < 2; ++h) {
+      const __m256 v = _mm256_loadu_ps(xp + b * 16 + h * 8);
+      const __m256 pos = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ);
+      _mm256_storeu_ps(yp + b * 16 + h * 8, _mm256_and_ps(pos, v));
+      if (m) m[2 * b + h] = static_cast<uint8_t>(_mm256_movemask_ps(pos));
     }
 #else
     uint32_t bits = 0;
@@ -70,6 +78,14 @@ Tensor ReLU::backward(const Tensor& dy, const StepContext& ctx) {
 #if defined(__AVX512F__)
     const __mmask16 pos = static_cast<__mmask16>(m[2 * b] | (static_cast<unsigned>(m[2 * b + 1]) << 8));
     _mm512_storeu_ps(dxp + b * 16, _mm512_maskz_loadu_ps(pos, dyp + b * 16));
+#elif defined(__AVX2__)
+    // Mask byte -> 8 lanes: lane k keeps dy when bit k is set (and with all-ones / zeros).
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(m[2 * b + h]), bit);
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, bit));
+      _mm256_storeu_ps(dxp + b * 16 + h * 8, _mm256_and_ps(keep, _mm256_loadu_ps(dyp + b * 16 + h * 8)));
+    }
 #else
     for (int64_t i = b * 16; i < b * 16 + 16; ++i) dxp[i] = (m[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
 #endif

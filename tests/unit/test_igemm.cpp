@@ -104,6 +104,8 @@ TEST(igemm_raw, Avx2BytePathChosenOnlyWhenExact) {
       {0, 127, -128, 127, true},   // 7-bit A (e.g. 7-bit codes): 2 * 127 * 128 = 32512
       {0, 255, -64, 64, true},     // |B| <= 64 (7-bit signed): 2 * 255 * 64 = 32640
       {0, 31, -128, 127, true},    // 5-bit gradient codes x 8-bit weights
+      {0, 163, -100, 100, true},   // 2 * 163 * 100 = 32600 (narrow per-sample ranges)
+      {0, 164, -100, 100, false},  // 2 * 164 * 100 = 32800
       {0, 255, -65, 64, false},    // 2 * 255 * 65 = 33150: would saturate
       {0, 128, -128, 127, false},  // 2 * 128 * 128 = 32768: would saturate by one
       {0, 255, -128, 127, false},  // full range

@@ -207,36 +207,47 @@ bool avx2_available() {
 }
 
 namespace {
-// max of rows x n bytes (row stride ld); signed: max |v|.
-template <bool Signed>
-int max_abs(const void* p, int64_t rows, int64_t n, int64_t ld) {
+// max |b| of rows x n int8 (row stride ld).
+int max_abs_s8(const int8_t* p, int64_t rows, int64_t n, int64_t ld) {
   __m256i mx = _mm256_setzero_si256();
   int tail = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const auto* row = static_cast<const uint8_t*>(p) + r * ld;
+    const int8_t* row = p + r * ld;
     int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
-      if constexpr (Signed) v = _mm256_abs_epi8(v);  // |-128| stays 0x80 = 128 as unsigned
-      mx = _mm256_max_epu8(mx, v);
-    }
-    for (; i < n; ++i) {
-      const int v = Signed ? std::abs(static_cast<int>(static_cast<int8_t>(row[i]))) : row[i];
-      tail = std::max(tail, v);
-    }
+    for (; i + 32 <= n; i += 32)  // |-128| stays 0x80 = 128 as unsigned
+      mx = _mm256_max_epu8(mx, _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i))));
+    for (; i < n; ++i) tail = std::max(tail, std::abs(static_cast<int>(row[i])));
   }
   alignas(32) uint8_t b[32];
   _mm256_store_si256(reinterpret_cast<__m256i*>(b), mx);
   for (uint8_t v : b) tail = std::max<int>(tail, v);
   return tail;
 }
+
+// Whether every byte of rows x n u8 (row stride ld) is <= limit; stops at the first row that
+// has a larger one (full-range data is rejected after a row or two).
+bool all_within_u8(const uint8_t* p, int64_t rows, int64_t n, int64_t ld, int limit) {
+  if (limit >= 255) return true;
+  const __m256i lim = _mm256_set1_epi8(static_cast<char>(limit));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = p + r * ld;
+    __m256i mx = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) mx = _mm256_max_epu8(mx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)));
+    // max(mx, lim) == lim in every byte <=> every byte <= limit (unsigned)
+    if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(mx, lim), lim)) != -1) return false;
+    for (; i < n; ++i)
+      if (row[i] > limit) return false;
+  }
+  return true;
+}
 }  // namespace
 
 bool avx2_bytes_exact(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb) {
   // vpmaddubsw is exact when |a1 b1 + a2 b2| <= 32767 for every pair: 2 max|a| max|b| <= 32767.
-  const int64_t bmax = max_abs<true>(B, N, K, ldb);
-  if (2 * 255 * bmax <= 32767) return true;
-  return 2 * int64_t{max_abs<false>(A, M, K, lda)} * bmax <= 32767;
+  // max |B| first (B is the smaller operand in the layers), then A against the bound it leaves.
+  const int bmax = max_abs_s8(B, N, K, ldb);
+  return bmax == 0 || all_within_u8(A, M, K, lda, std::min(255, 32767 / (2 * bmax)));
 }
 
 void s32_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
