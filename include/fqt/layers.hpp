@@ -102,6 +102,12 @@ class Conv2d : public QuantizedLayer {
   void wgrad(const Tensor& dy, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;  // wgrad then dgrad, dY laid out once
   void collect_params(std::vector<Param*>& out) override;
+  // The last training forward's output again, bit for bit, from what forward kept for backward
+  // (the input's codes and the weight's codes in qat/fqt; the fp32 input in fp32 mode).
+  Tensor recompute_output() const;
+  OutputSource output_source() override {
+    return [this] { return recompute_output(); };
+  }
   void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
     saved_add(out, x_);  // activations only: the weight (codes) is not counted
     saved_add(out, xq_);
@@ -120,6 +126,8 @@ class Conv2d : public QuantizedLayer {
   // The integer path (conv2d_int.cpp): GEMMs on 8-bit codes, im2col on codes (padding = the
   // activation grid's zero code), scales and offsets applied after each per-sample GEMM.
   Tensor forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code) const;
+  // fp32 GEMMs of (possibly dequantized) input [N, Cin, H, W] and weight [Cout, Cin*k*k], + bias.
+  Tensor forward_f32(const Tensor& xin, const Tensor& w) const;
   Tensor dgrad_int(const QuantizedTensor& gq) const;
   void wgrad_int(const QuantizedTensor& gq);
   void add_bias_grad(const Tensor& dy);
@@ -167,6 +175,10 @@ class BatchNorm2d : public Module {
   Tensor& running_var() { return running_var_; }
 
   void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override { saved_add(out, xhat_); }
+  // With a source, training forwards keep no x-hat: backward recomputes x from the source and
+  // x-hat = (x - mean) * invstd from the saved per-channel statistics, as forward computed it.
+  void enable_recompute(bool on, const OutputSource& input) override { input_src_ = on ? input : OutputSource(); }
+  bool recomputes_input() const { return static_cast<bool>(input_src_); }
 
  private:
   std::string name_;
@@ -174,8 +186,11 @@ class BatchNorm2d : public Module {
   float momentum_, eps_;
   Param gamma_, beta_;
   Tensor running_mean_, running_var_;
-  Tensor xhat_;                 // saved normalised input
+  Tensor xhat_;                 // saved normalised input (none when recomputing)
   std::vector<float> invstd_;   // per channel
+  std::vector<float> mean_;     // per channel, the fp32 mean forward subtracted
+  OutputSource input_src_;      // recomputation of the input (empty: x-hat is kept)
+  Shape in_shape_;
   bool saved_train_ = true;
 };
 
@@ -255,6 +270,8 @@ class Sequential : public Module {
   void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
     for (const auto& c : children_) c->collect_saved(out);
   }
+  void enable_recompute(bool on, const OutputSource& input) override;
+  OutputSource output_source() override { return children_.empty() ? OutputSource() : children_.back()->output_source(); }
 
  private:
   std::vector<ModulePtr> children_;
@@ -287,11 +304,18 @@ class PreActBlock : public Module {
     if (shortcut_) shortcut_->collect_saved(out);
     main_.collect_saved(out);
   }
+  // bn1 recomputes its input from `input` (the previous block or the stem conv), bn2 from conv1.
+  void enable_recompute(bool on, const OutputSource& input) override;
+  // conv2's output + the shortcut's (or the recomputed input), as forward added them.
+  OutputSource output_source() override;
 
  private:
   Sequential pre_;       // bn1, relu
   ModulePtr shortcut_;   // Conv2d or null (identity)
   Sequential main_;      // conv1, bn2, relu, conv2
+  OutputSource input_src_;  // recomputation of the block's input (empty: not recomputing)
+  Tensor cached_input_;     // the recomputed input, between output_source() and bn1's backward
+  Tensor take_input();
 };
 
 // Basic residual block (ResNet-18): y = ReLU(BN2(conv2(ReLU(BN1(conv1(x))))) + s(x)), s = 1x1
@@ -311,6 +335,7 @@ class BasicBlock : public Module {
     if (shortcut_) shortcut_->collect_saved(out);
     out_relu_.collect_saved(out);
   }
+  void enable_recompute(bool on, const OutputSource& input) override;
 
  private:
   Sequential main_;                 // conv1, bn1, relu, conv2, bn2

@@ -25,4 +25,13 @@ ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int 
                      uint64_t init_seed);
 const std::vector<std::string>& model_names();
 
+// Recomputation instead of fp32 copies (SPEC section 4: what backward needs from forward is kept
+// as codes). With `on`, no batch norm keeps its fp32 input for backward: backward rebuilds it
+// from the codes the convolutions saved anyway — conv outputs are recomputed (integer GEMMs on
+// the saved codes), PreAct blocks add them up as their forward did, back to the stem conv or a
+// projection shortcut — and the gradients are bit-identical to those without it. Costs extra
+// forward GEMMs in backward (a PreAct block's bn1 may need several: its input is the sum of the
+// stage's earlier block outputs). Batch norms whose input no layer can recompute keep x-hat.
+void set_recompute(Module& model, bool on);
+
 }  // namespace fqt

@@ -17,6 +17,7 @@
 #include "fqt/recipe.hpp"
 #include "fqt/tensor.hpp"
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -53,6 +54,17 @@ class Module {
   // The storage this module keeps from forward for backward: (address, bytes) per tensor, so
   // that tensors shared between layers are counted once (see saved_bytes()).
   virtual void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const { (void)out; }
+
+  // Recomputation (see set_recompute in models.hpp): with `on`, a batch norm keeps no fp32 copy
+  // of its input for backward; backward asks `input` for it again, and `input` rebuilds it from
+  // what the producing layers saved anyway (8-bit codes in qat/fqt), bit for bit. `input` is the
+  // source of this module's input (empty: not recomputable). Containers pass on to each child
+  // the source of the previous child's output. Default: nothing to do.
+  using OutputSource = std::function<Tensor()>;
+  virtual void enable_recompute(bool on, const OutputSource& input) { (void)on, (void)input; }
+  // A source of this module's output in the last training forward, recomputed from its saved
+  // state, if it can give one (Conv2d, PreActBlock, Sequential of such); else empty.
+  virtual OutputSource output_source() { return {}; }
 };
 
 // Bytes kept from the last training-mode forward for backward, shared storage counted once.

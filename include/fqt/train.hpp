@@ -67,6 +67,10 @@ struct TrainConfig {
   // Every N steps, a {"kind": "step"} record (training loss and accuracy over those steps) in
   // metrics.jsonl: training curves finer than one point per epoch. 0 = off.
   int64_t log_every = 0;
+  // Batch norms keep no fp32 input; backward recomputes it from the saved codes (set_recompute in
+  // models.hpp): less memory, extra forward GEMMs, bit-identical training. A run-time choice like
+  // `threads`: --resume takes the value of the resuming command.
+  bool recompute = false;
   std::string out;          // run folder; "" = no files written
   bool overwrite = false;   // start afresh even if `out` holds a checkpoint (otherwise an InputError)
   int threads = 0;

@@ -104,4 +104,6 @@ ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int 
   return first_layer_without_input_grad(std::move(m));
 }
 
+void set_recompute(Module& model, bool on) { model.enable_recompute(on, {}); }
+
 }  // namespace fqt

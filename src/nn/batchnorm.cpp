@@ -84,10 +84,13 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
   float* rv = running_var_.data<float>();
   saved_train_ = ctx.train;
   invstd_.assign(C, 0.0f);
+  mean_.assign(C, 0.0f);
+  in_shape_ = x.shape();
   if (ctx.train) {
     FQT_CHECK(M > 1, "BatchNorm2d {}: training needs more than one value per channel", name_);
-    xhat_ = Tensor::empty(x.shape());
-    float* hp = xhat_.data<float>();
+    // Recomputing: x-hat is not kept (backward rebuilds it from the recomputed input).
+    xhat_ = input_src_ ? Tensor() : Tensor::empty(x.shape());
+    float* hp = input_src_ ? nullptr : xhat_.data<float>();
 #pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
     for (int64_t c = 0; c < C; ++c) {
       double acc[kLanes] = {}, acc2[kLanes] = {};
@@ -98,11 +101,12 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
       const float inv = static_cast<float>(1.0 / std::sqrt(var + eps_));
       invstd_[c] = inv;
       const float m = static_cast<float>(mean);
+      mean_[c] = m;
       for (int64_t n = 0; n < N; ++n)
         for (int64_t p = 0; p < P; ++p) {
           const int64_t i = (n * C + c) * P + p;
-          const float h = (xp[i] - m) * inv;
-          hp[i] = h;
+          const float h = (xp[i] - m) * inv;  // backward's recomputation repeats exactly this
+          if (hp) hp[i] = h;
           yp[i] = h * g[c] + b[c];
         }
       rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean);
@@ -134,25 +138,47 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
   float* dg = gamma_.grad.data<float>();
   float* db = beta_.grad.data<float>();
   // Eval-mode forwards keep nothing (ctx.train == false): there is no backward for them.
+  FQT_CHECK(saved_train_ && !in_shape_.empty() && shape_numel(in_shape_) == dy.numel() && (xhat_.defined() || input_src_),
+            "BatchNorm2d {}: backward without a training forward", name_);
+  // x-hat: kept by forward, or recomputed run by run from the recomputed input with forward's
+  // own expression (x - mean) * invstd, so every value (and so every sum below) is the same.
+  Tensor x;
+  if (!xhat_.defined()) {
+    x = input_src_();
+    FQT_CHECK(x.shape() == in_shape_ && x.dtype() == DType::f32,
+              "BatchNorm2d {}: recomputed input {} does not match the forward's {}", name_, shape_str(x.shape()),
+              shape_str(in_shape_));
+  }
+  const float* hp = xhat_.defined() ? xhat_.data<float>() : nullptr;
+  const float* xp = x.defined() ? x.data<float>() : nullptr;
+#pragma omp parallel if (parallel_worth(N * C * P))
   {
-    FQT_CHECK(saved_train_ && xhat_.defined() && xhat_.numel() == dy.numel(), "BatchNorm2d {}: backward without a training forward",
-              name_);
-    const float* hp = xhat_.data<float>();
-#pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
+    std::vector<float> buf(hp ? 0 : static_cast<size_t>(P));
+    // The x-hat run of (n, c): in place, or rebuilt into buf.
+    auto run = [&](int64_t n, int64_t c) -> const float* {
+      const int64_t off = (n * C + c) * P;
+      if (hp) return hp + off;
+      const float m = mean_[c], inv = invstd_[c];
+      for (int64_t p = 0; p < P; ++p) buf[p] = (xp[off + p] - m) * inv;
+      return buf.data();
+    };
+#pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c) {
       double a[kLanes] = {}, b[kLanes] = {};
-      for (int64_t n = 0; n < N; ++n) add_dy_dyh_run(dyp + (n * C + c) * P, hp + (n * C + c) * P, P, a, b);
+      for (int64_t n = 0; n < N; ++n) add_dy_dyh_run(dyp + (n * C + c) * P, run(n, c), P, a, b);
       const double sdy = lanes_total(a), sdyh = lanes_total(b);
       dg[c] += static_cast<float>(sdyh);
       db[c] += static_cast<float>(sdy);
       // dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
       const float k = g[c] * invstd_[c];
       const float mdy = static_cast<float>(sdy / M), mdyh = static_cast<float>(sdyh / M);
-      for (int64_t n = 0; n < N; ++n)
+      for (int64_t n = 0; n < N; ++n) {
+        const float* h = run(n, c);
         for (int64_t p = 0; p < P; ++p) {
           const int64_t i = (n * C + c) * P + p;
-          dxp[i] = k * (dyp[i] - mdy - hp[i] * mdyh);
+          dxp[i] = k * (dyp[i] - mdy - h[p] * mdyh);
         }
+      }
     }
   }
   return dx;

@@ -19,6 +19,7 @@ PreActBlock::PreActBlock(const std::string& name, int64_t cin, int64_t cout, int
 }
 
 Tensor PreActBlock::forward(const Tensor& x, const StepContext& ctx) {
+  cached_input_ = {};
   const Tensor a = pre_.forward(x, ctx);
   Tensor s = shortcut_ ? shortcut_->forward(a, ctx) : x;
   Tensor y = main_.forward(a, ctx);
@@ -35,6 +36,39 @@ Tensor PreActBlock::backward(const Tensor& dy, const StepContext& ctx) {
   Tensor dx = pre_.backward(da, ctx);
   add_inplace(dx, dy);
   return dx;
+}
+
+void PreActBlock::enable_recompute(bool on, const OutputSource& input) {
+  input_src_ = on ? input : OutputSource();
+  cached_input_ = {};
+  pre_.enable_recompute(on, input_src_ ? OutputSource([this] { return take_input(); }) : OutputSource());  // bn1
+  main_.enable_recompute(on, {});  // bn2 <- conv1
+}
+
+Tensor PreActBlock::take_input() {
+  if (!cached_input_.defined()) return input_src_();
+  Tensor x = std::move(cached_input_);
+  cached_input_ = {};
+  return x;
+}
+
+// y = conv2 + (shortcut or the input), added as forward added them. Backward asks for a block's
+// output once, from the next block's bn1 (or the model's last bn); with an identity shortcut the
+// input it needed is kept until this block's own bn1 asks for it — which comes next in backward —
+// so each conv output of a chain of identity blocks is recomputed once, not once per later block.
+Module::OutputSource PreActBlock::output_source() {
+  if (!shortcut_ && !input_src_) return {};
+  return [this] {
+    Tensor y = main_.output_source()();  // conv2
+    if (shortcut_) {
+      add_inplace(y, shortcut_->output_source()());
+    } else {
+      Tensor x = take_input();
+      add_inplace(y, x);
+      cached_input_ = x;
+    }
+    return y;
+  };
 }
 
 // Order: bn1, shortcut, conv1, bn2, conv2 (construction order).
@@ -80,6 +114,11 @@ Tensor BasicBlock::backward(const Tensor& dy, const StepContext& ctx) {
   Tensor dx = main_.backward(dsum, ctx);
   add_inplace(dx, shortcut_ ? shortcut_->backward(dsum, ctx) : dsum);
   return dx;
+}
+
+void BasicBlock::enable_recompute(bool on, const OutputSource& input) {
+  main_.enable_recompute(on, input);  // bn1 <- conv1, bn2 <- conv2
+  if (shortcut_) shortcut_->enable_recompute(on, input);  // shortcut.bn <- shortcut.conv
 }
 
 void BasicBlock::collect_params(std::vector<Param*>& out) {

@@ -140,8 +140,7 @@ void Conv2d::collect_params(std::vector<Param*>& out) {
 Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
   FQT_CHECK(x.dim() == 4 && x.size(1) == cin_ && x.dtype() == DType::f32, "Conv2d {}: input {} is not N,{},H,W",
             name_, shape_str(x.shape()), cin_);
-  const Geom g = geom(x.shape(), k_, stride_, pad_);
-  const int64_t N = x.size(0), P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
+  (void)geom(x.shape(), k_, stride_, pad_);  // validates the geometry (throws on a too-small input)
   Tensor xin = x, w = weight2d();
   if (!quantized_forward(recipe_)) {
     if (ctx.train) x_ = x;
@@ -164,6 +163,12 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
     if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
   }
   in_shape_ = x.shape();
+  return forward_f32(xin, w);
+}
+
+Tensor Conv2d::forward_f32(const Tensor& xin, const Tensor& w) const {
+  const Geom g = geom(in_shape_, k_, stride_, pad_);
+  const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
   Tensor y = Tensor::empty({N, cout_, g.Ho, g.Wo});
   const float* xp = xin.data<float>();
   const float* wp = w.data<float>();
@@ -185,6 +190,20 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
     }
   }
   return y;
+}
+
+// Forward again from what it kept: the same branch (integer or fp32 GEMMs) on the same operands,
+// so the same bits. The weights have not changed yet (the optimizer runs after backward).
+Tensor Conv2d::recompute_output() const {
+  FQT_CHECK(!in_shape_.empty(), "Conv2d {}: recompute without a training forward", name_);
+  if (!quantized_forward(recipe_)) {
+    FQT_CHECK(x_.defined(), "Conv2d {}: recompute without a training forward", name_);
+    return forward_f32(x_, weight2d());
+  }
+  FQT_CHECK(xq_.codes.defined() && wq_.codes.defined(), "Conv2d {}: recompute without a training forward", name_);
+  const int zero_code = saved_zero_code();
+  if (zero_code >= 0 && int_fprop(recipe_, xq_, wq_)) return forward_int(xq_, wq_, zero_code);
+  return forward_f32(dequantize(xq_).reshape(in_shape_), dequantize(wq_));
 }
 
 int Conv2d::saved_zero_code() const {

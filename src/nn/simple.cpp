@@ -206,6 +206,14 @@ Tensor Sequential::backward(const Tensor& dy, const StepContext& ctx) {
   return g;
 }
 
+void Sequential::enable_recompute(bool on, const OutputSource& input) {
+  OutputSource cur = input;
+  for (auto& c : children_) {
+    c->enable_recompute(on, cur);
+    cur = c->output_source();
+  }
+}
+
 void Sequential::collect_params(std::vector<Param*>& out) {
   for (auto& c : children_) c->collect_params(out);
 }

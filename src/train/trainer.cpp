@@ -100,6 +100,7 @@ struct Model {
 Model build_model(const TrainConfig& cfg, const Dataset& ds) {
   Model m;
   m.net = make_model(cfg.model, ds.channels(), ds.height(), ds.width(), ds.num_classes, cfg.recipe, cfg.seed);
+  set_recompute(*m.net, cfg.recompute);
   m.net->collect_params(m.params);
   m.net->collect_buffers(m.buffers);
   return m;
@@ -356,7 +357,8 @@ std::string TrainConfig::to_json() const {
             {"ckpt_every_steps", ckpt_every_steps},
             {"on_nonfinite", on_nonfinite},
             {"track_variance_every", track_variance_every},
-            {"log_every", log_every}};
+            {"log_every", log_every},
+            {"recompute", recompute}};
   return j.dump(2);
 }
 
@@ -396,6 +398,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.on_nonfinite = j.value("on_nonfinite", std::string("stop"));
     c.track_variance_every = j.value("track_variance_every", int64_t{0});
     c.log_every = j.value("log_every", int64_t{0});
+    c.recompute = j.value("recompute", false);
   } catch (const json::exception& e) {
     throw InputError(fmt::format("run configuration is incomplete or has a wrong type: {}", e.what()));
   }
@@ -420,6 +423,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     stored.max_steps = cfg.max_steps;
     stored.track_variance_every = cfg.track_variance_every;
     stored.log_every = cfg.log_every;
+    stored.recompute = cfg.recompute;
     cfg = stored;
   }
   check_config(cfg);

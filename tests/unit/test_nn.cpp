@@ -130,12 +130,22 @@ namespace {
 struct RunResult {
   Tensor logits, dx;
   std::vector<Tensor> grads;
+  size_t saved_bytes = 0;  // kept from forward for backward
 };
-RunResult run_model(const std::string& name, Mode mode, int threads, Shape in, bool input_grad = true) {
+struct RunOptions {
+  bool recompute = false;
+  Arith arith = Arith::sim;
+  QuantizerKind dgrad = QuantizerKind::psq;
+};
+RunResult run_model(const std::string& name, Mode mode, int threads, Shape in, bool input_grad = true,
+                    RunOptions opt = {}) {
   const int saved = omp_get_max_threads();
   omp_set_num_threads(threads);
   Recipe r = make_recipe(mode);
+  r.arith = opt.arith;
+  r.dgrad.kind = opt.dgrad;
   ModulePtr m = make_model(name, in[1], in[2], in[3], 10, r, 17);
+  set_recompute(*m, opt.recompute);
   std::vector<QuantizedLayer*> layers;
   m->collect_quantized(layers);
   if (input_grad) layers.front()->set_input_grad(true);  // the builders switch it off
@@ -147,6 +157,7 @@ RunResult run_model(const std::string& name, Mode mode, int threads, Shape in, b
   const StepContext ctx{true, 5, 2};
   RunResult out;
   out.logits = m->forward(x, ctx);
+  out.saved_bytes = fqt::saved_bytes(*m);
   SoftmaxCrossEntropy loss;
   loss.forward(out.logits, labels, 0.1f);
   out.dx = m->backward(loss.backward(), ctx);
@@ -191,6 +202,55 @@ TEST(nn, first_layer_skips_only_the_input_gradient) {
   ModulePtr m = make_model("resnet18", 3, 32, 32, 10, Recipe{}, 1);
   m->collect_quantized(ql);
   for (size_t i = 0; i < ql.size(); ++i) EXPECT_EQ(ql[i]->input_grad(), i != 0) << ql[i]->name();
+}
+
+// Recomputation (set_recompute): batch norms keep no fp32 input, backward rebuilds it from the
+// convolutions' saved codes (or fp32 inputs) — every parameter gradient and the input gradient
+// are bit for bit those of the run that keeps x-hat, in every mode and arithmetic, and less is
+// kept from forward. Odd sizes and a batch of 3 exercise the tails of the recomputed GEMMs.
+TEST(nn, recompute_gives_bit_identical_gradients_and_keeps_less) {
+  struct Case {
+    Mode mode;
+    Arith arith;
+    QuantizerKind dgrad;
+  };
+  const std::vector<Case> cases = {{Mode::fp32, Arith::sim, QuantizerKind::psq},
+                                   {Mode::qat, Arith::integer, QuantizerKind::psq},
+                                   {Mode::fqt, Arith::integer, QuantizerKind::psq},
+                                   {Mode::fqt, Arith::integer, QuantizerKind::bhq},
+                                   {Mode::fqt, Arith::sim, QuantizerKind::ptq}};
+  for (const char* name : {"cnn", "preact_resnet20", "resnet18"}) {
+    const Shape in = std::string(name) == "resnet18" ? Shape{3, 3, 9, 9} : Shape{3, 1, 13, 13};
+    for (const Case& c : cases) {
+      const RunResult keep = run_model(name, c.mode, 2, in, true, {false, c.arith, c.dgrad});
+      const RunResult re = run_model(name, c.mode, 2, in, true, {true, c.arith, c.dgrad});
+      const std::string what = std::string(name) + " " + mode_name(c.mode) + " " + arith_name(c.arith) + " " +
+                               traits(c.dgrad).name;
+      EXPECT_TRUE(bit_equal(keep.logits, re.logits)) << what;
+      ASSERT_TRUE(keep.dx.defined() && re.dx.defined()) << what;
+      EXPECT_TRUE(bit_equal(keep.dx, re.dx)) << what;
+      ASSERT_EQ(keep.grads.size(), re.grads.size());
+      for (size_t i = 0; i < keep.grads.size(); ++i) EXPECT_TRUE(bit_equal(keep.grads[i], re.grads[i])) << what << " param " << i;
+      EXPECT_LT(re.saved_bytes, keep.saved_bytes) << what;
+    }
+  }
+}
+
+// What recomputation leaves: in an FQT PreAct-ResNet every batch norm recomputes (no x-hat at
+// all), so per activation value the step keeps the 8-bit conv input codes and the 1-bit ReLU
+// masks: at least 3x less than fp32 keeps (x-hat and the conv input, 4 bytes each).
+TEST(nn, recompute_fqt_preact_keeps_only_codes) {
+  const Shape in{4, 1, 28, 28};
+  const RunResult fp32 = run_model("preact_resnet20", Mode::fp32, 2, in, false, {false, Arith::sim, QuantizerKind::psq});
+  const RunResult fqt = run_model("preact_resnet20", Mode::fqt, 2, in, false, {true, Arith::integer, QuantizerKind::psq});
+  EXPECT_GE(static_cast<double>(fp32.saved_bytes) / static_cast<double>(fqt.saved_bytes), 3.0)
+      << fp32.saved_bytes << " vs " << fqt.saved_bytes;
+  ModulePtr m = make_model("preact_resnet20", 1, 28, 28, 10, make_recipe(Mode::fqt), 1);
+  set_recompute(*m, true);
+  m->forward(randn(in, 3), StepContext{true, 0, 0});
+  std::vector<std::pair<const void*, size_t>> items;
+  m->collect_saved(items);
+  for (const auto& [ptr, bytes] : items) EXPECT_LT(bytes, size_t(4) * 16 * 28 * 28 * 4) << "an fp32 activation is kept";
 }
 
 TEST(nn, model_shapes_names_and_layer_ids) {

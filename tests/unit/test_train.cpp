@@ -87,6 +87,33 @@ TEST(Train, ResumeMidEpochEqualsUninterruptedRun) {
   expect_same_checkpoint(full + "/ckpt.safetensors", cut + "/ckpt.safetensors");
 }
 
+// --recompute changes what is kept for backward, not the arithmetic: a run with it ends with the
+// same weights, batch-norm buffers and momenta as one without, also when a run is resumed with
+// the other setting halfway (it is a run-time choice, like the thread count).
+TEST(Train, RecomputeTrainsBitIdentically) {
+  for (const char* model : {"cnn", "preact_resnet20"}) {
+    const std::string keep = tmp_dir(std::string("rc_keep_") + model), re = tmp_dir(std::string("rc_re_") + model),
+                      mixed = tmp_dir(std::string("rc_mixed_") + model);
+    TrainConfig c = small(keep);
+    c.model = model;
+    c.epochs = 1;
+    train(c);
+    c.out = re;
+    c.recompute = true;
+    train(c);
+    expect_same_checkpoint(keep + "/ckpt.safetensors", re + "/ckpt.safetensors");
+    c.out = mixed;
+    c.recompute = false;
+    c.max_steps = 4;
+    c.ckpt_every_steps = 4;
+    train(c);
+    c.max_steps = 0;
+    c.recompute = true;
+    train(c, /*resume=*/true);
+    expect_same_checkpoint(keep + "/ckpt.safetensors", mixed + "/ckpt.safetensors");
+  }
+}
+
 TEST(Train, LossGoesDownInEveryMode) {
   for (Mode mode : {Mode::fp32, Mode::qat, Mode::fqt}) {
     TrainConfig c = small("", mode);

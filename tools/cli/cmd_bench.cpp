@@ -258,6 +258,7 @@ struct StepOptions {
   std::string modes = "fp32,qat,fqt";
   std::string dgrads = "psq";
   std::string ariths = "int";
+  std::string recompute = "off";
   int dgrad_bits = 8;
   int64_t batch = 128;
   std::string input = "1x28x28";
@@ -269,6 +270,7 @@ struct StepConfig {
   Mode mode;
   QuantizerKind dgrad;
   Arith arith;
+  bool recompute = false;
 };
 
 size_t read_status_kb(const char* key) {
@@ -296,6 +298,7 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
   r.dgrad = {cfg.dgrad, o.dgrad_bits};
   r.arith = cfg.arith;
   ModulePtr net = make_model(o.model, c, h, w, 10, r, 0);
+  set_recompute(*net, cfg.recompute);
   std::vector<Param*> params;
   net->collect_params(params);
   int64_t nparams = 0;
@@ -334,6 +337,7 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
           {"dgrad", cfg.mode == Mode::fqt ? traits(cfg.dgrad).name : "-"},
           {"dgrad_bits", o.dgrad_bits},
           {"arith", quantized ? arith_name(cfg.arith) : "-"},
+          {"recompute", cfg.recompute},
           {"batch", o.batch},
           {"input", o.input},
           {"steps", o.steps},
@@ -409,24 +413,32 @@ int run_step_bench(const StepOptions& o) {
   std::vector<Arith> ariths;
   for (const auto& a : split_list(o.ariths)) ariths.push_back(parse_arith(a));
   FQT_INPUT_CHECK(!ariths.empty(), "--arith needs at least one of int, sim");
+  std::vector<bool> recomputes;
+  for (const auto& v : split_list(o.recompute)) {
+    FQT_INPUT_CHECK(v == "off" || v == "on", "--recompute: '{}' is not off or on", v);
+    recomputes.push_back(v == "on");
+  }
+  FQT_INPUT_CHECK(!recomputes.empty(), "--recompute needs off, on or off,on");
   std::vector<StepConfig> configs;
   for (const auto& m : split_list(o.modes)) {
     const Mode mode = parse_mode(m);
-    if (mode == Mode::fp32) configs.push_back({mode, QuantizerKind::psq, Arith::integer});
-    else if (mode == Mode::qat)
-      for (Arith a : ariths) configs.push_back({mode, QuantizerKind::psq, a});
-    else
-      for (const auto& d : split_list(o.dgrads)) {
-        const QuantizerKind q = parse_quantizer(d);
-        for (Arith a : ariths) configs.push_back({mode, q, a});
-      }
+    for (bool rc : recomputes) {
+      if (mode == Mode::fp32) configs.push_back({mode, QuantizerKind::psq, Arith::integer, rc});
+      else if (mode == Mode::qat)
+        for (Arith a : ariths) configs.push_back({mode, QuantizerKind::psq, a, rc});
+      else
+        for (const auto& d : split_list(o.dgrads)) {
+          const QuantizerKind q = parse_quantizer(d);
+          for (Arith a : ariths) configs.push_back({mode, q, a, rc});
+        }
+    }
   }
   FQT_INPUT_CHECK(!configs.empty(), "--mode needs at least one of fp32, qat, fqt");
 
   nlohmann::json records = nlohmann::json::array();
   if (!o.json)
-    std::printf("%-16s %-5s %-6s %-5s %5s  %10s  %10s  %10s  %8s  %9s  %12s  %11s\n", "model", "mode", "dgrad",
-                "arith", "batch", "median_ms", "min_ms", "quant_ms", "quant_%", "images/s", "saved_act_MB",
+    std::printf("%-16s %-5s %-6s %-5s %-6s %5s  %10s  %10s  %10s  %8s  %9s  %12s  %11s\n", "model", "mode", "dgrad",
+                "arith", "recomp", "batch", "median_ms", "min_ms", "quant_ms", "quant_%", "images/s", "saved_act_MB",
                 "peak_RSS_MB");
   int failures = 0;
   for (const StepConfig& cfg : configs) {
@@ -441,9 +453,9 @@ int run_step_bench(const StepOptions& o) {
       records.push_back(rec);
     } else {
       const double med = rec["median_ms"];
-      std::printf("%-16s %-5s %-6s %-5s %5lld  %10.1f  %10.1f  %10.1f  %7.1f%%  %9.0f  %12.2f  %11.1f\n",
+      std::printf("%-16s %-5s %-6s %-5s %-6s %5lld  %10.1f  %10.1f  %10.1f  %7.1f%%  %9.0f  %12.2f  %11.1f\n",
                   o.model.c_str(), rec["mode"].get<std::string>().c_str(), rec["dgrad"].get<std::string>().c_str(),
-                  rec["arith"].get<std::string>().c_str(), static_cast<long long>(o.batch), med,
+                  rec["arith"].get<std::string>().c_str(), cfg.recompute ? "on" : "off", static_cast<long long>(o.batch), med,
                   rec["min_ms"].get<double>(), rec["quantizer_ms"].get<double>(),
                   100 * rec["quantizer_share"].get<double>(), rec["images_per_s"].get<double>(),
                   rec["saved_activation_bytes"].get<double>() / 1048576.0,
@@ -495,10 +507,10 @@ Runner add_bench(CLI::App& app) {
   CLI::App* step = app.add_subcommand(
       "step",
       "Median time of a full training step (forward, both backward GEMMs, quantizers, SGD momentum 0.9,\n"
-      "wd 5e-4) on one fixed random batch. Configurations = fp32 (once) + qat x arith + fqt x dgrad x arith;\n"
+      "wd 5e-4) on one fixed random batch. Configurations = (fp32 + qat x arith + fqt x dgrad x arith) x recompute;\n"
       "each runs in its own fork()ed child process (--no-fork: all in this one) so peak RSS is per config.\n"
       "JSON fields (one record per configuration):\n"
-      "  model, mode, dgrad, arith, batch, input, threads, steps, warmup\n"
+      "  model, mode, dgrad, arith, recompute, batch, input, threads, steps, warmup\n"
       "  params          number of trainable parameters\n"
       "  median_ms, min_ms  median / fastest of the timed steps (wall time)\n"
       "  quantizer_ms    median time inside quantize() + dequantize() per step (profile scopes)\n"
@@ -516,6 +528,10 @@ Runner add_bench(CLI::App& app) {
   step->add_option("--dgrad", o->dgrads, "comma-separated dgrad quantizers for fqt (ptq, psq, bhq)")->capture_default_str();
   step->add_option("--dgrad-bits", o->dgrad_bits, "dgrad bits")->capture_default_str();
   step->add_option("--arith", o->ariths, "comma-separated arithmetic of the quantized GEMMs for qat/fqt: int, sim")
+      ->capture_default_str();
+  step->add_option("--recompute", o->recompute,
+                   "comma-separated off, on: batch norms keep no fp32 input and backward recomputes it from the "
+                   "saved codes (see fqt train --help)")
       ->capture_default_str();
   step->add_option("--batch", o->batch, "batch size")->capture_default_str();
   step->add_option("--input", o->input, "input shape CxHxW")->capture_default_str();
