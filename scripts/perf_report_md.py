@@ -75,7 +75,8 @@ def main(argv):
     order = []
 
     def key_of(r):
-        return (r["model"], r.get("framework", "fqt"), r.get("mode"), r.get("dgrad", "-"), r.get("arith", "-"))
+        return (r["model"], r.get("framework", "fqt"), r.get("mode"), r.get("dgrad", "-"), r.get("arith", "-"),
+                bool(r.get("recompute", False)))
 
     def collect(pattern):
         for p in sorted(glob.glob(os.path.join(run, pattern))):
@@ -144,7 +145,11 @@ def main(argv):
         w(f"- **Warning: the machine was busy (load average up to {busy:.2f} on {meta['nproc']} CPUs); other "
           f"processes shared the cores, so absolute times and ratios are noisy.**")
     if torch:
-        w(f"- PyTorch {torch[0].get('torch_version', '?')} (Debian python3-torch, /usr/bin/python3)")
+        w(f"- PyTorch {torch[0].get('torch_version', '?')}")
+    if meta.get("isa") is not None and "avx512_vnni" not in meta["isa"]:
+        w("- **This CPU has no AVX-512 VNNI.** fqt's integer GEMMs run its AVX2 kernel there (vpmaddwd on "
+          "operands widened to int16, exact for any codes; vpmaddubsw when the data have at most 7 bits on a "
+          "side), which is at best on par with fp32 FMA: the issue's speed targets were set for VNNI CPUs.")
     w("")
 
     # ---- GEMM ----
@@ -153,8 +158,8 @@ def main(argv):
         w("")
         w("`fqt bench gemm`: int8 = u8 x s8 -> s32, fp32 = fqt's `sgemm` (OpenBLAS), C = A B^T. M N K = the "
           "product as the fp32 path lays it out; `int8 M x N x K` = the same product as the integer path runs it "
-          "(conv layers: the per-sample operand is A, read in place by fqt's VNNI kernel, called per sample as in "
-          "`Conv2d`; dgrad carries one extra correction column). The square and Linear shapes use the automatic "
+          "(conv layers: the per-sample operand is A, fqt's own kernel — VNNI, else AVX2 — called per sample as "
+          "in `Conv2d`; dgrad carries one extra correction column). The square and Linear shapes use the automatic "
           "backend. `count` = independent products per layer call (Conv2d runs one GEMM per sample, in parallel "
           "over the batch); GOPS = 2 M N K count / time (useful operations only).")
         w("")
@@ -176,7 +181,7 @@ def main(argv):
         w("")
 
     # ---- steps ----
-    fp32_of = {r["model"]: r for r in steps if r.get("mode") == "fp32"}
+    fp32_of = {r["model"]: r for r in steps if r.get("mode") == "fp32" and not r.get("recompute")}
     torch_of = {r["model"]: r for r in torch}
 
     def speedup(base, r):
@@ -195,15 +200,16 @@ def main(argv):
           "`quantizer share` = time inside quantize()/dequantize() over the step time; `GEMM ms` = time inside fqt's fp32 / integer GEMM "
           "kernels per step, summed over the threads that call them (Conv2d runs one sample per thread); "
           "`saved act.` = bytes kept "
-          "from forward for backward (activations or their codes); `peak RSS` = peak resident set of the process "
+          "from forward for backward (activations or their codes); `recomp.` = `--recompute` (batch norms keep no "
+          "fp32 input, backward recomputes it from the saved codes; bit-identical gradients); `peak RSS` = peak resident set of the process "
           "running that configuration alone (fqt: a fork()ed child per configuration; PyTorch: a process per "
           "model, including the Python and PyTorch runtime). "
           f"Each configuration ran in {nrounds} round(s), fqt and PyTorch alternating; times are medians over the "
           "rounds of each round's median step, speedups the median over rounds of the per-round ratio.")
         w("")
-        w("| model | framework | mode | dgrad | arith | median ms | images/s | quantizer share | GEMM ms f32 / int | "
-          "saved act. MB | peak RSS MB | vs fqt fp32 | vs PyTorch fp32 |")
-        w("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        w("| model | framework | mode | dgrad | arith | recomp. | median ms | images/s | quantizer share | "
+          "GEMM ms f32 / int | saved act. MB | peak RSS MB | vs fqt fp32 | vs PyTorch fp32 |")
+        w("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         models = [m for m in meta.get("models", []) if any(r["model"] == m for r in steps + torch)]
         for r in steps + torch:
             if r["model"] not in models:
@@ -217,7 +223,8 @@ def main(argv):
                 qs = r.get("quantizer_share")
                 sa = r.get("saved_activation_bytes")
                 rss = r.get("peak_rss_bytes")
-                w(f"| {m} | {fw} | {r.get('mode', '')} | {r.get('dgrad', '-')} | {r.get('arith', '-')} | "
+                rc = ("on" if r.get("recompute") else "off") if fw == "fqt" else "—"
+                w(f"| {m} | {fw} | {r.get('mode', '')} | {r.get('dgrad', '-')} | {r.get('arith', '-')} | {rc} | "
                   f"{fmt(r['median_ms'])} | {fmt(r.get('images_per_s'), '.0f')} | "
                   f"{fmt(None if qs is None else 100 * qs, '.1f')}{'%' if qs is not None else ''} | "
                   f"{gemm_ms(r)} | {fmt(None if sa is None else sa / MB, '.2f')} | {fmt(None if rss is None else rss / MB, '.0f')} | "
@@ -258,7 +265,10 @@ def main(argv):
     target("int8 GEMM >= 3x fp32 GEMM at 1024^3", sq["speedup"] if sq else None, lambda v: v >= 3)
     M = "preact_resnet20"
     base, tref = fp32_of.get(M), torch_of.get(M)
-    fqt_int = [r for r in steps if r["model"] == M and r.get("mode") == "fqt" and r.get("arith") == "int"]
+    fqt_int = [r for r in steps if r["model"] == M and r.get("mode") == "fqt" and r.get("arith") == "int"
+               and not r.get("recompute")]
+    fqt_re = [r for r in steps if r["model"] == M and r.get("mode") == "fqt" and r.get("arith") == "int"
+              and r.get("recompute")]
     for r in fqt_int:
         d = r.get("dgrad")
         target(f"FQT-int8 ({d}) step of PreAct-ResNet-20 >= 1.5x faster than fqt fp32",
@@ -278,6 +288,19 @@ def main(argv):
     rss = ratio(base.get("peak_rss_bytes") if base else None, r.get("peak_rss_bytes") if r else None)
     w(f"| (no target) peak RSS of a training step, fp32 / FQT (PreAct-ResNet-20) | "
       f"{fmt(rss, '.2f', 'not measured')}{'x' if rss is not None else ''} | — |")
+    rr = find(fqt_re, dgrad="psq") or (fqt_re[0] if fqt_re else None)
+    if rr is not None:
+        target(f"activation memory saved for backward >= 3x smaller than fp32 (PreAct-ResNet-20, FQT {rr.get('dgrad')} "
+               "with --recompute)",
+               ratio(base["saved_activation_bytes"] if base else None, rr["saved_activation_bytes"]), lambda v: v >= 3)
+        rss = ratio(base.get("peak_rss_bytes") if base else None, rr.get("peak_rss_bytes"))
+        w(f"| (no target) peak RSS of a training step, fp32 / FQT with --recompute (PreAct-ResNet-20) | "
+          f"{fmt(rss, '.2f', 'not measured')}{'x' if rss is not None else ''} | — |")
+        r0 = find(fqt_int, dgrad=rr.get("dgrad"))
+        cost = speedup(rr, r0) if r0 is not None else None
+        w(f"| (no target) step time with --recompute / without (PreAct-ResNet-20, FQT {rr.get('dgrad')}) | "
+          f"{fmt(cost, '.2f', 'not measured')}{'x' if cost is not None else ''}"
+          f"{spread(rr, r0) if r0 is not None else ''} | — |")
     if not fqt_int:
         w("")
         w("No FQT integer-arithmetic records for PreAct-ResNet-20 in this run.")

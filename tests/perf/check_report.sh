@@ -11,7 +11,8 @@ for pat in "^# Performance" "QUICK MODE" "Command: \`scripts/perf_report" "## GE
            "\| preact_resnet20 \| fqt \| fqt \| bhq \| int" "## Targets" "int8 GEMM >= 3x fp32 GEMM at 1024\^3 \| [0-9.]+x \| (yes|no)" \
            "quantizer time \(PSQ\) <= 15%.*\| [0-9.]+% \| (yes|no)" "activation memory saved .*\| [0-9.]+x \| (yes|no)" \
            "\| preact_resnet20 \| [0-9]+ \| [0-9]+ \| yes" "GEMM ms f32 / int" "Warning: the machine was busy" \
-           "\*\*Note:\*\* [0-9]+ configuration"; do
+           "\*\*Note:\*\* [0-9]+ configuration" "\| preact_resnet20 \| fqt \| fqt \| psq \| int \| on \|" \
+           "with --recompute\) \| [0-9.]+x \| (yes|no)" "step time with --recompute / without .*\| [0-9.]+x \|"; do
   if ! grep -Eq -- "$pat" "$out"; then echo "missing /$pat/ in $out"; fail=1; fi
 done
 # Rounds: a speedup is the median over rounds of the per-round ratio (fp32 and FQT measured in the
@@ -36,7 +37,7 @@ PY
 "$py" "$gen" "$rd" "$out.rounds"
 # ratios 1.25, 1.60, 1.667 -> median 1.60; the ratio of the medians would be 150 / 90 = 1.67.
 for pat in "\(psq\) step of PreAct-ResNet-20 >= 1.5x faster than fqt fp32 \| 1.60x \(rounds: 1.25-1.67, n=3\) \| yes" \
-           "\| preact_resnet20 \| fqt \| fp32 \| - \| - \| 150.0 \|"; do
+           "\| preact_resnet20 \| fqt \| fp32 \| - \| - \| off \| 150.0 \|"; do
   if ! grep -Eq -- "$pat" "$out.rounds"; then echo "missing /$pat/ in $out.rounds"; fail=1; fi
 done
 rm -rf "$rd"
