@@ -161,10 +161,19 @@ Tensor nchw_to_rows(const Tensor& x);
 
 // Per-channel batch norm over N,H,W (also accepts N,C). Train: batch statistics (biased variance
 // for normalisation, unbiased for the running variance, as PyTorch); eval: running statistics.
+//
+// with_relu(): the ReLU that follows is fused in (output relu(y), a 1-bit mask kept for backward,
+// exactly as the ReLU module keeps it; backward applies the mask to dy on the fly): one pass over
+// the tensor less each way, the same bits as BatchNorm2d then ReLU.
 class BatchNorm2d : public Module {
  public:
   BatchNorm2d(std::string name, int64_t channels, float momentum = 0.1f, float eps = 1e-5f);
-  std::string kind() const override { return "BatchNorm2d"; }
+  BatchNorm2d& with_relu() {
+    relu_ = true;
+    return *this;
+  }
+  bool fused_relu() const { return relu_; }
+  std::string kind() const override { return relu_ ? "BatchNorm2d+ReLU" : "BatchNorm2d"; }
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
   void collect_params(std::vector<Param*>& out) override;
@@ -174,7 +183,10 @@ class BatchNorm2d : public Module {
   Tensor& running_mean() { return running_mean_; }
   Tensor& running_var() { return running_var_; }
 
-  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override { saved_add(out, xhat_); }
+  void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
+    saved_add(out, xhat_);
+    saved_add(out, mask_);
+  }
   // With a source, training forwards keep no x-hat: backward recomputes x from the source and
   // x-hat = (x - mean) * invstd from the saved per-channel statistics, as forward computed it.
   void enable_recompute(bool on, const OutputSource& input) override { input_src_ = on ? input : OutputSource(); }
@@ -191,6 +203,8 @@ class BatchNorm2d : public Module {
   std::vector<float> mean_;     // per channel, the fp32 mean forward subtracted
   OutputSource input_src_;      // recomputation of the input (empty: x-hat is kept)
   Shape in_shape_;
+  bool relu_ = false;           // ReLU fused in
+  Tensor mask_;                 // with relu_: bit i % 8 of byte i / 8 = (output_i > 0), as ReLU's
   bool saved_train_ = true;
 };
 
@@ -310,9 +324,9 @@ class PreActBlock : public Module {
   OutputSource output_source() override;
 
  private:
-  Sequential pre_;       // bn1, relu
+  Sequential pre_;       // bn1 (+ ReLU, fused)
   ModulePtr shortcut_;   // Conv2d or null (identity)
-  Sequential main_;      // conv1, bn2, relu, conv2
+  Sequential main_;      // conv1, bn2 (+ ReLU, fused), conv2
   OutputSource input_src_;  // recomputation of the block's input (empty: not recomputing)
   Tensor cached_input_;     // the recomputed input, between output_source() and bn1's backward
   Tensor take_input();
@@ -338,7 +352,7 @@ class BasicBlock : public Module {
   void enable_recompute(bool on, const OutputSource& input) override;
 
  private:
-  Sequential main_;                 // conv1, bn1, relu, conv2, bn2
+  Sequential main_;                 // conv1, bn1 (+ ReLU, fused), conv2, bn2
   std::unique_ptr<Sequential> shortcut_;  // conv, bn or null
   ReLU out_relu_;
 };

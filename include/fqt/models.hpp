@@ -2,7 +2,8 @@
 //
 // Every Linear/Conv2d is quantized according to `recipe` (first and last layers included) and
 // gets a unique layer_id 0, 1, 2, ... in forward order and a dotted name ("stage2.block0.conv1").
-// Weights are initialised deterministically from `init_seed`.
+// Weights are initialised deterministically from `init_seed`. A BN followed by a ReLU is one
+// BatchNorm2d::with_relu() module (the same arithmetic, one pass less each way).
 //
 //   mlp              Flatten, Linear(D, 256), ReLU, Linear(256, 256), ReLU, Linear(256, classes)
 //   cnn              [conv3x3 32, BN, ReLU, maxpool2] [conv3x3 64, BN, ReLU, maxpool2], Flatten, FC

@@ -26,12 +26,10 @@ ModulePtr make_cnn(int in_c, int in_h, int in_w, int classes, const Recipe& r, L
   FQT_INPUT_CHECK(in_h >= 4 && in_w >= 4, "model cnn needs images of at least 4x4, got {}x{}", in_h, in_w);
   auto m = std::make_unique<Sequential>();
   m->emplace<Conv2d>("conv1", in_c, 32, 3, 1, 1, false, r, ids.take(), ids.init_seed);
-  m->emplace<BatchNorm2d>("bn1", 32);
-  m->emplace<ReLU>();
+  m->emplace<BatchNorm2d>("bn1", 32).with_relu();
   m->emplace<MaxPool2d>(2, 2);
   m->emplace<Conv2d>("conv2", 32, 64, 3, 1, 1, false, r, ids.take(), ids.init_seed);
-  m->emplace<BatchNorm2d>("bn2", 64);
-  m->emplace<ReLU>();
+  m->emplace<BatchNorm2d>("bn2", 64).with_relu();
   m->emplace<MaxPool2d>(2, 2);
   m->emplace<Flatten>();
   const int64_t h = (in_h / 2) / 2, w = (in_w / 2) / 2;
@@ -51,8 +49,7 @@ ModulePtr make_preact(int blocks_per_stage, int in_c, int classes, const Recipe&
       cin = widths[s];
     }
   }
-  m->emplace<BatchNorm2d>("bn", cin);
-  m->emplace<ReLU>();
+  m->emplace<BatchNorm2d>("bn", cin).with_relu();
   m->emplace<GlobalAvgPool>();
   m->emplace<Linear>("fc", cin, classes, true, r, ids.take(), ids.init_seed);
   return m;
@@ -61,8 +58,7 @@ ModulePtr make_preact(int blocks_per_stage, int in_c, int classes, const Recipe&
 ModulePtr make_resnet18(int in_c, int classes, const Recipe& r, LayerIds& ids) {
   auto m = std::make_unique<Sequential>();
   m->emplace<Conv2d>("conv1", in_c, 64, 3, 1, 1, false, r, ids.take(), ids.init_seed);
-  m->emplace<BatchNorm2d>("bn1", 64);
-  m->emplace<ReLU>();
+  m->emplace<BatchNorm2d>("bn1", 64).with_relu();
   const int64_t widths[4] = {64, 128, 256, 512};
   int64_t cin = 64;
   for (int s = 0; s < 4; ++s) {

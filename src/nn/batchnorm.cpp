@@ -4,6 +4,10 @@
 #include <algorithm>
 #include <cmath>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace fqt {
 using namespace nn_detail;
 
@@ -42,6 +46,29 @@ void add_dy_dyh_run(const float* dy, const float* h, int64_t n, double* a, doubl
     a[l] += dy[i];
     b[l] += static_cast<double>(dy[i]) * h[i];
   }
+}
+
+// The fused ReLU's mask, bit for bit the ReLU module's: bit k of byte j = (v[8j + k] > 0), NaN 0.
+inline uint8_t positive_bits8(const float* v) {
+#if defined(__AVX__)
+  return static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v), _mm256_setzero_ps(), _CMP_GT_OQ)));
+#else
+  uint8_t bits = 0;
+  for (int k = 0; k < 8; ++k) bits |= static_cast<uint8_t>(v[k] > 0.0f) << k;
+  return bits;
+#endif
+}
+
+// Bytes of `mask` that lie wholly inside elements [i0, i0 + n) of `out` (a thread owns them).
+inline void mask_inner_bytes(const float* out, int64_t i0, int64_t n, uint8_t* mask) {
+  for (int64_t j = (i0 + 7) / 8; j < (i0 + n) / 8; ++j) mask[j] = positive_bits8(out + 8 * j);
+}
+
+// Byte j from elements [8j, min(8j + 8, total)) (the bytes runs share, the tensor's last one).
+inline uint8_t mask_byte(const float* out, int64_t j, int64_t total) {
+  uint8_t bits = 0;
+  for (int64_t i = 8 * j, k = 0; i < std::min(total, 8 * j + 8); ++i, ++k) bits |= static_cast<uint8_t>(out[i] > 0.0f) << k;
+  return bits;
 }
 
 double lanes_total(const double* acc) {
@@ -91,6 +118,8 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
     // Recomputing: x-hat is not kept (backward rebuilds it from the recomputed input).
     xhat_ = input_src_ ? Tensor() : Tensor::empty(x.shape());
     float* hp = input_src_ ? nullptr : xhat_.data<float>();
+    mask_ = relu_ ? Tensor::empty({(N * C * P + 7) / 8}, DType::u8) : Tensor();
+    uint8_t* mk = relu_ ? mask_.data<uint8_t>() : nullptr;
 #pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
     for (int64_t c = 0; c < C; ++c) {
       double acc[kLanes] = {}, acc2[kLanes] = {};
@@ -102,18 +131,29 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
       invstd_[c] = inv;
       const float m = static_cast<float>(mean);
       mean_[c] = m;
-      for (int64_t n = 0; n < N; ++n)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t i0 = (n * C + c) * P;
         for (int64_t p = 0; p < P; ++p) {
-          const int64_t i = (n * C + c) * P + p;
+          const int64_t i = i0 + p;
           const float h = (xp[i] - m) * inv;  // backward's recomputation repeats exactly this
           if (hp) hp[i] = h;
-          yp[i] = h * g[c] + b[c];
+          const float v = h * g[c] + b[c];
+          yp[i] = relu_ ? (v > 0.0f ? v : 0.0f) : v;  // the fused ReLU as ReLU computes it (NaN -> 0)
         }
+        if (relu_) mask_inner_bytes(yp, i0, P, mk);
+      }
       rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean);
       rv[c] = static_cast<float>((1.0 - momentum_) * rv[c] + momentum_ * ss / static_cast<double>(M - 1));
     }
+    if (relu_) {  // the bytes shared by two runs (a run starting mid-byte) and the last one
+      const int64_t total = N * C * P;
+      for (int64_t r = 1; r < N * C; ++r)
+        if ((r * P) % 8 != 0) mk[r * P / 8] = mask_byte(yp, r * P / 8, total);
+      if (total % 8 != 0) mk[total / 8] = mask_byte(yp, total / 8, total);
+    }
   } else {
     xhat_ = {};
+    mask_ = {};
 #pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
     for (int64_t c = 0; c < C; ++c) {
       const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps_));
@@ -122,7 +162,8 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
       for (int64_t n = 0; n < N; ++n)
         for (int64_t p = 0; p < P; ++p) {
           const int64_t i = (n * C + c) * P + p;
-          yp[i] = xp[i] * scale + shift;
+          const float v = xp[i] * scale + shift;
+          yp[i] = relu_ ? (v > 0.0f ? v : 0.0f) : v;
         }
     }
   }
@@ -151,9 +192,24 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
   }
   const float* hp = xhat_.defined() ? xhat_.data<float>() : nullptr;
   const float* xp = x.defined() ? x.data<float>() : nullptr;
+  FQT_CHECK(!relu_ || (mask_.defined() && mask_.numel() == (dy.numel() + 7) / 8),
+            "BatchNorm2d {}: backward without a training forward", name_);
+  const uint8_t* mk = relu_ ? mask_.data<uint8_t>() : nullptr;
 #pragma omp parallel if (parallel_worth(N * C * P))
   {
     std::vector<float> buf(hp ? 0 : static_cast<size_t>(P));
+    std::vector<float> dm(mk ? static_cast<size_t>(P) : 0);
+    // The incoming gradient run of (n, c): dy itself, or through the fused ReLU's mask (dy or
+    // +0, exactly what ReLU::backward hands on).
+    auto grad_run = [&](int64_t n, int64_t c) -> const float* {
+      const int64_t off = (n * C + c) * P;
+      if (!mk) return dyp + off;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t i = off + p;
+        dm[p] = (mk[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
+      }
+      return dm.data();
+    };
     // The x-hat run of (n, c): in place, or rebuilt into buf.
     auto run = [&](int64_t n, int64_t c) -> const float* {
       const int64_t off = (n * C + c) * P;
@@ -165,7 +221,7 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c) {
       double a[kLanes] = {}, b[kLanes] = {};
-      for (int64_t n = 0; n < N; ++n) add_dy_dyh_run(dyp + (n * C + c) * P, run(n, c), P, a, b);
+      for (int64_t n = 0; n < N; ++n) add_dy_dyh_run(grad_run(n, c), run(n, c), P, a, b);
       const double sdy = lanes_total(a), sdyh = lanes_total(b);
       dg[c] += static_cast<float>(sdyh);
       db[c] += static_cast<float>(sdy);
@@ -174,10 +230,9 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
       const float mdy = static_cast<float>(sdy / M), mdyh = static_cast<float>(sdyh / M);
       for (int64_t n = 0; n < N; ++n) {
         const float* h = run(n, c);
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t i = (n * C + c) * P + p;
-          dxp[i] = k * (dyp[i] - mdy - h[p] * mdyh);
-        }
+        const float* d = grad_run(n, c);
+        float* o = dxp + (n * C + c) * P;
+        for (int64_t p = 0; p < P; ++p) o[p] = k * (d[p] - mdy - h[p] * mdyh);
       }
     }
   }

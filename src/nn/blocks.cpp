@@ -7,14 +7,12 @@ namespace fqt {
 
 PreActBlock::PreActBlock(const std::string& name, int64_t cin, int64_t cout, int64_t stride, const Recipe& recipe,
                          LayerIds& ids) {
-  pre_.emplace<BatchNorm2d>(name + ".bn1", cin);
-  pre_.emplace<ReLU>();
+  pre_.emplace<BatchNorm2d>(name + ".bn1", cin).with_relu();
   if (stride != 1 || cin != cout)
     shortcut_ = std::make_unique<Conv2d>(name + ".shortcut", cin, cout, 1, stride, 0, false, recipe, ids.take(),
                                          ids.init_seed);
   main_.emplace<Conv2d>(name + ".conv1", cin, cout, 3, stride, 1, false, recipe, ids.take(), ids.init_seed);
-  main_.emplace<BatchNorm2d>(name + ".bn2", cout);
-  main_.emplace<ReLU>();
+  main_.emplace<BatchNorm2d>(name + ".bn2", cout).with_relu();
   main_.emplace<Conv2d>(name + ".conv2", cout, cout, 3, 1, 1, false, recipe, ids.take(), ids.init_seed);
 }
 
@@ -91,8 +89,7 @@ void PreActBlock::collect_quantized(std::vector<QuantizedLayer*>& out) {
 BasicBlock::BasicBlock(const std::string& name, int64_t cin, int64_t cout, int64_t stride, const Recipe& recipe,
                        LayerIds& ids) {
   main_.emplace<Conv2d>(name + ".conv1", cin, cout, 3, stride, 1, false, recipe, ids.take(), ids.init_seed);
-  main_.emplace<BatchNorm2d>(name + ".bn1", cout);
-  main_.emplace<ReLU>();
+  main_.emplace<BatchNorm2d>(name + ".bn1", cout).with_relu();
   main_.emplace<Conv2d>(name + ".conv2", cout, cout, 3, 1, 1, false, recipe, ids.take(), ids.init_seed);
   main_.emplace<BatchNorm2d>(name + ".bn2", cout);
   if (stride != 1 || cin != cout) {

@@ -386,6 +386,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
 #pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int8_t> Bg(static_cast<size_t>(cout_ * P));  // G_n^T codes [Cout, P], s8
+    std::vector<int64_t> colsum(static_cast<size_t>(cout_));
     std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
     std::vector<uint8_t> A(static_cast<size_t>(ckk * P));
     std::vector<int32_t> C(static_cast<size_t>(ssize));
@@ -396,15 +397,13 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
       int64_t* rg = rx + ckk;
       for (int64_t n = gi * N / groups; n < (gi + 1) * N / groups; ++n) {
         const uint8_t* gn = gc + n * P * cout_;
-        for (int64_t p0 = 0; p0 < P; p0 += 64)
-          for (int64_t c = 0; c < cout_; ++c) {
-            int64_t sum = 0;
-            for (int64_t p = p0; p < std::min(P, p0 + 64); ++p) {
-              const int v = gn[p * cout_ + c] - shg;
-              Bg[c * P + p] = static_cast<int8_t>(v), sum += v;
-            }
-            rg[c] += sum;
-          }
+        // G_n^T as s8 (8-bit codes: q - 128 = q ^ 0x80), and the column sums of the shifted codes.
+        kernels::transpose_bytes(gn, P, cout_, cout_, reinterpret_cast<uint8_t*>(Bg.data()), P,
+                                 shg == 128 ? 0x80 : 0x00);
+        std::fill(colsum.begin(), colsum.end(), 0);
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t c = 0; c < cout_; ++c) colsum[c] += gn[p * cout_ + c];
+        for (int64_t c = 0; c < cout_; ++c) rg[c] += colsum[c] - P * shg;
         pad_chw(xc + n * chw, g, pad_code, img.data());
         im2col_chw(img.data(), g, A.data());
         for (int64_t k = 0; k < ckk; ++k) rx[k] += byte_sum(A.data() + k * P, P);

@@ -127,3 +127,20 @@ TEST(Transpose, EveryShapeAndStrideIsExact) {
     }
   }
 }
+
+// The byte transpose (wgrad's G_n^T codes) with and without the 0x80 flip (q -> q - 128 as int8).
+TEST(Transpose, BytesEveryShapeAndFlipIsExact) {
+  for (uint8_t flip : {uint8_t{0}, uint8_t{0x80}})
+    for (int64_t rows : {1, 7, 8, 9, 16, 49, 784})
+      for (int64_t cols : {1, 3, 8, 10, 16, 17, 64}) {
+        const int64_t lds = cols + 2, ldd = rows + 3;
+        std::vector<uint8_t> src(static_cast<size_t>(rows * lds)), dst(static_cast<size_t>(cols * ldd), 0x5A);
+        for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 37 + 11);
+        fqt::kernels::transpose_bytes(src.data(), rows, cols, lds, dst.data(), ldd, flip);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c)
+            ASSERT_EQ(dst[c * ldd + r], src[r * lds + c] ^ flip) << rows << "x" << cols << " at " << r << "," << c;
+        for (int64_t c = 0; c < cols; ++c)
+          for (int64_t r = rows; r < ldd; ++r) ASSERT_EQ(dst[c * ldd + r], 0x5A);
+      }
+}

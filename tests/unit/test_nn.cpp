@@ -253,6 +253,42 @@ TEST(nn, recompute_fqt_preact_keeps_only_codes) {
   for (const auto& [ptr, bytes] : items) EXPECT_LT(bytes, size_t(4) * 16 * 28 * 28 * 4) << "an fp32 activation is kept";
 }
 
+// BatchNorm2d::with_relu() is BatchNorm2d followed by ReLU, bit for bit: output, what backward
+// hands down, dgamma and dbeta; with runs of H*W values that start mid-byte of the mask (P = 49,
+// 7, 3: the bytes two channels share), a total that is not a multiple of 8, a NaN, 1 and 2
+// threads, and with the input recomputed instead of x-hat kept.
+TEST(nn, batchnorm_with_relu_equals_batchnorm_then_relu) {
+  for (const Shape& sh : {Shape{4, 3, 7, 7}, Shape{3, 5, 1, 7}, Shape{2, 3, 1, 3}, Shape{128, 16, 28, 28}})
+    for (int threads : {1, 2})
+      for (bool recompute : {false, true}) {
+        const int saved = omp_get_max_threads();
+        omp_set_num_threads(threads);
+        Tensor x = randn(sh, 31, 2.0f), dy = randn(sh, 32);
+        x.data<float>()[5] = std::nanf("");
+        BatchNorm2d plain("bn", sh[1]), fused("bn", sh[1]);
+        fused.with_relu();
+        for (BatchNorm2d* b : {&plain, &fused}) {  // non-trivial affine parameters, the same in both
+          for (int64_t c = 0; c < sh[1]; ++c) {
+            b->gamma().value.data<float>()[c] = 0.5f + 0.25f * static_cast<float>(c);
+            b->beta().value.data<float>()[c] = 0.3f - 0.2f * static_cast<float>(c);
+          }
+          if (recompute) b->enable_recompute(true, [&x] { return x; });
+        }
+        ReLU relu;
+        const StepContext ctx{true, 0, 0};
+        const Tensor y_plain = relu.forward(plain.forward(x, ctx), ctx);
+        const Tensor y_fused = fused.forward(x, ctx);
+        const std::string what = shape_str(sh) + " threads " + std::to_string(threads) + (recompute ? " recompute" : "");
+        EXPECT_TRUE(bit_equal(y_plain, y_fused)) << what;
+        const Tensor dx_plain = plain.backward(relu.backward(dy, ctx), ctx);
+        const Tensor dx_fused = fused.backward(dy, ctx);
+        EXPECT_TRUE(bit_equal(dx_plain, dx_fused)) << what;
+        EXPECT_TRUE(bit_equal(plain.gamma().grad, fused.gamma().grad)) << what;
+        EXPECT_TRUE(bit_equal(plain.beta().grad, fused.beta().grad)) << what;
+        omp_set_num_threads(saved);
+      }
+}
+
 TEST(nn, model_shapes_names_and_layer_ids) {
   for (const std::string& name : model_names()) {
     for (const Shape& in : {Shape{2, 1, 28, 28}, Shape{2, 3, 32, 32}}) {

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#if defined(__AVX__)
+#if defined(__AVX__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -54,6 +54,42 @@ inline void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* 
 #endif
   for (int64_t r = r0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// Bytes: src [rows, cols] (row stride lds) -> dst [cols, rows] (row stride ldd), each byte XOR
+// `flip` (0x80 turns an 8-bit code q into the int8 q - 128). 8x8 SSE2 tiles, plain loops for the
+// edges.
+inline void transpose_bytes(const uint8_t* src, int64_t rows, int64_t cols, int64_t lds, uint8_t* dst, int64_t ldd,
+                            uint8_t flip) {
+  int64_t r0 = 0;
+#if defined(__SSE2__)
+  const __m128i f = _mm_set1_epi8(static_cast<char>(flip));
+  auto row = [&](int64_t r, int64_t c) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + r * lds + c)); };
+  auto store2 = [&](__m128i v, int64_t c, int64_t r) {  // columns c, c + 1 (8 rows each)
+    v = _mm_xor_si128(v, f);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + c * ldd + r), v);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (c + 1) * ldd + r), _mm_srli_si128(v, 8));
+  };
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) {
+      const __m128i a0 = _mm_unpacklo_epi8(row(r0 + 0, c0), row(r0 + 1, c0));
+      const __m128i a1 = _mm_unpacklo_epi8(row(r0 + 2, c0), row(r0 + 3, c0));
+      const __m128i a2 = _mm_unpacklo_epi8(row(r0 + 4, c0), row(r0 + 5, c0));
+      const __m128i a3 = _mm_unpacklo_epi8(row(r0 + 6, c0), row(r0 + 7, c0));
+      const __m128i b0 = _mm_unpacklo_epi16(a0, a1), b1 = _mm_unpackhi_epi16(a0, a1);
+      const __m128i b2 = _mm_unpacklo_epi16(a2, a3), b3 = _mm_unpackhi_epi16(a2, a3);
+      store2(_mm_unpacklo_epi32(b0, b2), c0 + 0, r0);
+      store2(_mm_unpackhi_epi32(b0, b2), c0 + 2, r0);
+      store2(_mm_unpacklo_epi32(b1, b3), c0 + 4, r0);
+      store2(_mm_unpackhi_epi32(b1, b3), c0 + 6, r0);
+    }
+    for (int64_t c = c0; c < cols; ++c)
+      for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ldd + r] = src[r * lds + c] ^ flip;
+  }
+#endif
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c] ^ flip;
 }
 
 }  // namespace fqt::kernels
