@@ -20,10 +20,11 @@
 // Packing (per call, K padded with zeros to the group size):
 //   B: panels of NR = 8 NZ columns, [kg][NR] 32-bit words (wide: two int16 of k = 2kg, 2kg+1;
 //      bytes: four int8 of k = 4kg..4kg+3);
-//   A: per thread and row block, panels of MR rows, [kg][MR] 32-bit words of the same kind,
-//      broadcast to all 8 lanes.
+//   A: per thread and row block, rows of kg 32-bit words of the same kind (row-major), each
+//      word broadcast to all 8 lanes.
 // Micro-kernel: MR x NZ ymm accumulators.
 #include "fqt/igemm.hpp"
+#include "transpose.hpp"
 
 #include <algorithm>
 #include <cstdlib>
@@ -46,59 +47,43 @@ constexpr int64_t MC = 96;  // rows per A block (one task)
 // K block in elements (a multiple of 4): the packed B block of a panel stays in L1/L2.
 int64_t k_block(int64_t K) { return std::min<int64_t>(512, (K + 3) / 4 * 4); }
 
-// One 32-bit word of packed data for group g of a row: wide = 2 int16, bytes = 4 int8.
+// Rows [0, rows) of src (row stride ld, elements k0..k0+kc) as 32-bit words, row-major: dst row
+// r = kg words (wide: two int16 of k = 2g, 2g+1; bytes: four int8 of k = 4g..4g+3), zero padded;
+// rows [rows, rows_padded) are zero. Contiguous stores (a strided word scatter was 12% of the
+// kernel's time in perf).
 template <bool Bytes, typename T>
-inline int32_t pack_word(const T* src, int64_t k, int64_t kc) {
-  if constexpr (Bytes) {
-    uint8_t b[4] = {0, 0, 0, 0};
-    for (int t = 0; t < 4 && k + t < kc; ++t) b[t] = static_cast<uint8_t>(src[k + t]);
-    int32_t w;
-    std::memcpy(&w, b, 4);
-    return w;
-  } else {
-    const int16_t lo = static_cast<int16_t>(src[k]);
-    const int16_t hi = k + 1 < kc ? static_cast<int16_t>(src[k + 1]) : int16_t{0};
-    return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(lo)) |
-                                (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16));
-  }
-}
-
-// Packs rows [0, rows) of src (row stride ld, elements k0..k0+kc) into panels of R rows:
-// dst[panel][kg][R] words; rows past `rows` are zero.
-template <bool Bytes, typename T>
-void pack_rows(const T* src, int64_t ld, int64_t rows, int64_t k0, int64_t kc, int64_t R, int32_t* dst) {
+void pack_rowmajor(const T* src, int64_t ld, int64_t rows, int64_t rows_padded, int64_t k0, int64_t kc, int32_t* dst) {
   constexpr int64_t G = Bytes ? 4 : 2;
-  const int64_t kg = (kc + G - 1) / G, panels = (rows + R - 1) / R;
-  std::memset(dst, 0, sizeof(int32_t) * static_cast<size_t>(panels * R * kg));
+  const int64_t kg = (kc + G - 1) / G;
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * ld + k0;
-    int32_t* d = dst + (r / R) * R * kg + (r % R);
-    const int64_t full = kc / G;
-    if constexpr (!Bytes) {
-      if constexpr (std::is_same_v<T, uint8_t>) {
-        int64_t g = 0;
-        for (; g + 8 <= full; g += 8) {  // 16 bytes -> 8 words of two zero-extended int16
-          const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 2 * g)));
-          alignas(32) int32_t t[8];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(t), w);
-          for (int j = 0; j < 8; ++j) d[(g + j) * R] = t[j];
-        }
-        for (; g < full; ++g) d[g * R] = pack_word<false>(s, 2 * g, kc);
-      } else {
-        int64_t g = 0;
-        for (; g + 8 <= full; g += 8) {  // sign-extended
-          const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 2 * g)));
-          alignas(32) int32_t t[8];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(t), w);
-          for (int j = 0; j < 8; ++j) d[(g + j) * R] = t[j];
-        }
-        for (; g < full; ++g) d[g * R] = pack_word<false>(s, 2 * g, kc);
-      }
+    int32_t* d = dst + r * kg;
+    if constexpr (Bytes) {
+      std::memcpy(d, s, static_cast<size_t>(kc));
+      std::memset(reinterpret_cast<uint8_t*>(d) + kc, 0, static_cast<size_t>(kg * 4 - kc));
     } else {
-      for (int64_t g = 0; g < full; ++g) std::memcpy(d + g * R, s + 4 * g, 4);
+      auto* d16 = reinterpret_cast<int16_t*>(d);
+      int64_t k = 0;
+      for (; k + 16 <= kc; k += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k));
+        const __m256i w = std::is_same_v<T, uint8_t> ? _mm256_cvtepu8_epi16(v) : _mm256_cvtepi8_epi16(v);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + k), w);
+      }
+      for (; k < kc; ++k) d16[k] = static_cast<int16_t>(s[k]);
+      if (kc % 2) d16[kc] = 0;
     }
-    for (int64_t g = full; g < kg; ++g) d[g * R] = pack_word<Bytes>(s, G * g, kc);
   }
+  if (rows_padded > rows) std::memset(dst + rows * kg, 0, sizeof(int32_t) * static_cast<size_t>((rows_padded - rows) * kg));
+}
+
+// B panel: R rows as [kg][R] words (one vector load per 8 columns and group): the row-major
+// words, then a word transpose (8x8 AVX tiles).
+template <bool Bytes, typename T>
+void pack_panel(const T* src, int64_t ld, int64_t rows, int64_t k0, int64_t kc, int64_t R, int32_t* tmp, int32_t* dst) {
+  constexpr int64_t G = Bytes ? 4 : 2;
+  const int64_t kg = (kc + G - 1) / G;
+  pack_rowmajor<Bytes>(src, ld, rows, R, k0, kc, tmp);
+  kernels::transpose(tmp, R, kg, kg, dst, R);
 }
 
 template <bool Bytes>
@@ -108,8 +93,8 @@ inline __m256i product(__m256i a, __m256i b, __m256i ones) {
 }
 
 template <int MR, int NZ, bool Bytes>
-void ukernel(int64_t kg, const int32_t* __restrict Ap, const int32_t* __restrict Bp, int32_t* C, int64_t ldc,
-             int64_t mr, int64_t nr, bool accumulate) {
+void ukernel(int64_t kg, const int32_t* __restrict Ap, int64_t a_rs, const int32_t* __restrict Bp, int32_t* C,
+             int64_t ldc, int64_t mr, int64_t nr, bool accumulate) {
   __m256i acc[MR][NZ];
   const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 16
@@ -122,7 +107,7 @@ void ukernel(int64_t kg, const int32_t* __restrict Ap, const int32_t* __restrict
     for (int j = 0; j < NZ; ++j) b[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Bp + (g * NZ + j) * 8));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const __m256i a = _mm256_set1_epi32(Ap[g * MR + i]);
+      const __m256i a = _mm256_set1_epi32(Ap[i * a_rs + g]);
 #pragma GCC unroll 4
       for (int j = 0; j < NZ; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], product<Bytes>(a, b[j], ones));
     }
@@ -164,25 +149,27 @@ void driver(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, cons
   const bool par = (mcb >= 2 || np >= 2) && M * N * K > (1 << 20);
 #pragma omp parallel if (par)
   {
+    std::vector<int32_t> tmp(static_cast<size_t>(NR * kgc));
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < kblocks * np; ++t) {
       const int64_t kb = t / np, p = t % np, k0 = kb * KC;
-      pack_rows<Bytes>(B + p * NR * ldb, ldb, std::min(NR, N - p * NR), k0, std::min(KC, K - k0), NR,
-                       Bpk + t * NR * kgc);
+      pack_panel<Bytes>(B + p * NR * ldb, ldb, std::min(NR, N - p * NR), k0, std::min(KC, K - k0), NR, tmp.data(),
+                        Bpk + t * NR * kgc);
     }
+    // A block: MC rows (padded to whole panels) of kg words each, row-major.
     std::vector<int32_t> abuf(static_cast<size_t>(((MC + MR - 1) / MR) * MR * kgc));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t mb = 0; mb < mcb; ++mb) {
       const int64_t m0 = mb * MC, m1 = std::min(M, m0 + MC), panels = (m1 - m0 + MR - 1) / MR;
       for (int64_t kb = 0; kb < kblocks; ++kb) {
         const int64_t k0 = kb * KC, kc = std::min(KC, K - k0), kg = (kc + G - 1) / G;
-        pack_rows<Bytes>(A + m0 * lda, lda, m1 - m0, k0, kc, MR, abuf.data());
+        pack_rowmajor<Bytes>(A + m0 * lda, lda, m1 - m0, panels * MR, k0, kc, abuf.data());
         for (int64_t pn = 0; pn < np; ++pn) {
           const int64_t nr = std::min(NR, N - pn * NR);
           const int32_t* bp = Bpk + (kb * np + pn) * NR * kgc;
           for (int64_t pm = 0; pm < panels; ++pm) {
             const int64_t mr = std::min<int64_t>(MR, m1 - m0 - pm * MR);
-            ukernel<MR, NZ, Bytes>(kg, abuf.data() + pm * MR * kg, bp, C + (m0 + pm * MR) * ldc + pn * NR, ldc, mr,
+            ukernel<MR, NZ, Bytes>(kg, abuf.data() + pm * MR * kg, kg, bp, C + (m0 + pm * MR) * ldc + pn * NR, ldc, mr,
                                    nr, kb > 0);
           }
         }
