@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
-#if defined(__AVX__)
+#if defined(__AVX__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -204,7 +204,22 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
     auto grad_run = [&](int64_t n, int64_t c) -> const float* {
       const int64_t off = (n * C + c) * P;
       if (!mk) return dyp + off;
-      for (int64_t p = 0; p < P; ++p) {
+      int64_t p = 0;
+#if defined(__AVX2__)
+      // 8 values at a time: their 8 mask bits (from two bytes when the run is not byte-aligned;
+      // the second byte only when it exists) spread to lanes, dy kept where the bit is set.
+      const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+      const int64_t nbytes = (N * C * P + 7) / 8;
+      for (; p + 8 <= P; p += 8) {
+        const int64_t i = off + p, j = i >> 3;
+        unsigned w = mk[j];
+        if ((i & 7) && j + 1 < nbytes) w |= static_cast<unsigned>(mk[j + 1]) << 8;
+        const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((w >> (i & 7)) & 0xFF)), bit);
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, bit));
+        _mm256_storeu_ps(dm.data() + p, _mm256_and_ps(keep, _mm256_loadu_ps(dyp + i)));
+      }
+#endif
+      for (; p < P; ++p) {
         const int64_t i = off + p;
         dm[p] = (mk[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
       }

@@ -75,7 +75,10 @@ void fill_uniforms(RngKey key, uint64_t block0, int64_t nblocks, float* out) {
       for (int w = 0; w < 4; ++w) o[4 * l + w] = f[w * 16 + l];
   }
 #elif defined(__AVX2__)
-  // The same rounds on 8 lanes (CPUs without AVX-512): bit-identical to philox_block.
+  // The same rounds on 8 lanes (CPUs without AVX-512): bit-identical to philox_block. Two sets of
+  // 8 blocks go through the rounds together (the rounds of one set are a dependency chain of
+  // multiplies; two chains fill the pipeline), and each set's 4 x 8 words are transposed into
+  // block order in registers.
   const __m256i M0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i M1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -83,35 +86,51 @@ void fill_uniforms(RngKey key, uint64_t block0, int64_t nblocks, float* out) {
   const __m256i s_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.stream >> 32)));
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256 inv = _mm256_set1_ps(1.0f / 16777216.0f);
-  alignas(32) uint32_t words[4][8];
-  for (; j + 8 <= nblocks; j += 8) {
-    const uint64_t b = block0 + static_cast<uint64_t>(j);
-    const __m256i blo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(b)));
-    __m256i c0 = _mm256_add_epi32(blo, lane);
-    // Unsigned c0 < blo (the carry into the high word): compare with the sign bits flipped.
-    const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(blo, sign), _mm256_xor_si256(c0, sign));
-    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(b >> 32))), carry);
-    __m256i c2 = s_lo, c3 = s_hi;
+  constexpr int S = 2;  // sets of 8 blocks per iteration
+  auto run = [&](int64_t j0, int sets) {
+    __m256i c0[S], c1[S], c2[S], c3[S];
+    for (int q = sets; q < S; ++q) c0[q] = c1[q] = c2[q] = c3[q] = _mm256_setzero_si256();  // unused set
+    for (int q = 0; q < sets; ++q) {
+      const uint64_t b = block0 + static_cast<uint64_t>(j0 + 8 * q);
+      const __m256i blo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(b)));
+      c0[q] = _mm256_add_epi32(blo, lane);
+      // Unsigned c0 < blo (the carry into the high word): compare with the sign bits flipped.
+      const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(blo, sign), _mm256_xor_si256(c0[q], sign));
+      c1[q] = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(b >> 32))), carry);
+      c2[q] = s_lo, c3[q] = s_hi;
+    }
     uint32_t k0 = static_cast<uint32_t>(key.seed), k1 = static_cast<uint32_t>(key.seed >> 32);
     for (int r = 0; r < 10; ++r) {
-      __m256i hi0, lo0, hi1, lo1;
-      mulhilo8(c0, M0, hi0, lo0);
-      mulhilo8(c2, M1, hi1, lo1);
-      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
+      const __m256i K0 = _mm256_set1_epi32(static_cast<int>(k0)), K1 = _mm256_set1_epi32(static_cast<int>(k1));
+#pragma GCC unroll 2
+      for (int q = 0; q < S; ++q) {
+        __m256i hi0, lo0, hi1, lo1;
+        mulhilo8(c0[q], M0, hi0, lo0);
+        mulhilo8(c2[q], M1, hi1, lo1);
+        const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[q]), K0);
+        const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[q]), K1);
+        c0[q] = n0, c1[q] = lo1, c2[q] = n2, c3[q] = lo0;
+      }
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    const __m256i cs[4] = {c0, c1, c2, c3};
-    for (int w = 0; w < 4; ++w)
-      _mm256_store_ps(reinterpret_cast<float*>(words[w]),
-                      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(cs[w], 8)), inv));
-    float* o = out + 4 * j;
-    const float* f = reinterpret_cast<const float*>(words);
-    for (int l = 0; l < 8; ++l)
-      for (int w = 0; w < 4; ++w) o[4 * l + w] = f[w * 8 + l];
-  }
+    for (int q = 0; q < sets; ++q) {
+      auto uni = [&](__m256i w) { return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), inv); };
+      const __m256 v0 = uni(c0[q]), v1 = uni(c1[q]), v2 = uni(c2[q]), v3 = uni(c3[q]);
+      // [word][block] -> [block][word]
+      const __m256 a = _mm256_unpacklo_ps(v0, v1), b = _mm256_unpackhi_ps(v0, v1);
+      const __m256 c = _mm256_unpacklo_ps(v2, v3), d = _mm256_unpackhi_ps(v2, v3);
+      const __m256 e = _mm256_shuffle_ps(a, c, 0x44), f = _mm256_shuffle_ps(a, c, 0xEE);  // blocks 0|4, 1|5
+      const __m256 g = _mm256_shuffle_ps(b, d, 0x44), h = _mm256_shuffle_ps(b, d, 0xEE);  // blocks 2|6, 3|7
+      float* o = out + 4 * (j0 + 8 * q);
+      _mm256_storeu_ps(o + 0, _mm256_permute2f128_ps(e, f, 0x20));
+      _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(g, h, 0x20));
+      _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(e, f, 0x31));
+      _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(g, h, 0x31));
+    }
+  };
+  for (; j + 8 * S <= nblocks; j += 8 * S) run(j, S);
+  for (; j + 8 <= nblocks; j += 8) run(j, 1);
 #endif
   fill_scalar(key, block0 + static_cast<uint64_t>(j), nblocks - j, out + 4 * j);
 }
