@@ -16,8 +16,8 @@
 //    `automatic` (the default) resolves to onednn, else vnni, else avx2, else portable: oneDNN measured
 //    faster at 1024^3 and on most training shapes (bench/gemm_bench.cpp, Zen 4, 1 thread:
 //    ~400 vs ~370 GOPS at 1024^3); the own kernel is on par or ahead only for N <= 16.
-//    oneDNN is chosen only on CPUs with VNNI: elsewhere its int8 path may saturate s16
-//    intermediates (vpmaddubsw), which would break exactness. Its primitives are cached per
+//    The onednn backend is available only on CPUs with VNNI: elsewhere its int8 path saturates
+//    s16 intermediates (vpmaddubsw; seen on a Zen 3 VM, where the bit-exact test failed). Its primitives are cached per
 //    shape for the life of the process (training uses a fixed set of shapes). Products under
 //    2^20 multiply-adds go to the own kernel on the calling thread when automatic.
 //
