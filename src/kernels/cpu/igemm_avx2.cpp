@@ -83,7 +83,14 @@ void pack_panel(const T* src, int64_t ld, int64_t rows, int64_t k0, int64_t kc, 
   constexpr int64_t G = Bytes ? 4 : 2;
   const int64_t kg = (kc + G - 1) / G;
   pack_rowmajor<Bytes>(src, ld, rows, R, k0, kc, tmp);
-  kernels::transpose(tmp, R, kg, kg, dst, R);
+  for (int64_t r0 = 0; r0 < R; r0 += 8) {  // R = 8 NZ
+    int64_t g0 = 0;
+    for (; g0 + 8 <= kg; g0 += 8)
+      kernels::transpose8x8(reinterpret_cast<const float*>(tmp + r0 * kg + g0), kg,
+                            reinterpret_cast<float*>(dst + g0 * R + r0), R);
+    for (int64_t g = g0; g < kg; ++g)
+      for (int64_t r = r0; r < r0 + 8; ++r) dst[g * R + r] = tmp[r * kg + g];
+  }
 }
 
 template <bool Bytes>
