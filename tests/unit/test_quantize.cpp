@@ -63,7 +63,11 @@ TEST(Quantize, CodesInRangeAndStochasticBrackets) {
 
 TEST(Quantize, FastPathEqualsReferenceBitForBit) {
   // Awkward shapes: a single row, a single column, sizes not multiples of 4 (Philox blocks).
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 1}, {1, 7}, {7, 1}, {2, 3}, {3, 2}, {5, 129}, {64, 33}};
+  // Row lengths 8, 9, 16, 17, 24, 31 cover the vector min/max's blocks of 16 and 8 and its
+  // overlapping tail.
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 1},  {1, 7},  {7, 1},  {2, 3},  {3, 2}, {5, 129},
+                                                           {64, 33}, {6, 8}, {6, 9}, {5, 16}, {5, 17}, {4, 24},
+                                                           {4, 31}};
   for (auto [r, c] : shapes) {
     Tensor x = synthetic_matrix(SynthKind::heavy_tailed, r, c, 3);
     for (QuantizerKind k : all_kinds())
@@ -160,6 +164,19 @@ TEST(Quantize, NonFiniteInputIsAClearError) {
       }
     }
   }
+}
+
+// A NaN or Inf anywhere in a row of any length is found by the min/max pass (row granularity:
+// per-row ranges of the vector path, its 16- and 8-value blocks and the overlapping tail).
+TEST(Quantize, NonFiniteFoundAtEveryPositionOfShortRows) {
+  for (int64_t cols : {7, 8, 9, 16, 17, 24, 31})
+    for (int64_t c = 0; c < cols; ++c)
+      for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+        Tensor x = synthetic_matrix(SynthKind::gaussian, 3, cols, 2);
+        x.data<float>()[1 * cols + c] = bad;
+        for (QuantizerKind k : {QuantizerKind::psq, QuantizerKind::ptq})
+          EXPECT_THROW(quantize(x, {k, 8}, {0, 0}), NonFiniteError) << cols << " " << c << " " << traits(k).name;
+      }
 }
 
 TEST(Quantize, BadSpecsAreRejected) {
