@@ -330,7 +330,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       // straight onto the padded HWC accumulator (the adjoint of im2row_hwc), so the
       // [P, Ckk] fp32 rows are never stored.
       std::memset(acc.data(), 0, sizeof(float) * acc.size());
-      for (int64_t p = 0; p < P; ++p) {
+      for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == g.Wo ? (++oh, 0) : ow + 1) {
         const int64_t r = n * P + p;
         const double sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
         const int32_t* s = C.data() + p * ldc;
@@ -348,7 +348,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         } else {
           for (int64_t k = 0; k < ckk; ++k) o[k] = static_cast<float>(s[k] * inv + cb * rb[k] + cr);
         }
-        const int64_t oh = p / g.Wo, ow = p % g.Wo;
+        // (oh, ow) = (p / Wo, p % Wo), counted along (an integer division per row showed in perf)
         for (int64_t kh = 0; kh < k_; ++kh) {
           float* __restrict dst = acc.data() + ((oh * stride_ + kh) * Wp + ow * stride_) * cin_;
           const float* __restrict src = o + kh * run;
