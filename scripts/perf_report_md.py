@@ -140,10 +140,19 @@ def main(argv):
       f"training steps: batch {meta.get('batch', '?')}, 1x28x28, {meta.get('warmup', '?')} warm-up + "
       f"{meta.get('steps', '?')} timed steps, medians; GEMMs: medians of {meta.get('gemm_reps', '?')} alternated "
       f"int8/fp32 repetitions")
-    busy = max(meta.get("loadavg_start") or 0, meta.get("loadavg_end") or 0)
-    if meta.get("nproc") and busy > 0.5 * meta["nproc"]:
-        w(f"- **Warning: the machine was busy (load average up to {busy:.2f} on {meta['nproc']} CPUs); other "
-          f"processes shared the cores, so absolute times and ratios are noisy.**")
+    if meta.get("other_cpu_cores") is not None:
+        # Measured interference: CPU time the rest of the machine used while the benchmarks ran.
+        other, steal = meta["other_cpu_cores"], meta.get("steal_cpu_cores", 0.0)
+        w(f"- Interference while the benchmarks ran ({meta.get('bench_wall_s', 0):.0f} s): other processes used "
+          f"{other:.2f} cores on average, the hypervisor's steal {steal:.2f} cores")
+        if other + steal > 0.25:
+            w(f"- **Warning: other processes or the hypervisor took {other + steal:.2f} of {meta.get('nproc', '?')} "
+              f"cores on average; absolute times and ratios are noisy.**")
+    else:  # older runs: the load average alone (it includes the benchmarks' own threads)
+        busy = max(meta.get("loadavg_start") or 0, meta.get("loadavg_end") or 0)
+        if meta.get("nproc") and busy > 0.5 * meta["nproc"]:
+            w(f"- **Warning: the machine was busy (load average up to {busy:.2f} on {meta['nproc']} CPUs); other "
+              f"processes shared the cores, so absolute times and ratios are noisy.**")
     if torch:
         w(f"- PyTorch {torch[0].get('torch_version', '?')}")
     if meta.get("isa") is not None and "avx512_vnni" not in meta["isa"]:

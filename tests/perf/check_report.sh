@@ -41,6 +41,24 @@ for pat in "\(psq\) step of PreAct-ResNet-20 >= 1.5x faster than fqt fp32 \| 1.6
   if ! grep -Eq -- "$pat" "$out.rounds"; then echo "missing /$pat/ in $out.rounds"; fail=1; fi
 done
 rm -rf "$rd"
+# Measured interference (meta other_cpu_cores / steal_cpu_cores): the warning only when others
+# took more than a quarter of a core.
+for load in 0.01 0.6; do
+  rd=$(mktemp -d)
+  cp "$dir"/*.json "$rd/"
+  "$py" - "$rd/meta.json" "$load" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1])); m.update(other_cpu_cores=float(sys.argv[2]), steal_cpu_cores=0.0, bench_wall_s=60.0)
+json.dump(m, open(sys.argv[1], "w"))
+PY
+  "$py" "$gen" "$rd" "$out.load"
+  grep -q "other processes used $(printf %.2f "$load") cores" "$out.load" || { echo "no interference line for $load"; fail=1; }
+  if [[ $load == 0.6 ]] && ! grep -q "Warning: other processes or the hypervisor took 0.60" "$out.load"; then
+    echo "no warning at 0.6 cores"; fail=1
+  fi
+  if [[ $load == 0.01 ]] && grep -q "Warning" "$out.load"; then echo "warning at 0.01 cores"; fail=1; fi
+  rm -rf "$rd"
+done
 # An empty folder is an error, not an empty document.
 if "$py" "$gen" "$(mktemp -d)" "$out.empty" 2>/dev/null; then echo "empty run folder accepted"; fail=1; fi
 [[ $fail == 0 ]] && echo "ok: report generated with all sections"
