@@ -11,15 +11,16 @@
 //      vnni      — own AVX-512 VNNI kernel (vpdpbusd), packed panels, OpenMP
 //      avx2      — own AVX2 kernel for CPUs without VNNI: vpmaddwd on operands widened to
 //                  int16 (exact for any codes), or vpmaddubsw when the data has <= 7 bits on
-//                  a side (checked per call); about fp32 speed, not faster (see the source)
+//                  a side (checked per call); about fp32 speed for 8-bit codes (see the source)
 //      onednn    — oneDNN int8 matmul, primitives created once per shape and cached
 //    `automatic` (the default) resolves to onednn, else vnni, else avx2, else portable: oneDNN measured
 //    faster at 1024^3 and on most training shapes (bench/gemm_bench.cpp, Zen 4, 1 thread:
 //    ~400 vs ~370 GOPS at 1024^3); the own kernel is on par or ahead only for N <= 16.
 //    The onednn backend is available only on CPUs with VNNI: elsewhere its int8 path saturates
-//    s16 intermediates (vpmaddubsw; seen on a Zen 3 VM, where the bit-exact test failed). Its primitives are cached per
-//    shape for the life of the process (training uses a fixed set of shapes). Products under
-//    2^20 multiply-adds go to the own kernel on the calling thread when automatic.
+//    s16 intermediates (vpmaddubsw; seen on a Zen 3 VM, where the bit-exact test failed). Its
+//    primitives are cached per shape for the life of the process (training uses a fixed set of
+//    shapes). Products under 2^20 multiply-adds go to the own kernel on the calling thread when
+//    automatic.
 //
 //    No silent overflow: an int32 accumulator holds at most K * a_max * b_absmax, so the
 //    reduction is split into chunks of at most igemm_max_k(a_max, b_absmax) terms (65793 for
@@ -80,8 +81,8 @@ namespace fqt {
 enum class IgemmBackend : uint8_t { automatic, reference, portable, vnni, onednn, avx2 };
 
 const char* igemm_backend_name(IgemmBackend b);
-// Whether a backend can run here (onednn: built with oneDNN; vnni: CPU has AVX512-VNNI and the
-// build enabled it).
+// Whether a backend can run here (onednn: built with oneDNN and the CPU has VNNI; vnni: CPU has
+// AVX512-VNNI and the build enabled it; avx2: CPU has AVX2 and the build enabled it).
 bool igemm_backend_available(IgemmBackend b);
 // Process-wide choice of backend (default automatic). Throws fqt::Error if unavailable.
 void set_igemm_backend(IgemmBackend b);

@@ -172,7 +172,6 @@ class BatchNorm2d : public Module {
     relu_ = true;
     return *this;
   }
-  bool fused_relu() const { return relu_; }
   std::string kind() const override { return relu_ ? "BatchNorm2d+ReLU" : "BatchNorm2d"; }
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
@@ -190,7 +189,6 @@ class BatchNorm2d : public Module {
   // With a source, training forwards keep no x-hat: backward recomputes x from the source and
   // x-hat = (x - mean) * invstd from the saved per-channel statistics, as forward computed it.
   void enable_recompute(bool on, const OutputSource& input) override { input_src_ = on ? input : OutputSource(); }
-  bool recomputes_input() const { return static_cast<bool>(input_src_); }
 
  private:
   std::string name_;

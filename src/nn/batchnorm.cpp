@@ -1,12 +1,10 @@
 // BatchNorm2d: per-channel normalisation over N,H,W; statistics in fp64, one channel per thread.
 #include "common.hpp"
+#include "relu_mask.hpp"
 
 #include <algorithm>
 #include <cmath>
 
-#if defined(__AVX__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 namespace fqt {
 using namespace nn_detail;
@@ -46,17 +44,6 @@ void add_dy_dyh_run(const float* dy, const float* h, int64_t n, double* a, doubl
     a[l] += dy[i];
     b[l] += static_cast<double>(dy[i]) * h[i];
   }
-}
-
-// The fused ReLU's mask, bit for bit the ReLU module's: bit k of byte j = (v[8j + k] > 0), NaN 0.
-inline uint8_t positive_bits8(const float* v) {
-#if defined(__AVX__)
-  return static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v), _mm256_setzero_ps(), _CMP_GT_OQ)));
-#else
-  uint8_t bits = 0;
-  for (int k = 0; k < 8; ++k) bits |= static_cast<uint8_t>(v[k] > 0.0f) << k;
-  return bits;
-#endif
 }
 
 // Bytes of `mask` that lie wholly inside elements [i0, i0 + n) of `out` (a thread owns them).
@@ -205,20 +192,15 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
       const int64_t off = (n * C + c) * P;
       if (!mk) return dyp + off;
       int64_t p = 0;
-#if defined(__AVX2__)
       // 8 values at a time: their 8 mask bits (from two bytes when the run is not byte-aligned;
-      // the second byte only when it exists) spread to lanes, dy kept where the bit is set.
-      const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+      // the second byte only when it exists), dy kept where the bit is set.
       const int64_t nbytes = (N * C * P + 7) / 8;
       for (; p + 8 <= P; p += 8) {
         const int64_t i = off + p, j = i >> 3;
         unsigned w = mk[j];
         if ((i & 7) && j + 1 < nbytes) w |= static_cast<unsigned>(mk[j + 1]) << 8;
-        const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((w >> (i & 7)) & 0xFF)), bit);
-        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, bit));
-        _mm256_storeu_ps(dm.data() + p, _mm256_and_ps(keep, _mm256_loadu_ps(dyp + i)));
+        keep_by_bits8(w >> (i & 7), dyp + i, dm.data() + p);
       }
-#endif
       for (; p < P; ++p) {
         const int64_t i = off + p;
         dm[p] = (mk[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;

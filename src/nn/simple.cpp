@@ -1,5 +1,6 @@
 // ReLU, MaxPool2d, GlobalAvgPool, Flatten, Sequential, add_inplace.
 #include "common.hpp"
+#include "relu_mask.hpp"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -79,13 +80,7 @@ Tensor ReLU::backward(const Tensor& dy, const StepContext& ctx) {
     const __mmask16 pos = static_cast<__mmask16>(m[2 * b] | (static_cast<unsigned>(m[2 * b + 1]) << 8));
     _mm512_storeu_ps(dxp + b * 16, _mm512_maskz_loadu_ps(pos, dyp + b * 16));
 #elif defined(__AVX2__)
-    // Mask byte -> 8 lanes: lane k keeps dy when bit k is set (and with all-ones / zeros).
-    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(m[2 * b + h]), bit);
-      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, bit));
-      _mm256_storeu_ps(dxp + b * 16 + h * 8, _mm256_and_ps(keep, _mm256_loadu_ps(dyp + b * 16 + h * 8)));
-    }
+    for (int h = 0; h < 2; ++h) nn_detail::keep_by_bits8(m[2 * b + h], dyp + b * 16 + h * 8, dxp + b * 16 + h * 8);
 #else
     for (int64_t i = b * 16; i < b * 16 + 16; ++i) dxp[i] = (m[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
 #endif

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#if defined(__AVX__) || defined(__SSE2__)
+#if defined(__SSE2__)  // (AVX implies it)
 #include <immintrin.h>
 #endif
 
