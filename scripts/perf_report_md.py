@@ -158,7 +158,8 @@ def main(argv):
     if meta.get("isa") is not None and "avx512_vnni" not in meta["isa"]:
         w("- **This CPU has no AVX-512 VNNI.** fqt's integer GEMMs run its AVX2 kernel there (vpmaddwd on "
           "operands widened to int16, exact for any codes; vpmaddubsw when the data have at most 7 bits on a "
-          "side), which is at best on par with fp32 FMA: the issue's speed targets were set for VNNI CPUs.")
+          "side), which is about as fast as fp32 FMA for 8-bit codes (bench/isa_madd.cpp): the issue's speed "
+          "targets were set for VNNI CPUs.")
     w("")
 
     # ---- GEMM ----

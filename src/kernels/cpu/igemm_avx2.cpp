@@ -12,10 +12,10 @@
 //           products per multiply instruction. s32_avx2 measures both maxima first (one cheap
 //           pass over A and B), so the choice is exact by construction, never by luck: codes of
 //           up to 7 bits on either side (e.g. 5-bit BHQ gradients in dgrad) take it.
-// Measured on the Zen 3 development VM (scripts in bench/, one core): vpmaddwd 16 MACs per
-// instruction reach ~0.8x the fp32 FMA rate in a 6x16 tile; vpmaddubsw + vpmaddwd ~1.3x. So
-// on AVX2 an exact 8-bit x 8-bit GEMM is at best on par with fp32 — the integer speed-up of
-// SPEC claim 4 needs VNNI (vpdpbusd: 64 MACs per instruction on zmm, exact in int32).
+// Peak rates from registers (build/bench/bench_isa_madd, one core of the Zen 3 development VM):
+// vpmaddwd + vpaddd 1.08x the fp32 FMA rate, vpmaddubsw + vpmaddwd + vpaddd 2.1x. So on AVX2 an
+// exact full-range 8-bit x 8-bit GEMM is about as fast as fp32 — the integer speed-up of SPEC
+// claim 4 needs VNNI (vpdpbusd: 64 MACs per instruction on zmm, exact in int32).
 //
 // Packing (per call, K padded with zeros to the group size):
 //   B: panels of NR = 8 NZ columns, [kg][NR] 32-bit words (wide: two int16 of k = 2kg, 2kg+1;
