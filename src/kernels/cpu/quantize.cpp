@@ -128,6 +128,66 @@ bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   return false;
 }
 
+// Rounding of a run of n values that share one grid: out[i] = round_stochastic(grid_pos(s[i], lo,
+// scale), u[i], B) (or round_nearest), the formulas of grid.hpp, 8 values per AVX2 instruction.
+// Bit-identical to the scalar formulas: the same IEEE operations in the same order (no
+// contraction), floor and round-to-nearest-even by vroundps, and the clamps are exact; inputs are
+// finite (checked before rounding). The scalar loop the compiler made of the lambdas below was
+// not vectorized (the u8 stores may alias the captured grids) and was ~8% of the FQT step.
+inline void round_run_stochastic(const float* __restrict s, const float* __restrict u, int64_t n, float lo,
+                                 float scale, int B, uint8_t* __restrict out) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 vlo = _mm256_set1_ps(lo), vsc = _mm256_set1_ps(scale), vB = _mm256_set1_ps(static_cast<float>(B));
+  const __m256 zero = _mm256_setzero_ps();
+  auto codes8 = [&](int64_t k) {  // 8 codes as int32 lanes
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + k), vlo), vsc), _mm256_loadu_ps(u + k));
+    v = _mm256_min_ps(_mm256_max_ps(_mm256_floor_ps(v), zero), vB);
+    return _mm256_cvttps_epi32(v);
+  };
+  for (; i + 16 <= n; i += 16) {
+    const __m256i a = codes8(i), b = codes8(i + 8);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);  // 16 x u16 in order
+    const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), bytes);
+  }
+  if (i + 8 <= n) {
+    const __m256i a = codes8(i);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, a), 0xD8);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w)));
+    i += 8;
+  }
+#endif
+  for (; i < n; ++i) out[i] = round_stochastic(grid_pos(s[i], lo, scale), u[i], B);
+}
+
+inline void round_run_nearest(const float* __restrict s, int64_t n, float lo, float scale, int B,
+                              uint8_t* __restrict out) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 vlo = _mm256_set1_ps(lo), vsc = _mm256_set1_ps(scale), vB = _mm256_set1_ps(static_cast<float>(B));
+  const __m256 zero = _mm256_setzero_ps();
+  auto codes8 = [&](int64_t k) {
+    __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + k), vlo), vsc);
+    v = _mm256_min_ps(_mm256_max_ps(v, zero), vB);
+    return _mm256_cvttps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  };
+  for (; i + 16 <= n; i += 16) {
+    const __m256i a = codes8(i), b = codes8(i + 8);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), bytes);
+  }
+  if (i + 8 <= n) {
+    const __m256i a = codes8(i);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, a), 0xD8);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w)));
+    i += 8;
+  }
+#endif
+  for (; i < n; ++i) out[i] = round_nearest(grid_pos(s[i], lo, scale), B);
+}
+
 // The stochastic rounding pass over a rows x cols matrix, for one or more independent draws:
 // the flat element range in fixed chunks of kChunk elements (a multiple of 4, so each chunk
 // starts on a Philox block); the uniforms of a chunk come 16 blocks at a time
@@ -196,8 +256,7 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
         for (int64_t c = 0; c < cols; ++c) o[c] = round_nearest(grid_pos(s[c], lo[c], scale[c]), B);
       } else {
         const int64_t gi = gran == Granularity::tensor ? 0 : r;
-        const float l = lo[gi], sc = scale[gi];
-        for (int64_t c = 0; c < cols; ++c) o[c] = round_nearest(grid_pos(s[c], l, sc), B);
+        round_run_nearest(s, cols, lo[gi], scale[gi], B, o);
       }
     }
     return q;
@@ -212,8 +271,7 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
       for (int64_t i = 0; i < run; ++i) o[i] = round_stochastic(grid_pos(s[i], lo[c + i], scale[c + i]), uu[i], B);
     } else {
       const int64_t gi = gran == Granularity::tensor ? 0 : r;
-      const float l = lo[gi], sc = scale[gi];
-      for (int64_t i = 0; i < run; ++i) o[i] = round_stochastic(grid_pos(s[i], l, sc), uu[i], B);
+      round_run_stochastic(s, uu, run, lo[gi], scale[gi], B, o);
     }
   });
   return q;
@@ -257,12 +315,8 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
     const float* __restrict uub = u[1];
     uint8_t* __restrict oa = ca + e;
     uint8_t* __restrict ob = cb + e;
-    const float la = qa.lo[row_a ? r : 0], sca = qa.scale[row_a ? r : 0];
-    const float lb = qb.lo[row_b ? r : 0], scb = qb.scale[row_b ? r : 0];
-    for (int64_t i = 0; i < run; ++i) {
-      oa[i] = round_stochastic(grid_pos(s[i], la, sca), uua[i], Ba);
-      ob[i] = round_stochastic(grid_pos(s[i], lb, scb), uub[i], Bb);
-    }
+    round_run_stochastic(s, uua, run, qa.lo[row_a ? r : 0], qa.scale[row_a ? r : 0], Ba, oa);
+    round_run_stochastic(s, uub, run, qb.lo[row_b ? r : 0], qb.scale[row_b ? r : 0], Bb, ob);
   });
   return {std::move(qa), std::move(qb)};
 }
