@@ -80,6 +80,10 @@ struct BhqTransform {
 
 // Builds the transform for X (rows x cols) exactly as SPEC section 2 describes.
 BhqTransform bhq_transform(const float* x, int64_t rows, int64_t cols);
+// Steps 2-5 from the row ranges m (row r: max - min + 1e-8, in double) and their order
+// rank = bhq_rank_descending(m). bhq_transform is this on plain-loop ranges and rank; the fast
+// CPU quantizer computes both in parallel (src/kernels/cpu/bhq_fast.cpp) and calls it too.
+BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank);
 // BHQ's row order (step 1): indices by range m descending, ties by index (a stable radix sort;
 // every m must be > 0).
 std::vector<int64_t> bhq_rank_descending(const std::vector<double>& m);

@@ -61,13 +61,6 @@ std::vector<int64_t> bhq_rank_descending(const std::vector<double>& m) {
 }
 
 BhqTransform bhq_transform(const float* x, int64_t N, int64_t D) {
-  BhqTransform t;
-  t.rows = N;
-  t.row_scale.assign(N, 1.0f);
-  if (N == 0) {
-    t.offsets = {0};
-    return t;
-  }
   // 1. Row ranges, sorted descending (ties by row index, so the order is deterministic).
   std::vector<double> m(N);
   for (int64_t i = 0; i < N; ++i) {
@@ -78,7 +71,19 @@ BhqTransform bhq_transform(const float* x, int64_t N, int64_t D) {
     }
     m[i] = static_cast<double>(mx) - static_cast<double>(mn) + 1e-8;
   }
-  const std::vector<int64_t> rank = bhq_rank_descending(m);
+  return bhq_transform_from_ranges(m, bhq_rank_descending(m));
+}
+
+BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank) {
+  const auto N = static_cast<int64_t>(m.size());
+  FQT_CHECK(static_cast<int64_t>(rank.size()) == N, "BHQ: {} ranks for {} rows", rank.size(), N);
+  BhqTransform t;
+  t.rows = N;
+  t.row_scale.assign(N, 1.0f);
+  if (N == 0) {
+    t.offsets = {0};
+    return t;
+  }
   std::vector<double> v(N);
   for (int64_t i = 0; i < N; ++i) v[i] = m[rank[i]];
 
@@ -108,26 +113,32 @@ BhqTransform bhq_transform(const float* x, int64_t N, int64_t D) {
     nums[i] = static_cast<int64_t>(std::round(cum));
   }
   nums[NL - 1] = G;  // the cumulative share of all large rows is G (guards rounding of cum)
-  // 4-5. Groups and their scales.
-  t.offsets.assign(1, 0);
-  t.members.reserve(N);
-  int64_t prev = 0;
+  // 4-5. Groups and their scales. Group i = large row i, then small rows NL + nums[i-1] ..
+  // NL + nums[i] - 1 (sorted positions), so it starts at member i + nums[i-1]; the groups are
+  // independent from here on (one pow() each way per group: a parallel loop).
+  t.offsets.resize(NL + 1);
+  t.members.resize(N);
+  t.offsets[0] = 0;
   for (int64_t i = 0; i < NL; ++i) {
-    const int64_t begin = NL + prev, end = NL + nums[i];
-    FQT_CHECK(end > begin, "BHQ grouping gave large row {} no small rows (G={}, NL={})", i, G, NL);
+    const int64_t prev = i ? nums[i - 1] : 0;
+    FQT_CHECK(nums[i] > prev, "BHQ grouping gave large row {} no small rows (G={}, NL={})", i, G, NL);
+    t.offsets[i + 1] = i + 1 + nums[i];
+  }
+  FQT_CHECK(t.offsets[NL] == N, "BHQ grouping lost rows");
+#pragma omp parallel for schedule(static) if (NL > 4096)
+  for (int64_t i = 0; i < NL; ++i) {
+    const int64_t begin = NL + (i ? nums[i - 1] : 0), end = NL + nums[i];
     const int64_t n = 1 + (end - begin);
-    t.members.push_back(rank[i]);
-    for (int64_t k = begin; k < end; ++k) t.members.push_back(rank[k]);
-    t.offsets.push_back(static_cast<int64_t>(t.members.size()));
+    int64_t* mem = t.members.data() + t.offsets[i];
+    mem[0] = rank[i];
+    for (int64_t k = begin; k < end; ++k) mem[1 + k - begin] = rank[k];
     const double lambda1 = v[i], lambda2 = v[begin];
     const double w1 = lambda1 / std::sqrt(static_cast<double>(n));
     const double w2 = lambda2 * householder_qmax(n);
     t.row_scale[rank[i]] = static_cast<float>(std::pow(w1, -1.0 / 3.0));
     const float s2 = static_cast<float>(std::pow(w2 / static_cast<double>(n - 1), -1.0 / 3.0));
     for (int64_t k = begin; k < end; ++k) t.row_scale[rank[k]] = s2;
-    prev = nums[i];
   }
-  FQT_CHECK(static_cast<int64_t>(t.members.size()) == N, "BHQ grouping lost rows");
   return t;
 }
 
@@ -159,25 +170,34 @@ void group_apply(const BhqTransform& t, int64_t g, const float* in, float* out, 
       for (int64_t j = 0; j < cols; ++j) o[j] = s * row[j] - vk2 * dot[j];
   }
 }
+
+// The groups gather rows in range order, i.e. from all over the matrix: the loads of a group's
+// rows missed the cache (perf: most of apply's time on the first load of each row), so the rows
+// of the group kPrefetch ahead are prefetched.
+void prefetch_group(const BhqTransform& t, int64_t g, const float* in, int64_t cols) {
+  constexpr int64_t kLine = 64 / sizeof(float);
+  for (int64_t i = t.offsets[g]; i < t.offsets[g + 1]; ++i)
+    for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(in + t.members[i] * cols + j);
+}
+constexpr int64_t kPrefetch = 3;
+
+void apply_all(const BhqTransform& t, const float* in, float* out, int64_t cols, bool inverse) {
+  const int64_t G = t.num_groups();
+#pragma omp parallel if (t.rows * cols > quant_detail::kParallelMin)
+  {
+    std::vector<float> dot(cols);
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t g = 0; g < G; ++g) {
+      if (g + kPrefetch < G) prefetch_group(t, g + kPrefetch, in, cols);
+      group_apply(t, g, in, out, cols, inverse, dot);
+    }
+  }
+}
 }  // namespace
 
-void BhqTransform::apply(const float* x, float* out, int64_t cols) const {
-#pragma omp parallel if (rows * cols > quant_detail::kParallelMin)
-  {
-    std::vector<float> dot(cols);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t g = 0; g < num_groups(); ++g) group_apply(*this, g, x, out, cols, false, dot);
-  }
-}
+void BhqTransform::apply(const float* x, float* out, int64_t cols) const { apply_all(*this, x, out, cols, false); }
 
-void BhqTransform::apply_inverse(const float* y, float* out, int64_t cols) const {
-#pragma omp parallel if (rows * cols > quant_detail::kParallelMin)
-  {
-    std::vector<float> dot(cols);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t g = 0; g < num_groups(); ++g) group_apply(*this, g, y, out, cols, true, dot);
-  }
-}
+void BhqTransform::apply_inverse(const float* y, float* out, int64_t cols) const { apply_all(*this, y, out, cols, true); }
 
 std::vector<double> BhqTransform::inverse_column_norms2() const {
   // T^-1 e_r = diag(1/s) H e_r (within r's group): sum over the group of (H_{m,r} / s_m)^2.

@@ -119,6 +119,9 @@ QuantizedTensor make_header(QuantizerSpec spec, int64_t rows, int64_t cols, cons
   int64_t groups = num_groups(traits(spec.kind).granularity, rows, cols);
   q.scale.resize(groups);
   q.lo.resize(groups);
+  // One grid per row for the per-sample quantizers: ~10^5 grids for a conv layer's gradient
+  // (a serial loop was half of PSQ's quantizer time on 2 threads).
+#pragma omp parallel for schedule(static) if (groups > 4096)
   for (int64_t g = 0; g < groups; ++g) {
     // An empty group (0 rows or 0 columns) has min > max: give it a harmless grid.
     double a = mn[g] <= mx[g] ? mn[g] : 0.0, b = mn[g] <= mx[g] ? mx[g] : 0.0;

@@ -1,0 +1,76 @@
+// Time of each stage of the gradient quantizers on one layer's gradient in row layout (SPEC's
+// [N*P, Cout]: PreAct-ResNet-20's stage-1 conv at batch 128 by default), medians of repeated runs.
+// What `fqt bench step` reports as one quantizer share, split into its passes, so a change to one
+// pass can be measured on its own.
+//   build/bench/bench_quantizers [rows=100352] [cols=16] [threads=1] [reps=15]
+#include "fqt/quant.hpp"
+#include "fqt/stats.hpp"
+#include "kernels/cpu/bhq_fast.hpp"
+#include "kernels/cpu/philox_batch.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <vector>
+
+using namespace fqt;
+
+namespace {
+double median_ms(int reps, const std::function<void()>& f) {
+  f();  // warm-up (page faults, buffers)
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t rows = argc > 1 ? std::atoll(argv[1]) : 100352, cols = argc > 2 ? std::atoll(argv[2]) : 16;
+  const int threads = argc > 3 ? std::atoi(argv[3]) : 1, reps = argc > 4 ? std::atoi(argv[4]) : 15;
+  set_num_threads(threads);
+  const Tensor x = synthetic_matrix(SynthKind::heavy_tailed, rows, cols, 1);
+  Tensor out = Tensor::empty({rows, cols});
+  std::vector<float> u(static_cast<size_t>(rows * cols + 64));
+  const BhqTransform t = bhq_transform(x.data<float>(), rows, cols);
+  std::vector<double> ranges(static_cast<size_t>(rows));  // BHQ's row ranges (its sort key)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = x.data<float>() + r * cols;
+    ranges[r] = double(*std::max_element(p, p + cols)) - double(*std::min_element(p, p + cols)) + 1e-8;
+  }
+  std::printf("gradient [%ld, %ld], %d thread(s), median of %d; BHQ: %ld groups\n", static_cast<long>(rows),
+              static_cast<long>(cols), threads, reps, static_cast<long>(t.num_groups()));
+  const std::vector<int64_t> rank = bhq_rank_descending(ranges);
+  struct Row {
+    const char* name;
+    std::function<void()> f;
+  };
+  const std::vector<Row> table = {
+      {"check_finite", [&] { check_finite(x, "x"); }},
+      {"fill_uniforms (one draw)", [&] { kernels::fill_uniforms({1, 2}, 0, (rows * cols + 3) / 4, u.data()); }},
+      {"bhq_transform (ranges, sort, groups)", [&] { (void)bhq_transform(x.data<float>(), rows, cols); }},
+      {"bhq_rank_descending", [&] { (void)bhq_rank_descending(ranges); }},
+      {"  parallel (fast path)", [&] { (void)kernels::bhq_rank_descending_parallel(ranges); }},
+      {"  bhq_row_ranges (fast path)", [&] { (void)kernels::bhq_row_ranges(x.data<float>(), rows, cols); }},
+      {"  bhq_transform_from_ranges", [&] { (void)bhq_transform_from_ranges(ranges, rank); }},
+      {"bhq_transform_fast", [&] { (void)kernels::bhq_transform_fast(x.data<float>(), rows, cols); }},
+      {"BhqTransform::apply", [&] { t.apply(x.data<float>(), out.data<float>(), cols); }},
+      {"quantize ptq 8", [&] { (void)quantize(x, {QuantizerKind::ptq, 8}, {1, 2}); }},
+      {"quantize psq 8", [&] { (void)quantize(x, {QuantizerKind::psq, 8}, {1, 2}); }},
+      {"quantize_pair psq 8 + ptq 8", [&] {
+         (void)quantize_pair(x, {QuantizerKind::psq, 8}, {1, 2}, {QuantizerKind::ptq, 8}, {1, 3});
+       }},
+      {"quantize bhq 8", [&] { (void)quantize(x, {QuantizerKind::bhq, 8}, {1, 2}); }},
+      {"quantize_pair bhq 8 + ptq 8", [&] {
+         (void)quantize_pair(x, {QuantizerKind::bhq, 8}, {1, 2}, {QuantizerKind::ptq, 8}, {1, 3});
+       }},
+  };
+  for (const Row& r : table) std::printf("  %-38s %8.3f ms\n", r.name, median_ms(reps, r.f));
+  return 0;
+}

@@ -1,0 +1,85 @@
+#include "bhq_fast.hpp"
+
+#include "minmax.hpp"
+#include "quant/grid.hpp"
+
+#include <omp.h>
+
+#include <bit>
+
+namespace fqt::kernels {
+
+std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols) {
+  std::vector<double> m(static_cast<size_t>(rows));
+#pragma omp parallel for schedule(static) if (rows * cols > quant_detail::kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+    uint32_t nan = 0;  // the caller has checked the input is finite
+    minmax_lanes(x + r * cols, cols, mn, mx, nan);
+    if (cols == 0) mn = mx = 0.0f;
+    m[r] = static_cast<double>(mx) - static_cast<double>(mn) + 1e-8;
+  }
+  return m;
+}
+
+// LSD radix sort on the complemented bits of the positive doubles, 11 bits per pass. Each thread
+// owns a fixed slice of the current order: it counts its slice's digits, the offsets are laid
+// out digit by digit and, within a digit, thread by thread (so the order of equal digits is
+// kept: stable), then each thread scatters its slice. Passes whose digit is the same for every
+// row are skipped. The result is the unique stable order, whatever the thread count.
+std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m) {
+  const auto n = static_cast<int64_t>(m.size());
+  constexpr int kBits = 11, kPasses = (64 + kBits - 1) / kBits;
+  constexpr int64_t kDigits = int64_t{1} << kBits;
+  constexpr uint64_t kMask = kDigits - 1;
+  for (int64_t i = 0; i < n; ++i) FQT_CHECK(m[i] > 0, "BHQ: row range {} is not positive (non-finite gradient?)", m[i]);
+  // Keys and indices in two scratch buffers each, kept per thread and grown to the largest layer:
+  // fresh multi-MB vectors every call page-faulted and zero-filled (perf: the kernel's page-fault
+  // handling showed next to the sort).
+  static thread_local std::vector<uint64_t> kbuf;
+  static thread_local std::vector<int64_t> ibuf;
+  if (static_cast<int64_t>(kbuf.size()) < 2 * n) kbuf.resize(2 * n), ibuf.resize(2 * n);
+  uint64_t *key = kbuf.data(), *key2 = key + n;
+  int64_t *idx = ibuf.data(), *idx2 = idx + n;
+  const int T = n > (int64_t{1} << 14) ? omp_get_max_threads() : 1;
+  std::vector<int64_t> count(static_cast<size_t>(T * kDigits));
+  uint64_t differ = 0;  // bits that are not the same in every key
+  const uint64_t first = n ? ~std::bit_cast<uint64_t>(m[0]) : 0;
+#pragma omp parallel for schedule(static) num_threads(T) reduction(| : differ)
+  for (int64_t i = 0; i < n; ++i) {
+    key[i] = ~std::bit_cast<uint64_t>(m[i]), idx[i] = i;
+    differ |= key[i] ^ first;
+  }
+  for (int p = 0; p < kPasses; ++p) {
+    const int shift = p * kBits;
+    if (((differ >> shift) & kMask) == 0) continue;
+#pragma omp parallel num_threads(T)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t i0 = n * t / nt, i1 = n * (t + 1) / nt;
+      int64_t* c = count.data() + t * kDigits;
+      std::fill(c, c + kDigits, 0);
+      for (int64_t i = i0; i < i1; ++i) ++c[(key[i] >> shift) & kMask];
+#pragma omp barrier
+#pragma omp single
+      {
+        int64_t sum = 0;
+        for (int64_t d = 0; d < kDigits; ++d)
+          for (int u = 0; u < nt; ++u) sum += std::exchange(count[u * kDigits + d], sum);
+      }  // (implicit barrier)
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t at = c[(key[i] >> shift) & kMask]++;
+        key2[at] = key[i], idx2[at] = idx[i];
+      }
+    }
+    std::swap(key, key2), std::swap(idx, idx2);
+  }
+  return std::vector<int64_t>(idx, idx + n);
+}
+
+BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols) {
+  const std::vector<double> m = bhq_row_ranges(x, rows, cols);
+  return bhq_transform_from_ranges(m, bhq_rank_descending_parallel(m));
+}
+
+}  // namespace fqt::kernels

@@ -1,0 +1,18 @@
+// Internal: BHQ's transform for the fast CPU quantizer. The same transform as bhq_transform
+// (src/quant/bhq.cpp, plain loops: the reference), with its two row passes made parallel: the row
+// ranges on vectors, the stable descending order by a parallel LSD radix sort. Equal to the
+// reference member for member and scale for scale (tests/unit/test_bhq.cpp).
+#pragma once
+
+#include "fqt/quant.hpp"
+
+#include <cstdint>
+#include <vector>
+
+namespace fqt::kernels {
+// m[r] = max - min + 1e-8 of row r (in double, as the reference computes it).
+std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols);
+// bhq_rank_descending(m), several threads.
+std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m);
+BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols);
+}  // namespace fqt::kernels
