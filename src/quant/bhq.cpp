@@ -10,7 +10,8 @@
 
 namespace fqt {
 
-void householder_v(int64_t n, float& v_first, float& v_rest) {
+namespace {
+void householder_v_direct(int64_t n, float& v_first, float& v_rest) {
   if (n <= 1) {  // H_1 = I
     v_first = v_rest = 0.0f;
     return;
@@ -22,7 +23,7 @@ void householder_v(int64_t n, float& v_first, float& v_rest) {
   v_rest = static_cast<float>(-rs / norm);
 }
 
-double householder_qmax(int64_t n) {
+double householder_qmax_direct(int64_t n) {
   if (n <= 1) return 1.0;
   double rs = 1.0 / std::sqrt(static_cast<double>(n));
   double norm = std::sqrt(2.0 - 2.0 * rs);
@@ -30,6 +31,36 @@ double householder_qmax(int64_t n) {
   // Entries of I - 2 v v^T: (1,1), (1,k), (k,k), (k,l).
   return std::max({std::fabs(1 - 2 * vf * vf), std::fabs(2 * vf * vr), std::fabs(1 - 2 * vr * vr),
                    std::fabs(2 * vr * vr)});
+}
+
+// The same numbers for the small group sizes, computed once: a conv layer's gradient has ~10^4
+// groups of 2-3 rows, and the square roots and divisions per group showed in perf.
+constexpr int64_t kTable = 64;
+struct HouseholderTable {
+  float vf[kTable], vr[kTable];
+  double qmax[kTable];
+};
+const HouseholderTable& householder_table() {
+  static const HouseholderTable table = [] {
+    HouseholderTable t;
+    for (int64_t n = 0; n < kTable; ++n) householder_v_direct(n, t.vf[n], t.vr[n]), t.qmax[n] = householder_qmax_direct(n);
+    return t;
+  }();
+  return table;
+}
+}  // namespace
+
+void householder_v(int64_t n, float& v_first, float& v_rest) {
+  if (n >= 0 && n < kTable) {
+    const HouseholderTable& t = householder_table();
+    v_first = t.vf[n], v_rest = t.vr[n];
+    return;
+  }
+  householder_v_direct(n, v_first, v_rest);
+}
+
+double householder_qmax(int64_t n) {
+  return n >= 0 && n < kTable ? householder_table().qmax[n] : householder_qmax_direct(n);
 }
 
 // Row indices sorted by m descending, ties by index ascending (what std::stable_sort with `>` gives).
@@ -174,10 +205,16 @@ void group_apply(const BhqTransform& t, int64_t g, const float* in, float* out, 
 // The groups gather rows in range order, i.e. from all over the matrix: the loads of a group's
 // rows missed the cache (perf: most of apply's time on the first load of each row), so the rows
 // of the group kPrefetch ahead are prefetched.
-void prefetch_group(const BhqTransform& t, int64_t g, const float* in, int64_t cols) {
+void prefetch_group(const BhqTransform& t, int64_t g, const float* in, float* out, int64_t cols) {
   constexpr int64_t kLine = 64 / sizeof(float);
-  for (int64_t i = t.offsets[g]; i < t.offsets[g + 1]; ++i)
-    for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(in + t.members[i] * cols + j);
+  for (int64_t i = t.offsets[g]; i < t.offsets[g + 1]; ++i) {
+    const int64_t r = t.members[i];
+    __builtin_prefetch(&t.row_scale[r]);
+    for (int64_t j = 0; j < cols; j += kLine) {
+      __builtin_prefetch(in + r * cols + j);
+      __builtin_prefetch(out + r * cols + j, 1);  // the rows written are as scattered as those read
+    }
+  }
 }
 constexpr int64_t kPrefetch = 3;
 
@@ -188,7 +225,7 @@ void apply_all(const BhqTransform& t, const float* in, float* out, int64_t cols,
     std::vector<float> dot(cols);
 #pragma omp for schedule(dynamic, 64)
     for (int64_t g = 0; g < G; ++g) {
-      if (g + kPrefetch < G) prefetch_group(t, g + kPrefetch, in, cols);
+      if (g + kPrefetch < G) prefetch_group(t, g + kPrefetch, in, out, cols);
       group_apply(t, g, in, out, cols, inverse, dot);
     }
   }

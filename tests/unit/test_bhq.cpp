@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <set>
 
@@ -193,6 +194,17 @@ TEST(Bhq, FastTransformEqualsReference) {
       EXPECT_EQ(got.offsets, want.offsets) << rows << "x" << cols;
       EXPECT_EQ(got.members, want.members) << rows << "x" << cols;
       EXPECT_EQ(got.row_scale, want.row_scale) << rows << "x" << cols;
+      // T x in row order with the row ranges: apply's values bit for bit.
+      Tensor a = Tensor::empty({rows, cols}), b = Tensor::empty({rows, cols});
+      want.apply(x.data<float>(), a.data<float>(), cols);
+      std::vector<double> mn(rows), mx(rows);
+      kernels::bhq_apply_rows(want, x.data<float>(), cols, b.data<float>(), mn.data(), mx.data());
+      ASSERT_EQ(0, std::memcmp(a.data<float>(), b.data<float>(), sizeof(float) * rows * cols)) << rows << "x" << cols;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* p = a.data<float>() + r * cols;
+        ASSERT_EQ(mn[r], *std::min_element(p, p + cols)) << "row " << r;
+        ASSERT_EQ(mx[r], *std::max_element(p, p + cols)) << "row " << r;
+      }
     }
   }
   omp_set_num_threads(saved);

@@ -82,4 +82,51 @@ BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols) {
   return bhq_transform_from_ranges(m, bhq_rank_descending_parallel(m));
 }
 
+void bhq_apply_rows(const BhqTransform& t, const float* x, int64_t cols, float* out, double* row_min,
+                    double* row_max) {
+  const int64_t rows = t.rows, G = t.num_groups();
+  // Per row: its group and 2 v_k; per group: dot = sum_k v_k (s_k x_k), summed in member order
+  // exactly as group_apply does.
+  static thread_local std::vector<int32_t> grp;
+  static thread_local std::vector<float> v2, dot;
+  grp.resize(static_cast<size_t>(rows)), v2.resize(static_cast<size_t>(rows));
+  dot.resize(static_cast<size_t>(G * cols));
+  FQT_CHECK(G <= INT32_MAX, "BHQ: {} groups", G);
+  int32_t* gp = grp.data();
+  float* vp = v2.data();
+  float* dp = dot.data();
+  const bool par = rows * cols > quant_detail::kParallelMin;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t g = 0; g < G; ++g) {
+    constexpr int64_t kAhead = 4;  // prefetch the rows of a later group: they are scattered
+    if (g + kAhead < G)
+      for (int64_t i = t.offsets[g + kAhead]; i < t.offsets[g + kAhead + 1]; ++i)
+        for (int64_t j = 0; j < cols; j += 16) __builtin_prefetch(x + t.members[i] * cols + j);
+    const int64_t* mem = t.members.data() + t.offsets[g];
+    const int64_t n = t.group_size(g);
+    float vf, vr;
+    householder_v(n, vf, vr);
+    float* __restrict d = dp + g * cols;
+    for (int64_t j = 0; j < cols; ++j) d[j] = 0.0f;
+    for (int64_t k = 0; k < n; ++k) {
+      const float vk = k == 0 ? vf : vr, s = t.row_scale[mem[k]];
+      const float* __restrict row = x + mem[k] * cols;
+      for (int64_t j = 0; j < cols; ++j) d[j] += vk * (s * row[j]);
+      gp[mem[k]] = static_cast<int32_t>(g), vp[mem[k]] = 2.0f * vk;
+    }
+  }
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float s = t.row_scale[r], vk2 = vp[r];
+    const float* __restrict row = x + r * cols;
+    const float* __restrict d = dp + static_cast<int64_t>(gp[r]) * cols;
+    float* __restrict o = out + r * cols;
+    for (int64_t j = 0; j < cols; ++j) o[j] = s * row[j] - vk2 * d[j];
+    float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+    uint32_t nan = 0;
+    minmax_lanes(o, cols, mn, mx, nan);
+    row_min[r] = mn, row_max[r] = mx;
+  }
+}
+
 }  // namespace fqt::kernels

@@ -15,4 +15,9 @@ std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols);
 // bhq_rank_descending(m), several threads.
 std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m);
 BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols);
+// out = T x (what BhqTransform::apply computes, bit for bit), and each row's min and max of out.
+// Two passes instead of apply's one over the groups, which read and wrote rows from all over the
+// matrix: the groups' v^T diag(s) x in group order (reads only), then the rows in row order
+// (sequential reads and writes; only the small per-group sums are fetched out of order).
+void bhq_apply_rows(const BhqTransform& t, const float* x, int64_t cols, float* out, double* row_min, double* row_max);
 }  // namespace fqt::kernels

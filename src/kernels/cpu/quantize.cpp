@@ -171,13 +171,17 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   const Granularity gran = traits(spec.kind).granularity;
   Tensor source = x;
   std::optional<BhqTransform> transform;
-  if (spec.kind == QuantizerKind::bhq) {
+  std::vector<double> mn, mx;
+  if (spec.kind == QuantizerKind::bhq && cols > 0) {
+    // T x with its row ranges in the same pass (the input was checked finite above).
     transform = kernels::bhq_transform_fast(x.data<float>(), rows, cols);
     source = Tensor::empty({rows, cols});
-    transform->apply(x.data<float>(), source.data<float>(), cols);
+    mn.resize(static_cast<size_t>(rows)), mx.resize(static_cast<size_t>(rows));
+    kernels::bhq_apply_rows(*transform, x.data<float>(), cols, source.data<float>(), mn.data(), mx.data());
+  } else {
+    if (spec.kind == QuantizerKind::bhq) transform = kernels::bhq_transform_fast(x.data<float>(), rows, cols);
+    if (group_minmax(source.data<float>(), rows, cols, gran, mn, mx)) check_finite(x, "quantizer input");
   }
-  std::vector<double> mn, mx;
-  if (group_minmax(source.data<float>(), rows, cols, gran, mn, mx)) check_finite(x, "quantizer input");
   QuantizedTensor q = make_header(spec, rows, cols, mn.data(), mx.data());
   q.transform = std::move(transform);
 
