@@ -202,32 +202,12 @@ void group_apply(const BhqTransform& t, int64_t g, const float* in, float* out, 
   }
 }
 
-// The groups gather rows in range order, i.e. from all over the matrix: the loads of a group's
-// rows missed the cache (perf: most of apply's time on the first load of each row), so the rows
-// of the group kPrefetch ahead are prefetched.
-void prefetch_group(const BhqTransform& t, int64_t g, const float* in, float* out, int64_t cols) {
-  constexpr int64_t kLine = 64 / sizeof(float);
-  for (int64_t i = t.offsets[g]; i < t.offsets[g + 1]; ++i) {
-    const int64_t r = t.members[i];
-    __builtin_prefetch(&t.row_scale[r]);
-    for (int64_t j = 0; j < cols; j += kLine) {
-      __builtin_prefetch(in + r * cols + j);
-      __builtin_prefetch(out + r * cols + j, 1);  // the rows written are as scattered as those read
-    }
-  }
-}
-constexpr int64_t kPrefetch = 3;
-
 void apply_all(const BhqTransform& t, const float* in, float* out, int64_t cols, bool inverse) {
-  const int64_t G = t.num_groups();
 #pragma omp parallel if (t.rows * cols > quant_detail::kParallelMin)
   {
     std::vector<float> dot(cols);
-#pragma omp for schedule(dynamic, 64)
-    for (int64_t g = 0; g < G; ++g) {
-      if (g + kPrefetch < G) prefetch_group(t, g + kPrefetch, in, out, cols);
-      group_apply(t, g, in, out, cols, inverse, dot);
-    }
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t g = 0; g < t.num_groups(); ++g) group_apply(t, g, in, out, cols, inverse, dot);
   }
 }
 }  // namespace
