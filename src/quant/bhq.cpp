@@ -115,7 +115,14 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
     t.offsets = {0};
     return t;
   }
-  std::vector<double> v(N);
+  // Working arrays kept per thread (the largest layer's size): fresh ones were zero-filled and
+  // page-faulted every call. Their contents are all written before being read.
+  static thread_local std::vector<double> v_buf, prefix_buf;
+  static thread_local std::vector<int64_t> nums_buf;
+  if (static_cast<int64_t>(v_buf.size()) < N + 1) v_buf.resize(N + 1), prefix_buf.resize(N + 1), nums_buf.resize(N + 1);
+  double* v = v_buf.data();
+  double* prefix = prefix_buf.data();
+#pragma omp parallel for schedule(static) if (N > (int64_t{1} << 15))
   for (int64_t i = 0; i < N; ++i) v[i] = m[rank[i]];
 
   if (N == 1) {  // nothing to share with: plain per-row quantization
@@ -125,19 +132,28 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
   }
   // 2. Split into large and small rows. G grows until G * v[N-G-1] / sum(v[0..N-G-1]) > 1,
   //    i.e. until every large row would receive more than one small row. For N >= 3 this stops
-  //    at G <= N - 1; N == 2 (where the authors' loop reads out of bounds) is one group of two.
+  //    at G <= N - 1 (G = N - 1 gives (N - 1) v[0] / v[0] > 1); N == 2 (where the authors' loop
+  //    reads out of bounds) is one group of two. The test is monotone in G, in floating point
+  //    too (v[N-G-1] can only grow and the prefix sum of positive terms only shrink as G grows,
+  //    and rounding is monotone), so the first G that passes is found by bisection: the same G
+  //    as the authors' linear scan.
   int64_t G = 1;
+  prefix[0] = 0.0;
+  for (int64_t i = 0; i < N; ++i) prefix[i + 1] = prefix[i] + v[i];
   if (N >= 3) {
-    std::vector<double> prefix(N + 1, 0.0);
-    for (int64_t i = 0; i < N; ++i) prefix[i + 1] = prefix[i] + v[i];
-    G = 0;
-    while (!(static_cast<double>(G) * v[N - G - 1] / prefix[N - G] > 1.0)) ++G;
+    auto passes = [&](int64_t g) { return static_cast<double>(g) * v[N - g - 1] / prefix[N - g] > 1.0; };
+    int64_t lo = 0, hi = N - 1;  // passes(hi)
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (passes(mid)) hi = mid;
+      else lo = mid + 1;
+    }
+    G = lo;
   }
   const int64_t NL = N - G;
-  double total = 0;
-  for (int64_t i = 0; i < NL; ++i) total += v[i];
+  const double total = prefix[NL];  // v[0] + ... + v[NL-1], summed in that order
   // 3. Small rows shared in proportion to range: nums[i] = roundf(sum_{k<=i} G v_k / total).
-  std::vector<int64_t> nums(NL);
+  int64_t* nums = nums_buf.data();
   double cum = 0;
   for (int64_t i = 0; i < NL; ++i) {
     cum += static_cast<double>(G) * v[i] / total;

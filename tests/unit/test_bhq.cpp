@@ -11,6 +11,7 @@
 #include <cstring>
 #include <numeric>
 #include <set>
+#include <tuple>
 
 using namespace fqt;
 
@@ -82,9 +83,16 @@ TEST(Bhq, InverseUndoesTransform) {
 }
 
 TEST(Bhq, GroupsFollowSpecAllocation) {
-  for (uint64_t seed : {1, 2, 3}) {
-    for (int64_t n : {3, 4, 17, 128}) {
-      Tensor x = synthetic_matrix(SynthKind::heavy_tailed, n, 50, seed);
+  // Heavy-tailed rows (few large rows) and gaussian ones (about half the rows lead a group: the
+  // split point G far from either end, where bhq_transform's bisection must land on the same G
+  // as the linear scan restated in spec_groups).
+  for (auto [kind, seed, n] : std::vector<std::tuple<SynthKind, uint64_t, int64_t>>{
+           {SynthKind::heavy_tailed, 1, 3},    {SynthKind::heavy_tailed, 1, 4}, {SynthKind::heavy_tailed, 1, 17},
+           {SynthKind::heavy_tailed, 1, 128},  {SynthKind::heavy_tailed, 2, 3}, {SynthKind::heavy_tailed, 2, 17},
+           {SynthKind::heavy_tailed, 3, 128},  {SynthKind::gaussian, 1, 5},     {SynthKind::gaussian, 2, 129},
+           {SynthKind::heavy_tailed, 4, 2000}, {SynthKind::gaussian, 3, 2000}}) {
+    {
+      Tensor x = synthetic_matrix(kind, n, 50, seed);
       BhqTransform t = bhq_transform(x.data<float>(), n, 50);
       auto want = spec_groups(x);
       ASSERT_EQ(t.num_groups(), static_cast<int64_t>(want.size())) << "N=" << n;
