@@ -25,6 +25,13 @@ bool same_codes(const QuantizedTensor& a, const QuantizedTensor& b) {
          std::memcmp(a.codes.raw(), b.codes.raw(), a.codes.nbytes()) == 0 && a.scale == b.scale && a.lo == b.lo;
 }
 
+// Codes, grids and, for BHQ, the same transform (groups, members, scales).
+bool same_quantization(const QuantizedTensor& a, const QuantizedTensor& b) {
+  if (!same_codes(a, b) || a.transform.has_value() != b.transform.has_value()) return false;
+  return !a.transform || (a.transform->offsets == b.transform->offsets && a.transform->members == b.transform->members &&
+                          a.transform->row_scale == b.transform->row_scale);
+}
+
 // Grid position of each element before rounding (recomputed from the plan).
 std::vector<float> positions(const QuantPlan& p) {
   std::vector<float> v(p.q.rows * p.q.cols);
@@ -205,8 +212,9 @@ TEST(Quantize, ConstantAndZeroRowsStayFinite) {
   }
 }
 
-// quantize_pair (the two gradient draws in one pass) gives, code for code and grid for grid,
-// what two separate quantize() calls give: every pair of quantizers (fused or not), bit widths,
+// quantize_pair (the two gradient draws in one pass) gives, code for code and grid for grid (and
+// BHQ transform for transform), what two separate quantize() calls give: every pair of
+// quantizers (fused, BHQ + a plain one fused, or not), bit widths,
 // small and threaded shapes, 1 and 2 threads. Also equal to the plain-loop reference.
 TEST(Quantize, PairEqualsTwoSeparateCalls) {
   const int saved = omp_get_max_threads();
@@ -222,8 +230,8 @@ TEST(Quantize, PairEqualsTwoSeparateCalls) {
             const RngKey ka{11, 3}, kb{11, 4};
             auto [qa, qb] = quantize_pair(x, {a, ba}, ka, {b, bb}, kb);
             const QuantizedTensor ra = quantize(x, {a, ba}, ka), rb = quantize(x, {b, bb}, kb);
-            ASSERT_TRUE(same_codes(qa, ra)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols;
-            ASSERT_TRUE(same_codes(qb, rb)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols;
+            ASSERT_TRUE(same_quantization(qa, ra)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols;
+            ASSERT_TRUE(same_quantization(qb, rb)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols;
             if (threads == 1 && rows == 129) {
               ASSERT_TRUE(same_codes(qa, quantize_ref(x, {a, ba}, ka))) << traits(a).name;
               ASSERT_TRUE(same_codes(qb, quantize_ref(x, {b, bb}, kb))) << traits(b).name;
