@@ -194,7 +194,12 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   std::vector<int8_t> Bw(static_cast<size_t>(cout_ * ckk));
   const uint8_t* wc = wq.codes.data<uint8_t>();
   const double sx = xq.scale[0], lx = xq.lo[0];  // value = code / sx + lx
-  std::vector<double> inv(cout_), cx(cout_), crow(cout_);
+  // y_pc = sum_k (x_k / sx + lx)(v_kc / sw + Lw) = (s_pc + Lwc rx_p) / (sx sw) + crow_c, with
+  // s = the integer products, rx_p = the patch's code sum and Lwc = Lw sw the weight offset in code
+  // units, split into an integer O (added to the integer products exactly) and a remainder
+  // <= 1/2, as in dgrad_int: the finishing then runs in fp32 on 8 lanes without losing the
+  // offset term's cancellation.
+  std::vector<float> inv(cout_), wo(cout_), wd(cout_), crow(cout_);
   for (int64_t c = 0; c < cout_; ++c) {
     int64_t rbw = 0;
     for (int64_t r = 0; r < ckk; ++r) {
@@ -202,8 +207,9 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
       Bw[c * ckk + hwc_tap(r, k_, cin_)] = static_cast<int8_t>(v), rbw += v;
     }
     const double sw = scale_of(wq, c), Lw = lo_of(wq, c) + shw / sw;  // weight = (code - shw) / sw + Lw
-    inv[c] = 1.0 / (sx * sw), cx[c] = Lw / sx;
-    crow[c] = lx / sw * static_cast<double>(rbw) + static_cast<double>(ckk) * lx * Lw;
+    const double Lwc = Lw * sw, O = std::nearbyint(Lwc);
+    inv[c] = static_cast<float>(1.0 / (sx * sw)), wo[c] = static_cast<float>(O), wd[c] = static_cast<float>(Lwc - O);
+    crow[c] = static_cast<float>(lx / sw * static_cast<double>(rbw) + static_cast<double>(ckk) * lx * Lw);
   }
   FQT_CHECK(zero_code >= 0 && zero_code <= 255, "Conv2d {}: padding code {} out of range", name_, zero_code);
   const auto pad_code = static_cast<uint8_t>(zero_code);
@@ -216,22 +222,24 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
     std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
     std::vector<uint8_t> A(static_cast<size_t>(P * ckk));
     std::vector<int32_t> C(static_cast<size_t>(P * cout_)), Ct(static_cast<size_t>(cout_ * P));
-    std::vector<double> rx(static_cast<size_t>(P));
+    std::vector<float> rx(static_cast<size_t>(P));  // code sums <= Ckk * 255: exact in fp32
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       pad_hwc(xc + n * chw, g, pad_code, img.data());
       im2row_hwc(img.data(), g, A.data());
-      for (int64_t p = 0; p < P; ++p) rx[p] = static_cast<double>(byte_sum(A.data() + p * ckk, ckk));
+      for (int64_t p = 0; p < P; ++p) rx[p] = static_cast<float>(byte_sum(A.data() + p * ckk, ckk));
       igemm_worker(P, cout_, ckk, A.data(), ckk, Bw.data(), ckk, C.data(), cout_);
       kernels::transpose(C.data(), P, cout_, cout_, Ct.data(), P);  // [P, Cout] -> [Cout, P]
       float* yn = yp + n * cout_ * P;
+      const float* __restrict rxp = rx.data();
       for (int64_t c = 0; c < cout_; ++c) {
-        const int32_t* s = Ct.data() + c * P;
-        const double ic = inv[c], xc_ = cx[c], rc = crow[c];
-        for (int64_t p = 0; p < P; ++p) {
-          float v = static_cast<float>(s[p] * ic + xc_ * rx[p] + rc);
-          yn[c * P + p] = b ? v + b[c] : v;
-        }
+        const int32_t* __restrict s = Ct.data() + c * P;
+        float* __restrict o = yn + c * P;
+        const float ic = inv[c], O = wo[c], d = wd[c], rc = crow[c], bc = b ? b[c] : 0.0f;
+        if (b)
+          for (int64_t p = 0; p < P; ++p) o[p] = (((static_cast<float>(s[p]) + O * rxp[p]) + d * rxp[p]) * ic + rc) + bc;
+        else
+          for (int64_t p = 0; p < P; ++p) o[p] = ((static_cast<float>(s[p]) + O * rxp[p]) + d * rxp[p]) * ic + rc;
       }
     }
   }
