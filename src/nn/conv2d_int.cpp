@@ -299,22 +299,33 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 #pragma omp parallel if (parallel_worth(N * P * cout_))
     {
       std::vector<double> u(static_cast<size_t>(cout_));
+      double* __restrict uu = u.data();
 #pragma omp for schedule(static)
       for (int64_t gi = 0; gi < G; ++gi) {
+        // A group's rows come from all over the gradient (perf: this loop was 5.7% of the BHQ
+        // step, waiting on them): fetch those of a later group early.
+        constexpr int64_t kAhead = 4;
+        if (gi + kAhead < G)
+          for (int64_t i = t.offsets[gi + kAhead]; i < t.offsets[gi + kAhead + 1]; ++i) {
+            const int64_t r = t.members[i];
+            __builtin_prefetch(gc + r * cout_);
+            __builtin_prefetch(&t.row_scale[r]);
+            if (per_row) __builtin_prefetch(&gq.scale[r]), __builtin_prefetch(&gq.lo[r]);
+          }
         const int64_t* mem = t.members.data() + t.offsets[gi];
         const int64_t n = t.group_size(gi);
         float vf, vr;
         householder_v(n, vf, vr);
-        std::fill(u.begin(), u.end(), 0.0);
+        for (int64_t c = 0; c < cout_; ++c) uu[c] = 0.0;
         for (int64_t k = 0; k < n; ++k) {
           const int64_t r = mem[k];
           const double vk = k == 0 ? vf : vr, sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
           grp[r] = static_cast<int32_t>(gi), v2[r] = 2.0 * vk, inv_s[r] = 1.0 / t.row_scale[r];
           const double a = vk / sg, b = vk * lg;
-          const uint8_t* zr = gc + r * cout_;
-          for (int64_t c = 0; c < cout_; ++c) u[c] += a * zr[c] + b;
+          const uint8_t* __restrict zr = gc + r * cout_;  // (u8 loads may alias anything: say they do not)
+          for (int64_t c = 0; c < cout_; ++c) uu[c] += a * zr[c] + b;
         }
-        for (int64_t c = 0; c < cout_; ++c) U[gi * cout_ + c] = static_cast<float>(u[c]);
+        for (int64_t c = 0; c < cout_; ++c) U[gi * cout_ + c] = static_cast<float>(uu[c]);
       }
     }
     std::vector<float> Wd(static_cast<size_t>(cout_ * ckk));  // dequantized W [Cout, Ckk], tap order
