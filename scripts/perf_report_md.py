@@ -136,7 +136,8 @@ def main(argv):
     w(f"- Machine: {meta.get('cpu', '?')}{isa}, {cores}{meta.get('nproc', '?')} logical CPUs, kernel "
       f"{meta.get('kernel', '?')}; load average {fmt(meta.get('loadavg_start'), '.2f')} at start, "
       f"{fmt(meta.get('loadavg_end'), '.2f')} at end")
-    w(f"- Threads: {meta.get('threads', '?')} for fqt and PyTorch alike (OMP_WAIT_POLICY={meta.get('omp_wait_policy', '')}); "
+    w(f"- Threads: {meta.get('threads', '?')} for fqt and PyTorch alike (OMP_WAIT_POLICY={meta.get('omp_wait_policy', '')}"
+      f"{', GOMP_SPINCOUNT=' + meta['gomp_spincount'] if meta.get('gomp_spincount') else ''}); "
       f"training steps: batch {meta.get('batch', '?')}, 1x28x28, {meta.get('warmup', '?')} warm-up + "
       f"{meta.get('steps', '?')} timed steps, medians; GEMMs: medians of {meta.get('gemm_reps', '?')} alternated "
       f"int8/fp32 repetitions")
