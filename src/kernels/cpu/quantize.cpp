@@ -69,6 +69,19 @@ bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   return false;
 }
 
+#if defined(__AVX2__)
+// Codes in [0, 255] held in int32 lanes -> bytes, in order: 16 from two vectors, or 8 from one.
+inline void store_codes16(__m256i a, __m256i b, uint8_t* out) {
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);  // 16 x u16 in order
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+}
+inline void store_codes8(__m256i a, uint8_t* out) {
+  const __m128i w = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(a, a), 0xD8));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w, w));
+}
+#endif
+
 // Rounding of a run of n values that share one grid: out[i] = round_stochastic(grid_pos(s[i], lo,
 // scale), u[i], B) (or round_nearest), the formulas of grid.hpp, 8 values per AVX2 instruction.
 // Bit-identical to the scalar formulas: the same IEEE operations in the same order (no
@@ -86,18 +99,8 @@ inline void round_run_stochastic(const float* __restrict s, const float* __restr
     v = _mm256_min_ps(_mm256_max_ps(_mm256_floor_ps(v), zero), vB);
     return _mm256_cvttps_epi32(v);
   };
-  for (; i + 16 <= n; i += 16) {
-    const __m256i a = codes8(i), b = codes8(i + 8);
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);  // 16 x u16 in order
-    const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), bytes);
-  }
-  if (i + 8 <= n) {
-    const __m256i a = codes8(i);
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, a), 0xD8);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w)));
-    i += 8;
-  }
+  for (; i + 16 <= n; i += 16) store_codes16(codes8(i), codes8(i + 8), out + i);
+  if (i + 8 <= n) store_codes8(codes8(i), out + i), i += 8;
 #endif
   for (; i < n; ++i) out[i] = round_stochastic(grid_pos(s[i], lo, scale), u[i], B);
 }
@@ -113,18 +116,8 @@ inline void round_run_nearest(const float* __restrict s, int64_t n, float lo, fl
     v = _mm256_min_ps(_mm256_max_ps(v, zero), vB);
     return _mm256_cvttps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   };
-  for (; i + 16 <= n; i += 16) {
-    const __m256i a = codes8(i), b = codes8(i + 8);
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
-    const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), bytes);
-  }
-  if (i + 8 <= n) {
-    const __m256i a = codes8(i);
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, a), 0xD8);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w)));
-    i += 8;
-  }
+  for (; i + 16 <= n; i += 16) store_codes16(codes8(i), codes8(i + 8), out + i);
+  if (i + 8 <= n) store_codes8(codes8(i), out + i), i += 8;
 #endif
   for (; i < n; ++i) out[i] = round_nearest(grid_pos(s[i], lo, scale), B);
 }
