@@ -220,7 +220,7 @@ TEST(Quantize, PairEqualsTwoSeparateCalls) {
   const int saved = omp_get_max_threads();
   for (int threads : {1, 2}) {
     omp_set_num_threads(threads);
-    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{3, 5}, {129, 16}, {1000, 37}}) {
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 7}, {2, 3}, {3, 5}, {129, 16}, {1000, 37}}) {
       const Tensor x = synthetic_matrix(SynthKind::heavy_tailed, rows, cols, 7);
       for (QuantizerKind a : all_kinds()) {
         if (!is_stochastic(a)) continue;
@@ -245,4 +245,7 @@ TEST(Quantize, PairEqualsTwoSeparateCalls) {
   Tensor bad = synthetic_matrix(SynthKind::gaussian, 200, 40, 1);
   bad.data<float>()[150 * 40 + 3] = std::numeric_limits<float>::quiet_NaN();
   EXPECT_THROW(quantize_pair(bad, {QuantizerKind::psq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}), NonFiniteError);
+  EXPECT_THROW(quantize_pair(bad, {QuantizerKind::bhq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}), NonFiniteError);
+  bad.data<float>()[150 * 40 + 3] = std::numeric_limits<float>::infinity();
+  EXPECT_THROW(quantize_pair(bad, {QuantizerKind::bhq, 8}, {1, 1}, {QuantizerKind::psq, 8}, {1, 2}), NonFiniteError);
 }
