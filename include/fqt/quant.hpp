@@ -118,10 +118,11 @@ struct QuantizedTensor {
 QuantizedTensor quantize(const Tensor& x, QuantizerSpec spec, RngKey key = {});
 QuantizedTensor quantize_ref(const Tensor& x, QuantizerSpec spec, RngKey key = {});
 // Two independent quantizations of the same X (the bifurcated gradient: the dgrad and the wgrad
-// draw), equal code for code to {quantize(x, a, ka), quantize(x, b, kb)}. When b is a
-// stochastic per-row or per-tensor quantizer and a is one too or BHQ, one min/max pass gives the
-// row ranges (BHQ's sort key, b's grids) and, from them, the tensor range, and one rounding pass
-// writes both codes (for BHQ, of T x). Otherwise it makes the two calls.
+// draw), equal code for code to {quantize(x, a, ka), quantize(x, b, kb)}. When both are
+// stochastic per-row or per-tensor quantizers (not BHQ), it reads X twice instead of four
+// times: one min/max pass gives the row ranges and, from them, the tensor range; one rounding
+// pass writes both codes. Otherwise it makes the two calls. (BHQ fused with the wgrad
+// quantizer measured no faster: bench_quantizers, docs/profiles/README.md.)
 std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x, QuantizerSpec a, RngKey ka, QuantizerSpec b,
                                                           RngKey kb);
 // f32 [rows, cols]; applies T^-1 for BHQ.

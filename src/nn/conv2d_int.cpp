@@ -254,7 +254,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   const double sw = wq_.scale[0], lw = wq_.lo[0] + shw / sw;
   const int64_t ldc = ckk + 1;
   std::vector<int8_t> Bt(static_cast<size_t>(ldc * cout_), 1);
-  std::vector<double> rb(ckk, 0.0);
+  std::vector<float> rb(ckk, 0.0f);  // weight code sums per tap, |rb_k| <= Cout * 128: exact in fp32
   const uint8_t* wc = wq_.codes.data<uint8_t>();
   for (int64_t r = 0; r < ckk; ++r) {  // row of Bt in (kh, kw, c) tap order
     const int64_t k = hwc_tap(r, k_, cin_);
@@ -263,11 +263,10 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       const int v = wc[c * ckk + r] - shw;
       Bt[k * cout_ + c] = static_cast<int8_t>(v), s += v;
     }
-    rb[k] = static_cast<double>(s);
+    rb[k] = static_cast<float>(s);
   }
   const bool bhq = gq.transform.has_value();
   const bool per_row = gq.granularity() == Granularity::row;
-  std::vector<float> rbf(rb.begin(), rb.end());  // |rb_k| <= Cout * 128: exact in fp32
   // BHQ: dx rows = T^-1 (Z W) with T^-1 = diag(1/s) H and H = I - 2 v v^T within each group, so
   //   (T^-1 Z W)_r = (Z_r W - 2 v_r (v^T Z)_g(r) W) / s_r.
   // (v^T Z)_g is a Cout-vector per group: one small fp32 product U W [groups, Ckk] carries the
@@ -372,7 +371,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         const float inv = static_cast<float>(1.0 / (sg * sw));
         const float cr = static_cast<float>(lw / sg * s[ckk] + static_cast<double>(cout_) * lg * lw);
         float* __restrict o = row.data();
-        const float* __restrict rbk = rbf.data();
+        const float* __restrict rbk = rb.data();
         if (bhq) {
           const float* __restrict uw = UW + static_cast<int64_t>(grp[r]) * ckk;
           if (p + 4 < P) {  // the groups are in range order, not row order: fetch a later row's early

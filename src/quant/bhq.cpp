@@ -100,7 +100,7 @@ BhqTransform bhq_transform(const float* x, int64_t N, int64_t D) {
       mn = std::min(mn, x[i * D + j]);
       mx = std::max(mx, x[i * D + j]);
     }
-    m[i] = static_cast<double>(mx) - static_cast<double>(mn) + 1e-8;
+    m[i] = quant_detail::bhq_row_range(mn, mx);
   }
   return bhq_transform_from_ranges(m, bhq_rank_descending(m));
 }

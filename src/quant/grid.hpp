@@ -113,6 +113,9 @@ FQT_HD uint8_t round_stochastic(float v, float u, int B) {
 
 FQT_HD float dequant_value(uint8_t q, float scale, float lo) { return static_cast<float>(q) / scale + lo; }
 
+// BHQ's sort key of a row (SPEC section 2, step 1) from its fp32 min and max.
+FQT_HD double bhq_row_range(float mn, float mx) { return static_cast<double>(mx) - static_cast<double>(mn) + 1e-8; }
+
 // Number of groups for a granularity.
 FQT_HD int64_t num_groups(Granularity g, int64_t rows, int64_t cols) {
   return g == Granularity::tensor ? 1 : g == Granularity::row ? rows : cols;

@@ -214,7 +214,7 @@ TEST(Quantize, ConstantAndZeroRowsStayFinite) {
 
 // quantize_pair (the two gradient draws in one pass) gives, code for code and grid for grid (and
 // BHQ transform for transform), what two separate quantize() calls give: every pair of
-// quantizers (fused, BHQ + a plain one fused, or not), bit widths,
+// quantizers (fused or not), bit widths,
 // small and threaded shapes, 1 and 2 threads. Also equal to the plain-loop reference.
 TEST(Quantize, PairEqualsTwoSeparateCalls) {
   const int saved = omp_get_max_threads();

@@ -17,7 +17,7 @@ std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols) {
     uint32_t nan = 0;  // the caller has checked the input is finite
     minmax_lanes(x + r * cols, cols, mn, mx, nan);
     if (cols == 0) mn = mx = 0.0f;
-    m[r] = static_cast<double>(mx) - static_cast<double>(mn) + 1e-8;
+    m[r] = quant_detail::bhq_row_range(mn, mx);
   }
   return m;
 }

@@ -100,8 +100,8 @@ inline __m256i product(__m256i a, __m256i b, __m256i ones) {
 }
 
 template <int MR, int NZ, bool Bytes>
-void ukernel(int64_t kg, const int32_t* __restrict Ap, int64_t a_rs, const int32_t* __restrict Bp, int32_t* C,
-             int64_t ldc, int64_t mr, int64_t nr, bool accumulate) {
+void ukernel(int64_t kg, const int32_t* __restrict Ap, const int32_t* __restrict Bp, int32_t* C, int64_t ldc,
+             int64_t mr, int64_t nr, bool accumulate) {
   __m256i acc[MR][NZ];
   const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 16
@@ -114,7 +114,7 @@ void ukernel(int64_t kg, const int32_t* __restrict Ap, int64_t a_rs, const int32
     for (int j = 0; j < NZ; ++j) b[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Bp + (g * NZ + j) * 8));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const __m256i a = _mm256_set1_epi32(Ap[i * a_rs + g]);
+      const __m256i a = _mm256_set1_epi32(Ap[i * kg + g]);
 #pragma GCC unroll 4
       for (int j = 0; j < NZ; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], product<Bytes>(a, b[j], ones));
     }
@@ -176,7 +176,7 @@ void driver(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, cons
           const int32_t* bp = Bpk + (kb * np + pn) * NR * kgc;
           for (int64_t pm = 0; pm < panels; ++pm) {
             const int64_t mr = std::min<int64_t>(MR, m1 - m0 - pm * MR);
-            ukernel<MR, NZ, Bytes>(kg, abuf.data() + pm * MR * kg, kg, bp, C + (m0 + pm * MR) * ldc + pn * NR, ldc, mr,
+            ukernel<MR, NZ, Bytes>(kg, abuf.data() + pm * MR * kg, bp, C + (m0 + pm * MR) * ldc + pn * NR, ldc, mr,
                                    nr, kb > 0);
           }
         }

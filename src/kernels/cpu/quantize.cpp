@@ -222,18 +222,13 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
     return t.rounding == Rounding::stochastic && s.kind != QuantizerKind::bhq &&
            (t.granularity == Granularity::row || t.granularity == Granularity::tensor);
   };
-  // BHQ first (dgrad) with a plain stochastic quantizer second (wgrad): one min/max pass gives
-  // BHQ's row ranges and the second quantizer's grids, and one rounding pass draws both.
-  const bool bhq_a = sa.kind == QuantizerKind::bhq;
-  if (!(fusable(sa) || bhq_a) || !fusable(sb) || x_in.numel() == 0)
-    return {quantize(x_in, sa, ka), quantize(x_in, sb, kb)};
+  if (!fusable(sa) || !fusable(sb) || x_in.numel() == 0) return {quantize(x_in, sa, ka), quantize(x_in, sb, kb)};
   profile::Scope timer(profile::quantize);
   check_spec(sa);
   check_spec(sb);
   Tensor x = as_matrix(x_in);
   const int64_t rows = x.size(0), cols = x.size(1);
   const float* src = x.data<float>();
-  if (bhq_a) check_finite(x, "quantizer input");  // as quantize() does before transforming
   // Row ranges in one pass; the tensor range is their range (min and max are exact).
   std::vector<double> rmn, rmx;
   if (group_minmax(src, rows, cols, Granularity::row, rmn, rmx)) check_finite(x, "quantizer input");
@@ -245,23 +240,7 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
     q.codes = Tensor::empty({rows, cols}, DType::u8);
     return q;
   };
-  QuantizedTensor qa, qb = header(sb);
-  Tensor source_a = x;  // what the first quantizer rounds: x, or BHQ's T x
-  if (bhq_a) {
-    // The transform from the same row ranges bhq_row_ranges gives (float min/max, in double).
-    std::vector<double> m(static_cast<size_t>(rows));
-    for (int64_t r = 0; r < rows; ++r) m[r] = rmx[r] - rmn[r] + 1e-8;
-    BhqTransform t = bhq_transform_from_ranges(m, kernels::bhq_rank_descending_parallel(m));
-    source_a = Tensor::empty({rows, cols});
-    std::vector<double> amn(static_cast<size_t>(rows)), amx(static_cast<size_t>(rows));
-    kernels::bhq_apply_rows(t, src, cols, source_a.data<float>(), amn.data(), amx.data());
-    qa = make_header(sa, rows, cols, amn.data(), amx.data());
-    qa.transform = std::move(t);
-    qa.codes = Tensor::empty({rows, cols}, DType::u8);
-  } else {
-    qa = header(sa);
-  }
-  const float* src_a = source_a.data<float>();
+  QuantizedTensor qa = header(sa), qb = header(sb);
   const bool row_a = qa.granularity() == Granularity::row, row_b = qb.granularity() == Granularity::row;
   const int Ba = qa.max_code(), Bb = qb.max_code();
   uint8_t* ca = qa.codes.data<uint8_t>();
@@ -269,7 +248,7 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
   // The rounding pass of quantize(), both draws at once (element e of each gets its key's u).
   const RngKey keys[2] = {ka, kb};
   stochastic_pass(rows, cols, keys, [&](int64_t e, int64_t run, int64_t r, int64_t, const float* const* u) {
-    round_run_stochastic(src_a + e, u[0], run, qa.lo[row_a ? r : 0], qa.scale[row_a ? r : 0], Ba, ca + e);
+    round_run_stochastic(src + e, u[0], run, qa.lo[row_a ? r : 0], qa.scale[row_a ? r : 0], Ba, ca + e);
     round_run_stochastic(src + e, u[1], run, qb.lo[row_b ? r : 0], qb.scale[row_b ? r : 0], Bb, cb + e);
   });
   return {std::move(qa), std::move(qb)};

@@ -249,12 +249,12 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ codes, int64_t rows, 
 
 // ---- BHQ -----------------------------------------------------------------------------------
 
-// m[i] = double(max) - double(min) + 1e-8 (a row with no columns has min = max = 0); idx = iota.
+// m[i] = bhq_row_range(min, max) (a row with no columns has min = max = 0); idx = iota.
 __global__ void bhq_ranges_kernel(const float* mn, const float* mx, int64_t rows, int64_t cols, double* m,
                                   int64_t* idx) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < rows; i += int64_t(gridDim.x) * blockDim.x) {
     const float a = cols ? mn[i] : 0.0f, b = cols ? mx[i] : 0.0f;
-    m[i] = static_cast<double>(b) - static_cast<double>(a) + 1e-8;
+    m[i] = bhq_row_range(a, b);
     idx[i] = i;
   }
 }
