@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <numeric>
 #include <vector>
@@ -38,9 +39,13 @@ Times time_ms(int reps, const std::function<void()>& f) {
 }
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   const int64_t rows = argc > 1 ? std::atoll(argv[1]) : 100352, cols = argc > 2 ? std::atoll(argv[2]) : 16;
   const int threads = argc > 3 ? std::atoi(argv[3]) : 1, reps = argc > 4 ? std::atoi(argv[4]) : 15;
+  if (rows < 1 || cols < 1 || threads < 1 || reps < 1) {
+    std::fprintf(stderr, "usage: bench_quantizers [rows>=1] [cols>=1] [threads>=1] [reps>=1] [kind]\n");
+    return 2;
+  }
   set_num_threads(threads);
   const SynthKind kind = parse_synth_kind(argc > 5 ? argv[5] : "gaussian");
   const Tensor x = synthetic_matrix(kind, rows, cols, 1);
@@ -96,4 +101,13 @@ int main(int argc, char** argv) {
     std::printf("  %-38s %6.3f ms %6.3f ms\n", r.name, tm.median, tm.best);
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_quantizers: %s\n", e.what());
+    return 2;
+  }
 }
