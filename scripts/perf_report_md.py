@@ -170,7 +170,7 @@ def main(argv):
         w("`fqt bench gemm`: int8 = u8 x s8 -> s32, fp32 = fqt's `sgemm` (OpenBLAS), C = A B^T. M N K = the "
           "product as the fp32 path lays it out; `int8 M x N x K` = the same product as the integer path runs it "
           "(conv layers: the per-sample operand is A, fqt's own kernel — VNNI, else AVX2 — called per sample as "
-          "in `Conv2d`; dgrad carries one extra correction column). The square and Linear shapes use the automatic "
+          "in `Conv2d`). The square and Linear shapes use the automatic "
           "backend. `count` = independent products per layer call (Conv2d runs one GEMM per sample, in parallel "
           "over the batch); GOPS = 2 M N K count / time (useful operations only).")
         w("")

@@ -16,7 +16,8 @@
 //          ra = patch code sums (a byte-sum pass), rb = weight code sums; then [P, Cout] is
 //          transposed to Y_n [Cout, P]
 //   dgrad  dcols_n [P, Ckk] = Gq_n [P, Cout] . Wq                 A = gradient codes (rows of G)
-//          B = W^T plus a row of ones (its GEMM column = the row sums of G's codes);
+//          B = W^T; the row sums of G's codes by a byte-sum pass (not a GEMM column of
+//          ones: that column made N = Ckk + 1, a 16-column panel of the kernel for one column);
 //          each row summed at once onto dx_n (the adjoint of im2row);
 //          BHQ: T^-1 fused row by row (see dgrad_int)
 //   wgrad  dW^T [Ckk, Cout] = sum_n im2col(xq_n) [Ckk, P] . Gq_n  A = im2col codes (u8)
@@ -159,6 +160,11 @@ inline int64_t byte_sum(const uint8_t* p, int64_t n) {
   alignas(32) int64_t lanes[4];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
   for (int64_t l : lanes) s += l;
+  if (i + 16 <= n) {  // a 16-byte rest (dgrad's gradient rows of Cout = 16 are one)
+    const __m128i v = _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)), _mm_setzero_si128());
+    s += _mm_cvtsi128_si64(v) + _mm_extract_epi64(v, 1);
+    i += 16;
+  }
 #endif
   for (; i < n; ++i) s += p[i];
   return s;
@@ -249,11 +255,11 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
 Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
-  // B = W^T codes [Ckk, Cout] as s8, plus a row of ones (its GEMM column = the row sums of G's codes).
+  // B = W^T codes [Ckk, Cout] as s8 (G's code row sums come from byte_sum, per row).
   const int shw = s8_shift(wq_.spec.bits);
   const double sw = wq_.scale[0], lw = wq_.lo[0] + shw / sw;
-  const int64_t ldc = ckk + 1;
-  std::vector<int8_t> Bt(static_cast<size_t>(ldc * cout_), 1);
+  const int64_t ldc = ckk;
+  std::vector<int8_t> Bt(static_cast<size_t>(ckk * cout_));
   std::vector<float> rb(ckk, 0.0f);  // weight code sums per tap, |rb_k| <= Cout * 128: exact in fp32
   const uint8_t* wc = wq_.codes.data<uint8_t>();
   for (int64_t r = 0; r < ckk; ++r) {  // row of Bt in (kh, kw, c) tap order
@@ -369,7 +375,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         const double Lz = lg * sg, O = std::nearbyint(Lz);
         const float Of = static_cast<float>(O), df = static_cast<float>(Lz - O);
         const float inv = static_cast<float>(1.0 / (sg * sw));
-        const float cr = static_cast<float>(lw / sg * s[ckk] + static_cast<double>(cout_) * lg * lw);
+        const auto zs = static_cast<double>(byte_sum(gc + r * cout_, cout_));  // row sum of G's codes
+        const float cr = static_cast<float>(lw / sg * zs + static_cast<double>(cout_) * lg * lw);
         float* __restrict o = row.data();
         const float* __restrict rbk = rb.data();
         if (bhq) {

@@ -81,7 +81,7 @@ struct GemmShape {
 // wgrad M=out N=in K=N_b. The integer path (src/nn/conv2d_int.cpp) computes the same conv
 // products with the per-sample operand as A (C = A B^T):
 //   fprop  [P, Cout] = patches [P, ckk] . W^T                      M=P    N=Cout   K=ckk
-//   dgrad  [P, ckk + 1] = G_n [P, Cout] . [W | ones]^T             M=P    N=ckk+1  K=Cout
+//   dgrad  [P, ckk] = G_n [P, Cout] . W^T (+ code row sums by a pass) M=P   N=ckk    K=Cout
 //   wgrad  [ckk, Cout] = cols_n [ckk, P] . G_n^T                   M=ckk  N=Cout   K=P
 std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::string& input, int64_t batch) {
   int c = 0, h = 0, w = 0;
@@ -116,7 +116,7 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::st
                 "bench gemm: cannot infer the input size of {} (saved {} bytes, Cin {})", conv->name(), bytes, cin);
       const int64_t ho = conv->out_size(hin), P = ho * ho, ckk = cin * kk;
       add(cout, P, ckk, batch, conv->name() + " fprop", P, cout, ckk);
-      add(ckk, P, cout, batch, conv->name() + " dgrad", P, ckk + 1, cout);
+      add(ckk, P, cout, batch, conv->name() + " dgrad", P, ckk, cout);
       add(cout, ckk, P, batch, conv->name() + " wgrad", ckk, cout, P);
     } else if (auto* lin = dynamic_cast<Linear*>(l)) {
       const int64_t in = lin->in_features(), o = lin->out_features();
