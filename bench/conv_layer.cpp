@@ -1,0 +1,85 @@
+// Time of one Conv2d's three parts on the integer FQT path — forward, dgrad (dY laid out in rows,
+// quantized, integer GEMM, epilogue, col2im) and wgrad — median and fastest of repeated calls on
+// fixed data. A layer-sized measurement: steadier on a shared VM than a whole training step, so a
+// change to one of the three can be measured on its own (docs/profiles/README.md).
+//   build/bench/bench_conv_layer [cin=16] [cout=16] [hw=28] [batch=128] [threads=1] [reps=21] [dgrad=psq]
+// (defaults: a stage-1 conv of PreAct-ResNet-20 at batch 128 on 1x28x28; 8-bit codes throughout)
+#include "fqt/layers.hpp"
+#include "fqt/quant.hpp"
+#include "fqt/rng.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <string>
+#include <vector>
+
+using namespace fqt;
+
+namespace {
+Tensor randn(const Shape& shape, uint64_t seed, float s = 1.0f) {
+  Tensor t = Tensor::empty(shape);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = s * normal_at({seed, 9}, static_cast<uint64_t>(i));
+  return t;
+}
+struct Times {
+  double median, best;
+};
+Times time_ms(int reps, const std::function<void()>& f) {
+  f();  // warm-up (page faults, buffers)
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return {t[t.size() / 2], t[0]};
+}
+}  // namespace
+
+int run(int argc, char** argv) {
+  auto arg = [&](int i, long def) { return argc > i ? std::atol(argv[i]) : def; };
+  const int64_t cin = arg(1, 16), cout = arg(2, 16), hw = arg(3, 28), batch = arg(4, 128);
+  const int threads = static_cast<int>(arg(5, 1)), reps = static_cast<int>(arg(6, 21));
+  const std::string dk = argc > 7 ? argv[7] : "psq";
+  if (cin < 1 || cout < 1 || hw < 1 || batch < 2 || threads < 1 || reps < 1) {
+    std::fprintf(stderr,
+                 "usage: bench_conv_layer [cin>=1] [cout>=1] [hw>=1] [batch>=2] [threads>=1] [reps>=1] [ptq|psq|bhq]\n");
+    return 2;
+  }
+  set_num_threads(threads);
+  Recipe r;
+  r.mode = Mode::fqt;
+  r.arith = Arith::integer;
+  r.dgrad = {parse_quantizer(dk), 8};
+  r.wgrad = {QuantizerKind::ptq, 8};
+  Conv2d conv("conv", cin, cout, 3, 1, 1, false, r, 1, 7);
+  Tensor x = randn({batch, cin, hw, hw}, 1);
+  for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = std::max(0.0f, x.data<float>()[i]);  // post-ReLU
+  const StepContext ctx{true, 3, 5};
+  const Tensor y = conv.forward(x, ctx);
+  const Tensor dy = randn(y.shape(), 2, 1e-2f);
+  const Times f = time_ms(reps, [&] { conv.forward(x, ctx); });
+  const Times d = time_ms(reps, [&] { conv.dgrad(dy, ctx); });
+  const Times w = time_ms(reps, [&] { conv.wgrad(dy, ctx); });
+  std::printf("conv %ld -> %ld, 3x3, %ldx%ld, batch %ld, %d thread(s), dgrad %s 8-bit; median / fastest of %d\n",
+              static_cast<long>(cin), static_cast<long>(cout), static_cast<long>(hw), static_cast<long>(hw),
+              static_cast<long>(batch), threads, dk.c_str(), reps);
+  std::printf("  forward  %8.3f ms  %8.3f ms\n", f.median, f.best);
+  std::printf("  dgrad    %8.3f ms  %8.3f ms\n", d.median, d.best);
+  std::printf("  wgrad    %8.3f ms  %8.3f ms\n", w.median, w.best);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_conv_layer: %s\n", e.what());
+    return 2;
+  }
+}
