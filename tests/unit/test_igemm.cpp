@@ -421,6 +421,29 @@ TEST(igemm_quant, WgradLongReductionAtMaxCodes) {
   }
 }
 
+// Shapes past the layout passes' blocks and tiles: fprop with more outputs than rows (the product
+// is computed transposed, then turned back in 64-row blocks of 8x8 tiles: 200 = 3 x 64 + 8,
+// 150 rows = 18 x 8 + 6), and wgrad whose operands are transposed as codes (600 x 130 bytes:
+// above the threshold where the byte transpose runs in parallel blocks).
+TEST(igemm_quant, LargeShapesCrossTileAndBlockEdges) {
+  BackendGuard guard;
+  const Tensor x = random_tensor(150, 67, 61, 0.5f), w = random_tensor(200, 67, 62, 0.0f, 0.1f);
+  const Tensor g = random_tensor(600, 130, 63, 0.0f, 1e-3f), xw = random_tensor(600, 70, 64, 0.5f);
+  for (auto be : available_backends()) {
+    set_igemm_backend(be);
+    const auto xq = q_of(x, QuantizerKind::zero_aligned, 8, 1), wq = q_of(w, QuantizerKind::symmetric, 8, 2);
+    Mat want, mag;
+    gemm_abt(grid_values(xq), grid_values(wq), want, mag);
+    add_expansion_error(part_sizes(xq), part_sizes(wq), mag);
+    expect_close(qgemm_fprop(xq, wq), want, mag, std::string("fprop 150x200 ") + igemm_backend_name(be));
+    const auto gq = q_of(g, QuantizerKind::ptq, 8, 3), xwq = q_of(xw, QuantizerKind::zero_aligned, 8, 4);
+    Mat want2, mag2;
+    gemm_abt(transpose(grid_values(gq)), transpose(grid_values(xwq)), want2, mag2);
+    add_expansion_error(transpose(part_sizes(gq)), transpose(part_sizes(xwq)), mag2);
+    expect_close(qgemm_wgrad(gq, xwq), want2, mag2, std::string("wgrad 130x70 over 600 ") + igemm_backend_name(be));
+  }
+}
+
 TEST(igemm_quant, GenericQgemmAccumulates) {
   const Tensor a = random_tensor(9, 40, 51, 0.2f), b = random_tensor(11, 40, 52);
   const auto aq = q_of(a, QuantizerKind::psq, 6, 1), bq = q_of(b, QuantizerKind::symmetric_row, 5, 2);
