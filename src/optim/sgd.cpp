@@ -33,10 +33,25 @@ void SGD::set_momentum_initialized(bool v) {
   initialized_ = v;
 }
 
+namespace {
+// Whether any of n floats is NaN or +-Inf (exponent bits all set): an OR of integer tests, which
+// the compiler vectorizes (the first-index search below does not; it was ~5% of the MLP's step).
+bool any_non_finite(const float* g, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, g + i, sizeof u);
+    bad |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad != 0;
+}
+}  // namespace
+
 std::pair<std::string, int64_t> SGD::first_non_finite() const {
   for (const Param* p : params_) {
     const float* g = p->grad.data<float>();
     const int64_t n = p->grad.numel();
+    if (!any_non_finite(g, n)) continue;
     int64_t first = n;
 #pragma omp parallel for reduction(min : first) schedule(static) if (n > (1 << 16))
     for (int64_t i = 0; i < n; ++i)

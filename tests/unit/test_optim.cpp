@@ -173,6 +173,29 @@ TEST(optimSGD, NonFiniteGradientThrowsAndLeavesWeightsUntouched) {
   }
 }
 
+// The non-finite scan on a longer gradient (its vector body, not only the tail): the largest
+// finite values, denormals and -0 pass; a negative quiet NaN, a signalling NaN or an Inf at any
+// position is found at that exact index.
+TEST(optimSGD, NonFiniteScanFindsTheExactElement) {
+  Param a = make_param("w", {1000}, 1.0f, 0.5f);
+  SGD opt({&a}, 0.9f, 0.0f);
+  float* g = a.grad.data<float>();
+  g[0] = std::numeric_limits<float>::max();
+  g[1] = -std::numeric_limits<float>::max();
+  g[2] = std::numeric_limits<float>::denorm_min();
+  g[3] = -0.0f;
+  EXPECT_TRUE(opt.all_finite());
+  for (int64_t at : {int64_t{5}, int64_t{517}, int64_t{999}})
+    for (float bad : {-std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::signaling_NaN(),
+                      std::numeric_limits<float>::infinity()}) {
+      const float keep = g[at];
+      g[at] = bad;
+      EXPECT_EQ(opt.first_non_finite().second, at) << bad;
+      g[at] = keep;
+    }
+  EXPECT_TRUE(opt.all_finite());
+}
+
 TEST(optimSGD, ZeroGradAndBadOptions) {
   Param w = make_param("w", {3}, 1.0f, -0.0f);
   w.grad.fill(7.0);
