@@ -210,6 +210,11 @@ int max_abs_s8(const int8_t* p, int64_t rows, int64_t n, int64_t ld) {
     int64_t i = 0;
     for (; i + 32 <= n; i += 32)  // |-128| stays 0x80 = 128 as unsigned
       mx = _mm256_max_epu8(mx, _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i))));
+    if (i + 16 <= n) {  // rows of K = Cout = 16 (dgrad) would otherwise be all tail
+      const __m128i v = _mm_abs_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
+      mx = _mm256_max_epu8(mx, _mm256_zextsi128_si256(v));
+      i += 16;
+    }
     for (; i < n; ++i) tail = std::max(tail, std::abs(static_cast<int>(row[i])));
   }
   alignas(32) uint8_t b[32];
@@ -228,6 +233,10 @@ bool all_within_u8(const uint8_t* p, int64_t rows, int64_t n, int64_t ld, int li
     __m256i mx = _mm256_setzero_si256();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) mx = _mm256_max_epu8(mx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)));
+    if (i + 16 <= n) {  // (dgrad's gradient rows of Cout = 16)
+      mx = _mm256_max_epu8(mx, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i))));
+      i += 16;
+    }
     // max(mx, lim) == lim in every byte <=> every byte <= limit (unsigned)
     if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(mx, lim), lim)) != -1) return false;
     for (; i < n; ++i)
