@@ -7,6 +7,7 @@
 #include "fqt/layers.hpp"
 #include "fqt/quant.hpp"
 #include "fqt/rng.hpp"
+#include "bench_util.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -19,27 +20,8 @@
 
 using namespace fqt;
 
-namespace {
-Tensor randn(const Shape& shape, uint64_t seed, float s = 1.0f) {
-  Tensor t = Tensor::empty(shape);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = s * normal_at({seed, 9}, static_cast<uint64_t>(i));
-  return t;
-}
-struct Times {
-  double median, best;
-};
-Times time_ms(int reps, const std::function<void()>& f) {
-  f();  // warm-up (page faults, buffers)
-  std::vector<double> t;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return {t[t.size() / 2], t[0]};
-}
-}  // namespace
+using bench::Times;
+using bench::time_ms;
 
 int run(int argc, char** argv) {
   auto arg = [&](int i, long def) { return argc > i ? std::atol(argv[i]) : def; };
@@ -58,11 +40,11 @@ int run(int argc, char** argv) {
   r.dgrad = {parse_quantizer(dk), 8};
   r.wgrad = {QuantizerKind::ptq, 8};
   Conv2d conv("conv", cin, cout, 3, 1, 1, false, r, 1, 7);
-  Tensor x = randn({batch, cin, hw, hw}, 1);
+  Tensor x = bench::randn({batch, cin, hw, hw}, 1, 9);
   for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = std::max(0.0f, x.data<float>()[i]);  // post-ReLU
   const StepContext ctx{true, 3, 5};
   const Tensor y = conv.forward(x, ctx);
-  const Tensor dy = randn(y.shape(), 2, 1e-2f);
+  const Tensor dy = bench::randn(y.shape(), 2, 9, 1e-2f);
   const Times f = time_ms(reps, [&] { conv.forward(x, ctx); });
   const Times d = time_ms(reps, [&] { conv.dgrad(dy, ctx); });
   const Times w = time_ms(reps, [&] { conv.wgrad(dy, ctx); });

@@ -7,6 +7,7 @@
 #include "fqt/layers.hpp"
 #include "fqt/quant.hpp"
 #include "fqt/rng.hpp"
+#include "bench_util.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -15,11 +16,7 @@
 using namespace fqt;
 
 namespace {
-Tensor randn(const Shape& shape, uint64_t seed, float s = 1.0f) {
-  Tensor t = Tensor::empty(shape);
-  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = s * normal_at({seed, 7}, static_cast<uint64_t>(i));
-  return t;
-}
+Tensor randn(const Shape& shape, uint64_t seed, float s = 1.0f) { return bench::randn(shape, seed, 7, s); }
 double rel_dev(const Tensor& a, const Tensor& ref) {
   double mx = 0, err = 0;
   for (int64_t i = 0; i < a.numel(); ++i) {

@@ -10,6 +10,7 @@
 #include "fqt/stats.hpp"
 #include "kernels/cpu/bhq_fast.hpp"
 #include "kernels/cpu/philox_batch.hpp"
+#include "bench_util.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -22,22 +23,8 @@
 
 using namespace fqt;
 
-namespace {
-struct Times {
-  double median, best;
-};
-Times time_ms(int reps, const std::function<void()>& f) {
-  f();  // warm-up (page faults, buffers)
-  std::vector<double> t;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return {t[t.size() / 2], t[0]};
-}
-}  // namespace
+using bench::Times;
+using bench::time_ms;
 
 int run(int argc, char** argv) {
   const int64_t rows = argc > 1 ? std::atoll(argv[1]) : 100352, cols = argc > 2 ? std::atoll(argv[2]) : 16;

@@ -1,0 +1,39 @@
+// Helpers shared by the micro-benchmarks in bench/: timing by median and fastest of repeated
+// runs, and fixed normal test data.
+#pragma once
+
+#include "fqt/rng.hpp"
+#include "fqt/tensor.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <vector>
+
+namespace fqt::bench {
+
+struct Times {
+  double median, best;  // ms
+};
+
+// One warm-up call (page faults, buffers), then reps timed calls.
+inline Times time_ms(int reps, const std::function<void()>& f) {
+  f();
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return {t[t.size() / 2], t[0]};
+}
+
+// N(0, s^2) entries from Philox stream (seed, stream): the same tensor on every run.
+inline Tensor randn(const Shape& shape, uint64_t seed, uint64_t stream, float s = 1.0f) {
+  Tensor t = Tensor::empty(shape);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = s * normal_at({seed, stream}, static_cast<uint64_t>(i));
+  return t;
+}
+
+}  // namespace fqt::bench
