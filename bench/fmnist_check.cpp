@@ -3,7 +3,6 @@
 // Usage: fmnist_check [model=cnn] [mode=fp32] [epochs=2] [lr=0.02] [dir=/usr/share/datasets/fashion-mnist]
 #include "fqt/models.hpp"
 
-#include <malloc.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -29,8 +28,7 @@ static std::vector<uint8_t> read_gz(const std::string& path) {
 }
 
 int main(int argc, char** argv) {
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, -1);
+  retain_freed_memory();
   const std::string model = argc > 1 ? argv[1] : "cnn";
   Recipe recipe;
   recipe.mode = parse_mode(argc > 2 ? argv[2] : "fp32");

@@ -91,6 +91,7 @@ int run(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
+  retain_freed_memory();  // as the fqt CLI does (FQT_NO_MALLOPT=1: without)
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {

@@ -7,7 +7,6 @@
 #include "fqt/models.hpp"
 #include "fqt/rng.hpp"
 
-#include <malloc.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -20,13 +19,8 @@
 using namespace fqt;
 
 int main(int argc, char** argv) {
-  // Keep freed activation buffers in the heap instead of returning them to the kernel: tensors
-  // of tens of MB are otherwise mmap'ed and page-faulted afresh every step (~10% of a step).
-  // Set FQT_BENCH_NO_MALLOPT=1 to measure without it.
-  if (!std::getenv("FQT_BENCH_NO_MALLOPT")) {
-    mallopt(M_MMAP_THRESHOLD, 1 << 30);
-    mallopt(M_TRIM_THRESHOLD, -1);
-  }
+  // Keep freed buffers in the heap (FQT_NO_MALLOPT=1 to measure without): see tensor.hpp.
+  retain_freed_memory();
   const std::string model = argc > 1 ? argv[1] : "preact_resnet20";
   const int batch = argc > 2 ? std::atoi(argv[2]) : 128;
   Recipe recipe;

@@ -1,5 +1,7 @@
 #include "fqt/tensor.hpp"
 
+#include <malloc.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -53,6 +55,13 @@ BlockCache& block_cache() {
   return *cache;
 }
 }  // namespace
+
+bool retain_freed_memory() {
+  const char* off = std::getenv("FQT_NO_MALLOPT");
+  if (off && std::strcmp(off, "1") == 0) return false;
+  // Requests of up to 1 GiB come from the heap (not mmap), and the heap's top is never trimmed.
+  return mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 && mallopt(M_TRIM_THRESHOLD, -1) == 1;
+}
 
 size_t dtype_size(DType t) {
   switch (t) {
