@@ -67,8 +67,16 @@ struct BhqTransform {
   std::vector<float> row_scale;      // s_r, indexed by original row
   std::vector<int64_t> offsets;      // groups + 1 entries
   std::vector<int64_t> members;      // rows entries
+  // Row r's group g, indexed by original row, stored as ~g (< 0) when r is g's first (large)
+  // row: the row-order view of members/offsets, so that a pass over the rows in order needs no
+  // scattered lookups (bhq_transform_from_ranges fills it; fill_row_group() for a transform
+  // assembled from members/offsets alone).
+  std::vector<int32_t> row_group;
   int64_t num_groups() const { return static_cast<int64_t>(offsets.size()) - 1; }
   int64_t group_size(int64_t g) const { return offsets[g + 1] - offsets[g]; }
+  int64_t group_of(int64_t r) const { return row_group[r] < 0 ? ~row_group[r] : row_group[r]; }
+  bool leads_group(int64_t r) const { return row_group[r] < 0; }
+  void fill_row_group();
 
   // out = T x, x and out are rows x cols (may not alias). Plain loops.
   void apply(const float* x, float* out, int64_t cols) const;

@@ -187,6 +187,39 @@ void igemm_worker(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
   igemm_detail::s32_local(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
+// o[0:n) = sum_c u[c] W[c, 0:n) for one BHQ group (W: rows of ldw >= n floats). With AVX-512:
+// 64 outputs at a time in four registers, then 16 at a time (the last masked), each summed over
+// c in order with fused multiply-adds and stored once.
+void uw_row(const float* __restrict u, int64_t cout, const float* __restrict w, int64_t ldw, int64_t n,
+            float* __restrict o) {
+#if defined(__AVX512F__)
+  int64_t k0 = 0;
+  for (; k0 + 64 <= n; k0 += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < cout; ++c) {
+      const __m512 uc = _mm512_set1_ps(u[c]);
+      const float* wr = w + c * ldw + k0;
+      a0 = _mm512_fmadd_ps(uc, _mm512_loadu_ps(wr), a0);
+      a1 = _mm512_fmadd_ps(uc, _mm512_loadu_ps(wr + 16), a1);
+      a2 = _mm512_fmadd_ps(uc, _mm512_loadu_ps(wr + 32), a2);
+      a3 = _mm512_fmadd_ps(uc, _mm512_loadu_ps(wr + 48), a3);
+    }
+    _mm512_storeu_ps(o + k0, a0), _mm512_storeu_ps(o + k0 + 16, a1);
+    _mm512_storeu_ps(o + k0 + 32, a2), _mm512_storeu_ps(o + k0 + 48, a3);
+  }
+  for (; k0 < n; k0 += 16) {
+    const __mmask16 m = n - k0 >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (n - k0)) - 1);
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cout; ++c) a = _mm512_fmadd_ps(_mm512_set1_ps(u[c]), _mm512_maskz_loadu_ps(m, w + c * ldw + k0), a);
+    _mm512_mask_storeu_ps(o + k0, m, a);
+  }
+#else
+  for (int64_t k = 0; k < n; ++k) o[k] = 0.0f;
+  for (int64_t c = 0; c < cout; ++c)
+    for (int64_t k = 0; k < n; ++k) o[k] += u[c] * w[c * ldw + k];
+#endif
+}
+
 double scale_of(const QuantizedTensor& q, int64_t group) { return q.scale[q.scale.size() == 1 ? 0 : group]; }
 double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() == 1 ? 0 : group]; }
 
@@ -275,35 +308,45 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   const bool per_row = gq.granularity() == Granularity::row;
   // BHQ: dx rows = T^-1 (Z W) with T^-1 = diag(1/s) H and H = I - 2 v v^T within each group, so
   //   (T^-1 Z W)_r = (Z_r W - 2 v_r (v^T Z)_g(r) W) / s_r.
-  // (v^T Z)_g is a Cout-vector per group: one small fp32 product U W [groups, Ckk] carries the
-  // whole correction, and the inverse is applied row by row inside the per-sample loop (no
-  // [N*P, Ckk] product is materialised, and the groups may mix samples freely).
-  // Scratch shared by all layers of the thread that runs backward, grown to the largest layer and
-  // kept: a fresh buffer would page-fault and zero-fill ~30 MB per stage-1 layer, and the number of
-  // groups changes every step, so the tensor block cache (exact sizes) would not reuse it.
-  struct BhqScratch {
-    std::vector<int32_t> grp;
-    std::vector<double> v2, inv_s;
-    std::vector<float> U, UW;
-  };
-  static thread_local BhqScratch scratch;
-  auto grow = [](auto& v, int64_t n) {
-    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-    return v.data();
-  };
-  int32_t* grp = nullptr;
-  double *v2 = nullptr, *inv_s = nullptr;
-  float* UW = nullptr;
+  // (v^T Z)_g is a Cout-vector per group, u; UW [groups, Ckk] = U W carries the whole
+  // correction, and the inverse is applied row by row inside the per-sample loop (no [N*P, Ckk]
+  // product is materialised, and the groups may mix samples freely). While W (fp32) fits in L1
+  // (stages 1-2: 9 and 36 KB), each u's row of UW is computed right after it (uw_row, fused
+  // multiply-adds; bench_conv_layer 16 16 28, BHQ dgrad: 24-32 ms against 33-35 with the GEMM);
+  // a larger W (stage 3: 147 KB) goes through one fp32 GEMM U W (7.8 ms against 9.7-10.5 fused
+  // for 64 64 7), which keeps a W panel in registers over many groups. Computing u W per row
+  // instead (no UW) costs Cout Ckk per row, as much as the fp32 GEMM itself: 25-30% slower at all
+  // three stages. The group loop reads the members' code rows (prefetched); the row pass finds
+  // its group through row_group, so no group ids are scattered per row here.
+  // U and UW are scratch shared by all layers of the thread that runs backward, grown to the
+  // largest layer and kept: a fresh buffer would page-fault and zero-fill ~30 MB per stage-1
+  // layer, and the number of groups changes every step, so the tensor block cache (exact sizes)
+  // would not reuse it.
+  // (thread_local: take the pointers here, in the calling thread, before any parallel region)
+  static thread_local std::vector<float> uw_scratch, u_scratch;
+  const bool use_sgemm = cout_ * ckk * static_cast<int64_t>(sizeof(float)) > 40 * 1024;
+  float *UW = nullptr, *U = nullptr;  // U: only for the GEMM
+  const BhqTransform* tr = bhq ? &*gq.transform : nullptr;
+  BhqTransform with_rows;  // only for a transform assembled without row_group
+  if (bhq && tr->row_group.empty()) with_rows = *tr, with_rows.fill_row_group(), tr = &with_rows;
+  std::vector<float> Wd;  // dequantized W [Cout, Ckk] in tap order
   const uint8_t* gc = gq.codes.data<uint8_t>();
   if (bhq) {
-    const BhqTransform& t = *gq.transform;
+    const BhqTransform& t = *tr;
     const int64_t G = t.num_groups();
-    grp = grow(scratch.grp, N * P), v2 = grow(scratch.v2, N * P), inv_s = grow(scratch.inv_s, N * P);
-    UW = grow(scratch.UW, G * ckk);
-    float* U = grow(scratch.U, G * cout_);
+    if (static_cast<int64_t>(uw_scratch.size()) < G * ckk) uw_scratch.resize(static_cast<size_t>(G * ckk));
+    UW = uw_scratch.data();
+    if (use_sgemm) {
+      if (static_cast<int64_t>(u_scratch.size()) < G * cout_) u_scratch.resize(static_cast<size_t>(G * cout_));
+      U = u_scratch.data();
+    }
+    Wd.resize(static_cast<size_t>(cout_ * ckk));
+    for (int64_t k = 0; k < ckk; ++k)
+      for (int64_t c = 0; c < cout_; ++c) Wd[c * ckk + k] = static_cast<float>(Bt[k * cout_ + c] / sw + lw);
 #pragma omp parallel if (parallel_worth(N * P * cout_))
     {
       std::vector<double> u(static_cast<size_t>(cout_));
+      std::vector<float> uf(static_cast<size_t>(cout_));
       double* __restrict uu = u.data();
 #pragma omp for schedule(static)
       for (int64_t gi = 0; gi < G; ++gi) {
@@ -314,7 +357,6 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
           for (int64_t i = t.offsets[gi + kAhead]; i < t.offsets[gi + kAhead + 1]; ++i) {
             const int64_t r = t.members[i];
             __builtin_prefetch(gc + r * cout_);
-            __builtin_prefetch(&t.row_scale[r]);
             if (per_row) __builtin_prefetch(&gq.scale[r]), __builtin_prefetch(&gq.lo[r]);
           }
         const int64_t* mem = t.members.data() + t.offsets[gi];
@@ -322,22 +364,24 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         float vf, vr;
         householder_v(n, vf, vr);
         for (int64_t c = 0; c < cout_; ++c) uu[c] = 0.0;
+        double bsum = 0.0;  // sum_k v_k lg_k, the offsets' part (the same in every column)
         for (int64_t k = 0; k < n; ++k) {
           const int64_t r = mem[k];
           const double vk = k == 0 ? vf : vr, sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
-          grp[r] = static_cast<int32_t>(gi), v2[r] = 2.0 * vk, inv_s[r] = 1.0 / t.row_scale[r];
-          const double a = vk / sg, b = vk * lg;
+          const double a = vk / sg;
+          bsum += vk * lg;
           const uint8_t* __restrict zr = gc + r * cout_;  // (u8 loads may alias anything: say they do not)
-          for (int64_t c = 0; c < cout_; ++c) uu[c] += a * zr[c] + b;
+#pragma omp simd
+          for (int64_t c = 0; c < cout_; ++c) uu[c] += a * static_cast<double>(zr[c]);
         }
-        for (int64_t c = 0; c < cout_; ++c) U[gi * cout_ + c] = static_cast<float>(uu[c]);
+        for (int64_t c = 0; c < cout_; ++c) uf[c] = static_cast<float>(uu[c] + bsum);
+        if (U) std::memcpy(U + gi * cout_, uf.data(), sizeof(float) * static_cast<size_t>(cout_));
+        else uw_row(uf.data(), cout_, Wd.data(), ckk, ckk, UW + gi * ckk);
       }
     }
-    std::vector<float> Wd(static_cast<size_t>(cout_ * ckk));  // dequantized W [Cout, Ckk], tap order
-    for (int64_t k = 0; k < ckk; ++k)
-      for (int64_t c = 0; c < cout_; ++c) Wd[c * ckk + k] = static_cast<float>(Bt[k * cout_ + c] / sw + lw);
-    // In blocks of groups: OpenBLAS clears C before it multiplies (beta = 0), and a block stays
-    // in cache between the two (one sgemm over all groups cleared and wrote ~24 MB in stage 1).
+  }
+  if (U) {
+    const int64_t G = tr->num_groups();
     constexpr int64_t kGB = 1024;
 #pragma omp parallel for schedule(static) if (parallel_worth(G * cout_ * ckk))
     for (int64_t g0 = 0; g0 < G; g0 += kGB)
@@ -380,14 +424,20 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         float* __restrict o = row.data();
         const float* __restrict rbk = rb.data();
         if (bhq) {
-          const float* __restrict uw = UW + static_cast<int64_t>(grp[r]) * ckk;
+          const BhqTransform& t = *tr;
+          const int64_t gi = t.group_of(r);
           if (p + 4 < P) {  // the groups are in range order, not row order: fetch a later row's early
-            const char* ahead = reinterpret_cast<const char*>(UW + static_cast<int64_t>(grp[r + 4]) * ckk);
+            const int64_t ga = t.group_of(r + 4);
+            const char* ahead = reinterpret_cast<const char*>(UW + ga * ckk);
             for (int64_t off = 0; off < ckk * 4; off += 64) __builtin_prefetch(ahead + off);
+            __builtin_prefetch(&t.offsets[ga]);
           }
-          const float c2 = static_cast<float>(v2[r]), is = static_cast<float>(inv_s[r]);
+          float vf, vr;
+          householder_v(t.group_size(gi), vf, vr);
+          const float c2 = 2.0f * (t.leads_group(r) ? vf : vr), is = 1.0f / t.row_scale[r];
+          const float* __restrict uwk = UW + gi * ckk;
           for (int64_t k = 0; k < ckk; ++k)
-            o[k] = (((static_cast<float>(s[k]) + Of * rbk[k]) + df * rbk[k]) * inv + cr - c2 * uw[k]) * is;
+            o[k] = (((static_cast<float>(s[k]) + Of * rbk[k]) + df * rbk[k]) * inv + cr - c2 * uwk[k]) * is;
         } else {
           for (int64_t k = 0; k < ckk; ++k) o[k] = ((static_cast<float>(s[k]) + Of * rbk[k]) + df * rbk[k]) * inv + cr;
         }

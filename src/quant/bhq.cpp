@@ -111,6 +111,8 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
   BhqTransform t;
   t.rows = N;
   t.row_scale.assign(N, 1.0f);
+  FQT_CHECK(N <= INT32_MAX, "BHQ: {} rows (at most 2^31 - 1)", N);
+  t.row_group.resize(static_cast<size_t>(N));
   if (N == 0) {
     t.offsets = {0};
     return t;
@@ -128,6 +130,7 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
   if (N == 1) {  // nothing to share with: plain per-row quantization
     t.offsets = {0, 1};
     t.members = {0};
+    t.row_group = {~0};
     return t;
   }
   // 2. Split into large and small rows. G grows until G * v[N-G-1] / sum(v[0..N-G-1]) > 1,
@@ -178,7 +181,8 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
     const int64_t n = 1 + (end - begin);
     int64_t* mem = t.members.data() + t.offsets[i];
     mem[0] = rank[i];
-    for (int64_t k = begin; k < end; ++k) mem[1 + k - begin] = rank[k];
+    t.row_group[rank[i]] = ~static_cast<int32_t>(i);
+    for (int64_t k = begin; k < end; ++k) mem[1 + k - begin] = rank[k], t.row_group[rank[k]] = static_cast<int32_t>(i);
     const double lambda1 = v[i], lambda2 = v[begin];
     const double w1 = lambda1 / std::sqrt(static_cast<double>(n));
     const double w2 = lambda2 * householder_qmax(n);
@@ -227,6 +231,16 @@ void apply_all(const BhqTransform& t, const float* in, float* out, int64_t cols,
   }
 }
 }  // namespace
+
+void BhqTransform::fill_row_group() {
+  FQT_CHECK(rows <= INT32_MAX && num_groups() <= INT32_MAX, "BHQ: {} rows", rows);
+  FQT_CHECK(static_cast<int64_t>(members.size()) == rows && (rows == 0 || offsets.back() == rows),
+            "BHQ: {} members and {} offsets for {} rows", members.size(), offsets.size(), rows);
+  row_group.assign(static_cast<size_t>(rows), 0);
+  for (int64_t g = 0; g < num_groups(); ++g)
+    for (int64_t i = offsets[g]; i < offsets[g + 1]; ++i)
+      row_group[members[i]] = i == offsets[g] ? ~static_cast<int32_t>(g) : static_cast<int32_t>(g);
+}
 
 void BhqTransform::apply(const float* x, float* out, int64_t cols) const { apply_all(*this, x, out, cols, false); }
 

@@ -202,6 +202,18 @@ TEST(Bhq, FastTransformEqualsReference) {
       EXPECT_EQ(got.offsets, want.offsets) << rows << "x" << cols;
       EXPECT_EQ(got.members, want.members) << rows << "x" << cols;
       EXPECT_EQ(got.row_scale, want.row_scale) << rows << "x" << cols;
+      // The row-order view: row r names its group, negated (~g) exactly for the group's first row.
+      ASSERT_EQ(static_cast<int64_t>(got.row_group.size()), rows);
+      for (int64_t g = 0; g < got.num_groups(); ++g)
+        for (int64_t i = got.offsets[g]; i < got.offsets[g + 1]; ++i) {
+          const int64_t r = got.members[i];
+          ASSERT_EQ(got.group_of(r), g) << "row " << r;
+          ASSERT_EQ(got.leads_group(r), i == got.offsets[g]) << "row " << r;
+        }
+      BhqTransform rebuilt = want;  // as the CUDA download assembles one: members and offsets only
+      rebuilt.row_group.clear();
+      rebuilt.fill_row_group();
+      EXPECT_EQ(rebuilt.row_group, got.row_group) << rows << "x" << cols;
       // T x in row order with the row ranges: apply's values bit for bit.
       Tensor a = Tensor::empty({rows, cols}), b = Tensor::empty({rows, cols});
       want.apply(x.data<float>(), a.data<float>(), cols);

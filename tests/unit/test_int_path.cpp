@@ -89,6 +89,7 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
       {3, 13, 6, 5, 5, 1, 2, 0},  // 1x1 stride 2 (shortcut)
       {2, 8, 5, 6, 6, 3, 1, 0},   // no padding
       {2, 9, 4, 4, 4, 5, 1, 2},   // 5x5 kernel, K = 225
+      {2, 32, 48, 5, 5, 3, 1, 1}, // W (fp32, 55 KB) > 40 KB: BHQ's U W through the fp32 GEMM
   };
   const QuantizerKind dgrads[] = {QuantizerKind::ptq, QuantizerKind::ptq_zero, QuantizerKind::psq, QuantizerKind::bhq};
   const QuantizerKind wgrads[] = {QuantizerKind::ptq, QuantizerKind::column};

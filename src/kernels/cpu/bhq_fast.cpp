@@ -82,18 +82,19 @@ BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols) {
   return bhq_transform_from_ranges(m, bhq_rank_descending_parallel(m));
 }
 
-void bhq_apply_rows(const BhqTransform& t, const float* x, int64_t cols, float* out, double* row_min,
+void bhq_apply_rows(const BhqTransform& t_in, const float* x, int64_t cols, float* out, double* row_min,
                     double* row_max) {
+  BhqTransform with_rows;  // only for a transform assembled without row_group
+  const BhqTransform& t = t_in.row_group.empty() ? (with_rows = t_in, with_rows.fill_row_group(), with_rows) : t_in;
   const int64_t rows = t.rows, G = t.num_groups();
-  // Per row: its group and 2 v_k; per group: dot = sum_k v_k (s_k x_k), summed in member order
-  // exactly as group_apply does.
-  static thread_local std::vector<int32_t> grp;
-  static thread_local std::vector<float> v2, dot;
-  grp.resize(static_cast<size_t>(rows)), v2.resize(static_cast<size_t>(rows));
-  dot.resize(static_cast<size_t>(G * cols));
-  FQT_CHECK(G <= INT32_MAX, "BHQ: {} groups", G);
-  int32_t* gp = grp.data();
-  float* vp = v2.data();
+  // Per group: dot = sum_k v_k (s_k x_k), summed in member order exactly as group_apply does;
+  // then per row, in row order, its group's dot from row_group (no per-row scatter of group ids
+  // and v_k here: those scattered writes cost as much as the sums in bench_quantizers).
+  // Each group's row of `dot` ends with 2 v_first and 2 v_rest (ld = cols + 2): the row pass
+  // then finds everything about its group in the one line it fetches.
+  const int64_t ld = cols + 2;
+  static thread_local std::vector<float> dot;
+  dot.resize(static_cast<size_t>(G * ld));
   float* dp = dot.data();
   const bool par = rows * cols > quant_detail::kParallelMin;
 #pragma omp parallel for schedule(static) if (par)
@@ -106,20 +107,25 @@ void bhq_apply_rows(const BhqTransform& t, const float* x, int64_t cols, float* 
     const int64_t n = t.group_size(g);
     float vf, vr;
     householder_v(n, vf, vr);
-    float* __restrict d = dp + g * cols;
+    float* __restrict d = dp + g * ld;
     for (int64_t j = 0; j < cols; ++j) d[j] = 0.0f;
+    d[cols] = 2.0f * vf, d[cols + 1] = 2.0f * vr;
     for (int64_t k = 0; k < n; ++k) {
       const float vk = k == 0 ? vf : vr, s = t.row_scale[mem[k]];
       const float* __restrict row = x + mem[k] * cols;
       for (int64_t j = 0; j < cols; ++j) d[j] += vk * (s * row[j]);
-      gp[mem[k]] = static_cast<int32_t>(g), vp[mem[k]] = 2.0f * vk;
     }
   }
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t r = 0; r < rows; ++r) {
-    const float s = t.row_scale[r], vk2 = vp[r];
+    constexpr int64_t kAhead = 8;  // the groups are in range order, not row order
+    if (r + kAhead < rows) {
+      const int64_t ga = t.group_of(r + kAhead);
+      for (int64_t j = 0; j < ld; j += 16) __builtin_prefetch(dp + ga * ld + j);
+    }
+    const float* __restrict d = dp + t.group_of(r) * ld;
+    const float s = t.row_scale[r], vk2 = d[t.leads_group(r) ? cols : cols + 1];
     const float* __restrict row = x + r * cols;
-    const float* __restrict d = dp + static_cast<int64_t>(gp[r]) * cols;
     float* __restrict o = out + r * cols;
     for (int64_t j = 0; j < cols; ++j) o[j] = s * row[j] - vk2 * d[j];
     float mn = std::numeric_limits<float>::infinity(), mx = -mn;

@@ -601,6 +601,7 @@ QuantizedTensor download(const DeviceQuantized& d, cudaStream_t stream) {
     copy_to_host(t.row_scale.data(), d.row_scale.data(), d.rows * sizeof(float), stream);
     copy_to_host(t.offsets.data(), d.offsets.data(), (ng + 1) * sizeof(int64_t), stream);
     copy_to_host(t.members.data(), d.members.data(), d.rows * sizeof(int64_t), stream);
+    t.fill_row_group();
     q.transform = std::move(t);
   }
   return q;
