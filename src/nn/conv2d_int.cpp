@@ -37,6 +37,7 @@
 
 #if defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
+#include <omp.h>
 #endif
 
 namespace fqt {
@@ -188,35 +189,60 @@ void igemm_worker(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
 }
 
 // o[0:n) = sum_c u[c] W[c, 0:n) for one BHQ group (W: rows of ldw >= n floats). With AVX-512:
-// 64 outputs at a time in four registers, then 16 at a time (the last masked), each summed over
-// c in order with fused multiply-adds and stored once.
+// 32 outputs at a time (two registers, the last ones masked), each summed over c in four
+// interleaved chains (c mod 4) of fused multiply-adds: eight independent chains keep both FMA
+// pipes busy (one chain per register was bound by the FMA latency in perf), and each output is
+// stored once.
 void uw_row(const float* __restrict u, int64_t cout, const float* __restrict w, int64_t ldw, int64_t n,
             float* __restrict o) {
 #if defined(__AVX512F__)
-  int64_t k0 = 0;
-  for (; k0 + 64 <= n; k0 += 64) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t c = 0; c < cout; ++c) {
-      const __m512 uc = _mm512_set1_ps(u[c]);
-      const float* wr = w + c * ldw + k0;
-      a0 = _mm512_fmadd_ps(uc, _mm512_loadu_ps(wr), a0);
-      a1 = _mm512_fmadd_ps(uc, _mm512_loadu_ps(wr + 16), a1);
-      a2 = _mm512_fmadd_ps(uc, _mm512_loadu_ps(wr + 32), a2);
-      a3 = _mm512_fmadd_ps(uc, _mm512_loadu_ps(wr + 48), a3);
+  auto mask = [&](int64_t k) {
+    return k >= n ? __mmask16{0} : n - k >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (n - k)) - 1);
+  };
+  for (int64_t k0 = 0; k0 < n; k0 += 32) {
+    const __mmask16 m0 = mask(k0), m1 = mask(k0 + 16);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const float* wk = w + k0;
+    int64_t c = 0;
+    for (; c + 4 <= cout; c += 4) {
+      const float* w0 = wk + c * ldw;
+      const __m512 u0 = _mm512_set1_ps(u[c]), u1 = _mm512_set1_ps(u[c + 1]), u2 = _mm512_set1_ps(u[c + 2]),
+                   u3 = _mm512_set1_ps(u[c + 3]);
+      a0 = _mm512_fmadd_ps(u0, _mm512_maskz_loadu_ps(m0, w0), a0);
+      b0 = _mm512_fmadd_ps(u0, _mm512_maskz_loadu_ps(m1, w0 + 16), b0);
+      a1 = _mm512_fmadd_ps(u1, _mm512_maskz_loadu_ps(m0, w0 + ldw), a1);
+      b1 = _mm512_fmadd_ps(u1, _mm512_maskz_loadu_ps(m1, w0 + ldw + 16), b1);
+      a2 = _mm512_fmadd_ps(u2, _mm512_maskz_loadu_ps(m0, w0 + 2 * ldw), a2);
+      b2 = _mm512_fmadd_ps(u2, _mm512_maskz_loadu_ps(m1, w0 + 2 * ldw + 16), b2);
+      a3 = _mm512_fmadd_ps(u3, _mm512_maskz_loadu_ps(m0, w0 + 3 * ldw), a3);
+      b3 = _mm512_fmadd_ps(u3, _mm512_maskz_loadu_ps(m1, w0 + 3 * ldw + 16), b3);
     }
-    _mm512_storeu_ps(o + k0, a0), _mm512_storeu_ps(o + k0 + 16, a1);
-    _mm512_storeu_ps(o + k0 + 32, a2), _mm512_storeu_ps(o + k0 + 48, a3);
-  }
-  for (; k0 < n; k0 += 16) {
-    const __mmask16 m = n - k0 >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (n - k0)) - 1);
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t c = 0; c < cout; ++c) a = _mm512_fmadd_ps(_mm512_set1_ps(u[c]), _mm512_maskz_loadu_ps(m, w + c * ldw + k0), a);
-    _mm512_mask_storeu_ps(o + k0, m, a);
+    for (; c < cout; ++c) {
+      const __m512 uc = _mm512_set1_ps(u[c]);
+      a0 = _mm512_fmadd_ps(uc, _mm512_maskz_loadu_ps(m0, wk + c * ldw), a0);
+      b0 = _mm512_fmadd_ps(uc, _mm512_maskz_loadu_ps(m1, wk + c * ldw + 16), b0);
+    }
+    _mm512_mask_storeu_ps(o + k0, m0, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    if (m1) _mm512_mask_storeu_ps(o + k0 + 16, m1, _mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)));
   }
 #else
   for (int64_t k = 0; k < n; ++k) o[k] = 0.0f;
   for (int64_t c = 0; c < cout; ++c)
     for (int64_t k = 0; k < n; ++k) o[k] += u[c] * w[c * ldw + k];
+#endif
+}
+
+// y[0:n) += a z[0:n) + b for u8 codes z (BHQ's U rows): 16 lanes at a time, the last masked.
+void axpb_u8(float* __restrict y, const uint8_t* __restrict z, int64_t n, float a, float b) {
+#if defined(__AVX512F__)
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = n - c >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m512 zf = _mm512_maskz_cvtepi32_ps(m, _mm512_maskz_cvtepu8_epi32(m, _mm_maskz_loadu_epi8(m, z + c)));
+    _mm512_mask_storeu_ps(y + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + c), _mm512_add_ps(_mm512_mul_ps(va, zf), vb)));
+  }
+#else
+  for (int64_t c = 0; c < n; ++c) y[c] += a * static_cast<float>(z[c]) + b;
 #endif
 }
 
@@ -308,16 +334,16 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   const bool per_row = gq.granularity() == Granularity::row;
   // BHQ: dx rows = T^-1 (Z W) with T^-1 = diag(1/s) H and H = I - 2 v v^T within each group, so
   //   (T^-1 Z W)_r = (Z_r W - 2 v_r (v^T Z)_g(r) W) / s_r.
-  // (v^T Z)_g is a Cout-vector per group, u; UW [groups, Ckk] = U W carries the whole
-  // correction, and the inverse is applied row by row inside the per-sample loop (no [N*P, Ckk]
-  // product is materialised, and the groups may mix samples freely). While W (fp32) fits in L1
-  // (stages 1-2: 9 and 36 KB), each u's row of UW is computed right after it (uw_row, fused
-  // multiply-adds; bench_conv_layer 16 16 28, BHQ dgrad: 24-32 ms against 33-35 with the GEMM);
-  // a larger W (stage 3: 147 KB) goes through one fp32 GEMM U W (7.8 ms against 9.7-10.5 fused
-  // for 64 64 7), which keeps a W panel in registers over many groups. Computing u W per row
+  // (v^T Z)_g is a Cout-vector per group: U [groups, Cout]; UW [groups, Ckk] = U W carries the
+  // whole correction, and the inverse is applied row by row inside the per-sample loop (no
+  // [N*P, Ckk] product is materialised, and the groups may mix samples freely); the row pass
+  // finds its group through row_group. While W (fp32) fits in L1 (stages 1-2: 9 and 36 KB), the
+  // rows of UW come from uw_row, group by group (bench_conv_layer 16 16 28, BHQ dgrad: 24-32 ms
+  // against 33-35 with OpenBLAS, which clears UW first and runs short-K blocks); a larger W
+  // (stage 3: 147 KB) goes through one fp32 GEMM (7.8 ms against 9.7-10.5 with uw_row for
+  // 64 64 7: the GEMM keeps a W panel in registers over many groups). Computing u W per row
   // instead (no UW) costs Cout Ckk per row, as much as the fp32 GEMM itself: 25-30% slower at all
-  // three stages. The group loop reads the members' code rows (prefetched); the row pass finds
-  // its group through row_group, so no group ids are scattered per row here.
+  // three stages.
   // U and UW are scratch shared by all layers of the thread that runs backward, grown to the
   // largest layer and kept: a fresh buffer would page-fault and zero-fill ~30 MB per stage-1
   // layer, and the number of groups changes every step, so the tensor block cache (exact sizes)
@@ -325,7 +351,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   // (thread_local: take the pointers here, in the calling thread, before any parallel region)
   static thread_local std::vector<float> uw_scratch, u_scratch;
   const bool use_sgemm = cout_ * ckk * static_cast<int64_t>(sizeof(float)) > 40 * 1024;
-  float *UW = nullptr, *U = nullptr;  // U: only for the GEMM
+  float *UW = nullptr, *U = nullptr;
   const BhqTransform* tr = bhq ? &*gq.transform : nullptr;
   BhqTransform with_rows;  // only for a transform assembled without row_group
   if (bhq && tr->row_group.empty()) with_rows = *tr, with_rows.fill_row_group(), tr = &with_rows;
@@ -336,51 +362,41 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     const int64_t G = t.num_groups();
     if (static_cast<int64_t>(uw_scratch.size()) < G * ckk) uw_scratch.resize(static_cast<size_t>(G * ckk));
     UW = uw_scratch.data();
-    if (use_sgemm) {
-      if (static_cast<int64_t>(u_scratch.size()) < G * cout_) u_scratch.resize(static_cast<size_t>(G * cout_));
-      U = u_scratch.data();
-    }
+    if (static_cast<int64_t>(u_scratch.size()) < G * cout_) u_scratch.resize(static_cast<size_t>(G * cout_));
+    U = u_scratch.data();
     Wd.resize(static_cast<size_t>(cout_ * ckk));
     for (int64_t k = 0; k < ckk; ++k)
       for (int64_t c = 0; c < cout_; ++c) Wd[c * ckk + k] = static_cast<float>(Bt[k * cout_ + c] / sw + lw);
-#pragma omp parallel if (parallel_worth(N * P * cout_))
+    // U row by row, in row order: the gradient's codes and grids stream in (in the step they
+    // are cold by now, after wgrad) and each row adds onto its group's row of U, instead of
+    // gathering every group's members from all over them. Each thread owns a range of groups and
+    // passes over all rows, adding only those of its groups, so every U row is summed by one
+    // thread in row order: the same bits on any thread count.
+    const int64_t rows = N * P;
+#pragma omp parallel if (parallel_worth(rows * cout_))
     {
-      std::vector<double> u(static_cast<size_t>(cout_));
-      std::vector<float> uf(static_cast<size_t>(cout_));
-      double* __restrict uu = u.data();
-#pragma omp for schedule(static)
-      for (int64_t gi = 0; gi < G; ++gi) {
-        // A group's rows come from all over the gradient (perf: this loop was 5.7% of the BHQ
-        // step, waiting on them): fetch those of a later group early.
-        constexpr int64_t kAhead = 4;
-        if (gi + kAhead < G)
-          for (int64_t i = t.offsets[gi + kAhead]; i < t.offsets[gi + kAhead + 1]; ++i) {
-            const int64_t r = t.members[i];
-            __builtin_prefetch(gc + r * cout_);
-            if (per_row) __builtin_prefetch(&gq.scale[r]), __builtin_prefetch(&gq.lo[r]);
-          }
-        const int64_t* mem = t.members.data() + t.offsets[gi];
-        const int64_t n = t.group_size(gi);
-        float vf, vr;
-        householder_v(n, vf, vr);
-        for (int64_t c = 0; c < cout_; ++c) uu[c] = 0.0;
-        double bsum = 0.0;  // sum_k v_k lg_k, the offsets' part (the same in every column)
-        for (int64_t k = 0; k < n; ++k) {
-          const int64_t r = mem[k];
-          const double vk = k == 0 ? vf : vr, sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
-          const double a = vk / sg;
-          bsum += vk * lg;
-          const uint8_t* __restrict zr = gc + r * cout_;  // (u8 loads may alias anything: say they do not)
-#pragma omp simd
-          for (int64_t c = 0; c < cout_; ++c) uu[c] += a * static_cast<double>(zr[c]);
+      const int nt = omp_get_num_threads(), th = omp_get_thread_num();
+      const int64_t g0 = G * th / nt, g1 = G * (th + 1) / nt;
+      std::fill(U + g0 * cout_, U + g1 * cout_, 0.0f);
+      for (int64_t r = 0; r < rows; ++r) {
+        if (r + 16 < rows) {  // its group's U row and offsets are scattered: fetch them early
+          const int64_t ga = t.group_of(r + 16);
+          if (ga >= g0 && ga < g1) __builtin_prefetch(U + ga * cout_, 1), __builtin_prefetch(&t.offsets[ga]);
         }
-        for (int64_t c = 0; c < cout_; ++c) uf[c] = static_cast<float>(uu[c] + bsum);
-        if (U) std::memcpy(U + gi * cout_, uf.data(), sizeof(float) * static_cast<size_t>(cout_));
-        else uw_row(uf.data(), cout_, Wd.data(), ckk, ckk, UW + gi * ckk);
+        const int64_t gi = t.group_of(r);
+        if (gi < g0 || gi >= g1) continue;
+        float vf, vr;
+        householder_v(t.group_size(gi), vf, vr);
+        const double vk = t.leads_group(r) ? vf : vr;
+        const double sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
+        const auto a = static_cast<float>(vk / sg), b = static_cast<float>(vk * lg);
+        axpb_u8(U + gi * cout_, gc + r * cout_, cout_, a, b);
       }
+      if (!use_sgemm)
+        for (int64_t gi = g0; gi < g1; ++gi) uw_row(U + gi * cout_, cout_, Wd.data(), ckk, ckk, UW + gi * ckk);
     }
   }
-  if (U) {
+  if (bhq && use_sgemm) {
     const int64_t G = tr->num_groups();
     constexpr int64_t kGB = 1024;
 #pragma omp parallel for schedule(static) if (parallel_worth(G * cout_ * ckk))

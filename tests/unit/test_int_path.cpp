@@ -188,7 +188,8 @@ TEST(intPath, ConvIntegerPathIsThreadInvariant) {
   for (int t = 0; t < 2; ++t) {
     set_num_threads(t + 1);
     Conv2d l("conv", 8, 12, 3, 1, 1, false, r, 4, 21);
-    const Tensor x = randn({16, 8, 10, 10}, 31);
+    // 32 x 100 gradient rows x 12 channels: enough work for the parallel passes (BHQ's U too)
+    const Tensor x = randn({32, 8, 10, 10}, 31);
     const StepContext ctx{true, 2, 3};
     outs[t] = l.forward(x, ctx);
     dxs[t] = l.backward(randn(outs[t].shape(), 32, 1e-2f), ctx);
