@@ -5,7 +5,9 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <bit>
+#include <utility>
 
 namespace fqt::kernels {
 
@@ -22,44 +24,48 @@ std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols) {
   return m;
 }
 
-// LSD radix sort on the complemented bits of the positive doubles, 11 bits per pass. Each thread
-// owns a fixed slice of the current order: it counts its slice's digits, the offsets are laid
-// out digit by digit and, within a digit, thread by thread (so the order of equal digits is
-// kept: stable), then each thread scatters its slice. Passes whose digit is the same for every
+// LSD radix sort on 32-bit keys, 11 bits per pass: the complemented bits of float(m), which
+// orders as m does (rounding to float is monotone) except that nearby doubles may round to the
+// same float; runs of equal keys are then put in order by the doubles themselves (a stable sort
+// of each run, which the radix passes left in index order). Three passes over 8-byte items
+// instead of six over 16-byte ones (the double's bits with an int64 index): bench_quantizers,
+// 100352 ranges, 1 thread: 1.19 -> 0.65-0.70 ms.
+// Each thread owns a fixed slice of the current order: it counts its slice's digits, the offsets
+// are laid out digit by digit and, within a digit, thread by thread (so the order of equal digits
+// is kept: stable), then each thread scatters its slice. Passes whose digit is the same for every
 // row are skipped. The result is the unique stable order, whatever the thread count.
 std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m) {
   const auto n = static_cast<int64_t>(m.size());
-  constexpr int kBits = 11, kPasses = (64 + kBits - 1) / kBits;
+  FQT_CHECK(n <= INT32_MAX, "BHQ: {} rows (at most 2^31 - 1)", n);
+  constexpr int kBits = 11, kPasses = (32 + kBits - 1) / kBits;
   constexpr int64_t kDigits = int64_t{1} << kBits;
-  constexpr uint64_t kMask = kDigits - 1;
+  constexpr uint32_t kMask = kDigits - 1;
   for (int64_t i = 0; i < n; ++i) FQT_CHECK(m[i] > 0, "BHQ: row range {} is not positive (non-finite gradient?)", m[i]);
-  // Keys and indices in two scratch buffers each, kept per thread and grown to the largest layer:
-  // fresh multi-MB vectors every call page-faulted and zero-filled (perf: the kernel's page-fault
-  // handling showed next to the sort).
-  static thread_local std::vector<uint64_t> kbuf;
-  static thread_local std::vector<int64_t> ibuf;
-  if (static_cast<int64_t>(kbuf.size()) < 2 * n) kbuf.resize(2 * n), ibuf.resize(2 * n);
-  uint64_t *key = kbuf.data(), *key2 = key + n;
-  int64_t *idx = ibuf.data(), *idx2 = idx + n;
+  // Key and row index in one 8-byte item (key in the high half); two buffers kept per thread and
+  // grown to the largest layer (fresh multi-MB vectors every call page-faulted and zero-filled).
+  static thread_local std::vector<uint64_t> buf;
+  if (static_cast<int64_t>(buf.size()) < 2 * n) buf.resize(2 * n);
+  uint64_t *item = buf.data(), *item2 = item + n;
   const int T = n > (int64_t{1} << 14) ? omp_get_max_threads() : 1;
   std::vector<int64_t> count(static_cast<size_t>(T * kDigits));
-  uint64_t differ = 0;  // bits that are not the same in every key
-  const uint64_t first = n ? ~std::bit_cast<uint64_t>(m[0]) : 0;
+  uint32_t differ = 0;  // bits that are not the same in every key
+  const uint32_t first = n ? ~std::bit_cast<uint32_t>(static_cast<float>(m[0])) : 0;
 #pragma omp parallel for schedule(static) num_threads(T) reduction(| : differ)
   for (int64_t i = 0; i < n; ++i) {
-    key[i] = ~std::bit_cast<uint64_t>(m[i]), idx[i] = i;
-    differ |= key[i] ^ first;
+    const uint32_t key = ~std::bit_cast<uint32_t>(static_cast<float>(m[i]));
+    item[i] = static_cast<uint64_t>(key) << 32 | static_cast<uint64_t>(i);
+    differ |= key ^ first;
   }
   for (int p = 0; p < kPasses; ++p) {
-    const int shift = p * kBits;
-    if (((differ >> shift) & kMask) == 0) continue;
+    const int shift = 32 + p * kBits;
+    if (((differ >> (shift - 32)) & kMask) == 0) continue;
 #pragma omp parallel num_threads(T)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
       const int64_t i0 = n * t / nt, i1 = n * (t + 1) / nt;
       int64_t* c = count.data() + t * kDigits;
       std::fill(c, c + kDigits, 0);
-      for (int64_t i = i0; i < i1; ++i) ++c[(key[i] >> shift) & kMask];
+      for (int64_t i = i0; i < i1; ++i) ++c[(item[i] >> shift) & kMask];
 #pragma omp barrier
 #pragma omp single
       {
@@ -67,14 +73,22 @@ std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m) 
         for (int64_t d = 0; d < kDigits; ++d)
           for (int u = 0; u < nt; ++u) sum += std::exchange(count[u * kDigits + d], sum);
       }  // (implicit barrier)
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t at = c[(key[i] >> shift) & kMask]++;
-        key2[at] = key[i], idx2[at] = idx[i];
-      }
+      for (int64_t i = i0; i < i1; ++i) item2[c[(item[i] >> shift) & kMask]++] = item[i];
     }
-    std::swap(key, key2), std::swap(idx, idx2);
+    std::swap(item, item2);
   }
-  return std::vector<int64_t>(idx, idx + n);
+  std::vector<int64_t> rank(static_cast<size_t>(n));
+#pragma omp parallel for schedule(static) num_threads(T)
+  for (int64_t i = 0; i < n; ++i) rank[i] = static_cast<int64_t>(item[i] & 0xffffffffu);
+  // Runs of one float key: by the doubles, descending; equal doubles keep index order (stable).
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1;
+    while (j < n && (item[j] >> 32) == (item[i] >> 32)) ++j;
+    if (j - i > 1)
+      std::stable_sort(rank.begin() + i, rank.begin() + j, [&](int64_t a, int64_t b) { return m[a] > m[b]; });
+    i = j;
+  }
+  return rank;
 }
 
 BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols) {
