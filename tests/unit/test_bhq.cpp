@@ -193,14 +193,14 @@ TEST(Bhq, FastTransformEqualsReference) {
         const double frac = static_cast<double>(s >> 11) * 0x1.0p-53;  // 53 random bits
         m[i] = i % 7 == 3 ? m[i - 1] : std::ldexp(1.0 + frac, static_cast<int>((s >> 3) % 40) - 30);
       }
-      ASSERT_EQ(kernels::bhq_rank_descending_parallel(m), bhq_rank_descending(m)) << n << " rows, " << threads << " threads";
+      ASSERT_EQ(kernels::bhq_rank_descending_parallel(m, 1), bhq_rank_descending(m)) << n << " rows, " << threads << " threads";
       // Doubles that round to the same float (the fast sort's keys; it orders such runs by the
       // doubles), and long runs of one value, as zero gradient rows give (range 1e-8).
       for (int64_t i = 0; i < n; ++i) {
         s = s * 6364136223846793005ull + 1442695040888963407ull;
         m[i] = i % 5 == 1 ? 1e-8 : 1.0 + static_cast<double>(s >> 44) * 0x1.0p-40;  // 20 random bits below float's
       }
-      ASSERT_EQ(kernels::bhq_rank_descending_parallel(m), bhq_rank_descending(m)) << n << " rows (float ties), " << threads << " threads";
+      ASSERT_EQ(kernels::bhq_rank_descending_parallel(m, 1), bhq_rank_descending(m)) << n << " rows (float ties), " << threads << " threads";
     }
     for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 4}, {2, 3}, {7, 1}, {300, 16}, {40000, 17}}) {
       const Tensor x = synthetic_matrix(SynthKind::heavy_tailed, rows, cols, 5);

@@ -12,8 +12,9 @@
 namespace fqt::kernels {
 // m[r] = max - min + 1e-8 of row r (in double, as the reference computes it).
 std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols);
-// bhq_rank_descending(m), several threads.
-std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m);
+// bhq_rank_descending(m), on all threads from min_parallel rows on (one below).
+constexpr int64_t kRankParallelMin = int64_t{1} << 22;
+std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m, int64_t min_parallel = kRankParallelMin);
 BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols);
 // out = T x (what BhqTransform::apply computes, bit for bit), and each row's min and max of out.
 // Two passes instead of apply's one over the groups, which read and wrote rows from all over the
