@@ -367,11 +367,11 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     Wd.resize(static_cast<size_t>(cout_ * ckk));
     for (int64_t k = 0; k < ckk; ++k)
       for (int64_t c = 0; c < cout_; ++c) Wd[c * ckk + k] = static_cast<float>(Bt[k * cout_ + c] / sw + lw);
-    // U row by row, in row order: the gradient's codes and grids stream in (in the step they
-    // are cold by now, after wgrad) and each row adds onto its group's row of U, instead of
-    // gathering every group's members from all over them. Each thread owns a range of groups and
-    // passes over all rows, adding only those of its groups, so every U row is summed by one
-    // thread in row order: the same bits on any thread count.
+    // U row by row, in row order: each row's codes, times a = v_k / s_g plus b = v_k l_g (fp64,
+    // rounded once to fp32), added onto its group's row of U. Each thread owns a range of groups
+    // and passes over all rows, adding only those of its groups, so every U row is summed by one
+    // thread in row order: the same bits on any thread count. (Gathering each group's members
+    // instead, as before, measured the same in the step: docs/profiles/README.md, session 7.)
     const int64_t rows = N * P;
 #pragma omp parallel if (parallel_worth(rows * cout_))
     {
