@@ -354,7 +354,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   float *UW = nullptr, *U = nullptr;
   const BhqTransform* tr = bhq ? &*gq.transform : nullptr;
   BhqTransform with_rows;  // only for a transform assembled without row_group
-  if (bhq && tr->row_group.empty()) with_rows = *tr, with_rows.fill_row_group(), tr = &with_rows;
+  if (bhq && static_cast<int64_t>(tr->row_group.size()) != tr->rows) with_rows = *tr, with_rows.fill_row_group(), tr = &with_rows;
   std::vector<float> Wd;  // dequantized W [Cout, Ckk] in tap order
   const uint8_t* gc = gq.codes.data<uint8_t>();
   if (bhq) {

@@ -236,10 +236,15 @@ void BhqTransform::fill_row_group() {
   FQT_CHECK(rows <= INT32_MAX && num_groups() <= INT32_MAX, "BHQ: {} rows", rows);
   FQT_CHECK(static_cast<int64_t>(members.size()) == rows && (rows == 0 || offsets.back() == rows),
             "BHQ: {} members and {} offsets for {} rows", members.size(), offsets.size(), rows);
-  row_group.assign(static_cast<size_t>(rows), 0);
+  constexpr int32_t kUnset = INT32_MIN;  // ~g for g < 2^31 - 1 is never INT32_MIN
+  row_group.assign(static_cast<size_t>(rows), kUnset);
   for (int64_t g = 0; g < num_groups(); ++g)
-    for (int64_t i = offsets[g]; i < offsets[g + 1]; ++i)
-      row_group[members[i]] = i == offsets[g] ? ~static_cast<int32_t>(g) : static_cast<int32_t>(g);
+    for (int64_t i = offsets[g]; i < offsets[g + 1]; ++i) {
+      const int64_t r = members[i];
+      FQT_CHECK(r >= 0 && r < rows && row_group[r] == kUnset, "BHQ: member {} of group {} is out of range or repeated", r, g);
+      row_group[r] = i == offsets[g] ? ~static_cast<int32_t>(g) : static_cast<int32_t>(g);
+    }
+  for (int64_t r = 0; r < rows; ++r) FQT_CHECK(row_group[r] != kUnset, "BHQ: row {} is in no group", r);
 }
 
 void BhqTransform::apply(const float* x, float* out, int64_t cols) const { apply_all(*this, x, out, cols, false); }

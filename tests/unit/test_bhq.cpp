@@ -221,6 +221,11 @@ TEST(Bhq, FastTransformEqualsReference) {
       rebuilt.row_group.clear();
       rebuilt.fill_row_group();
       EXPECT_EQ(rebuilt.row_group, got.row_group) << rows << "x" << cols;
+      if (rows >= 3) {  // a corrupt transform (a row twice, another in no group) is refused
+        BhqTransform bad = want;
+        bad.members[1] = bad.members[0];
+        EXPECT_THROW(bad.fill_row_group(), Error) << rows << "x" << cols;
+      }
       // T x in row order with the row ranges: apply's values bit for bit.
       Tensor a = Tensor::empty({rows, cols}), b = Tensor::empty({rows, cols});
       want.apply(x.data<float>(), a.data<float>(), cols);
