@@ -77,6 +77,8 @@ struct BhqTransform {
   int64_t group_of(int64_t r) const { return row_group[r] < 0 ? ~row_group[r] : row_group[r]; }
   bool leads_group(int64_t r) const { return row_group[r] < 0; }
   void fill_row_group();
+  // This transform when its row_group is filled, else `copy` made from it with fill_row_group().
+  const BhqTransform& with_row_group(BhqTransform& copy) const;
 
   // out = T x, x and out are rows x cols (may not alias). Plain loops.
   void apply(const float* x, float* out, int64_t cols) const;

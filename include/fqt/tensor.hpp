@@ -29,15 +29,15 @@ template <> constexpr DType dtype_of<int32_t>() { return DType::i32; }
 
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);
+int64_t shape_numel(const Shape& s);
 
 // Process-wide allocator setting for programs that train (the CLI and the benchmarks call it
-// first thing): glibc keeps freed memory in the heap instead of handing blocks of >= 128 KiB-32 MiB
-// back to the kernel (mmap/munmap), where every step would page-fault and zero-fill them afresh.
+// first thing): glibc keeps freed memory in the heap instead of handing large blocks back to the
+// kernel (mmap/munmap), from where the next call would page-fault and zero-fill them afresh.
 // The tensor block cache covers Tensors; this covers the std::vector scratch of quantizers and
 // GEMM epilogues too. Returns false (and does nothing) when FQT_NO_MALLOPT=1 is set, so the
 // effect can be measured, or when the C library refuses.
 bool retain_freed_memory();
-int64_t shape_numel(const Shape& s);
 
 class Tensor {
  public:

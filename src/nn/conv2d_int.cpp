@@ -343,7 +343,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   // (stage 3: 147 KB) goes through one fp32 GEMM (7.8 ms against 9.7-10.5 with uw_row for
   // 64 64 7: the GEMM keeps a W panel in registers over many groups). Computing u W per row
   // instead (no UW) costs Cout Ckk per row, as much as the fp32 GEMM itself: 25-30% slower at all
-  // three stages.
+  // three stages. (Each alternative was timed by changing the 40 KB threshold below or this
+  // code: docs/profiles/README.md, session 7.)
   // U and UW are scratch shared by all layers of the thread that runs backward, grown to the
   // largest layer and kept: a fresh buffer would page-fault and zero-fill ~30 MB per stage-1
   // layer, and the number of groups changes every step, so the tensor block cache (exact sizes)
@@ -352,9 +353,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   static thread_local std::vector<float> uw_scratch, u_scratch;
   const bool use_sgemm = cout_ * ckk * static_cast<int64_t>(sizeof(float)) > 40 * 1024;
   float *UW = nullptr, *U = nullptr;
-  const BhqTransform* tr = bhq ? &*gq.transform : nullptr;
-  BhqTransform with_rows;  // only for a transform assembled without row_group
-  if (bhq && static_cast<int64_t>(tr->row_group.size()) != tr->rows) with_rows = *tr, with_rows.fill_row_group(), tr = &with_rows;
+  BhqTransform copy;  // only for a transform assembled without row_group
+  const BhqTransform* tr = bhq ? &gq.transform->with_row_group(copy) : nullptr;
   std::vector<float> Wd;  // dequantized W [Cout, Ckk] in tap order
   const uint8_t* gc = gq.codes.data<uint8_t>();
   if (bhq) {

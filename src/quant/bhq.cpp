@@ -247,6 +247,13 @@ void BhqTransform::fill_row_group() {
   for (int64_t r = 0; r < rows; ++r) FQT_CHECK(row_group[r] != kUnset, "BHQ: row {} is in no group", r);
 }
 
+const BhqTransform& BhqTransform::with_row_group(BhqTransform& copy) const {
+  if (static_cast<int64_t>(row_group.size()) == rows) return *this;
+  copy = *this;
+  copy.fill_row_group();
+  return copy;
+}
+
 void BhqTransform::apply(const float* x, float* out, int64_t cols) const { apply_all(*this, x, out, cols, false); }
 
 void BhqTransform::apply_inverse(const float* y, float* out, int64_t cols) const { apply_all(*this, y, out, cols, true); }

@@ -232,6 +232,11 @@ TEST(Bhq, FastTransformEqualsReference) {
       std::vector<double> mn(rows), mx(rows);
       kernels::bhq_apply_rows(want, x.data<float>(), cols, b.data<float>(), mn.data(), mx.data());
       ASSERT_EQ(0, std::memcmp(a.data<float>(), b.data<float>(), sizeof(float) * rows * cols)) << rows << "x" << cols;
+      BhqTransform bare = want;  // without row_group (built from members/offsets on the way)
+      bare.row_group.clear();
+      Tensor c = Tensor::empty({rows, cols});
+      kernels::bhq_apply_rows(bare, x.data<float>(), cols, c.data<float>(), mn.data(), mx.data());
+      ASSERT_EQ(0, std::memcmp(a.data<float>(), c.data<float>(), sizeof(float) * rows * cols)) << rows << "x" << cols;
       for (int64_t r = 0; r < rows; ++r) {
         const float* p = a.data<float>() + r * cols;
         ASSERT_EQ(mn[r], *std::min_element(p, p + cols)) << "row " << r;

@@ -25,8 +25,9 @@ int main(int argc, char** argv) {
     if (!std::getenv("GOMP_SPINCOUNT")) setenv("GOMP_SPINCOUNT", "10000", 1);
     execv("/proc/self/exe", argv);  // returns only on failure: then carry on as we are
   }
-  // Freed scratch stays in the heap: page faults on fresh mmap'ed blocks were 14% of a
-  // PreAct-ResNet-20 FQT step in perf on the AVX-512 VM (docs/profiles/README.md, session 7).
+  // Freed scratch stays in the heap instead of going back to the kernel (tensor.hpp). The
+  // training step was already steady (~90 page faults per step); single calls of the quantizers
+  // were not (bench_quantizers: quantize psq 6.9 -> 2.2 ms; docs/profiles/README.md, session 7).
   fqt::retain_freed_memory();
   CLI::App app{
       "fqt: fully quantized training — forward and both backward GEMMs on low-bitwidth integers,\n"

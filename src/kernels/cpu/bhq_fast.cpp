@@ -101,8 +101,8 @@ BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols) {
 
 void bhq_apply_rows(const BhqTransform& t_in, const float* x, int64_t cols, float* out, double* row_min,
                     double* row_max) {
-  BhqTransform with_rows;  // only for a transform assembled without row_group
-  const BhqTransform& t = static_cast<int64_t>(t_in.row_group.size()) != t_in.rows ? (with_rows = t_in, with_rows.fill_row_group(), with_rows) : t_in;
+  BhqTransform copy;  // only for a transform assembled without row_group
+  const BhqTransform& t = t_in.with_row_group(copy);
   const int64_t rows = t.rows, G = t.num_groups();
   // Per group: dot = sum_k v_k (s_k x_k), summed in member order exactly as group_apply does;
   // then per row, in row order, its group's dot from row_group (no per-row scatter of group ids
