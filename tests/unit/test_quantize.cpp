@@ -71,10 +71,11 @@ TEST(Quantize, CodesInRangeAndStochasticBrackets) {
 TEST(Quantize, FastPathEqualsReferenceBitForBit) {
   // Awkward shapes: a single row, a single column, sizes not multiples of 4 (Philox blocks).
   // Row lengths 8, 9, 16, 17, 24, 31 cover the vector min/max's blocks of 16 and 8 and its
-  // overlapping tail.
+  // overlapping tail. 300 x 37: BHQ's fused pass takes 110-row chunks, so its second and third
+  // chunks start inside a Philox block (element 4070 = 4 * 1017 + 2).
   const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 1},  {1, 7},  {7, 1},  {2, 3},  {3, 2}, {5, 129},
                                                            {64, 33}, {6, 8}, {6, 9}, {5, 16}, {5, 17}, {4, 24},
-                                                           {4, 31}};
+                                                           {4, 31}, {300, 37}};
   for (auto [r, c] : shapes) {
     Tensor x = synthetic_matrix(SynthKind::heavy_tailed, r, c, 3);
     for (QuantizerKind k : all_kinds())

@@ -11,16 +11,20 @@
 
 namespace fqt::kernels {
 
-std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols) {
+std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols, float* tmin, float* tmax) {
   std::vector<double> m(static_cast<size_t>(rows));
-#pragma omp parallel for schedule(static) if (rows * cols > quant_detail::kParallelMin)
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+#pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) if (rows * cols > quant_detail::kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     float mn = std::numeric_limits<float>::infinity(), mx = -mn;
     uint32_t nan = 0;  // the caller has checked the input is finite
     minmax_lanes(x + r * cols, cols, mn, mx, nan);
+    lo = std::min(lo, mn), hi = std::max(hi, mx);
     if (cols == 0) mn = mx = 0.0f;
     m[r] = quant_detail::bhq_row_range(mn, mx);
   }
+  if (tmin) *tmin = lo;
+  if (tmax) *tmax = hi;
   return m;
 }
 
@@ -99,22 +103,12 @@ BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols) {
   return bhq_transform_from_ranges(m, bhq_rank_descending_parallel(m));
 }
 
-void bhq_apply_rows(const BhqTransform& t_in, const float* x, int64_t cols, float* out, double* row_min,
-                    double* row_max) {
-  BhqTransform copy;  // only for a transform assembled without row_group
-  const BhqTransform& t = t_in.with_row_group(copy);
-  const int64_t rows = t.rows, G = t.num_groups();
-  // Per group: dot = sum_k v_k (s_k x_k), summed in member order exactly as group_apply does;
-  // then per row, in row order, its group's dot from row_group (no per-row scatter of group ids
-  // and v_k here: those scattered writes cost as much as the sums in bench_quantizers).
-  // Each group's row of `dot` ends with 2 v_first and 2 v_rest (ld = cols + 2): the row pass
-  // then finds everything about its group in the one line it fetches.
-  const int64_t ld = cols + 2;
+const float* bhq_group_dots(const BhqTransform& t, const float* x, int64_t cols) {
+  const int64_t G = t.num_groups(), ld = cols + 2;
   static thread_local std::vector<float> dot;
   dot.resize(static_cast<size_t>(G * ld));
   float* dp = dot.data();
-  const bool par = rows * cols > quant_detail::kParallelMin;
-#pragma omp parallel for schedule(static) if (par)
+#pragma omp parallel for schedule(static) if (t.rows * cols > quant_detail::kParallelMin)
   for (int64_t g = 0; g < G; ++g) {
     constexpr int64_t kAhead = 4;  // prefetch the rows of a later group: they are scattered
     if (g + kAhead < G)
@@ -133,21 +127,24 @@ void bhq_apply_rows(const BhqTransform& t_in, const float* x, int64_t cols, floa
       for (int64_t j = 0; j < cols; ++j) d[j] += vk * (s * row[j]);
     }
   }
-#pragma omp parallel for schedule(static) if (par)
+  return dp;
+}
+
+void bhq_apply_rows(const BhqTransform& t_in, const float* x, int64_t cols, float* out, double* row_min,
+                    double* row_max) {
+  BhqTransform copy;  // only for a transform assembled without row_group
+  const BhqTransform& t = t_in.with_row_group(copy);
+  const int64_t rows = t.rows;
+  // Per group: dot = sum_k v_k (s_k x_k), summed in member order exactly as group_apply does;
+  // then per row, in row order, its group's dot from row_group (no per-row scatter of group ids
+  // and v_k here: those scattered writes cost as much as the sums in bench_quantizers).
+  const float* dp = bhq_group_dots(t, x, cols);
+#pragma omp parallel for schedule(static) if (rows * cols > quant_detail::kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
-    constexpr int64_t kAhead = 8;  // the groups are in range order, not row order
-    if (r + kAhead < rows) {
-      const int64_t ga = t.group_of(r + kAhead);
-      for (int64_t j = 0; j < ld; j += 16) __builtin_prefetch(dp + ga * ld + j);
-    }
-    const float* __restrict d = dp + t.group_of(r) * ld;
-    const float s = t.row_scale[r], vk2 = d[t.leads_group(r) ? cols : cols + 1];
-    const float* __restrict row = x + r * cols;
-    float* __restrict o = out + r * cols;
-    for (int64_t j = 0; j < cols; ++j) o[j] = s * row[j] - vk2 * d[j];
+    bhq_row(t, dp, x, cols, r, out + r * cols);
     float mn = std::numeric_limits<float>::infinity(), mx = -mn;
     uint32_t nan = 0;
-    minmax_lanes(o, cols, mn, mx, nan);
+    minmax_lanes(out + r * cols, cols, mn, mx, nan);
     row_min[r] = mn, row_max[r] = mx;
   }
 }

@@ -11,7 +11,9 @@
 
 namespace fqt::kernels {
 // m[r] = max - min + 1e-8 of row r (in double, as the reference computes it).
-std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols);
+// With tmin / tmax: also the matrix's min and max (+-inf when it is empty).
+std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols, float* tmin = nullptr,
+                                   float* tmax = nullptr);
 // bhq_rank_descending(m), on all threads from min_parallel rows on (one below).
 constexpr int64_t kRankParallelMin = int64_t{1} << 22;
 std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m, int64_t min_parallel = kRankParallelMin);
@@ -21,4 +23,25 @@ BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols);
 // matrix: the groups' v^T diag(s) x in group order (reads only), then the rows in row order
 // (sequential reads and writes; only the small per-group sums are fetched out of order).
 void bhq_apply_rows(const BhqTransform& t, const float* x, int64_t cols, float* out, double* row_min, double* row_max);
+
+// The two passes of bhq_apply_rows as parts, for callers that use each row of T x at once (the
+// fused quantizer of quantize.cpp). bhq_group_dots: per group g, d_g = sum_k v_k (s_k x_k) in
+// member order, in a row of ld = cols + 2 floats that ends with 2 v_first and 2 v_rest (so the
+// row pass finds everything about its group in the one line it fetches); the buffer belongs to
+// the calling thread and is reused by its next call. bhq_row: row r of T x from those sums
+// (t.row_group required).
+const float* bhq_group_dots(const BhqTransform& t, const float* x, int64_t cols);
+inline void bhq_row(const BhqTransform& t, const float* dots, const float* x, int64_t cols, int64_t r,
+                    float* __restrict out) {
+  const int64_t ld = cols + 2;
+  constexpr int64_t kAhead = 8;  // the groups are in range order, not row order
+  if (r + kAhead < t.rows) {
+    const float* ahead = dots + t.group_of(r + kAhead) * ld;
+    for (int64_t j = 0; j < ld; j += 16) __builtin_prefetch(ahead + j);
+  }
+  const float* __restrict d = dots + t.group_of(r) * ld;
+  const float s = t.row_scale[r], vk2 = d[t.leads_group(r) ? cols : cols + 1];
+  const float* __restrict row = x + r * cols;
+  for (int64_t j = 0; j < cols; ++j) out[j] = s * row[j] - vk2 * d[j];
+}
 }  // namespace fqt::kernels

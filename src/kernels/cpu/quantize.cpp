@@ -152,29 +152,93 @@ void stochastic_pass(int64_t rows, int64_t cols, const RngKey (&keys)[K], Piece&
   }
 }
 
+// BHQ in one pass over the rows after the transform is built: each row of T x is formed in a
+// small buffer (bhq_row), its range gives the row's grid, and it is rounded at once, so the
+// [rows, cols] matrix T x is never stored and read back (bench_quantizers, session 8). With `sb`,
+// a second draw of x on a per-tensor grid (the wgrad operand: quantize_pair) is rounded in the
+// same pass; its range comes from the row-range pass. Element e of each draw gets its key's
+// uniform e (fill_uniforms from e's Philox block), so the codes are those of the separate passes
+// bit for bit, on any thread count (tests/unit/test_quantize.cpp).
+QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const QuantizerSpec* sb, RngKey kb,
+                             QuantizedTensor* qb_out) {
+  check_finite(x, "quantizer input");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const float* src = x.data<float>();
+  float tmn = 0.0f, tmx = 0.0f;
+  const std::vector<double> m = kernels::bhq_row_ranges(src, rows, cols, &tmn, &tmx);
+  QuantizedTensor qa;
+  qa.spec = sa, qa.rows = rows, qa.cols = cols;
+  qa.scale.resize(static_cast<size_t>(rows)), qa.lo.resize(static_cast<size_t>(rows));
+  qa.transform = bhq_transform_from_ranges(m, kernels::bhq_rank_descending_parallel(m));
+  const BhqTransform& t = *qa.transform;
+  qa.codes = Tensor::empty({rows, cols}, DType::u8);
+  QuantizedTensor qb;
+  if (sb) {
+    const double a = tmn, b = tmx;
+    qb = make_header(*sb, rows, cols, &a, &b);
+    qb.codes = Tensor::empty({rows, cols}, DType::u8);
+  }
+  const float* dots = kernels::bhq_group_dots(t, src, cols);
+  const int Ba = qa.max_code(), Bb = sb ? qb.max_code() : 0;
+  uint8_t* ca = qa.codes.data<uint8_t>();
+  uint8_t* cb = sb ? qb.codes.data<uint8_t>() : nullptr;
+  const int nk = sb ? 2 : 1;
+  const int64_t R = std::max<int64_t>(1, 4096 / cols), chunks = (rows + R - 1) / R;
+  const int64_t ubuf = R * cols + 8;  // a chunk's elements from its first Philox block on
+#pragma omp parallel if (rows * cols > kParallelMin)
+  {
+    // Per chunk, three short passes over L1-resident buffers: the rows of T x and their ranges,
+    // the rows' grids (independent divisions that overlap: one row at a time waited on each),
+    // then the rounding.
+    std::vector<float> buf(static_cast<size_t>(nk * ubuf)), tx(static_cast<size_t>(R * cols));
+    std::vector<float> mn(static_cast<size_t>(R)), mx(static_cast<size_t>(R));
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t r0 = ch * R, r1 = std::min(rows, r0 + R), e0 = r0 * cols, e1 = r1 * cols;
+      const uint64_t b0 = static_cast<uint64_t>(e0) >> 2;
+      const int64_t base = static_cast<int64_t>(b0 * 4), nblocks = (e1 - base + 3) / 4;
+      for (int64_t r = r0; r < r1; ++r) {
+        float* row = tx.data() + (r - r0) * cols;
+        kernels::bhq_row(t, dots, src, cols, r, row);
+        float a = std::numeric_limits<float>::infinity(), b = -a;
+        uint32_t nan = 0;
+        kernels::minmax_lanes(row, cols, a, b, nan);
+        mn[r - r0] = a, mx[r - r0] = b;
+      }
+      float* __restrict sc = qa.scale.data();
+      float* __restrict lo = qa.lo.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const Grid g = make_grid(sa.kind, mn[r - r0], mx[r - r0], sa.bits);  // make_header's grid of this row
+        sc[r] = g.scale, lo[r] = g.lo;
+      }
+      kernels::fill_uniforms(ka, b0, nblocks, buf.data());
+      if (sb) kernels::fill_uniforms(kb, b0, nblocks, buf.data() + ubuf);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t e = r * cols;
+        round_run_stochastic(tx.data() + (r - r0) * cols, buf.data() + (e - base), cols, lo[r], sc[r], Ba, ca + e);
+        if (sb) round_run_stochastic(src + e, buf.data() + ubuf + (e - base), cols, qb.lo[0], qb.scale[0], Bb, cb + e);
+      }
+    }
+  }
+  if (qb_out) *qb_out = std::move(qb);
+  return qa;
+}
+
 }  // namespace
 
 QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   profile::Scope timer(profile::quantize);
   check_spec(spec);
   Tensor x = as_matrix(x_in);
-  // Non-finite input is found by the min/max pass below (one pass less); BHQ transforms first.
-  if (spec.kind == QuantizerKind::bhq) check_finite(x, "quantizer input");
   const int64_t rows = x.size(0), cols = x.size(1);
   const Granularity gran = traits(spec.kind).granularity;
-  Tensor source = x;
+  if (spec.kind == QuantizerKind::bhq && cols > 0) return quantize_bhq(x, spec, key, nullptr, {}, nullptr);
+  // Non-finite input is found by the min/max pass below (one pass less); BHQ transforms first.
+  if (spec.kind == QuantizerKind::bhq) check_finite(x, "quantizer input");
   std::optional<BhqTransform> transform;
   std::vector<double> mn, mx;
-  if (spec.kind == QuantizerKind::bhq && cols > 0) {
-    // T x with its row ranges in the same pass (the input was checked finite above).
-    transform = kernels::bhq_transform_fast(x.data<float>(), rows, cols);
-    source = Tensor::empty({rows, cols});
-    mn.resize(static_cast<size_t>(rows)), mx.resize(static_cast<size_t>(rows));
-    kernels::bhq_apply_rows(*transform, x.data<float>(), cols, source.data<float>(), mn.data(), mx.data());
-  } else {
-    if (spec.kind == QuantizerKind::bhq) transform = kernels::bhq_transform_fast(x.data<float>(), rows, cols);
-    if (group_minmax(source.data<float>(), rows, cols, gran, mn, mx)) check_finite(x, "quantizer input");
-  }
+  if (spec.kind == QuantizerKind::bhq) transform = kernels::bhq_transform_fast(x.data<float>(), rows, cols);
+  if (group_minmax(x.data<float>(), rows, cols, gran, mn, mx)) check_finite(x, "quantizer input");
   QuantizedTensor q = make_header(spec, rows, cols, mn.data(), mx.data());
   q.transform = std::move(transform);
 
@@ -182,7 +246,7 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   const bool stochastic = traits(spec.kind).rounding == Rounding::stochastic;
   q.codes = Tensor::empty({rows, cols}, DType::u8);
   uint8_t* codes = q.codes.data<uint8_t>();
-  const float* src = source.data<float>();
+  const float* src = x.data<float>();
   const float* scale = q.scale.data();
   const float* lo = q.lo.data();
   if (!stochastic) {
@@ -222,6 +286,15 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
     return t.rounding == Rounding::stochastic && s.kind != QuantizerKind::bhq &&
            (t.granularity == Granularity::row || t.granularity == Granularity::tensor);
   };
+  if (x_in.numel() > 0 && sa.kind == QuantizerKind::bhq && fusable(sb) &&
+      traits(sb.kind).granularity == Granularity::tensor) {  // BHQ's dgrad draw + a per-tensor wgrad draw
+    profile::Scope timer(profile::quantize);
+    check_spec(sa);
+    check_spec(sb);
+    QuantizedTensor qb;
+    QuantizedTensor qa = quantize_bhq(as_matrix(x_in), sa, ka, &sb, kb, &qb);
+    return {std::move(qa), std::move(qb)};
+  }
   if (!fusable(sa) || !fusable(sb) || x_in.numel() == 0) return {quantize(x_in, sa, ka), quantize(x_in, sb, kb)};
   profile::Scope timer(profile::quantize);
   check_spec(sa);
