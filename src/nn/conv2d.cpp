@@ -241,12 +241,9 @@ Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContex
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
   FQT_CHECK(dy.numel() == N * cout_ * P, "Conv2d {}: dy {} does not match the output size", name_,
             shape_str(dy.shape()));
-  Tensor w = weight2d();
-  Tensor grows;  // fqt: dequantized Qdgrad(G) in the SPEC's row layout [(N*P), Cout]
-  if (recipe_.mode != Mode::fp32) {
+  if (recipe_.mode != Mode::fp32)
     FQT_CHECK(wq_.codes.defined(), "Conv2d {}: backward without a training forward", name_);
-    w = dequantize(wq_);
-  }
+  Tensor grows;  // fqt: dequantized Qdgrad(G) in the SPEC's row layout [(N*P), Cout]
   if (recipe_.mode == Mode::fqt && recipe_.exact_dgrad) {
     gq_dgrad_ = QuantizedTensor{};  // dgrad as in qat: the fp32 GEMM on dy below
   } else if (recipe_.mode == Mode::fqt) {
@@ -255,6 +252,7 @@ Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContex
     if (int_dgrad(recipe_, gq_dgrad_, wq_)) return dgrad_int(gq_dgrad_);
     grows = dequantize(gq_dgrad_);
   }
+  const Tensor w = recipe_.mode == Mode::fp32 ? weight2d() : dequantize(wq_);
   Tensor dx = Tensor::empty(in_shape_);
   const float* wp = w.data<float>();
   const float* gp = grows.defined() ? grows.data<float>() : dy.data<float>();
