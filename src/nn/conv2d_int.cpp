@@ -21,8 +21,9 @@
 //          each row summed at once onto dx_n (the adjoint of im2row);
 //          BHQ: T^-1 fused row by row (see dgrad_int)
 //   wgrad  dW^T [Ckk, Cout] = sum_n im2col(xq_n) [Ckk, P] . Gq_n  A = im2col codes (u8)
-//          B = G_n^T codes (s8); code sums per tap row and per gradient column, and the integer
-//          partial sums, in int64 (exact, so any grouping gives the same result)
+//          B = G_n^T codes (s8), a few samples side by side along k per GEMM; code sums per tap
+//          row and per gradient column, and the integer partial sums, in int64 (exact, so any
+//          grouping gives the same result)
 //
 // im2col runs on the codes: padding is the activation grid's code for 0 (zero-aligned grids have
 // one by construction), so nothing is dequantized and the saved input stays 1 byte per value.
@@ -121,12 +122,12 @@ void pad_chw(const uint8_t* x, const Geom& g, uint8_t pad_code, uint8_t* out) {
       std::memcpy(out + (c * Hp + h + g.pad) * Wp + g.pad, x + (c * g.H + h) * g.W, static_cast<size_t>(g.W));
 }
 
-// im2col rows [(c, kh, kw), P] from the padded CHW image.
-void im2col_chw(const uint8_t* img, const Geom& g, uint8_t* out) {
-  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, k = g.k, P = g.P();
+// im2col rows [(c, kh, kw), P] from the padded CHW image (row stride ld >= P).
+void im2col_chw(const uint8_t* img, const Geom& g, uint8_t* out, int64_t ld) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, k = g.k;
   for (int64_t r = 0; r < g.rows(); ++r) {
     const int64_t c = r / (k * k), kh = (r / k) % k, kw = r % k;
-    uint8_t* row = out + r * P;
+    uint8_t* row = out + r * ld;
     for (int64_t oh = 0; oh < g.Ho; ++oh) {
       const uint8_t* src = img + (c * Hp + oh * g.stride + kh) * Wp + kw;
       uint8_t* o = row + oh * g.Wo;
@@ -497,32 +498,44 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const uint8_t* xc = xq_.codes.data<uint8_t>();
   // Integer partial sums per fixed group of samples (exact: the grouping cannot change them).
   const int64_t groups = std::clamp<int64_t>(std::min<int64_t>(8, (int64_t{1} << 23) / wsize), 1, N);
+  // Within a group, `ns` samples at a time go through one GEMM, their columns side by side along
+  // k (A = [im2col(x_n) ...], B = [G_n^T ...]: K = ns * P): one int32 product [Ckk, Cout] and one
+  // widening into the int64 sums per ns samples instead of per sample (with P = 49 in stage 3,
+  // that widening of 37K products per sample was a third of wgrad_int's own time in perf), and a
+  // longer k for the kernel. ns keeps the patch bytes of a batch near 64 KB (L2-resident while
+  // the kernel passes over B's panels) and K within the exact int32 bound.
+  const int64_t ns = std::max<int64_t>(1, std::min((int64_t{64} << 10) / (ckk * P), igemm_max_k(255, 128) / P));
+  const int64_t ldk = ns * P;
   std::vector<int64_t> part(static_cast<size_t>(groups * wsize), 0);
 #pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))
   {
-    std::vector<int8_t> Bg(static_cast<size_t>(cout_ * P));  // G_n^T codes [Cout, P], s8
+    std::vector<int8_t> Bg(static_cast<size_t>(cout_ * ldk));  // [G_n^T ...] codes [Cout, ns * P], s8
     std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
-    std::vector<uint8_t> A(static_cast<size_t>(ckk * P));
+    std::vector<uint8_t> A(static_cast<size_t>(ckk * ldk));
     std::vector<int32_t> C(static_cast<size_t>(ssize));
 #pragma omp for schedule(static, 1)
     for (int64_t gi = 0; gi < groups; ++gi) {
       int64_t* acc = part.data() + gi * wsize;
       int64_t* rx = acc + ssize;
       int64_t* rg = rx + ckk;
-      for (int64_t n = gi * N / groups; n < (gi + 1) * N / groups; ++n) {
-        const uint8_t* gn = gc + n * P * cout_;
-        // G_n^T as s8 (8-bit codes: q - 128 = q ^ 0x80), and the column sums of the shifted codes.
-        // The column sums of G_n's codes are the row sums of the transposed bytes, xor-ed back
-        // (a vector pass over the cache-resident copy: the scalar loop over G_n's columns was
-        // ~20% of wgrad_int's own time in perf).
+      const int64_t n_end = (gi + 1) * N / groups;
+      for (int64_t n0 = gi * N / groups; n0 < n_end; n0 += ns) {
+        const int64_t m = std::min(ns, n_end - n0), K = m * P;
+        for (int64_t j = 0; j < m; ++j) {
+          // G_n^T as s8 (8-bit codes: q - 128 = q ^ 0x80) into columns j*P.. of the batch.
+          kernels::transpose_bytes(gc + (n0 + j) * P * cout_, P, cout_, cout_,
+                                   reinterpret_cast<uint8_t*>(Bg.data()) + j * P, K, shg == 128 ? 0x80 : 0x00);
+          pad_chw(xc + (n0 + j) * chw, g, pad_code, img.data());
+          im2col_chw(img.data(), g, A.data() + j * P, K);
+        }
+        // The column sums of the gradient codes are the row sums of the transposed bytes, xor-ed
+        // back (a vector pass over the cache-resident copy: the scalar loop over G_n's columns
+        // was ~20% of wgrad_int's own time in perf).
         const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
         const uint8_t* bg = reinterpret_cast<const uint8_t*>(Bg.data());
-        kernels::transpose_bytes(gn, P, cout_, cout_, reinterpret_cast<uint8_t*>(Bg.data()), P, flip);
-        for (int64_t c = 0; c < cout_; ++c) rg[c] += byte_sum(bg + c * P, P, flip) - P * shg;
-        pad_chw(xc + n * chw, g, pad_code, img.data());
-        im2col_chw(img.data(), g, A.data());
-        for (int64_t k = 0; k < ckk; ++k) rx[k] += byte_sum(A.data() + k * P, P);
-        igemm_worker(ckk, cout_, P, A.data(), P, Bg.data(), P, C.data(), cout_);
+        for (int64_t c = 0; c < cout_; ++c) rg[c] += byte_sum(bg + c * K, K, flip) - K * shg;
+        for (int64_t k = 0; k < ckk; ++k) rx[k] += byte_sum(A.data() + k * K, K);
+        igemm_worker(ckk, cout_, K, A.data(), K, Bg.data(), K, C.data(), cout_);
         for (int64_t i = 0; i < ssize; ++i) acc[i] += C[i];
       }
     }
