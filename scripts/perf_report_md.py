@@ -169,15 +169,18 @@ def main(argv):
         w("")
         w("`fqt bench gemm`: int8 = u8 x s8 -> s32, fp32 = fqt's `sgemm` (OpenBLAS), C = A B^T. M N K = the "
           "product as the fp32 path lays it out; `int8 M x N x K` = the same product as the integer path runs it "
-          "(conv layers: the per-sample operand is A, fqt's own kernel — VNNI, else AVX2 — called per sample as "
-          "in `Conv2d`). The square and Linear shapes use the automatic "
-          "backend. `count` = independent products per layer call (Conv2d runs one GEMM per sample, in parallel "
-          "over the batch); GOPS = 2 M N K count / time (useful operations only).")
+          "(conv layers: the per-sample operand is A, fqt's own kernel — VNNI, else AVX2 — run as in `Conv2d`: "
+          "fprop and dgrad one product per sample with the weights packed once per layer call, wgrad `x s` = s "
+          "samples side by side along k per product). The square and Linear shapes use the automatic "
+          "backend. `count` = samples (or products) per layer call, run in parallel; "
+          "GOPS = 2 M N K count / time (useful operations only).")
         w("")
         w("| M | N | K | count | used by | int8 M x N x K | int8 backend | int8 GOPS | fp32 GFLOPS | int8 / fp32 |")
         w("|---:|---:|---:|---:|---|---|---|---:|---:|---:|")
         for g in gemm:
             il = f"{g.get('int8_m', g['m'])} x {g.get('int8_n', g['n'])} x {g.get('int8_k', g['k'])}"
+            if g.get("int8_samples_per_gemm", 1) > 1:
+                il += f" x {g['int8_samples_per_gemm']}"
             w(f"| {g['m']} | {g['n']} | {g['k']} | {g.get('count', 1)} | {short_uses(g.get('uses', []))} | {il} | "
               f"{g.get('backend', '')} | {fmt(g['int8_gops'])} | {fmt(g['fp32_gflops'])} | {fmt(g['speedup'], '.2f')}x |")
         layer = [g for g in gemm if g.get("uses") != ["square"]]

@@ -75,6 +75,7 @@
 #include "fqt/tensor.hpp"
 
 #include <cstdint>
+#include <vector>
 
 namespace fqt {
 
@@ -140,6 +141,24 @@ bool avx2_bytes_exact(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t
 void s32_local(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
                int32_t* C, int64_t ldc);
 const char* local_kernel_name();
+// The VNNI kernel's B packing, done once for many products with the same B (a layer's weights
+// over the samples of a batch: packing them per sample cost as much as a stage-3 sample's GEMM),
+// and the product with such a packed B.
+void pack_b_vnni(int64_t N, int64_t K, const int8_t* B, int64_t ldb, std::vector<int8_t>& out);
+void s32_vnni_packed(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* Bpk, int32_t* C,
+                     int64_t ldc);
+// B [N, K] for s32_local with a fixed B: packed for the VNNI kernel where it runs, else B itself
+// (which must then outlive this object).
+class LocalB {
+ public:
+  LocalB(int64_t N, int64_t K, const int8_t* B, int64_t ldb);
+  void gemm(int64_t M, const uint8_t* A, int64_t lda, int32_t* C, int64_t ldc) const;  // C = A B^T
+
+ private:
+  int64_t n_, k_, ldb_;
+  const int8_t* b_;
+  std::vector<int8_t> packed_;  // empty: not the VNNI kernel
+};
 bool onednn_available();
 void s32_onednn(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B,
                 int64_t ldb, int32_t* C, int64_t ldc);

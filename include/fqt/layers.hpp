@@ -116,6 +116,13 @@ class Conv2d : public QuantizedLayer {
   Param& weight() { return weight_; }  // [Cout, Cin, k, k]
   Param& bias() { return bias_; }
   int64_t out_size(int64_t in) const { return (in + 2 * pad_ - k_) / stride_ + 1; }
+  // The integer wgrad's plan for N samples of P output positions: `groups` fixed groups of
+  // consecutive samples (int64 partial sums, in parallel), each `per_gemm` samples at a time
+  // through one GEMM with K = per_gemm * P (fqt bench gemm times the same products).
+  struct WgradPlan {
+    int64_t groups, per_gemm;
+  };
+  static WgradPlan wgrad_int_plan(int64_t N, int64_t ckk, int64_t cout, int64_t P);
   const QuantizedTensor& saved_input_q() const { return xq_; }
   const QuantizedTensor& saved_weight_q() const { return wq_; }
   const QuantizedTensor& last_dgrad_q() const { return gq_dgrad_; }

@@ -142,6 +142,15 @@ void s32_local(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, c
   else s32_portable(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
+LocalB::LocalB(int64_t N, int64_t K, const int8_t* B, int64_t ldb) : n_(N), k_(K), ldb_(ldb), b_(B) {
+  if (vnni_available() && N > 0 && K > 0) pack_b_vnni(N, K, B, ldb, packed_);
+}
+
+void LocalB::gemm(int64_t M, const uint8_t* A, int64_t lda, int32_t* C, int64_t ldc) const {
+  if (!packed_.empty()) s32_vnni_packed(M, n_, k_, A, lda, packed_.data(), C, ldc);
+  else s32_local(M, n_, k_, A, lda, b_, ldb_, C, ldc);
+}
+
 const char* local_kernel_name() { return vnni_available() ? "vnni" : avx2_available() ? "avx2" : "portable"; }
 
 void s32_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,

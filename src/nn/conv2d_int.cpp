@@ -194,6 +194,13 @@ void igemm_worker(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
   profile::Scope timer(profile::gemm_int);
   igemm_detail::s32_local(M, N, K, A, lda, B, ldb, C, ldc);
 }
+// The same with a B shared by every sample (the weights), packed once per layer call.
+void igemm_worker(int64_t M, int64_t K, const uint8_t* A, int64_t lda, const igemm_detail::LocalB& B, int32_t* C,
+                  int64_t ldc) {
+  FQT_CHECK(K <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", K);
+  profile::Scope timer(profile::gemm_int);
+  B.gemm(M, A, lda, C, ldc);
+}
 
 // o[0:n) = sum_c u[c] W[c, 0:n) for one BHQ group (W: rows of ldw >= n floats). With AVX-512:
 // 32 outputs at a time (two registers, the last ones masked), each summed over c in four
@@ -287,6 +294,7 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   const auto pad_code = static_cast<uint8_t>(zero_code);
   const uint8_t* xc = xq.codes.data<uint8_t>();
   const float* b = has_bias_ ? bias_.value.data<float>() : nullptr;
+  const igemm_detail::LocalB Bpk(cout_, ckk, Bw.data(), ckk);
   Tensor y = Tensor::empty({N, cout_, g.Ho, g.Wo});
   float* yp = y.data<float>();
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
@@ -300,7 +308,7 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
       pad_hwc(xc + n * chw, g, pad_code, img.data());
       im2row_hwc(img.data(), g, A.data());
       for (int64_t p = 0; p < P; ++p) rx[p] = static_cast<float>(byte_sum(A.data() + p * ckk, ckk));
-      igemm_worker(P, cout_, ckk, A.data(), ckk, Bw.data(), ckk, C.data(), cout_);
+      igemm_worker(P, ckk, A.data(), ckk, Bpk, C.data(), cout_);
       kernels::transpose(C.data(), P, cout_, cout_, Ct.data(), P);  // [P, Cout] -> [Cout, P]
       float* yn = yp + n * cout_ * P;
       const float* __restrict rxp = rx.data();
@@ -411,6 +419,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       sgemm(false, false, std::min(kGB, G - g0), ckk, cout_, 1.0f, U + g0 * cout_, cout_, Wd.data(), ckk, 0.0f,
             UW + g0 * ckk, ckk);
   }
+  const igemm_detail::LocalB Bpk(ldc, cout_, Bt.data(), cout_);
   Tensor dx = Tensor::empty(in_shape_);
   float* dxp = dx.data<float>();
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, run = k_ * cin_;
@@ -421,7 +430,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     std::vector<float> acc(static_cast<size_t>(Hp * Wp * cin_)), acct(acc.size());
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-      igemm_worker(P, ldc, cout_, gc + n * P * cout_, cout_, Bt.data(), cout_, C.data(), ldc);
+      igemm_worker(P, cout_, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
       // Each dgrad row is finished (scales, offsets, BHQ's T^-1) into one row buffer and summed
       // straight onto the padded HWC accumulator (the adjoint of im2row_hwc), so the
       // [P, Ckk] fp32 rows are never stored.
@@ -483,6 +492,20 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   return dx;
 }
 
+Conv2d::WgradPlan Conv2d::wgrad_int_plan(int64_t N, int64_t ckk, int64_t cout, int64_t P) {
+  const int64_t wsize = ckk * cout + ckk + cout;  // int64 words of one group's partial sums
+  const int64_t groups = std::clamp<int64_t>(std::min<int64_t>(8, (int64_t{1} << 23) / wsize), 1, std::max<int64_t>(N, 1));
+  // Within a group, samples side by side along k (A = [im2col(x_n) ...], B = [G_n^T ...]): one
+  // int32 product [Ckk, Cout] and one widening into the int64 sums per batch instead of per
+  // sample (with P = 49 in stage 3, that widening of 37K products per sample was a third of
+  // wgrad_int's own time in perf), and a longer k for the kernel. The patch bytes of a batch stay
+  // near 64 KB (L2-resident while the kernel passes over B's panels) and K within the exact
+  // int32 bound.
+  const int64_t per_gemm = std::max<int64_t>(1, std::min((int64_t{64} << 10) / std::max<int64_t>(ckk * P, 1),
+                                                         igemm_max_k(255, 128) / std::max<int64_t>(P, 1)));
+  return {groups, per_gemm};
+}
+
 void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
@@ -497,14 +520,8 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const uint8_t* gc = gq.codes.data<uint8_t>();
   const uint8_t* xc = xq_.codes.data<uint8_t>();
   // Integer partial sums per fixed group of samples (exact: the grouping cannot change them).
-  const int64_t groups = std::clamp<int64_t>(std::min<int64_t>(8, (int64_t{1} << 23) / wsize), 1, N);
-  // Within a group, `ns` samples at a time go through one GEMM, their columns side by side along
-  // k (A = [im2col(x_n) ...], B = [G_n^T ...]: K = ns * P): one int32 product [Ckk, Cout] and one
-  // widening into the int64 sums per ns samples instead of per sample (with P = 49 in stage 3,
-  // that widening of 37K products per sample was a third of wgrad_int's own time in perf), and a
-  // longer k for the kernel. ns keeps the patch bytes of a batch near 64 KB (L2-resident while
-  // the kernel passes over B's panels) and K within the exact int32 bound.
-  const int64_t ns = std::max<int64_t>(1, std::min((int64_t{64} << 10) / (ckk * P), igemm_max_k(255, 128) / P));
+  const WgradPlan plan = wgrad_int_plan(N, ckk, cout_, P);
+  const int64_t groups = plan.groups, ns = plan.per_gemm;
   const int64_t ldk = ns * P;
   std::vector<int64_t> part(static_cast<size_t>(groups * wsize), 0);
 #pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))

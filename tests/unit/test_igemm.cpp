@@ -88,6 +88,18 @@ TEST(igemm_raw, AllBackendsMatchReferenceBitForBit) {
           }
         }
     }
+    // The layers' kernel with B packed once (VNNI) or passed through (other CPUs), used twice
+    // with the same packing.
+    if (s.K <= igemm_max_k(255, 128)) {
+      const igemm_detail::LocalB packed(s.N, s.K, B.data(), ldb);
+      for (int rep = 0; rep < 2; ++rep) {
+        std::vector<int32_t> c(s.M * ldc, -7);
+        packed.gemm(s.M, A.data(), lda, c.data(), ldc);
+        for (int64_t m = 0; m < s.M; ++m)
+          for (int64_t n = 0; n < ldc; ++n)
+            ASSERT_EQ(c[m * ldc + n], ref[m * ldc + n]) << "LocalB M=" << s.M << " N=" << s.N << " K=" << s.K;
+      }
+    }
   }
 }
 

@@ -68,6 +68,11 @@ struct GemmShape {
   // The integer path's own layout of the same product (0: same as m, n, k). Operations are
   // counted from m, n, k: dgrad's extra correction column is not useful work.
   int64_t im = 0, in = 0, ik = 0;
+  // How Conv2d's integer path runs the `count` products: fprop and dgrad with B (the weights)
+  // packed once per layer call (shared_b); wgrad with `per_gemm` samples side by side along k in
+  // each of `groups` groups (Conv2d::wgrad_int_plan). 0 / false: one product per sample.
+  bool shared_b = false;
+  int64_t per_gemm = 0, groups = 0;
 };
 
 // The GEMMs of a model's quantized layers at the given batch and input, derived from the layers
@@ -83,6 +88,8 @@ struct GemmShape {
 //   fprop  [P, Cout] = patches [P, ckk] . W^T                      M=P    N=Cout   K=ckk
 //   dgrad  [P, ckk] = G_n [P, Cout] . W^T (+ code row sums by a pass) M=P   N=ckk    K=Cout
 //   wgrad  [ckk, Cout] = cols_n [ckk, P] . G_n^T                   M=ckk  N=Cout   K=P
+// (fprop and dgrad with the weights packed once per layer call; wgrad a few samples per product,
+// K = per_gemm * P, as Conv2d::wgrad_int_plan says.)
 std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::string& input, int64_t batch) {
   int c = 0, h = 0, w = 0;
   parse_input(input, c, h, w);
@@ -94,13 +101,14 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::st
   net->collect_quantized(layers);
   std::vector<GemmShape> out;
   auto add = [&](int64_t m, int64_t n, int64_t k, int64_t count, std::string use, int64_t im = 0, int64_t in = 0,
-                 int64_t ik = 0) {
+                 int64_t ik = 0, bool shared_b = false, Conv2d::WgradPlan plan = {0, 0}) {
     for (auto& s : out)
-      if (s.m == m && s.n == n && s.k == k && s.count == count && s.im == im && s.in == in && s.ik == ik) {
+      if (s.m == m && s.n == n && s.k == k && s.count == count && s.im == im && s.in == in && s.ik == ik &&
+          s.shared_b == shared_b && s.per_gemm == plan.per_gemm && s.groups == plan.groups) {
         s.uses.push_back(std::move(use));
         return;
       }
-    out.push_back({m, n, k, count, {std::move(use)}, im, in, ik});
+    out.push_back({m, n, k, count, {std::move(use)}, im, in, ik, shared_b, plan.per_gemm, plan.groups});
   };
   for (QuantizedLayer* l : layers) {
     if (auto* conv = dynamic_cast<Conv2d*>(l)) {
@@ -115,9 +123,9 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::st
       FQT_CHECK(hin * hin == hw && static_cast<int64_t>(bytes) == cin * hw * 4,
                 "bench gemm: cannot infer the input size of {} (saved {} bytes, Cin {})", conv->name(), bytes, cin);
       const int64_t ho = conv->out_size(hin), P = ho * ho, ckk = cin * kk;
-      add(cout, P, ckk, batch, conv->name() + " fprop", P, cout, ckk);
-      add(ckk, P, cout, batch, conv->name() + " dgrad", P, ckk, cout);
-      add(cout, ckk, P, batch, conv->name() + " wgrad", ckk, cout, P);
+      add(cout, P, ckk, batch, conv->name() + " fprop", P, cout, ckk, true);
+      add(ckk, P, cout, batch, conv->name() + " dgrad", P, ckk, cout, true);
+      add(cout, ckk, P, batch, conv->name() + " wgrad", ckk, cout, P, false, Conv2d::wgrad_int_plan(batch, ckk, cout, P));
     } else if (auto* lin = dynamic_cast<Linear*>(l)) {
       const int64_t in = lin->in_features(), o = lin->out_features();
       add(batch, o, in, 1, lin->name() + " fprop");
@@ -174,8 +182,9 @@ int run_gemm_bench(const GemmOptions& o) {
     const int64_t IM = s.im ? s.im : M, IN = s.in ? s.in : N, IK = s.ik ? s.ik : K;  // int8 layout
     // Operands shared by all `count` products (in the layers one operand is the weight and the
     // other a cache-resident per-thread im2col buffer); each product writes its own output.
-    std::vector<uint8_t> A(IM * IK);
-    std::vector<int8_t> B(IN * IK);
+    const int64_t per_gemm = std::max<int64_t>(1, s.per_gemm), ldk = per_gemm * IK;  // wgrad: samples along k
+    std::vector<uint8_t> A(IM * ldk);
+    std::vector<int8_t> B(IN * ldk);
     std::vector<float> Af(M * K), Bf(N * K);
     std::uniform_int_distribution<int> du(0, 255), ds(-128, 127);
     std::normal_distribution<float> dn;
@@ -185,14 +194,30 @@ int run_gemm_bench(const GemmOptions& o) {
     for (auto& v : Bf) v = dn(gen);
     std::vector<int32_t> C(cnt * IM * IN);
     std::vector<float> Cf(cnt * M * N);
-    // Conv products run as in Conv2d's integer path: fqt's kernel called per sample (VNNI when the
-    // CPU has it, else AVX2, else the portable one), not the automatic dispatcher.
+    // Conv products run as in Conv2d's integer path: fqt's kernel on the calling thread (VNNI when
+    // the CPU has it, else AVX2, else the portable one), not the automatic dispatcher; the weights
+    // packed once per layer call (fprop, dgrad), the wgrad samples batched along k per group.
     const bool conv_kernel = s.im != 0;
-    auto per_sample = [&](int32_t* c) { igemm_detail::s32_local(IM, IN, IK, A.data(), IK, B.data(), IK, c, IN); };
     auto int8 = [&] {
+      if (conv_kernel && s.shared_b) {
+        const igemm_detail::LocalB packed(IN, IK, B.data(), IK);
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < cnt; ++i) packed.gemm(IM, A.data(), IK, C.data() + i * IM * IN, IN);
+        return;
+      }
+      if (conv_kernel && s.groups > 0) {
+#pragma omp parallel for schedule(static, 1)
+        for (int64_t g = 0; g < s.groups; ++g)
+          for (int64_t n0 = g * cnt / s.groups, n1 = (g + 1) * cnt / s.groups; n0 < n1; n0 += per_gemm) {
+            const int64_t k = std::min(per_gemm, n1 - n0) * IK;
+            igemm_detail::s32_local(IM, IN, k, A.data(), ldk, B.data(), ldk, C.data() + n0 * IM * IN, IN);
+          }
+        return;
+      }
       if (conv_kernel) {
 #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < cnt; ++i) per_sample(C.data() + i * IM * IN);
+        for (int64_t i = 0; i < cnt; ++i)
+          igemm_detail::s32_local(IM, IN, IK, A.data(), IK, B.data(), IK, C.data() + i * IM * IN, IN);
         return;
       }
       if (cnt == 1) return igemm_u8s8s32(IM, IN, IK, A.data(), IK, B.data(), IK, C.data(), IN);
@@ -230,6 +255,7 @@ int run_gemm_bench(const GemmOptions& o) {
                          {"int8_m", IM},
                          {"int8_n", IN},
                          {"int8_k", IK},
+                         {"int8_samples_per_gemm", conv_kernel ? per_gemm : 1},
                          {"backend", backend},
                          {"threads", num_threads()},
                          {"reps", o.reps},

@@ -76,9 +76,32 @@ inline void ukernel(int64_t k4n, const uint8_t* __restrict Ab, int64_t a_rs, int
   }
 }
 
+// B [N, K] (rows of ldb) packed for panels of 16 NZ columns: panel p = columns [p NR, p NR + NR),
+// all of K, [k4][NR][4] bytes (zero-padded in n and k).
+template <int NZ>
+int64_t packed_b_bytes(int64_t N, int64_t K) {
+  constexpr int64_t NR = 16 * NZ;
+  return (N + NR - 1) / NR * NR * ((K + 3) / 4) * 4;
+}
+template <int NZ>
+void pack_b_panel(int64_t p, int64_t N, int64_t K, const int8_t* B, int64_t ldb, int8_t* Bpk) {
+  constexpr int64_t NR = 16 * NZ;
+  const int64_t K4 = (K + 3) / 4;
+  int8_t* dst = Bpk + p * NR * K4 * 4;
+  std::memset(dst, 0, NR * K4 * 4);
+  int32_t* d32 = reinterpret_cast<int32_t*>(dst);
+  for (int64_t nn = 0; nn < NR && p * NR + nn < N; ++nn) {
+    const int8_t* src = B + (p * NR + nn) * ldb;
+    const int64_t kfull = K & ~int64_t(3);
+    for (int64_t k4 = 0; k4 < kfull / 4; ++k4) std::memcpy(d32 + k4 * NR + nn, src + 4 * k4, 4);
+    for (int64_t k = kfull; k < K; ++k) dst[((k >> 2) * NR + nn) * 4 + (k & 3)] = src[k];
+  }
+}
+
+// C = A B^T; B packed here, or given packed (`prepacked`, from pack_b_panel for every panel).
 template <int MR, int NZ>
 void driver(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
-            int32_t* C, int64_t ldc) {
+            int32_t* C, int64_t ldc, const int8_t* prepacked = nullptr) {
   // One parallel region with a single barrier (after packing B): on a shared, oversubscribed
   // machine every barrier can cost a scheduler time slice, so K blocks must not add barriers.
   constexpr int64_t NR = 16 * NZ;
@@ -87,26 +110,19 @@ void driver(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, cons
   const int64_t KC = k_block(M, N, K);       // multiple of 4
   const int64_t mcb = (M + MC - 1) / MC;
   static thread_local std::vector<int8_t> bbuf;
-  if (static_cast<int64_t>(bbuf.size()) < np * NR * K4 * 4) bbuf.resize(np * NR * K4 * 4);
-  int8_t* Bpk = bbuf.data();
+  if (!prepacked && static_cast<int64_t>(bbuf.size()) < packed_b_bytes<NZ>(N, K)) bbuf.resize(packed_b_bytes<NZ>(N, K));
+  // (thread_local: the pointer is taken here, on the calling thread, before the parallel region)
+  int8_t* own = bbuf.data();
+  const int8_t* Bpk = prepacked ? prepacked : own;
   const bool par = (mcb >= 2 || np >= 2) && M * N * K > (1 << 20);
   // Measured (1 thread): in place A doubles tall-skinny shapes (N = 16: 112 -> 216 GOPS) and
   // is neutral at 64 columns.
   const bool direct = K % 4 == 0 && np <= 4;
 #pragma omp parallel if (par)
   {
-    // Pack B: panel p = columns [p NR, p NR + NR), all of K: [k4][NR][4] bytes.
+    if (!prepacked) {
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < np; ++p) {
-      int8_t* dst = Bpk + p * NR * K4 * 4;
-      std::memset(dst, 0, NR * K4 * 4);
-      int32_t* d32 = reinterpret_cast<int32_t*>(dst);
-      for (int64_t nn = 0; nn < NR && p * NR + nn < N; ++nn) {
-        const int8_t* src = B + (p * NR + nn) * ldb;
-        const int64_t kfull = K & ~int64_t(3);
-        for (int64_t k4 = 0; k4 < kfull / 4; ++k4) std::memcpy(d32 + k4 * NR + nn, src + 4 * k4, 4);
-        for (int64_t k = kfull; k < K; ++k) dst[((k >> 2) * NR + nn) * 4 + (k & 3)] = src[k];
-      }
+      for (int64_t p = 0; p < np; ++p) pack_b_panel<NZ>(p, N, K, B, ldb, own);
     }
     // Row blocks: each thread packs its own A block per K block ([k4][MR] words per panel).
     std::vector<int32_t> abuf(static_cast<size_t>(((MC + MR - 1) / MR) * MR * (KC / 4)));
@@ -165,10 +181,34 @@ void s32_vnni(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, co
     driver<12, 2>(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
+void pack_b_vnni(int64_t N, int64_t K, const int8_t* B, int64_t ldb, std::vector<int8_t>& out) {
+  if (N <= 16) {
+    out.resize(static_cast<size_t>(packed_b_bytes<1>(N, K)));
+    for (int64_t p = 0; p < (N + 15) / 16; ++p) pack_b_panel<1>(p, N, K, B, ldb, out.data());
+  } else {
+    out.resize(static_cast<size_t>(packed_b_bytes<2>(N, K)));
+    for (int64_t p = 0; p < (N + 31) / 32; ++p) pack_b_panel<2>(p, N, K, B, ldb, out.data());
+  }
+}
+
+void s32_vnni_packed(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* Bpk, int32_t* C,
+                     int64_t ldc) {
+  if (N <= 16)
+    driver<24, 1>(M, N, K, A, lda, nullptr, 0, C, ldc, Bpk);
+  else
+    driver<12, 2>(M, N, K, A, lda, nullptr, 0, C, ldc, Bpk);
+}
+
 #else
 
 bool vnni_available() { return false; }
 void s32_vnni(int64_t, int64_t, int64_t, const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t) {
+  FQT_CHECK(false, "igemm: built without AVX512-VNNI");
+}
+void pack_b_vnni(int64_t, int64_t, const int8_t*, int64_t, std::vector<int8_t>&) {
+  FQT_CHECK(false, "igemm: built without AVX512-VNNI");
+}
+void s32_vnni_packed(int64_t, int64_t, int64_t, const uint8_t*, int64_t, const int8_t*, int32_t*, int64_t) {
   FQT_CHECK(false, "igemm: built without AVX512-VNNI");
 }
 
