@@ -1,4 +1,9 @@
-// BatchNorm2d: per-channel normalisation over N,H,W; statistics in fp64, one channel per thread.
+// BatchNorm2d: per-channel normalisation over N,H,W; statistics in fp64.
+// Training passes split the batch by samples, as the convolutions around them do (each thread
+// keeps working on the samples whose activations it produced and will consume: one channel per
+// thread moved every activation between the cores' caches), in two phases: per-channel partial
+// sums over fixed groups of samples, added in group order (so the sums do not depend on the
+// thread count), then the element-wise pass over each thread's samples.
 #include "common.hpp"
 #include "relu_mask.hpp"
 
@@ -63,6 +68,9 @@ double lanes_total(const double* acc) {
   return t;
 }
 
+// Fixed groups of consecutive samples for the partial sums: a function of N only.
+int64_t sample_groups(int64_t N) { return std::min<int64_t>(N, 16); }
+
 }  // namespace
 
 BatchNorm2d::BatchNorm2d(std::string name, int64_t channels, float momentum, float eps)
@@ -106,30 +114,46 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
     float* hp = input_src_ ? nullptr : xhat_.data<float>();
     mask_ = relu_ ? Tensor::empty({(N * C * P + 7) / 8}, DType::u8) : Tensor();
     uint8_t* mk = relu_ ? mask_.data<uint8_t>() : nullptr;
-#pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
-    for (int64_t c = 0; c < C; ++c) {
-      double acc[kLanes] = {}, acc2[kLanes] = {};
-      for (int64_t n = 0; n < N; ++n) add_sum_sq_run(xp + (n * C + c) * P, P, acc, acc2);
-      const double sum = lanes_total(acc), mean = sum / static_cast<double>(M);
-      const double ss = std::max(0.0, lanes_total(acc2) - sum * mean);  // sum of squared deviations
-      const double var = ss / static_cast<double>(M);
-      const float inv = static_cast<float>(1.0 / std::sqrt(var + eps_));
-      invstd_[c] = inv;
-      const float m = static_cast<float>(mean);
-      mean_[c] = m;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t i0 = (n * C + c) * P;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t i = i0 + p;
-          const float h = (xp[i] - m) * inv;  // backward's recomputation repeats exactly this
-          if (hp) hp[i] = h;
-          const float v = h * g[c] + b[c];
-          yp[i] = relu_ ? (v > 0.0f ? v : 0.0f) : v;  // the fused ReLU as ReLU computes it (NaN -> 0)
+    const int64_t NG = sample_groups(N);
+    std::vector<double> part(static_cast<size_t>(NG * C * 2));  // [group][channel] sum, sum of squares
+    std::vector<double> mean(static_cast<size_t>(C)), ssd(static_cast<size_t>(C));
+#pragma omp parallel if (parallel_worth(N * C * P))
+    {
+#pragma omp for schedule(static)
+      for (int64_t gi = 0; gi < NG; ++gi)
+        for (int64_t c = 0; c < C; ++c) {
+          double acc[kLanes] = {}, acc2[kLanes] = {};
+          for (int64_t n = gi * N / NG; n < (gi + 1) * N / NG; ++n) add_sum_sq_run(xp + (n * C + c) * P, P, acc, acc2);
+          part[(gi * C + c) * 2] = lanes_total(acc), part[(gi * C + c) * 2 + 1] = lanes_total(acc2);
         }
-        if (relu_) mask_inner_bytes(yp, i0, P, mk);
-      }
-      rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean);
-      rv[c] = static_cast<float>((1.0 - momentum_) * rv[c] + momentum_ * ss / static_cast<double>(M - 1));
+#pragma omp single
+      for (int64_t c = 0; c < C; ++c) {
+        double sum = 0.0, sq = 0.0;
+        for (int64_t gi = 0; gi < NG; ++gi) sum += part[(gi * C + c) * 2], sq += part[(gi * C + c) * 2 + 1];
+        const double m = sum / static_cast<double>(M);
+        mean[c] = m;
+        ssd[c] = std::max(0.0, sq - sum * m);  // sum of squared deviations
+        invstd_[c] = static_cast<float>(1.0 / std::sqrt(ssd[c] / static_cast<double>(M) + eps_));
+        mean_[c] = static_cast<float>(m);
+      }  // (implicit barrier)
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i0 = (n * C + c) * P;
+          const float m = mean_[c], inv = invstd_[c], gc = g[c], bc = b[c];
+          for (int64_t p = 0; p < P; ++p) {
+            const int64_t i = i0 + p;
+            const float h = (xp[i] - m) * inv;  // backward's recomputation repeats exactly this
+            if (hp) hp[i] = h;
+            const float v = h * gc + bc;
+            yp[i] = relu_ ? (v > 0.0f ? v : 0.0f) : v;  // the fused ReLU as ReLU computes it (NaN -> 0)
+          }
+          if (relu_) mask_inner_bytes(yp, i0, P, mk);
+        }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean[c]);
+      rv[c] = static_cast<float>((1.0 - momentum_) * rv[c] + momentum_ * ssd[c] / static_cast<double>(M - 1));
     }
     if (relu_) {  // the bytes shared by two runs (a run starting mid-byte) and the last one
       const int64_t total = N * C * P;
@@ -181,6 +205,8 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
   FQT_CHECK(!relu_ || (mask_.defined() && mask_.numel() == (dy.numel() + 7) / 8),
             "BatchNorm2d {}: backward without a training forward", name_);
   const uint8_t* mk = relu_ ? mask_.data<uint8_t>() : nullptr;
+  std::vector<double> part(static_cast<size_t>(sample_groups(N) * C * 2));  // [group][channel] sums of dy, dy xhat
+  std::vector<float> kc(static_cast<size_t>(C)), mdy(static_cast<size_t>(C)), mdyh(static_cast<size_t>(C));
 #pragma omp parallel if (parallel_worth(N * C * P))
   {
     std::vector<float> buf(hp ? 0 : static_cast<size_t>(P));
@@ -214,23 +240,33 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
       for (int64_t p = 0; p < P; ++p) buf[p] = (xp[off + p] - m) * inv;
       return buf.data();
     };
+    const int64_t NG = sample_groups(N);
 #pragma omp for schedule(static)
+    for (int64_t gi = 0; gi < NG; ++gi)
+      for (int64_t c = 0; c < C; ++c) {
+        double a[kLanes] = {}, b[kLanes] = {};
+        for (int64_t n = gi * N / NG; n < (gi + 1) * N / NG; ++n) add_dy_dyh_run(grad_run(n, c), run(n, c), P, a, b);
+        part[(gi * C + c) * 2] = lanes_total(a), part[(gi * C + c) * 2 + 1] = lanes_total(b);
+      }
+#pragma omp single
     for (int64_t c = 0; c < C; ++c) {
-      double a[kLanes] = {}, b[kLanes] = {};
-      for (int64_t n = 0; n < N; ++n) add_dy_dyh_run(grad_run(n, c), run(n, c), P, a, b);
-      const double sdy = lanes_total(a), sdyh = lanes_total(b);
+      double sdy = 0.0, sdyh = 0.0;
+      for (int64_t gi = 0; gi < NG; ++gi) sdy += part[(gi * C + c) * 2], sdyh += part[(gi * C + c) * 2 + 1];
       dg[c] += static_cast<float>(sdyh);
       db[c] += static_cast<float>(sdy);
       // dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
-      const float k = g[c] * invstd_[c];
-      const float mdy = static_cast<float>(sdy / M), mdyh = static_cast<float>(sdyh / M);
-      for (int64_t n = 0; n < N; ++n) {
+      kc[c] = g[c] * invstd_[c];
+      mdy[c] = static_cast<float>(sdy / M), mdyh[c] = static_cast<float>(sdyh / M);
+    }  // (implicit barrier)
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
         const float* h = run(n, c);
         const float* d = grad_run(n, c);
         float* o = dxp + (n * C + c) * P;
-        for (int64_t p = 0; p < P; ++p) o[p] = k * (d[p] - mdy - h[p] * mdyh);
+        const float k = kc[c], md = mdy[c], mh = mdyh[c];
+        for (int64_t p = 0; p < P; ++p) o[p] = k * (d[p] - md - h[p] * mh);
       }
-    }
   }
   return dx;
 }

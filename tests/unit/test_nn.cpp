@@ -342,6 +342,36 @@ TEST(nn, init_is_deterministic_and_seeded) {
   EXPECT_FALSE(bit_equal(first(3), first(4)));
 }
 
+// Training batch norm splits the batch by samples between threads, with per-channel partial sums
+// over fixed groups of samples: output, mask, dx, dgamma, dbeta and the running statistics are
+// the same bits on 1, 2 and 3 threads (40 samples: 16 groups of 2 or 3; P = 289: runs start
+// mid-byte of the mask). Channel 0 holds +-1e16 in its first and last samples, so that its fp64
+// sums change with any change in how they are grouped (checked: partial sums per thread fail).
+TEST(nn, batchnorm_thread_count_gives_bit_identical_results) {
+  for (const Shape& sh : {Shape{40, 3, 17, 17}, Shape{128, 16, 28, 28}}) {
+    std::vector<Tensor> ref;
+    for (int threads : {1, 2, 3}) {
+      const int saved = omp_get_max_threads();
+      omp_set_num_threads(threads);
+      BatchNorm2d bn("bn", sh[1]);
+      bn.with_relu();
+      for (int64_t c = 0; c < sh[1]; ++c) bn.gamma().value.data<float>()[c] = 0.5f + 0.25f * static_cast<float>(c);
+      const StepContext ctx{true, 0, 0};
+      Tensor x = randn(sh, 41, 3.0f);
+      const int64_t P = sh[2] * sh[3];
+      x.data<float>()[0] = 1e16f, x.data<float>()[(sh[0] - 1) * sh[1] * P + P - 1] = -1e16f;
+      const Tensor y = bn.forward(x, ctx);
+      const Tensor dx = bn.backward(randn(sh, 42), ctx);
+      std::vector<Tensor> got = {y, dx, bn.gamma().grad.clone(), bn.beta().grad.clone(), bn.running_mean().clone(),
+                                 bn.running_var().clone()};
+      omp_set_num_threads(saved);
+      if (ref.empty()) ref = got;
+      for (size_t i = 0; i < got.size(); ++i)
+        EXPECT_TRUE(bit_equal(ref[i], got[i])) << shape_str(sh) << " threads " << threads << " tensor " << i;
+    }
+  }
+}
+
 TEST(nn, batchnorm_running_stats_and_eval) {
   BatchNorm2d bn("bn", 2, 0.1f);
   Tensor x = randn({8, 2, 3, 3}, 11, 2.0f);
