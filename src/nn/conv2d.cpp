@@ -308,7 +308,7 @@ void Conv2d::wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext&
 #pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<float> buf(identity_cols ? 0 : static_cast<size_t>(ckk * P));
-#pragma omp for schedule(static, 1)
+#pragma omp for schedule(static)
     for (int64_t gi = 0; gi < groups; ++gi) {
       float* acc = part.data() + gi * wsize;
       const int64_t n0 = gi * N / groups, n1 = (gi + 1) * N / groups;

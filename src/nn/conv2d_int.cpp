@@ -530,7 +530,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
     std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
     std::vector<uint8_t> A(static_cast<size_t>(ckk * ldk));
     std::vector<int32_t> C(static_cast<size_t>(ssize));
-#pragma omp for schedule(static, 1)
+#pragma omp for schedule(static)
     for (int64_t gi = 0; gi < groups; ++gi) {
       int64_t* acc = part.data() + gi * wsize;
       int64_t* rx = acc + ssize;
