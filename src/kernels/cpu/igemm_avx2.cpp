@@ -26,6 +26,8 @@
 #include "fqt/igemm.hpp"
 #include "transpose.hpp"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>
@@ -164,34 +166,46 @@ void driver(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, cons
   if (bbuf.size() < bsize) bbuf.resize(bsize);
   int32_t* Bpk = bbuf.data();
   const bool par = (mcb >= 2 || np >= 2) && M * N * K > (1 << 20);
-#pragma omp parallel if (par)
-  {
-    std::vector<Word> tmp(static_cast<size_t>(NR * kgc));
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < kblocks * np; ++t) {
-      const int64_t kb = t / np, p = t % np, k0 = kb * KC;
-      pack_panel<Bytes>(B + p * NR * ldb, ldb, std::min(NR, N - p * NR), k0, std::min(KC, K - k0), NR, words(tmp),
-                        Bpk + t * NR * kgc);
-    }
-    // A block: MC rows (padded to whole panels) of kg words each, row-major.
-    std::vector<Word> abuf(static_cast<size_t>(((MC + MR - 1) / MR) * MR * kgc));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t mb = 0; mb < mcb; ++mb) {
-      const int64_t m0 = mb * MC, m1 = std::min(M, m0 + MC), panels = (m1 - m0 + MR - 1) / MR;
-      for (int64_t kb = 0; kb < kblocks; ++kb) {
-        const int64_t k0 = kb * KC, kc = std::min(KC, K - k0), kg = (kc + G - 1) / G;
-        pack_rowmajor<Bytes>(A + m0 * lda, lda, m1 - m0, panels * MR, k0, kc, words(abuf));
-        for (int64_t pn = 0; pn < np; ++pn) {
-          const int64_t nr = std::min(NR, N - pn * NR);
-          const int32_t* bp = Bpk + (kb * np + pn) * NR * kgc;
-          for (int64_t pm = 0; pm < panels; ++pm) {
-            const int64_t mr = std::min<int64_t>(MR, m1 - m0 - pm * MR);
-            ukernel<MR, NZ, Bytes>(kg, words(abuf) + pm * MR * kg, bp, C + (m0 + pm * MR) * ldc + pn * NR, ldc, mr,
-                                   nr, kb > 0);
-          }
+  auto pack_b = [&](int64_t t, int32_t* tmp) {  // K block t / np of panel t % np
+    const int64_t kb = t / np, p = t % np, k0 = kb * KC;
+    pack_panel<Bytes>(B + p * NR * ldb, ldb, std::min(NR, N - p * NR), k0, std::min(KC, K - k0), NR, tmp,
+                      Bpk + t * NR * kgc);
+  };
+  // Row block mb: MC rows (padded to whole panels) of kg words each, row-major, in abuf.
+  auto row_block = [&](int64_t mb, int32_t* abuf) {
+    const int64_t m0 = mb * MC, m1 = std::min(M, m0 + MC), panels = (m1 - m0 + MR - 1) / MR;
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const int64_t k0 = kb * KC, kc = std::min(KC, K - k0), kg = (kc + G - 1) / G;
+      pack_rowmajor<Bytes>(A + m0 * lda, lda, m1 - m0, panels * MR, k0, kc, abuf);
+      for (int64_t pn = 0; pn < np; ++pn) {
+        const int64_t nr = std::min(NR, N - pn * NR);
+        const int32_t* bp = Bpk + (kb * np + pn) * NR * kgc;
+        for (int64_t pm = 0; pm < panels; ++pm) {
+          const int64_t mr = std::min<int64_t>(MR, m1 - m0 - pm * MR);
+          ukernel<MR, NZ, Bytes>(kg, abuf + pm * MR * kg, bp, C + (m0 + pm * MR) * ldc + pn * NR, ldc, mr, nr, kb > 0);
         }
       }
     }
+  };
+  const auto tmp_words = static_cast<size_t>(NR * kgc), abuf_words = static_cast<size_t>(((MC + MR - 1) / MR) * MR * kgc);
+  if (par && !omp_in_parallel()) {
+#pragma omp parallel
+    {
+      std::vector<Word> tmp(tmp_words);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < kblocks * np; ++t) pack_b(t, words(tmp));
+      std::vector<Word> abuf(abuf_words);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t mb = 0; mb < mcb; ++mb) row_block(mb, words(abuf));
+    }
+  } else {
+    // On the calling thread with no OpenMP construct (see the VNNI driver: an inactive nested
+    // region inside the layers' per-sample loops cost ~3 futex system calls per GEMM).
+    static thread_local std::vector<Word> tmp, abuf;
+    if (tmp.size() < tmp_words) tmp.resize(tmp_words);
+    if (abuf.size() < abuf_words) abuf.resize(abuf_words);
+    for (int64_t t = 0; t < kblocks * np; ++t) pack_b(t, words(tmp));
+    for (int64_t mb = 0; mb < mcb; ++mb) row_block(mb, words(abuf));
   }
 }
 
