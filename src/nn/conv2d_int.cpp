@@ -426,14 +426,13 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));
-    std::vector<float> row(static_cast<size_t>(ckk));
     std::vector<float> acc(static_cast<size_t>(Hp * Wp * cin_)), acct(acc.size());
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       igemm_worker(P, cout_, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
-      // Each dgrad row is finished (scales, offsets, BHQ's T^-1) into one row buffer and summed
-      // straight onto the padded HWC accumulator (the adjoint of im2row_hwc), so the
-      // [P, Ckk] fp32 rows are never stored.
+      // Each dgrad row is finished (scales, offsets, BHQ's T^-1) and summed straight onto the
+      // padded HWC accumulator (the adjoint of im2row_hwc), so the [P, Ckk] fp32 rows are never
+      // stored.
       std::memset(acc.data(), 0, sizeof(float) * acc.size());
       for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == g.Wo ? (++oh, 0) : ow + 1) {
         const int64_t r = n * P + p;
@@ -453,8 +452,10 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         const float inv = static_cast<float>(1.0 / (sg * sw));
         const auto zs = static_cast<double>(byte_sum(gc + r * cout_, cout_));  // row sum of G's codes
         const float cr = static_cast<float>(lw / sg * zs + static_cast<double>(cout_) * lg * lw);
-        float* __restrict o = row.data();
+        // Each value is added straight onto the accumulator (no row buffer written and read back).
+        // (oh, ow) = (p / Wo, p % Wo), counted along (an integer division per row showed in perf)
         const float* __restrict rbk = rb.data();
+        float* const base = acc.data() + (oh * stride_ * Wp + ow * stride_) * cin_;
         if (bhq) {
           const BhqTransform& t = *tr;
           const int64_t gi = t.group_of(r);
@@ -468,16 +469,17 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
           householder_v(t.group_size(gi), vf, vr);
           const float c2 = 2.0f * (t.leads_group(r) ? vf : vr), is = 1.0f / t.row_scale[r];
           const float* __restrict uwk = UW + gi * ckk;
-          for (int64_t k = 0; k < ckk; ++k)
-            o[k] = (((static_cast<float>(s[k]) + Of * rbk[k]) + df * rbk[k]) * inv + cr - c2 * uwk[k]) * is;
+          for (int64_t kh = 0; kh < k_; ++kh) {
+            float* __restrict dst = base + kh * Wp * cin_;
+            for (int64_t i = 0, k = kh * run; i < run; ++i, ++k)
+              dst[i] += (((static_cast<float>(s[k]) + Of * rbk[k]) + df * rbk[k]) * inv + cr - c2 * uwk[k]) * is;
+          }
         } else {
-          for (int64_t k = 0; k < ckk; ++k) o[k] = ((static_cast<float>(s[k]) + Of * rbk[k]) + df * rbk[k]) * inv + cr;
-        }
-        // (oh, ow) = (p / Wo, p % Wo), counted along (an integer division per row showed in perf)
-        for (int64_t kh = 0; kh < k_; ++kh) {
-          float* __restrict dst = acc.data() + ((oh * stride_ + kh) * Wp + ow * stride_) * cin_;
-          const float* __restrict src = o + kh * run;
-          for (int64_t i = 0; i < run; ++i) dst[i] += src[i];
+          for (int64_t kh = 0; kh < k_; ++kh) {
+            float* __restrict dst = base + kh * Wp * cin_;
+            for (int64_t i = 0, k = kh * run; i < run; ++i, ++k)
+              dst[i] += ((static_cast<float>(s[k]) + Of * rbk[k]) + df * rbk[k]) * inv + cr;
+          }
         }
       }
       // The padded HWC accumulator [Hp*Wp, C] -> [C, Hp*Wp] in one transpose (8x8 tiles cover
