@@ -91,7 +91,7 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
       {2, 9, 4, 4, 4, 5, 1, 2},   // 5x5 kernel, K = 225
       {2, 32, 48, 5, 5, 3, 1, 1}, // W (fp32, 55 KB) > 40 KB: BHQ's U W through the fp32 GEMM
       {20, 8, 6, 7, 7, 3, 1, 1},  // wgrad: 8 sample groups of 2-3, each one GEMM with K = 98 / 147
-      {40, 16, 4, 12, 12, 3, 1, 1},  // wgrad: 3 samples per GEMM, groups of 5: a full and a partial batch
+      {40, 32, 2, 24, 24, 3, 1, 1},  // wgrad: 3 samples per GEMM (patches 166 KB each), groups of 5: 3 + 2
   };
   const QuantizerKind dgrads[] = {QuantizerKind::ptq, QuantizerKind::ptq_zero, QuantizerKind::psq, QuantizerKind::bhq};
   const QuantizerKind wgrads[] = {QuantizerKind::ptq, QuantizerKind::column};
