@@ -279,11 +279,13 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   // <= 1/2, as in dgrad_int: the finishing then runs in fp32 on 8 lanes without losing the
   // offset term's cancellation.
   std::vector<float> inv(cout_), wo(cout_), wd(cout_), crow(cout_);
+  std::vector<int32_t> tap(static_cast<size_t>(ckk));  // (c, kh, kw) -> (kh, kw, c), once per call
+  for (int64_t r = 0; r < ckk; ++r) tap[r] = static_cast<int32_t>(hwc_tap(r, k_, cin_));
   for (int64_t c = 0; c < cout_; ++c) {
     int64_t rbw = 0;
     for (int64_t r = 0; r < ckk; ++r) {
       const int v = wc[c * ckk + r] - shw;
-      Bw[c * ckk + hwc_tap(r, k_, cin_)] = static_cast<int8_t>(v), rbw += v;
+      Bw[c * ckk + tap[r]] = static_cast<int8_t>(v), rbw += v;
     }
     const double sw = scale_of(wq, c), Lw = lo_of(wq, c) + shw / sw;  // weight = (code - shw) / sw + Lw
     const double Lwc = Lw * sw, O = std::nearbyint(Lwc);
