@@ -503,9 +503,10 @@ Conv2d::WgradPlan Conv2d::wgrad_int_plan(int64_t N, int64_t ckk, int64_t cout, i
   // int32 product [Ckk, Cout] and one widening into the int64 sums per batch instead of per
   // sample (with P = 49 in stage 3, that widening of 37K products per sample was a third of
   // wgrad_int's own time in perf), and a longer k for the kernel. The patch bytes of a batch stay
-  // within 512 KB (half this machine's L2; bench_conv_layer wgrad, 2 threads: 64 KB -> 512 KB
-  // took stage 2 from 1 to 9 samples per GEMM and its time down ~25%, stage 3 ~20%, and 1 MB
-  // measured the same as 512 KB) and K within the exact int32 bound.
+  // within 512 KB (half this machine's L2; bench_conv_layer wgrad, 1 thread: 64 KB -> 256 KB
+  // took stage 2 from 1 to 4 samples per GEMM and its time down ~20%, stage 3 ~20%; on 2 threads
+  // 1 MB measured the same as 512 KB: docs/profiles/README.md, session 8) and K within the exact
+  // int32 bound.
   const int64_t per_gemm = std::max<int64_t>(1, std::min((int64_t{512} << 10) / std::max<int64_t>(ckk * P, 1),
                                                          igemm_max_k(255, 128) / std::max<int64_t>(P, 1)));
   return {groups, per_gemm};
