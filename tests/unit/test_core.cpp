@@ -96,11 +96,12 @@ TEST(CorePhilox, UniformsDependOnlyOnSeedStreamIndex) {
 }
 
 // The batched Philox (AVX-512 when built for it) gives exactly uniform_at, element by element,
-// across carries of the 64-bit block counter and for lengths that are not multiples of 16.
+// across carries of the 64-bit block counter and for lengths that are not multiples of 16 (the
+// AVX-512 path takes 32 blocks at a time, then 16, then the rest one by one).
 #include "kernels/cpu/philox_batch.hpp"
 TEST(Rng, FillUniformsEqualsUniformAt) {
   for (uint64_t block0 : {uint64_t{0}, uint64_t{5}, uint64_t{0xFFFFFFF8ull}, uint64_t{0x1234FFFFFFFAull}})
-    for (int64_t n : {1, 15, 16, 17, 53}) {
+    for (int64_t n : {1, 15, 16, 17, 31, 32, 53, 100}) {
       const RngKey key{0x9876543210ull + block0, 0xABCDEF01234ull ^ static_cast<uint64_t>(n)};
       std::vector<float> got(static_cast<size_t>(4 * n));
       kernels::fill_uniforms(key, block0, n, got.data());
