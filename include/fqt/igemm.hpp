@@ -153,6 +153,7 @@ class LocalB {
  public:
   LocalB(int64_t N, int64_t K, const int8_t* B, int64_t ldb);
   void gemm(int64_t M, const uint8_t* A, int64_t lda, int32_t* C, int64_t ldc) const;  // C = A B^T
+  int64_t k() const { return k_; }
 
  private:
   int64_t n_, k_, ldb_;

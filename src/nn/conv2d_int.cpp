@@ -195,9 +195,8 @@ void igemm_worker(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
   igemm_detail::s32_local(M, N, K, A, lda, B, ldb, C, ldc);
 }
 // The same with a B shared by every sample (the weights), packed once per layer call.
-void igemm_worker(int64_t M, int64_t K, const uint8_t* A, int64_t lda, const igemm_detail::LocalB& B, int32_t* C,
-                  int64_t ldc) {
-  FQT_CHECK(K <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", K);
+void igemm_worker(int64_t M, const uint8_t* A, int64_t lda, const igemm_detail::LocalB& B, int32_t* C, int64_t ldc) {
+  FQT_CHECK(B.k() <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", B.k());
   profile::Scope timer(profile::gemm_int);
   B.gemm(M, A, lda, C, ldc);
 }
@@ -310,7 +309,7 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
       pad_hwc(xc + n * chw, g, pad_code, img.data());
       im2row_hwc(img.data(), g, A.data());
       for (int64_t p = 0; p < P; ++p) rx[p] = static_cast<float>(byte_sum(A.data() + p * ckk, ckk));
-      igemm_worker(P, ckk, A.data(), ckk, Bpk, C.data(), cout_);
+      igemm_worker(P, A.data(), ckk, Bpk, C.data(), cout_);
       kernels::transpose(C.data(), P, cout_, cout_, Ct.data(), P);  // [P, Cout] -> [Cout, P]
       float* yn = yp + n * cout_ * P;
       const float* __restrict rxp = rx.data();
@@ -431,7 +430,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     std::vector<float> acc(static_cast<size_t>(Hp * Wp * cin_)), acct(acc.size());
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-      igemm_worker(P, cout_, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
+      igemm_worker(P, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
       // Each dgrad row is finished (scales, offsets, BHQ's T^-1) and summed straight onto the
       // padded HWC accumulator (the adjoint of im2row_hwc), so the [P, Ckk] fp32 rows are never
       // stored.
@@ -526,6 +525,9 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const uint8_t* gc = gq.codes.data<uint8_t>();
   const uint8_t* xc = xq_.codes.data<uint8_t>();
   // Integer partial sums per fixed group of samples (exact: the grouping cannot change them).
+  // (checked here, not only inside the parallel region, where a failed check cannot be caught)
+  FQT_CHECK(P <= igemm_max_k(255, 128), "Conv2d {}: {} output positions per sample exceed the int32 bound of "
+            "the integer wgrad ({})", name_, P, igemm_max_k(255, 128));
   const WgradPlan plan = wgrad_int_plan(N, ckk, cout_, P);
   const int64_t groups = plan.groups, ns = plan.per_gemm;
   const int64_t ldk = ns * P;

@@ -89,16 +89,19 @@ TEST(igemm_raw, AllBackendsMatchReferenceBitForBit) {
         }
     }
     // The layers' kernel with B packed once (VNNI) or passed through (other CPUs), used twice
-    // with the same packing.
+    // with the same packing, and as the layers use it: from every thread of a parallel loop (the
+    // kernel then runs on the calling thread, with no OpenMP construct of its own).
     if (s.K <= igemm_max_k(255, 128)) {
       const igemm_detail::LocalB packed(s.N, s.K, B.data(), ldb);
-      for (int rep = 0; rep < 2; ++rep) {
-        std::vector<int32_t> c(s.M * ldc, -7);
-        packed.gemm(s.M, A.data(), lda, c.data(), ldc);
+      std::vector<std::vector<int32_t>> c(4, std::vector<int32_t>(s.M * ldc, -7));
+      packed.gemm(s.M, A.data(), lda, c[0].data(), ldc);
+      packed.gemm(s.M, A.data(), lda, c[1].data(), ldc);
+#pragma omp parallel for schedule(static, 1) num_threads(2)
+      for (int t = 2; t < 4; ++t) packed.gemm(s.M, A.data(), lda, c[t].data(), ldc);
+      for (int t = 0; t < 4; ++t)
         for (int64_t m = 0; m < s.M; ++m)
           for (int64_t n = 0; n < ldc; ++n)
-            ASSERT_EQ(c[m * ldc + n], ref[m * ldc + n]) << "LocalB M=" << s.M << " N=" << s.N << " K=" << s.K;
-      }
+            ASSERT_EQ(c[t][m * ldc + n], ref[m * ldc + n]) << "LocalB call " << t << " M=" << s.M << " N=" << s.N << " K=" << s.K;
     }
   }
 }

@@ -79,6 +79,42 @@ struct ConvCase {
   int64_t n, cin, cout, h, w, k, stride, pad;
 };
 
+// Value of code i of q (group g) in double: what the integer path's corrections are exact for.
+double code_value(const QuantizedTensor& q, int64_t i, int64_t g) {
+  return static_cast<double>(q.codes.data<uint8_t>()[i]) / static_cast<double>(q.scale[g]) + static_cast<double>(q.lo[g]);
+}
+
+// dW of a conv from the codes the integer path multiplied, summed in double: the wgrad operand G
+// (rows [N*P, Cout], a per-tensor or per-column grid) against the patches of the saved input
+// codes (one per-tensor grid; padding is the grid's zero code, whose value is 0 in fp32 but
+// may be ~2^-24 |lo| off 0 in double). The integer path's dW is this, rounded once to fp32 (up
+// to the double rounding of its corrections): a batching or accumulation error shows at once.
+void expect_wgrad_exact(const Tensor& got, const QuantizedTensor& gq, const QuantizedTensor& xq, const ConvCase& c,
+                        int64_t ho, int64_t wo, const std::string& what) {
+  const int64_t P = ho * wo, ckk = c.cin * c.k * c.k;
+  const bool per_col = gq.scale.size() > 1;
+  const long zero_code = std::lrint(-static_cast<double>(xq.lo[0]) * xq.scale[0]);  // as the layer finds it
+  const double pad_value = static_cast<double>(zero_code) / static_cast<double>(xq.scale[0]) + static_cast<double>(xq.lo[0]);
+  for (int64_t co = 0; co < c.cout; ++co)
+    for (int64_t kk = 0; kk < ckk; ++kk) {
+      const int64_t ci = kk / (c.k * c.k), kh = (kk / c.k) % c.k, kw = kk % c.k;
+      double sum = 0, abs_sum = 0;
+      for (int64_t n = 0; n < c.n; ++n)
+        for (int64_t oh = 0; oh < ho; ++oh)
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            const int64_t ih = oh * c.stride - c.pad + kh, iw = ow * c.stride - c.pad + kw;
+            const bool inside = ih >= 0 && ih < c.h && iw >= 0 && iw < c.w;
+            const int64_t r = n * P + oh * wo + ow;
+            const double gv = code_value(gq, r * c.cout + co, per_col ? co : 0);
+            const double xv = inside ? code_value(xq, ((n * c.cin + ci) * c.h + ih) * c.w + iw, 0) : pad_value;
+            sum += gv * xv, abs_sum += std::fabs(gv * xv);
+          }
+      const double g = got.data<float>()[co * ckk + kk];
+      ASSERT_LE(std::fabs(g - sum), 0x1p-23 * std::fabs(sum) + 1e-12 * abs_sum)
+          << what << " wgrad vs exact: co " << co << " k " << kk << " got " << g << " want " << sum;
+    }
+}
+
 }  // namespace
 
 TEST(intPath, ConvEqualsSimulatedEverywhere) {
@@ -128,6 +164,7 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
         const int64_t Kw = c.n * yi.size(2) * yi.size(3);
         expect_within(li.weight().grad, ls.weight().grad,
                       (Kw + 2) * kEps * Kw * max_abs(dequantize(ls.last_wgrad_q())) * ax, what + " wgrad");
+        expect_wgrad_exact(li.weight().grad, li.last_wgrad_q(), li.saved_input_q(), c, yi.size(2), yi.size(3), what);
         expect_within(li.bias().grad, ls.bias().grad, 0.0, what + " bias");
       }
 }

@@ -72,10 +72,11 @@ TEST(Quantize, FastPathEqualsReferenceBitForBit) {
   // Awkward shapes: a single row, a single column, sizes not multiples of 4 (Philox blocks).
   // Row lengths 8, 9, 16, 17, 24, 31 cover the vector min/max's blocks of 16 and 8 and its
   // overlapping tail. 300 x 37: BHQ's fused pass takes 110-row chunks, so its second and third
-  // chunks start inside a Philox block (element 4070 = 4 * 1017 + 2).
+  // chunks start inside a Philox block (element 4070 = 4 * 1017 + 2); 1000 x 37 (37000 values,
+  // above kParallelMin) runs every pass on the threads.
   const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 1},  {1, 7},  {7, 1},  {2, 3},  {3, 2}, {5, 129},
                                                            {64, 33}, {6, 8}, {6, 9}, {5, 16}, {5, 17}, {4, 24},
-                                                           {4, 31}, {300, 37}};
+                                                           {4, 31}, {300, 37}, {1000, 37}};
   for (auto [r, c] : shapes) {
     Tensor x = synthetic_matrix(SynthKind::heavy_tailed, r, c, 3);
     for (QuantizerKind k : all_kinds())
@@ -88,7 +89,7 @@ TEST(Quantize, FastPathEqualsReferenceBitForBit) {
 }
 
 TEST(Quantize, ThreadCountDoesNotChangeCodesSeedDoes) {
-  Tensor x = synthetic_matrix(SynthKind::gaussian, 96, 130, 4);
+  Tensor x = synthetic_matrix(SynthKind::gaussian, 300, 130, 4);  // 39000 values: above kParallelMin
   const int saved = omp_get_max_threads();
   for (QuantizerKind k : all_kinds()) {
     QuantizerSpec spec{k, 4};

@@ -206,7 +206,7 @@ int run_gemm_bench(const GemmOptions& o) {
         return;
       }
       if (conv_kernel && s.groups > 0) {
-#pragma omp parallel for schedule(static, 1)
+#pragma omp parallel for schedule(static)
         for (int64_t g = 0; g < s.groups; ++g)
           for (int64_t n0 = g * cnt / s.groups, n1 = (g + 1) * cnt / s.groups; n0 < n1; n0 += per_gemm) {
             const int64_t k = std::min(per_gemm, n1 - n0) * IK;

@@ -19,6 +19,8 @@ constexpr int64_t kRankParallelMin = int64_t{1} << 22;
 std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m, int64_t min_parallel = kRankParallelMin);
 BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols);
 // out = T x (what BhqTransform::apply computes, bit for bit), and each row's min and max of out.
+// (quantize() now forms T x row by row from the two parts below and never stores it; this whole
+// pass stays for the tests and bench_quantizers.)
 // Two passes instead of apply's one over the groups, which read and wrote rows from all over the
 // matrix: the groups' v^T diag(s) x in group order (reads only), then the rows in row order
 // (sequential reads and writes; only the small per-group sums are fetched out of order).
