@@ -190,11 +190,12 @@ class BatchNorm2d : public Module {
   Tensor& running_var() { return running_var_; }
 
   void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
-    saved_add(out, xhat_);
+    saved_add(out, x_);
     saved_add(out, mask_);
   }
-  // With a source, training forwards keep no x-hat: backward recomputes x from the source and
-  // x-hat = (x - mean) * invstd from the saved per-channel statistics, as forward computed it.
+  // Backward rebuilds x-hat = (x - mean) * invstd from x and the saved per-channel statistics, as
+  // forward computed it. With a source, training forwards keep no x either: backward recomputes
+  // it from the source.
   void enable_recompute(bool on, const OutputSource& input) override { input_src_ = on ? input : OutputSource(); }
 
  private:
@@ -203,10 +204,11 @@ class BatchNorm2d : public Module {
   float momentum_, eps_;
   Param gamma_, beta_;
   Tensor running_mean_, running_var_;
-  Tensor xhat_;                 // saved normalised input (none when recomputing)
+  Tensor x_;                    // the input, kept for backward (not when recomputing); layers do
+                                // not modify a tensor in place once a later layer has read it
   std::vector<float> invstd_;   // per channel
   std::vector<float> mean_;     // per channel, the fp32 mean forward subtracted
-  OutputSource input_src_;      // recomputation of the input (empty: x-hat is kept)
+  OutputSource input_src_;      // recomputation of the input (empty: x is kept)
   Shape in_shape_;
   bool relu_ = false;           // ReLU fused in
   Tensor mask_;                 // with relu_: bit i % 8 of byte i / 8 = (output_i > 0), as ReLU's

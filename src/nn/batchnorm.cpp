@@ -17,13 +17,63 @@ namespace {
 
 // fp64 sums over a run of floats in 8 independent lanes: a single running double sum is one
 // serial chain of dependent adds (4 cycles each); 8 lanes vectorize. The order of the additions
-// depends only on n, never on the thread count.
+// depends only on n, never on the thread count. The lanes are written out as vector code: the
+// compiler's own vectorization of the lane loops built each vector from scalar inserts (perf,
+// session 9), and these sums were most of batch norm's time. Lane l of every 8-block gets
+// element l; the tail (n % 8 values) goes into lanes 0.. in order. Products of two floats are
+// exact in fp64, so these are the very sums of the scalar loops.
 constexpr int kLanes = 8;
+
+// The 8 ReLU-mask bits of elements e .. e+7 (bit k = element e + k); the second byte is read only
+// when the 8 elements straddle two bytes (then it exists).
+inline unsigned mask_bits8(const uint8_t* mk, int64_t e) {
+  const int64_t j = e >> 3, sh = e & 7;
+  unsigned w = mk[j];
+  if (sh) w |= static_cast<unsigned>(mk[j + 1]) << 8;
+  return (w >> sh) & 0xFFu;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+using D8 = __m512d;  // 8 fp64 lanes
+inline D8 d8_load(const double* p) { return _mm512_loadu_pd(p); }
+inline void d8_store(double* p, D8 v) { _mm512_storeu_pd(p, v); }
+// (maskz with all lanes: the unmasked form trips GCC 12's -Wmaybe-uninitialized in its own header)
+inline D8 d8_cvt(__m256 f) { return _mm512_maskz_cvtps_pd(0xFF, f); }
+inline D8 d8_add(D8 a, D8 b) { return _mm512_add_pd(a, b); }
+inline D8 d8_mul(D8 a, D8 b) { return _mm512_mul_pd(a, b); }
+// dy[k] where bit k is set, else +0 (ReLU's backward).
+inline __m256 f8_keep(unsigned bits, const float* p) { return _mm256_maskz_loadu_ps(static_cast<__mmask8>(bits), p); }
+#define FQT_BN_VECTOR 1
+#elif defined(__AVX2__)
+struct D8 {
+  __m256d lo, hi;
+};
+inline D8 d8_load(const double* p) { return {_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4)}; }
+inline void d8_store(double* p, D8 v) { _mm256_storeu_pd(p, v.lo), _mm256_storeu_pd(p + 4, v.hi); }
+inline D8 d8_cvt(__m256 f) { return {_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))}; }
+inline D8 d8_add(D8 a, D8 b) { return {_mm256_add_pd(a.lo, b.lo), _mm256_add_pd(a.hi, b.hi)}; }
+inline D8 d8_mul(D8 a, D8 b) { return {_mm256_mul_pd(a.lo, b.lo), _mm256_mul_pd(a.hi, b.hi)}; }
+inline __m256 f8_keep(unsigned bits, const float* p) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit);
+  return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, bit)), _mm256_loadu_ps(p));
+}
+#define FQT_BN_VECTOR 1
+#endif
 
 // Sum and sum of squares in one pass. In fp64 the variance E[x^2] - mean^2 of fp32 inputs loses
 // about mean^2 / var * 1e-16 relative: far below fp32 resolution for any batch-norm input.
 void add_sum_sq_run(const float* x, int64_t n, double* acc, double* acc2) {
   int64_t i = 0;
+#ifdef FQT_BN_VECTOR
+  D8 a = d8_load(acc), b = d8_load(acc2);
+  for (; i + kLanes <= n; i += kLanes) {
+    const D8 v = d8_cvt(_mm256_loadu_ps(x + i));
+    a = d8_add(a, v);
+    b = d8_add(b, d8_mul(v, v));
+  }
+  d8_store(acc, a), d8_store(acc2, b);
+#endif
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
       const double v = x[i + l];
@@ -37,17 +87,60 @@ void add_sum_sq_run(const float* x, int64_t n, double* acc, double* acc2) {
   }
 }
 
-void add_dy_dyh_run(const float* dy, const float* h, int64_t n, double* a, double* b) {
+// One (sample, channel) run of backward: the incoming gradient d (dy, through the fused ReLU's
+// mask when there is one: dy or +0, exactly what ReLU::backward hands on; element k of the run is
+// mask bit e0 + k) and x-hat h = (x - m) * inv, forward's own expression, so every h is the value
+// forward used.
+struct GradRun {
+  const float* dy;
+  const uint8_t* mk;  // null: no fused ReLU
+  int64_t e0;
+  const float* x;
+  float m, inv;
+  float d(int64_t p) const { return !mk || (mk[(e0 + p) >> 3] >> ((e0 + p) & 7)) & 1 ? dy[p] : 0.0f; }
+  float h(int64_t p) const { return (x[p] - m) * inv; }
+#ifdef FQT_BN_VECTOR
+  __m256 d8(int64_t p) const { return mk ? f8_keep(mask_bits8(mk, e0 + p), dy + p) : _mm256_loadu_ps(dy + p); }
+  __m256 h8(int64_t p) const {
+    return _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + p), _mm256_set1_ps(m)), _mm256_set1_ps(inv));
+  }
+#endif
+};
+
+// a[l] += d, b[l] += d * h over a run of n values.
+void add_dy_dyh_run(const GradRun& g, int64_t n, double* a, double* b) {
   int64_t i = 0;
+#ifdef FQT_BN_VECTOR
+  D8 va = d8_load(a), vb = d8_load(b);
+  for (; i + kLanes <= n; i += kLanes) {
+    const D8 d = d8_cvt(g.d8(i));
+    va = d8_add(va, d);
+    vb = d8_add(vb, d8_mul(d, d8_cvt(g.h8(i))));
+  }
+  d8_store(a, va), d8_store(b, vb);
+#endif
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      a[l] += dy[i + l];
-      b[l] += static_cast<double>(dy[i + l]) * h[i + l];
+      const double d = g.d(i + l);
+      a[l] += d;
+      b[l] += d * static_cast<double>(g.h(i + l));
     }
   for (int l = 0; i < n; ++i, ++l) {
-    a[l] += dy[i];
-    b[l] += static_cast<double>(dy[i]) * h[i];
+    const double d = g.d(i);
+    a[l] += d;
+    b[l] += d * static_cast<double>(g.h(i));
   }
+}
+
+// o = k * (d - md - h * mh) over a run of n values.
+void dx_run(const GradRun& g, int64_t n, float k, float md, float mh, float* o) {
+  int64_t p = 0;
+#ifdef FQT_BN_VECTOR
+  const __m256 vk = _mm256_set1_ps(k), vmd = _mm256_set1_ps(md), vmh = _mm256_set1_ps(mh);
+  for (; p + 8 <= n; p += 8)
+    _mm256_storeu_ps(o + p, _mm256_mul_ps(vk, _mm256_sub_ps(_mm256_sub_ps(g.d8(p), vmd), _mm256_mul_ps(g.h8(p), vmh))));
+#endif
+  for (; p < n; ++p) o[p] = k * (g.d(p) - md - g.h(p) * mh);
 }
 
 // Bytes of `mask` that lie wholly inside elements [i0, i0 + n) of `out` (a thread owns them).
@@ -109,9 +202,8 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
   in_shape_ = x.shape();
   if (ctx.train) {
     FQT_CHECK(M > 1, "BatchNorm2d {}: training needs more than one value per channel", name_);
-    // Recomputing: x-hat is not kept (backward rebuilds it from the recomputed input).
-    xhat_ = input_src_ ? Tensor() : Tensor::empty(x.shape());
-    float* hp = input_src_ ? nullptr : xhat_.data<float>();
+    // Backward rebuilds x-hat from x: kept here (a handle, no copy), or recomputed.
+    x_ = input_src_ ? Tensor() : x;
     mask_ = relu_ ? Tensor::empty({(N * C * P + 7) / 8}, DType::u8) : Tensor();
     uint8_t* mk = relu_ ? mask_.data<uint8_t>() : nullptr;
     const int64_t NG = sample_groups(N);
@@ -143,8 +235,7 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
           const float m = mean_[c], inv = invstd_[c], gc = g[c], bc = b[c];
           for (int64_t p = 0; p < P; ++p) {
             const int64_t i = i0 + p;
-            const float h = (xp[i] - m) * inv;  // backward's recomputation repeats exactly this
-            if (hp) hp[i] = h;
+            const float h = (xp[i] - m) * inv;  // backward's GradRun::h repeats exactly this
             const float v = h * gc + bc;
             yp[i] = relu_ ? (v > 0.0f ? v : 0.0f) : v;  // the fused ReLU as ReLU computes it (NaN -> 0)
           }
@@ -162,7 +253,7 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
       if (total % 8 != 0) mk[total / 8] = mask_byte(yp, total / 8, total);
     }
   } else {
-    xhat_ = {};
+    x_ = {};
     mask_ = {};
 #pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
     for (int64_t c = 0; c < C; ++c) {
@@ -189,63 +280,35 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
   float* dg = gamma_.grad.data<float>();
   float* db = beta_.grad.data<float>();
   // Eval-mode forwards keep nothing (ctx.train == false): there is no backward for them.
-  FQT_CHECK(saved_train_ && !in_shape_.empty() && shape_numel(in_shape_) == dy.numel() && (xhat_.defined() || input_src_),
+  FQT_CHECK(saved_train_ && !in_shape_.empty() && shape_numel(in_shape_) == dy.numel() && (x_.defined() || input_src_),
             "BatchNorm2d {}: backward without a training forward", name_);
-  // x-hat: kept by forward, or recomputed run by run from the recomputed input with forward's
-  // own expression (x - mean) * invstd, so every value (and so every sum below) is the same.
-  Tensor x;
-  if (!xhat_.defined()) {
+  // x: kept by forward, or recomputed; x-hat is rebuilt run by run with forward's own expression
+  // (x - mean) * invstd, so every value (and so every sum below) is the same.
+  Tensor x = x_;
+  if (!x.defined()) {
     x = input_src_();
     FQT_CHECK(x.shape() == in_shape_ && x.dtype() == DType::f32,
               "BatchNorm2d {}: recomputed input {} does not match the forward's {}", name_, shape_str(x.shape()),
               shape_str(in_shape_));
   }
-  const float* hp = xhat_.defined() ? xhat_.data<float>() : nullptr;
-  const float* xp = x.defined() ? x.data<float>() : nullptr;
+  const float* xp = x.data<float>();
   FQT_CHECK(!relu_ || (mask_.defined() && mask_.numel() == (dy.numel() + 7) / 8),
             "BatchNorm2d {}: backward without a training forward", name_);
   const uint8_t* mk = relu_ ? mask_.data<uint8_t>() : nullptr;
   std::vector<double> part(static_cast<size_t>(sample_groups(N) * C * 2));  // [group][channel] sums of dy, dy xhat
   std::vector<float> kc(static_cast<size_t>(C)), mdy(static_cast<size_t>(C)), mdyh(static_cast<size_t>(C));
+  auto run = [&](int64_t n, int64_t c) {
+    const int64_t off = (n * C + c) * P;
+    return GradRun{dyp + off, mk, off, xp + off, mean_[c], invstd_[c]};
+  };
 #pragma omp parallel if (parallel_worth(N * C * P))
   {
-    std::vector<float> buf(hp ? 0 : static_cast<size_t>(P));
-    std::vector<float> dm(mk ? static_cast<size_t>(P) : 0);
-    // The incoming gradient run of (n, c): dy itself, or through the fused ReLU's mask (dy or
-    // +0, exactly what ReLU::backward hands on).
-    auto grad_run = [&](int64_t n, int64_t c) -> const float* {
-      const int64_t off = (n * C + c) * P;
-      if (!mk) return dyp + off;
-      int64_t p = 0;
-      // 8 values at a time: their 8 mask bits (from two bytes when the run is not byte-aligned;
-      // the second byte only when it exists), dy kept where the bit is set.
-      const int64_t nbytes = (N * C * P + 7) / 8;
-      for (; p + 8 <= P; p += 8) {
-        const int64_t i = off + p, j = i >> 3;
-        unsigned w = mk[j];
-        if ((i & 7) && j + 1 < nbytes) w |= static_cast<unsigned>(mk[j + 1]) << 8;
-        keep_by_bits8(w >> (i & 7), dyp + i, dm.data() + p);
-      }
-      for (; p < P; ++p) {
-        const int64_t i = off + p;
-        dm[p] = (mk[i >> 3] >> (i & 7)) & 1 ? dyp[i] : 0.0f;
-      }
-      return dm.data();
-    };
-    // The x-hat run of (n, c): in place, or rebuilt into buf.
-    auto run = [&](int64_t n, int64_t c) -> const float* {
-      const int64_t off = (n * C + c) * P;
-      if (hp) return hp + off;
-      const float m = mean_[c], inv = invstd_[c];
-      for (int64_t p = 0; p < P; ++p) buf[p] = (xp[off + p] - m) * inv;
-      return buf.data();
-    };
     const int64_t NG = sample_groups(N);
 #pragma omp for schedule(static)
     for (int64_t gi = 0; gi < NG; ++gi)
       for (int64_t c = 0; c < C; ++c) {
         double a[kLanes] = {}, b[kLanes] = {};
-        for (int64_t n = gi * N / NG; n < (gi + 1) * N / NG; ++n) add_dy_dyh_run(grad_run(n, c), run(n, c), P, a, b);
+        for (int64_t n = gi * N / NG; n < (gi + 1) * N / NG; ++n) add_dy_dyh_run(run(n, c), P, a, b);
         part[(gi * C + c) * 2] = lanes_total(a), part[(gi * C + c) * 2 + 1] = lanes_total(b);
       }
 #pragma omp single
@@ -260,13 +323,7 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
     }  // (implicit barrier)
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) {
-        const float* h = run(n, c);
-        const float* d = grad_run(n, c);
-        float* o = dxp + (n * C + c) * P;
-        const float k = kc[c], md = mdy[c], mh = mdyh[c];
-        for (int64_t p = 0; p < P; ++p) o[p] = k * (d[p] - md - h[p] * mh);
-      }
+      for (int64_t c = 0; c < C; ++c) dx_run(run(n, c), P, kc[c], mdy[c], mdyh[c], dxp + (n * C + c) * P);
   }
   return dx;
 }
