@@ -101,7 +101,7 @@ TEST(CorePhilox, UniformsDependOnlyOnSeedStreamIndex) {
 #include "kernels/cpu/philox_batch.hpp"
 TEST(Rng, FillUniformsEqualsUniformAt) {
   for (uint64_t block0 : {uint64_t{0}, uint64_t{5}, uint64_t{0xFFFFFFF8ull}, uint64_t{0x1234FFFFFFFAull}})
-    for (int64_t n : {1, 15, 16, 17, 31, 32, 53, 100}) {
+    for (int64_t n : {1, 15, 16, 17, 31, 32, 53, 64, 100, 129, 300}) {  // partial and whole sets of 16 blocks
       const RngKey key{0x9876543210ull + block0, 0xABCDEF01234ull ^ static_cast<uint64_t>(n)};
       std::vector<float> got(static_cast<size_t>(4 * n));
       kernels::fill_uniforms(key, block0, n, got.data());
