@@ -36,6 +36,12 @@ struct GemmOperand {
 void matmul(const GemmOperand& a, bool trans_a, const GemmOperand& b, bool trans_b, Tensor& c,
             bool accumulate);
 
+// The min and max of a tensor a layer produced (valid: they were computed).
+struct ValueRange {
+  float lo = 0.0f, hi = 0.0f;
+  bool valid = false;
+};
+
 // Appends a tensor / a quantized tensor (codes + grids) to a collect_saved list.
 void saved_add(std::vector<std::pair<const void*, size_t>>& out, const Tensor& t);
 void saved_add(std::vector<std::pair<const void*, size_t>>& out, const QuantizedTensor& q);
@@ -97,7 +103,17 @@ class Conv2d : public QuantizedLayer {
   Conv2d(std::string name, int64_t cin, int64_t cout, int64_t kernel, int64_t stride, int64_t padding,
          bool bias, Recipe recipe, uint32_t layer_id, uint64_t init_seed = 0);
   std::string kind() const override { return "Conv2d"; }
-  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor forward(const Tensor& x, const StepContext& ctx) override { return forward(x, ctx, nullptr); }
+  // With `xq`: x's codes under this layer's activation quantizer, made by the caller
+  // (quantize_input, possibly of another layer with the same quantizer: a tensor two layers read
+  // is quantized once, and its codes are kept once); null: forward quantizes x itself.
+  Tensor forward(const Tensor& x, const StepContext& ctx, const QuantizedTensor* xq);
+  // Whether forward quantizes its input (qat, fqt), and x quantized as forward would (with a
+  // valid `range`, x's min and max, without another pass over x).
+  bool quantizes_input() const;
+  QuantizedTensor quantize_input(const Tensor& x, const ValueRange& range) const;
+  // Whether `other` quantizes its input exactly as this layer does.
+  bool same_input_quantizer(const Conv2d& other) const;
   Tensor dgrad(const Tensor& dy, const StepContext& ctx) override;
   void wgrad(const Tensor& dy, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;  // wgrad then dgrad, dY laid out once
@@ -180,7 +196,11 @@ class BatchNorm2d : public Module {
     return *this;
   }
   std::string kind() const override { return relu_ ? "BatchNorm2d+ReLU" : "BatchNorm2d"; }
-  Tensor forward(const Tensor& x, const StepContext& ctx) override;
+  Tensor forward(const Tensor& x, const StepContext& ctx) override { return forward(x, ctx, nullptr); }
+  // With `range` (and the ReLU fused in): also the output's min and max, taken in the pass that
+  // writes it, for the next layer's activation quantizer (quantize_in_range). Only a training
+  // forward fills it; range->valid says whether it did.
+  Tensor forward(const Tensor& x, const StepContext& ctx, ValueRange* range);
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
@@ -334,6 +354,13 @@ class PreActBlock : public Module {
   Sequential pre_;       // bn1 (+ ReLU, fused)
   ModulePtr shortcut_;   // Conv2d or null (identity)
   Sequential main_;      // conv1, bn2 (+ ReLU, fused), conv2
+  // The same layers, for forward, which hands each batch norm's output range to the next
+  // convolution's quantizer and quantizes bn1's output once for conv1 and the shortcut.
+  BatchNorm2d* bn1_ = nullptr;
+  BatchNorm2d* bn2_ = nullptr;
+  Conv2d* conv1_ = nullptr;
+  Conv2d* conv2_ = nullptr;
+  Conv2d* short_conv_ = nullptr;
   OutputSource input_src_;  // recomputation of the block's input (empty: not recomputing)
   Tensor cached_input_;     // the recomputed input, between output_source() and bn1's backward
   Tensor take_input();

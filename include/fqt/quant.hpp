@@ -127,6 +127,11 @@ struct QuantizedTensor {
 // finite values (NonFiniteError otherwise). `key` is ignored by deterministic quantizers.
 QuantizedTensor quantize(const Tensor& x, QuantizerSpec spec, RngKey key = {});
 QuantizedTensor quantize_ref(const Tensor& x, QuantizerSpec spec, RngKey key = {});
+// quantize(x, spec) when [mn, mx] is already known to be X's exact min and max (a producer that
+// wrote X computed them on the way): the same codes and grid, one pass over X instead of two.
+// Only deterministic per-tensor quantizers use the range; any other spec quantizes as quantize().
+// A non-finite range throws as quantize() does on non-finite data.
+QuantizedTensor quantize_in_range(const Tensor& x, QuantizerSpec spec, float mn, float mx);
 // Two independent quantizations of the same X (the bifurcated gradient: the dgrad and the wgrad
 // draw), equal code for code to {quantize(x, a, ka), quantize(x, b, kb)}. When both are
 // stochastic per-row or per-tensor quantizers (not BHQ), it reads X twice instead of four

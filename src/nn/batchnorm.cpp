@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace fqt {
 using namespace nn_detail;
@@ -143,6 +144,44 @@ void dx_run(const GradRun& g, int64_t n, float k, float md, float mh, float* o) 
   for (; p < n; ++p) o[p] = k * (g.d(p) - md - g.h(p) * mh);
 }
 
+// y = (x - m) * inv * gc + bc over a run of n values, through the fused ReLU when `relu` (as
+// ReLU computes it: NaN and -0 give +0, which max(v, +0) also gives: MAXPS returns its second
+// operand for a NaN or two zeros); with lo/hi (ReLU only: no NaN can reach them), the run's min
+// and max of y folded in.
+// (GCC 12 warns inside its own AVX-512 headers here, on their `_mm512_undefined_*()`
+// placeholders, once inlined: a known false positive, silenced for this function only.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+void normalize_run(const float* x, int64_t n, float m, float inv, float gc, float bc, bool relu, float* y, float* lo,
+                   float* hi) {
+  int64_t p = 0;
+#if defined(__AVX512F__)
+  const __m512 vm = _mm512_set1_ps(m), vi = _mm512_set1_ps(inv), vg = _mm512_set1_ps(gc), vb = _mm512_set1_ps(bc);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 vlo = _mm512_set1_ps(std::numeric_limits<float>::infinity()), vhi = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (; p < n; p += 16) {
+    const __mmask16 k = n - p >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - p)) - 1);
+    __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + p), vm), vi), vg), vb);
+    if (relu) v = _mm512_max_ps(v, zero);
+    _mm512_mask_storeu_ps(y + p, k, v);
+    vlo = _mm512_mask_min_ps(vlo, k, vlo, v), vhi = _mm512_mask_max_ps(vhi, k, vhi, v);
+  }
+  if (lo) *lo = std::min(*lo, _mm512_reduce_min_ps(vlo)), *hi = std::max(*hi, _mm512_reduce_max_ps(vhi));
+#else
+  for (; p < n; ++p) {
+    const float h = (x[p] - m) * inv;
+    const float v = h * gc + bc;
+    y[p] = relu ? (v > 0.0f ? v : 0.0f) : v;
+    if (lo) *lo = std::min(*lo, y[p]), *hi = std::max(*hi, y[p]);
+  }
+#endif
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 // Bytes of `mask` that lie wholly inside elements [i0, i0 + n) of `out` (a thread owns them).
 inline void mask_inner_bytes(const float* out, int64_t i0, int64_t n, uint8_t* mask) {
   for (int64_t j = (i0 + 7) / 8; j < (i0 + n) / 8; ++j) mask[j] = positive_bits8(out + 8 * j);
@@ -185,7 +224,7 @@ void BatchNorm2d::collect_buffers(std::vector<std::pair<std::string, Tensor*>>& 
   out.emplace_back(name_ + ".running_var", &running_var_);
 }
 
-Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
+Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx, ValueRange* range) {
   FQT_CHECK(x.dtype() == DType::f32 && x.dim() >= 2 && x.size(1) == c_, "BatchNorm2d {}: input {} has not {} channels",
             name_, shape_str(x.shape()), c_);
   const int64_t N = x.size(0), C = c_, P = x.numel() / (N * C), M = N * P;
@@ -197,6 +236,7 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
   float* rm = running_mean_.data<float>();
   float* rv = running_var_.data<float>();
   saved_train_ = ctx.train;
+  if (range) *range = {};
   invstd_.assign(C, 0.0f);
   mean_.assign(C, 0.0f);
   in_shape_ = x.shape();
@@ -209,6 +249,8 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
     const int64_t NG = sample_groups(N);
     std::vector<double> part(static_cast<size_t>(NG * C * 2));  // [group][channel] sum, sum of squares
     std::vector<double> mean(static_cast<size_t>(C)), ssd(static_cast<size_t>(C));
+    const bool want_range = range && relu_;
+    float ylo = std::numeric_limits<float>::infinity(), yhi = -ylo;
 #pragma omp parallel if (parallel_worth(N * C * P))
     {
 #pragma omp for schedule(static)
@@ -228,20 +270,17 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx) {
         invstd_[c] = static_cast<float>(1.0 / std::sqrt(ssd[c] / static_cast<double>(M) + eps_));
         mean_[c] = static_cast<float>(m);
       }  // (implicit barrier)
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) reduction(min : ylo) reduction(max : yhi)
       for (int64_t n = 0; n < N; ++n)
         for (int64_t c = 0; c < C; ++c) {
           const int64_t i0 = (n * C + c) * P;
-          const float m = mean_[c], inv = invstd_[c], gc = g[c], bc = b[c];
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t i = i0 + p;
-            const float h = (xp[i] - m) * inv;  // backward's GradRun::h repeats exactly this
-            const float v = h * gc + bc;
-            yp[i] = relu_ ? (v > 0.0f ? v : 0.0f) : v;  // the fused ReLU as ReLU computes it (NaN -> 0)
-          }
+          // h = (x - mean) * invstd: backward's GradRun::h repeats exactly this
+          normalize_run(xp + i0, P, mean_[c], invstd_[c], g[c], b[c], relu_, yp + i0, want_range ? &ylo : nullptr,
+                        want_range ? &yhi : nullptr);
           if (relu_) mask_inner_bytes(yp, i0, P, mk);
         }
     }
+    if (want_range) *range = {ylo, yhi, true};
     for (int64_t c = 0; c < C; ++c) {
       rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean[c]);
       rv[c] = static_cast<float>((1.0 - momentum_) * rv[c] + momentum_ * ssd[c] / static_cast<double>(M - 1));

@@ -1,26 +1,44 @@
 // Residual blocks for the ResNets.
 #include "common.hpp"
 
+#include <optional>
+
 namespace fqt {
 
 // ---- PreActBlock ------------------------------------------------------------------------------
 
 PreActBlock::PreActBlock(const std::string& name, int64_t cin, int64_t cout, int64_t stride, const Recipe& recipe,
                          LayerIds& ids) {
-  pre_.emplace<BatchNorm2d>(name + ".bn1", cin).with_relu();
-  if (stride != 1 || cin != cout)
-    shortcut_ = std::make_unique<Conv2d>(name + ".shortcut", cin, cout, 1, stride, 0, false, recipe, ids.take(),
-                                         ids.init_seed);
-  main_.emplace<Conv2d>(name + ".conv1", cin, cout, 3, stride, 1, false, recipe, ids.take(), ids.init_seed);
-  main_.emplace<BatchNorm2d>(name + ".bn2", cout).with_relu();
-  main_.emplace<Conv2d>(name + ".conv2", cout, cout, 3, 1, 1, false, recipe, ids.take(), ids.init_seed);
+  bn1_ = &pre_.emplace<BatchNorm2d>(name + ".bn1", cin).with_relu();
+  if (stride != 1 || cin != cout) {
+    auto sc = std::make_unique<Conv2d>(name + ".shortcut", cin, cout, 1, stride, 0, false, recipe, ids.take(),
+                                       ids.init_seed);
+    short_conv_ = sc.get();
+    shortcut_ = std::move(sc);
+  }
+  conv1_ = &main_.emplace<Conv2d>(name + ".conv1", cin, cout, 3, stride, 1, false, recipe, ids.take(), ids.init_seed);
+  bn2_ = &main_.emplace<BatchNorm2d>(name + ".bn2", cout).with_relu();
+  conv2_ = &main_.emplace<Conv2d>(name + ".conv2", cout, cout, 3, 1, 1, false, recipe, ids.take(), ids.init_seed);
 }
 
+// bn1, shortcut, conv1, bn2, conv2, as pre_ and main_ would run them, with two passes less per
+// convolution input: a batch norm's output range comes from the pass that wrote it
+// (quantize_in_range: the same codes), and bn1's output, which conv1 and the shortcut both read,
+// is quantized once when their quantizers agree (their codes are then kept once).
 Tensor PreActBlock::forward(const Tensor& x, const StepContext& ctx) {
   cached_input_ = {};
-  const Tensor a = pre_.forward(x, ctx);
-  Tensor s = shortcut_ ? shortcut_->forward(a, ctx) : x;
-  Tensor y = main_.forward(a, ctx);
+  ValueRange ra, rb;
+  const Tensor a = bn1_->forward(x, ctx, conv1_->quantizes_input() ? &ra : nullptr);
+  std::optional<QuantizedTensor> aq;
+  if (conv1_->quantizes_input()) aq = conv1_->quantize_input(a, ra);
+  const bool share = short_conv_ && aq && short_conv_->same_input_quantizer(*conv1_);
+  Tensor s = short_conv_ ? short_conv_->forward(a, ctx, share ? &*aq : nullptr) : x;
+  const Tensor h = conv1_->forward(a, ctx, aq ? &*aq : nullptr);
+  aq.reset();
+  const Tensor b = bn2_->forward(h, ctx, conv2_->quantizes_input() ? &rb : nullptr);
+  std::optional<QuantizedTensor> bq;
+  if (conv2_->quantizes_input()) bq = conv2_->quantize_input(b, rb);
+  Tensor y = conv2_->forward(b, ctx, bq ? &*bq : nullptr);
   add_inplace(y, s);
   return y;
 }

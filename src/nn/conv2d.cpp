@@ -137,7 +137,18 @@ void Conv2d::collect_params(std::vector<Param*>& out) {
 // batch-sized im2col matrix or layout transposes; each sample's GEMM has the same shape on any
 // thread count, so results are bit-identical across thread counts. Quantized operands are
 // dequantized first (the simulated path; W is small, x was quantized as a tensor).
-Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
+bool Conv2d::quantizes_input() const { return quantized_forward(recipe_); }
+
+QuantizedTensor Conv2d::quantize_input(const Tensor& x, const ValueRange& range) const {
+  return range.valid ? quantize_in_range(x, recipe_.activation, range.lo, range.hi) : quantize(x, recipe_.activation);
+}
+
+bool Conv2d::same_input_quantizer(const Conv2d& other) const {
+  return quantizes_input() && other.quantizes_input() && recipe_.activation.kind == other.recipe_.activation.kind &&
+         recipe_.activation.bits == other.recipe_.activation.bits;
+}
+
+Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx, const QuantizedTensor* given) {
   FQT_CHECK(x.dim() == 4 && x.size(1) == cin_ && x.dtype() == DType::f32, "Conv2d {}: input {} is not N,{},H,W",
             name_, shape_str(x.shape()), cin_);
   (void)geom(x.shape(), k_, stride_, pad_);  // validates the geometry (throws on a too-small input)
@@ -146,7 +157,10 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx) {
     if (ctx.train) x_ = x;
     xq_ = {}, wq_ = {};
   } else {
-    QuantizedTensor xq = quantize(x, recipe_.activation);
+    FQT_CHECK(!given || (given->spec.kind == recipe_.activation.kind && given->spec.bits == recipe_.activation.bits &&
+                         given->rows == x.size(0) && given->rows * given->cols == x.numel()),
+              "Conv2d {}: the given input codes are not x's under this layer's activation quantizer", name_);
+    QuantizedTensor xq = given ? *given : quantize(x, recipe_.activation);
     QuantizedTensor wq = quantize(w, recipe_.weight);
     x_ = {};
     in_shape_ = x.shape();

@@ -6,8 +6,10 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <set>
 
 using namespace fqt;
@@ -287,6 +289,92 @@ TEST(nn, batchnorm_with_relu_equals_batchnorm_then_relu) {
         EXPECT_TRUE(bit_equal(plain.beta().grad, fused.beta().grad)) << what;
         omp_set_num_threads(saved);
       }
+}
+
+// The output range a training forward of BatchNorm2d+ReLU reports is the output's min and max
+// (what the next layer's quantizer would find), on 1 and 2 threads, with tails of every length;
+// eval forwards and plain batch norms report none.
+TEST(nn, batchnorm_reports_its_output_range) {
+  for (const Shape& sh : {Shape{4, 3, 7, 7}, Shape{2, 3, 1, 3}, Shape{64, 16, 28, 28}})
+    for (int threads : {1, 2}) {
+      const int saved = omp_get_max_threads();
+      omp_set_num_threads(threads);
+      const Tensor x = randn(sh, 41, 3.0f);
+      BatchNorm2d bn("bn", sh[1]);
+      bn.with_relu();
+      for (int64_t c = 0; c < sh[1]; ++c) bn.beta().value.data<float>()[c] = 0.4f * static_cast<float>(c) - 0.5f;
+      ValueRange r;
+      const Tensor y = bn.forward(x, StepContext{true, 0, 0}, &r);
+      const float* yp = y.data<float>();
+      ASSERT_TRUE(r.valid) << shape_str(sh);
+      EXPECT_EQ(r.lo, *std::min_element(yp, yp + y.numel())) << shape_str(sh) << " threads " << threads;
+      EXPECT_EQ(r.hi, *std::max_element(yp, yp + y.numel())) << shape_str(sh) << " threads " << threads;
+      bn.forward(x, StepContext{false, 0, 0}, &r);
+      EXPECT_FALSE(r.valid);
+      BatchNorm2d plain("bn", sh[1]);
+      plain.forward(x, StepContext{true, 0, 0}, &r);
+      EXPECT_FALSE(r.valid);
+      omp_set_num_threads(saved);
+    }
+}
+
+// PreActBlock's forward (batch-norm ranges handed to the quantizers, bn1's output quantized once
+// for conv1 and the shortcut) against the same layers run one by one through Module::forward:
+// the same output, input gradient and parameter gradients bit for bit, in every mode, with and
+// without a projection shortcut; a projecting FQT block keeps bn1's output codes once.
+TEST(nn, preact_block_equals_its_layers_run_one_by_one) {
+  for (Mode mode : {Mode::fp32, Mode::qat, Mode::fqt})
+    for (int64_t stride : {1, 2}) {
+      const int64_t cin = 4, cout = stride == 1 ? 4 : 8;
+      Recipe r = make_recipe(mode);
+      r.arith = Arith::integer;
+      LayerIds ids{3, 11}, ids2{3, 11};
+      PreActBlock block("b", cin, cout, stride, r, ids);
+      BatchNorm2d bn1("b.bn1", cin), bn2("b.bn2", cout);
+      bn1.with_relu(), bn2.with_relu();
+      std::unique_ptr<Conv2d> sc;
+      if (stride != 1) sc = std::make_unique<Conv2d>("b.shortcut", cin, cout, 1, stride, 0, false, r, ids2.take(), ids2.init_seed);
+      Conv2d conv1("b.conv1", cin, cout, 3, stride, 1, false, r, ids2.take(), ids2.init_seed);
+      Conv2d conv2("b.conv2", cout, cout, 3, 1, 1, false, r, ids2.take(), ids2.init_seed);
+      const Tensor x = randn({6, cin, 9, 9}, 51), dy = randn({6, cout, 9 / stride + (stride == 2 ? 1 : 0), 9 / stride + (stride == 2 ? 1 : 0)}, 52);
+      const StepContext ctx{true, 3, 1};
+      const Tensor y = block.forward(x, ctx);
+      const Tensor a = bn1.forward(x, ctx);
+      const Tensor s = sc ? sc->forward(a, ctx) : x;
+      Tensor y_ref = conv2.forward(bn2.forward(conv1.forward(a, ctx), ctx), ctx);
+      const float* sp = s.data<float>();
+      for (int64_t i = 0; i < y_ref.numel(); ++i) y_ref.data<float>()[i] += sp[i];
+      const std::string what = std::string(mode_name(mode)) + " stride " + std::to_string(stride);
+      ASSERT_EQ(y.shape(), dy.shape()) << what;
+      EXPECT_TRUE(bit_equal(y, y_ref)) << what;
+      // The layers' saved storage, shared storage counted once (fp32: both convolutions keep a).
+      std::vector<std::pair<const void*, size_t>> items;
+      for (const Module* m : std::vector<const Module*>{&bn1, sc.get(), &conv1, &bn2, &conv2})
+        if (m) m->collect_saved(items);
+      std::sort(items.begin(), items.end());
+      items.erase(std::unique(items.begin(), items.end(), [](const auto& u, const auto& v) { return u.first == v.first; }),
+                  items.end());
+      size_t ref_saved = 0;
+      for (const auto& it : items) ref_saved += it.second;
+      if (sc && mode != Mode::fp32) ref_saved -= static_cast<size_t>(a.numel());  // bn1's output codes, kept once
+      EXPECT_EQ(saved_bytes(block), ref_saved) << what;
+      const Tensor dx = block.backward(dy, ctx);
+      Tensor da = conv1.backward(bn2.backward(conv2.backward(dy, ctx), ctx), ctx);
+      if (sc) {
+        const Tensor ds = sc->backward(dy, ctx);
+        for (int64_t i = 0; i < da.numel(); ++i) da.data<float>()[i] += ds.data<float>()[i];
+      }
+      Tensor dx_ref = bn1.backward(da, ctx);
+      if (!sc)
+        for (int64_t i = 0; i < dx_ref.numel(); ++i) dx_ref.data<float>()[i] += dy.data<float>()[i];
+      EXPECT_TRUE(bit_equal(dx, dx_ref)) << what;
+      std::vector<Param*> got, want;
+      block.collect_params(got);  // bn1, shortcut, conv1, bn2, conv2
+      for (Module* m : std::vector<Module*>{&bn1, sc.get(), &conv1, &bn2, &conv2})
+        if (m) m->collect_params(want);
+      ASSERT_EQ(got.size(), want.size()) << what;
+      for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(bit_equal(got[i]->grad, want[i]->grad)) << what << " param " << i;
+    }
 }
 
 TEST(nn, model_shapes_names_and_layer_ids) {

@@ -4,6 +4,8 @@
 #include "fqt/stats.hpp"
 
 #include <gtest/gtest.h>
+
+#include <algorithm>
 #include <omp.h>
 
 #include <cmath>
@@ -173,6 +175,33 @@ TEST(Quantize, NonFiniteInputIsAClearError) {
       }
     }
   }
+}
+
+// quantize_in_range with the data's exact min and max is quantize(): every kind (those without a
+// per-tensor deterministic grid ignore the range), bit widths, shapes above and below the
+// parallel threshold, one-sided data (the zero-aligned guard). A non-finite range is the
+// non-finite data's error.
+TEST(Quantize, InRangeEqualsQuantizeWithTheDataRange) {
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{3, 5}, {128, 784}})
+    for (float shift : {0.0f, 5.0f, -5.0f})
+      for (QuantizerKind k : all_kinds())
+        for (int bits : {2, 5, 8}) {
+          Tensor x = synthetic_matrix(SynthKind::gaussian, rows, cols, 7);
+          float* p = x.data<float>();
+          for (int64_t i = 0; i < x.numel(); ++i) p[i] += shift;
+          const float mn = *std::min_element(p, p + x.numel()), mx = *std::max_element(p, p + x.numel());
+          const QuantizedTensor a = quantize(x, {k, bits}), b = quantize_in_range(x, {k, bits}, mn, mx);
+          EXPECT_TRUE(same_quantization(a, b)) << traits(k).name << " " << bits << " bits, " << rows << "x" << cols
+                                               << " shift " << shift;
+        }
+  Tensor x = synthetic_matrix(SynthKind::gaussian, 40, 50, 2);
+  x.data<float>()[123] = std::numeric_limits<float>::infinity();
+  EXPECT_THROW(quantize_in_range(x, {QuantizerKind::zero_aligned, 8}, -1.0f, std::numeric_limits<float>::infinity()),
+               NonFiniteError);
+  // A non-finite range over finite data is the caller's bug: an error, not codes.
+  const Tensor ok = synthetic_matrix(SynthKind::gaussian, 40, 50, 2);
+  EXPECT_THROW(quantize_in_range(ok, {QuantizerKind::zero_aligned, 8}, -1.0f, std::numeric_limits<float>::infinity()),
+               std::exception);
 }
 
 // A NaN or Inf anywhere in a row of any length is found by the min/max pass (row granularity:

@@ -224,6 +224,27 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
   return qa;
 }
 
+// The deterministic rounding pass: every element on its group's grid (q holds the grids; its
+// codes are written).
+void nearest_pass(const float* src, int64_t rows, int64_t cols, QuantizedTensor& q) {
+  const Granularity gran = q.granularity();
+  const int B = q.max_code();
+  uint8_t* codes = q.codes.data<uint8_t>();
+  const float* scale = q.scale.data();
+  const float* lo = q.lo.data();
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict s = src + r * cols;
+    uint8_t* __restrict o = codes + r * cols;
+    if (gran == Granularity::column) {
+      for (int64_t c = 0; c < cols; ++c) o[c] = round_nearest(grid_pos(s[c], lo[c], scale[c]), B);
+    } else {
+      const int64_t gi = gran == Granularity::tensor ? 0 : r;
+      round_run_nearest(s, cols, lo[gi], scale[gi], B, o);
+    }
+  }
+}
+
 }  // namespace
 
 QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
@@ -250,17 +271,7 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   const float* scale = q.scale.data();
   const float* lo = q.lo.data();
   if (!stochastic) {
-#pragma omp parallel for schedule(static) if (rows * cols > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* __restrict s = src + r * cols;
-      uint8_t* __restrict o = codes + r * cols;
-      if (gran == Granularity::column) {
-        for (int64_t c = 0; c < cols; ++c) o[c] = round_nearest(grid_pos(s[c], lo[c], scale[c]), B);
-      } else {
-        const int64_t gi = gran == Granularity::tensor ? 0 : r;
-        round_run_nearest(s, cols, lo[gi], scale[gi], B, o);
-      }
-    }
+    nearest_pass(src, rows, cols, q);
     return q;
   }
   // Stochastic: each row piece rounded with its group's grid.
@@ -276,6 +287,26 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
       round_run_stochastic(s, uu, run, lo[gi], scale[gi], B, o);
     }
   });
+  return q;
+}
+
+QuantizedTensor quantize_in_range(const Tensor& x_in, QuantizerSpec spec, float mn, float mx) {
+  const QuantizerTraits& t = traits(spec.kind);
+  if (t.granularity != Granularity::tensor || t.rounding != Rounding::nearest || x_in.numel() == 0)
+    return quantize(x_in, spec);
+  profile::Scope timer(profile::quantize);
+  check_spec(spec);
+  Tensor x = as_matrix(x_in);
+  const int64_t rows = x.size(0), cols = x.size(1);
+  // The range the min/max pass would have found; a non-finite one means non-finite data, which
+  // check_finite reports (position and all) as quantize() does.
+  if (!std::isfinite(mn) || !std::isfinite(mx)) check_finite(x, "quantizer input");
+  FQT_CHECK(std::isfinite(mn) && std::isfinite(mx) && mn <= mx, "quantize_in_range: range [{}, {}] is not that of finite data",
+            mn, mx);
+  const double dmn = mn, dmx = mx;
+  QuantizedTensor q = make_header(spec, rows, cols, &dmn, &dmx);
+  q.codes = Tensor::empty({rows, cols}, DType::u8);
+  nearest_pass(x.data<float>(), rows, cols, q);
   return q;
 }
 
