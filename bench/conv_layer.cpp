@@ -1,5 +1,6 @@
 // Time of one Conv2d's three parts on the integer FQT path — forward, dgrad (dY laid out in rows,
-// quantized, integer GEMM, epilogue, col2im) and wgrad — median and fastest of repeated calls on
+// quantized, integer GEMM, epilogue, col2im), wgrad, and backward (both, as training runs them) —
+// median and fastest of repeated calls on
 // fixed data. A layer-sized measurement: steadier on a shared VM than a whole training step, so a
 // change to one of the three can be measured on its own (docs/profiles/README.md).
 //   build/bench/bench_conv_layer [cin=16] [cout=16] [hw=28] [batch=128] [threads=1] [reps=21] [dgrad=psq]
@@ -48,12 +49,15 @@ int run(int argc, char** argv) {
   const Times f = time_ms(reps, [&] { conv.forward(x, ctx); });
   const Times d = time_ms(reps, [&] { conv.dgrad(dy, ctx); });
   const Times w = time_ms(reps, [&] { conv.wgrad(dy, ctx); });
+  const Times b = time_ms(reps, [&] { conv.backward(dy, ctx); });
   std::printf("conv %ld -> %ld, 3x3, %ldx%ld, batch %ld, %d thread(s), dgrad %s 8-bit; median / fastest of %d\n",
               static_cast<long>(cin), static_cast<long>(cout), static_cast<long>(hw), static_cast<long>(hw),
               static_cast<long>(batch), threads, dk.c_str(), reps);
   std::printf("  forward  %8.3f ms  %8.3f ms\n", f.median, f.best);
   std::printf("  dgrad    %8.3f ms  %8.3f ms\n", d.median, d.best);
   std::printf("  wgrad    %8.3f ms  %8.3f ms\n", w.median, w.best);
+  std::printf("  backward %8.3f ms  %8.3f ms   (training: wgrad + dgrad, both draws of dY in one quantize_pair)\n",
+              b.median, b.best);
   return 0;
 }
 
