@@ -128,8 +128,14 @@ inline void round_run_nearest(const float* __restrict s, int64_t n, float lo, fl
 // (kernels::fill_uniforms), one buffer per key, then `piece(e, run, r, c, u)` rounds each row
 // piece of the chunk: elements e .. e+run-1 (row r, from column c), u[k] = key k's uniforms for
 // element e. Element e gets the same uniform whatever the chunking or thread count.
-template <int K, typename Piece>
-void stochastic_pass(int64_t rows, int64_t cols, const RngKey (&keys)[K], Piece&& piece) {
+// `whole(e0, e1, u)`, when given, is called once per chunk after its row pieces, with the
+// chunk's uniforms (u[k] = key k's uniform for element e0): for a draw on one per-tensor grid,
+// which needs no row boundaries.
+struct NoWhole {
+  void operator()(int64_t, int64_t, const float* const*) const {}
+};
+template <int K, typename Piece, typename Whole = NoWhole>
+void stochastic_pass(int64_t rows, int64_t cols, const RngKey (&keys)[K], Piece&& piece, Whole&& whole = {}) {
   constexpr int64_t kChunk = 4096;
   const int64_t total = rows * cols, chunks = (total + kChunk - 1) / kChunk;
 #pragma omp parallel if (total > kParallelMin)
@@ -148,6 +154,9 @@ void stochastic_pass(int64_t rows, int64_t cols, const RngKey (&keys)[K], Piece&
         piece(e, run, r, c, u);
         e += run, ++r, c = 0;
       }
+      const float* u0[K];
+      for (int k = 0; k < K; ++k) u0[k] = buf.data() + k * kChunk;
+      whole(e0, e1, u0);
     }
   }
 }
@@ -351,10 +360,18 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
   uint8_t* cb = qb.codes.data<uint8_t>();
   // The rounding pass of quantize(), both draws at once (element e of each gets its key's u).
   const RngKey keys[2] = {ka, kb};
-  stochastic_pass(rows, cols, keys, [&](int64_t e, int64_t run, int64_t r, int64_t, const float* const* u) {
-    round_run_stochastic(src + e, u[0], run, qa.lo[row_a ? r : 0], qa.scale[row_a ? r : 0], Ba, ca + e);
-    round_run_stochastic(src + e, u[1], run, qb.lo[row_b ? r : 0], qb.scale[row_b ? r : 0], Bb, cb + e);
-  });
+  // A per-tensor draw is rounded a chunk at a time (the row pieces of PSQ are 16 values long in
+  // stage 1: per-run overhead), a per-row one piece by piece.
+  stochastic_pass(
+      rows, cols, keys,
+      [&](int64_t e, int64_t run, int64_t r, int64_t, const float* const* u) {
+        if (row_a) round_run_stochastic(src + e, u[0], run, qa.lo[r], qa.scale[r], Ba, ca + e);
+        if (row_b) round_run_stochastic(src + e, u[1], run, qb.lo[r], qb.scale[r], Bb, cb + e);
+      },
+      [&](int64_t e0, int64_t e1, const float* const* u) {
+        if (!row_a) round_run_stochastic(src + e0, u[0], e1 - e0, qa.lo[0], qa.scale[0], Ba, ca + e0);
+        if (!row_b) round_run_stochastic(src + e0, u[1], e1 - e0, qb.lo[0], qb.scale[0], Bb, cb + e0);
+      });
   return {std::move(qa), std::move(qb)};
 }
 
