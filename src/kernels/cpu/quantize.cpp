@@ -22,19 +22,26 @@ namespace {
 
 // Per-group min and max; returns true when the data hold a NaN or an Inf (then the caller
 // reports where, through check_finite).
+// Row granularity: with `whole`, also the tensor's min and max (whole[0], whole[1]), reduced
+// in the same parallel loop (a serial loop over the row ranges afterwards took ~0.16 ms per
+// stage-1 gradient while the other thread waited).
 bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std::vector<double>& mn,
-                  std::vector<double>& mx) {
+                  std::vector<double>& mx, double* whole = nullptr) {
   uint32_t nan = 0;
   const int64_t groups = num_groups(g, rows, cols);
   mn.assign(groups, std::numeric_limits<double>::infinity());
   mx.assign(groups, -std::numeric_limits<double>::infinity());
   if (g == Granularity::row) {
-#pragma omp parallel for reduction(| : nan) schedule(static) if (rows * cols > kParallelMin)
+    float tlo = std::numeric_limits<float>::infinity(), thi = -tlo;
+#pragma omp parallel for reduction(| : nan) reduction(min : tlo) reduction(max : thi) schedule(static) \
+    if (rows * cols > kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
       float a = std::numeric_limits<float>::infinity(), b = -a;
       minmax_lanes(x + r * cols, cols, a, b, nan);
       if (cols) mn[r] = a, mx[r] = b;
+      tlo = std::min(tlo, a), thi = std::max(thi, b);
     }
+    if (whole) whole[0] = tlo, whole[1] = thi;
   } else if (g == Granularity::column) {
     // Each thread owns a slice of columns and walks all rows (row-major friendly).
 #pragma omp parallel reduction(| : nan) if (rows * cols > kParallelMin)
@@ -344,9 +351,9 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
   const float* src = x.data<float>();
   // Row ranges in one pass; the tensor range is their range (min and max are exact).
   std::vector<double> rmn, rmx;
-  if (group_minmax(src, rows, cols, Granularity::row, rmn, rmx)) check_finite(x, "quantizer input");
-  double tmn = std::numeric_limits<double>::infinity(), tmx = -tmn;
-  for (int64_t r = 0; r < rows; ++r) tmn = std::min(tmn, rmn[r]), tmx = std::max(tmx, rmx[r]);
+  double whole[2];
+  if (group_minmax(src, rows, cols, Granularity::row, rmn, rmx, whole)) check_finite(x, "quantizer input");
+  const double tmn = whole[0], tmx = whole[1];
   auto header = [&](QuantizerSpec s) {
     QuantizedTensor q = traits(s.kind).granularity == Granularity::row ? make_header(s, rows, cols, rmn.data(), rmx.data())
                                                                         : make_header(s, rows, cols, &tmn, &tmx);
