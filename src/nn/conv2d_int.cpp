@@ -138,6 +138,60 @@ void im2col_chw(const uint8_t* img, const Geom& g, uint8_t* out, int64_t ld) {
   }
 }
 
+#if defined(__AVX512VBMI__)
+// im2col of a stride-1 geometry by byte permutes: an im2col row (c, kh, kw) is the padded image
+// rows kh.. of channel c, Wo bytes from column kw of each, so 64 bytes of it come from a window
+// of at most 64 + (k - 1) * ceil(64 / Wo) bytes of the image; one two-register byte permute
+// (vpermt2b) per 64 output bytes replaces a short copy per output row (the 28-byte copies were
+// ~5% of the PSQ step in perf, session 9). The permute indices depend on the geometry only.
+struct Im2colPermute {
+  int64_t blocks = 0;             // 64-byte blocks per im2col row (the last one partial)
+  std::vector<int64_t> start;     // per block: its first byte's offset in the row's image window
+  std::vector<uint8_t> index;     // per block: 64 indices into the 128 bytes from `start`
+  bool usable = false;
+};
+
+Im2colPermute im2col_permute_plan(const Geom& g) {
+  Im2colPermute pl;
+  if (g.stride != 1) return pl;
+  const int64_t P = g.P(), Wp = g.W + 2 * g.pad;
+  auto src = [&](int64_t q) { return (q / g.Wo) * Wp + q % g.Wo; };  // output byte q -> window offset
+  pl.blocks = (P + 63) / 64;
+  pl.start.resize(static_cast<size_t>(pl.blocks));
+  pl.index.assign(static_cast<size_t>(pl.blocks * 64), 0);
+  for (int64_t b = 0; b < pl.blocks; ++b) {
+    pl.start[b] = src(64 * b);
+    for (int64_t j = 0; j < 64 && 64 * b + j < P; ++j) {
+      const int64_t d = src(64 * b + j) - pl.start[b];
+      if (d >= 128) return pl;  // (very narrow outputs: the window outgrows two registers)
+      pl.index[b * 64 + j] = static_cast<uint8_t>(d);
+    }
+  }
+  pl.usable = true;
+  return pl;
+}
+
+// The rows of im2col_chw through the plan. Reads up to 128 bytes from each block's start: the
+// image buffer carries 128 bytes of slack after the image.
+void im2col_chw_permute(const uint8_t* img, const Geom& g, const Im2colPermute& pl, uint8_t* out, int64_t ld) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, k = g.k, P = g.P();
+  const __mmask64 tail = P % 64 == 0 ? ~__mmask64{0} : (__mmask64{1} << (P % 64)) - 1;
+  for (int64_t r = 0; r < g.rows(); ++r) {
+    const int64_t c = r / (k * k), kh = (r / k) % k, kw = r % k;
+    const uint8_t* base = img + (c * Hp + kh) * Wp + kw;
+    uint8_t* row = out + r * ld;
+    for (int64_t b = 0; b < pl.blocks; ++b) {
+      const uint8_t* sb = base + pl.start[b];
+      const __m512i v = _mm512_permutex2var_epi8(_mm512_loadu_si512(sb),
+                                                 _mm512_loadu_si512(pl.index.data() + 64 * b),
+                                                 _mm512_loadu_si512(sb + 64));
+      if (b + 1 < pl.blocks) _mm512_storeu_si512(row + 64 * b, v);
+      else _mm512_mask_storeu_epi8(row + 64 * b, tail, v);
+    }
+  }
+}
+#endif
+
 // Sum of n bytes, each xor-ed with x first (exact in int64); x = 0x80 sums s8 codes stored as
 // q ^ 0x80 back as the u8 codes q.
 inline int64_t byte_sum(const uint8_t* p, int64_t n, uint8_t x = 0) {
@@ -532,11 +586,16 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const int64_t groups = plan.groups, ns = plan.per_gemm;
   const int64_t ldk = ns * P;
   std::vector<int64_t> part(static_cast<size_t>(groups * wsize), 0);
+#if defined(__AVX512VBMI__)
+  const Im2colPermute perm = im2col_permute_plan(g);
+#endif
 #pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int8_t> Bg(static_cast<size_t>(cout_ * ldk));  // [G_n^T ...] codes [Cout, ns * P], s8
-    std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
-    std::vector<uint8_t> A(static_cast<size_t>(ckk * ldk));
+    // (+128 bytes: the permuting im2col reads two registers from a block's start; +64: its last
+    // masked store, which a sanitizer may count as a full one)
+    std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_ + 128));
+    std::vector<uint8_t> A(static_cast<size_t>(ckk * ldk + 64));
     std::vector<int32_t> C(static_cast<size_t>(ssize));
 #pragma omp for schedule(static)
     for (int64_t gi = 0; gi < groups; ++gi) {
@@ -551,7 +610,11 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
           kernels::transpose_bytes(gc + (n0 + j) * P * cout_, P, cout_, cout_,
                                    reinterpret_cast<uint8_t*>(Bg.data()) + j * P, K, shg == 128 ? 0x80 : 0x00);
           pad_chw(xc + (n0 + j) * chw, g, pad_code, img.data());
-          im2col_chw(img.data(), g, A.data() + j * P, K);
+#if defined(__AVX512VBMI__)
+          if (perm.usable) im2col_chw_permute(img.data(), g, perm, A.data() + j * P, K);
+          else
+#endif
+            im2col_chw(img.data(), g, A.data() + j * P, K);
         }
         // The column sums of the gradient codes are the row sums of the transposed bytes, xor-ed
         // back (a vector pass over the cache-resident copy: the scalar loop over G_n's columns

@@ -128,6 +128,12 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
       {2, 32, 48, 5, 5, 3, 1, 1}, // W (fp32, 55 KB) > 40 KB: BHQ's U W through the fp32 GEMM
       {20, 8, 6, 7, 7, 3, 1, 1},  // wgrad: 8 sample groups of 2-3, each one GEMM with K = 98 / 147
       {40, 32, 2, 24, 24, 3, 1, 1},  // wgrad: 3 samples per GEMM (patches 166 KB each), groups of 5: 3 + 2
+                                     // (P = 576: whole 64-byte blocks in the permuting im2col)
+      {2, 3, 4, 50, 3, 3, 1, 0},  // one output column: 48 of them span 144 image bytes, more than
+                                  // two registers hold (the permuting im2col steps aside)
+      {2, 3, 4, 30, 4, 3, 1, 0},  // two output columns: 56 bytes from a 110-byte window (it fits)
+      // (no padding in these two: a tap that sees only padding has dW ~ 2^-24 |lo| in double,
+      // below the bound's resolution)
   };
   const QuantizerKind dgrads[] = {QuantizerKind::ptq, QuantizerKind::ptq_zero, QuantizerKind::psq, QuantizerKind::bhq};
   const QuantizerKind wgrads[] = {QuantizerKind::ptq, QuantizerKind::column};
