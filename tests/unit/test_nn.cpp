@@ -291,31 +291,133 @@ TEST(nn, batchnorm_with_relu_equals_batchnorm_then_relu) {
       }
 }
 
+namespace {
+// Batch norm (+ ReLU) written as plain scalar loops in the order the layer defines (per fixed
+// group of samples and channel: 8 fp64 lanes over the runs of H*W values, tails into lanes 0..;
+// lane totals; groups added in order), the independent check of its vector code.
+struct BnRef {
+  Tensor y, dx;
+  std::vector<float> dgamma, dbeta;
+};
+BnRef bn_reference(const Tensor& x, const Tensor& dy, const std::vector<float>& g, const std::vector<float>& b,
+                   bool relu, float eps = 1e-5f) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.numel() / (N * C), M = N * P, NG = std::min<int64_t>(N, 16);
+  const float* xp = x.data<float>();
+  const float* dyp = dy.data<float>();
+  auto lane_sums = [&](int64_t c, auto&& value) {  // sum over the batch of value(i), in the layer's order
+    double total = 0.0;
+    for (int64_t gi = 0; gi < NG; ++gi) {
+      double lane[8] = {};
+      for (int64_t n = gi * N / NG; n < (gi + 1) * N / NG; ++n) {
+        const int64_t i0 = (n * C + c) * P;
+        int64_t p = 0;
+        for (; p + 8 <= P; p += 8)
+          for (int l = 0; l < 8; ++l) lane[l] += value(i0 + p + l);
+        for (int l = 0; p < P; ++p, ++l) lane[l] += value(i0 + p);
+      }
+      double t = 0.0;
+      for (double v : lane) t += v;
+      total += t;
+    }
+    return total;
+  };
+  BnRef r{Tensor::empty(x.shape()), Tensor::empty(x.shape()), std::vector<float>(C), std::vector<float>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    const double sum = lane_sums(c, [&](int64_t i) { return static_cast<double>(xp[i]); });
+    const double sq = lane_sums(c, [&](int64_t i) { return static_cast<double>(xp[i]) * xp[i]; });
+    const double m = sum / static_cast<double>(M), ssd = std::max(0.0, sq - sum * m);
+    const auto inv = static_cast<float>(1.0 / std::sqrt(ssd / static_cast<double>(M) + eps));
+    const auto mf = static_cast<float>(m);
+    auto h = [&](int64_t i) { return (xp[i] - mf) * inv; };
+    auto y = [&](int64_t i) {
+      const float v = h(i) * g[c] + b[c];
+      return relu ? (v > 0.0f ? v : 0.0f) : v;
+    };
+    auto d = [&](int64_t i) { return !relu || y(i) > 0.0f ? dyp[i] : 0.0f; };
+    const double sdy = lane_sums(c, [&](int64_t i) { return static_cast<double>(d(i)); });
+    const double sdyh = lane_sums(c, [&](int64_t i) { return static_cast<double>(d(i)) * h(i); });
+    r.dgamma[c] = static_cast<float>(sdyh), r.dbeta[c] = static_cast<float>(sdy);
+    const float k = g[c] * inv, md = static_cast<float>(sdy / M), mh = static_cast<float>(sdyh / M);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t i = (n * C + c) * P + p;
+        r.y.data<float>()[i] = y(i);
+        r.dx.data<float>()[i] = k * (d(i) - md - h(i) * mh);
+      }
+  }
+  return r;
+}
+}  // namespace
+
+// The layer's vector code (lane sums, the fused ReLU's mask, x-hat rebuilt in backward, tails
+// of every length, runs that start mid-byte of the mask) against bn_reference, bit for bit, on
+// 1 and 2 threads, with -0, large offsets and a dead channel.
+TEST(nn, batchnorm_equals_scalar_reference) {
+  std::vector<Shape> shapes = {Shape{128, 16, 28, 28}, Shape{20, 5, 7, 7}};
+  for (int64_t P = 1; P <= 17; ++P) shapes.push_back(Shape{3, 2, 1, P});
+  for (const Shape& sh : shapes)
+    for (bool relu : {false, true})
+      for (int threads : {1, 2}) {
+        const int saved = omp_get_max_threads();
+        omp_set_num_threads(threads);
+        Tensor x = randn(sh, 61, 3.0f);
+        const Tensor dy = randn(sh, 62);
+        float* xp = x.data<float>();
+        for (int64_t i = 0; i < x.numel(); i += 7) xp[i] += 40.0f;  // a large offset
+        if (x.numel() > 5) xp[5] = -0.0f;
+        std::vector<float> g(sh[1]), b(sh[1]);
+        for (int64_t c = 0; c < sh[1]; ++c) g[c] = c == 1 ? 0.0f : 0.5f + 0.25f * c, b[c] = 0.3f - 0.2f * c;
+        BatchNorm2d bn("bn", sh[1]);
+        if (relu) bn.with_relu();
+        std::copy(g.begin(), g.end(), bn.gamma().value.data<float>());
+        std::copy(b.begin(), b.end(), bn.beta().value.data<float>());
+        const StepContext ctx{true, 0, 0};
+        const Tensor y = bn.forward(x, ctx);
+        const Tensor dx = bn.backward(dy, ctx);
+        omp_set_num_threads(saved);
+        const BnRef ref = bn_reference(x, dy, g, b, relu);
+        const std::string what = shape_str(sh) + (relu ? " relu" : "") + " threads " + std::to_string(threads);
+        EXPECT_TRUE(bit_equal(y, ref.y)) << what;
+        EXPECT_TRUE(bit_equal(dx, ref.dx)) << what;
+        for (int64_t c = 0; c < sh[1]; ++c) {
+          EXPECT_EQ(bn.gamma().grad.data<float>()[c], ref.dgamma[c]) << what << " c " << c;
+          EXPECT_EQ(bn.beta().grad.data<float>()[c], ref.dbeta[c]) << what << " c " << c;
+        }
+      }
+}
+
 // The output range a training forward of BatchNorm2d+ReLU reports is the output's min and max
 // (what the next layer's quantizer would find), on 1 and 2 threads, with tails of every length;
 // eval forwards and plain batch norms report none.
 TEST(nn, batchnorm_reports_its_output_range) {
-  for (const Shape& sh : {Shape{4, 3, 7, 7}, Shape{2, 3, 1, 3}, Shape{64, 16, 28, 28}})
-    for (int threads : {1, 2}) {
-      const int saved = omp_get_max_threads();
-      omp_set_num_threads(threads);
-      const Tensor x = randn(sh, 41, 3.0f);
-      BatchNorm2d bn("bn", sh[1]);
-      bn.with_relu();
-      for (int64_t c = 0; c < sh[1]; ++c) bn.beta().value.data<float>()[c] = 0.4f * static_cast<float>(c) - 0.5f;
-      ValueRange r;
-      const Tensor y = bn.forward(x, StepContext{true, 0, 0}, &r);
-      const float* yp = y.data<float>();
-      ASSERT_TRUE(r.valid) << shape_str(sh);
-      EXPECT_EQ(r.lo, *std::min_element(yp, yp + y.numel())) << shape_str(sh) << " threads " << threads;
-      EXPECT_EQ(r.hi, *std::max_element(yp, yp + y.numel())) << shape_str(sh) << " threads " << threads;
-      bn.forward(x, StepContext{false, 0, 0}, &r);
-      EXPECT_FALSE(r.valid);
-      BatchNorm2d plain("bn", sh[1]);
-      plain.forward(x, StepContext{true, 0, 0}, &r);
-      EXPECT_FALSE(r.valid);
-      omp_set_num_threads(saved);
-    }
+  std::vector<Shape> shapes = {Shape{4, 3, 7, 7}, Shape{64, 16, 28, 28}};
+  for (int64_t P = 1; P <= 17; ++P) shapes.push_back(Shape{3, 2, 1, P});  // every tail length
+  for (const Shape& sh : shapes)
+    for (bool positive : {false, true})  // positive: every output > 0, so the min is not the ReLU's 0
+      for (int threads : {1, 2}) {
+        const int saved = omp_get_max_threads();
+        omp_set_num_threads(threads);
+        const Tensor x = randn(sh, 41, 3.0f);
+        BatchNorm2d bn("bn", sh[1]);
+        bn.with_relu();
+        for (int64_t c = 0; c < sh[1]; ++c)
+          bn.beta().value.data<float>()[c] = positive ? 8.0f + static_cast<float>(c) : 0.4f * static_cast<float>(c) - 0.5f;
+        ValueRange r;
+        const Tensor y = bn.forward(x, StepContext{true, 0, 0}, &r);
+        const float* yp = y.data<float>();
+        ASSERT_TRUE(r.valid) << shape_str(sh);
+        if (positive) {
+          ASSERT_GT(r.lo, 0.0f) << shape_str(sh);
+        }
+        EXPECT_EQ(r.lo, *std::min_element(yp, yp + y.numel())) << shape_str(sh) << " threads " << threads;
+        EXPECT_EQ(r.hi, *std::max_element(yp, yp + y.numel())) << shape_str(sh) << " threads " << threads;
+        bn.forward(x, StepContext{false, 0, 0}, &r);
+        EXPECT_FALSE(r.valid);
+        BatchNorm2d plain("bn", sh[1]);
+        plain.forward(x, StepContext{true, 0, 0}, &r);
+        EXPECT_FALSE(r.valid);
+        omp_set_num_threads(saved);
+      }
 }
 
 // PreActBlock's forward (batch-norm ranges handed to the quantizers, bn1's output quantized once
@@ -374,6 +476,14 @@ TEST(nn, preact_block_equals_its_layers_run_one_by_one) {
         if (m) m->collect_params(want);
       ASSERT_EQ(got.size(), want.size()) << what;
       for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(bit_equal(got[i]->grad, want[i]->grad)) << what << " param " << i;
+      // Eval forwards (running statistics, no range from batch norm) agree too.
+      const StepContext ev{false, 3, 1};
+      const Tensor ye = block.forward(x, ev);
+      const Tensor ae = bn1.forward(x, ev);
+      Tensor ye_ref = conv2.forward(bn2.forward(conv1.forward(ae, ev), ev), ev);
+      const Tensor se = sc ? sc->forward(ae, ev) : x;
+      for (int64_t i = 0; i < ye_ref.numel(); ++i) ye_ref.data<float>()[i] += se.data<float>()[i];
+      EXPECT_TRUE(bit_equal(ye, ye_ref)) << what << " eval";
     }
 }
 

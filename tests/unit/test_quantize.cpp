@@ -194,6 +194,11 @@ TEST(Quantize, InRangeEqualsQuantizeWithTheDataRange) {
           EXPECT_TRUE(same_quantization(a, b)) << traits(k).name << " " << bits << " bits, " << rows << "x" << cols
                                                << " shift " << shift;
         }
+  for (float v : {0.0f, 7.0f, -3.0f}) {  // constant tensors (a dead ReLU layer: all zeros), mn == mx
+    const Tensor c = Tensor::full({30, 40}, v);
+    for (QuantizerKind k : {QuantizerKind::zero_aligned, QuantizerKind::affine, QuantizerKind::symmetric})
+      EXPECT_TRUE(same_quantization(quantize(c, {k, 8}), quantize_in_range(c, {k, 8}, v, v))) << traits(k).name << " " << v;
+  }
   Tensor x = synthetic_matrix(SynthKind::gaussian, 40, 50, 2);
   x.data<float>()[123] = std::numeric_limits<float>::infinity();
   EXPECT_THROW(quantize_in_range(x, {QuantizerKind::zero_aligned, 8}, -1.0f, std::numeric_limits<float>::infinity()),
@@ -202,6 +207,7 @@ TEST(Quantize, InRangeEqualsQuantizeWithTheDataRange) {
   const Tensor ok = synthetic_matrix(SynthKind::gaussian, 40, 50, 2);
   EXPECT_THROW(quantize_in_range(ok, {QuantizerKind::zero_aligned, 8}, -1.0f, std::numeric_limits<float>::infinity()),
                std::exception);
+  EXPECT_THROW(quantize_in_range(ok, {QuantizerKind::zero_aligned, 8}, std::nanf(""), 1.0f), std::exception);
 }
 
 // A NaN or Inf anywhere in a row of any length is found by the min/max pass (row granularity:
