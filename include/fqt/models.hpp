@@ -32,7 +32,7 @@ const std::vector<std::string>& model_names();
 // the saved codes), PreAct blocks add them up as their forward did, back to the stem conv or a
 // projection shortcut — and the gradients are bit-identical to those without it. Costs extra
 // forward GEMMs in backward (a PreAct block's bn1 may need several: its input is the sum of the
-// stage's earlier block outputs). Batch norms whose input no layer can recompute keep x-hat.
+// stage's earlier block outputs). Batch norms whose input no layer can recompute keep their input.
 void set_recompute(Module& model, bool on);
 
 }  // namespace fqt
