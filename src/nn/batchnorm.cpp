@@ -54,11 +54,7 @@ inline void d8_store(double* p, D8 v) { _mm256_storeu_pd(p, v.lo), _mm256_storeu
 inline D8 d8_cvt(__m256 f) { return {_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))}; }
 inline D8 d8_add(D8 a, D8 b) { return {_mm256_add_pd(a.lo, b.lo), _mm256_add_pd(a.hi, b.hi)}; }
 inline D8 d8_mul(D8 a, D8 b) { return {_mm256_mul_pd(a.lo, b.lo), _mm256_mul_pd(a.hi, b.hi)}; }
-inline __m256 f8_keep(unsigned bits, const float* p) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit);
-  return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, bit)), _mm256_loadu_ps(p));
-}
+inline __m256 f8_keep(unsigned bits, const float* p) { return kept_by_bits8(bits, p); }
 #define FQT_BN_VECTOR 1
 #endif
 
@@ -166,7 +162,7 @@ void normalize_run(const float* x, int64_t n, float m, float inv, float gc, floa
     __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + p), vm), vi), vg), vb);
     if (relu) v = _mm512_max_ps(v, zero);
     _mm512_mask_storeu_ps(y + p, k, v);
-    vlo = _mm512_mask_min_ps(vlo, k, vlo, v), vhi = _mm512_mask_max_ps(vhi, k, vhi, v);
+    if (lo) vlo = _mm512_mask_min_ps(vlo, k, vlo, v), vhi = _mm512_mask_max_ps(vhi, k, vhi, v);
   }
   if (lo) *lo = std::min(*lo, _mm512_reduce_min_ps(vlo)), *hi = std::max(*hi, _mm512_reduce_max_ps(vhi));
 #else

@@ -21,13 +21,19 @@ inline uint8_t positive_bits8(const float* v) {
 #endif
 }
 
+#if defined(__AVX2__)
+// src[k] where bit k of `bits` is set, else +0, for k < 8, in a register.
+inline __m256 kept_by_bits8(unsigned bits, const float* src) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits & 0xFF)), bit);
+  return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, bit)), _mm256_loadu_ps(src));
+}
+#endif
+
 // dst[k] = bit k of `bits` ? src[k] : +0, for k < 8 (what ReLU's backward hands on).
 inline void keep_by_bits8(unsigned bits, const float* src, float* dst) {
 #if defined(__AVX2__)
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits & 0xFF)), bit);
-  const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, bit));
-  _mm256_storeu_ps(dst, _mm256_and_ps(keep, _mm256_loadu_ps(src)));
+  _mm256_storeu_ps(dst, kept_by_bits8(bits, src));
 #else
   for (int k = 0; k < 8; ++k) dst[k] = (bits >> k) & 1 ? src[k] : 0.0f;
 #endif

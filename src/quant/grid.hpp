@@ -66,6 +66,12 @@ FQT_HD Grid zero_aligned_grid(double mn, double mx, int bits) {
   return {scale, -(static_cast<float>(zi) / scale)};
 }
 
+// The kinds whose grid is the plain affine min/max grid (no zero code to keep exact).
+FQT_HD bool affine_grid_kind(QuantizerKind kind) {
+  return kind == QuantizerKind::affine || kind == QuantizerKind::ptq || kind == QuantizerKind::psq ||
+         kind == QuantizerKind::column || kind == QuantizerKind::bhq;
+}
+
 FQT_HD Grid make_grid_raw(QuantizerKind kind, double mn, double mx, int bits) {
   switch (kind) {
     case QuantizerKind::symmetric:
@@ -82,8 +88,7 @@ FQT_HD Grid make_grid_raw(QuantizerKind kind, double mn, double mx, int bits) {
 // at a time fixes that; grids anchored on a zero code keep that code exactly at 0.
 FQT_HD Grid make_grid(QuantizerKind kind, double mn, double mx, int bits) {
   Grid g = make_grid_raw(kind, mn, mx, bits);
-  const bool anchored = kind != QuantizerKind::affine && kind != QuantizerKind::ptq &&
-                        kind != QuantizerKind::psq && kind != QuantizerKind::column && kind != QuantizerKind::bhq;
+  const bool anchored = !affine_grid_kind(kind);
   const float zero_code = anchored ? -g.lo * g.scale : 0.0f;
   const float zc = std::nearbyint(zero_code);
   const float B = static_cast<float>(max_code(bits));

@@ -122,8 +122,7 @@ QuantizedTensor make_header(QuantizerSpec spec, int64_t rows, int64_t cols, cons
   // One grid per row for the per-sample quantizers: ~10^5 grids for a conv layer's gradient
   // (a serial loop was half of PSQ's quantizer time on 2 threads).
   const QuantizerKind kind = spec.kind;
-  const bool affine = kind == QuantizerKind::affine || kind == QuantizerKind::ptq || kind == QuantizerKind::psq ||
-                      kind == QuantizerKind::column || kind == QuantizerKind::bhq;
+  const bool affine = affine_grid_kind(kind);
   const double B = max_code(spec.bits);
   const float Bf = static_cast<float>(B);
   float* scale = q.scale.data();
