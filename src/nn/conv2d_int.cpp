@@ -19,7 +19,7 @@
 //          B = W^T; the row sums of G's codes by a byte-sum pass (not a GEMM column of
 //          ones: that column made N = Ckk + 1, a 16-column panel of the kernel for one column);
 //          each row summed at once onto dx_n (the adjoint of im2row);
-//          BHQ: T^-1 fused row by row (see dgrad_int)
+//          BHQ: the rows in group order, T^-1 within each group (see dgrad_int)
 //   wgrad  dW^T [Ckk, Cout] = sum_n im2col(xq_n) [Ckk, P] . Gq_n  A = im2col codes (u8)
 //          B = G_n^T codes (s8), a few samples side by side along k per GEMM; code sums per tap
 //          row and per gradient column, and the integer partial sums, in int64 (exact, so any
@@ -34,6 +34,7 @@
 #include "fqt/profile.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 #if defined(__AVX512BW__) || defined(__AVX2__)
@@ -255,64 +256,6 @@ void igemm_worker(int64_t M, const uint8_t* A, int64_t lda, const igemm_detail::
   B.gemm(M, A, lda, C, ldc);
 }
 
-// o[0:n) = sum_c u[c] W[c, 0:n) for one BHQ group (W: rows of ldw >= n floats). With AVX-512:
-// 32 outputs at a time (two registers, the last ones masked), each summed over c in four
-// interleaved chains (c mod 4) of fused multiply-adds: eight independent chains keep both FMA
-// pipes busy (one chain per register was bound by the FMA latency in perf), and each output is
-// stored once.
-void uw_row(const float* __restrict u, int64_t cout, const float* __restrict w, int64_t ldw, int64_t n,
-            float* __restrict o) {
-#if defined(__AVX512F__)
-  auto mask = [&](int64_t k) {
-    return k >= n ? __mmask16{0} : n - k >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (n - k)) - 1);
-  };
-  for (int64_t k0 = 0; k0 < n; k0 += 32) {
-    const __mmask16 m0 = mask(k0), m1 = mask(k0 + 16);
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    const float* wk = w + k0;
-    int64_t c = 0;
-    for (; c + 4 <= cout; c += 4) {
-      const float* w0 = wk + c * ldw;
-      const __m512 u0 = _mm512_set1_ps(u[c]), u1 = _mm512_set1_ps(u[c + 1]), u2 = _mm512_set1_ps(u[c + 2]),
-                   u3 = _mm512_set1_ps(u[c + 3]);
-      a0 = _mm512_fmadd_ps(u0, _mm512_maskz_loadu_ps(m0, w0), a0);
-      b0 = _mm512_fmadd_ps(u0, _mm512_maskz_loadu_ps(m1, w0 + 16), b0);
-      a1 = _mm512_fmadd_ps(u1, _mm512_maskz_loadu_ps(m0, w0 + ldw), a1);
-      b1 = _mm512_fmadd_ps(u1, _mm512_maskz_loadu_ps(m1, w0 + ldw + 16), b1);
-      a2 = _mm512_fmadd_ps(u2, _mm512_maskz_loadu_ps(m0, w0 + 2 * ldw), a2);
-      b2 = _mm512_fmadd_ps(u2, _mm512_maskz_loadu_ps(m1, w0 + 2 * ldw + 16), b2);
-      a3 = _mm512_fmadd_ps(u3, _mm512_maskz_loadu_ps(m0, w0 + 3 * ldw), a3);
-      b3 = _mm512_fmadd_ps(u3, _mm512_maskz_loadu_ps(m1, w0 + 3 * ldw + 16), b3);
-    }
-    for (; c < cout; ++c) {
-      const __m512 uc = _mm512_set1_ps(u[c]);
-      a0 = _mm512_fmadd_ps(uc, _mm512_maskz_loadu_ps(m0, wk + c * ldw), a0);
-      b0 = _mm512_fmadd_ps(uc, _mm512_maskz_loadu_ps(m1, wk + c * ldw + 16), b0);
-    }
-    _mm512_mask_storeu_ps(o + k0, m0, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    if (m1) _mm512_mask_storeu_ps(o + k0 + 16, m1, _mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)));
-  }
-#else
-  for (int64_t k = 0; k < n; ++k) o[k] = 0.0f;
-  for (int64_t c = 0; c < cout; ++c)
-    for (int64_t k = 0; k < n; ++k) o[k] += u[c] * w[c * ldw + k];
-#endif
-}
-
-// y[0:n) += a z[0:n) + b for u8 codes z (BHQ's U rows): 16 lanes at a time, the last masked.
-void axpb_u8(float* __restrict y, const uint8_t* __restrict z, int64_t n, float a, float b) {
-#if defined(__AVX512F__)
-  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
-  for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 m = n - c >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (n - c)) - 1);
-    const __m512 zf = _mm512_maskz_cvtepi32_ps(m, _mm512_maskz_cvtepu8_epi32(m, _mm_maskz_loadu_epi8(m, z + c)));
-    _mm512_mask_storeu_ps(y + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + c), _mm512_add_ps(_mm512_mul_ps(va, zf), vb)));
-  }
-#else
-  for (int64_t c = 0; c < n; ++c) y[c] += a * static_cast<float>(z[c]) + b;
-#endif
-}
-
 double scale_of(const QuantizedTensor& q, int64_t group) { return q.scale[q.scale.size() == 1 ? 0 : group]; }
 double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() == 1 ? 0 : group]; }
 
@@ -402,148 +345,248 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   }
   const bool bhq = gq.transform.has_value();
   const bool per_row = gq.granularity() == Granularity::row;
-  // BHQ: dx rows = T^-1 (Z W) with T^-1 = diag(1/s) H and H = I - 2 v v^T within each group, so
-  //   (T^-1 Z W)_r = (Z_r W - 2 v_r (v^T Z)_g(r) W) / s_r.
-  // (v^T Z)_g is a Cout-vector per group: U [groups, Cout]; UW [groups, Ckk] = U W carries the
-  // whole correction, and the inverse is applied row by row inside the per-sample loop (no
-  // [N*P, Ckk] product is materialised, and the groups may mix samples freely); the row pass
-  // finds its group through row_group. While W (fp32) fits in L1 (stages 1-2: 9 and 36 KB), the
-  // rows of UW come from uw_row, group by group (bench_conv_layer 16 16 28, BHQ dgrad: 24-32 ms
-  // against 33-35 with OpenBLAS, which clears UW first and runs short-K blocks); a larger W
-  // (stage 3: 147 KB) goes through one fp32 GEMM (7.8 ms against 9.7-10.5 with uw_row for
-  // 64 64 7: the GEMM keeps a W panel in registers over many groups). Computing u W per row
-  // instead (no UW) costs Cout Ckk per row, as much as the fp32 GEMM itself: 25-30% slower at all
-  // three stages. (Each alternative was timed by changing the 40 KB threshold below or this
-  // code: docs/profiles/README.md, session 7.)
-  // U and UW are scratch shared by all layers of the thread that runs backward, grown to the
-  // largest layer and kept: a fresh buffer would page-fault and zero-fill ~30 MB per stage-1
-  // layer, and the number of groups changes every step, so the tensor block cache (exact sizes)
-  // would not reuse it.
-  // (thread_local: take the pointers here, in the calling thread, before any parallel region)
-  static thread_local std::vector<float> uw_scratch, u_scratch;
-  const bool use_sgemm = cout_ * ckk * static_cast<int64_t>(sizeof(float)) > 40 * 1024;
-  float *UW = nullptr, *U = nullptr;
-  BhqTransform copy;  // only for a transform assembled without row_group
-  const BhqTransform* tr = bhq ? &gq.transform->with_row_group(copy) : nullptr;
-  std::vector<float> Wd;  // dequantized W [Cout, Ckk] in tap order
-  const uint8_t* gc = gq.codes.data<uint8_t>();
-  if (bhq) {
-    const BhqTransform& t = *tr;
-    const int64_t G = t.num_groups();
-    if (static_cast<int64_t>(uw_scratch.size()) < G * ckk) uw_scratch.resize(static_cast<size_t>(G * ckk));
-    UW = uw_scratch.data();
-    if (static_cast<int64_t>(u_scratch.size()) < G * cout_) u_scratch.resize(static_cast<size_t>(G * cout_));
-    U = u_scratch.data();
-    Wd.resize(static_cast<size_t>(cout_ * ckk));
-    for (int64_t k = 0; k < ckk; ++k)
-      for (int64_t c = 0; c < cout_; ++c) Wd[c * ckk + k] = static_cast<float>(Bt[k * cout_ + c] / sw + lw);
-    // U row by row, in row order: each row's codes, times a = v_k / s_g plus b = v_k l_g (fp64,
-    // rounded once to fp32), added onto its group's row of U. Each thread owns a range of groups
-    // and passes over all rows, adding only those of its groups, so every U row is summed by one
-    // thread in row order: the same bits on any thread count. (Gathering each group's members
-    // instead, as before, measured the same in the step: docs/profiles/README.md, session 7.)
-    const int64_t rows = N * P;
-#pragma omp parallel if (parallel_worth(rows * cout_))
-    {
-      const int nt = omp_get_num_threads(), th = omp_get_thread_num();
-      const int64_t g0 = G * th / nt, g1 = G * (th + 1) / nt;
-      std::fill(U + g0 * cout_, U + g1 * cout_, 0.0f);
-      for (int64_t r = 0; r < rows; ++r) {
-        if (r + 16 < rows) {  // its group's U row and offsets are scattered: fetch them early
-          const int64_t ga = t.group_of(r + 16);
-          if (ga >= g0 && ga < g1) __builtin_prefetch(U + ga * cout_, 1), __builtin_prefetch(&t.offsets[ga]);
-        }
-        const int64_t gi = t.group_of(r);
-        if (gi < g0 || gi >= g1) continue;
-        float vf, vr;
-        householder_v(t.group_size(gi), vf, vr);
-        const double vk = t.leads_group(r) ? vf : vr;
-        const double sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
-        const auto a = static_cast<float>(vk / sg), b = static_cast<float>(vk * lg);
-        axpb_u8(U + gi * cout_, gc + r * cout_, cout_, a, b);
-      }
-      if (!use_sgemm)
-        for (int64_t gi = g0; gi < g1; ++gi) uw_row(U + gi * cout_, cout_, Wd.data(), ckk, ckk, UW + gi * ckk);
-    }
-  }
-  if (bhq && use_sgemm) {
-    const int64_t G = tr->num_groups();
-    constexpr int64_t kGB = 1024;
-#pragma omp parallel for schedule(static) if (parallel_worth(G * cout_ * ckk))
-    for (int64_t g0 = 0; g0 < G; g0 += kGB)
-      sgemm(false, false, std::min(kGB, G - g0), ckk, cout_, 1.0f, U + g0 * cout_, cout_, Wd.data(), ckk, 0.0f,
-            UW + g0 * ckk, ckk);
-  }
   const igemm_detail::LocalB Bpk(ldc, cout_, Bt.data(), cout_);
   Tensor dx = Tensor::empty(in_shape_);
   float* dxp = dx.data<float>();
-  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, run = k_ * cin_;
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, run = k_ * cin_, acc_size = Hp * Wp * cin_;
+  const uint8_t* gc = gq.codes.data<uint8_t>();
+  // Row r's dgrad row before T^-1: Y_k = sum_c (z_c / sg + lg) W_ck = (s_k + Lz rb_k) / (sg sw) + cr,
+  // Lz = lg sg the row's offset in code units. Lz rb_k nearly cancels s_k when the codes sit
+  // around -Lz (a gradient row centred on 0: Lz ~ -B/2), so it is split into an integer part,
+  // added first (s_k + O rb_k: integers, exact in fp32 while |O| <= B, i.e. when the row's range
+  // covers 0; a larger offset dominates the value, which then only takes a relative 2^-24), and a
+  // remainder |Lz - O| <= 1/2. So fp32 loses nothing that matters against the value itself (int
+  // vs sim deviation 2.1-2.6e-7 of max |dx|, as with the fp64 form), and the finishing runs on
+  // 8-lane fp32 vectors instead of 4-lane fp64 (dgrad's epilogue was the largest non-GEMM item of
+  // the step in perf).
+  struct RowTerms {
+    float Of, df, inv, cr;
+  };
+  auto row_terms = [&](int64_t r, const uint8_t* codes) {  // codes: row r's (Cout bytes)
+    const double sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
+    const double Lz = lg * sg, O = std::nearbyint(Lz);
+    const auto zs = static_cast<double>(byte_sum(codes, cout_));  // row sum of G's codes
+    return RowTerms{static_cast<float>(O), static_cast<float>(Lz - O), static_cast<float>(1.0 / (sg * sw)),
+                    static_cast<float>(lw / sg * zs + static_cast<double>(cout_) * lg * lw)};
+  };
+  const float* __restrict rbk = rb.data();
+  // The padded HWC accumulator [Hp*Wp, C] of sample n -> [C, Hp*Wp] in one transpose (8x8 tiles
+  // cover it better than the short image rows), then the interior rows into dx_n.
+  auto store_sample = [&](const float* acc, float* acct, int64_t n) {
+    float* xn = dxp + n * chw;
+    kernels::transpose(acc, Hp * Wp, cin_, cin_, acct, Hp * Wp);
+    for (int64_t c = 0; c < cin_; ++c)
+      for (int64_t h = 0; h < g.H; ++h)
+        std::memcpy(xn + (c * g.H + h) * g.W, acct + (c * Hp + h + g.pad) * Wp + g.pad, sizeof(float) * static_cast<size_t>(g.W));
+  };
+  if (bhq) {
+    // BHQ: dx rows = T^-1 Y with T^-1 = diag(1/s) H and H = I - 2 v v^T within each group, so
+    //   dx_r = (Y_r - 2 v_r M_g) / s_r,   M_g = sum_{j in g} v_j Y_j   (g = r's group, members in order).
+    // The groups pair rows of any samples (by range). Samples still run one per thread, their
+    // rows in order into the sample's own padded accumulator (L1/L2), and each row brings the
+    // code rows of its whole group into the integer GEMM: a tile of rows gathers its groups'
+    // members (most groups are pairs: twice the GEMM rows, and the GEMM is the cheap part), and
+    // M_g is summed from their Y rows (a pair's two Y rows, M and the finished row in one pass
+    // over the two integer rows). Groups larger than kGather (heavy-tailed rows: one large row
+    // with many small ones) get M_g computed once beforehand, in group order, kept per group.
+    // Every row's value is computed by one fixed sequence of operations wherever its sample
+    // runs, so dx has the same bits on any thread count. (Before, the correction went through U = V^T Z per group and UW = U W [groups, Ckk]
+    // in fp32, read back per row: ~46K groups x 576 B = 29 MB per stage-1 layer, fetched out of
+    // order; a pass in group order that scattered the finished rows into all samples'
+    // accumulators stalled on those scattered writes instead: docs/profiles/README.md, session 10.)
+    constexpr int64_t kGather = 4;
+    const BhqTransform& t = *gq.transform;
+    const int64_t G = t.num_groups();
+    const int64_t tile_own = std::clamp<int64_t>((int64_t{8} << 10) / ckk, 8, 64);  // own rows per GEMM
+    const int64_t cap = std::max(tile_own * kGather, int64_t{64});                   // gathered rows per GEMM
+    // m = sum_j v_j Y_j over one group's Y rows (rows ld apart, the large row first), in order.
+    auto group_sum = [&](const float* y0, int64_t n_g, float vf, float vr, float* __restrict m, bool first_part) {
+      for (int64_t j = 0; j < n_g; ++j) {
+        const float* __restrict y = y0 + j * ldc;
+        if (j == 0 && first_part)
+          for (int64_t k = 0; k < ckk; ++k) m[k] = vf * y[k];
+        else
+          for (int64_t k = 0; k < ckk; ++k) m[k] += vr * y[k];
+      }
+    };
+    // Per row, in row order (written group by group): the code row's finishing terms, and its
+    // group's members (small groups, member order, -1 after the last) or ~its large group. The
+    // per-sample pass then reads these in order and fetches only the members' codes and terms,
+    // independent loads (looking the members up through offsets and members was a chain of
+    // three dependent cache misses per row in perf).
+    std::vector<int32_t> large_of(static_cast<size_t>(G), -1);
+    std::vector<int64_t> large;
+    for (int64_t gi = 0; gi < G; ++gi)
+      if (t.group_size(gi) > kGather) large_of[gi] = static_cast<int32_t>(large.size()), large.push_back(gi);
+    static thread_local std::vector<RowTerms> terms_scratch;
+    static thread_local std::vector<std::array<int32_t, kGather>> mates_scratch;
+    if (static_cast<int64_t>(terms_scratch.size()) < N * P) terms_scratch.resize(static_cast<size_t>(N * P)), mates_scratch.resize(static_cast<size_t>(N * P));
+    RowTerms* const terms = terms_scratch.data();
+    std::array<int32_t, kGather>* const mates = mates_scratch.data();
+#pragma omp parallel if (parallel_worth(N * P * cout_))
+    {
+#pragma omp for schedule(static) nowait
+      for (int64_t r = 0; r < N * P; ++r) terms[r] = row_terms(r, gc + r * cout_);
+#pragma omp for schedule(static)
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int64_t* mem = t.members.data() + t.offsets[gi];
+        const int64_t n_g = t.group_size(gi);
+        std::array<int32_t, kGather> list;
+        list.fill(-1);
+        if (large_of[gi] >= 0) list[0] = ~large_of[gi];
+        else
+          for (int64_t j = 0; j < n_g; ++j) list[j] = static_cast<int32_t>(mem[j]);
+        for (int64_t j = 0; j < n_g; ++j) mates[mem[j]] = list;
+      }
+    }
+    // Y rows of gathered code rows: A [m, Cout] codes of rows idx[0..m) -> Y [m, Ckk] (over C).
+    // (idx[j] < 0: row ~idx[j] stays integer, for the fused pair finishing below.)
+    auto y_rows = [&](int64_t m, const int64_t* idx, const uint8_t* A, int32_t* C) {
+      igemm_worker(m, A, cout_, Bpk, C, ldc);
+      for (int64_t j = 0; j < m; ++j) {
+        if (idx[j] < 0) continue;
+        const RowTerms rt = terms[idx[j]];
+        const int32_t* s = C + j * ldc;
+        float* y = reinterpret_cast<float*>(C + j * ldc);
+        for (int64_t k = 0; k < ckk; ++k) y[k] = ((static_cast<float>(s[k]) + rt.Of * rbk[k]) + rt.df * rbk[k]) * rt.inv + rt.cr;
+      }
+    };
+    // Large groups: M_g once per group, in member order, a chunk of members per GEMM.
+    std::vector<float> Mlarge(large.size() * static_cast<size_t>(ckk));
+#pragma omp parallel if (large.size() > 1 && parallel_worth(static_cast<int64_t>(large.size()) * cap * ckk))
+    {
+      std::vector<uint8_t> A(static_cast<size_t>(cap * cout_));
+      std::vector<int32_t> C(static_cast<size_t>(cap * ldc));
+#pragma omp for schedule(dynamic)
+      for (size_t li = 0; li < large.size(); ++li) {
+        const int64_t gi = large[li], n_g = t.group_size(gi);
+        const int64_t* mem = t.members.data() + t.offsets[gi];
+        float vf, vr;
+        householder_v(n_g, vf, vr);
+        for (int64_t j0 = 0; j0 < n_g; j0 += cap) {
+          const int64_t m = std::min(cap, n_g - j0);
+          for (int64_t j = 0; j < m; ++j) copy_bytes(A.data() + j * cout_, gc + mem[j0 + j] * cout_, cout_);
+          y_rows(m, mem + j0, A.data(), C.data());
+          group_sum(reinterpret_cast<const float*>(C.data()), m, vf, vr, Mlarge.data() + li * ckk, j0 == 0);
+        }
+      }
+    }
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+    {
+      std::vector<uint8_t> A(static_cast<size_t>(cap * cout_));
+      std::vector<int32_t> C(static_cast<size_t>(cap * ldc));
+      std::vector<int64_t> idx(static_cast<size_t>(cap)), first(static_cast<size_t>(tile_own));
+      std::vector<float> M(static_cast<size_t>(ckk));
+      std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        std::memset(acc.data(), 0, sizeof(float) * acc.size());
+        for (int64_t p0 = 0; p0 < P; p0 += tile_own) {
+          const int64_t p1 = std::min(P, p0 + tile_own);
+          // Gather: each own row's group members (small groups), or only the row itself.
+          int64_t m = 0;
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t r = n * P + p;
+            const std::array<int32_t, kGather>& mt = mates[r];
+            first[p - p0] = m;
+            if (mt[0] < 0) {
+              idx[m] = r, copy_bytes(A.data() + m * cout_, gc + r * cout_, cout_), ++m;
+              continue;
+            }
+            const bool pair = mt[1] >= 0 && (kGather == 2 || mt[2] < 0);
+            for (int64_t j = 0; j < kGather && mt[j] >= 0; ++j)
+              idx[m] = pair ? ~int64_t{mt[j]} : mt[j], copy_bytes(A.data() + m * cout_, gc + static_cast<int64_t>(mt[j]) * cout_, cout_), ++m;
+          }
+          // The next tile's members are scattered over the batch: fetch their codes and terms
+          // while this tile runs.
+          for (int64_t p = p1, pe = std::min(P, p1 + tile_own); p < pe; ++p)
+            for (int32_t mr : mates[n * P + p])
+              if (mr >= 0) __builtin_prefetch(gc + static_cast<int64_t>(mr) * cout_), __builtin_prefetch(terms + mr);
+          y_rows(m, idx.data(), A.data(), C.data());
+          const float* Yf = reinterpret_cast<const float*>(C.data());
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t r = n * P + p, oh = p / g.Wo, ow = p - oh * g.Wo;
+            const std::array<int32_t, kGather>& mt = mates[r];
+            float* const base = acc.data() + (oh * stride_ * Wp + ow * stride_) * cin_;
+            const float is = 1.0f / t.row_scale[r];
+            if (mt[0] >= 0 && mt[1] >= 0 && (kGather == 2 || mt[2] < 0)) {
+              // A pair (most groups): both Y rows, M and the row finished in one pass over the
+              // two integer rows (the sums as group_sum forms them: m = vf y0, then m += vr y1).
+              float vf, vr;
+              householder_v(2, vf, vr);
+              const bool lead = mt[0] == r;
+              const float c2 = 2.0f * (lead ? vf : vr);
+              const int32_t* __restrict s0 = C.data() + first[p - p0] * ldc;
+              const int32_t* __restrict s1 = s0 + ldc;
+              const RowTerms a = terms[mt[0]], b = terms[mt[1]];
+              for (int64_t kh = 0; kh < k_; ++kh) {
+                float* __restrict dst = base + kh * Wp * cin_;
+                for (int64_t i = 0, k = kh * run; i < run; ++i, ++k) {
+                  const float y0 = ((static_cast<float>(s0[k]) + a.Of * rbk[k]) + a.df * rbk[k]) * a.inv + a.cr;
+                  const float y1 = ((static_cast<float>(s1[k]) + b.Of * rbk[k]) + b.df * rbk[k]) * b.inv + b.cr;
+                  float mk = vf * y0;
+                  mk += vr * y1;
+                  dst[i] += ((lead ? y0 : y1) - c2 * mk) * is;
+                }
+              }
+              continue;
+            }
+            const float* y;   // row r's Y
+            const float* mg;  // its group's M
+            int64_t n_g;
+            if (mt[0] < 0) {
+              n_g = t.group_size(large[~mt[0]]);
+              y = Yf + first[p - p0] * ldc, mg = Mlarge.data() + ~mt[0] * ckk;
+            } else {
+              int64_t self = 0;
+              n_g = 0;
+              while (n_g < kGather && mt[n_g] >= 0) self = mt[n_g] == r ? n_g : self, ++n_g;
+              float vf, vr;
+              householder_v(n_g, vf, vr);
+              const float* y0 = Yf + first[p - p0] * ldc;
+              group_sum(y0, n_g, vf, vr, M.data(), true);
+              y = y0 + self * ldc, mg = M.data();
+            }
+            float vf, vr;
+            householder_v(n_g, vf, vr);
+            const float c2 = 2.0f * (t.leads_group(r) ? vf : vr);
+            for (int64_t kh = 0; kh < k_; ++kh) {
+              float* __restrict dst = base + kh * Wp * cin_;
+              const float* __restrict yk = y + kh * run;
+              const float* __restrict mk = mg + kh * run;
+              for (int64_t i = 0; i < run; ++i) dst[i] += (yk[i] - c2 * mk[i]) * is;
+            }
+          }
+        }
+        store_sample(acc.data(), acct.data(), n);
+      }
+    }
+    return dx;
+  }
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));
-    std::vector<float> acc(static_cast<size_t>(Hp * Wp * cin_)), acct(acc.size());
+    std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       igemm_worker(P, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
-      // Each dgrad row is finished (scales, offsets, BHQ's T^-1) and summed straight onto the
-      // padded HWC accumulator (the adjoint of im2row_hwc), so the [P, Ckk] fp32 rows are never
-      // stored.
+      // Each dgrad row is finished (scales, offsets) and summed straight onto the padded HWC
+      // accumulator (the adjoint of im2row_hwc), so the [P, Ckk] fp32 rows are never stored.
       std::memset(acc.data(), 0, sizeof(float) * acc.size());
       for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == g.Wo ? (++oh, 0) : ow + 1) {
         const int64_t r = n * P + p;
-        const double sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
         const int32_t* __restrict s = C.data() + p * ldc;
-        // Y_k = sum_c (z_c / sg + lg) W_ck = (s_k + Lz rb_k) / (sg sw) + cr, Lz = lg sg the row's
-        // offset in code units. Lz rb_k nearly cancels s_k when the codes sit around -Lz (a
-        // gradient row centred on 0: Lz ~ -B/2), so it is split into an integer part, added first
-        // (s_k + O rb_k: integers, exact in fp32 while |O| <= B, i.e. when the row's range covers
-        // 0; a larger offset dominates the value, which then only takes a relative 2^-24), and a
-        // remainder |Lz - O| <= 1/2. So fp32 loses nothing that matters against the value itself
-        // (int vs sim deviation 2.1-2.6e-7 of max |dx|, as with the fp64 form), and the finishing
-        // runs on 8-lane fp32 vectors instead of 4-lane fp64 (dgrad's epilogue was the largest
-        // non-GEMM item of the step in perf).
-        const double Lz = lg * sg, O = std::nearbyint(Lz);
-        const float Of = static_cast<float>(O), df = static_cast<float>(Lz - O);
-        const float inv = static_cast<float>(1.0 / (sg * sw));
-        const auto zs = static_cast<double>(byte_sum(gc + r * cout_, cout_));  // row sum of G's codes
-        const float cr = static_cast<float>(lw / sg * zs + static_cast<double>(cout_) * lg * lw);
+        const RowTerms t = row_terms(r, gc + r * cout_);
         // Each value is added straight onto the accumulator (no row buffer written and read back).
         // (oh, ow) = (p / Wo, p % Wo), counted along (an integer division per row showed in perf)
-        const float* __restrict rbk = rb.data();
         float* const base = acc.data() + (oh * stride_ * Wp + ow * stride_) * cin_;
-        if (bhq) {
-          const BhqTransform& t = *tr;
-          const int64_t gi = t.group_of(r);
-          if (p + 4 < P) {  // the groups are in range order, not row order: fetch a later row's early
-            const int64_t ga = t.group_of(r + 4);
-            const char* ahead = reinterpret_cast<const char*>(UW + ga * ckk);
-            for (int64_t off = 0; off < ckk * 4; off += 64) __builtin_prefetch(ahead + off);
-            __builtin_prefetch(&t.offsets[ga]);
-          }
-          float vf, vr;
-          householder_v(t.group_size(gi), vf, vr);
-          const float c2 = 2.0f * (t.leads_group(r) ? vf : vr), is = 1.0f / t.row_scale[r];
-          const float* __restrict uwk = UW + gi * ckk;
-          for (int64_t kh = 0; kh < k_; ++kh) {
-            float* __restrict dst = base + kh * Wp * cin_;
-            for (int64_t i = 0, k = kh * run; i < run; ++i, ++k)
-              dst[i] += (((static_cast<float>(s[k]) + Of * rbk[k]) + df * rbk[k]) * inv + cr - c2 * uwk[k]) * is;
-          }
-        } else {
-          for (int64_t kh = 0; kh < k_; ++kh) {
-            float* __restrict dst = base + kh * Wp * cin_;
-            for (int64_t i = 0, k = kh * run; i < run; ++i, ++k)
-              dst[i] += ((static_cast<float>(s[k]) + Of * rbk[k]) + df * rbk[k]) * inv + cr;
-          }
+        for (int64_t kh = 0; kh < k_; ++kh) {
+          float* __restrict dst = base + kh * Wp * cin_;
+          for (int64_t i = 0, k = kh * run; i < run; ++i, ++k)
+            dst[i] += ((static_cast<float>(s[k]) + t.Of * rbk[k]) + t.df * rbk[k]) * t.inv + t.cr;
         }
       }
-      // The padded HWC accumulator [Hp*Wp, C] -> [C, Hp*Wp] in one transpose (8x8 tiles cover
-      // it better than the short image rows), then the interior rows into dx_n.
-      float* xn = dxp + n * chw;
-      kernels::transpose(acc.data(), Hp * Wp, cin_, cin_, acct.data(), Hp * Wp);
-      for (int64_t c = 0; c < cin_; ++c)
-        for (int64_t h = 0; h < g.H; ++h)
-          std::memcpy(xn + (c * g.H + h) * g.W, acct.data() + (c * Hp + h + g.pad) * Wp + g.pad, sizeof(float) * static_cast<size_t>(g.W));
+      store_sample(acc.data(), acct.data(), n);
     }
   }
   return dx;

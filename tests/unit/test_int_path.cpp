@@ -125,7 +125,7 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
       {3, 13, 6, 5, 5, 1, 2, 0},  // 1x1 stride 2 (shortcut)
       {2, 8, 5, 6, 6, 3, 1, 0},   // no padding
       {2, 9, 4, 4, 4, 5, 1, 2},   // 5x5 kernel, K = 225
-      {2, 32, 48, 5, 5, 3, 1, 1}, // W (fp32, 55 KB) > 40 KB: BHQ's U W through the fp32 GEMM
+      {2, 32, 48, 5, 5, 3, 1, 1}, // Ckk = 288: BHQ's dgrad tiles of 113 rows, groups across tiles
       {20, 8, 6, 7, 7, 3, 1, 1},  // wgrad: 8 sample groups of 2-3, each one GEMM with K = 98 / 147
       {40, 32, 2, 24, 24, 3, 1, 1},  // wgrad: 3 samples per GEMM (patches 166 KB each), groups of 5: 3 + 2
                                      // (P = 576: whole 64-byte blocks in the permuting im2col)
@@ -227,13 +227,51 @@ TEST(intPath, PerChannelWeightsStillMatch) {
 }
 
 // The integer path is thread-count invariant: integer sums are exact.
+// BHQ's dgrad runs the rows in group order, each thread over the groups that touch its samples:
+// heavy-tailed gradient rows make groups of every size, and one dominant row makes a single group
+// of all 400 rows (larger than a dgrad tile, which then grows to hold it).
+TEST(intPath, ConvBhqHeavyTailedGroupsEqualSimulated) {
+  for (int variant = 0; variant < 2; ++variant)
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      const Recipe ri = recipe(Arith::integer, {QuantizerKind::bhq, 5}, {QuantizerKind::ptq, 8});
+      Recipe rs = ri;
+      rs.arith = Arith::sim;
+      Conv2d li("conv", 8, 6, 3, 1, 1, false, ri, 3, 11), ls("conv", 8, 6, 3, 1, 1, false, rs, 3, 11);
+      const Tensor x = randn({4, 8, 10, 10}, 41);
+      const StepContext ctx{true, 5, 7};
+      const Tensor yi = li.forward(x, ctx), ys = ls.forward(x, ctx);
+      Tensor dy = randn(ys.shape(), 42, 1e-2f);
+      // Row (n, p) of the gradient (its Cout values) scaled by exp(2 N(0,1)), or one row by 1e6.
+      const int64_t P = 100;
+      for (int64_t n = 0; n < 4; ++n)
+        for (int64_t p = 0; p < P; ++p) {
+          const float f = variant == 0 ? std::exp(2.0f * normal_at({93, 5}, n * P + p)) : (n == 2 && p == 37 ? 1e6f : 1.0f);
+          for (int64_t c = 0; c < 6; ++c) dy.data<float>()[(n * 6 + c) * P + p] *= f;
+        }
+      const Tensor dxi = li.backward(dy, ctx), dxs = ls.backward(dy, ctx);
+      const std::string what = "bhq heavy-tailed variant " + std::to_string(variant) + ", " + std::to_string(threads) + " threads";
+      ASSERT_TRUE(same_codes(li.last_dgrad_q(), ls.last_dgrad_q())) << what;
+      const BhqTransform& t = *li.last_dgrad_q().transform;
+      int64_t largest = 0;
+      for (int64_t g = 0; g < t.num_groups(); ++g) largest = std::max(largest, t.group_size(g));
+      if (variant == 0) EXPECT_GE(largest, 3) << what;  // not only pairs
+      else EXPECT_EQ(largest, 400) << what;             // one group of every row
+      const double aw = max_abs(dequantize(ls.saved_weight_q()));
+      const int64_t Kd = 6 * 9;
+      expect_within(dxi, dxs, (Kd + 2) * kEps * Kd * max_abs_deq(ls.last_dgrad_q()) * aw, what);
+    }
+  set_num_threads(0);
+}
+
 TEST(intPath, ConvIntegerPathIsThreadInvariant) {
   const Recipe r = recipe(Arith::integer, {QuantizerKind::bhq, 5}, {QuantizerKind::ptq, 8});
-  Tensor outs[2], grads[2], dxs[2];
-  for (int t = 0; t < 2; ++t) {
+  // 2 and 3 threads: BHQ's dgrad splits the 32 samples 16 + 16 and 10 + 11 + 11
+  Tensor outs[3], grads[3], dxs[3];
+  for (int t = 0; t < 3; ++t) {
     set_num_threads(t + 1);
     Conv2d l("conv", 8, 12, 3, 1, 1, false, r, 4, 21);
-    // 32 x 100 gradient rows x 12 channels: enough work for the parallel passes (BHQ's U too)
+    // 32 x 100 gradient rows x 12 channels: enough work for the parallel passes
     const Tensor x = randn({32, 8, 10, 10}, 31);
     const StepContext ctx{true, 2, 3};
     outs[t] = l.forward(x, ctx);
@@ -241,7 +279,9 @@ TEST(intPath, ConvIntegerPathIsThreadInvariant) {
     grads[t] = l.weight().grad.clone();
   }
   set_num_threads(0);
-  EXPECT_EQ(std::memcmp(outs[0].raw(), outs[1].raw(), outs[0].nbytes()), 0);
-  EXPECT_EQ(std::memcmp(dxs[0].raw(), dxs[1].raw(), dxs[0].nbytes()), 0);
-  EXPECT_EQ(std::memcmp(grads[0].raw(), grads[1].raw(), grads[0].nbytes()), 0);
+  for (int t = 1; t < 3; ++t) {
+    EXPECT_EQ(std::memcmp(outs[0].raw(), outs[t].raw(), outs[0].nbytes()), 0) << t + 1 << " threads";
+    EXPECT_EQ(std::memcmp(dxs[0].raw(), dxs[t].raw(), dxs[0].nbytes()), 0) << t + 1 << " threads";
+    EXPECT_EQ(std::memcmp(grads[0].raw(), grads[t].raw(), grads[0].nbytes()), 0) << t + 1 << " threads";
+  }
 }
