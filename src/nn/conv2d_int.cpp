@@ -390,10 +390,11 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     // over the two integer rows). Groups larger than kGather (heavy-tailed rows: one large row
     // with many small ones) get M_g computed once beforehand, in group order, kept per group.
     // Every row's value is computed by one fixed sequence of operations wherever its sample
-    // runs, so dx has the same bits on any thread count. (Before, the correction went through U = V^T Z per group and UW = U W [groups, Ckk]
-    // in fp32, read back per row: ~46K groups x 576 B = 29 MB per stage-1 layer, fetched out of
-    // order; a pass in group order that scattered the finished rows into all samples'
-    // accumulators stalled on those scattered writes instead: docs/profiles/README.md, session 10.)
+    // runs, so dx has the same bits on any thread count. (Before, the correction went through
+    // U = V^T Z per group and U W [groups, Ckk] in fp32, read back per row: ~46K groups x 576 B =
+    // 27 MB per stage-1 layer, fetched out of order; a pass in group order that scattered the
+    // finished rows into all samples' accumulators stalled on those scattered writes instead:
+    // docs/profiles/README.md, session 10.)
     constexpr int64_t kGather = 4;
     const BhqTransform& t = *gq.transform;
     const int64_t G = t.num_groups();
