@@ -441,7 +441,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       }
     }
     // Y rows of gathered code rows: A [m, Cout] codes of rows idx[0..m) -> Y [m, Ckk] (over C).
-    // (idx[j] < 0: row ~idx[j] stays integer, for the fused pair finishing below.)
+    // (idx[j] < 0: row ~idx[j] stays integer, for the fused finishing of small groups below.)
     auto y_rows = [&](int64_t m, const int64_t* idx, const uint8_t* A, int32_t* C) {
       igemm_worker(m, A, cout_, Bpk, C, ldc);
       for (int64_t j = 0; j < m; ++j) {
@@ -477,7 +477,6 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       std::vector<uint8_t> A(static_cast<size_t>(cap * cout_));
       std::vector<int32_t> C(static_cast<size_t>(cap * ldc));
       std::vector<int64_t> idx(static_cast<size_t>(cap)), first(static_cast<size_t>(tile_own));
-      std::vector<float> M(static_cast<size_t>(ckk));
       std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n) {
@@ -494,9 +493,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
               idx[m] = r, copy_bytes(A.data() + m * cout_, gc + r * cout_, cout_), ++m;
               continue;
             }
-            const bool pair = mt[1] >= 0 && (kGather == 2 || mt[2] < 0);
             for (int64_t j = 0; j < kGather && mt[j] >= 0; ++j)
-              idx[m] = pair ? ~int64_t{mt[j]} : mt[j], copy_bytes(A.data() + m * cout_, gc + static_cast<int64_t>(mt[j]) * cout_, cout_), ++m;
+              idx[m] = ~int64_t{mt[j]}, copy_bytes(A.data() + m * cout_, gc + static_cast<int64_t>(mt[j]) * cout_, cout_), ++m;
           }
           // The next tile's members are scattered over the batch: fetch their codes and terms
           // while this tile runs.
@@ -510,53 +508,47 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
             const std::array<int32_t, kGather>& mt = mates[r];
             float* const base = acc.data() + (oh * stride_ * Wp + ow * stride_) * cin_;
             const float is = 1.0f / t.row_scale[r];
-            if (mt[0] >= 0 && mt[1] >= 0 && (kGather == 2 || mt[2] < 0)) {
-              // A pair (most groups): both Y rows, M and the row finished in one pass over the
-              // two integer rows (the sums as group_sum forms them: m = vf y0, then m += vr y1).
+            if (mt[0] < 0) {  // a large group's row: its Y row, and M_g from beforehand
               float vf, vr;
-              householder_v(2, vf, vr);
-              const bool lead = mt[0] == r;
-              const float c2 = 2.0f * (lead ? vf : vr);
-              const int32_t* __restrict s0 = C.data() + first[p - p0] * ldc;
-              const int32_t* __restrict s1 = s0 + ldc;
-              const RowTerms a = terms[mt[0]], b = terms[mt[1]];
+              householder_v(t.group_size(large[~mt[0]]), vf, vr);
+              const float c2 = 2.0f * (t.leads_group(r) ? vf : vr);
+              const float* y = Yf + first[p - p0] * ldc;
+              const float* mg = Mlarge.data() + ~mt[0] * ckk;
               for (int64_t kh = 0; kh < k_; ++kh) {
                 float* __restrict dst = base + kh * Wp * cin_;
-                for (int64_t i = 0, k = kh * run; i < run; ++i, ++k) {
-                  const float y0 = ((static_cast<float>(s0[k]) + a.Of * rbk[k]) + a.df * rbk[k]) * a.inv + a.cr;
-                  const float y1 = ((static_cast<float>(s1[k]) + b.Of * rbk[k]) + b.df * rbk[k]) * b.inv + b.cr;
-                  float mk = vf * y0;
-                  mk += vr * y1;
-                  dst[i] += ((lead ? y0 : y1) - c2 * mk) * is;
-                }
+                const float* __restrict yk = y + kh * run;
+                const float* __restrict mk = mg + kh * run;
+                for (int64_t i = 0; i < run; ++i) dst[i] += (yk[i] - c2 * mk[i]) * is;
               }
               continue;
             }
-            const float* y;   // row r's Y
-            const float* mg;  // its group's M
-            int64_t n_g;
-            if (mt[0] < 0) {
-              n_g = t.group_size(large[~mt[0]]);
-              y = Yf + first[p - p0] * ldc, mg = Mlarge.data() + ~mt[0] * ckk;
-            } else {
-              int64_t self = 0;
-              n_g = 0;
-              while (n_g < kGather && mt[n_g] >= 0) self = mt[n_g] == r ? n_g : self, ++n_g;
+            // A small group (most are pairs and triples): the row of T^-1 is a combination of
+            // the members' Y rows, dx_r = sum_j w_j Y_j with w_j = ([j = r] - 2 v_r v_j) / s_r,
+            // formed in one pass over their integer rows (no Y row stored).
+            const int32_t* s0 = C.data() + first[p - p0] * ldc;
+            auto finish = [&]<int NG>() {
               float vf, vr;
-              householder_v(n_g, vf, vr);
-              const float* y0 = Yf + first[p - p0] * ldc;
-              group_sum(y0, n_g, vf, vr, M.data(), true);
-              y = y0 + self * ldc, mg = M.data();
-            }
-            float vf, vr;
-            householder_v(n_g, vf, vr);
-            const float c2 = 2.0f * (t.leads_group(r) ? vf : vr);
-            for (int64_t kh = 0; kh < k_; ++kh) {
-              float* __restrict dst = base + kh * Wp * cin_;
-              const float* __restrict yk = y + kh * run;
-              const float* __restrict mk = mg + kh * run;
-              for (int64_t i = 0; i < run; ++i) dst[i] += (yk[i] - c2 * mk[i]) * is;
-            }
+              householder_v(NG, vf, vr);
+              RowTerms tm[NG];
+              float w[NG];
+              const float c2 = 2.0f * (t.leads_group(r) ? vf : vr);
+              for (int j = 0; j < NG; ++j)
+                tm[j] = terms[mt[j]], w[j] = ((mt[j] == r ? 1.0f : 0.0f) - c2 * (j == 0 ? vf : vr)) * is;
+              for (int64_t kh = 0; kh < k_; ++kh) {
+                float* __restrict dst = base + kh * Wp * cin_;
+                for (int64_t i = 0, k = kh * run; i < run; ++i, ++k) {
+                  float sum = 0.0f;
+                  for (int j = 0; j < NG; ++j)
+                    sum += w[j] * (((static_cast<float>(s0[j * ldc + k]) + tm[j].Of * rbk[k]) + tm[j].df * rbk[k]) * tm[j].inv + tm[j].cr);
+                  dst[i] += sum;
+                }
+              }
+            };
+            static_assert(kGather == 4, "one finishing per small group size");
+            if (mt[1] < 0) finish.template operator()<1>();
+            else if (mt[2] < 0) finish.template operator()<2>();
+            else if (mt[3] < 0) finish.template operator()<3>();
+            else finish.template operator()<4>();
           }
         }
         store_sample(acc.data(), acct.data(), n);
