@@ -75,10 +75,11 @@ TEST(Quantize, FastPathEqualsReferenceBitForBit) {
   // Row lengths 8, 9, 16, 17, 24, 31 cover the vector min/max's blocks of 16 and 8 and its
   // overlapping tail. 300 x 37: BHQ's fused pass takes 110-row chunks, so its second and third
   // chunks start inside a Philox block (element 4070 = 4 * 1017 + 2); 1000 x 37 (37000 values,
-  // above kParallelMin) runs every pass on the threads.
+  // above kParallelMin) runs every pass on the threads. Rows of 16 take 16 rows per step with
+  // AVX-512 (37 x 16: two steps and 5 rows after them; 1000 x 16 on the threads).
   const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 1},  {1, 7},  {7, 1},  {2, 3},  {3, 2}, {5, 129},
                                                            {64, 33}, {6, 8}, {6, 9}, {5, 16}, {5, 17}, {4, 24},
-                                                           {4, 31}, {300, 37}, {1000, 37}};
+                                                           {4, 31}, {300, 37}, {1000, 37}, {37, 16}, {1000, 16}};
   for (auto [r, c] : shapes) {
     Tensor x = synthetic_matrix(SynthKind::heavy_tailed, r, c, 3);
     for (QuantizerKind k : all_kinds())
@@ -213,6 +214,13 @@ TEST(Quantize, InRangeEqualsQuantizeWithTheDataRange) {
 // A NaN or Inf anywhere in a row of any length is found by the min/max pass (row granularity:
 // per-row ranges of the vector path, its 16- and 8-value blocks and the overlapping tail).
 TEST(Quantize, NonFiniteFoundAtEveryPositionOfShortRows) {
+  // 40 rows of 16 (the AVX-512 16-row step, then 8 rows alone): every row, every column.
+  for (int64_t r = 0; r < 40; ++r)
+    for (int64_t c = 0; c < 16; ++c) {
+      Tensor x = synthetic_matrix(SynthKind::gaussian, 40, 16, 2);
+      x.data<float>()[r * 16 + c] = (r + c) % 2 ? std::numeric_limits<float>::quiet_NaN() : -std::numeric_limits<float>::infinity();
+      EXPECT_THROW(quantize(x, {QuantizerKind::psq, 8}, {0, 0}), NonFiniteError) << r << " " << c;
+    }
   for (int64_t cols : {7, 8, 9, 16, 17, 24, 31})
     for (int64_t c = 0; c < cols; ++c)
       for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {

@@ -33,13 +33,36 @@ bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   mx.assign(groups, -std::numeric_limits<double>::infinity());
   if (g == Granularity::row) {
     float tlo = std::numeric_limits<float>::infinity(), thi = -tlo;
+#if defined(__AVX512F__)
+    if (cols == 16) {  // 16 rows per step (kernels::minmax_rows16), the last rows % 16 below
+      const int64_t blocks = rows / 16;
 #pragma omp parallel for reduction(| : nan) reduction(min : tlo) reduction(max : thi) schedule(static) \
     if (rows * cols > kParallelMin)
-    for (int64_t r = 0; r < rows; ++r) {
-      float a = std::numeric_limits<float>::infinity(), b = -a;
-      minmax_lanes(x + r * cols, cols, a, b, nan);
-      if (cols) mn[r] = a, mx[r] = b;
-      tlo = std::min(tlo, a), thi = std::max(thi, b);
+      for (int64_t bk = 0; bk < blocks; ++bk) {
+        __m512 lo, hi;
+        kernels::minmax_rows16(x + bk * 256, lo, hi, nan);
+        alignas(64) float a[16], b[16];
+        _mm512_store_ps(a, lo), _mm512_store_ps(b, hi);
+        for (int i = 0; i < 16; ++i)
+          mn[bk * 16 + i] = a[i], mx[bk * 16 + i] = b[i], tlo = std::min(tlo, a[i]), thi = std::max(thi, b[i]);
+      }
+      for (int64_t r = blocks * 16; r < rows; ++r) {
+        float a = std::numeric_limits<float>::infinity(), b = -a;
+        minmax_lanes(x + r * cols, cols, a, b, nan);
+        mn[r] = a, mx[r] = b;
+        tlo = std::min(tlo, a), thi = std::max(thi, b);
+      }
+    } else
+#endif
+    {
+#pragma omp parallel for reduction(| : nan) reduction(min : tlo) reduction(max : thi) schedule(static) \
+    if (rows * cols > kParallelMin)
+      for (int64_t r = 0; r < rows; ++r) {
+        float a = std::numeric_limits<float>::infinity(), b = -a;
+        minmax_lanes(x + r * cols, cols, a, b, nan);
+        if (cols) mn[r] = a, mx[r] = b;
+        tlo = std::min(tlo, a), thi = std::max(thi, b);
+      }
     }
     if (whole) whole[0] = tlo, whole[1] = thi;
   } else if (g == Granularity::column) {
