@@ -107,4 +107,22 @@ inline void minmax_rows16(const float* p, __m512& lo, __m512& hi, uint32_t& nan)
 }
 #endif
 
+// mn[i] / mx[i] = min / max of row i of x [rows, cols] (each starting from +inf / -inf): 16 rows at
+// a time by minmax_rows16 when the rows hold 16 values and AVX-512 is there, else minmax_lanes.
+inline void minmax_rows(const float* x, int64_t rows, int64_t cols, float* mn, float* mx, uint32_t& nan) {
+  int64_t r = 0;
+#if defined(__AVX512F__)
+  if (cols == 16)
+    for (; r + 16 <= rows; r += 16) {
+      __m512 lo, hi;
+      minmax_rows16(x + r * 16, lo, hi, nan);
+      _mm512_storeu_ps(mn + r, lo), _mm512_storeu_ps(mx + r, hi);
+    }
+#endif
+  for (; r < rows; ++r) {
+    mn[r] = std::numeric_limits<float>::infinity(), mx[r] = -mn[r];
+    minmax_lanes(x + r * cols, cols, mn[r], mx[r], nan);
+  }
+}
+
 }  // namespace fqt::kernels

@@ -236,14 +236,9 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
       const int64_t r0 = ch * R, r1 = std::min(rows, r0 + R), e0 = r0 * cols, e1 = r1 * cols;
       const uint64_t b0 = static_cast<uint64_t>(e0) >> 2;
       const int64_t base = static_cast<int64_t>(b0 * 4), nblocks = (e1 - base + 3) / 4;
-      for (int64_t r = r0; r < r1; ++r) {
-        float* row = tx.data() + (r - r0) * cols;
-        kernels::bhq_row(t, dots, src, cols, r, row);
-        float a = std::numeric_limits<float>::infinity(), b = -a;
-        uint32_t nan = 0;
-        kernels::minmax_lanes(row, cols, a, b, nan);
-        mn[r - r0] = a, mx[r - r0] = b;
-      }
+      for (int64_t r = r0; r < r1; ++r) kernels::bhq_row(t, dots, src, cols, r, tx.data() + (r - r0) * cols);
+      uint32_t nan = 0;  // (finite input: checked above)
+      kernels::minmax_rows(tx.data(), r1 - r0, cols, mn.data(), mx.data(), nan);
       float* __restrict sc = qa.scale.data();
       float* __restrict lo = qa.lo.data();
       for (int64_t r = r0; r < r1; ++r) {
