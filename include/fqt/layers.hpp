@@ -107,7 +107,9 @@ class Conv2d : public QuantizedLayer {
   // With `xq`: x's codes under this layer's activation quantizer, made by the caller
   // (quantize_input, possibly of another layer with the same quantizer: a tensor two layers read
   // is quantized once, and its codes are kept once); null: forward quantizes x itself.
-  Tensor forward(const Tensor& x, const StepContext& ctx, const QuantizedTensor* xq);
+  // With `residual` (the output's shape): returns conv(x) + residual, the add done as the output
+  // is written (one pass over the output fewer than add_inplace after it; the same bits).
+  Tensor forward(const Tensor& x, const StepContext& ctx, const QuantizedTensor* xq, const Tensor* residual = nullptr);
   // Whether forward quantizes its input (qat, fqt), and x quantized as forward would (with a
   // valid `range`, x's min and max, without another pass over x).
   bool quantizes_input() const;
@@ -148,7 +150,8 @@ class Conv2d : public QuantizedLayer {
   Tensor weight2d() const { return weight_.value.reshape({cout_, cin_ * k_ * k_}); }
   // The integer path (conv2d_int.cpp): GEMMs on 8-bit codes, im2col on codes (padding = the
   // activation grid's zero code), scales and offsets applied after each per-sample GEMM.
-  Tensor forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code) const;
+  Tensor forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code,
+                     const Tensor* residual = nullptr) const;
   // fp32 GEMMs of (possibly dequantized) input [N, Cin, H, W] and weight [Cout, Cin*k*k], + bias.
   Tensor forward_f32(const Tensor& xin, const Tensor& w) const;
   Tensor dgrad_int(const QuantizedTensor& gq) const;

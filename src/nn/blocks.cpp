@@ -38,9 +38,7 @@ Tensor PreActBlock::forward(const Tensor& x, const StepContext& ctx) {
   const Tensor b = bn2_->forward(h, ctx, conv2_->quantizes_input() ? &rb : nullptr);
   std::optional<QuantizedTensor> bq;
   if (conv2_->quantizes_input()) bq = conv2_->quantize_input(b, rb);
-  Tensor y = conv2_->forward(b, ctx, bq ? &*bq : nullptr);
-  add_inplace(y, s);
-  return y;
+  return conv2_->forward(b, ctx, bq ? &*bq : nullptr, &s);  // + the shortcut, added as conv2 writes
 }
 
 Tensor PreActBlock::backward(const Tensor& dy, const StepContext& ctx) {

@@ -148,10 +148,14 @@ bool Conv2d::same_input_quantizer(const Conv2d& other) const {
          recipe_.activation.bits == other.recipe_.activation.bits;
 }
 
-Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx, const QuantizedTensor* given) {
+Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx, const QuantizedTensor* given, const Tensor* residual) {
   FQT_CHECK(x.dim() == 4 && x.size(1) == cin_ && x.dtype() == DType::f32, "Conv2d {}: input {} is not N,{},H,W",
             name_, shape_str(x.shape()), cin_);
-  (void)geom(x.shape(), k_, stride_, pad_);  // validates the geometry (throws on a too-small input)
+  const Geom g0 = geom(x.shape(), k_, stride_, pad_);  // validates the geometry (throws on a too-small input)
+  if (residual)
+    FQT_CHECK(residual->shape() == Shape({x.size(0), cout_, g0.Ho, g0.Wo}) && residual->dtype() == DType::f32,
+              "Conv2d {}: residual {} does not match the output {}", name_, shape_str(residual->shape()),
+              shape_str(Shape({x.size(0), cout_, g0.Ho, g0.Wo})));
   Tensor xin = x, w = weight2d();
   if (!quantized_forward(recipe_)) {
     if (ctx.train) x_ = x;
@@ -168,7 +172,7 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx, const QuantizedT
     const int zero_code =
         xq.granularity() == Granularity::tensor ? exact_zero_code(xq.scale[0], xq.lo[0], xq.max_code()) : -1;
     if (zero_code >= 0 && int_fprop(recipe_, xq, wq)) {
-      Tensor y = forward_int(xq, wq, zero_code);
+      Tensor y = forward_int(xq, wq, zero_code, residual);
       if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
       return y;
     }
@@ -177,7 +181,9 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx, const QuantizedT
     if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
   }
   in_shape_ = x.shape();
-  return forward_f32(xin, w);
+  Tensor y = forward_f32(xin, w);
+  if (residual) add_inplace(y, *residual);
+  return y;
 }
 
 Tensor Conv2d::forward_f32(const Tensor& xin, const Tensor& w) const {

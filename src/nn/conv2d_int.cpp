@@ -261,7 +261,8 @@ double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() 
 
 }  // namespace
 
-Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code) const {
+Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code,
+                           const Tensor* residual) const {
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
   // B = weight codes [Cout, Ckk] as s8, taps in (kh, kw, c) order.
@@ -295,6 +296,7 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   const igemm_detail::LocalB Bpk(cout_, ckk, Bw.data(), ckk);
   Tensor y = Tensor::empty({N, cout_, g.Ho, g.Wo});
   float* yp = y.data<float>();
+  const float* res = residual ? residual->data<float>() : nullptr;
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
@@ -318,6 +320,10 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
           for (int64_t p = 0; p < P; ++p) o[p] = (((static_cast<float>(s[p]) + O * rxp[p]) + d * rxp[p]) * ic + rc) + bc;
         else
           for (int64_t p = 0; p < P; ++p) o[p] = ((static_cast<float>(s[p]) + O * rxp[p]) + d * rxp[p]) * ic + rc;
+        if (res) {  // the residual added as add_inplace would add it to the finished value
+          const float* __restrict rs = res + (n * cout_ + c) * P;
+          for (int64_t p = 0; p < P; ++p) o[p] += rs[p];
+        }
       }
     }
   }

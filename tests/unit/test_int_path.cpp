@@ -285,3 +285,26 @@ TEST(intPath, ConvIntegerPathIsThreadInvariant) {
     EXPECT_EQ(std::memcmp(grads[0].raw(), grads[t].raw(), grads[0].nbytes()), 0) << t + 1 << " threads";
   }
 }
+
+// forward(x, ctx, xq, &residual) is forward(x) + residual, added as the output is written: the
+// same bits as add_inplace afterwards, on the integer, simulated and fp32 paths; a residual of
+// another shape is refused.
+TEST(intPath, ConvResidualAddEqualsAddAfterwards) {
+  for (Arith a : {Arith::integer, Arith::sim})
+    for (Mode m : {Mode::fqt, Mode::fp32}) {
+      Recipe r = recipe(a, {QuantizerKind::psq, 8}, {QuantizerKind::ptq, 8});
+      r.mode = m;
+      Conv2d l1("conv", 5, 7, 3, 2, 1, true, r, 4, 21), l2("conv", 5, 7, 3, 2, 1, true, r, 4, 21);
+      const Tensor x = randn({3, 5, 9, 9}, 61);
+      const StepContext ctx{true, 1, 1};
+      Tensor want = l1.forward(x, ctx);
+      const Tensor res = randn(want.shape(), 62);
+      add_inplace(want, res);
+      const Tensor got = l2.forward(x, ctx, nullptr, &res);
+      ASSERT_EQ(got.shape(), want.shape());
+      EXPECT_EQ(std::memcmp(got.raw(), want.raw(), got.nbytes()), 0) << (a == Arith::integer ? "int" : "sim")
+                                                                       << (m == Mode::fqt ? " fqt" : " fp32");
+      const Tensor wrong = randn({3, 7, 4, 4}, 63);
+      EXPECT_THROW(l2.forward(x, ctx, nullptr, &wrong), Error);
+    }
+}
