@@ -132,6 +132,7 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
       {2, 3, 4, 50, 3, 3, 1, 0},  // one output column: 48 of them span 144 image bytes, more than
                                   // two registers hold (the permuting im2col steps aside)
       {2, 3, 4, 30, 4, 3, 1, 0},  // two output columns: 56 bytes from a 110-byte window (it fits)
+      {1, 3, 2, 1, 1, 1, 1, 0},   // a single gradient row (BHQ: one group of one row, H_1 = I)
       // (no padding in these two: a tap that sees only padding has dW ~ 2^-24 |lo| in double,
       // below the bound's resolution)
   };
