@@ -391,10 +391,11 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     // The groups pair rows of any samples (by range). Samples still run one per thread, their
     // rows in order into the sample's own padded accumulator (L1/L2), and each row brings the
     // code rows of its whole group into the integer GEMM: a tile of rows gathers its groups'
-    // members (most groups are pairs: twice the GEMM rows, and the GEMM is the cheap part), and
-    // M_g is summed from their Y rows (a pair's two Y rows, M and the finished row in one pass
-    // over the two integer rows). Groups larger than kGather (heavy-tailed rows: one large row
-    // with many small ones) get M_g computed once beforehand, in group order, kept per group.
+    // members (most groups are pairs: twice the GEMM rows, and the GEMM is the cheap part); a row
+    // of a group of up to kGather rows is then one combination of its members' integer rows,
+    // formed in one pass (no Y or M row stored). Groups larger than kGather (heavy-tailed rows:
+    // one large row with many small ones) get M_g computed once beforehand, in group order, kept
+    // per group, and their rows are finished from their own Y row and that M_g.
     // Every row's value is computed by one fixed sequence of operations wherever its sample
     // runs, so dx has the same bits on any thread count. (Before, the correction went through
     // U = V^T Z per group and U W [groups, Ckk] in fp32, read back per row: ~46K groups x 576 B =
@@ -406,7 +407,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     const int64_t G = t.num_groups();
     const int64_t tile_own = std::clamp<int64_t>((int64_t{8} << 10) / ckk, 8, 64);  // own rows per GEMM
     const int64_t cap = std::max(tile_own * kGather, int64_t{64});                   // gathered rows per GEMM
-    // m = sum_j v_j Y_j over one group's Y rows (rows ld apart, the large row first), in order.
+    // m = sum_j v_j Y_j over one group's Y rows (ldc apart, the large row first), in order; a
+    // group longer than a GEMM chunk continues its sum (first_part false).
     auto group_sum = [&](const float* y0, int64_t n_g, float vf, float vr, float* __restrict m, bool first_part) {
       for (int64_t j = 0; j < n_g; ++j) {
         const float* __restrict y = y0 + j * ldc;
