@@ -227,10 +227,10 @@ TEST(intPath, PerChannelWeightsStillMatch) {
   expect_within(dxi, dxs, 0.0, "per-channel dgrad (same fp32 fallback)");
 }
 
-// The integer path is thread-count invariant: integer sums are exact.
-// BHQ's dgrad runs the rows in group order, each thread over the groups that touch its samples:
-// heavy-tailed gradient rows make groups of every size, and one dominant row makes a single group
-// of all 400 rows (larger than a dgrad tile, which then grows to hold it).
+// BHQ's dgrad gathers each row's group members into its GEMM (groups of up to 4 rows) or finishes
+// it from a group sum made beforehand (larger groups): heavy-tailed gradient rows make groups of
+// every size, and one dominant row makes a single group of all 400 rows (summed over two GEMM
+// chunks).
 TEST(intPath, ConvBhqHeavyTailedGroupsEqualSimulated) {
   for (int variant = 0; variant < 2; ++variant)
     for (int threads : {1, 2}) {
@@ -265,6 +265,7 @@ TEST(intPath, ConvBhqHeavyTailedGroupsEqualSimulated) {
   set_num_threads(0);
 }
 
+// The integer path is thread-count invariant: integer sums are exact.
 TEST(intPath, ConvIntegerPathIsThreadInvariant) {
   const Recipe r = recipe(Arith::integer, {QuantizerKind::bhq, 5}, {QuantizerKind::ptq, 8});
   // 2 and 3 threads: BHQ's dgrad splits the 32 samples 16 + 16 and 10 + 11 + 11

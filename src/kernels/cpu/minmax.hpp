@@ -75,6 +75,11 @@ inline void minmax_lanes(const float* p, int64_t n, float& lo, float& hi, uint32
 }
 
 #if defined(__AVX512F__)
+// Every lane of a 16-lane vector. The AVX-512 code uses the masked forms of the intrinsics with
+// this mask: they take their pass-through register from the caller, where the unmasked forms'
+// undefined one makes GCC 12 warn "may be used uninitialized" once they are inlined into a loop.
+constexpr __mmask16 kAll16 = 0xFFFF;
+
 // Rows of exactly 16 floats, 16 rows at a time (PSQ's gradient rows of a 16-channel layer): lane i
 // of *lo / *hi = min / max of row i, by a transposing reduction tree (unpack, shuffle, two 128-bit
 // block shuffles: 45 instructions each way for 16 rows, where minmax_lanes reduces every row
@@ -85,25 +90,22 @@ inline void minmax_rows16(const float* p, __m512& lo, __m512& hi, uint32_t& nan)
   __mmask16 bad = 0;
   for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(p + 16 * i), bad |= _mm512_cmp_ps_mask(v[i], v[i], _CMP_UNORD_Q);
   nan |= static_cast<uint32_t>(bad != 0);
-  // (The masked forms with every lane set: GCC 12 warns that the unmasked ones' undefined
-  // pass-through register "may be used uninitialized" once they are inlined into a loop.)
-  constexpr __mmask16 all = 0xFFFF;
-  auto lo_half = [](__m512 x, __m512 y) { return _mm512_mask_unpacklo_ps(x, all, x, y); };
-  auto hi_half = [](__m512 x, __m512 y) { return _mm512_mask_unpackhi_ps(x, all, x, y); };
+  auto lo_half = [](__m512 x, __m512 y) { return _mm512_mask_unpacklo_ps(x, kAll16, x, y); };
+  auto hi_half = [](__m512 x, __m512 y) { return _mm512_mask_unpackhi_ps(x, kAll16, x, y); };
   auto tree = [&](auto op) {
     __m512 a[8], b[4], c[2];
     for (int k = 0; k < 8; ++k)  // per 128-bit block j: [r2k(j), r2k+1(j), r2k(j'), r2k+1(j')] partials
       a[k] = op(lo_half(v[2 * k], v[2 * k + 1]), hi_half(v[2 * k], v[2 * k + 1]));
     for (int k = 0; k < 4; ++k)  // per block j: rows 4k..4k+3 over block j
-      b[k] = op(_mm512_mask_shuffle_ps(a[2 * k], all, a[2 * k], a[2 * k + 1], 0x44),
-                _mm512_mask_shuffle_ps(a[2 * k], all, a[2 * k], a[2 * k + 1], 0xEE));
+      b[k] = op(_mm512_mask_shuffle_ps(a[2 * k], kAll16, a[2 * k], a[2 * k + 1], 0x44),
+                _mm512_mask_shuffle_ps(a[2 * k], kAll16, a[2 * k], a[2 * k + 1], 0xEE));
     for (int k = 0; k < 2; ++k)  // blocks: rows 8k..8k+3 (blocks 0-1, 2-3), rows 8k+4..8k+7 (0-1, 2-3)
-      c[k] = op(_mm512_mask_shuffle_f32x4(b[2 * k], all, b[2 * k], b[2 * k + 1], 0x88),
-                _mm512_mask_shuffle_f32x4(b[2 * k], all, b[2 * k], b[2 * k + 1], 0xDD));
-    return op(_mm512_mask_shuffle_f32x4(c[0], all, c[0], c[1], 0x88), _mm512_mask_shuffle_f32x4(c[0], all, c[0], c[1], 0xDD));
+      c[k] = op(_mm512_mask_shuffle_f32x4(b[2 * k], kAll16, b[2 * k], b[2 * k + 1], 0x88),
+                _mm512_mask_shuffle_f32x4(b[2 * k], kAll16, b[2 * k], b[2 * k + 1], 0xDD));
+    return op(_mm512_mask_shuffle_f32x4(c[0], kAll16, c[0], c[1], 0x88), _mm512_mask_shuffle_f32x4(c[0], kAll16, c[0], c[1], 0xDD));
   };
-  lo = tree([](__m512 x, __m512 y) { return _mm512_mask_min_ps(x, all, x, y); });
-  hi = tree([](__m512 x, __m512 y) { return _mm512_mask_max_ps(x, all, x, y); });
+  lo = tree([](__m512 x, __m512 y) { return _mm512_mask_min_ps(x, kAll16, x, y); });
+  hi = tree([](__m512 x, __m512 y) { return _mm512_mask_max_ps(x, kAll16, x, y); });
 }
 #endif
 

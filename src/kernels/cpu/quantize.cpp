@@ -17,6 +17,9 @@
 namespace fqt {
 using namespace quant_detail;
 using kernels::minmax_lanes;
+#if defined(__AVX512F__)
+using kernels::kAll16;
+#endif
 
 namespace {
 
@@ -33,35 +36,16 @@ bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   mx.assign(groups, -std::numeric_limits<double>::infinity());
   if (g == Granularity::row) {
     float tlo = std::numeric_limits<float>::infinity(), thi = -tlo;
-#if defined(__AVX512F__)
-    if (cols == 16) {  // 16 rows per step (kernels::minmax_rows16), the last rows % 16 below
-      const int64_t blocks = rows / 16;
+    constexpr int64_t kBlock = 64;  // rows per step of kernels::minmax_rows (16 at a time for rows of 16)
 #pragma omp parallel for reduction(| : nan) reduction(min : tlo) reduction(max : thi) schedule(static) \
     if (rows * cols > kParallelMin)
-      for (int64_t bk = 0; bk < blocks; ++bk) {
-        __m512 lo, hi;
-        kernels::minmax_rows16(x + bk * 256, lo, hi, nan);
-        alignas(64) float a[16], b[16];
-        _mm512_store_ps(a, lo), _mm512_store_ps(b, hi);
-        for (int i = 0; i < 16; ++i)
-          mn[bk * 16 + i] = a[i], mx[bk * 16 + i] = b[i], tlo = std::min(tlo, a[i]), thi = std::max(thi, b[i]);
-      }
-      for (int64_t r = blocks * 16; r < rows; ++r) {
-        float a = std::numeric_limits<float>::infinity(), b = -a;
-        minmax_lanes(x + r * cols, cols, a, b, nan);
-        mn[r] = a, mx[r] = b;
-        tlo = std::min(tlo, a), thi = std::max(thi, b);
-      }
-    } else
-#endif
-    {
-#pragma omp parallel for reduction(| : nan) reduction(min : tlo) reduction(max : thi) schedule(static) \
-    if (rows * cols > kParallelMin)
-      for (int64_t r = 0; r < rows; ++r) {
-        float a = std::numeric_limits<float>::infinity(), b = -a;
-        minmax_lanes(x + r * cols, cols, a, b, nan);
-        if (cols) mn[r] = a, mx[r] = b;
-        tlo = std::min(tlo, a), thi = std::max(thi, b);
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+      const int64_t n = std::min(kBlock, rows - r0);
+      float a[kBlock], b[kBlock];
+      kernels::minmax_rows(x + r0 * cols, n, cols, a, b, nan);
+      for (int64_t i = 0; i < n; ++i) {
+        if (cols) mn[r0 + i] = a[i], mx[r0 + i] = b[i];
+        tlo = std::min(tlo, a[i]), thi = std::max(thi, b[i]);
       }
     }
     if (whole) whole[0] = tlo, whole[1] = thi;
@@ -110,13 +94,6 @@ inline void store_codes8(__m256i a, uint8_t* out) {
   const __m128i w = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(a, a), 0xD8));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w, w));
 }
-#endif
-
-#if defined(__AVX512F__)
-// Every lane: the masked forms of the AVX-512 intrinsics below take their pass-through register
-// from the caller (GCC 12 warns that the unmasked forms' undefined one "may be used
-// uninitialized" once inlined).
-constexpr __mmask16 kAll16 = 0xFFFF;
 #endif
 
 // Rounding of a run of n values that share one grid: out[i] = round_stochastic(grid_pos(s[i], lo,
