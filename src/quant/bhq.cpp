@@ -186,8 +186,8 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
     const double lambda1 = v[i], lambda2 = v[begin];
     const double w1 = lambda1 / std::sqrt(static_cast<double>(n));
     const double w2 = lambda2 * householder_qmax(n);
-    t.row_scale[rank[i]] = static_cast<float>(std::pow(w1, -1.0 / 3.0));
-    const float s2 = static_cast<float>(std::pow(w2 / static_cast<double>(n - 1), -1.0 / 3.0));
+    t.row_scale[rank[i]] = quant_detail::bhq_inv_cbrt(w1);
+    const float s2 = quant_detail::bhq_inv_cbrt(w2 / static_cast<double>(n - 1));
     for (int64_t k = begin; k < end; ++k) t.row_scale[rank[k]] = s2;
   }
   return t;

@@ -332,8 +332,8 @@ __global__ void __launch_bounds__(kGroupThreads) bhq_group_kernel(const double* 
     const double lambda1 = v[i], lambda2 = v[begin];
     const double w1 = lambda1 / sqrt(static_cast<double>(n));
     const double w2 = lambda2 * householder_qmax_dev(n);
-    row_scale[rank[i]] = static_cast<float>(pow(w1, -1.0 / 3.0));
-    const float s2 = static_cast<float>(pow(w2 / static_cast<double>(n - 1), -1.0 / 3.0));
+    row_scale[rank[i]] = bhq_inv_cbrt(w1);
+    const float s2 = bhq_inv_cbrt(w2 / static_cast<double>(n - 1));
     for (int64_t k = begin; k < end; ++k) row_scale[rank[k]] = s2;
   }
   if (tid == 0) offsets[0] = 0, status[0] = static_cast<u64>(NL);
