@@ -16,6 +16,7 @@
 #include "fqt/rng.hpp"
 #include "fqt/tensor.hpp"
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 #include <string>
@@ -76,6 +77,18 @@ struct BhqTransform {
   int64_t group_size(int64_t g) const { return offsets[g + 1] - offsets[g]; }
   int64_t group_of(int64_t r) const { return row_group[r] < 0 ? ~row_group[r] : row_group[r]; }
   bool leads_group(int64_t r) const { return row_group[r] < 0; }
+  // Groups [first, second) holding about the t-th of nt equal slices of the members: for loops
+  // over groups split between threads by rows, not by groups (the first groups, whose large rows
+  // have the largest ranges, hold the most small rows; an equal number of groups per thread gave
+  // the first thread most of the rows).
+  std::pair<int64_t, int64_t> group_slice(int t, int nt) const {
+    if (offsets.size() < 2) return {0, 0};
+    auto at = [&](int u) {
+      const int64_t i = rows * u / nt;
+      return static_cast<int64_t>(std::lower_bound(offsets.begin(), offsets.end() - 1, i) - offsets.begin());
+    };
+    return {at(t), at(t + 1)};
+  }
   void fill_row_group();
   // This transform when its row_group is filled, else `copy` made from it with fill_row_group().
   const BhqTransform& with_row_group(BhqTransform& copy) const;

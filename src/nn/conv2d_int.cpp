@@ -436,8 +436,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     {
 #pragma omp for schedule(static) nowait
       for (int64_t r = 0; r < N * P; ++r) terms[r] = row_terms(r, gc + r * cout_);
-#pragma omp for schedule(static)
-      for (int64_t gi = 0; gi < G; ++gi) {
+      const auto [g0, g1] = t.group_slice(omp_get_thread_num(), omp_get_num_threads());  // equal rows per thread
+      for (int64_t gi = g0; gi < g1; ++gi) {
         const int64_t* mem = t.members.data() + t.offsets[gi];
         const int64_t n_g = t.group_size(gi);
         std::array<int32_t, kGather> list;

@@ -2,6 +2,8 @@
 #include "fqt/quant.hpp"
 #include "quant/grid.hpp"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -175,20 +177,23 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
     t.offsets[i + 1] = i + 1 + nums[i];
   }
   FQT_CHECK(t.offsets[NL] == N, "BHQ grouping lost rows");
-#pragma omp parallel for schedule(static) if (NL > 4096)
-  for (int64_t i = 0; i < NL; ++i) {
-    const int64_t begin = NL + (i ? nums[i - 1] : 0), end = NL + nums[i];
-    const int64_t n = 1 + (end - begin);
-    int64_t* mem = t.members.data() + t.offsets[i];
-    mem[0] = rank[i];
-    t.row_group[rank[i]] = ~static_cast<int32_t>(i);
-    for (int64_t k = begin; k < end; ++k) mem[1 + k - begin] = rank[k], t.row_group[rank[k]] = static_cast<int32_t>(i);
-    const double lambda1 = v[i], lambda2 = v[begin];
-    const double w1 = lambda1 / std::sqrt(static_cast<double>(n));
-    const double w2 = lambda2 * householder_qmax(n);
-    t.row_scale[rank[i]] = quant_detail::bhq_inv_cbrt(w1);
-    const float s2 = quant_detail::bhq_inv_cbrt(w2 / static_cast<double>(n - 1));
-    for (int64_t k = begin; k < end; ++k) t.row_scale[rank[k]] = s2;
+#pragma omp parallel if (NL > 4096)
+  {
+    const auto [i0, i1] = t.group_slice(omp_get_thread_num(), omp_get_num_threads());
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t begin = NL + (i ? nums[i - 1] : 0), end = NL + nums[i];
+      const int64_t n = 1 + (end - begin);
+      int64_t* mem = t.members.data() + t.offsets[i];
+      mem[0] = rank[i];
+      t.row_group[rank[i]] = ~static_cast<int32_t>(i);
+      for (int64_t k = begin; k < end; ++k) mem[1 + k - begin] = rank[k], t.row_group[rank[k]] = static_cast<int32_t>(i);
+      const double lambda1 = v[i], lambda2 = v[begin];
+      const double w1 = lambda1 / std::sqrt(static_cast<double>(n));
+      const double w2 = lambda2 * householder_qmax(n);
+      t.row_scale[rank[i]] = quant_detail::bhq_inv_cbrt(w1);
+      const float s2 = quant_detail::bhq_inv_cbrt(w2 / static_cast<double>(n - 1));
+      for (int64_t k = begin; k < end; ++k) t.row_scale[rank[k]] = s2;
+    }
   }
   return t;
 }

@@ -114,23 +114,26 @@ const float* bhq_group_dots(const BhqTransform& t, const float* x, int64_t cols)
   static thread_local std::vector<float> dot;
   dot.resize(static_cast<size_t>(G * ld));
   float* dp = dot.data();
-#pragma omp parallel for schedule(static) if (t.rows * cols > quant_detail::kParallelMin)
-  for (int64_t g = 0; g < G; ++g) {
-    constexpr int64_t kAhead = 4;  // prefetch the rows of a later group: they are scattered
-    if (g + kAhead < G)
-      for (int64_t i = t.offsets[g + kAhead]; i < t.offsets[g + kAhead + 1]; ++i)
-        for (int64_t j = 0; j < cols; j += 16) __builtin_prefetch(x + t.members[i] * cols + j);
-    const int64_t* mem = t.members.data() + t.offsets[g];
-    const int64_t n = t.group_size(g);
-    float vf, vr;
-    householder_v(n, vf, vr);
-    float* __restrict d = dp + g * ld;
-    for (int64_t j = 0; j < cols; ++j) d[j] = 0.0f;
-    d[cols] = 2.0f * vf, d[cols + 1] = 2.0f * vr;
-    for (int64_t k = 0; k < n; ++k) {
-      const float vk = k == 0 ? vf : vr, s = t.row_scale[mem[k]];
-      const float* __restrict row = x + mem[k] * cols;
-      for (int64_t j = 0; j < cols; ++j) d[j] += vk * (s * row[j]);
+#pragma omp parallel if (t.rows * cols > quant_detail::kParallelMin)
+  {
+    const auto [g0, g1] = t.group_slice(omp_get_thread_num(), omp_get_num_threads());
+    for (int64_t g = g0; g < g1; ++g) {
+      constexpr int64_t kAhead = 4;  // prefetch the rows of a later group: they are scattered
+      if (g + kAhead < g1)
+        for (int64_t i = t.offsets[g + kAhead]; i < t.offsets[g + kAhead + 1]; ++i)
+          for (int64_t j = 0; j < cols; j += 16) __builtin_prefetch(x + t.members[i] * cols + j);
+      const int64_t* mem = t.members.data() + t.offsets[g];
+      const int64_t n = t.group_size(g);
+      float vf, vr;
+      householder_v(n, vf, vr);
+      float* __restrict d = dp + g * ld;
+      for (int64_t j = 0; j < cols; ++j) d[j] = 0.0f;
+      d[cols] = 2.0f * vf, d[cols + 1] = 2.0f * vr;
+      for (int64_t k = 0; k < n; ++k) {
+        const float vk = k == 0 ? vf : vr, s = t.row_scale[mem[k]];
+        const float* __restrict row = x + mem[k] * cols;
+        for (int64_t j = 0; j < cols; ++j) d[j] += vk * (s * row[j]);
+      }
     }
   }
   return dp;
