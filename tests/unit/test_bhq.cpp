@@ -147,6 +147,28 @@ TEST(Bhq, InverseCubeRootEqualsPow) {
   EXPECT_EQ(checked, 3 * 400001);
 }
 
+TEST(Bhq, GroupSlicesSplitTheRowsEvenly) {
+  // Heavy-tailed rows: the first groups (largest ranges) hold many small rows. The nt slices are
+  // consecutive, cover every group once, and each holds rows/nt rows to within one group.
+  Tensor x = synthetic_matrix(SynthKind::heavy_tailed, 3000, 16, 9);
+  BhqTransform t = bhq_transform(x.data<float>(), 3000, 16);
+  ASSERT_GT(t.group_size(0), 4 * t.group_size(t.num_groups() - 1)) << "the first group should be the larger";
+  for (int nt : {1, 2, 3, 7}) {
+    int64_t next = 0, largest = 0;
+    for (int64_t g = 0; g < t.num_groups(); ++g) largest = std::max(largest, t.group_size(g));
+    for (int u = 0; u < nt; ++u) {
+      const auto [g0, g1] = t.group_slice(u, nt);
+      EXPECT_EQ(g0, next) << "slice " << u << " of " << nt;
+      ASSERT_LE(g0, g1);
+      const int64_t rows = t.offsets[g1] - t.offsets[g0];
+      EXPECT_LE(std::abs(rows - 3000 / nt), largest) << "slice " << u << " of " << nt;
+      next = g1;
+    }
+    EXPECT_EQ(next, t.num_groups());
+  }
+  EXPECT_EQ(BhqTransform{}.group_slice(0, 2), (std::pair<int64_t, int64_t>{0, 0}));
+}
+
 TEST(Bhq, HouseholderMapsE1ToUniformVector) {
   for (int64_t n : {2, 3, 5, 64}) {
     float vf, vr;
