@@ -7,6 +7,9 @@
 #include "philox_batch.hpp"
 #include "quant/grid.hpp"
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -203,8 +206,8 @@ void stochastic_pass(int64_t rows, int64_t cols, const RngKey (&keys)[K], Piece&
 // BHQ in one pass over the rows after the transform is built: each row of T x is formed in a
 // small buffer (bhq_row), its range gives the row's grid, and it is rounded at once, so the
 // [rows, cols] matrix T x is never stored and read back (bench_quantizers, session 8). With `sb`,
-// a second draw of x on a per-tensor grid (the wgrad operand: quantize_pair) is rounded in the
-// same pass; its range comes from the row-range pass. Element e of each draw gets its key's
+// a second draw of x on a per-tensor grid (the wgrad operand: quantize_pair) is rounded while the
+// rank sort runs; its range comes from the row-range pass. Element e of each draw gets its key's
 // uniform e (fill_uniforms from e's Philox block), so the codes are those of the separate passes
 // bit for bit, on any thread count (tests/unit/test_quantize.cpp).
 QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const QuantizerSpec* sb, RngKey kb,
@@ -217,20 +220,42 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
   QuantizedTensor qa;
   qa.spec = sa, qa.rows = rows, qa.cols = cols;
   qa.scale.resize(static_cast<size_t>(rows)), qa.lo.resize(static_cast<size_t>(rows));
-  qa.transform = bhq_transform_from_ranges(m, kernels::bhq_rank_descending_parallel(m));
-  const BhqTransform& t = *qa.transform;
-  qa.codes = Tensor::empty({rows, cols}, DType::u8);
   QuantizedTensor qb;
   if (sb) {
     const double a = tmn, b = tmx;
     qb = make_header(*sb, rows, cols, &a, &b);
     qb.codes = Tensor::empty({rows, cols}, DType::u8);
   }
-  const float* dots = kernels::bhq_group_dots(t, src, cols);
-  const int Ba = qa.max_code(), Bb = sb ? qb.max_code() : 0;
-  uint8_t* ca = qa.codes.data<uint8_t>();
+  const int Bb = sb ? qb.max_code() : 0;
   uint8_t* cb = sb ? qb.codes.data<uint8_t>() : nullptr;
-  const int nk = sb ? 2 : 1;
+  // The rank sort runs on one thread (bhq_rank_descending_parallel: two were slower); the second
+  // draw (one per-tensor grid, from the range pass) needs no rank, so another thread rounds it
+  // meanwhile, chunk by chunk from each chunk's first Philox block (element e: uniform e of kb,
+  // as in the one-pass form). Sections: each runs once whatever the number of threads.
+  std::vector<int64_t> rank;
+  auto second_draw = [&] {
+    constexpr int64_t kChunk = 4096;  // a multiple of 4: each chunk starts on a Philox block
+    std::vector<float> u(static_cast<size_t>(kChunk));
+    const float lo = qb.lo[0], scale = qb.scale[0];
+    for (int64_t e0 = 0; e0 < rows * cols; e0 += kChunk) {
+      const int64_t n = std::min(kChunk, rows * cols - e0);
+      kernels::fill_uniforms(kb, static_cast<uint64_t>(e0) >> 2, (n + 3) / 4, u.data());
+      round_run_stochastic(src + e0, u.data(), n, lo, scale, Bb, cb + e0);
+    }
+  };
+#pragma omp parallel sections num_threads(std::min(2, omp_get_max_threads())) if (sb && rows * cols > kParallelMin)
+  {
+#pragma omp section
+    rank = kernels::bhq_rank_descending_parallel(m);
+#pragma omp section
+    if (sb) second_draw();
+  }
+  qa.transform = bhq_transform_from_ranges(m, rank);
+  const BhqTransform& t = *qa.transform;
+  qa.codes = Tensor::empty({rows, cols}, DType::u8);
+  const float* dots = kernels::bhq_group_dots(t, src, cols);
+  const int Ba = qa.max_code();
+  uint8_t* ca = qa.codes.data<uint8_t>();
   const int64_t R = std::max<int64_t>(1, 4096 / cols), chunks = (rows + R - 1) / R;
   const int64_t ubuf = R * cols + 8;  // a chunk's elements from its first Philox block on
 #pragma omp parallel if (rows * cols > kParallelMin)
@@ -238,7 +263,7 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
     // Per chunk, three short passes over L1-resident buffers: the rows of T x and their ranges,
     // the rows' grids (independent divisions that overlap: one row at a time waited on each),
     // then the rounding.
-    std::vector<float> buf(static_cast<size_t>(nk * ubuf)), tx(static_cast<size_t>(R * cols));
+    std::vector<float> buf(static_cast<size_t>(ubuf)), tx(static_cast<size_t>(R * cols));
     std::vector<float> mn(static_cast<size_t>(R)), mx(static_cast<size_t>(R));
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -255,11 +280,9 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
         sc[r] = g.scale, lo[r] = g.lo;
       }
       kernels::fill_uniforms(ka, b0, nblocks, buf.data());
-      if (sb) kernels::fill_uniforms(kb, b0, nblocks, buf.data() + ubuf);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t e = r * cols;
         round_run_stochastic(tx.data() + (r - r0) * cols, buf.data() + (e - base), cols, lo[r], sc[r], Ba, ca + e);
-        if (sb) round_run_stochastic(src + e, buf.data() + ubuf + (e - base), cols, qb.lo[0], qb.scale[0], Bb, cb + e);
       }
     }
   }
