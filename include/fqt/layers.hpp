@@ -162,7 +162,7 @@ class Conv2d : public QuantizedLayer {
   // drawn: gq_dgrad_ / gq_wgrad_ already hold this step's draw (backward()'s quantize_pair).
   Tensor dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx, bool drawn = false);
   void wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx, bool drawn = false);
-  Tensor rows_for_gradients(const Tensor& dy) const;
+  Tensor rows_for_gradients(const Tensor& dy, float* range = nullptr) const;
   // The saved activation grid's code for 0 (-1: none; the integer path needs one for padding).
   int saved_zero_code() const;
   int64_t cin_, cout_, k_, stride_, pad_;
@@ -180,8 +180,9 @@ class Conv2d : public QuantizedLayer {
 Tensor im2col(const Tensor& x, int64_t k, int64_t stride, int64_t pad);
 // The adjoint: sums cols [C*k*k, N*Ho*Wo] back into an N,C,H,W tensor of shape `in_shape`.
 Tensor col2im(const Tensor& cols, const Shape& in_shape, int64_t k, int64_t stride, int64_t pad);
-// N,C,H,W -> [N*H*W, C] (the SPEC's row layout of G).
-Tensor nchw_to_rows(const Tensor& x);
+// N,C,H,W -> [N*H*W, C] (the SPEC's row layout of G). With `range`, also x's min and max in
+// range[0], range[1] (NaN in both when x holds a NaN), taken as each sample's rows are written.
+Tensor nchw_to_rows(const Tensor& x, float* range = nullptr);
 
 // ---- other layers -----------------------------------------------------------------------------
 

@@ -149,10 +149,12 @@ QuantizedTensor quantize_in_range(const Tensor& x, QuantizerSpec spec, float mn,
 // draw), equal code for code to {quantize(x, a, ka), quantize(x, b, kb)}. When both are
 // stochastic per-row or per-tensor quantizers (not BHQ), it reads X twice instead of four
 // times: one min/max pass gives the row ranges and, from them, the tensor range; one rounding
-// pass writes both codes. Otherwise it makes the two calls. (BHQ fused with the wgrad
-// quantizer measured no faster: bench_quantizers, docs/profiles/README.md.)
+// pass writes both codes. With `range` = {min, max}, X's exact range known from whoever wrote X
+// (nchw_to_rows), it reads X once: each block of rows gets its row ranges, grids and both
+// roundings while in cache. Otherwise it makes the two calls. (BHQ's dgrad draw with a per-tensor
+// wgrad draw: the wgrad draw is rounded while BHQ's rank sort runs; `range` is not needed.)
 std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x, QuantizerSpec a, RngKey ka, QuantizerSpec b,
-                                                          RngKey kb);
+                                                          RngKey kb, const float* range = nullptr);
 // f32 [rows, cols]; applies T^-1 for BHQ.
 Tensor dequantize(const QuantizedTensor& q);
 

@@ -1,10 +1,12 @@
 // Conv2d via im2col + GEMM with the recipe's quantizers (see layers.hpp for the layout).
 #include "common.hpp"
+#include "kernels/cpu/minmax.hpp"
 #include "kernels/cpu/transpose.hpp"
 #include "fqt/gemm.hpp"
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 namespace fqt {
 using namespace nn_detail;
@@ -102,15 +104,23 @@ Tensor col2im(const Tensor& cols, const Shape& in_shape, int64_t k, int64_t stri
   return x;
 }
 
-Tensor nchw_to_rows(const Tensor& x) {
+Tensor nchw_to_rows(const Tensor& x, float* range) {
   const int64_t N = x.size(0), C = x.size(1), P = x.numel() / (N * C);
   Tensor out = Tensor::empty({N * P, C});
   const float* xp = x.data<float>();
   float* op = out.data<float>();
-#pragma omp parallel for schedule(static) if (parallel_worth(x.numel()))
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  uint32_t nan = 0;
+#pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) reduction(| : nan) \
+    if (parallel_worth(x.numel()))
   for (int64_t n = 0; n < N; ++n) {
-    // sample n: [C, P] -> [P, C]
+    // sample n: [C, P] -> [P, C]; its range from the rows just written (in cache)
     kernels::transpose(xp + n * C * P, C, P, P, op + n * P * C, C);
+    if (range) kernels::minmax_lanes(op + n * P * C, P * C, lo, hi, nan);
+  }
+  if (range) {
+    const float q = std::numeric_limits<float>::quiet_NaN();
+    range[0] = nan ? q : lo, range[1] = nan ? q : hi;
   }
   return out;
 }
@@ -232,18 +242,19 @@ int Conv2d::saved_zero_code() const {
              : -1;
 }
 
-Tensor Conv2d::rows_for_gradients(const Tensor& dy) const {
-  return recipe_.mode == Mode::fqt ? nchw_to_rows(dy) : Tensor();
+Tensor Conv2d::rows_for_gradients(const Tensor& dy, float* range) const {
+  return recipe_.mode == Mode::fqt ? nchw_to_rows(dy, range) : Tensor();
 }
 
 Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
-  const Tensor rows = rows_for_gradients(dy);
+  float range[2];
+  const Tensor rows = rows_for_gradients(dy, range);
   // FQT with both halves: the two draws of G in one pass over it (quantize_pair: the same codes
-  // as two quantize() calls), handed to wgrad_rows / dgrad_rows.
+  // as two quantize() calls; G's range from the layout pass), handed to wgrad_rows / dgrad_rows.
   const bool drawn = recipe_.mode == Mode::fqt && input_grad_ && !recipe_.exact_dgrad;
   if (drawn) {
     auto [d, w] = quantize_pair(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad),
-                                recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
+                                recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad), range);
     gq_dgrad_ = std::move(d), gq_wgrad_ = std::move(w);
   }
   wgrad_rows(dy, rows, ctx, drawn);

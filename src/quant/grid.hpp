@@ -153,6 +153,9 @@ FQT_HD int64_t num_groups(Granularity g, int64_t rows, int64_t cols) {
 // Header (grids, no codes) from per-group min/max. For BHQ `mn`/`mx` are those of T X.
 QuantizedTensor make_header(QuantizerSpec spec, int64_t rows, int64_t cols, const double* mn,
                             const double* mx);
+// The grids of n groups from their min and max (what make_header stores: make_grid's, computed
+// 256 at a time through a vectorizable loop), on the calling thread.
+void make_grids(QuantizerSpec spec, const double* mn, const double* mx, int64_t n, float* scale, float* lo);
 void check_spec(QuantizerSpec spec);
 // View of x as a contiguous f32 matrix [rows, cols]; validates dtype and rank.
 Tensor as_matrix(const Tensor& x);

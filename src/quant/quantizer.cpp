@@ -110,26 +110,13 @@ Tensor as_matrix(const Tensor& x) {
   return x.reshape({rows, cols});
 }
 
-QuantizedTensor make_header(QuantizerSpec spec, int64_t rows, int64_t cols, const double* mn,
-                            const double* mx) {
-  QuantizedTensor q;
-  q.spec = spec;
-  q.rows = rows;
-  q.cols = cols;
-  int64_t groups = num_groups(traits(spec.kind).granularity, rows, cols);
-  q.scale.resize(groups);
-  q.lo.resize(groups);
-  // One grid per row for the per-sample quantizers: ~10^5 grids for a conv layer's gradient
-  // (a serial loop was half of PSQ's quantizer time on 2 threads).
+void make_grids(QuantizerSpec spec, const double* mn, const double* mx, int64_t n, float* scale, float* lo) {
   const QuantizerKind kind = spec.kind;
   const bool affine = affine_grid_kind(kind);
   const double B = max_code(spec.bits);
   const float Bf = static_cast<float>(B);
-  float* scale = q.scale.data();
-  float* lo = q.lo.data();
-#pragma omp parallel for schedule(static) if (groups > 4096)
-  for (int64_t g0 = 0; g0 < groups; g0 += 256) {
-    const int64_t g1 = std::min(groups, g0 + 256);
+  for (int64_t g0 = 0; g0 < n; g0 += 256) {
+    const int64_t g1 = std::min(n, g0 + 256);
     // Affine grids (SPEC section 2) in a loop the compiler vectorizes, with make_grid's coverage
     // check; a grid that fails it (an ulp short after rounding to fp32) is made again by
     // make_grid itself below, so every grid is make_grid's. (The per-row grids of PSQ: ~10^5
@@ -154,6 +141,22 @@ QuantizedTensor make_header(QuantizerSpec spec, int64_t rows, int64_t cols, cons
       lo[g] = grid.lo;
     }
   }
+}
+
+QuantizedTensor make_header(QuantizerSpec spec, int64_t rows, int64_t cols, const double* mn,
+                            const double* mx) {
+  QuantizedTensor q;
+  q.spec = spec;
+  q.rows = rows;
+  q.cols = cols;
+  int64_t groups = num_groups(traits(spec.kind).granularity, rows, cols);
+  q.scale.resize(groups);
+  q.lo.resize(groups);
+  // One grid per row for the per-sample quantizers: ~10^5 grids for a conv layer's gradient
+  // (a serial loop was half of PSQ's quantizer time on 2 threads).
+#pragma omp parallel for schedule(static) if (groups > 4096)
+  for (int64_t g0 = 0; g0 < groups; g0 += 256)
+    make_grids(spec, mn + g0, mx + g0, std::min<int64_t>(256, groups - g0), q.scale.data() + g0, q.lo.data() + g0);
   return q;
 }
 

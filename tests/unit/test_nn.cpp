@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <set>
 
@@ -168,6 +169,39 @@ RunResult run_model(const std::string& name, Mode mode, int threads, Shape in, b
   return out;
 }
 }  // namespace
+
+// The gradient's row layout [N*H*W, C] and, on request, its exact range (which lets
+// quantize_pair read it once): every value moved, min and max those of the data, NaN when the
+// data hold one; 1 and 2 threads, and a shape with a tail (C and H*W not multiples of 8).
+TEST(nn, nchw_to_rows_moves_every_value_and_reports_the_range) {
+  const int saved = omp_get_max_threads();
+  for (Shape shape : {Shape{128, 16, 28, 28}, Shape{3, 5, 7, 9}}) {
+    Tensor x = randn(shape, 31);
+    const int64_t N = shape[0], C = shape[1], P = shape[2] * shape[3];
+    x.data<float>()[x.numel() / 3] = 40.0f;   // the max, away from the ends
+    x.data<float>()[x.numel() - 2] = -50.0f;  // the min, in the last sample
+    for (int threads : {1, 2}) {
+      omp_set_num_threads(threads);
+      float range[2];
+      const Tensor rows = nchw_to_rows(x, range);
+      ASSERT_EQ(rows.shape(), (Shape{N * P, C}));
+      bool moved = true;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t p = 0; p < P; ++p)
+            moved &= rows.data<float>()[(n * P + p) * C + c] == x.data<float>()[(n * C + c) * P + p];
+      EXPECT_TRUE(moved);
+      EXPECT_EQ(range[0], -50.0f);
+      EXPECT_EQ(range[1], 40.0f);
+      EXPECT_TRUE(bit_equal(nchw_to_rows(x), rows));
+      Tensor y = x.clone();
+      y.data<float>()[y.numel() / 2 + 1] = std::numeric_limits<float>::quiet_NaN();
+      nchw_to_rows(y, range);
+      EXPECT_TRUE(std::isnan(range[0]) && std::isnan(range[1]));
+    }
+  }
+  omp_set_num_threads(saved);
+}
 
 TEST(nn, thread_count_gives_bit_identical_results) {
   for (const char* name : {"cnn", "preact_resnet20"}) {

@@ -260,23 +260,30 @@ TEST(Quantize, ConstantAndZeroRowsStayFinite) {
 // quantize_pair (the two gradient draws in one pass) gives, code for code and grid for grid (and
 // BHQ transform for transform), what two separate quantize() calls give: every pair of
 // quantizers (fused or not), bit widths,
-// small and threaded shapes, 1 and 2 threads. Also equal to the plain-loop reference.
+// small and threaded shapes, 1 and 2 threads; without and with X's range given (the one-pass
+// form: rows longer than its 4096-value blocks, blocks that split no row, a threaded shape).
+// Also equal to the plain-loop reference.
 TEST(Quantize, PairEqualsTwoSeparateCalls) {
   const int saved = omp_get_max_threads();
   for (int threads : {1, 2}) {
     omp_set_num_threads(threads);
-    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 7}, {2, 3}, {3, 5}, {129, 16}, {1000, 37}}) {
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 7}, {2, 3}, {3, 5}, {129, 16}, {1000, 37}, {3000, 16},
+                              {9, 5000}}) {
       const Tensor x = synthetic_matrix(SynthKind::heavy_tailed, rows, cols, 7);
+      const auto [lo, hi] = std::minmax_element(x.data<float>(), x.data<float>() + x.numel());
+      const float range[2] = {*lo, *hi};
       for (QuantizerKind a : all_kinds()) {
         if (!is_stochastic(a)) continue;
         for (QuantizerKind b : all_kinds()) {
           if (!is_stochastic(b)) continue;
-          for (auto [ba, bb] : {std::pair<int, int>{8, 8}, {4, 8}, {2, 5}}) {
+          for (auto [ba, bb] : {std::pair<int, int>{8, 8}, {4, 8}, {2, 5}})
+          for (const float* given : {static_cast<const float*>(nullptr), range}) {
+            if (given == nullptr && rows * cols > 40000 && !(ba == 8 && bb == 8)) continue;  // (time)
             const RngKey ka{11, 3}, kb{11, 4};
-            auto [qa, qb] = quantize_pair(x, {a, ba}, ka, {b, bb}, kb);
+            auto [qa, qb] = quantize_pair(x, {a, ba}, ka, {b, bb}, kb, given);
             const QuantizedTensor ra = quantize(x, {a, ba}, ka), rb = quantize(x, {b, bb}, kb);
-            ASSERT_TRUE(same_quantization(qa, ra)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols;
-            ASSERT_TRUE(same_quantization(qb, rb)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols;
+            ASSERT_TRUE(same_quantization(qa, ra)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols << (given ? " (range given)" : "");
+            ASSERT_TRUE(same_quantization(qb, rb)) << traits(a).name << ba << "/" << traits(b).name << bb << " " << rows << "x" << cols << (given ? " (range given)" : "");
             if (threads == 1 && rows == 129) {
               ASSERT_TRUE(same_codes(qa, quantize_ref(x, {a, ba}, ka))) << traits(a).name;
               ASSERT_TRUE(same_codes(qb, quantize_ref(x, {b, bb}, kb))) << traits(b).name;
@@ -291,6 +298,15 @@ TEST(Quantize, PairEqualsTwoSeparateCalls) {
   bad.data<float>()[150 * 40 + 3] = std::numeric_limits<float>::quiet_NaN();
   EXPECT_THROW(quantize_pair(bad, {QuantizerKind::psq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}), NonFiniteError);
   EXPECT_THROW(quantize_pair(bad, {QuantizerKind::bhq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}), NonFiniteError);
+  // The one-pass form finds a NaN that a given (finite) range does not show, and refuses a
+  // non-finite range or one that is not a range.
+  const float finite[2] = {-3.0f, 3.0f};
+  EXPECT_THROW(quantize_pair(bad, {QuantizerKind::psq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}, finite), NonFiniteError);
   bad.data<float>()[150 * 40 + 3] = std::numeric_limits<float>::infinity();
   EXPECT_THROW(quantize_pair(bad, {QuantizerKind::bhq, 8}, {1, 1}, {QuantizerKind::psq, 8}, {1, 2}), NonFiniteError);
+  const float inf[2] = {-3.0f, std::numeric_limits<float>::infinity()};
+  EXPECT_THROW(quantize_pair(bad, {QuantizerKind::psq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}, inf), NonFiniteError);
+  const Tensor good = synthetic_matrix(SynthKind::gaussian, 200, 40, 1);
+  const float reversed[2] = {1.0f, -1.0f};
+  EXPECT_THROW(quantize_pair(good, {QuantizerKind::psq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}, reversed), Error);
 }

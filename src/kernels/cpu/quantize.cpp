@@ -311,6 +311,79 @@ void nearest_pass(const float* src, int64_t rows, int64_t cols, QuantizedTensor&
   }
 }
 
+// quantize_pair's two stochastic draws (per-row or per-tensor grids) in one pass over X, given X's
+// exact range [tmn, tmx]: per block of R rows (R * cols ~ 4096 values, in L1), the rows' ranges
+// (minmax_rows) and grids (make_grids: make_header's), then both draws' uniforms from the block's
+// first Philox block and the rounding. Element e of each draw gets its key's uniform e, and the
+// grids are make_header's, so the codes are those of the two-pass form bit for bit.
+// (The two-pass form read X once for the row ranges and once to round; X is the layer's gradient,
+// 6.4 MB in stage 1, written just before by nchw_to_rows, which now also reports its range.)
+std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, QuantizerSpec sa, RngKey ka, QuantizerSpec sb,
+                                                          RngKey kb, float tmn, float tmx) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const float* src = x.data<float>();
+  if (!std::isfinite(tmn) || !std::isfinite(tmx)) check_finite(x, "quantizer input");
+  FQT_CHECK(std::isfinite(tmn) && std::isfinite(tmx) && tmn <= tmx,
+            "quantize_pair: range [{}, {}] is not that of finite data", tmn, tmx);
+  const double dmn = tmn, dmx = tmx;
+  auto header = [&](QuantizerSpec s) {
+    QuantizedTensor q;
+    if (traits(s.kind).granularity == Granularity::row) {
+      q.spec = s, q.rows = rows, q.cols = cols;
+      q.scale.resize(static_cast<size_t>(rows)), q.lo.resize(static_cast<size_t>(rows));
+    } else {
+      q = make_header(s, rows, cols, &dmn, &dmx);
+    }
+    q.codes = Tensor::empty({rows, cols}, DType::u8);
+    return q;
+  };
+  QuantizedTensor qa = header(sa), qb = header(sb);
+  const bool row_a = qa.granularity() == Granularity::row, row_b = qb.granularity() == Granularity::row;
+  const int Ba = qa.max_code(), Bb = qb.max_code();
+  uint8_t* ca = qa.codes.data<uint8_t>();
+  uint8_t* cb = qb.codes.data<uint8_t>();
+  const int64_t R = std::max<int64_t>(1, 4096 / cols), chunks = (rows + R - 1) / R;
+  const int64_t ubuf = R * cols + 8;  // a block's elements from its first Philox block on
+  uint32_t bad = 0;
+#pragma omp parallel reduction(| : bad) if (rows * cols > kParallelMin)
+  {
+    std::vector<float> u(static_cast<size_t>(2 * ubuf)), mn(static_cast<size_t>(R)), mx(static_cast<size_t>(R));
+    std::vector<double> dlo(static_cast<size_t>(R)), dhi(static_cast<size_t>(R));
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t r0 = ch * R, r1 = std::min(rows, r0 + R), n = r1 - r0, e0 = r0 * cols, e1 = r1 * cols;
+      const uint64_t b0 = static_cast<uint64_t>(e0) >> 2;
+      const int64_t base = static_cast<int64_t>(b0 * 4), nblocks = (e1 - base + 3) / 4;
+      if (row_a || row_b) {
+        uint32_t nan = 0;
+        kernels::minmax_rows(src + e0, n, cols, mn.data(), mx.data(), nan);
+        bad |= nan;
+        for (int64_t i = 0; i < n; ++i) dlo[i] = mn[i], dhi[i] = mx[i];
+        if (row_a) make_grids(sa, dlo.data(), dhi.data(), n, qa.scale.data() + r0, qa.lo.data() + r0);
+        if (row_b) make_grids(sb, dlo.data(), dhi.data(), n, qb.scale.data() + r0, qb.lo.data() + r0);
+      }
+      float* ua = u.data();
+      float* ub = u.data() + ubuf;
+      kernels::fill_uniforms(ka, b0, nblocks, ua);
+      kernels::fill_uniforms(kb, b0, nblocks, ub);
+      auto round = [&](bool row, const QuantizedTensor& q, const float* uu, int B, uint8_t* c) {
+        if (!row) {
+          round_run_stochastic(src + e0, uu + (e0 - base), e1 - e0, q.lo[0], q.scale[0], B, c + e0);
+          return;
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t e = r * cols;
+          round_run_stochastic(src + e, uu + (e - base), cols, q.lo[r], q.scale[r], B, c + e);
+        }
+      };
+      round(row_a, qa, ua, Ba, ca);
+      round(row_b, qb, ub, Bb, cb);
+    }
+  }
+  if (bad) check_finite(x, "quantizer input");  // throws: NaN the range did not show
+  return {std::move(qa), std::move(qb)};
+}
+
 }  // namespace
 
 QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
@@ -377,7 +450,7 @@ QuantizedTensor quantize_in_range(const Tensor& x_in, QuantizerSpec spec, float 
 }
 
 std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, QuantizerSpec sa, RngKey ka,
-                                                          QuantizerSpec sb, RngKey kb) {
+                                                          QuantizerSpec sb, RngKey kb, const float* range) {
   auto fusable = [](QuantizerSpec s) {
     const QuantizerTraits& t = traits(s.kind);
     return t.rounding == Rounding::stochastic && s.kind != QuantizerKind::bhq &&
@@ -399,6 +472,7 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
   Tensor x = as_matrix(x_in);
   const int64_t rows = x.size(0), cols = x.size(1);
   const float* src = x.data<float>();
+  if (range) return pair_one_pass(x, sa, ka, sb, kb, range[0], range[1]);
   // Row ranges in one pass; the tensor range is their range (min and max are exact).
   std::vector<double> rmn, rmx;
   double whole[2];
