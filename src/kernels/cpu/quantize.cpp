@@ -265,6 +265,7 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
     // then the rounding.
     std::vector<float> buf(static_cast<size_t>(ubuf)), tx(static_cast<size_t>(R * cols));
     std::vector<float> mn(static_cast<size_t>(R)), mx(static_cast<size_t>(R));
+    std::vector<double> dlo(static_cast<size_t>(R)), dhi(static_cast<size_t>(R));
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t r0 = ch * R, r1 = std::min(rows, r0 + R), e0 = r0 * cols, e1 = r1 * cols;
@@ -275,10 +276,8 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
       kernels::minmax_rows(tx.data(), r1 - r0, cols, mn.data(), mx.data(), nan);
       float* __restrict sc = qa.scale.data();
       float* __restrict lo = qa.lo.data();
-      for (int64_t r = r0; r < r1; ++r) {
-        const Grid g = make_grid(sa.kind, mn[r - r0], mx[r - r0], sa.bits);  // make_header's grid of this row
-        sc[r] = g.scale, lo[r] = g.lo;
-      }
+      for (int64_t i = 0; i < r1 - r0; ++i) dlo[i] = mn[i], dhi[i] = mx[i];
+      make_grids(sa, dlo.data(), dhi.data(), r1 - r0, sc + r0, lo + r0);  // make_header's grids of these rows
       kernels::fill_uniforms(ka, b0, nblocks, buf.data());
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t e = r * cols;
