@@ -256,6 +256,57 @@ void igemm_worker(int64_t M, const uint8_t* A, int64_t lda, const igemm_detail::
   B.gemm(M, A, lda, C, ldc);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define FQT_DGRAD_FUSED 1
+// dgrad of a layer with few taps x channels (Ckk = NV * 16 <= 144: the 16-channel 3x3 layers)
+// and a short reduction (K = Cout): one gradient row's integer products with all Ckk columns of
+// W^T in NV registers (vpdpbusd; B = W^T packed as [NV][K4][16 columns][4 bytes]), finished
+// and summed onto the sample's padded accumulator straight from the registers. The general path
+// wrote the [P, Ckk] int32 product (451 KB per sample at 28x28) and read it back: with K = 16
+// its kernel spent more on those stores than on the products (~200 GOPS). One row at a time:
+// two or three rows per call (18 or 27 accumulators) measured slower, the three spilling.
+// The row's columns are finished in order with the scalar epilogue's operations (no
+// contraction), rows in order, so the accumulator gets the same sums in the same order: the
+// same bits as the general path.
+struct FusedRowTerms {
+  float Of, df, inv, cr;
+};
+template <int NV>
+inline void dgrad_fused_row(const uint8_t* a, int64_t K4, const int8_t* bv, FusedRowTerms t, float* base,
+                            const int64_t* off, const float* rbk) {
+  __m512i acc[NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    int32_t w;
+    std::memcpy(&w, a + 4 * k4, 4);
+    const __m512i bc = _mm512_set1_epi32(w);  // the row's 4 bytes at k4
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], bc, _mm512_loadu_si512(bv + (j * K4 + k4) * 64));
+  }
+  const __m512 Of = _mm512_set1_ps(t.Of), df = _mm512_set1_ps(t.df), inv = _mm512_set1_ps(t.inv), cr = _mm512_set1_ps(t.cr);
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; ++j) {
+    const __m512 rb = _mm512_loadu_ps(rbk + 16 * j);
+    // ((s + O rb) + d rb) inv + cr, as the scalar epilogue (masked convert: GCC 12 warns on the plain one)
+    __m512 v = _mm512_add_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, acc[j]), _mm512_mul_ps(Of, rb));
+    v = _mm512_add_ps(v, _mm512_mul_ps(df, rb));
+    v = _mm512_add_ps(_mm512_mul_ps(v, inv), cr);
+    float* d = base + off[j];
+    _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v));
+  }
+}
+// One sample's P rows in order (NV = Ckk / 16 vectors per row, K4 = Cout / 4): (oh, ow) of row p
+// counted along, its finishing terms from terms(p).
+constexpr int64_t kFusedMaxNV = 9, kFusedMaxK = 16;  // beyond: the general path measured faster
+template <int NV, typename Terms>
+void dgrad_fused_sample(const uint8_t* a, int64_t lda, int64_t P, int64_t Wo, int64_t step, int64_t row_step, int64_t K4,
+                        const int8_t* bv, const int64_t* off, const float* rbk, Terms&& terms, float* acc) {
+  for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == Wo ? (++oh, 0) : ow + 1)
+    dgrad_fused_row<NV>(a + p * lda, K4, bv, terms(p), acc + oh * row_step + ow * step, off, rbk);
+}
+#endif
+
 double scale_of(const QuantizedTensor& q, int64_t group) { return q.scale[q.scale.size() == 1 ? 0 : group]; }
 double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() == 1 ? 0 : group]; }
 
@@ -564,6 +615,49 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     }
     return dx;
   }
+#if defined(FQT_DGRAD_FUSED)
+  // Small layers (Ckk <= 144 in whole vectors that each stay within one kernel row of taps, run =
+  // k Cin a multiple of 16; K = Cout <= 16, a multiple of 4): products and finishing fused
+  // (dgrad_fused_row).
+  const int64_t NV = ckk / 16, K4 = cout_ / 4;
+  if (igemm_detail::vnni_available() && ckk % 16 == 0 && NV <= kFusedMaxNV && run % 16 == 0 && cout_ % 4 == 0 &&
+      cout_ <= kFusedMaxK) {
+    std::vector<int8_t> bv(static_cast<size_t>(NV * K4 * 64));  // [NV][K4][16 columns][4 bytes] of Bt
+    for (int64_t j = 0; j < NV; ++j)
+      for (int64_t k4 = 0; k4 < K4; ++k4)
+        for (int64_t col = 0; col < 16; ++col)
+          for (int64_t b = 0; b < 4; ++b) bv[((j * K4 + k4) * 16 + col) * 4 + b] = Bt[(16 * j + col) * cout_ + 4 * k4 + b];
+    std::vector<int64_t> off(static_cast<size_t>(NV));  // vector j of a row: taps 16j.. = kernel row kh, from i0 of its run
+    for (int64_t j = 0; j < NV; ++j) off[j] = (16 * j / run) * Wp * cin_ + (16 * j) % run;
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+    {
+      std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        std::memset(acc.data(), 0, sizeof(float) * acc.size());
+        const uint8_t* an = gc + n * P * cout_;
+        auto terms = [&](int64_t p) {
+          const RowTerms rt = row_terms(n * P + p, an + p * cout_);
+          return FusedRowTerms{rt.Of, rt.df, rt.inv, rt.cr};
+        };
+        {
+          profile::Scope timer(profile::gemm_int);  // (its finishing included)
+          switch (NV) {
+#define FQT_NV(v)                                                                                                    \
+  case v:                                                                                                            \
+    dgrad_fused_sample<v>(an, cout_, P, g.Wo, stride_ * cin_, stride_ * Wp * cin_, K4, bv.data(), off.data(), rbk, \
+                          terms, acc.data());                                                                      \
+    break;
+            FQT_NV(1) FQT_NV(2) FQT_NV(3) FQT_NV(4) FQT_NV(5) FQT_NV(6) FQT_NV(7) FQT_NV(8) FQT_NV(9)
+#undef FQT_NV
+          }
+        }
+        store_sample(acc.data(), acct.data(), n);
+      }
+    }
+    return dx;
+  }
+#endif
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));

@@ -133,6 +133,8 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
                                   // two registers hold (the permuting im2col steps aside)
       {2, 3, 4, 30, 4, 3, 1, 0},  // two output columns: 56 bytes from a 110-byte window (it fits)
       {1, 3, 2, 1, 1, 1, 1, 0},   // a single gradient row (BHQ: one group of one row, H_1 = I)
+      {3, 16, 8, 6, 5, 3, 2, 1},  // dgrad fused with its finishing (Ckk = 144, Cout = 8), stride 2
+      {2, 16, 12, 5, 5, 1, 1, 0}, // the same for a 1x1 conv (Ckk = 16, Cout = 12: K4 = 3)
       // (no padding in these two: a tap that sees only padding has dW ~ 2^-24 |lo| in double,
       // below the bound's resolution)
   };

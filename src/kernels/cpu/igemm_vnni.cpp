@@ -66,15 +66,30 @@ inline void ukernel(int64_t k4n, const uint8_t* __restrict Ab, int64_t a_rs, int
         _mm512_storeu_si512(c, v);
       }
   } else {
-    // Partial tile: spill through a buffer with compile-time indices only (a runtime index into
-    // acc would force the accumulators into memory in the main loop too).
-    alignas(64) int32_t tile[MR][NZ * 16];
+    // Partial tile (mr < MR rows, or nr < 16 NZ columns), with compile-time indices into acc only
+    // (a runtime index would force the accumulators into memory in the main loop too): whole
+    // 16-column vectors stored as they are, a last part of a vector through a buffer. (N = 144,
+    // the dgrad of the 16-channel 3x3 layers, ends in a panel of 16 of 32 columns: their
+    // element-by-element copy made that the slowest GEMM of the step.)
+    alignas(64) int32_t part[16];
 #pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < MR; ++i) {
+      if (i >= mr) break;
 #pragma GCC unroll 4
-      for (int j = 0; j < NZ; ++j) _mm512_store_si512(&tile[i][j * 16], acc[i][j]);
-    for (int64_t i = 0; i < mr; ++i)
-      for (int64_t j = 0; j < nr; ++j) C[i * ldc + j] = (accumulate ? C[i * ldc + j] : 0) + tile[i][j];
+      for (int j = 0; j < NZ; ++j) {
+        const int64_t cols = std::min<int64_t>(16, nr - 16 * j);
+        if (cols <= 0) break;
+        int32_t* c = C + i * ldc + j * 16;
+        if (cols == 16) {
+          __m512i v = acc[i][j];
+          if (accumulate) v = _mm512_add_epi32(v, _mm512_loadu_si512(c));
+          _mm512_storeu_si512(c, v);
+        } else {
+          _mm512_store_si512(part, acc[i][j]);
+          for (int64_t e = 0; e < cols; ++e) c[e] = (accumulate ? c[e] : 0) + part[e];
+        }
+      }
+    }
   }
 }
 
