@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <optional>
 
 #if defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -271,10 +272,9 @@ void igemm_worker(int64_t M, const uint8_t* A, int64_t lda, const igemm_detail::
 struct FusedRowTerms {
   float Of, df, inv, cr;
 };
+// acc[j] = the row's integer products with columns 16j .. 16j + 15.
 template <int NV>
-inline void dgrad_fused_row(const uint8_t* a, int64_t K4, const int8_t* bv, FusedRowTerms t, float* base,
-                            const int64_t* off, const float* rbk) {
-  __m512i acc[NV];
+inline void fused_products(const uint8_t* a, int64_t K4, const int8_t* bv, __m512i* acc) {
 #pragma GCC unroll 16
   for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_si512();
   for (int64_t k4 = 0; k4 < K4; ++k4) {
@@ -284,16 +284,59 @@ inline void dgrad_fused_row(const uint8_t* a, int64_t K4, const int8_t* bv, Fuse
 #pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], bc, _mm512_loadu_si512(bv + (j * K4 + k4) * 64));
   }
-  const __m512 Of = _mm512_set1_ps(t.Of), df = _mm512_set1_ps(t.df), inv = _mm512_set1_ps(t.inv), cr = _mm512_set1_ps(t.cr);
+}
+// The row's dgrad values before any T^-1 (vector j): ((s + O rb) + d rb) inv + cr, the scalar
+// epilogue's operations in its order (masked convert: GCC 12 warns on the plain one).
+inline __m512 fused_value(__m512i acc, const float* rb16, FusedRowTerms t) {
+  const __m512 rb = _mm512_loadu_ps(rb16);
+  __m512 v = _mm512_add_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, acc), _mm512_mul_ps(_mm512_set1_ps(t.Of), rb));
+  v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(t.df), rb));
+  return _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(t.inv)), _mm512_set1_ps(t.cr));
+}
+template <int NV>
+inline void dgrad_fused_row(const uint8_t* a, int64_t K4, const int8_t* bv, FusedRowTerms t, float* base,
+                            const int64_t* off, const float* rbk) {
+  __m512i acc[NV];
+  fused_products<NV>(a, K4, bv, acc);
 #pragma GCC unroll 16
   for (int j = 0; j < NV; ++j) {
-    const __m512 rb = _mm512_loadu_ps(rbk + 16 * j);
-    // ((s + O rb) + d rb) inv + cr, as the scalar epilogue (masked convert: GCC 12 warns on the plain one)
-    __m512 v = _mm512_add_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, acc[j]), _mm512_mul_ps(Of, rb));
-    v = _mm512_add_ps(v, _mm512_mul_ps(df, rb));
-    v = _mm512_add_ps(_mm512_mul_ps(v, inv), cr);
     float* d = base + off[j];
-    _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v));
+    _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), fused_value(acc[j], rbk + 16 * j, t)));
+  }
+}
+// BHQ, a row r of a small group (ng <= 4 members, codes a[i], terms t[i], weights w[i]):
+// dx_r = sum_i w_i Y_i, summed from 0 in member order as finish<NG> in dgrad_int does; or of a
+// large group (ng = 0): dx_r = (Y_r - c2 M_g) is, Y_r from a[0] and t[0].
+template <int NV>
+inline void bhq_fused_row(int ng, const uint8_t* const* a, const FusedRowTerms* t, const float* w, float c2,
+                          const float* mg, float is, int64_t K4, const int8_t* bv, float* base, const int64_t* off,
+                          const float* rbk) {
+  __m512i acc[NV];
+  if (ng == 0) {
+    fused_products<NV>(a[0], K4, bv, acc);
+    const __m512 vc2 = _mm512_set1_ps(c2), vis = _mm512_set1_ps(is);
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) {
+      const __m512 y = fused_value(acc[j], rbk + 16 * j, t[0]);
+      float* d = base + off[j];
+      const __m512 v = _mm512_mul_ps(_mm512_sub_ps(y, _mm512_mul_ps(vc2, _mm512_loadu_ps(mg + 16 * j))), vis);
+      _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v));
+    }
+    return;
+  }
+  __m512 sum[NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; ++j) sum[j] = _mm512_setzero_ps();
+  for (int i = 0; i < ng; ++i) {
+    fused_products<NV>(a[i], K4, bv, acc);
+    const __m512 wi = _mm512_set1_ps(w[i]);
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) sum[j] = _mm512_add_ps(sum[j], _mm512_mul_ps(wi, fused_value(acc[j], rbk + 16 * j, t[i])));
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; ++j) {
+    float* d = base + off[j];
+    _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), sum[j]));
   }
 }
 // One sample's P rows in order (NV = Ckk / 16 vectors per row, K4 = Cout / 4): (oh, ow) of row p
@@ -436,6 +479,25 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       for (int64_t h = 0; h < g.H; ++h)
         std::memcpy(xn + (c * g.H + h) * g.W, acct + (c * Hp + h + g.pad) * Wp + g.pad, sizeof(float) * static_cast<size_t>(g.W));
   };
+  // Small layers (Ckk <= 144 in whole vectors that each stay within one kernel row of taps, run =
+  // k Cin a multiple of 16; K = Cout <= 16, a multiple of 4): products and finishing fused
+  // (dgrad_fused_row, bhq_fused_row).
+#if defined(FQT_DGRAD_FUSED)
+  const int64_t NV = ckk / 16, K4 = cout_ / 4;
+  const bool fused = igemm_detail::vnni_available() && ckk % 16 == 0 && NV <= kFusedMaxNV && run % 16 == 0 &&
+                     cout_ % 4 == 0 && cout_ <= kFusedMaxK;
+  std::vector<int8_t> bv;    // [NV][K4][16 columns][4 bytes] of Bt
+  std::vector<int64_t> off;  // vector j of a row: taps 16j.. = kernel row kh, from i0 of its run
+  if (fused) {
+    bv.resize(static_cast<size_t>(NV * K4 * 64));
+    for (int64_t j = 0; j < NV; ++j)
+      for (int64_t k4 = 0; k4 < K4; ++k4)
+        for (int64_t col = 0; col < 16; ++col)
+          for (int64_t b = 0; b < 4; ++b) bv[((j * K4 + k4) * 16 + col) * 4 + b] = Bt[(16 * j + col) * cout_ + 4 * k4 + b];
+    off.resize(static_cast<size_t>(NV));
+    for (int64_t j = 0; j < NV; ++j) off[j] = (16 * j / run) * Wp * cin_ + (16 * j) % run;
+  }
+#endif
   if (bhq) {
     // BHQ: dx rows = T^-1 Y with T^-1 = diag(1/s) H and H = I - 2 v v^T within each group, so
     //   dx_r = (Y_r - 2 v_r M_g) / s_r,   M_g = sum_{j in g} v_j Y_j   (g = r's group, members in order).
@@ -531,6 +593,62 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         }
       }
     }
+#if defined(FQT_DGRAD_FUSED)
+    if (fused) {  // each row's members' products in registers, combined and summed from there
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+      {
+        std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+          std::memset(acc.data(), 0, sizeof(float) * acc.size());
+          std::optional<profile::Scope> timer(profile::gemm_int);  // (the finishing included)
+          for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == g.Wo ? (++oh, 0) : ow + 1) {
+            const int64_t r = n * P + p;
+            constexpr int64_t kAhead = 8;  // the members of a later row: scattered over the batch
+            if (p + kAhead < P)
+              for (int32_t mr : mates[r + kAhead])
+                if (mr >= 0) __builtin_prefetch(gc + static_cast<int64_t>(mr) * cout_), __builtin_prefetch(terms + mr);
+            const std::array<int32_t, kGather>& mt = mates[r];
+            float* const base = acc.data() + (oh * stride_ * Wp + ow * stride_) * cin_;
+            const float is = 1.0f / t.row_scale[r];
+            const uint8_t* a[kGather];
+            FusedRowTerms tm[kGather];
+            float w[kGather];
+            int ng = 0;
+            float c2 = 0.0f;
+            const float* mg = nullptr;
+            if (mt[0] < 0) {  // a large group's row: its Y row and M_g from beforehand
+              float vf, vr;
+              householder_v(t.group_size(large[~mt[0]]), vf, vr);
+              c2 = 2.0f * (t.leads_group(r) ? vf : vr);
+              mg = Mlarge.data() + ~mt[0] * ckk;
+              a[0] = gc + r * cout_;
+              tm[0] = FusedRowTerms{terms[r].Of, terms[r].df, terms[r].inv, terms[r].cr};
+            } else {  // a small group: w_j = ([j = r] - 2 v_r v_j) / s_r, as finish<NG> below
+              while (ng < kGather && mt[ng] >= 0) ++ng;
+              float vf, vr;
+              householder_v(ng, vf, vr);
+              c2 = 2.0f * (t.leads_group(r) ? vf : vr);
+              for (int j = 0; j < ng; ++j) {
+                const RowTerms& q = terms[mt[j]];
+                a[j] = gc + static_cast<int64_t>(mt[j]) * cout_, tm[j] = FusedRowTerms{q.Of, q.df, q.inv, q.cr};
+                w[j] = ((mt[j] == r ? 1.0f : 0.0f) - c2 * (j == 0 ? vf : vr)) * is;
+              }
+            }
+            switch (NV) {
+#define FQT_NV(v) \
+  case v: bhq_fused_row<v>(ng, a, tm, w, c2, mg, is, K4, bv.data(), base, off.data(), rbk); break;
+              FQT_NV(1) FQT_NV(2) FQT_NV(3) FQT_NV(4) FQT_NV(5) FQT_NV(6) FQT_NV(7) FQT_NV(8) FQT_NV(9)
+#undef FQT_NV
+            }
+          }
+          timer.reset();
+          store_sample(acc.data(), acct.data(), n);
+        }
+      }
+      return dx;
+    }
+#endif
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
       std::vector<uint8_t> A(static_cast<size_t>(cap * cout_));
@@ -616,19 +734,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     return dx;
   }
 #if defined(FQT_DGRAD_FUSED)
-  // Small layers (Ckk <= 144 in whole vectors that each stay within one kernel row of taps, run =
-  // k Cin a multiple of 16; K = Cout <= 16, a multiple of 4): products and finishing fused
-  // (dgrad_fused_row).
-  const int64_t NV = ckk / 16, K4 = cout_ / 4;
-  if (igemm_detail::vnni_available() && ckk % 16 == 0 && NV <= kFusedMaxNV && run % 16 == 0 && cout_ % 4 == 0 &&
-      cout_ <= kFusedMaxK) {
-    std::vector<int8_t> bv(static_cast<size_t>(NV * K4 * 64));  // [NV][K4][16 columns][4 bytes] of Bt
-    for (int64_t j = 0; j < NV; ++j)
-      for (int64_t k4 = 0; k4 < K4; ++k4)
-        for (int64_t col = 0; col < 16; ++col)
-          for (int64_t b = 0; b < 4; ++b) bv[((j * K4 + k4) * 16 + col) * 4 + b] = Bt[(16 * j + col) * cout_ + 4 * k4 + b];
-    std::vector<int64_t> off(static_cast<size_t>(NV));  // vector j of a row: taps 16j.. = kernel row kh, from i0 of its run
-    for (int64_t j = 0; j < NV; ++j) off[j] = (16 * j / run) * Wp * cin_ + (16 * j) % run;
+  if (fused) {
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
       std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
