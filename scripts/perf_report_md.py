@@ -212,7 +212,8 @@ def main(argv):
         w("")
         w("Full step: forward + both backward GEMMs + quantizers + SGD (momentum 0.9, weight decay 5e-4). "
           "`quantizer share` = time inside quantize()/dequantize() over the step time; `GEMM ms` = time inside fqt's fp32 / integer GEMM "
-          "kernels per step, summed over the threads that call them (Conv2d runs one sample per thread); "
+          "kernels per step, summed over the threads that call them (Conv2d runs one sample per thread; the dgrad of the "
+          "16-channel layers finishes its rows inside the kernel, counted whole); "
           "`saved act.` = bytes kept "
           "from forward for backward (activations or their codes); `recomp.` = `--recompute` (batch norms keep no "
           "fp32 input, backward recomputes it from the saved codes; bit-identical gradients); `peak RSS` = peak resident set of the process "

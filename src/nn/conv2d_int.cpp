@@ -19,7 +19,9 @@
 //          B = W^T; the row sums of G's codes by a byte-sum pass (not a GEMM column of
 //          ones: that column made N = Ckk + 1, a 16-column panel of the kernel for one column);
 //          each row summed at once onto dx_n (the adjoint of im2row);
-//          BHQ: the rows in group order, T^-1 within each group (see dgrad_int)
+//          BHQ: each row combined from its group's members' rows (T^-1, see dgrad_int);
+//          layers with Ckk <= 144 and Cout <= 16 (the 16-channel 3x3 ones): a row's products in
+//          registers, finished and summed from there (dgrad_fused_row, bhq_fused_row)
 //   wgrad  dW^T [Ckk, Cout] = sum_n im2col(xq_n) [Ckk, P] . Gq_n  A = im2col codes (u8)
 //          B = G_n^T codes (s8), a few samples side by side along k per GEMM; code sums per tap
 //          row and per gradient column, and the integer partial sums, in int64 (exact, so any
@@ -257,6 +259,12 @@ void igemm_worker(int64_t M, const uint8_t* A, int64_t lda, const igemm_detail::
   B.gemm(M, A, lda, C, ldc);
 }
 
+// A gradient row's finishing terms in dgrad_int (see there): its dgrad value k before any T^-1
+// is ((s_k + Of rb_k) + df rb_k) inv + cr, s the integer products, rb the weight code sums.
+struct RowTerms {
+  float Of, df, inv, cr;
+};
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define FQT_DGRAD_FUSED 1
 // dgrad of a layer with few taps x channels (Ckk = NV * 16 <= 144: the 16-channel 3x3 layers)
@@ -269,9 +277,6 @@ void igemm_worker(int64_t M, const uint8_t* A, int64_t lda, const igemm_detail::
 // The row's columns are finished in order with the scalar epilogue's operations (no
 // contraction), rows in order, so the accumulator gets the same sums in the same order: the
 // same bits as the general path.
-struct FusedRowTerms {
-  float Of, df, inv, cr;
-};
 // acc[j] = the row's integer products with columns 16j .. 16j + 15.
 template <int NV>
 inline void fused_products(const uint8_t* a, int64_t K4, const int8_t* bv, __m512i* acc) {
@@ -287,14 +292,14 @@ inline void fused_products(const uint8_t* a, int64_t K4, const int8_t* bv, __m51
 }
 // The row's dgrad values before any T^-1 (vector j): ((s + O rb) + d rb) inv + cr, the scalar
 // epilogue's operations in its order (masked convert: GCC 12 warns on the plain one).
-inline __m512 fused_value(__m512i acc, const float* rb16, FusedRowTerms t) {
+inline __m512 fused_value(__m512i acc, const float* rb16, RowTerms t) {
   const __m512 rb = _mm512_loadu_ps(rb16);
   __m512 v = _mm512_add_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, acc), _mm512_mul_ps(_mm512_set1_ps(t.Of), rb));
   v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(t.df), rb));
   return _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(t.inv)), _mm512_set1_ps(t.cr));
 }
 template <int NV>
-inline void dgrad_fused_row(const uint8_t* a, int64_t K4, const int8_t* bv, FusedRowTerms t, float* base,
+inline void dgrad_fused_row(const uint8_t* a, int64_t K4, const int8_t* bv, RowTerms t, float* base,
                             const int64_t* off, const float* rbk) {
   __m512i acc[NV];
   fused_products<NV>(a, K4, bv, acc);
@@ -308,7 +313,7 @@ inline void dgrad_fused_row(const uint8_t* a, int64_t K4, const int8_t* bv, Fuse
 // dx_r = sum_i w_i Y_i, summed from 0 in member order as finish<NG> in dgrad_int does; or of a
 // large group (ng = 0): dx_r = (Y_r - c2 M_g) is, Y_r from a[0] and t[0].
 template <int NV>
-inline void bhq_fused_row(int ng, const uint8_t* const* a, const FusedRowTerms* t, const float* w, float c2,
+inline void bhq_fused_row(int ng, const uint8_t* const* a, const RowTerms* t, const float* w, float c2,
                           const float* mg, float is, int64_t K4, const int8_t* bv, float* base, const int64_t* off,
                           const float* rbk) {
   __m512i acc[NV];
@@ -459,9 +464,6 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   // vs sim deviation 2.1-2.6e-7 of max |dx|, as with the fp64 form), and the finishing runs on
   // 8-lane fp32 vectors instead of 4-lane fp64 (dgrad's epilogue was the largest non-GEMM item of
   // the step in perf).
-  struct RowTerms {
-    float Of, df, inv, cr;
-  };
   auto row_terms = [&](int64_t r, const uint8_t* codes) {  // codes: row r's (Cout bytes)
     const double sg = scale_of(gq, per_row ? r : 0), lg = lo_of(gq, per_row ? r : 0);
     const double Lz = lg * sg, O = std::nearbyint(Lz);
@@ -612,7 +614,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
             float* const base = acc.data() + (oh * stride_ * Wp + ow * stride_) * cin_;
             const float is = 1.0f / t.row_scale[r];
             const uint8_t* a[kGather];
-            FusedRowTerms tm[kGather];
+            RowTerms tm[kGather];
             float w[kGather];
             int ng = 0;
             float c2 = 0.0f;
@@ -623,15 +625,14 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
               c2 = 2.0f * (t.leads_group(r) ? vf : vr);
               mg = Mlarge.data() + ~mt[0] * ckk;
               a[0] = gc + r * cout_;
-              tm[0] = FusedRowTerms{terms[r].Of, terms[r].df, terms[r].inv, terms[r].cr};
+              tm[0] = terms[r];
             } else {  // a small group: w_j = ([j = r] - 2 v_r v_j) / s_r, as finish<NG> below
               while (ng < kGather && mt[ng] >= 0) ++ng;
               float vf, vr;
               householder_v(ng, vf, vr);
               c2 = 2.0f * (t.leads_group(r) ? vf : vr);
               for (int j = 0; j < ng; ++j) {
-                const RowTerms& q = terms[mt[j]];
-                a[j] = gc + static_cast<int64_t>(mt[j]) * cout_, tm[j] = FusedRowTerms{q.Of, q.df, q.inv, q.cr};
+                a[j] = gc + static_cast<int64_t>(mt[j]) * cout_, tm[j] = terms[mt[j]];
                 w[j] = ((mt[j] == r ? 1.0f : 0.0f) - c2 * (j == 0 ? vf : vr)) * is;
               }
             }
@@ -742,10 +743,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       for (int64_t n = 0; n < N; ++n) {
         std::memset(acc.data(), 0, sizeof(float) * acc.size());
         const uint8_t* an = gc + n * P * cout_;
-        auto terms = [&](int64_t p) {
-          const RowTerms rt = row_terms(n * P + p, an + p * cout_);
-          return FusedRowTerms{rt.Of, rt.df, rt.inv, rt.cr};
-        };
+        auto terms = [&](int64_t p) { return row_terms(n * P + p, an + p * cout_); };
         {
           profile::Scope timer(profile::gemm_int);  // (its finishing included)
           switch (NV) {
