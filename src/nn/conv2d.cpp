@@ -247,11 +247,11 @@ Tensor Conv2d::rows_for_gradients(const Tensor& dy, float* range) const {
 }
 
 Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
-  float range[2];
-  const Tensor rows = rows_for_gradients(dy, range);
   // FQT with both halves: the two draws of G in one pass over it (quantize_pair: the same codes
   // as two quantize() calls; G's range from the layout pass), handed to wgrad_rows / dgrad_rows.
   const bool drawn = recipe_.mode == Mode::fqt && input_grad_ && !recipe_.exact_dgrad;
+  float range[2];
+  const Tensor rows = rows_for_gradients(dy, drawn ? range : nullptr);  // (single draws take no range)
   if (drawn) {
     auto [d, w] = quantize_pair(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad),
                                 recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad), range);

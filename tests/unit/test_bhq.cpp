@@ -133,18 +133,14 @@ TEST(Bhq, InverseCubeRootEqualsPow) {
   // 10^-30 .. 10^30 (ratio ~1.00035 between neighbours), each also nudged one double ulp either
   // way, plus the edges of the Newton range and values outside it (pow itself).
   auto want = [](double w) { return static_cast<float>(std::pow(w, -1.0 / 3.0)); };
-  int64_t checked = 0;
   for (int64_t i = 0; i <= 400000; ++i) {
     const double w = std::pow(10.0, -30.0 + 60.0 * static_cast<double>(i) / 400000.0);
-    for (double v : {w, std::nextafter(w, 0.0), std::nextafter(w, 1e300)}) {
+    for (double v : {w, std::nextafter(w, 0.0), std::nextafter(w, 1e300)})
       ASSERT_EQ(quant_detail::bhq_inv_cbrt(v), want(v)) << "w = " << v;
-      ++checked;
-    }
   }
   for (double v : {1e-30, 1e30, 1e-31, 1e31, 1e-300, 1e300, 1.0, 8.0, 0.125, 27.0})
     EXPECT_EQ(quant_detail::bhq_inv_cbrt(v), want(v)) << "w = " << v;
   EXPECT_EQ(quant_detail::bhq_inv_cbrt(8.0), 0.5f);
-  EXPECT_EQ(checked, 3 * 400001);
 }
 
 TEST(Bhq, GroupSlicesSplitTheRowsEvenly) {

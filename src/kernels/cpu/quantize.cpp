@@ -310,6 +310,23 @@ void nearest_pass(const float* src, int64_t rows, int64_t cols, QuantizedTensor&
   }
 }
 
+// A quantize_pair draw's header with its codes allocated: a per-tensor grid from [tmn, tmx]; per-row
+// grids from rmn / rmx, or, when rmn is null, sized for the caller to fill.
+QuantizedTensor pair_header(QuantizerSpec s, int64_t rows, int64_t cols, const double* rmn, const double* rmx,
+                            double tmn, double tmx) {
+  QuantizedTensor q;
+  if (traits(s.kind).granularity != Granularity::row) {
+    q = make_header(s, rows, cols, &tmn, &tmx);
+  } else if (rmn) {
+    q = make_header(s, rows, cols, rmn, rmx);
+  } else {
+    q.spec = s, q.rows = rows, q.cols = cols;
+    q.scale.resize(static_cast<size_t>(rows)), q.lo.resize(static_cast<size_t>(rows));
+  }
+  q.codes = Tensor::empty({rows, cols}, DType::u8);
+  return q;
+}
+
 // quantize_pair's two stochastic draws (per-row or per-tensor grids) in one pass over X, given X's
 // exact range [tmn, tmx]: per block of R rows (R * cols ~ 4096 values, in L1), the rows' ranges
 // (minmax_rows) and grids (make_grids: make_header's), then both draws' uniforms from the block's
@@ -324,19 +341,8 @@ std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, Quant
   if (!std::isfinite(tmn) || !std::isfinite(tmx)) check_finite(x, "quantizer input");
   FQT_CHECK(std::isfinite(tmn) && std::isfinite(tmx) && tmn <= tmx,
             "quantize_pair: range [{}, {}] is not that of finite data", tmn, tmx);
-  const double dmn = tmn, dmx = tmx;
-  auto header = [&](QuantizerSpec s) {
-    QuantizedTensor q;
-    if (traits(s.kind).granularity == Granularity::row) {
-      q.spec = s, q.rows = rows, q.cols = cols;
-      q.scale.resize(static_cast<size_t>(rows)), q.lo.resize(static_cast<size_t>(rows));
-    } else {
-      q = make_header(s, rows, cols, &dmn, &dmx);
-    }
-    q.codes = Tensor::empty({rows, cols}, DType::u8);
-    return q;
-  };
-  QuantizedTensor qa = header(sa), qb = header(sb);
+  QuantizedTensor qa = pair_header(sa, rows, cols, nullptr, nullptr, tmn, tmx);  // row grids: block by block below
+  QuantizedTensor qb = pair_header(sb, rows, cols, nullptr, nullptr, tmn, tmx);
   const bool row_a = qa.granularity() == Granularity::row, row_b = qb.granularity() == Granularity::row;
   const int Ba = qa.max_code(), Bb = qb.max_code();
   uint8_t* ca = qa.codes.data<uint8_t>();
@@ -476,14 +482,8 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
   std::vector<double> rmn, rmx;
   double whole[2];
   if (group_minmax(src, rows, cols, Granularity::row, rmn, rmx, whole)) check_finite(x, "quantizer input");
-  const double tmn = whole[0], tmx = whole[1];
-  auto header = [&](QuantizerSpec s) {
-    QuantizedTensor q = traits(s.kind).granularity == Granularity::row ? make_header(s, rows, cols, rmn.data(), rmx.data())
-                                                                        : make_header(s, rows, cols, &tmn, &tmx);
-    q.codes = Tensor::empty({rows, cols}, DType::u8);
-    return q;
-  };
-  QuantizedTensor qa = header(sa), qb = header(sb);
+  QuantizedTensor qa = pair_header(sa, rows, cols, rmn.data(), rmx.data(), whole[0], whole[1]);
+  QuantizedTensor qb = pair_header(sb, rows, cols, rmn.data(), rmx.data(), whole[0], whole[1]);
   const bool row_a = qa.granularity() == Granularity::row, row_b = qb.granularity() == Granularity::row;
   const int Ba = qa.max_code(), Bb = qb.max_code();
   uint8_t* ca = qa.codes.data<uint8_t>();
