@@ -211,7 +211,7 @@ def main(argv):
         w("## Training step")
         w("")
         w("Full step: forward + both backward GEMMs + quantizers + SGD (momentum 0.9, weight decay 5e-4). "
-          "`quantizer share` = time inside quantize()/dequantize() over the step time; `GEMM ms` = time inside fqt's fp32 / integer GEMM "
+          "`quantizer share` = time inside quantize()/dequantize() over the step time (PreAct blocks round their convolutions' input codes inside batch norm's normalizing pass, which is not counted); `GEMM ms` = time inside fqt's fp32 / integer GEMM "
           "kernels per step, summed over the threads that call them (Conv2d runs one sample per thread; the dgrad of the "
           "16-channel layers finishes its rows inside the kernel, counted whole); "
           "`saved act.` = bytes kept "

@@ -110,10 +110,15 @@ class Conv2d : public QuantizedLayer {
   // With `residual` (the output's shape): returns conv(x) + residual, the add done as the output
   // is written (one pass over the output fewer than add_inplace after it; the same bits).
   Tensor forward(const Tensor& x, const StepContext& ctx, const QuantizedTensor* xq, const Tensor* residual = nullptr);
+  // The same with only the input's codes (qat, fqt) and shape: for a producer that wrote the codes
+  // without the fp32 tensor (BatchNorm2d::forward_codes).
+  Tensor forward(const Shape& in_shape, const StepContext& ctx, const QuantizedTensor& xq,
+                 const Tensor* residual = nullptr);
   // Whether forward quantizes its input (qat, fqt), and x quantized as forward would (with a
   // valid `range`, x's min and max, without another pass over x).
   bool quantizes_input() const;
   QuantizedTensor quantize_input(const Tensor& x, const ValueRange& range) const;
+  QuantizerSpec input_quantizer() const { return recipe_.activation; }
   // Whether `other` quantizes its input exactly as this layer does.
   bool same_input_quantizer(const Conv2d& other) const;
   Tensor dgrad(const Tensor& dy, const StepContext& ctx) override;
@@ -150,6 +155,8 @@ class Conv2d : public QuantizedLayer {
   Tensor weight2d() const { return weight_.value.reshape({cout_, cin_ * k_ * k_}); }
   // The integer path (conv2d_int.cpp): GEMMs on 8-bit codes, im2col on codes (padding = the
   // activation grid's zero code), scales and offsets applied after each per-sample GEMM.
+  Tensor forward_impl(const Shape& shape, const Tensor* x, const StepContext& ctx, const QuantizedTensor* given,
+                      const Tensor* residual);
   Tensor forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code,
                      const Tensor* residual = nullptr) const;
   // fp32 GEMMs of (possibly dequantized) input [N, Cin, H, W] and weight [Cout, Cin*k*k], + bias.
@@ -205,6 +212,12 @@ class BatchNorm2d : public Module {
   // writes it, for the next layer's activation quantizer (quantize_in_range). Only a training
   // forward fills it; range->valid says whether it did.
   Tensor forward(const Tensor& x, const StepContext& ctx, ValueRange* range);
+  // The training forward straight to the next layer's input codes: quantize_in_range(forward(x,
+  // ctx, &range), spec, range) code for code, the same saved state, without writing the fp32
+  // output (it is normalized and rounded run by run in cache). For the fused ReLU, training
+  // forwards and the quantizers quantize_in_range takes a range from (can_forward_codes).
+  bool can_forward_codes(QuantizerSpec spec, const StepContext& ctx) const;
+  QuantizedTensor forward_codes(const Tensor& x, const StepContext& ctx, QuantizerSpec spec);
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
@@ -223,6 +236,8 @@ class BatchNorm2d : public Module {
   void enable_recompute(bool on, const OutputSource& input) override { input_src_ = on ? input : OutputSource(); }
 
  private:
+  Tensor forward_impl(const Tensor& x, const StepContext& ctx, ValueRange* range, QuantizedTensor* codes);
+
   std::string name_;
   int64_t c_;
   float momentum_, eps_;
@@ -355,6 +370,8 @@ class PreActBlock : public Module {
   OutputSource output_source() override;
 
  private:
+  Tensor forward_main(const Tensor& h, const Tensor& s, const StepContext& ctx);
+
   Sequential pre_;       // bn1 (+ ReLU, fused)
   ModulePtr shortcut_;   // Conv2d or null (identity)
   Sequential main_;      // conv1, bn2 (+ ReLU, fused), conv2

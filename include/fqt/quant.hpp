@@ -145,6 +145,8 @@ QuantizedTensor quantize_ref(const Tensor& x, QuantizerSpec spec, RngKey key = {
 // Only deterministic per-tensor quantizers use the range; any other spec quantizes as quantize().
 // A non-finite range throws as quantize() does on non-finite data.
 QuantizedTensor quantize_in_range(const Tensor& x, QuantizerSpec spec, float mn, float mx);
+// Whether quantize_in_range uses the range for `spec` (deterministic per-tensor quantizers).
+bool quantize_uses_range(QuantizerSpec spec);
 // Two independent quantizations of the same X (the bifurcated gradient: the dgrad and the wgrad
 // draw), equal code for code to {quantize(x, a, ka), quantize(x, b, kb)}. When both are
 // stochastic per-row or per-tensor quantizers (not BHQ), it reads X twice instead of four

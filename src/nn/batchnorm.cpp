@@ -5,6 +5,8 @@
 // sums over fixed groups of samples, added in group order (so the sums do not depend on the
 // thread count), then the element-wise pass over each thread's samples.
 #include "common.hpp"
+#include "kernels/cpu/round_run.hpp"
+#include "quant/grid.hpp"
 #include "relu_mask.hpp"
 
 #include <algorithm>
@@ -81,6 +83,40 @@ void add_sum_sq_run(const float* x, int64_t n, double* acc, double* acc2) {
     const double v = x[i];
     acc[l] += v;
     acc2[l] += v * v;
+  }
+}
+
+// add_sum_sq_run, also folding the run's min and max into lo / hi (for the fused quantizer's
+// range; the values are finite whenever the sums are).
+void add_sum_sq_minmax_run(const float* x, int64_t n, double* acc, double* acc2, float& lo, float& hi) {
+  int64_t i = 0;
+#ifdef FQT_BN_VECTOR
+  D8 a = d8_load(acc), b = d8_load(acc2);
+  __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m256 f = _mm256_loadu_ps(x + i);
+    vlo = _mm256_min_ps(vlo, f), vhi = _mm256_max_ps(vhi, f);
+    const D8 v = d8_cvt(f);
+    a = d8_add(a, v);
+    b = d8_add(b, d8_mul(v, v));
+  }
+  d8_store(acc, a), d8_store(acc2, b);
+  alignas(32) float l8[8], h8[8];
+  _mm256_store_ps(l8, vlo), _mm256_store_ps(h8, vhi);
+  for (int l = 0; l < kLanes; ++l) lo = std::min(lo, l8[l]), hi = std::max(hi, h8[l]);
+#endif
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const double v = x[i + l];
+      acc[l] += v;
+      acc2[l] += v * v;
+      lo = std::min(lo, x[i + l]), hi = std::max(hi, x[i + l]);
+    }
+  for (int l = 0; i < n; ++i, ++l) {
+    const double v = x[i];
+    acc[l] += v;
+    acc2[l] += v * v;
+    lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
   }
 }
 
@@ -178,16 +214,30 @@ void normalize_run(const float* x, int64_t n, float m, float inv, float gc, floa
 #pragma GCC diagnostic pop
 #endif
 
-// Bytes of `mask` that lie wholly inside elements [i0, i0 + n) of `out` (a thread owns them).
-inline void mask_inner_bytes(const float* out, int64_t i0, int64_t n, uint8_t* mask) {
-  for (int64_t j = (i0 + 7) / 8; j < (i0 + n) / 8; ++j) mask[j] = positive_bits8(out + 8 * j);
+// The mask bits of elements [i0, i0 + n) from y[0..n) (that run's outputs): bytes wholly inside
+// the run are stored; a byte the run shares with a neighbour (runs start mid-byte when n % 8 != 0)
+// gets its bits OR-ed in atomically — it must have been zeroed before (zero_shared_mask_bytes).
+inline void mask_run(const float* y, int64_t i0, int64_t n, uint8_t* mask) {
+  const int64_t e1 = i0 + n;
+  for (int64_t j = i0 / 8; j * 8 < e1; ++j) {
+    const int64_t a = std::max(i0, 8 * j), b = std::min(e1, 8 * j + 8);
+    if (a == 8 * j && b == 8 * j + 8) {
+      mask[j] = positive_bits8(y + (a - i0));
+    } else {
+      uint8_t bits = 0;
+      for (int64_t e = a; e < b; ++e) bits |= static_cast<uint8_t>(y[e - i0] > 0.0f) << (e - 8 * j);
+      __atomic_fetch_or(mask + j, bits, __ATOMIC_RELAXED);
+    }
+  }
 }
 
-// Byte j from elements [8j, min(8j + 8, total)) (the bytes runs share, the tensor's last one).
-inline uint8_t mask_byte(const float* out, int64_t j, int64_t total) {
-  uint8_t bits = 0;
-  for (int64_t i = 8 * j, k = 0; i < std::min(total, 8 * j + 8); ++i, ++k) bits |= static_cast<uint8_t>(out[i] > 0.0f) << k;
-  return bits;
+// Zeroes the mask bytes that runs of n elements share or leave partial (see mask_run).
+void zero_shared_mask_bytes(int64_t runs, int64_t n, uint8_t* mask) {
+  for (int64_t r = 0; r < runs; ++r) {
+    const int64_t i0 = r * n;
+    if (i0 % 8 != 0) mask[i0 / 8] = 0;
+    if ((i0 + n) % 8 != 0) mask[(i0 + n) / 8] = 0;
+  }
 }
 
 double lanes_total(const double* acc) {
@@ -221,12 +271,40 @@ void BatchNorm2d::collect_buffers(std::vector<std::pair<std::string, Tensor*>>& 
 }
 
 Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx, ValueRange* range) {
+  return forward_impl(x, ctx, range, nullptr);
+}
+
+bool BatchNorm2d::can_forward_codes(QuantizerSpec spec, const StepContext& ctx) const {
+  return relu_ && ctx.train && quantize_uses_range(spec);
+}
+
+QuantizedTensor BatchNorm2d::forward_codes(const Tensor& x, const StepContext& ctx, QuantizerSpec spec) {
+  FQT_CHECK(can_forward_codes(spec, ctx), "BatchNorm2d {}: forward_codes needs the fused ReLU, a training forward and "
+            "a deterministic per-tensor quantizer", name_);
+  QuantizedTensor q;
+  q.spec = spec;
+  ValueRange range;
+  const Tensor y = forward_impl(x, ctx, &range, &q);
+  if (y.defined()) q = quantize_in_range(y, spec, range.lo, range.hi);  // (non-finite statistics)
+  return q;
+}
+
+// Training forward, two phases over the samples (see the top of the file): the per-channel sums,
+// then y = ReLU((x - mean) * invstd * gamma + beta) run by run. With `codes` (fused ReLU, a
+// deterministic per-tensor quantizer in codes->spec), the second phase writes y's codes instead
+// of y: each run is normalized into a per-thread buffer (in L1) and rounded from there, as
+// quantize_in_range would round it, on the grid of y's range — known before the pass, from the
+// per-channel min and max of x that the first phase also takes: y is a monotone function of x
+// within a channel (each IEEE operation of normalize_run is monotone in its operand, the ReLU
+// too; increasing or decreasing with the sign of gamma), so y's extremes are the images of x's,
+// computed by normalize_run itself. The fp32 output is then never written: returns an empty
+// tensor. When the statistics are not finite (x holds a NaN or an Inf), it writes y as without
+// `codes` and leaves them to the caller.
+Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueRange* range, QuantizedTensor* codes) {
   FQT_CHECK(x.dtype() == DType::f32 && x.dim() >= 2 && x.size(1) == c_, "BatchNorm2d {}: input {} has not {} channels",
             name_, shape_str(x.shape()), c_);
   const int64_t N = x.size(0), C = c_, P = x.numel() / (N * C), M = N * P;
-  Tensor y = Tensor::empty(x.shape());
   const float* xp = x.data<float>();
-  float* yp = y.data<float>();
   const float* g = gamma_.value.data<float>();
   const float* b = beta_.value.data<float>();
   float* rm = running_mean_.data<float>();
@@ -236,60 +314,11 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx, ValueRange*
   invstd_.assign(C, 0.0f);
   mean_.assign(C, 0.0f);
   in_shape_ = x.shape();
-  if (ctx.train) {
-    FQT_CHECK(M > 1, "BatchNorm2d {}: training needs more than one value per channel", name_);
-    // Backward rebuilds x-hat from x: kept here (a handle, no copy), or recomputed.
-    x_ = input_src_ ? Tensor() : x;
-    mask_ = relu_ ? Tensor::empty({(N * C * P + 7) / 8}, DType::u8) : Tensor();
-    uint8_t* mk = relu_ ? mask_.data<uint8_t>() : nullptr;
-    const int64_t NG = sample_groups(N);
-    std::vector<double> part(static_cast<size_t>(NG * C * 2));  // [group][channel] sum, sum of squares
-    std::vector<double> mean(static_cast<size_t>(C)), ssd(static_cast<size_t>(C));
-    const bool want_range = range && relu_;
-    float ylo = std::numeric_limits<float>::infinity(), yhi = -ylo;
-#pragma omp parallel if (parallel_worth(N * C * P))
-    {
-#pragma omp for schedule(static)
-      for (int64_t gi = 0; gi < NG; ++gi)
-        for (int64_t c = 0; c < C; ++c) {
-          double acc[kLanes] = {}, acc2[kLanes] = {};
-          for (int64_t n = gi * N / NG; n < (gi + 1) * N / NG; ++n) add_sum_sq_run(xp + (n * C + c) * P, P, acc, acc2);
-          part[(gi * C + c) * 2] = lanes_total(acc), part[(gi * C + c) * 2 + 1] = lanes_total(acc2);
-        }
-#pragma omp single
-      for (int64_t c = 0; c < C; ++c) {
-        double sum = 0.0, sq = 0.0;
-        for (int64_t gi = 0; gi < NG; ++gi) sum += part[(gi * C + c) * 2], sq += part[(gi * C + c) * 2 + 1];
-        const double m = sum / static_cast<double>(M);
-        mean[c] = m;
-        ssd[c] = std::max(0.0, sq - sum * m);  // sum of squared deviations
-        invstd_[c] = static_cast<float>(1.0 / std::sqrt(ssd[c] / static_cast<double>(M) + eps_));
-        mean_[c] = static_cast<float>(m);
-      }  // (implicit barrier)
-#pragma omp for schedule(static) reduction(min : ylo) reduction(max : yhi)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t i0 = (n * C + c) * P;
-          // h = (x - mean) * invstd: backward's GradRun::h repeats exactly this
-          normalize_run(xp + i0, P, mean_[c], invstd_[c], g[c], b[c], relu_, yp + i0, want_range ? &ylo : nullptr,
-                        want_range ? &yhi : nullptr);
-          if (relu_) mask_inner_bytes(yp, i0, P, mk);
-        }
-    }
-    if (want_range) *range = {ylo, yhi, true};
-    for (int64_t c = 0; c < C; ++c) {
-      rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean[c]);
-      rv[c] = static_cast<float>((1.0 - momentum_) * rv[c] + momentum_ * ssd[c] / static_cast<double>(M - 1));
-    }
-    if (relu_) {  // the bytes shared by two runs (a run starting mid-byte) and the last one
-      const int64_t total = N * C * P;
-      for (int64_t r = 1; r < N * C; ++r)
-        if ((r * P) % 8 != 0) mk[r * P / 8] = mask_byte(yp, r * P / 8, total);
-      if (total % 8 != 0) mk[total / 8] = mask_byte(yp, total / 8, total);
-    }
-  } else {
+  if (!ctx.train) {
     x_ = {};
     mask_ = {};
+    Tensor y = Tensor::empty(x.shape());
+    float* yp = y.data<float>();
 #pragma omp parallel for schedule(static) if (parallel_worth(N * C * P))
     for (int64_t c = 0; c < C; ++c) {
       const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps_));
@@ -302,6 +331,101 @@ Tensor BatchNorm2d::forward(const Tensor& x, const StepContext& ctx, ValueRange*
           yp[i] = relu_ ? (v > 0.0f ? v : 0.0f) : v;
         }
     }
+    return y;
+  }
+  FQT_CHECK(M > 1, "BatchNorm2d {}: training needs more than one value per channel", name_);
+  FQT_CHECK(!codes || relu_, "BatchNorm2d {}: codes need the fused ReLU", name_);
+  // Backward rebuilds x-hat from x: kept here (a handle, no copy), or recomputed.
+  x_ = input_src_ ? Tensor() : x;
+  mask_ = relu_ ? Tensor::empty({(N * C * P + 7) / 8}, DType::u8) : Tensor();
+  uint8_t* mk = relu_ ? mask_.data<uint8_t>() : nullptr;
+  const int64_t NG = sample_groups(N);
+  std::vector<double> part(static_cast<size_t>(NG * C * 2));  // [group][channel] sum, sum of squares
+  std::vector<float> part_lo, part_hi;                        // [group][channel] min, max of x (codes)
+  if (codes) part_lo.resize(static_cast<size_t>(NG * C)), part_hi.resize(static_cast<size_t>(NG * C));
+  std::vector<double> mean(static_cast<size_t>(C)), ssd(static_cast<size_t>(C));
+  const bool want_range = (range || codes) && relu_;
+  bool fused = false;  // codes, and finite statistics: the second phase writes codes
+  Tensor y;
+  float* yp = nullptr;
+  uint8_t* cp = nullptr;
+  float ylo = std::numeric_limits<float>::infinity(), yhi = -ylo;
+#pragma omp parallel if (parallel_worth(N * C * P))
+  {
+#pragma omp for schedule(static)
+    for (int64_t gi = 0; gi < NG; ++gi)
+      for (int64_t c = 0; c < C; ++c) {
+        double acc[kLanes] = {}, acc2[kLanes] = {};
+        float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+        for (int64_t n = gi * N / NG; n < (gi + 1) * N / NG; ++n) {
+          if (codes) add_sum_sq_minmax_run(xp + (n * C + c) * P, P, acc, acc2, lo, hi);
+          else add_sum_sq_run(xp + (n * C + c) * P, P, acc, acc2);
+        }
+        part[(gi * C + c) * 2] = lanes_total(acc), part[(gi * C + c) * 2 + 1] = lanes_total(acc2);
+        if (codes) part_lo[gi * C + c] = lo, part_hi[gi * C + c] = hi;
+      }
+#pragma omp single
+    {
+      bool finite = true;
+      for (int64_t c = 0; c < C; ++c) {
+        double sum = 0.0, sq = 0.0;
+        for (int64_t gi = 0; gi < NG; ++gi) sum += part[(gi * C + c) * 2], sq += part[(gi * C + c) * 2 + 1];
+        const double m = sum / static_cast<double>(M);
+        mean[c] = m;
+        ssd[c] = std::max(0.0, sq - sum * m);  // sum of squared deviations
+        invstd_[c] = static_cast<float>(1.0 / std::sqrt(ssd[c] / static_cast<double>(M) + eps_));
+        mean_[c] = static_cast<float>(m);
+        finite = finite && std::isfinite(sum) && std::isfinite(sq);  // (fp64 sums of finite floats cannot overflow)
+      }
+      fused = codes && finite;
+      if (fused) {  // y's range: the images of each channel's extremes of x
+        for (int64_t c = 0; c < C; ++c) {
+          float xlo = std::numeric_limits<float>::infinity(), xhi = -xlo;
+          for (int64_t gi = 0; gi < NG; ++gi) xlo = std::min(xlo, part_lo[gi * C + c]), xhi = std::max(xhi, part_hi[gi * C + c]);
+          const float ends[2] = {xlo, xhi};
+          float img[2];
+          normalize_run(ends, 2, mean_[c], invstd_[c], g[c], b[c], relu_, img, &ylo, &yhi);
+        }
+        const double dmn = ylo, dmx = yhi;
+        const QuantizerSpec spec = codes->spec;
+        quant_detail::check_spec(spec);
+        *codes = quant_detail::make_header(spec, N, C * P, &dmn, &dmx);
+        codes->codes = Tensor::empty({N, C * P}, DType::u8);
+        cp = codes->codes.data<uint8_t>();
+      } else {
+        y = Tensor::empty(x.shape());
+        yp = y.data<float>();
+      }
+      if (relu_) zero_shared_mask_bytes(N * C, P, mk);
+    }  // (implicit barrier)
+    if (fused) {
+      std::vector<float> buf(static_cast<size_t>(P));
+      const float qlo = codes->lo[0], qscale = codes->scale[0];
+      const int B = codes->max_code();
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i0 = (n * C + c) * P;
+          normalize_run(xp + i0, P, mean_[c], invstd_[c], g[c], b[c], relu_, buf.data(), nullptr, nullptr);
+          mask_run(buf.data(), i0, P, mk);
+          kernels::round_run_nearest(buf.data(), P, qlo, qscale, B, cp + i0);
+        }
+    } else {
+#pragma omp for schedule(static) reduction(min : ylo) reduction(max : yhi)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i0 = (n * C + c) * P;
+          // h = (x - mean) * invstd: backward's GradRun::h repeats exactly this
+          normalize_run(xp + i0, P, mean_[c], invstd_[c], g[c], b[c], relu_, yp + i0, want_range ? &ylo : nullptr,
+                        want_range ? &yhi : nullptr);
+          if (relu_) mask_run(yp + i0, i0, P, mk);
+        }
+    }
+  }
+  if (range && relu_) *range = {ylo, yhi, true};
+  for (int64_t c = 0; c < C; ++c) {
+    rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean[c]);
+    rv[c] = static_cast<float>((1.0 - momentum_) * rv[c] + momentum_ * ssd[c] / static_cast<double>(M - 1));
   }
   return y;
 }

@@ -21,20 +21,38 @@ PreActBlock::PreActBlock(const std::string& name, int64_t cin, int64_t cout, int
   conv2_ = &main_.emplace<Conv2d>(name + ".conv2", cout, cout, 3, 1, 1, false, recipe, ids.take(), ids.init_seed);
 }
 
-// bn1, shortcut, conv1, bn2, conv2, as pre_ and main_ would run them, with two passes less per
-// convolution input: a batch norm's output range comes from the pass that wrote it
-// (quantize_in_range: the same codes), and bn1's output, which conv1 and the shortcut both read,
-// is quantized once when their quantizers agree (their codes are then kept once).
+// bn1, shortcut, conv1, bn2, conv2, as pre_ and main_ would run them, with fewer passes per
+// convolution input: in training, a batch norm whose output only a convolution's codes need
+// writes those codes straight away (BatchNorm2d::forward_codes: no fp32 output); otherwise its
+// output range comes from the pass that wrote it (quantize_in_range: the same codes). bn1's
+// output, which conv1 and the shortcut both read, is quantized once when their quantizers agree
+// (their codes are then kept once).
 Tensor PreActBlock::forward(const Tensor& x, const StepContext& ctx) {
   cached_input_ = {};
-  ValueRange ra, rb;
-  const Tensor a = bn1_->forward(x, ctx, conv1_->quantizes_input() ? &ra : nullptr);
+  Tensor s = x;  // the shortcut
+  const Shape a_shape = x.shape();
+  const bool q1 = conv1_->quantizes_input();
+  const bool share = short_conv_ && q1 && short_conv_->same_input_quantizer(*conv1_);
+  if (q1 && (!short_conv_ || share) && bn1_->can_forward_codes(conv1_->input_quantizer(), ctx)) {
+    const QuantizedTensor aq = bn1_->forward_codes(x, ctx, conv1_->input_quantizer());
+    if (short_conv_) s = short_conv_->forward(a_shape, ctx, aq);
+    return forward_main(conv1_->forward(a_shape, ctx, aq), s, ctx);
+  }
+  ValueRange ra;
+  const Tensor a = bn1_->forward(x, ctx, q1 ? &ra : nullptr);
   std::optional<QuantizedTensor> aq;
-  if (conv1_->quantizes_input()) aq = conv1_->quantize_input(a, ra);
-  const bool share = short_conv_ && aq && short_conv_->same_input_quantizer(*conv1_);
-  Tensor s = short_conv_ ? short_conv_->forward(a, ctx, share ? &*aq : nullptr) : x;
+  if (q1) aq = conv1_->quantize_input(a, ra);
+  if (short_conv_) s = short_conv_->forward(a, ctx, share ? &*aq : nullptr);
   const Tensor h = conv1_->forward(a, ctx, aq ? &*aq : nullptr);
   aq.reset();
+  return forward_main(h, s, ctx);
+}
+
+// bn2, conv2 on conv1's output h, + the shortcut s.
+Tensor PreActBlock::forward_main(const Tensor& h, const Tensor& s, const StepContext& ctx) {
+  if (conv2_->quantizes_input() && bn2_->can_forward_codes(conv2_->input_quantizer(), ctx))
+    return conv2_->forward(h.shape(), ctx, bn2_->forward_codes(h, ctx, conv2_->input_quantizer()), &s);
+  ValueRange rb;
   const Tensor b = bn2_->forward(h, ctx, conv2_->quantizes_input() ? &rb : nullptr);
   std::optional<QuantizedTensor> bq;
   if (conv2_->quantizes_input()) bq = conv2_->quantize_input(b, rb);

@@ -159,25 +159,37 @@ bool Conv2d::same_input_quantizer(const Conv2d& other) const {
 }
 
 Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx, const QuantizedTensor* given, const Tensor* residual) {
-  FQT_CHECK(x.dim() == 4 && x.size(1) == cin_ && x.dtype() == DType::f32, "Conv2d {}: input {} is not N,{},H,W",
-            name_, shape_str(x.shape()), cin_);
-  const Geom g0 = geom(x.shape(), k_, stride_, pad_);  // validates the geometry (throws on a too-small input)
+  FQT_CHECK(x.dtype() == DType::f32, "Conv2d {}: input is not f32", name_);
+  return forward_impl(x.shape(), &x, ctx, given, residual);
+}
+
+Tensor Conv2d::forward(const Shape& in_shape, const StepContext& ctx, const QuantizedTensor& xq, const Tensor* residual) {
+  FQT_CHECK(quantized_forward(recipe_), "Conv2d {}: input codes given to an fp32 layer", name_);
+  return forward_impl(in_shape, nullptr, ctx, &xq, residual);
+}
+
+// x: the input, or null when its codes are `given` (then only its shape is known; qat, fqt).
+Tensor Conv2d::forward_impl(const Shape& shape, const Tensor* x, const StepContext& ctx, const QuantizedTensor* given,
+                            const Tensor* residual) {
+  FQT_CHECK(shape.size() == 4 && shape[1] == cin_, "Conv2d {}: input {} is not N,{},H,W", name_, shape_str(shape), cin_);
+  const Geom g0 = geom(shape, k_, stride_, pad_);  // validates the geometry (throws on a too-small input)
   if (residual)
-    FQT_CHECK(residual->shape() == Shape({x.size(0), cout_, g0.Ho, g0.Wo}) && residual->dtype() == DType::f32,
+    FQT_CHECK(residual->shape() == Shape({shape[0], cout_, g0.Ho, g0.Wo}) && residual->dtype() == DType::f32,
               "Conv2d {}: residual {} does not match the output {}", name_, shape_str(residual->shape()),
-              shape_str(Shape({x.size(0), cout_, g0.Ho, g0.Wo})));
-  Tensor xin = x, w = weight2d();
+              shape_str(Shape({shape[0], cout_, g0.Ho, g0.Wo})));
+  Tensor xin, w = weight2d();
   if (!quantized_forward(recipe_)) {
-    if (ctx.train) x_ = x;
+    xin = *x;
+    if (ctx.train) x_ = xin;
     xq_ = {}, wq_ = {};
   } else {
     FQT_CHECK(!given || (given->spec.kind == recipe_.activation.kind && given->spec.bits == recipe_.activation.bits &&
-                         given->rows == x.size(0) && given->rows * given->cols == x.numel()),
+                         given->rows == shape[0] && given->rows * given->cols == shape_numel(shape)),
               "Conv2d {}: the given input codes are not x's under this layer's activation quantizer", name_);
-    QuantizedTensor xq = given ? *given : quantize(x, recipe_.activation);
+    QuantizedTensor xq = given ? *given : quantize(*x, recipe_.activation);
     QuantizedTensor wq = quantize(w, recipe_.weight);
     x_ = {};
-    in_shape_ = x.shape();
+    in_shape_ = shape;
     // Integer path: needs grids that factor out of the GEMM and an exact code for 0 (padding).
     const int zero_code =
         xq.granularity() == Granularity::tensor ? exact_zero_code(xq.scale[0], xq.lo[0], xq.max_code()) : -1;
@@ -186,11 +198,11 @@ Tensor Conv2d::forward(const Tensor& x, const StepContext& ctx, const QuantizedT
       if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
       return y;
     }
-    xin = dequantize(xq).reshape(x.shape());
+    xin = dequantize(xq).reshape(shape);
     w = dequantize(wq);
     if (ctx.train) xq_ = std::move(xq), wq_ = std::move(wq);
   }
-  in_shape_ = x.shape();
+  in_shape_ = shape;
   Tensor y = forward_f32(xin, w);
   if (residual) add_inplace(y, *residual);
   return y;

@@ -454,6 +454,65 @@ TEST(nn, batchnorm_reports_its_output_range) {
       }
 }
 
+// forward_codes writes, without the fp32 output, the very codes and grid quantize_in_range makes
+// of forward's output and range, and leaves the same state for backward (mask, statistics): on
+// 1 and 2 threads, tails of every length (runs starting mid-byte of the mask), negative and zero
+// gammas (y decreasing / constant in x; y's extremes from either sign, the min above the ReLU's 0
+// too), several activation quantizers; a NaN in x takes the unfused route (same codes again). Eval forwards, plain batch norms and stochastic quantizers
+// cannot use it.
+TEST(nn, batchnorm_forward_codes_equals_forward_then_quantize) {
+  std::vector<Shape> shapes = {Shape{16, 16, 28, 28}, Shape{8, 32, 14, 14}, Shape{5, 3, 7, 7}};
+  for (int64_t P = 1; P <= 17; ++P) shapes.push_back(Shape{3, 2, 1, P});
+  const QuantizerSpec specs[] = {{QuantizerKind::zero_aligned, 8}, {QuantizerKind::affine, 4}, {QuantizerKind::symmetric, 2}};
+  for (const Shape& sh : shapes)
+    for (const QuantizerSpec& spec : specs)
+      for (int threads : {1, 2})
+        for (int variant : {0, 1, 2}) {  // 0: the negative gammas give y's max; 1: a positive one; 2: NaN in x
+          const bool with_nan = variant == 2;
+          const int saved = omp_get_max_threads();
+          omp_set_num_threads(threads);
+          Tensor x = randn(sh, 71, 2.0f);
+          if (with_nan) x.data<float>()[x.numel() / 2] = std::nanf("");
+          const Tensor dy = randn(sh, 72);
+          BatchNorm2d a("bn", sh[1]), b("bn", sh[1]);
+          a.with_relu(), b.with_relu();
+          for (BatchNorm2d* bn : {&a, &b})
+            for (int64_t c = 0; c < sh[1]; ++c) {
+              const float gs[2][3] = {{0.75f, -1.25f, 0.0f}, {2.0f, -0.25f, 0.0f}};
+              bn->gamma().value.data<float>()[c] = gs[variant % 2][c % 3];
+              // variant 1: every output > 0 (ReLU inactive), so y's min is an image of x's too
+              bn->beta().value.data<float>()[c] = 0.2f * static_cast<float>(c) + (variant == 1 ? 10.0f : -0.3f);
+            }
+          const StepContext ctx{true, 0, 0};
+          ASSERT_TRUE(b.can_forward_codes(spec, ctx));
+          ValueRange r;
+          const Tensor y = a.forward(x, ctx, &r);
+          const QuantizedTensor want = quantize_in_range(y, spec, r.lo, r.hi);
+          const QuantizedTensor got = b.forward_codes(x, ctx, spec);
+          const std::string what = shape_str(sh) + " bits " + std::to_string(spec.bits) + " threads " +
+                                   std::to_string(threads) + " variant " + std::to_string(variant);
+          ASSERT_EQ(got.codes.shape(), want.codes.shape()) << what;
+          EXPECT_EQ(got.spec.kind, spec.kind) << what;
+          EXPECT_EQ(got.scale, want.scale) << what;
+          EXPECT_EQ(got.lo, want.lo) << what;
+          EXPECT_EQ(std::memcmp(got.codes.raw(), want.codes.raw(), static_cast<size_t>(got.codes.numel())), 0) << what;
+          const Tensor dxa = a.backward(dy, ctx), dxb = b.backward(dy, ctx);
+          EXPECT_TRUE(bit_equal(dxa, dxb)) << what;
+          EXPECT_TRUE(bit_equal(a.gamma().grad, b.gamma().grad)) << what;
+          EXPECT_TRUE(bit_equal(a.beta().grad, b.beta().grad)) << what;
+          EXPECT_TRUE(bit_equal(a.running_mean(), b.running_mean())) << what;
+          EXPECT_TRUE(bit_equal(a.running_var(), b.running_var())) << what;
+          omp_set_num_threads(saved);
+        }
+  BatchNorm2d relu_bn("bn", 2), plain("bn", 2);
+  relu_bn.with_relu();
+  const QuantizerSpec act{QuantizerKind::zero_aligned, 8};
+  EXPECT_FALSE(relu_bn.can_forward_codes(act, StepContext{false, 0, 0}));
+  EXPECT_FALSE(plain.can_forward_codes(act, StepContext{true, 0, 0}));
+  EXPECT_FALSE(relu_bn.can_forward_codes({QuantizerKind::ptq, 8}, StepContext{true, 0, 0}));
+  EXPECT_THROW(plain.forward_codes(randn({2, 2, 3, 3}, 73), StepContext{true, 0, 0}, act), Error);
+}
+
 // PreActBlock's forward (batch-norm ranges handed to the quantizers, bn1's output quantized once
 // for conv1 and the shortcut) against the same layers run one by one through Module::forward:
 // the same output, input gradient and parameter gradients bit for bit, in every mode, with and

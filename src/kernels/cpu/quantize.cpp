@@ -5,6 +5,7 @@
 #include "bhq_fast.hpp"
 #include "minmax.hpp"
 #include "philox_batch.hpp"
+#include "round_run.hpp"
 #include "quant/grid.hpp"
 
 #include <omp.h>
@@ -20,6 +21,11 @@
 namespace fqt {
 using namespace quant_detail;
 using kernels::minmax_lanes;
+using kernels::round_run_nearest;
+#if defined(__AVX2__)
+using kernels::store_codes16;
+using kernels::store_codes8;
+#endif
 #if defined(__AVX512F__)
 using kernels::kAll16;
 #endif
@@ -86,22 +92,9 @@ bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   return false;
 }
 
-#if defined(__AVX2__)
-// Codes in [0, 255] held in int32 lanes -> bytes, in order: 16 from two vectors, or 8 from one.
-inline void store_codes16(__m256i a, __m256i b, uint8_t* out) {
-  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);  // 16 x u16 in order
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
-                   _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
-}
-inline void store_codes8(__m256i a, uint8_t* out) {
-  const __m128i w = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(a, a), 0xD8));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w, w));
-}
-#endif
-
 // Rounding of a run of n values that share one grid: out[i] = round_stochastic(grid_pos(s[i], lo,
-// scale), u[i], B) (or round_nearest), the formulas of grid.hpp, 16 values per AVX-512 or 8 per
-// AVX2 instruction.
+// scale), u[i], B), the formulas of grid.hpp, 16 values per AVX-512 or 8 per AVX2 instruction
+// (round_run_nearest, round_run.hpp, is its deterministic twin).
 // Bit-identical to the scalar formulas: the same IEEE operations in the same order (no
 // contraction), floor and round-to-nearest-even by vroundps, and the clamps are exact; inputs are
 // finite (checked before rounding). The scalar loop the compiler made of the lambdas below was
@@ -135,34 +128,6 @@ inline void round_run_stochastic(const float* __restrict s, const float* __restr
   for (; i < n; ++i) out[i] = round_stochastic(grid_pos(s[i], lo, scale), u[i], B);
 }
 
-inline void round_run_nearest(const float* __restrict s, int64_t n, float lo, float scale, int B,
-                              uint8_t* __restrict out) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  {
-    const __m512 vlo = _mm512_set1_ps(lo), vsc = _mm512_set1_ps(scale), vB = _mm512_set1_ps(static_cast<float>(B));
-    const __m512 zero = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-      __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vlo), vsc);
-      v = _mm512_mask_min_ps(v, kAll16, _mm512_mask_max_ps(v, kAll16, v, zero), vB);
-      v = _mm512_mask_roundscale_ps(v, kAll16, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm512_mask_cvtepi32_storeu_epi8(out + i, kAll16, _mm512_mask_cvttps_epi32(_mm512_castps_si512(v), kAll16, v));
-    }
-  }
-#endif
-#if defined(__AVX2__)
-  const __m256 vlo = _mm256_set1_ps(lo), vsc = _mm256_set1_ps(scale), vB = _mm256_set1_ps(static_cast<float>(B));
-  const __m256 zero = _mm256_setzero_ps();
-  auto codes8 = [&](int64_t k) {
-    __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + k), vlo), vsc);
-    v = _mm256_min_ps(_mm256_max_ps(v, zero), vB);
-    return _mm256_cvttps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  };
-  for (; i + 16 <= n; i += 16) store_codes16(codes8(i), codes8(i + 8), out + i);
-  if (i + 8 <= n) store_codes8(codes8(i), out + i), i += 8;
-#endif
-  for (; i < n; ++i) out[i] = round_nearest(grid_pos(s[i], lo, scale), B);
-}
 
 // The stochastic rounding pass over a rows x cols matrix, for one or more independent draws:
 // the flat element range in fixed chunks of kChunk elements (a multiple of 4, so each chunk
@@ -434,10 +399,13 @@ QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
   return q;
 }
 
-QuantizedTensor quantize_in_range(const Tensor& x_in, QuantizerSpec spec, float mn, float mx) {
+bool quantize_uses_range(QuantizerSpec spec) {
   const QuantizerTraits& t = traits(spec.kind);
-  if (t.granularity != Granularity::tensor || t.rounding != Rounding::nearest || x_in.numel() == 0)
-    return quantize(x_in, spec);
+  return t.granularity == Granularity::tensor && t.rounding == Rounding::nearest;
+}
+
+QuantizedTensor quantize_in_range(const Tensor& x_in, QuantizerSpec spec, float mn, float mx) {
+  if (!quantize_uses_range(spec) || x_in.numel() == 0) return quantize(x_in, spec);
   profile::Scope timer(profile::quantize);
   check_spec(spec);
   Tensor x = as_matrix(x_in);
