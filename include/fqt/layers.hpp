@@ -219,6 +219,9 @@ class BatchNorm2d : public Module {
   bool can_forward_codes(QuantizerSpec spec, const StepContext& ctx) const;
   QuantizedTensor forward_codes(const Tensor& x, const StepContext& ctx, QuantizerSpec spec);
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+  // With `residual` (dy's shape): returns dx + residual, the add done as dx is written (the same
+  // bits as add_inplace after it, one pass fewer).
+  Tensor backward(const Tensor& dy, const StepContext& ctx, const Tensor* residual);
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
   Param& gamma() { return gamma_; }

@@ -165,15 +165,26 @@ void add_dy_dyh_run(const GradRun& g, int64_t n, double* a, double* b) {
   }
 }
 
-// o = k * (d - md - h * mh) over a run of n values.
-void dx_run(const GradRun& g, int64_t n, float k, float md, float mh, float* o) {
+// o = k * (d - md - h * mh) over a run of n values; with `res`, o = that + res (rounded apart:
+// the very values of adding res afterwards).
+void dx_run(const GradRun& g, int64_t n, float k, float md, float mh, const float* res, float* o) {
   int64_t p = 0;
 #ifdef FQT_BN_VECTOR
   const __m256 vk = _mm256_set1_ps(k), vmd = _mm256_set1_ps(md), vmh = _mm256_set1_ps(mh);
-  for (; p + 8 <= n; p += 8)
-    _mm256_storeu_ps(o + p, _mm256_mul_ps(vk, _mm256_sub_ps(_mm256_sub_ps(g.d8(p), vmd), _mm256_mul_ps(g.h8(p), vmh))));
+  if (res) {
+    for (; p + 8 <= n; p += 8)
+      _mm256_storeu_ps(o + p, _mm256_add_ps(_mm256_mul_ps(vk, _mm256_sub_ps(_mm256_sub_ps(g.d8(p), vmd),
+                                                                           _mm256_mul_ps(g.h8(p), vmh))),
+                                            _mm256_loadu_ps(res + p)));
+  } else {
+    for (; p + 8 <= n; p += 8)
+      _mm256_storeu_ps(o + p, _mm256_mul_ps(vk, _mm256_sub_ps(_mm256_sub_ps(g.d8(p), vmd), _mm256_mul_ps(g.h8(p), vmh))));
+  }
 #endif
-  for (; p < n; ++p) o[p] = k * (g.d(p) - md - g.h(p) * mh);
+  for (; p < n; ++p) {
+    const float v = k * (g.d(p) - md - g.h(p) * mh);
+    o[p] = res ? v + res[p] : v;
+  }
 }
 
 // y = (x - m) * inv * gc + bc over a run of n values, through the fused ReLU when `relu` (as
@@ -430,8 +441,14 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
   return y;
 }
 
-Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
+Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) { return backward(dy, ctx, nullptr); }
+
+Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx, const Tensor* residual) {
   const int64_t N = dy.size(0), C = c_, P = dy.numel() / (N * C), M = N * P;
+  if (residual)
+    FQT_CHECK(residual->shape() == dy.shape() && residual->dtype() == DType::f32,
+              "BatchNorm2d {}: residual {} does not match dy {}", name_, shape_str(residual->shape()), shape_str(dy.shape()));
+  const float* rp = residual ? residual->data<float>() : nullptr;
   Tensor dx = Tensor::empty(dy.shape());
   const float* dyp = dy.data<float>();
   float* dxp = dx.data<float>();
@@ -482,7 +499,8 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) {
     }  // (implicit barrier)
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) dx_run(run(n, c), P, kc[c], mdy[c], mdyh[c], dxp + (n * C + c) * P);
+      for (int64_t c = 0; c < C; ++c)
+        dx_run(run(n, c), P, kc[c], mdy[c], mdyh[c], rp ? rp + (n * C + c) * P : nullptr, dxp + (n * C + c) * P);
   }
   return dx;
 }

@@ -65,9 +65,7 @@ Tensor PreActBlock::backward(const Tensor& dy, const StepContext& ctx) {
     add_inplace(da, shortcut_->backward(dy, ctx));
     return pre_.backward(da, ctx);
   }
-  Tensor dx = pre_.backward(da, ctx);
-  add_inplace(dx, dy);
-  return dx;
+  return bn1_->backward(da, ctx, &dy);  // (pre_ is bn1 alone) + the identity shortcut's gradient
 }
 
 void PreActBlock::enable_recompute(bool on, const OutputSource& input) {
