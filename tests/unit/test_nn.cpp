@@ -513,6 +513,24 @@ TEST(nn, batchnorm_forward_codes_equals_forward_then_quantize) {
   EXPECT_THROW(plain.forward_codes(randn({2, 2, 3, 3}, 73), StepContext{true, 0, 0}, act), Error);
 }
 
+// The fused entry points refuse what they cannot do, with a message: codes given to an fp32
+// convolution, codes of another shape, a residual of another shape for batch norm's backward.
+TEST(nn, fused_entry_points_reject_bad_input) {
+  LayerIds ids{0, 1};
+  Conv2d fp32_conv("c", 2, 3, 3, 1, 1, false, make_recipe(Mode::fp32), ids.take(), ids.init_seed);
+  Conv2d fqt_conv("c", 2, 3, 3, 1, 1, false, make_recipe(Mode::fqt), ids.take(), ids.init_seed);
+  const Tensor x = randn({2, 2, 5, 5}, 81);
+  const QuantizedTensor xq = quantize(x, fqt_conv.input_quantizer());
+  const StepContext ctx{true, 0, 0};
+  EXPECT_THROW(fp32_conv.forward(x.shape(), ctx, xq), Error);
+  EXPECT_THROW(fqt_conv.forward(Shape{2, 2, 5, 4}, ctx, xq), Error);
+  EXPECT_NO_THROW(fqt_conv.forward(x.shape(), ctx, xq));
+  BatchNorm2d bn("bn", 2);
+  bn.forward(x, ctx);
+  const Tensor wrong = randn({2, 2, 5, 4}, 82);
+  EXPECT_THROW(bn.backward(x, ctx, &wrong), Error);
+}
+
 // PreActBlock's forward (batch-norm ranges handed to the quantizers, bn1's output quantized once
 // for conv1 and the shortcut) against the same layers run one by one through Module::forward:
 // the same output, input gradient and parameter gradients bit for bit, in every mode, with and
