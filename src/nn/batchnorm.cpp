@@ -62,62 +62,38 @@ inline __m256 f8_keep(unsigned bits, const float* p) { return kept_by_bits8(bits
 
 // Sum and sum of squares in one pass. In fp64 the variance E[x^2] - mean^2 of fp32 inputs loses
 // about mean^2 / var * 1e-16 relative: far below fp32 resolution for any batch-norm input.
-void add_sum_sq_run(const float* x, int64_t n, double* acc, double* acc2) {
+// kMinMax: also the run's min and max folded into *lo / *hi (the fused quantizer's range; the
+// values are finite whenever the sums are).
+template <bool kMinMax = false>
+void add_sum_sq_run(const float* x, int64_t n, double* acc, double* acc2, float* lo = nullptr, float* hi = nullptr) {
   int64_t i = 0;
 #ifdef FQT_BN_VECTOR
   D8 a = d8_load(acc), b = d8_load(acc2);
-  for (; i + kLanes <= n; i += kLanes) {
-    const D8 v = d8_cvt(_mm256_loadu_ps(x + i));
-    a = d8_add(a, v);
-    b = d8_add(b, d8_mul(v, v));
-  }
-  d8_store(acc, a), d8_store(acc2, b);
-#endif
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const double v = x[i + l];
-      acc[l] += v;
-      acc2[l] += v * v;
-    }
-  for (int l = 0; i < n; ++i, ++l) {
-    const double v = x[i];
-    acc[l] += v;
-    acc2[l] += v * v;
-  }
-}
-
-// add_sum_sq_run, also folding the run's min and max into lo / hi (for the fused quantizer's
-// range; the values are finite whenever the sums are).
-void add_sum_sq_minmax_run(const float* x, int64_t n, double* acc, double* acc2, float& lo, float& hi) {
-  int64_t i = 0;
-#ifdef FQT_BN_VECTOR
-  D8 a = d8_load(acc), b = d8_load(acc2);
-  __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  __m256 vlo = _mm256_setzero_ps(), vhi = vlo;
+  if constexpr (kMinMax) vlo = _mm256_set1_ps(*lo), vhi = _mm256_set1_ps(*hi);
   for (; i + kLanes <= n; i += kLanes) {
     const __m256 f = _mm256_loadu_ps(x + i);
-    vlo = _mm256_min_ps(vlo, f), vhi = _mm256_max_ps(vhi, f);
+    if constexpr (kMinMax) vlo = _mm256_min_ps(vlo, f), vhi = _mm256_max_ps(vhi, f);
     const D8 v = d8_cvt(f);
     a = d8_add(a, v);
     b = d8_add(b, d8_mul(v, v));
   }
   d8_store(acc, a), d8_store(acc2, b);
-  alignas(32) float l8[8], h8[8];
-  _mm256_store_ps(l8, vlo), _mm256_store_ps(h8, vhi);
-  for (int l = 0; l < kLanes; ++l) lo = std::min(lo, l8[l]), hi = std::max(hi, h8[l]);
+  if constexpr (kMinMax) {
+    alignas(32) float l8[8], h8[8];
+    _mm256_store_ps(l8, vlo), _mm256_store_ps(h8, vhi);
+    for (int l = 0; l < kLanes; ++l) *lo = std::min(*lo, l8[l]), *hi = std::max(*hi, h8[l]);
+  }
 #endif
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const double v = x[i + l];
-      acc[l] += v;
-      acc2[l] += v * v;
-      lo = std::min(lo, x[i + l]), hi = std::max(hi, x[i + l]);
-    }
-  for (int l = 0; i < n; ++i, ++l) {
-    const double v = x[i];
+  auto add = [&](int64_t e, int l) {
+    const double v = x[e];
     acc[l] += v;
     acc2[l] += v * v;
-    lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
-  }
+    if constexpr (kMinMax) *lo = std::min(*lo, x[e]), *hi = std::max(*hi, x[e]);
+  };
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) add(i + l, l);
+  for (int l = 0; i < n; ++i, ++l) add(i, l);
 }
 
 // One (sample, channel) run of backward: the incoming gradient d (dy, through the fused ReLU's
@@ -355,7 +331,7 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
   std::vector<float> part_lo, part_hi;                        // [group][channel] min, max of x (codes)
   if (codes) part_lo.resize(static_cast<size_t>(NG * C)), part_hi.resize(static_cast<size_t>(NG * C));
   std::vector<double> mean(static_cast<size_t>(C)), ssd(static_cast<size_t>(C));
-  const bool want_range = (range || codes) && relu_;
+  const bool want_range = range && relu_;
   bool fused = false;  // codes, and finite statistics: the second phase writes codes
   Tensor y;
   float* yp = nullptr;
@@ -369,7 +345,7 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
         double acc[kLanes] = {}, acc2[kLanes] = {};
         float lo = std::numeric_limits<float>::infinity(), hi = -lo;
         for (int64_t n = gi * N / NG; n < (gi + 1) * N / NG; ++n) {
-          if (codes) add_sum_sq_minmax_run(xp + (n * C + c) * P, P, acc, acc2, lo, hi);
+          if (codes) add_sum_sq_run<true>(xp + (n * C + c) * P, P, acc, acc2, &lo, &hi);
           else add_sum_sq_run(xp + (n * C + c) * P, P, acc, acc2);
         }
         part[(gi * C + c) * 2] = lanes_total(acc), part[(gi * C + c) * 2 + 1] = lanes_total(acc2);
