@@ -4,7 +4,12 @@
 #include "fqt/layers.hpp"
 #include "fqt/rng.hpp"
 
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <vector>
 
 namespace fqt::nn_detail {
 
@@ -28,6 +33,42 @@ inline Param make_param(std::string name, Shape shape, bool weight_decay = true)
 // Opening an OpenMP team costs microseconds (and much more when a core is busy elsewhere):
 // loops over fewer elements run on the calling thread. Results are the same either way.
 inline bool parallel_worth(int64_t elements) { return elements >= (int64_t{1} << 15); }
+
+// The per-sample loops' split between the threads of a parallel region: thread t owns the
+// static chunk [t n / T, (t + 1) n / T) (the samples whose activations it produced in the layer
+// before, so they are in its caches) and takes them in order; a thread that has finished its own
+// then takes the remaining samples of the others, from the front of what they have left. Each
+// index is claimed once, by an atomic counter per chunk. Which thread runs a sample never changes
+// a result (samples write their own outputs; per-group sums keep their order), so results do not
+// depend on it. Made before the region (for up to T threads), used inside by every thread:
+//   WorkSplit split(N);
+//   #pragma omp parallel
+//   split.run([&](int64_t n) { ... });
+// A team smaller than T (an `if` clause that was false) still runs every index.
+class WorkSplit {
+ public:
+  explicit WorkSplit(int64_t n, int threads = omp_get_max_threads())
+      : n_(n), t_(std::max(threads, 1)), next_(static_cast<size_t>(t_)) {
+    for (int t = 0; t < t_; ++t) next_[t].v.store(t * n_ / t_, std::memory_order_relaxed);
+  }
+  template <class F>
+  void run(F&& f) {
+    const int me = omp_get_thread_num() % t_;
+    for (int k = 0; k < t_; ++k) {
+      const int t = (me + k) % t_;
+      const int64_t end = (t + 1) * n_ / t_;
+      for (int64_t i; (i = next_[t].v.fetch_add(1, std::memory_order_relaxed)) < end;) f(i);
+    }
+  }
+
+ private:
+  struct alignas(64) Counter {
+    std::atomic<int64_t> v{0};
+  };
+  int64_t n_;
+  int t_;
+  std::vector<Counter> next_;
+};
 
 inline bool quantized_forward(const Recipe& r) { return r.mode != Mode::fp32; }
 

@@ -430,14 +430,14 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   Tensor y = Tensor::empty({N, cout_, g.Ho, g.Wo});
   float* yp = y.data<float>();
   const float* res = residual ? residual->data<float>() : nullptr;
+  WorkSplit split(N);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
     std::vector<uint8_t> A(static_cast<size_t>(P * ckk));
     std::vector<int32_t> C(static_cast<size_t>(P * cout_)), Ct(static_cast<size_t>(cout_ * P));
     std::vector<float> rx(static_cast<size_t>(P));  // code sums <= Ckk * 255: exact in fp32
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
+    split.run([&](int64_t n) {
       pad_hwc(xc + n * chw, g, pad_code, img.data());
       im2row_hwc(img.data(), g, A.data());
       for (int64_t p = 0; p < P; ++p) rx[p] = static_cast<float>(byte_sum(A.data() + p * ckk, ckk));
@@ -458,7 +458,7 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
           for (int64_t p = 0; p < P; ++p) o[p] += rs[p];
         }
       }
-    }
+    });
   }
   return y;
 }
@@ -684,14 +684,14 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       return dx;
     }
 #endif
+    WorkSplit split(N);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
       std::vector<uint8_t> A(static_cast<size_t>(cap * cout_));
       std::vector<int32_t> C(static_cast<size_t>(cap * ldc));
       std::vector<int64_t> idx(static_cast<size_t>(cap)), first(static_cast<size_t>(tile_own));
       std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) {
+      split.run([&](int64_t n) {
         std::memset(acc.data(), 0, sizeof(float) * acc.size());
         for (int64_t p0 = 0; p0 < P; p0 += tile_own) {
           const int64_t p1 = std::min(P, p0 + tile_own);
@@ -764,17 +764,17 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
           }
         }
         store_sample(acc.data(), acct.data(), n);
-      }
+      });
     }
     return dx;
   }
 #if defined(FQT_DGRAD_FUSED)
   if (fused) {
+    WorkSplit split(N);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
       std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) {
+      split.run([&](int64_t n) {
         std::memset(acc.data(), 0, sizeof(float) * acc.size());
         const uint8_t* an = gc + n * P * cout_;
         auto terms = [&](int64_t p) { return row_terms(n * P + p, an + p * cout_); };
@@ -791,17 +791,17 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
           }
         }
         store_sample(acc.data(), acct.data(), n);
-      }
+      });
     }
     return dx;
   }
 #endif
+  WorkSplit split(N);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));
     std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
+    split.run([&](int64_t n) {
       igemm_worker(P, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
       // Each dgrad row is finished (scales, offsets) and summed straight onto the padded HWC
       // accumulator (the adjoint of im2row_hwc), so the [P, Ckk] fp32 rows are never stored.
@@ -820,7 +820,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         }
       }
       store_sample(acc.data(), acct.data(), n);
-    }
+    });
   }
   return dx;
 }

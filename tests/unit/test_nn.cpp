@@ -2,11 +2,13 @@
 #include "fqt/layers.hpp"
 #include "fqt/models.hpp"
 #include "fqt/rng.hpp"
+#include "nn/common.hpp"
 
 #include <gtest/gtest.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -731,4 +733,19 @@ TEST(nn, im2col_col2im_adjoint) {
       EXPECT_EQ(cols.data<float>()[r * NP + col], want);
     }
   }
+}
+
+// WorkSplit runs every index exactly once, whatever the team size against the split's thread
+// count (a smaller team: an `if` clause that was false; a larger one), N = 0 included.
+TEST(nn, work_split_runs_every_index_once) {
+  for (int64_t n : {0, 1, 5, 128, 1001})
+    for (int split_threads : {1, 2, 3})
+      for (int team : {1, 2, 4}) {
+        std::vector<std::atomic<int>> count(static_cast<size_t>(n));
+        nn_detail::WorkSplit split(n, split_threads);
+#pragma omp parallel num_threads(team)
+        split.run([&](int64_t i) { count[static_cast<size_t>(i)].fetch_add(1); });
+        for (int64_t i = 0; i < n; ++i)
+          ASSERT_EQ(count[static_cast<size_t>(i)].load(), 1) << "n " << n << " split " << split_threads << " team " << team;
+      }
 }
