@@ -128,7 +128,6 @@ inline void round_run_stochastic(const float* __restrict s, const float* __restr
   for (; i < n; ++i) out[i] = round_stochastic(grid_pos(s[i], lo, scale), u[i], B);
 }
 
-
 // The stochastic rounding pass over a rows x cols matrix, for one or more independent draws:
 // the flat element range in fixed chunks of kChunk elements (a multiple of 4, so each chunk
 // starts on a Philox block); the uniforms of a chunk come 16 blocks at a time
