@@ -2,7 +2,7 @@
 // bit-identical; dequantization on the device must equal the CPU's. Every test skips when no
 // CUDA device is present, so CPU-only CI builds this file and stays green.
 //
-// CudaBench.Quantizers times the kernels; it runs only when FQT_CUDA_BENCH is set
+// Cuda.Bench times the kernels; it runs only when FQT_CUDA_BENCH is set
 // (scripts/gpu_check sets it).
 #include "fqt/cuda.hpp"
 #include "fqt/quant.hpp"

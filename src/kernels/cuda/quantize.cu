@@ -219,6 +219,8 @@ __global__ void round_kernel(const float* __restrict__ x, int64_t rows, int64_t 
     uint8_t q[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
+      // The last block's lanes past n have no group (row n / cols does not exist): read no grid.
+      if (!full && i0 + k >= n) break;
       const int64_t gi = G == Granularity::tensor ? 0 : G == Granularity::row ? r : c;
       const float v = grid_pos(xv[k], lo[gi], scale[gi]);
       if constexpr (Stochastic) q[k] = round_stochastic(v, bits_to_uniform(w[k]), B);
