@@ -1,5 +1,5 @@
 // fqt/cuda.hpp — the CUDA component (target fqt_cuda, defines FQT_HAVE_CUDA=1): device
-// detection, errors, device memory and the quantizers on the GPU.
+// detection, errors, device memory, the quantizers and the integer GEMM (cuBLASLt) on the GPU.
 //
 // Only code that links fqt_cuda may include this header; the CPU library never depends on CUDA.
 // The quantizer kernels run the grid formulas of src/quant/grid.hpp (compiled host+device with
@@ -134,6 +134,30 @@ void dequantize_device(const DeviceQuantized& q, float* out, cudaStream_t stream
 // Host <-> device copies of a quantized tensor (synchronous).
 QuantizedTensor download(const DeviceQuantized& q, cudaStream_t stream = nullptr);
 DeviceQuantized upload(const QuantizedTensor& q, cudaStream_t stream = nullptr);
+
+// ---- integer GEMM (cuBLASLt, INT8 tensor cores) --------------------------------------------
+
+// C = A B_t^T on the device, the CPU's "A B^T" layout (fqt/igemm.hpp), all row-major device
+// pointers: A s8 [M, K] (row stride lda), B_t s8 [N, K] (ldb), C [M, N] (ldc). Exact: cuBLASLt
+// with int32 compute (CUBLAS_COMPUTE_32I) on the INT8 tensor cores.
+//
+// cuBLASLt's int8 kernels need the "TN" form with m, k and the leading dimensions multiples of 4
+// (16-byte aligned pointers for speed). Row-major A B^T is exactly that form (cuBLASLt's A is
+// our B_t, its B our A). Shapes or strides that do not fit are copied into zero-padded scratch
+// (K up to a multiple of 16, N of 4; zeros add nothing), so any shape works.
+//
+// No silent overflow: an int32 sum of K products is exact while K a_absmax b_absmax < 2^31.
+// igemm_s8s8s32 throws fqt::Error past that bound; igemm_s8s8s64 splits K into chunks within it
+// and sums the chunks in int64. a_absmax / b_absmax bound |A| and |B| (default: full s8 range;
+// 7-bit codes 0..127 may pass 127). Asynchronous on `stream`; scratch is per host thread.
+void igemm_s8s8s32(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, const int8_t* B_t, int64_t ldb,
+                   int32_t* C, int64_t ldc, cudaStream_t stream = nullptr, int64_t a_absmax = 128,
+                   int64_t b_absmax = 128);
+void igemm_s8s8s64(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, const int8_t* B_t, int64_t ldb,
+                   int64_t* C, int64_t ldc, cudaStream_t stream = nullptr, int64_t a_absmax = 128,
+                   int64_t b_absmax = 128);
+// The K chunk igemm_s8s8s64 uses for these bounds (a multiple of 16; the s32 bound rounded down).
+int64_t igemm_chunk_k(int64_t a_absmax, int64_t b_absmax);
 
 }  // namespace fqt::cuda
 

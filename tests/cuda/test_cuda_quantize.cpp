@@ -280,7 +280,7 @@ TEST_F(Cuda, Bench) {
   out += "min. traffic: quantize/dequantize 5 B per element (f32 in, u8 out or back), copy 8 B\n";
   std::printf("%s", out.c_str());
   if (const char* path = std::getenv("FQT_CUDA_BENCH_OUT"))
-    if (FILE* f = std::fopen(path, "w")) {
+    if (FILE* f = std::fopen(path, "a")) {
       std::fputs(out.c_str(), f);
       std::fclose(f);
     }
