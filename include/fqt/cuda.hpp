@@ -159,6 +159,14 @@ void igemm_s8s8s64(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda
 // The K chunk igemm_s8s8s64 uses for these bounds (a multiple of 16; the s32 bound rounded down).
 int64_t igemm_chunk_k(int64_t a_absmax, int64_t b_absmax);
 
+// C (f32 [a.rows, b.rows], device, row-major, contiguous) = deq(A) deq(B)^T, or += with
+// accumulate: qgemm() of fqt/igemm.hpp on the device, bit-identical to it (same integer sums
+// from igemm_s8s8s*, the same double epilogue term for term, the same operand swap for N > M,
+// BHQ's T^-1 on a BHQ left operand). Grids per tensor or per row on both sides; a per-column
+// grid or a BHQ right operand throws fqt::Error. Asynchronous on `stream`; scratch per host thread.
+void qgemm_device(const DeviceQuantized& a, const DeviceQuantized& b, float* c, bool accumulate = false,
+                  cudaStream_t stream = nullptr);
+
 }  // namespace fqt::cuda
 
 namespace fqt {
@@ -167,4 +175,6 @@ namespace fqt {
 QuantizedTensor quantize_cuda(const Tensor& x, QuantizerSpec spec, RngKey key = {});
 // dequantize() on the device: upload, dequantize (and T^-1), download.
 Tensor dequantize_cuda(const QuantizedTensor& q);
+// qgemm() on the device: upload both operands (and C when accumulating onto *c), multiply, download.
+Tensor qgemm_cuda(const QuantizedTensor& a, const QuantizedTensor& b, const Tensor* c = nullptr);
 }  // namespace fqt

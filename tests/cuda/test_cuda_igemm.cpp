@@ -4,7 +4,10 @@
 // unaligned pointers, ldc > N), K = 0, and the worst case of the int32 bound (every product
 // 128 x 128 over K = 200003, which only the chunked int64 entry point may take). Every test skips
 // without a device. CudaGemm.Bench times int8 against cuBLAS fp32 (FQT_CUDA_BENCH=1).
+// The quantized GEMM on the device (cuda::qgemm_device) must equal the CPU's qgemm() bit for bit.
 #include "fqt/cuda.hpp"
+#include "fqt/igemm.hpp"
+#include "fqt/stats.hpp"
 
 #include <cublas_v2.h>
 #include <gtest/gtest.h>
@@ -12,6 +15,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <random>
 #include <string>
@@ -152,6 +156,58 @@ TEST_F(CudaGemm, EmptyShapesAndBadArguments) {
   EXPECT_THROW(cuda::igemm_s8s8s64(2, 2, 8, p, 8, p, 8, d.as<int64_t>(), 2, nullptr, 200, 1), Error);  // bound
 }
 
+// qgemm on the device against qgemm on the CPU, float for float: left grids per tensor, per row
+// (stochastic PSQ included) and BHQ; right grids per tensor and per row; bit widths 2..8 on each
+// side (8 bits: the shifted operands); N > M (the CPU's swapped product); accumulate.
+TEST_F(CudaGemm, QuantizedEqualsCpuQgemmBitForBit) {
+  struct Shape3 {
+    int64_t M, N, K;
+  };
+  const std::vector<Shape3> shapes = {{1, 1, 1}, {64, 33, 100}, {5, 129, 64}, {128, 16, 1152}, {300, 7, 17}};
+  const std::vector<QuantizerKind> left = {QuantizerKind::affine, QuantizerKind::psq, QuantizerKind::bhq,
+                                           QuantizerKind::symmetric_row, QuantizerKind::ptq};
+  const std::vector<QuantizerKind> right = {QuantizerKind::affine, QuantizerKind::symmetric_row, QuantizerKind::psq};
+  const std::vector<std::pair<int, int>> bits = {{8, 8}, {8, 4}, {4, 8}, {2, 7}, {7, 2}};
+  int checked = 0, differing = 0;
+  uint64_t seed = 500;
+  for (const Shape3& sh : shapes)
+    for (QuantizerKind ka : left)
+      for (QuantizerKind kb : right)
+        for (auto [ba, bb] : bits) {
+          const Tensor x = synthetic_matrix(SynthKind::gaussian, sh.M, sh.K, ++seed);
+          const Tensor w = synthetic_matrix(SynthKind::heavy_tailed, sh.N, sh.K, ++seed);
+          const QuantizedTensor qa = quantize(x, {ka, ba}, {seed, 1});
+          const QuantizedTensor qb = quantize(w, {kb, bb}, {seed, 2});
+          for (bool acc : {false, true}) {
+            const Tensor c0 = synthetic_matrix(SynthKind::gaussian, sh.M, sh.N, seed + 7);
+            Tensor want = acc ? c0.clone() : Tensor();
+            qgemm(qa, qb, want, acc);
+            const Tensor got = qgemm_cuda(qa, qb, acc ? &c0 : nullptr);
+            ++checked;
+            if (std::memcmp(want.raw(), got.raw(), static_cast<size_t>(sh.M * sh.N) * sizeof(float)) != 0) {
+              if (++differing <= 5) {
+                int64_t i = 0;
+                while (want.data<float>()[i] == got.data<float>()[i]) ++i;
+                ADD_FAILURE() << traits(ka).name << " " << ba << "b x " << traits(kb).name << " " << bb << "b "
+                              << sh.M << "x" << sh.N << "x" << sh.K << (acc ? " acc" : "") << ": element " << i
+                              << " cpu " << want.data<float>()[i] << " gpu " << got.data<float>()[i];
+              }
+            }
+          }
+        }
+  std::printf("qgemm: %d of %d products bit-identical to the CPU\n", checked - differing, checked);
+  EXPECT_EQ(differing, 0);
+  // What the CPU refuses, the device refuses too.
+  const QuantizedTensor col = quantize(synthetic_matrix(SynthKind::gaussian, 8, 16, 1), {QuantizerKind::column, 8}, {});
+  const QuantizedTensor row = quantize(synthetic_matrix(SynthKind::gaussian, 8, 16, 2), {QuantizerKind::psq, 8}, {3, 4});
+  const QuantizedTensor bhq = quantize(synthetic_matrix(SynthKind::gaussian, 8, 16, 3), {QuantizerKind::bhq, 8}, {3, 4});
+  const QuantizedTensor short_k = quantize(synthetic_matrix(SynthKind::gaussian, 8, 15, 4), {QuantizerKind::psq, 8}, {3, 4});
+  EXPECT_THROW(qgemm_cuda(col, row), Error);
+  EXPECT_THROW(qgemm_cuda(row, col), Error);
+  EXPECT_THROW(qgemm_cuda(row, bhq), Error);
+  EXPECT_THROW(qgemm_cuda(row, short_k), Error);
+}
+
 // int8 (cuBLASLt, int32 compute) against fp32 (cuBLAS sgemm, no TF32) on the same shapes and
 // layout, medians of 20 runs with CUDA events. Only with FQT_CUDA_BENCH set.
 TEST_F(CudaGemm, Bench) {
@@ -203,6 +259,19 @@ TEST_F(CudaGemm, Bench) {
     const double ops = 2.0 * M * N * K;
     out += fmt::format("| {} x {} x {} | {:.3f} | {:.1f} | {:.3f} | {:.1f} | {:.2f}x |\n", M, N, K, i8,
                        ops / (i8 * 1e-3) / 1e12, f32, ops / (f32 * 1e-3) / 1e12, f32 / i8);
+  }
+  // The quantized GEMM (8-bit PSQ codes x 8-bit per-row weight codes: both operands shifted,
+  // the rank-1 epilogue) against the raw int8 GEMM of the same shape above.
+  out += "\n| qgemm_device (psq 8b x symmetric_row 8b) M x N x K | ms | effective TOPS |\n|---|---:|---:|\n";
+  for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{4096, 4096, 4096}, {100352, 16, 144}}) {
+    cuda::DeviceTensor dx = cuda::upload(synthetic_matrix(SynthKind::gaussian, M, K, 5));
+    cuda::DeviceTensor dw = cuda::upload(synthetic_matrix(SynthKind::gaussian, N, K, 6));
+    cuda::DeviceQuantized qa, qb;
+    cuda::quantize_device(dx.data<float>(), M, K, {QuantizerKind::psq, 8}, {1, 2}, qa);
+    cuda::quantize_device(dw.data<float>(), N, K, {QuantizerKind::symmetric_row, 8}, {}, qb);
+    cuda::DeviceBuffer dc(M * N * sizeof(float));
+    const float ms = median_ms([&] { cuda::qgemm_device(qa, qb, dc.as<float>()); });
+    out += fmt::format("| {} x {} x {} | {:.3f} | {:.1f} |\n", M, N, K, ms, 2.0 * M * N * K / (ms * 1e-3) / 1e12);
   }
   CUDA_CHECK(cudaEventDestroy(e0));
   CUDA_CHECK(cudaEventDestroy(e1));

@@ -14,6 +14,7 @@
 // CUDA sources are compiled with -DFMT_USE_CONSTEXPR=1 (fmt disables constexpr under nvcc, which
 // then breaks its C++20 consteval format strings; g++ TUs use 1 as well).
 #include "fqt/cuda.hpp"
+#include "kernels/cuda/detail.hpp"
 #include "quant/grid.hpp"
 
 #include <cub/device/device_radix_sort.cuh>
@@ -499,6 +500,11 @@ void bhq_build(const float* x, int64_t rows, int64_t cols, DeviceQuantized& q, W
 }
 
 }  // namespace
+
+void detail::bhq_apply_device(bool inverse, const float* in, float* out, int64_t rows, int64_t cols,
+                              const DeviceQuantized& q, cudaStream_t stream) {
+  bhq_apply(inverse, in, out, rows, cols, q, stream);
+}
 
 int64_t DeviceQuantized::num_groups() const { return quant_detail::num_groups(granularity(), rows, cols); }
 
