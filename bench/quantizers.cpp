@@ -62,6 +62,7 @@ int run(int argc, char** argv) {
       {"  parallel (fast path)", [&] { (void)kernels::bhq_rank_descending_parallel(ranges); }},
       {"  bhq_row_ranges (fast path)", [&] { (void)kernels::bhq_row_ranges(x.data<float>(), rows, cols); }},
       {"  bhq_transform_from_ranges", [&] { (void)bhq_transform_from_ranges(ranges, rank); }},
+      {"    batched scales (fast path)", [&] { (void)bhq_transform_from_ranges_batched(ranges, rank); }},
       {"bhq_transform_fast", [&] { (void)kernels::bhq_transform_fast(x.data<float>(), rows, cols); }},
       {"BhqTransform::apply", [&] { t.apply(x.data<float>(), out.data<float>(), cols); }},
       {"  the same groups on consecutive rows", [&] { seq.apply(x.data<float>(), out.data<float>(), cols); }},

@@ -107,6 +107,9 @@ BhqTransform bhq_transform(const float* x, int64_t rows, int64_t cols);
 // rank = bhq_rank_descending(m). bhq_transform is this on plain-loop ranges and rank; the fast
 // CPU quantizer computes both in parallel (src/kernels/cpu/bhq_fast.cpp) and calls it too.
 BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank);
+// The same transform, member for member and float for float, with the groups' scales computed
+// 8 at a time (quant_detail::bhq_inv_cbrt_batch): what the fast CPU quantizer calls.
+BhqTransform bhq_transform_from_ranges_batched(const std::vector<double>& m, const std::vector<int64_t>& rank);
 // BHQ's row order (step 1): indices by range m descending, ties by index (a stable radix sort;
 // every m must be > 0).
 std::vector<int64_t> bhq_rank_descending(const std::vector<double>& m);

@@ -3,6 +3,9 @@
 #include "quant/grid.hpp"
 
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <bit>
@@ -107,7 +110,46 @@ BhqTransform bhq_transform(const float* x, int64_t N, int64_t D) {
   return bhq_transform_from_ranges(m, bhq_rank_descending(m));
 }
 
-BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank) {
+// (GCC 12 warns inside its own AVX-512 headers here, on their `_mm512_undefined_*()`
+// placeholders, once inlined: a known false positive, silenced for this function only.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+void quant_detail::bhq_inv_cbrt_batch(const double* w, int64_t n, float* out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512d lo = _mm512_set1_pd(1e-30), hi = _mm512_set1_pd(1e30), one = _mm512_set1_pd(1.0),
+                third = _mm512_set1_pd(1.0 / 3.0);
+  const __m512i magic = _mm512_set1_epi64(0xAAAAAAABu);
+  const __m256i base = _mm256_set1_epi32(0x54a2fa8c);
+  for (; i + 8 <= n; i += 8) {
+    const __m512d x = _mm512_loadu_pd(w + i);
+    const __mmask8 ok = _mm512_cmp_pd_mask(x, lo, _CMP_GE_OQ) & _mm512_cmp_pd_mask(x, hi, _CMP_LE_OQ);
+    if (ok != 0xff) {  // a value for pow: this vector by the scalar function
+      for (int64_t k = i; k < i + 8; ++k) out[k] = bhq_inv_cbrt(w[k]);
+      continue;
+    }
+    const __m256i u = _mm256_castps_si256(_mm512_cvtpd_ps(x));  // static_cast<float>(w)
+    const __m512i q = _mm512_srli_epi64(_mm512_mul_epu32(_mm512_cvtepu32_epi64(u), magic), 33);  // u / 3
+    __m512d y = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_sub_epi32(base, _mm512_cvtepi64_epi32(q))));
+    for (int k = 0; k < 4; ++k) {
+      const __m512d y3 = _mm512_mul_pd(_mm512_mul_pd(y, y), y);
+      // fma(y * fma(-w, y3, 1), 1/3, y)
+      y = _mm512_fmadd_pd(_mm512_mul_pd(y, _mm512_fnmadd_pd(x, y3, one)), third, y);
+    }
+    _mm256_storeu_ps(out + i, _mm512_cvtpd_ps(y));
+  }
+#endif
+  for (; i < n; ++i) out[i] = bhq_inv_cbrt(w[i]);
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+namespace {
+template <bool Batched>
+BhqTransform from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank) {
   const auto N = static_cast<int64_t>(m.size());
   FQT_CHECK(static_cast<int64_t>(rank.size()) == N, "BHQ: {} ranks for {} rows", rank.size(), N);
   BhqTransform t;
@@ -162,7 +204,7 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
   double cum = 0;
   for (int64_t i = 0; i < NL; ++i) {
     cum += static_cast<double>(G) * v[i] / total;
-    nums[i] = static_cast<int64_t>(std::round(cum));
+    nums[i] = quant_detail::round_nonneg(cum);
   }
   nums[NL - 1] = G;  // the cumulative share of all large rows is G (guards rounding of cum)
   // 4-5. Groups and their scales. Group i = large row i, then small rows NL + nums[i-1] ..
@@ -180,22 +222,51 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
 #pragma omp parallel if (NL > 4096)
   {
     const auto [i0, i1] = t.group_slice(omp_get_thread_num(), omp_get_num_threads());
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t begin = NL + (i ? nums[i - 1] : 0), end = NL + nums[i];
-      const int64_t n = 1 + (end - begin);
-      int64_t* mem = t.members.data() + t.offsets[i];
-      mem[0] = rank[i];
-      t.row_group[rank[i]] = ~static_cast<int32_t>(i);
-      for (int64_t k = begin; k < end; ++k) mem[1 + k - begin] = rank[k], t.row_group[rank[k]] = static_cast<int32_t>(i);
-      const double lambda1 = v[i], lambda2 = v[begin];
-      const double w1 = lambda1 / std::sqrt(static_cast<double>(n));
-      const double w2 = lambda2 * householder_qmax(n);
-      t.row_scale[rank[i]] = quant_detail::bhq_inv_cbrt(w1);
-      const float s2 = quant_detail::bhq_inv_cbrt(w2 / static_cast<double>(n - 1));
-      for (int64_t k = begin; k < end; ++k) t.row_scale[rank[k]] = s2;
+    // Batched: the groups' two scales for kB groups at a time (bhq_inv_cbrt_batch), then their
+    // members; the same expressions, so the same floats as one group at a time.
+    constexpr int64_t kB = Batched ? 256 : 1;
+    double w1[kB], w2[kB];
+    float s1[kB], s2[kB];
+    for (int64_t b0 = i0; b0 < i1; b0 += kB) {
+      const int64_t nb = std::min(kB, i1 - b0);
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t i = b0 + j;
+        const int64_t begin = NL + (i ? nums[i - 1] : 0), n = 1 + (NL + nums[i] - begin);
+        const double lambda1 = v[i], lambda2 = v[begin];
+        w1[j] = lambda1 / std::sqrt(static_cast<double>(n));
+        w2[j] = lambda2 * householder_qmax(n) / static_cast<double>(n - 1);
+      }
+      if constexpr (Batched) {
+        quant_detail::bhq_inv_cbrt_batch(w1, nb, s1);
+        quant_detail::bhq_inv_cbrt_batch(w2, nb, s2);
+      } else {
+        s1[0] = quant_detail::bhq_inv_cbrt(w1[0]);
+        s2[0] = quant_detail::bhq_inv_cbrt(w2[0]);
+      }
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t i = b0 + j;
+        const int64_t begin = NL + (i ? nums[i - 1] : 0), end = NL + nums[i];
+        int64_t* mem = t.members.data() + t.offsets[i];
+        mem[0] = rank[i];
+        t.row_group[rank[i]] = ~static_cast<int32_t>(i);
+        t.row_scale[rank[i]] = s1[j];
+        for (int64_t k = begin; k < end; ++k) {
+          mem[1 + k - begin] = rank[k];
+          t.row_group[rank[k]] = static_cast<int32_t>(i);
+          t.row_scale[rank[k]] = s2[j];
+        }
+      }
     }
   }
   return t;
+}
+}  // namespace
+
+BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank) {
+  return from_ranges<false>(m, rank);
+}
+BhqTransform bhq_transform_from_ranges_batched(const std::vector<double>& m, const std::vector<int64_t>& rank) {
+  return from_ranges<true>(m, rank);
 }
 
 namespace {

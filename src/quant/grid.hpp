@@ -145,6 +145,23 @@ FQT_HD float bhq_inv_cbrt(double w) {
   return static_cast<float>(y);
 }
 
+// (int64_t)std::round(x) for 0 <= x < 2^52, inline (the library call was most of BHQ's serial
+// share loop): x - trunc(x) is exact (Sterbenz's lemma for x >= 1), so comparing it with 0.5
+// rounds halves away from zero as round() does (tests/unit/test_bhq.cpp).
+FQT_HD int64_t round_nonneg(double x) {
+  const double t = std::trunc(x);
+  return static_cast<int64_t>(t) + (x - t >= 0.5 ? 1 : 0);
+}
+
+#if !defined(__CUDACC__)
+// bhq_inv_cbrt of n values, out[i] = bhq_inv_cbrt(w[i]) bit for bit: the same operations lane by
+// lane, 8 doubles per AVX-512 vector (the bit guess's u / 3 as (u * 0xAAAAAAAB) >> 33, exact for
+// every 32-bit u); values outside [1e-30, 1e30] (and NaN) go to the scalar function (pow).
+// Each scale is a chain of ~20 dependent multiply-adds: BHQ's grouping computed two per group,
+// one group at a time (tests/unit/test_bhq.cpp: equal to the scalar on the sweep).
+void bhq_inv_cbrt_batch(const double* w, int64_t n, float* out);
+#endif
+
 // Number of groups for a granularity.
 FQT_HD int64_t num_groups(Granularity g, int64_t rows, int64_t cols) {
   return g == Granularity::tensor ? 1 : g == Granularity::row ? rows : cols;

@@ -5,6 +5,9 @@
 #include "quant/grid.hpp"
 
 #include <gtest/gtest.h>
+
+#include <bit>
+#include <limits>
 #include <omp.h>
 
 #include <algorithm>
@@ -141,6 +144,43 @@ TEST(Bhq, InverseCubeRootEqualsPow) {
   for (double v : {1e-30, 1e30, 1e-31, 1e31, 1e-300, 1e300, 1.0, 8.0, 0.125, 27.0})
     EXPECT_EQ(quant_detail::bhq_inv_cbrt(v), want(v)) << "w = " << v;
   EXPECT_EQ(quant_detail::bhq_inv_cbrt(8.0), 0.5f);
+}
+
+TEST(Bhq, BatchedInverseCubeRootEqualsScalar) {
+  // bhq_inv_cbrt_batch (8 lanes at a time where the CPU has AVX-512) against bhq_inv_cbrt, bit
+  // for bit: the geometric sweep above with its ulp neighbours, in an order that puts values
+  // outside the Newton range (and NaN, infinities, 0, negatives) inside vectors and tails.
+  std::vector<double> w;
+  for (int64_t i = 0; i <= 200000; ++i) {
+    const double x = std::pow(10.0, -31.0 + 62.0 * static_cast<double>(i) / 200000.0);
+    w.insert(w.end(), {x, std::nextafter(x, 0.0), std::nextafter(x, 1e300)});
+  }
+  for (double v : {1e-30, 1e30, 1e-31, 1e31, 0.0, -1.0, std::numeric_limits<double>::infinity(),
+                   std::numeric_limits<double>::quiet_NaN(), 1e-300, 1e300})
+    w.insert(w.begin() + 13, v);
+  for (int64_t n : {static_cast<int64_t>(w.size()), int64_t{7}, int64_t{8}, int64_t{9}, int64_t{0}}) {
+    std::vector<float> got(static_cast<size_t>(n) + 1, -1.0f);
+    quant_detail::bhq_inv_cbrt_batch(w.data(), n, got.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float want = quant_detail::bhq_inv_cbrt(w[i]);
+      ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want)) << "w = " << w[i] << " at " << i;
+    }
+    EXPECT_EQ(got[n], -1.0f) << "wrote past n = " << n;
+  }
+}
+
+TEST(Bhq, RoundNonnegEqualsStdRound) {
+  // The share loop's inline rounding against std::round: halves, their double neighbours, and a
+  // sweep of cumulative-share-like values up to 2^31.
+  std::vector<double> xs = {0.0, 0.25, 0.5, 1.5, 2.5, 1e6 + 0.5, 2147483647.5};
+  for (double h : {0.5, 1.5, 2.5, 7.5, 1e6 + 0.5, 123456.5})
+    xs.insert(xs.end(), {std::nextafter(h, 0.0), std::nextafter(h, 1e300)});
+  uint64_t s = 12345;
+  for (int i = 0; i < 1000000; ++i) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    xs.push_back(std::ldexp(static_cast<double>(s >> 11), -53 + static_cast<int>(s % 32)));  // [0, 2^31)
+  }
+  for (double x : xs) ASSERT_EQ(quant_detail::round_nonneg(x), static_cast<int64_t>(std::round(x))) << x;
 }
 
 TEST(Bhq, GroupSlicesSplitTheRowsEvenly) {

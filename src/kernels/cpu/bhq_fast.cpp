@@ -106,7 +106,7 @@ std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m, 
 
 BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols) {
   const std::vector<double> m = bhq_row_ranges(x, rows, cols);
-  return bhq_transform_from_ranges(m, bhq_rank_descending_parallel(m));
+  return bhq_transform_from_ranges_batched(m, bhq_rank_descending_parallel(m));
 }
 
 const float* bhq_group_dots(const BhqTransform& t, const float* x, int64_t cols) {

@@ -214,7 +214,7 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
 #pragma omp section
     if (sb) second_draw();
   }
-  qa.transform = bhq_transform_from_ranges(m, rank);
+  qa.transform = bhq_transform_from_ranges_batched(m, rank);
   const BhqTransform& t = *qa.transform;
   qa.codes = Tensor::empty({rows, cols}, DType::u8);
   const float* dots = kernels::bhq_group_dots(t, src, cols);
