@@ -110,6 +110,18 @@ BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::
 // The same transform, member for member and float for float, with the groups' scales computed
 // 8 at a time (quant_detail::bhq_inv_cbrt_batch): what the fast CPU quantizer calls.
 BhqTransform bhq_transform_from_ranges_batched(const std::vector<double>& m, const std::vector<int64_t>& rank);
+// The same in two stages, for a caller that overlaps the first (one thread: the ranges in rank
+// order, the large/small split, the shares and the group offsets) with other work:
+// bhq_transform_from_ranges(m, rank) = bhq_shares(m, rank, s), then bhq_transform_from_shares(s,
+// rank, false) (which takes s.offsets; s keeps its buffers for the next call).
+struct BhqShares {
+  int64_t rows = 0, large = 0;    // N and the number of groups (large rows)
+  std::vector<double> v, prefix;  // ranges in rank order, their prefix sums
+  std::vector<int64_t> nums;      // cumulative small-row counts of the large rows
+  std::vector<int64_t> offsets;   // the groups' member offsets (large + 1)
+};
+void bhq_shares(const std::vector<double>& m, const std::vector<int64_t>& rank, BhqShares& s);
+BhqTransform bhq_transform_from_shares(BhqShares& s, const std::vector<int64_t>& rank, bool batched);
 // BHQ's row order (step 1): indices by range m descending, ties by index (a stable radix sort;
 // every m must be > 0).
 std::vector<int64_t> bhq_rank_descending(const std::vector<double>& m);

@@ -149,76 +149,31 @@ void quant_detail::bhq_inv_cbrt_batch(const double* w, int64_t n, float* out) {
 
 namespace {
 template <bool Batched>
-BhqTransform from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank) {
-  const auto N = static_cast<int64_t>(m.size());
+BhqTransform from_shares(BhqShares& sh, const std::vector<int64_t>& rank) {
+  const int64_t N = sh.rows;
   FQT_CHECK(static_cast<int64_t>(rank.size()) == N, "BHQ: {} ranks for {} rows", rank.size(), N);
   BhqTransform t;
   t.rows = N;
   t.row_scale.assign(N, 1.0f);
-  FQT_CHECK(N <= INT32_MAX, "BHQ: {} rows (at most 2^31 - 1)", N);
   t.row_group.resize(static_cast<size_t>(N));
   if (N == 0) {
     t.offsets = {0};
     return t;
   }
-  // Working arrays kept per thread (the largest layer's size): fresh ones were zero-filled and
-  // page-faulted every call. Their contents are all written before being read.
-  static thread_local std::vector<double> v_buf, prefix_buf;
-  static thread_local std::vector<int64_t> nums_buf;
-  if (static_cast<int64_t>(v_buf.size()) < N + 1) v_buf.resize(N + 1), prefix_buf.resize(N + 1), nums_buf.resize(N + 1);
-  double* v = v_buf.data();
-  double* prefix = prefix_buf.data();
-#pragma omp parallel for schedule(static) if (N > (int64_t{1} << 15))
-  for (int64_t i = 0; i < N; ++i) v[i] = m[rank[i]];
-
   if (N == 1) {  // nothing to share with: plain per-row quantization
     t.offsets = {0, 1};
     t.members = {0};
     t.row_group = {~0};
     return t;
   }
-  // 2. Split into large and small rows. G grows until G * v[N-G-1] / sum(v[0..N-G-1]) > 1,
-  //    i.e. until every large row would receive more than one small row. For N >= 3 this stops
-  //    at G <= N - 1 (G = N - 1 gives (N - 1) v[0] / v[0] > 1); N == 2 (where the authors' loop
-  //    reads out of bounds) is one group of two. The test is monotone in G, in floating point
-  //    too (v[N-G-1] can only grow and the prefix sum of positive terms only shrink as G grows,
-  //    and rounding is monotone), so the first G that passes is found by bisection: the same G
-  //    as the authors' linear scan.
-  int64_t G = 1;
-  prefix[0] = 0.0;
-  for (int64_t i = 0; i < N; ++i) prefix[i + 1] = prefix[i] + v[i];
-  if (N >= 3) {
-    auto passes = [&](int64_t g) { return static_cast<double>(g) * v[N - g - 1] / prefix[N - g] > 1.0; };
-    int64_t lo = 0, hi = N - 1;  // passes(hi)
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (passes(mid)) hi = mid;
-      else lo = mid + 1;
-    }
-    G = lo;
-  }
-  const int64_t NL = N - G;
-  const double total = prefix[NL];  // v[0] + ... + v[NL-1], summed in that order
-  // 3. Small rows shared in proportion to range: nums[i] = roundf(sum_{k<=i} G v_k / total).
-  int64_t* nums = nums_buf.data();
-  double cum = 0;
-  for (int64_t i = 0; i < NL; ++i) {
-    cum += static_cast<double>(G) * v[i] / total;
-    nums[i] = quant_detail::round_nonneg(cum);
-  }
-  nums[NL - 1] = G;  // the cumulative share of all large rows is G (guards rounding of cum)
+  const int64_t NL = sh.large;
+  const double* v = sh.v.data();
+  const int64_t* nums = sh.nums.data();
   // 4-5. Groups and their scales. Group i = large row i, then small rows NL + nums[i-1] ..
   // NL + nums[i] - 1 (sorted positions), so it starts at member i + nums[i-1]; the groups are
-  // independent from here on (one pow() each way per group: a parallel loop).
-  t.offsets.resize(NL + 1);
+  // independent from here on (a parallel loop).
+  t.offsets = std::move(sh.offsets);
   t.members.resize(N);
-  t.offsets[0] = 0;
-  for (int64_t i = 0; i < NL; ++i) {
-    const int64_t prev = i ? nums[i - 1] : 0;
-    FQT_CHECK(nums[i] > prev, "BHQ grouping gave large row {} no small rows (G={}, NL={})", i, G, NL);
-    t.offsets[i + 1] = i + 1 + nums[i];
-  }
-  FQT_CHECK(t.offsets[NL] == N, "BHQ grouping lost rows");
 #pragma omp parallel if (NL > 4096)
   {
     const auto [i0, i1] = t.group_slice(omp_get_thread_num(), omp_get_num_threads());
@@ -262,11 +217,76 @@ BhqTransform from_ranges(const std::vector<double>& m, const std::vector<int64_t
 }
 }  // namespace
 
+void bhq_shares(const std::vector<double>& m, const std::vector<int64_t>& rank, BhqShares& sh) {
+  const auto N = static_cast<int64_t>(m.size());
+  FQT_CHECK(static_cast<int64_t>(rank.size()) == N, "BHQ: {} ranks for {} rows", rank.size(), N);
+  FQT_CHECK(N <= INT32_MAX, "BHQ: {} rows (at most 2^31 - 1)", N);
+  sh.rows = N;
+  sh.large = 0;
+  sh.offsets.clear();
+  if (N <= 1) return;
+  // The working arrays keep their capacity from call to call (the largest layer's size): fresh
+  // ones were zero-filled and page-faulted every call. Their contents are all written before
+  // being read.
+  if (static_cast<int64_t>(sh.v.size()) < N + 1) sh.v.resize(N + 1), sh.prefix.resize(N + 1), sh.nums.resize(N + 1);
+  double* v = sh.v.data();
+  double* prefix = sh.prefix.data();
+#pragma omp parallel for schedule(static) if (N > (int64_t{1} << 15))
+  for (int64_t i = 0; i < N; ++i) v[i] = m[rank[i]];
+  // 2. Split into large and small rows. G grows until G * v[N-G-1] / sum(v[0..N-G-1]) > 1,
+  //    i.e. until every large row would receive more than one small row. For N >= 3 this stops
+  //    at G <= N - 1 (G = N - 1 gives (N - 1) v[0] / v[0] > 1); N == 2 (where the authors' loop
+  //    reads out of bounds) is one group of two. The test is monotone in G, in floating point
+  //    too (v[N-G-1] can only grow and the prefix sum of positive terms only shrink as G grows,
+  //    and rounding is monotone), so the first G that passes is found by bisection: the same G
+  //    as the authors' linear scan.
+  int64_t G = 1;
+  prefix[0] = 0.0;
+  for (int64_t i = 0; i < N; ++i) prefix[i + 1] = prefix[i] + v[i];
+  if (N >= 3) {
+    auto passes = [&](int64_t g) { return static_cast<double>(g) * v[N - g - 1] / prefix[N - g] > 1.0; };
+    int64_t lo = 0, hi = N - 1;  // passes(hi)
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (passes(mid)) hi = mid;
+      else lo = mid + 1;
+    }
+    G = lo;
+  }
+  const int64_t NL = N - G;
+  const double total = prefix[NL];  // v[0] + ... + v[NL-1], summed in that order
+  // 3. Small rows shared in proportion to range: nums[i] = roundf(sum_{k<=i} G v_k / total).
+  int64_t* nums = sh.nums.data();
+  double cum = 0;
+  for (int64_t i = 0; i < NL; ++i) {
+    cum += static_cast<double>(G) * v[i] / total;
+    nums[i] = quant_detail::round_nonneg(cum);
+  }
+  nums[NL - 1] = G;  // the cumulative share of all large rows is G (guards rounding of cum)
+  sh.offsets.resize(NL + 1);
+  sh.offsets[0] = 0;
+  for (int64_t i = 0; i < NL; ++i) {
+    const int64_t prev = i ? nums[i - 1] : 0;
+    FQT_CHECK(nums[i] > prev, "BHQ grouping gave large row {} no small rows (G={}, NL={})", i, G, NL);
+    sh.offsets[i + 1] = i + 1 + nums[i];
+  }
+  FQT_CHECK(sh.offsets[NL] == N, "BHQ grouping lost rows");
+  sh.large = NL;
+}
+
+BhqTransform bhq_transform_from_shares(BhqShares& sh, const std::vector<int64_t>& rank, bool batched) {
+  return batched ? from_shares<true>(sh, rank) : from_shares<false>(sh, rank);
+}
+
 BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank) {
-  return from_ranges<false>(m, rank);
+  static thread_local BhqShares sh;
+  bhq_shares(m, rank, sh);
+  return from_shares<false>(sh, rank);
 }
 BhqTransform bhq_transform_from_ranges_batched(const std::vector<double>& m, const std::vector<int64_t>& rank) {
-  return from_ranges<true>(m, rank);
+  static thread_local BhqShares sh;
+  bhq_shares(m, rank, sh);
+  return from_shares<true>(sh, rank);
 }
 
 namespace {

@@ -11,6 +11,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <exception>
 #include <cmath>
 #include <limits>
 
@@ -207,14 +208,26 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
       round_run_stochastic(src + e0, u.data(), n, lo, scale, Bb, cb + e0);
     }
   };
+  // The grouping's serial part (shares, offsets) follows the sort on its thread, also hidden
+  // behind the second draw; the groups' members and scales are filled on all threads after.
+  // (By reference: inside the sections `shares_tl` would name the running thread's own copy.)
+  static thread_local BhqShares shares_tl;
+  BhqShares& shares = shares_tl;
+  std::exception_ptr err;  // an exception may not leave a section
 #pragma omp parallel sections num_threads(std::min(2, omp_get_max_threads())) if (sb && rows * cols > kParallelMin)
   {
 #pragma omp section
-    rank = kernels::bhq_rank_descending_parallel(m);
+    try {
+      rank = kernels::bhq_rank_descending_parallel(m);
+      bhq_shares(m, rank, shares);
+    } catch (...) {
+      err = std::current_exception();
+    }
 #pragma omp section
     if (sb) second_draw();
   }
-  qa.transform = bhq_transform_from_ranges_batched(m, rank);
+  if (err) std::rethrow_exception(err);
+  qa.transform = bhq_transform_from_shares(shares, rank, true);
   const BhqTransform& t = *qa.transform;
   qa.codes = Tensor::empty({rows, cols}, DType::u8);
   const float* dots = kernels::bhq_group_dots(t, src, cols);
