@@ -149,7 +149,8 @@ DeviceQuantized upload(const QuantizedTensor& q, cudaStream_t stream = nullptr);
 // No silent overflow: an int32 sum of K products is exact while K a_absmax b_absmax < 2^31.
 // igemm_s8s8s32 throws fqt::Error past that bound; igemm_s8s8s64 splits K into chunks within it
 // and sums the chunks in int64. a_absmax / b_absmax bound |A| and |B| (default: full s8 range;
-// 7-bit codes 0..127 may pass 127). Asynchronous on `stream`; scratch is per host thread.
+// 7-bit codes 0..127 may pass 127). Asynchronous on `stream`; scratch (padded copies, the
+// cuBLASLt workspace) is per host thread: not reentrant per host thread with several streams at once.
 void igemm_s8s8s32(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, const int8_t* B_t, int64_t ldb,
                    int32_t* C, int64_t ldc, cudaStream_t stream = nullptr, int64_t a_absmax = 128,
                    int64_t b_absmax = 128);
@@ -163,7 +164,8 @@ int64_t igemm_chunk_k(int64_t a_absmax, int64_t b_absmax);
 // accumulate: qgemm() of fqt/igemm.hpp on the device, bit-identical to it (same integer sums
 // from igemm_s8s8s*, the same double epilogue term for term, the same operand swap for N > M,
 // BHQ's T^-1 on a BHQ left operand). Grids per tensor or per row on both sides; a per-column
-// grid or a BHQ right operand throws fqt::Error. Asynchronous on `stream`; scratch per host thread.
+// grid or a BHQ right operand throws fqt::Error. Asynchronous on `stream`; scratch per host
+// thread (not reentrant per host thread with several streams at once).
 void qgemm_device(const DeviceQuantized& a, const DeviceQuantized& b, float* c, bool accumulate = false,
                   cudaStream_t stream = nullptr);
 

@@ -172,7 +172,10 @@ BhqTransform from_shares(BhqShares& sh, const std::vector<int64_t>& rank) {
   // 4-5. Groups and their scales. Group i = large row i, then small rows NL + nums[i-1] ..
   // NL + nums[i] - 1 (sorted positions), so it starts at member i + nums[i-1]; the groups are
   // independent from here on (a parallel loop).
+  FQT_CHECK(static_cast<int64_t>(sh.offsets.size()) == NL + 1,
+            "bhq_transform_from_shares: the shares hold no offsets (used twice, or not from bhq_shares)");
   t.offsets = std::move(sh.offsets);
+  sh.offsets.clear();
   t.members.resize(N);
 #pragma omp parallel if (NL > 4096)
   {
@@ -231,6 +234,7 @@ void bhq_shares(const std::vector<double>& m, const std::vector<int64_t>& rank, 
   if (static_cast<int64_t>(sh.v.size()) < N + 1) sh.v.resize(N + 1), sh.prefix.resize(N + 1), sh.nums.resize(N + 1);
   double* v = sh.v.data();
   double* prefix = sh.prefix.data();
+  // (Inside quantize_bhq's sections this region is nested and runs on the section's thread.)
 #pragma omp parallel for schedule(static) if (N > (int64_t{1} << 15))
   for (int64_t i = 0; i < N; ++i) v[i] = m[rank[i]];
   // 2. Split into large and small rows. G grows until G * v[N-G-1] / sum(v[0..N-G-1]) > 1,

@@ -98,6 +98,8 @@ TEST_F(CudaGemm, EqualsIntegerReferenceOnEveryShape) {
       {1000, 3, 17, 0, 0, 0, 0, 0},      {256, 128, 5000, 0, 0, 0, 0, 0}, {33, 65, 4096, 0, 0, 0, 0, 0},
       {64, 64, 64, 16, 32, 4, 0, 0},     {64, 64, 64, 3, 5, 1, 0, 0},     {40, 24, 96, 0, 0, 0, 1, 3},
       {128, 16, 1152, 0, 0, 0, 0, 0},    {16, 144, 1568, 0, 0, 0, 0, 0},  {1, 1000, 512, 0, 0, 7, 0, 0},
+      // (added after the H200 runs of 2026-12-04, not yet run on a device:) K = 0, M = 0
+      {3, 5, 0, 1, 1, 2, 0, 0},          {0, 4, 8, 0, 0, 0, 0, 0},
   };
   uint64_t seed = 100;
   for (const Case& t : cases)
@@ -186,8 +188,10 @@ TEST_F(CudaGemm, QuantizedEqualsCpuQgemmBitForBit) {
             ++checked;
             if (std::memcmp(want.raw(), got.raw(), static_cast<size_t>(sh.M * sh.N) * sizeof(float)) != 0) {
               if (++differing <= 5) {
-                int64_t i = 0;
-                while (want.data<float>()[i] == got.data<float>()[i]) ++i;
+                int64_t i = 0;  // the first differing bit pattern (+0 / -0 and NaN included)
+                while (i + 1 < sh.M * sh.N &&
+                       std::memcmp(want.data<float>() + i, got.data<float>() + i, sizeof(float)) == 0)
+                  ++i;
                 ADD_FAILURE() << traits(ka).name << " " << ba << "b x " << traits(kb).name << " " << bb << "b "
                               << sh.M << "x" << sh.N << "x" << sh.K << (acc ? " acc" : "") << ": element " << i
                               << " cpu " << want.data<float>()[i] << " gpu " << got.data<float>()[i];
@@ -195,6 +199,21 @@ TEST_F(CudaGemm, QuantizedEqualsCpuQgemmBitForBit) {
             }
           }
         }
+  // (Added after the H200 runs of 2026-12-04, not yet run on a device:) 8-bit codes on both
+  // sides over K = 131088, past the int32 bound of 128 x 128 products: the int64 path.
+  {
+    const int64_t K = 131088;
+    const QuantizedTensor qa = quantize(synthetic_matrix(SynthKind::gaussian, 2, K, 77), {QuantizerKind::psq, 8}, {7, 1});
+    const QuantizedTensor qb = quantize(synthetic_matrix(SynthKind::gaussian, 3, K, 78), {QuantizerKind::affine, 8}, {});
+    Tensor want;
+    qgemm(qa, qb, want, false);
+    const Tensor got = qgemm_cuda(qa, qb);
+    ++checked;
+    if (std::memcmp(want.raw(), got.raw(), 6 * sizeof(float)) != 0) {
+      ++differing;
+      ADD_FAILURE() << "psq 8b x affine 8b 2x3x" << K << " (int64 path) differs from the CPU";
+    }
+  }
   std::printf("qgemm: %d of %d products bit-identical to the CPU\n", checked - differing, checked);
   EXPECT_EQ(differing, 0);
   // What the CPU refuses, the device refuses too.
@@ -202,10 +221,14 @@ TEST_F(CudaGemm, QuantizedEqualsCpuQgemmBitForBit) {
   const QuantizedTensor row = quantize(synthetic_matrix(SynthKind::gaussian, 8, 16, 2), {QuantizerKind::psq, 8}, {3, 4});
   const QuantizedTensor bhq = quantize(synthetic_matrix(SynthKind::gaussian, 8, 16, 3), {QuantizerKind::bhq, 8}, {3, 4});
   const QuantizedTensor short_k = quantize(synthetic_matrix(SynthKind::gaussian, 8, 15, 4), {QuantizerKind::psq, 8}, {3, 4});
-  EXPECT_THROW(qgemm_cuda(col, row), Error);
-  EXPECT_THROW(qgemm_cuda(row, col), Error);
-  EXPECT_THROW(qgemm_cuda(row, bhq), Error);
-  EXPECT_THROW(qgemm_cuda(row, short_k), Error);
+  // Uploaded first, so that only qgemm_device itself can throw.
+  const cuda::DeviceQuantized dcol = cuda::upload(col), drow = cuda::upload(row), dbhq = cuda::upload(bhq),
+                              dshort = cuda::upload(short_k);
+  cuda::DeviceBuffer out(64 * sizeof(float));
+  EXPECT_THROW(cuda::qgemm_device(dcol, drow, out.as<float>()), Error);
+  EXPECT_THROW(cuda::qgemm_device(drow, dcol, out.as<float>()), Error);
+  EXPECT_THROW(cuda::qgemm_device(drow, dbhq, out.as<float>()), Error);
+  EXPECT_THROW(cuda::qgemm_device(drow, dshort, out.as<float>()), Error);
 }
 
 // int8 (cuBLASLt, int32 compute) against fp32 (cuBLAS sgemm, no TF32) on the same shapes and

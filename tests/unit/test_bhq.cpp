@@ -183,6 +183,31 @@ TEST(Bhq, RoundNonnegEqualsStdRound) {
   for (double x : xs) ASSERT_EQ(quant_detail::round_nonneg(x), static_cast<int64_t>(std::round(x))) << x;
 }
 
+TEST(Bhq, TwoStageGroupingEqualsOneCall) {
+  // bhq_shares + bhq_transform_from_shares (how quantize_pair splits the grouping across threads)
+  // against bhq_transform_from_ranges, with one BhqShares reused across shapes; shares whose
+  // offsets were already taken are refused.
+  BhqShares sh;
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{0, 4}, {1, 4}, {2, 3}, {300, 16}, {20000, 9}, {5, 2}}) {
+    const Tensor x = synthetic_matrix(SynthKind::heavy_tailed, rows, cols, 11);
+    const std::vector<double> m = kernels::bhq_row_ranges(x.data<float>(), rows, cols);
+    const std::vector<int64_t> rank = bhq_rank_descending(m);
+    const BhqTransform want = bhq_transform_from_ranges(m, rank);
+    bhq_shares(m, rank, sh);
+    for (bool batched : {false, true}) {
+      BhqShares copy = sh;
+      const BhqTransform got = bhq_transform_from_shares(copy, rank, batched);
+      EXPECT_EQ(got.offsets, want.offsets) << rows << "x" << cols;
+      EXPECT_EQ(got.members, want.members) << rows << "x" << cols;
+      EXPECT_EQ(got.row_scale, want.row_scale) << rows << "x" << cols;
+      EXPECT_EQ(got.row_group, want.row_group) << rows << "x" << cols;
+      if (rows >= 2) {
+        EXPECT_THROW(bhq_transform_from_shares(copy, rank, batched), Error) << "offsets taken twice";
+      }
+    }
+  }
+}
+
 TEST(Bhq, GroupSlicesSplitTheRowsEvenly) {
   // Heavy-tailed rows: the first groups (largest ranges) hold many small rows. The nt slices are
   // consecutive, cover every group once, and each holds rows/nt rows to within one group.

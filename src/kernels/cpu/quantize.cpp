@@ -213,7 +213,7 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
   // (By reference: inside the sections `shares_tl` would name the running thread's own copy.)
   static thread_local BhqShares shares_tl;
   BhqShares& shares = shares_tl;
-  std::exception_ptr err;  // an exception may not leave a section
+  std::exception_ptr err1, err2;  // an exception may not leave a section
 #pragma omp parallel sections num_threads(std::min(2, omp_get_max_threads())) if (sb && rows * cols > kParallelMin)
   {
 #pragma omp section
@@ -221,12 +221,17 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
       rank = kernels::bhq_rank_descending_parallel(m);
       bhq_shares(m, rank, shares);
     } catch (...) {
-      err = std::current_exception();
+      err1 = std::current_exception();
     }
 #pragma omp section
-    if (sb) second_draw();
+    try {
+      if (sb) second_draw();
+    } catch (...) {
+      err2 = std::current_exception();
+    }
   }
-  if (err) std::rethrow_exception(err);
+  if (err1) std::rethrow_exception(err1);
+  if (err2) std::rethrow_exception(err2);
   qa.transform = bhq_transform_from_shares(shares, rank, true);
   const BhqTransform& t = *qa.transform;
   qa.codes = Tensor::empty({rows, cols}, DType::u8);

@@ -70,33 +70,41 @@ const Plan& plan(Lt& s, int64_t M, int64_t n_pad, int64_t k, int64_t lda, int64_
   const auto key = std::make_tuple(M, n_pad, k, lda, ldb, ldc);
   if (auto it = s.plans.find(key); it != s.plans.end()) return it->second;
   Plan p;
-  LT_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32I, CUDA_R_32I));
-  const cublasOperation_t t = CUBLAS_OP_T, n = CUBLAS_OP_N;
-  LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
-  LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &n, sizeof n));
-  LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8I, k, n_pad, ldb));
-  LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8I, k, M, lda));
-  LT_CHECK(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32I, n_pad, M, ldc));
   cublasLtMatmulPreference_t pref = nullptr;
-  LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const size_t ws = kLtWorkspace;
-  const uint32_t al = kAlign;
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-  for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
-    cublasLtMatmulPreferenceSetAttribute(pref, attr, &al, sizeof al);
+  auto release = [&] {  // on every exit but success: nothing made here outlives a failure
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (p.a) cublasLtMatrixLayoutDestroy(p.a);
+    if (p.b) cublasLtMatrixLayoutDestroy(p.b);
+    if (p.c) cublasLtMatrixLayoutDestroy(p.c);
+    if (p.op) cublasLtMatmulDescDestroy(p.op);
+  };
   cublasLtMatmulHeuristicResult_t res{};
   int found = 0;
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(s.handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
-  cublasLtMatmulPreferenceDestroy(pref);
-  if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
-    cublasLtMatrixLayoutDestroy(p.a);
-    cublasLtMatrixLayoutDestroy(p.b);
-    cublasLtMatrixLayoutDestroy(p.c);
-    cublasLtMatmulDescDestroy(p.op);
-    throw Error(fmt::format("cuBLASLt has no int8 kernel for M={} N={} K={} (lda {}, ldb {}, ldc {}): {}", M, n_pad,
-                            k, lda, ldb, ldc, cublasLtGetStatusString(st)));
+  try {
+    LT_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32I, CUDA_R_32I));
+    const cublasOperation_t t = CUBLAS_OP_T, n = CUBLAS_OP_N;
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &n, sizeof n));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8I, k, n_pad, ldb));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8I, k, M, lda));
+    LT_CHECK(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32I, n_pad, M, ldc));
+    LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const size_t ws = kLtWorkspace;
+    const uint32_t al = kAlign;
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+      LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &al, sizeof al));
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(s.handle, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
+    if (st != CUBLAS_STATUS_SUCCESS || found == 0)
+      throw Error(fmt::format("cuBLASLt has no int8 kernel for M={} N={} K={} (lda {}, ldb {}, ldc {}): {}", M,
+                              n_pad, k, lda, ldb, ldc, cublasLtGetStatusString(st)));
+  } catch (...) {
+    release();
+    throw;
   }
+  cublasLtMatmulPreferenceDestroy(pref);
   p.algo = res.algo;
   return s.plans.emplace(key, p).first->second;
 }

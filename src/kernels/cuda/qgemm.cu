@@ -38,8 +38,8 @@ DSide side(const DeviceQuantized& q) {
 
 unsigned blocks(int64_t work) { return static_cast<unsigned>(std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, 65535)); }
 
-// B' [NS, K], NS = N + 1 rounded up to a multiple of 4 (cuBLASLt's int8 kernels take it without
-// a padded copy): rows qb ^ flip (= qb - zb as s8), a row of ones, zero rows; rb[n] = sum_k qb.
+// B' [NS, K], NS = N + 1 rounded up to a multiple of 4 (cuBLASLt's int8 kernels then take it
+// without a padded copy when K is a multiple of 16; other K are still copied): rows qb ^ flip (= qb - zb as s8), a row of ones, zero rows; rb[n] = sum_k qb.
 __global__ void prep_b_kernel(const uint8_t* __restrict__ b, int64_t N, int64_t K, uint8_t flip, int8_t* __restrict__ out,
                               long long* __restrict__ rb) {
   const int64_t n = blockIdx.x;
