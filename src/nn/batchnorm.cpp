@@ -10,6 +10,7 @@
 #include "relu_mask.hpp"
 
 #include <algorithm>
+#include <exception>
 #include <cmath>
 #include <limits>
 
@@ -268,6 +269,7 @@ bool BatchNorm2d::can_forward_codes(QuantizerSpec spec, const StepContext& ctx) 
 QuantizedTensor BatchNorm2d::forward_codes(const Tensor& x, const StepContext& ctx, QuantizerSpec spec) {
   FQT_CHECK(can_forward_codes(spec, ctx), "BatchNorm2d {}: forward_codes needs the fused ReLU, a training forward and "
             "a deterministic per-tensor quantizer", name_);
+  quant_detail::check_spec(spec);  // (before the parallel region, where it may not throw)
   QuantizedTensor q;
   q.spec = spec;
   ValueRange range;
@@ -337,6 +339,7 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
   float* yp = nullptr;
   uint8_t* cp = nullptr;
   float ylo = std::numeric_limits<float>::infinity(), yhi = -ylo;
+  std::exception_ptr err;
 #pragma omp parallel if (parallel_worth(N * C * P))
   {
 #pragma omp for schedule(static)
@@ -352,7 +355,7 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
         if (codes) part_lo[gi * C + c] = lo, part_hi[gi * C + c] = hi;
       }
 #pragma omp single
-    {
+    try {  // (allocations: an exception may not leave the region; rethrown after it)
       bool finite = true;
       for (int64_t c = 0; c < C; ++c) {
         double sum = 0.0, sq = 0.0;
@@ -374,9 +377,7 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
           normalize_run(ends, 2, mean_[c], invstd_[c], g[c], b[c], relu_, img, &ylo, &yhi);
         }
         const double dmn = ylo, dmx = yhi;
-        const QuantizerSpec spec = codes->spec;
-        quant_detail::check_spec(spec);
-        *codes = quant_detail::make_header(spec, N, C * P, &dmn, &dmx);
+        *codes = quant_detail::make_header(codes->spec, N, C * P, &dmn, &dmx);
         codes->codes = Tensor::empty({N, C * P}, DType::u8);
         cp = codes->codes.data<uint8_t>();
       } else {
@@ -384,8 +385,12 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
         yp = y.data<float>();
       }
       if (relu_) zero_shared_mask_bytes(N * C, P, mk);
-    }  // (implicit barrier)
-    if (fused) {
+    } catch (...) {
+      err = std::current_exception();
+    }  // (implicit barrier: every thread sees err)
+    if (err) {
+      // nothing more: rethrown below
+    } else if (fused) {
       std::vector<float> buf(static_cast<size_t>(P));
       const float qlo = codes->lo[0], qscale = codes->scale[0];
       const int B = codes->max_code();
@@ -409,6 +414,7 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
         }
     }
   }
+  if (err) std::rethrow_exception(err);
   if (range && relu_) *range = {ylo, yhi, true};
   for (int64_t c = 0; c < C; ++c) {
     rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean[c]);

@@ -513,6 +513,11 @@ TEST(nn, batchnorm_forward_codes_equals_forward_then_quantize) {
   EXPECT_FALSE(plain.can_forward_codes(act, StepContext{true, 0, 0}));
   EXPECT_FALSE(relu_bn.can_forward_codes({QuantizerKind::ptq, 8}, StepContext{true, 0, 0}));
   EXPECT_THROW(plain.forward_codes(randn({2, 2, 3, 3}, 73), StepContext{true, 0, 0}, act), Error);
+  // A spec it cannot quantize to (9 bits) is an error, also on an input big enough for the
+  // threads (no exception may leave the parallel region).
+  EXPECT_THROW(relu_bn.forward_codes(randn({8, 2, 64, 64}, 74), StepContext{true, 0, 0},
+                                     {QuantizerKind::zero_aligned, 9}),
+               Error);
 }
 
 // The fused entry points refuse what they cannot do, with a message: codes given to an fp32
