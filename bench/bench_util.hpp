@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <exception>
 #include <functional>
 #include <vector>
 
@@ -34,6 +36,19 @@ inline Tensor randn(const Shape& shape, uint64_t seed, uint64_t stream, float s 
   Tensor t = Tensor::empty(shape);
   for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = s * normal_at({seed, stream}, static_cast<uint64_t>(i));
   return t;
+}
+
+// A micro-benchmark's main(): the fqt CLI's allocator setting (retain_freed_memory;
+// FQT_NO_MALLOPT=1: without), then run(argc, argv); an exception is printed as "name: what" and
+// exits 2.
+inline int main_guard(const char* name, int argc, char** argv, int (*run)(int, char**)) {
+  retain_freed_memory();
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", name, e.what());
+    return 2;
+  }
 }
 
 }  // namespace fqt::bench

@@ -61,12 +61,4 @@ int run(int argc, char** argv) {
   return 0;
 }
 
-int main(int argc, char** argv) {
-  retain_freed_memory();  // as the fqt CLI does (FQT_NO_MALLOPT=1: without)
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_conv_layer: %s\n", e.what());
-    return 2;
-  }
-}
+int main(int argc, char** argv) { return fqt::bench::main_guard("bench_conv_layer", argc, argv, run); }

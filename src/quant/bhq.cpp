@@ -282,15 +282,19 @@ BhqTransform bhq_transform_from_shares(BhqShares& sh, const std::vector<int64_t>
   return batched ? from_shares<true>(sh, rank) : from_shares<false>(sh, rank);
 }
 
-BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank) {
-  static thread_local BhqShares sh;
+namespace {
+BhqTransform from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank, bool batched) {
+  static thread_local BhqShares sh;  // its buffers, kept from call to call
   bhq_shares(m, rank, sh);
-  return from_shares<false>(sh, rank);
+  return bhq_transform_from_shares(sh, rank, batched);
+}
+}  // namespace
+
+BhqTransform bhq_transform_from_ranges(const std::vector<double>& m, const std::vector<int64_t>& rank) {
+  return from_ranges(m, rank, false);
 }
 BhqTransform bhq_transform_from_ranges_batched(const std::vector<double>& m, const std::vector<int64_t>& rank) {
-  static thread_local BhqShares sh;
-  bhq_shares(m, rank, sh);
-  return from_shares<true>(sh, rank);
+  return from_ranges(m, rank, true);
 }
 
 namespace {

@@ -5,6 +5,7 @@
 // 128 x 128 over K = 200003, which only the chunked int64 entry point may take). Every test skips
 // without a device. CudaGemm.Bench times int8 against cuBLAS fp32 (FQT_CUDA_BENCH=1).
 // The quantized GEMM on the device (cuda::qgemm_device) must equal the CPU's qgemm() bit for bit.
+#include "cuda_timing.hpp"
 #include "fqt/cuda.hpp"
 #include "fqt/igemm.hpp"
 #include "fqt/stats.hpp"
@@ -238,25 +239,7 @@ TEST_F(CudaGemm, Bench) {
   cublasHandle_t h = nullptr;
   ASSERT_EQ(cublasCreate(&h), CUBLAS_STATUS_SUCCESS);
   ASSERT_EQ(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH), CUBLAS_STATUS_SUCCESS);
-  cudaEvent_t e0, e1;
-  CUDA_CHECK(cudaEventCreate(&e0));
-  CUDA_CHECK(cudaEventCreate(&e1));
-  auto median_ms = [&](auto&& fn) {
-    for (int i = 0; i < 3; ++i) fn();
-    CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<float> ms;
-    for (int i = 0; i < 20; ++i) {
-      CUDA_CHECK(cudaEventRecord(e0));
-      fn();
-      CUDA_CHECK(cudaEventRecord(e1));
-      CUDA_CHECK(cudaEventSynchronize(e1));
-      float t = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
-  };
+  auto median_ms = [](auto&& fn) { return cuda_test::time_events(20, fn).median; };
   std::string out = fmt::format("\n{}, C = A B^T (row-major), medians of 20 runs (CUDA events)\n", cuda::device_name(0));
   out += "| M x N x K | int8 ms | int8 TOPS | fp32 ms | fp32 TFLOPS | int8 / fp32 |\n|---|---:|---:|---:|---:|---:|\n";
   // Square shapes, then the im2col GEMMs of a PreAct-ResNet-20 stage-1 layer over a batch of 128
@@ -296,8 +279,6 @@ TEST_F(CudaGemm, Bench) {
     const float ms = median_ms([&] { cuda::qgemm_device(qa, qb, dc.as<float>()); });
     out += fmt::format("| {} x {} x {} | {:.3f} | {:.1f} |\n", M, N, K, ms, 2.0 * M * N * K / (ms * 1e-3) / 1e12);
   }
-  CUDA_CHECK(cudaEventDestroy(e0));
-  CUDA_CHECK(cudaEventDestroy(e1));
   cublasDestroy(h);
   std::printf("%s", out.c_str());
   if (const char* path = std::getenv("FQT_CUDA_BENCH_OUT"))

@@ -4,6 +4,7 @@
 //
 // Cuda.Bench times the kernels; it runs only when FQT_CUDA_BENCH is set
 // (scripts/gpu_check sets it).
+#include "cuda_timing.hpp"
 #include "fqt/cuda.hpp"
 #include "fqt/quant.hpp"
 #include "fqt/stats.hpp"
@@ -223,24 +224,9 @@ TEST_F(Cuda, Bench) {
   cuda::DeviceTensor dx = cuda::upload(x);
   cuda::DeviceQuantized dq;
   cuda::DeviceBuffer deq(n * sizeof(float)), copy(n * sizeof(float));
-  cudaEvent_t e0, e1;
-  CUDA_CHECK(cudaEventCreate(&e0));
-  CUDA_CHECK(cudaEventCreate(&e1));
-  auto time_ms = [&](auto&& fn) {
-    for (int i = 0; i < 3; ++i) fn();
-    CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<float> ms;
-    for (int i = 0; i < 50; ++i) {
-      CUDA_CHECK(cudaEventRecord(e0));
-      fn();
-      CUDA_CHECK(cudaEventRecord(e1));
-      CUDA_CHECK(cudaEventSynchronize(e1));
-      float t = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    return std::pair<float, float>{ms[ms.size() / 2], ms.front()};
+  auto time_ms = [](auto&& fn) {
+    const cuda_test::EventTimes t = cuda_test::time_events(50, fn);
+    return std::pair<float, float>{t.median, t.min};
   };
   struct Row {
     std::string what;
@@ -270,8 +256,6 @@ TEST_F(Cuda, Bench) {
       table.push_back({fmt::format("dequantize {}", traits(k).name), dmed, dmn, 5.0 * n});
     }
   }
-  CUDA_CHECK(cudaEventDestroy(e0));
-  CUDA_CHECK(cudaEventDestroy(e1));
   std::string out = fmt::format("\n{} , 8192 x 4096 f32 heavy-tailed, 50 runs (CUDA events)\n",
                                 cuda::device_name(0));
   out += "| operation | median ms | min ms | GB/s (min. traffic, median) |\n|---|---:|---:|---:|\n";

@@ -159,6 +159,14 @@ __global__ void add_chunk_kernel(const int32_t* __restrict__ src, int64_t lds, i
   }
 }
 
+// The cases with no product to run: nothing (M or N = 0) or C = 0 (K = 0). True when handled.
+template <typename T> bool trivial(int64_t M, int64_t N, int64_t K, T* C, int64_t ldc, cudaStream_t stream) {
+  if (M == 0 || N == 0) return true;
+  if (K != 0) return false;
+  CUDA_CHECK(cudaMemset2DAsync(C, ldc * sizeof(T), 0, N * sizeof(T), M, stream));
+  return true;
+}
+
 }  // namespace
 
 int64_t igemm_chunk_k(int64_t a_absmax, int64_t b_absmax) {
@@ -172,11 +180,7 @@ void igemm_s8s8s32(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda
   FQT_CHECK(K * a_absmax * b_absmax <= INT32_MAX,
             "cuda::igemm_s8s8s32: K = {} products of |A| <= {} and |B| <= {} can overflow int32 (use igemm_s8s8s64)",
             K, a_absmax, b_absmax);
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    CUDA_CHECK(cudaMemset2DAsync(C, ldc * sizeof(int32_t), 0, N * sizeof(int32_t), M, stream));
-    return;
-  }
+  if (trivial(M, N, K, C, ldc, stream)) return;
   Lt& s = lt();
   const Operands o = prepare(s, M, N, K, A, lda, B_t, ldb, stream);
   if (o.n_pad == N && ldc % 4 == 0 && aligned(C, kAlign)) {
@@ -192,11 +196,7 @@ void igemm_s8s8s32(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda
 void igemm_s8s8s64(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, const int8_t* B_t, int64_t ldb,
                    int64_t* C, int64_t ldc, cudaStream_t stream, int64_t a_absmax, int64_t b_absmax) {
   check_args("cuda::igemm_s8s8s64", M, N, K, A, lda, B_t, ldb, C, ldc, a_absmax, b_absmax);
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    CUDA_CHECK(cudaMemset2DAsync(C, ldc * sizeof(int64_t), 0, N * sizeof(int64_t), M, stream));
-    return;
-  }
+  if (trivial(M, N, K, C, ldc, stream)) return;
   Lt& s = lt();
   const Operands o = prepare(s, M, N, K, A, lda, B_t, ldb, stream);
   const int64_t chunk = igemm_chunk_k(a_absmax, b_absmax);
