@@ -34,6 +34,14 @@ def fmt(v, spec=".1f", none="—"):
     return none if v is None else format(v, spec)
 
 
+def rc_of(r):
+    """A record's recomputation setting: "off", "auto" or "on" (records before "auto" hold a bool)."""
+    v = r.get("recompute", False)
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return str(v)
+
+
 def ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
@@ -76,7 +84,7 @@ def main(argv):
 
     def key_of(r):
         return (r["model"], r.get("framework", "fqt"), r.get("mode"), r.get("dgrad", "-"), r.get("arith", "-"),
-                bool(r.get("recompute", False)))
+                rc_of(r))
 
     def collect(pattern):
         for p in sorted(glob.glob(os.path.join(run, pattern))):
@@ -195,7 +203,9 @@ def main(argv):
         w("")
 
     # ---- steps ----
-    fp32_of = {r["model"]: r for r in steps if r.get("mode") == "fp32" and not r.get("recompute")}
+    fp32_of = {r["model"]: r for r in steps if r.get("mode") == "fp32" and rc_of(r) == "off"}
+    # fqt's default: --recompute auto (records before it: off)
+    default_rc = "auto" if any(rc_of(r) == "auto" for r in steps) else "off"
     torch_of = {r["model"]: r for r in torch}
 
     def speedup(base, r):
@@ -215,8 +225,9 @@ def main(argv):
           "kernels per step, summed over the threads that call them (Conv2d runs one sample per thread; the dgrad of the "
           "16-channel layers finishes its rows inside the kernel, counted whole); "
           "`saved act.` = bytes kept "
-          "from forward for backward (activations or their codes); `recomp.` = `--recompute` (batch norms keep no "
-          "fp32 input, backward recomputes it from the saved codes; bit-identical gradients); `peak RSS` = peak resident set of the process "
+          "from forward for backward (activations or their codes); `recomp.` = `--recompute`: which batch norms keep no "
+          "fp32 input, backward recomputing it from the saved codes with bit-identical gradients (off: none; on: all; "
+          "auto, the default: those fed by convolutions reducing over <= 144 terms, the first stage's, and none in fp32); `peak RSS` = peak resident set of the process "
           "running that configuration alone (fqt: a fork()ed child per configuration; PyTorch: a process per "
           "model, including the Python and PyTorch runtime). "
           f"Each configuration ran in {nrounds} round(s), fqt and PyTorch alternating; times are medians over the "
@@ -238,7 +249,7 @@ def main(argv):
                 qs = r.get("quantizer_share")
                 sa = r.get("saved_activation_bytes")
                 rss = r.get("peak_rss_bytes")
-                rc = ("on" if r.get("recompute") else "off") if fw == "fqt" else "—"
+                rc = rc_of(r) if fw == "fqt" else "—"
                 w(f"| {m} | {fw} | {r.get('mode', '')} | {r.get('dgrad', '-')} | {r.get('arith', '-')} | {rc} | "
                   f"{fmt(r['median_ms'])} | {fmt(r.get('images_per_s'), '.0f')} | "
                   f"{fmt(None if qs is None else 100 * qs, '.1f')}{'%' if qs is not None else ''} | "
@@ -280,42 +291,52 @@ def main(argv):
     target("int8 GEMM >= 3x fp32 GEMM at 1024^3", sq["speedup"] if sq else None, lambda v: v >= 3)
     M = "preact_resnet20"
     base, tref = fp32_of.get(M), torch_of.get(M)
-    fqt_int = [r for r in steps if r["model"] == M and r.get("mode") == "fqt" and r.get("arith") == "int"
-               and not r.get("recompute")]
-    fqt_re = [r for r in steps if r["model"] == M and r.get("mode") == "fqt" and r.get("arith") == "int"
-              and r.get("recompute")]
+    def fqt_rows(rc):
+        return [r for r in steps if r["model"] == M and r.get("mode") == "fqt" and r.get("arith") == "int"
+                and rc_of(r) == rc]
+    fqt_int = fqt_rows(default_rc)
+    dflt = f" (default --recompute {default_rc})" if default_rc != "off" else ""
     for r in fqt_int:
         d = r.get("dgrad")
-        target(f"FQT-int8 ({d}) step of PreAct-ResNet-20 >= 1.5x faster than fqt fp32",
+        target(f"FQT-int8 ({d}) step of PreAct-ResNet-20 >= 1.5x faster than fqt fp32{dflt}",
                speedup(base, r), lambda v: v >= 1.5, note=spread(base, r))
     for r in fqt_int:
         d = r.get("dgrad")
-        target(f"FQT-int8 ({d}) step of PreAct-ResNet-20 >= 2x faster than PyTorch fp32",
+        target(f"FQT-int8 ({d}) step of PreAct-ResNet-20 >= 2x faster than PyTorch fp32{dflt}",
                speedup(tref, r), lambda v: v >= 2, note=spread(tref, r))
     for d in ("psq", "bhq"):
         r = find(fqt_int, dgrad=d)
-        target(f"quantizer time ({d.upper()}) <= 15% of the FQT step (PreAct-ResNet-20)",
+        target(f"quantizer time ({d.upper()}) <= 15% of the FQT step (PreAct-ResNet-20){dflt}",
                None if r is None else 100 * r["quantizer_share"], lambda v: v <= 15, "%")
     r = find(fqt_int, dgrad="psq") or (fqt_int[0] if fqt_int else None)
-    target("activation memory saved for backward >= 3x smaller than fp32 (PreAct-ResNet-20, FQT)",
+    target(f"activation memory saved for backward >= 3x smaller than fp32 (PreAct-ResNet-20, FQT){dflt}",
            ratio(base["saved_activation_bytes"] if base else None, r["saved_activation_bytes"] if r else None),
            lambda v: v >= 3)
     rss = ratio(base.get("peak_rss_bytes") if base else None, r.get("peak_rss_bytes") if r else None)
-    w(f"| (no target) peak RSS of a training step, fp32 / FQT (PreAct-ResNet-20) | "
+    w(f"| (no target) peak RSS of a training step, fp32 / FQT (PreAct-ResNet-20){dflt} | "
       f"{fmt(rss, '.2f', 'not measured')}{'x' if rss is not None else ''} | — |")
-    rr = find(fqt_re, dgrad="psq") or (fqt_re[0] if fqt_re else None)
-    if rr is not None:
-        target(f"activation memory saved for backward >= 3x smaller than fp32 (PreAct-ResNet-20, FQT {rr.get('dgrad')} "
-               "with --recompute)",
+    # The other settings of --recompute, against the default (fqt psq on integers)
+    for alt in ("off", "auto", "on"):
+        if alt == default_rc:
+            continue
+        rr = find(fqt_rows(alt), dgrad="psq")
+        if rr is None:
+            continue
+        target(f"activation memory saved for backward >= 3x smaller than fp32 (PreAct-ResNet-20, FQT psq "
+               f"with --recompute {alt})",
                ratio(base["saved_activation_bytes"] if base else None, rr["saved_activation_bytes"]), lambda v: v >= 3)
         rss = ratio(base.get("peak_rss_bytes") if base else None, rr.get("peak_rss_bytes"))
-        w(f"| (no target) peak RSS of a training step, fp32 / FQT with --recompute (PreAct-ResNet-20) | "
+        w(f"| (no target) peak RSS of a training step, fp32 / FQT with --recompute {alt} (PreAct-ResNet-20) | "
           f"{fmt(rss, '.2f', 'not measured')}{'x' if rss is not None else ''} | — |")
-        r0 = find(fqt_int, dgrad=rr.get("dgrad"))
+        r0 = find(fqt_int, dgrad="psq")
         cost = speedup(rr, r0) if r0 is not None else None
-        w(f"| (no target) step time with --recompute / without (PreAct-ResNet-20, FQT {rr.get('dgrad')}) | "
+        w(f"| (no target) step time with --recompute {alt} / {default_rc} (PreAct-ResNet-20, FQT psq) | "
           f"{fmt(cost, '.2f', 'not measured')}{'x' if cost is not None else ''}"
           f"{spread(rr, r0) if r0 is not None else ''} | — |")
+        if tref is not None:
+            sp = speedup(tref, rr)
+            w(f"| (no target) FQT-int8 (psq) step with --recompute {alt} against PyTorch fp32 (PreAct-ResNet-20) | "
+              f"{fmt(sp, '.2f', 'not measured')}{'x' if sp is not None else ''}{spread(tref, rr)} | — |")
     if not fqt_int:
         w("")
         w("No FQT integer-arithmetic records for PreAct-ResNet-20 in this run.")

@@ -129,7 +129,7 @@ class Conv2d : public QuantizedLayer {
   // (the input's codes and the weight's codes in qat/fqt; the fp32 input in fp32 mode).
   Tensor recompute_output() const;
   OutputSource output_source() override {
-    return [this] { return recompute_output(); };
+    return {[this] { return recompute_output(); }, cin_ * k_ * k_};
   }
   void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
     saved_add(out, x_);  // activations only: the weight (codes) is not counted
@@ -236,7 +236,9 @@ class BatchNorm2d : public Module {
   // Backward rebuilds x-hat = (x - mean) * invstd from x and the saved per-channel statistics, as
   // forward computed it. With a source, training forwards keep no x either: backward recomputes
   // it from the source.
-  void enable_recompute(bool on, const OutputSource& input) override { input_src_ = on ? input : OutputSource(); }
+  void enable_recompute(const RecomputePolicy& policy, const OutputSource& input) override {
+    input_src_ = policy.allows(input) ? input : OutputSource();
+  }
 
  private:
   Tensor forward_impl(const Tensor& x, const StepContext& ctx, ValueRange* range, QuantizedTensor* codes);
@@ -333,7 +335,7 @@ class Sequential : public Module {
   void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
     for (const auto& c : children_) c->collect_saved(out);
   }
-  void enable_recompute(bool on, const OutputSource& input) override;
+  void enable_recompute(const RecomputePolicy& policy, const OutputSource& input) override;
   OutputSource output_source() override { return children_.empty() ? OutputSource() : children_.back()->output_source(); }
 
  private:
@@ -368,7 +370,7 @@ class PreActBlock : public Module {
     main_.collect_saved(out);
   }
   // bn1 recomputes its input from `input` (the previous block or the stem conv), bn2 from conv1.
-  void enable_recompute(bool on, const OutputSource& input) override;
+  void enable_recompute(const RecomputePolicy& policy, const OutputSource& input) override;
   // conv2's output + the shortcut's (or the recomputed input), as forward added them.
   OutputSource output_source() override;
 
@@ -407,7 +409,7 @@ class BasicBlock : public Module {
     if (shortcut_) shortcut_->collect_saved(out);
     out_relu_.collect_saved(out);
   }
-  void enable_recompute(bool on, const OutputSource& input) override;
+  void enable_recompute(const RecomputePolicy& policy, const OutputSource& input) override;
 
  private:
   Sequential main_;                 // conv1, bn1 (+ ReLU, fused), conv2, bn2

@@ -27,12 +27,24 @@ ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int 
 const std::vector<std::string>& model_names();
 
 // Recomputation instead of fp32 copies (SPEC section 4: what backward needs from forward is kept
-// as codes). With `on`, no batch norm keeps its fp32 input for backward: backward rebuilds it
+// as codes). A batch norm that recomputes keeps no fp32 input for backward: backward rebuilds it
 // from the codes the convolutions saved anyway — conv outputs are recomputed (integer GEMMs on
 // the saved codes), PreAct blocks add them up as their forward did, back to the stem conv or a
-// projection shortcut — and the gradients are bit-identical to those without it. Costs extra
-// forward GEMMs in backward (a PreAct block's bn1 may need several: its input is the sum of the
-// stage's earlier block outputs). Batch norms whose input no layer can recompute keep their input.
-void set_recompute(Module& model, bool on);
+// projection shortcut — and the gradients are bit-identical to those without it. It costs the
+// forward GEMMs of the convolutions it goes through again (a PreAct block's bn1 input is the sum
+// of the stage's earlier block outputs; each is recomputed once per step).
+//   off   every batch norm keeps its input (the fastest step);
+//   on    every batch norm whose input a layer can recompute;
+//   auto  in qat / fqt, those whose recomputation costs at most kAutoRecomputeMacs multiply-adds
+//         per fp32 element not kept (the dearest convolution on the way reduces over at most
+//         Cin x kh x kw = 144 terms: 16 channels x 3x3): the large, cheap activations of the
+//         first stage. fp32 models keep everything (the baseline). The default.
+// Batch norms whose input no layer can recompute keep their input.
+inline constexpr int64_t kAutoRecomputeMacs = 144;
+RecomputePolicy recompute_policy(Recompute r, Mode mode);
+void set_recompute(Module& model, Recompute r, Mode mode);
+// "off", "auto", "on"; parse_recompute throws InputError naming the valid values.
+const char* recompute_name(Recompute r);
+Recompute parse_recompute(const std::string& s);
 
 }  // namespace fqt

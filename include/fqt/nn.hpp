@@ -17,7 +17,9 @@
 #include "fqt/recipe.hpp"
 #include "fqt/tensor.hpp"
 
+#include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +40,29 @@ struct StepContext {
   uint64_t step = 0;   // global step counter
 };
 
+// Recomputation (see set_recompute in models.hpp): a way to rebuild a module's output of the last
+// training forward from what its layers saved anyway (8-bit codes in qat/fqt), bit for bit, and
+// what it costs: `macs` multiply-adds per output element in the dearest layer on the way (Cin x
+// kh x kw for a convolution), i.e. 4 bytes of fp32 not kept for every `macs` MACs spent again.
+struct OutputSource {
+  std::function<Tensor()> make;  // empty: not recomputable
+  int64_t macs = 0;
+  explicit operator bool() const { return static_cast<bool>(make); }
+  Tensor operator()() const { return make(); }
+};
+
+// How much backward recomputes instead of keeping batch norms' fp32 inputs (set_recompute in
+// models.hpp; CLI --recompute off|auto|on).
+enum class Recompute { off, automatic, on };
+
+// Which sources a batch norm uses instead of keeping its fp32 input: none (off), or those costing
+// at most `max_macs` per element.
+struct RecomputePolicy {
+  bool on = false;
+  int64_t max_macs = std::numeric_limits<int64_t>::max();
+  bool allows(const OutputSource& s) const { return on && s && s.macs <= max_macs; }
+};
+
 class Module {
  public:
   virtual ~Module() = default;
@@ -55,13 +80,13 @@ class Module {
   // that tensors shared between layers are counted once (see saved_bytes()).
   virtual void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const { (void)out; }
 
-  // Recomputation (see set_recompute in models.hpp): with `on`, a batch norm keeps no fp32 copy
-  // of its input for backward; backward asks `input` for it again, and `input` rebuilds it from
-  // what the producing layers saved anyway (8-bit codes in qat/fqt), bit for bit. `input` is the
-  // source of this module's input (empty: not recomputable). Containers pass on to each child
-  // the source of the previous child's output. Default: nothing to do.
-  using OutputSource = std::function<Tensor()>;
-  virtual void enable_recompute(bool on, const OutputSource& input) { (void)on, (void)input; }
+  // Recomputation: a batch norm whose input source `policy` allows keeps no fp32 copy of its
+  // input for backward; backward asks the source for it again. `input` is the source of this
+  // module's input (empty: not recomputable). Containers pass on to each child the source of the
+  // previous child's output. Default: nothing to do.
+  virtual void enable_recompute(const RecomputePolicy& policy, const OutputSource& input) {
+    (void)policy, (void)input;
+  }
   // A source of this module's output in the last training forward, recomputed from its saved
   // state, if it can give one (Conv2d, PreActBlock, Sequential of such); else empty.
   virtual OutputSource output_source() { return {}; }

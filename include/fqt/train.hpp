@@ -15,6 +15,7 @@
 // a run resumed from any checkpoint continues bit for bit like the uninterrupted run.
 #pragma once
 
+#include "fqt/nn.hpp"
 #include "fqt/recipe.hpp"
 
 #include <cstdint>
@@ -67,10 +68,10 @@ struct TrainConfig {
   // Every N steps, a {"kind": "step"} record (training loss and accuracy over those steps) in
   // metrics.jsonl: training curves finer than one point per epoch. 0 = off.
   int64_t log_every = 0;
-  // Batch norms keep no fp32 input; backward recomputes it from the saved codes (set_recompute in
-  // models.hpp): less memory, extra forward GEMMs, bit-identical training. A run-time choice like
-  // `threads`: --resume takes the value of the resuming command.
-  bool recompute = false;
+  // Which batch norms keep no fp32 input, backward recomputing it from the saved codes
+  // (set_recompute in models.hpp): less memory, extra forward GEMMs, bit-identical training. A
+  // run-time choice like `threads`: --resume takes the value of the resuming command.
+  Recompute recompute = Recompute::automatic;
   std::string out;          // run folder; "" = no files written
   bool overwrite = false;   // start afresh even if `out` holds a checkpoint (otherwise an InputError)
   int threads = 0;

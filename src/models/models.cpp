@@ -100,6 +100,29 @@ ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int 
   return first_layer_without_input_grad(std::move(m));
 }
 
-void set_recompute(Module& model, bool on) { model.enable_recompute(on, {}); }
+RecomputePolicy recompute_policy(Recompute r, Mode mode) {
+  RecomputePolicy p;
+  p.on = r == Recompute::on || (r == Recompute::automatic && mode != Mode::fp32);
+  if (r == Recompute::automatic) p.max_macs = kAutoRecomputeMacs;
+  return p;
+}
+
+void set_recompute(Module& model, Recompute r, Mode mode) { model.enable_recompute(recompute_policy(r, mode), {}); }
+
+const char* recompute_name(Recompute r) {
+  switch (r) {
+    case Recompute::off: return "off";
+    case Recompute::automatic: return "auto";
+    case Recompute::on: return "on";
+  }
+  return "?";
+}
+
+Recompute parse_recompute(const std::string& s) {
+  if (s == "off") return Recompute::off;
+  if (s == "auto") return Recompute::automatic;
+  if (s == "on") return Recompute::on;
+  throw InputError(fmt::format("recompute '{}' is not one of off, auto, on", s));
+}
 
 }  // namespace fqt

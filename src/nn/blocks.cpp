@@ -1,6 +1,7 @@
 // Residual blocks for the ResNets.
 #include "common.hpp"
 
+#include <algorithm>
 #include <optional>
 
 namespace fqt {
@@ -68,11 +69,12 @@ Tensor PreActBlock::backward(const Tensor& dy, const StepContext& ctx) {
   return bn1_->backward(da, ctx, &dy);  // (pre_ is bn1 alone) + the identity shortcut's gradient
 }
 
-void PreActBlock::enable_recompute(bool on, const OutputSource& input) {
-  input_src_ = on ? input : OutputSource();
+void PreActBlock::enable_recompute(const RecomputePolicy& policy, const OutputSource& input) {
+  input_src_ = policy.allows(input) ? input : OutputSource();
   cached_input_ = {};
-  pre_.enable_recompute(on, input_src_ ? OutputSource([this] { return take_input(); }) : OutputSource());  // bn1
-  main_.enable_recompute(on, {});  // bn2 <- conv1
+  pre_.enable_recompute(policy, input_src_ ? OutputSource{[this] { return take_input(); }, input_src_.macs}
+                                           : OutputSource());  // bn1
+  main_.enable_recompute(policy, {});  // bn2 <- conv1
 }
 
 Tensor PreActBlock::take_input() {
@@ -86,19 +88,24 @@ Tensor PreActBlock::take_input() {
 // output once, from the next block's bn1 (or the model's last bn); with an identity shortcut the
 // input it needed is kept until this block's own bn1 asks for it — which comes next in backward —
 // so each conv output of a chain of identity blocks is recomputed once, not once per later block.
-Module::OutputSource PreActBlock::output_source() {
+// (A consumer the policy allows this source implies bn1 allowed the input: the source costs the
+// dearer of conv2 and the input or shortcut, so the kept input is always taken.)
+OutputSource PreActBlock::output_source() {
   if (!shortcut_ && !input_src_) return {};
-  return [this] {
-    Tensor y = main_.output_source()();  // conv2
-    if (shortcut_) {
-      add_inplace(y, shortcut_->output_source()());
-    } else {
-      Tensor x = take_input();
-      add_inplace(y, x);
-      cached_input_ = x;
-    }
-    return y;
-  };
+  const int64_t macs = std::max(main_.output_source().macs,
+                                shortcut_ ? shortcut_->output_source().macs : input_src_.macs);
+  return {[this] {
+            Tensor y = main_.output_source()();  // conv2
+            if (shortcut_) {
+              add_inplace(y, shortcut_->output_source()());
+            } else {
+              Tensor x = take_input();
+              add_inplace(y, x);
+              cached_input_ = x;
+            }
+            return y;
+          },
+          macs};
 }
 
 // Order: bn1, shortcut, conv1, bn2, conv2 (construction order).
@@ -145,9 +152,9 @@ Tensor BasicBlock::backward(const Tensor& dy, const StepContext& ctx) {
   return dx;
 }
 
-void BasicBlock::enable_recompute(bool on, const OutputSource& input) {
-  main_.enable_recompute(on, input);  // bn1 <- conv1, bn2 <- conv2
-  if (shortcut_) shortcut_->enable_recompute(on, input);  // shortcut.bn <- shortcut.conv
+void BasicBlock::enable_recompute(const RecomputePolicy& policy, const OutputSource& input) {
+  main_.enable_recompute(policy, input);  // bn1 <- conv1, bn2 <- conv2
+  if (shortcut_) shortcut_->enable_recompute(policy, input);  // shortcut.bn <- shortcut.conv
 }
 
 void BasicBlock::collect_params(std::vector<Param*>& out) {

@@ -201,10 +201,10 @@ Tensor Sequential::backward(const Tensor& dy, const StepContext& ctx) {
   return g;
 }
 
-void Sequential::enable_recompute(bool on, const OutputSource& input) {
+void Sequential::enable_recompute(const RecomputePolicy& policy, const OutputSource& input) {
   OutputSource cur = input;
   for (auto& c : children_) {
-    c->enable_recompute(on, cur);
+    c->enable_recompute(policy, cur);
     cur = c->output_source();
   }
 }

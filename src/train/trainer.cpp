@@ -100,7 +100,7 @@ struct Model {
 Model build_model(const TrainConfig& cfg, const Dataset& ds) {
   Model m;
   m.net = make_model(cfg.model, ds.channels(), ds.height(), ds.width(), ds.num_classes, cfg.recipe, cfg.seed);
-  set_recompute(*m.net, cfg.recompute);
+  set_recompute(*m.net, cfg.recompute, cfg.recipe.mode);
   m.net->collect_params(m.params);
   m.net->collect_buffers(m.buffers);
   return m;
@@ -358,7 +358,7 @@ std::string TrainConfig::to_json() const {
             {"on_nonfinite", on_nonfinite},
             {"track_variance_every", track_variance_every},
             {"log_every", log_every},
-            {"recompute", recompute}};
+            {"recompute", recompute_name(recompute)}};
   return j.dump(2);
 }
 
@@ -398,7 +398,10 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.on_nonfinite = j.value("on_nonfinite", std::string("stop"));
     c.track_variance_every = j.value("track_variance_every", int64_t{0});
     c.log_every = j.value("log_every", int64_t{0});
-    c.recompute = j.value("recompute", false);
+    // (before "auto": a bool)
+    if (j.contains("recompute"))
+      c.recompute = j["recompute"].is_boolean() ? (j["recompute"].get<bool>() ? Recompute::on : Recompute::off)
+                                                : parse_recompute(j["recompute"].get<std::string>());
   } catch (const json::exception& e) {
     throw InputError(fmt::format("run configuration is incomplete or has a wrong type: {}", e.what()));
   }

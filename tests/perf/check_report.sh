@@ -12,7 +12,10 @@ for pat in "^# Performance" "QUICK MODE" "Command: \`scripts/perf_report" "## GE
            "quantizer time \(PSQ\) <= 15%.*\| [0-9.]+% \| (yes|no)" "activation memory saved .*\| [0-9.]+x \| (yes|no)" \
            "\| preact_resnet20 \| [0-9]+ \| [0-9]+ \| yes" "GEMM ms f32 / int" "Warning: the machine was busy" \
            "\*\*Note:\*\* [0-9]+ configuration" "\| preact_resnet20 \| fqt \| fqt \| psq \| int \| on \|" \
-           "with --recompute\) \| [0-9.]+x \| (yes|no)" "step time with --recompute / without .*\| [0-9.]+x \|"; do
+           "\| preact_resnet20 \| fqt \| fqt \| psq \| int \| off \|" "\| preact_resnet20 \| fqt \| fqt \| bhq \| int \| auto \|" \
+           "FQT\) \(default --recompute auto\) \| 3.21x \| yes" "with --recompute off\) \| 1.57x \| no" \
+           "with --recompute on\) \| 7.23x \| yes" "step time with --recompute off / auto .*\| 0.90x \|" \
+           "step with --recompute off against PyTorch fp32 .*\| [0-9.]+x"; do
   if ! grep -Eq -- "$pat" "$out"; then echo "missing /$pat/ in $out"; fail=1; fi
 done
 # Rounds: a speedup is the median over rounds of the per-round ratio (fp32 and FQT measured in the
@@ -36,7 +39,7 @@ for rnd, (f32, psq) in enumerate([(100.0, 80.0), (200.0, 125.0), (150.0, 90.0)],
 PY
 "$py" "$gen" "$rd" "$out.rounds"
 # ratios 1.25, 1.60, 1.667 -> median 1.60; the ratio of the medians would be 150 / 90 = 1.67.
-for pat in "\(psq\) step of PreAct-ResNet-20 >= 1.5x faster than fqt fp32 \| 1.60x \(rounds: 1.25-1.67, n=3\) \| yes" \
+for pat in "\(psq\) step of PreAct-ResNet-20 >= 1.5x faster than fqt fp32 \(default --recompute auto\) \| 1.60x \(rounds: 1.25-1.67, n=3\) \| yes" \
            "\| preact_resnet20 \| fqt \| fp32 \| - \| - \| off \| 150.0 \|"; do
   if ! grep -Eq -- "$pat" "$out.rounds"; then echo "missing /$pat/ in $out.rounds"; fail=1; fi
 done

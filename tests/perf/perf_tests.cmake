@@ -18,10 +18,10 @@ if(PERF_PYTHON)
                    ${CMAKE_SOURCE_DIR}/scripts/perf_report_md.py ${CMAKE_CURRENT_SOURCE_DIR}/perf/fixtures
                    ${CMAKE_CURRENT_BINARY_DIR}/perf_report_test.md)
 endif()
-add_test(NAME perf.bench_step_recompute COMMAND ${PERF_EXPECT} 0 "\"recompute\": true" --
-         ${PERF_FQT} bench step --model cnn --mode fqt --dgrad psq --recompute off,on --batch 4 --input 1x8x8
+add_test(NAME perf.bench_step_recompute COMMAND ${PERF_EXPECT} 0 "\"recompute\": \"auto\"" --
+         ${PERF_FQT} bench step --model cnn --mode fqt --dgrad psq --recompute off,auto,on --batch 4 --input 1x8x8
          --steps 1 --warmup 0 --threads 1 --json)
-add_test(NAME perf.bench_step_bad_recompute COMMAND ${PERF_EXPECT} 2 "recompute.*off or on" --
+add_test(NAME perf.bench_step_bad_recompute COMMAND ${PERF_EXPECT} 2 "recompute.*off, auto or on" --
          ${PERF_FQT} bench step --model mlp --recompute yes --steps 1)
 add_test(NAME perf.bench_gemm_bad_backend COMMAND ${PERF_EXPECT} 2 "backend.*avx2" --
          ${PERF_FQT} bench gemm --m 8 --n 8 --k 8 --backend sse)

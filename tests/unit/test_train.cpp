@@ -87,31 +87,57 @@ TEST(Train, ResumeMidEpochEqualsUninterruptedRun) {
   expect_same_checkpoint(full + "/ckpt.safetensors", cut + "/ckpt.safetensors");
 }
 
-// --recompute changes what is kept for backward, not the arithmetic: a run with it ends with the
-// same weights, batch-norm buffers and momenta as one without, also when a run is resumed with
-// the other setting halfway (it is a run-time choice, like the thread count).
+// --recompute changes what is kept for backward, not the arithmetic: runs with it on or auto end
+// with the same weights, batch-norm buffers and momenta as one with it off, also when a run is
+// resumed with another setting halfway (it is a run-time choice, like the thread count).
 TEST(Train, RecomputeTrainsBitIdentically) {
   for (const char* model : {"cnn", "preact_resnet20"}) {
     const std::string keep = tmp_dir(std::string("rc_keep_") + model), re = tmp_dir(std::string("rc_re_") + model),
-                      mixed = tmp_dir(std::string("rc_mixed_") + model);
+                      au = tmp_dir(std::string("rc_auto_") + model), mixed = tmp_dir(std::string("rc_mixed_") + model);
     TrainConfig c = small(keep);
     c.model = model;
     c.epochs = 1;
+    c.recompute = Recompute::off;
     train(c);
     c.out = re;
-    c.recompute = true;
+    c.recompute = Recompute::on;
     train(c);
     expect_same_checkpoint(keep + "/ckpt.safetensors", re + "/ckpt.safetensors");
+    c.out = au;
+    c.recompute = Recompute::automatic;
+    train(c);
+    expect_same_checkpoint(keep + "/ckpt.safetensors", au + "/ckpt.safetensors");
     c.out = mixed;
-    c.recompute = false;
+    c.recompute = Recompute::off;
     c.max_steps = 4;
     c.ckpt_every_steps = 4;
     train(c);
     c.max_steps = 0;
-    c.recompute = true;
+    c.recompute = Recompute::on;
     train(c, /*resume=*/true);
     expect_same_checkpoint(keep + "/ckpt.safetensors", mixed + "/ckpt.safetensors");
   }
+}
+
+// The stored configuration names the setting; one written before "auto" existed (a bool) still
+// reads, and a nonsense value is an InputError.
+TEST(Train, RecomputeInStoredConfig) {
+  TrainConfig c;
+  EXPECT_EQ(c.recompute, Recompute::automatic);
+  for (Recompute r : {Recompute::off, Recompute::automatic, Recompute::on}) {
+    c.recompute = r;
+    EXPECT_EQ(TrainConfig::from_json(c.to_json()).recompute, r);
+  }
+  auto with = [&](const std::string& v) {
+    std::string j = c.to_json();
+    const std::string key = "\"recompute\": \"on\"";
+    const size_t at = j.find(key);
+    EXPECT_NE(at, std::string::npos) << j;
+    return j.replace(at, key.size(), "\"recompute\": " + v);
+  };
+  EXPECT_EQ(TrainConfig::from_json(with("true")).recompute, Recompute::on);
+  EXPECT_EQ(TrainConfig::from_json(with("false")).recompute, Recompute::off);
+  EXPECT_THROW(TrainConfig::from_json(with("\"sometimes\"")), InputError);
 }
 
 TEST(Train, LossGoesDownInEveryMode) {

@@ -284,7 +284,7 @@ struct StepOptions {
   std::string modes = "fp32,qat,fqt";
   std::string dgrads = "psq";
   std::string ariths = "int";
-  std::string recompute = "off";
+  std::string recompute = "auto";
   int dgrad_bits = 8;
   int64_t batch = 128;
   std::string input = "1x28x28";
@@ -296,7 +296,7 @@ struct StepConfig {
   Mode mode;
   QuantizerKind dgrad;
   Arith arith;
-  bool recompute = false;
+  Recompute recompute = Recompute::automatic;
 };
 
 size_t read_status_kb(const char* key) {
@@ -324,7 +324,7 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
   r.dgrad = {cfg.dgrad, o.dgrad_bits};
   r.arith = cfg.arith;
   ModulePtr net = make_model(o.model, c, h, w, 10, r, 0);
-  set_recompute(*net, cfg.recompute);
+  set_recompute(*net, cfg.recompute, cfg.mode);
   std::vector<Param*> params;
   net->collect_params(params);
   int64_t nparams = 0;
@@ -363,7 +363,7 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
           {"dgrad", cfg.mode == Mode::fqt ? traits(cfg.dgrad).name : "-"},
           {"dgrad_bits", o.dgrad_bits},
           {"arith", quantized ? arith_name(cfg.arith) : "-"},
-          {"recompute", cfg.recompute},
+          {"recompute", recompute_name(cfg.recompute)},
           {"batch", o.batch},
           {"input", o.input},
           {"steps", o.steps},
@@ -439,18 +439,22 @@ int run_step_bench(const StepOptions& o) {
   std::vector<Arith> ariths;
   for (const auto& a : split_list(o.ariths)) ariths.push_back(parse_arith(a));
   FQT_INPUT_CHECK(!ariths.empty(), "--arith needs at least one of int, sim");
-  std::vector<bool> recomputes;
+  std::vector<Recompute> recomputes;
   for (const auto& v : split_list(o.recompute)) {
-    FQT_INPUT_CHECK(v == "off" || v == "on", "--recompute: '{}' is not off or on", v);
-    recomputes.push_back(v == "on");
+    FQT_INPUT_CHECK(v == "off" || v == "auto" || v == "on", "--recompute: '{}' is not off, auto or on", v);
+    recomputes.push_back(parse_recompute(v));
   }
-  FQT_INPUT_CHECK(!recomputes.empty(), "--recompute needs off, on or off,on");
+  FQT_INPUT_CHECK(!recomputes.empty(), "--recompute needs one or more of off, auto, on");
   std::vector<StepConfig> configs;
   for (const auto& m : split_list(o.modes)) {
     const Mode mode = parse_mode(m);
-    for (bool rc : recomputes) {
-      if (mode == Mode::fp32) configs.push_back({mode, QuantizerKind::psq, Arith::integer, rc});
-      else if (mode == Mode::qat)
+    for (Recompute rc : recomputes) {
+      if (mode == Mode::fp32) {  // (auto is off in fp32: one configuration)
+        const StepConfig c{mode, QuantizerKind::psq, Arith::integer, rc == Recompute::automatic ? Recompute::off : rc};
+        if (std::none_of(configs.begin(), configs.end(),
+                         [&](const StepConfig& d) { return d.mode == mode && d.recompute == c.recompute; }))
+          configs.push_back(c);
+      } else if (mode == Mode::qat)
         for (Arith a : ariths) configs.push_back({mode, QuantizerKind::psq, a, rc});
       else
         for (const auto& d : split_list(o.dgrads)) {
@@ -481,7 +485,7 @@ int run_step_bench(const StepOptions& o) {
       const double med = rec["median_ms"];
       std::printf("%-16s %-5s %-6s %-5s %-6s %5lld  %10.1f  %10.1f  %10.1f  %7.1f%%  %9.0f  %12.2f  %11.1f\n",
                   o.model.c_str(), rec["mode"].get<std::string>().c_str(), rec["dgrad"].get<std::string>().c_str(),
-                  rec["arith"].get<std::string>().c_str(), cfg.recompute ? "on" : "off", static_cast<long long>(o.batch), med,
+                  rec["arith"].get<std::string>().c_str(), recompute_name(cfg.recompute), static_cast<long long>(o.batch), med,
                   rec["min_ms"].get<double>(), rec["quantizer_ms"].get<double>(),
                   100 * rec["quantizer_share"].get<double>(), rec["images_per_s"].get<double>(),
                   rec["saved_activation_bytes"].get<double>() / 1048576.0,
@@ -562,8 +566,8 @@ Runner add_bench(CLI::App& app) {
   step->add_option("--arith", o->ariths, "comma-separated arithmetic of the quantized GEMMs for qat/fqt: int, sim")
       ->capture_default_str();
   step->add_option("--recompute", o->recompute,
-                   "comma-separated off, on: batch norms keep no fp32 input and backward recomputes it from the "
-                   "saved codes (see fqt train --help)")
+                   "comma-separated off, auto, on: which batch norms keep no fp32 input, backward recomputing "
+                   "it from the saved codes (see fqt train --help; auto is off in fp32)")
       ->capture_default_str();
   step->add_option("--batch", o->batch, "batch size")->capture_default_str();
   step->add_option("--input", o->input, "input shape CxHxW")->capture_default_str();

@@ -13,7 +13,7 @@ namespace {
 struct TrainOptions {
   TrainConfig cfg;
   std::string mode = "fqt";
-  std::string dgrad = "bhq", wgrad = "ptq", arith = "int", weight_q = "symmetric";
+  std::string dgrad = "bhq", wgrad = "ptq", arith = "int", weight_q = "symmetric", recompute = "auto";
   int dgrad_bits = 5, wgrad_bits = 8, act_bits = 8, weight_bits = 8;
   bool resume = false, quiet = false;
 };
@@ -80,10 +80,14 @@ Runner add_train(CLI::App& app) {
                  "every N steps, log training loss and accuracy over those steps to metrics.jsonl "
                  "(training curves finer than per epoch; 0 = off)")
       ->capture_default_str();
-  app.add_flag("--recompute", c.recompute,
-               "batch norms keep no fp32 input for backward: it is recomputed from the 8-bit codes the "
-               "convolutions saved (bit-identical training; about 4x less activation memory in fqt, extra "
-               "forward GEMMs in backward)");
+  app.add_option("--recompute", o->recompute,
+                 "which batch norms keep no fp32 input for backward, recomputing it from the 8-bit codes the "
+                 "convolutions saved (bit-identical training; extra forward GEMMs in backward): off = none "
+                 "(fastest), on = all (least memory), auto = in qat/fqt those cheapest to recompute "
+                 "(convolutions reducing over <= 144 terms, e.g. 16 channels x 3x3: the large first-stage "
+                 "activations; none in fp32)")
+      ->check(CLI::IsMember({"off", "auto", "on"}))
+      ->capture_default_str();
   app.add_option("--out", c.out, "run folder for config, metrics and checkpoints (default: write nothing)");
   app.add_flag("--overwrite", c.overwrite, "start afresh even if --out holds a checkpoint (it is replaced)");
   app.add_flag("--resume", o->resume, "continue the run in --out from its checkpoint (its stored settings are used)");
@@ -100,6 +104,7 @@ Runner add_train(CLI::App& app) {
     FQT_INPUT_CHECK(cfg.recipe.weight.kind == QuantizerKind::symmetric || cfg.recipe.weight.kind == QuantizerKind::symmetric_row ||
                         cfg.recipe.weight.kind == QuantizerKind::zero_aligned,
                     "--weight-quantizer must be symmetric, symmetric-row or zero-aligned (got '{}')", o->weight_q);
+    cfg.recompute = parse_recompute(o->recompute);
     cfg.progress = !o->quiet;
     TrainResult r = train(cfg, o->resume);
     std::printf("final test accuracy %.2f%% (best %.2f%%) after %lld epochs, %lld steps, %.0f images/s\n",
