@@ -1,4 +1,5 @@
-// Time of one Conv2d's three parts on the integer FQT path — forward, dgrad (dY laid out in rows,
+// Time of one Conv2d's three parts on the integer FQT path — forward (from fp32, and from codes
+// through the fused kernel and the general path), dgrad (dY laid out in rows,
 // quantized, integer GEMM, epilogue, col2im), wgrad, and backward (both, as training runs them) —
 // median and fastest of repeated calls on
 // fixed data. A layer-sized measurement: steadier on a shared VM than a whole training step, so a
@@ -47,6 +48,18 @@ int run(int argc, char** argv) {
   const Tensor y = conv.forward(x, ctx);
   const Tensor dy = bench::randn(y.shape(), 2, 9, 1e-2f);
   const Times f = time_ms(reps, [&] { conv.forward(x, ctx); });
+  // On codes (as a PreAct block's batch norm hands them over): the fused kernel and the general
+  // path (im2row + GEMM kernel) alternately, rep by rep (set_conv_fused_fprop).
+  const QuantizedTensor xq = quantize(x.reshape({batch, cin * hw * hw}), r.activation);
+  std::vector<double> fused_ms, general_ms;
+  for (int i = 0; i < reps; ++i)
+    for (bool fused : {true, false}) {
+      set_conv_fused_fprop(fused);
+      (fused ? fused_ms : general_ms).push_back(time_ms(1, [&] { conv.forward(x.shape(), ctx, xq); }).median);
+    }
+  set_conv_fused_fprop(true);
+  auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+  auto best = [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); };
   const Times d = time_ms(reps, [&] { conv.dgrad(dy, ctx); });
   const Times w = time_ms(reps, [&] { conv.wgrad(dy, ctx); });
   const Times b = time_ms(reps, [&] { conv.backward(dy, ctx); });
@@ -54,6 +67,10 @@ int run(int argc, char** argv) {
               static_cast<long>(cin), static_cast<long>(cout), static_cast<long>(hw), static_cast<long>(hw),
               static_cast<long>(batch), threads, dk.c_str(), reps);
   std::printf("  forward  %8.3f ms  %8.3f ms\n", f.median, f.best);
+  std::printf("  forward on codes, fused kernel   %8.3f ms  %8.3f ms   (Cout = 16 and k Cin %% 4 = 0 only; else the general path)\n",
+              med(fused_ms), best(fused_ms));
+  std::printf("  forward on codes, general path   %8.3f ms  %8.3f ms   (im2row, GEMM kernel, transpose, epilogue)\n",
+              med(general_ms), best(general_ms));
   std::printf("  dgrad    %8.3f ms  %8.3f ms\n", d.median, d.best);
   std::printf("  wgrad    %8.3f ms  %8.3f ms\n", w.median, w.best);
   std::printf("  backward %8.3f ms  %8.3f ms   (training: wgrad + dgrad, both draws of dY in one quantize_pair)\n",

@@ -85,6 +85,11 @@ class Linear : public QuantizedLayer {
   QuantizedTensor gq_dgrad_, gq_wgrad_;
 };
 
+// For tests and benchmarks: false makes Conv2d's integer fprop take its general path (im2row and
+// the GEMM kernel) also where the fused kernel applies (Cout = 16, k Cin a multiple of 4, AVX-512
+// VNNI); both give the same bits. Default true.
+void set_conv_fused_fprop(bool on);
+
 // 2-D convolution, square kernel, zero padding, via im2col + GEMM.
 // The SPEC's matrices: X = im2col matrix [(N*Ho*Wo), Cin*k*k], W as [Cout, Cin*k*k],
 // G = dY as [(N*Ho*Wo), Cout] (rows = output positions = samples). Internally the GEMMs run one

@@ -36,6 +36,7 @@
 #include "fqt/profile.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <cstring>
 #include <optional>
@@ -387,12 +388,88 @@ void dgrad_fused_sample(const uint8_t* a, int64_t lda, int64_t P, int64_t Wo, in
   for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == Wo ? (++oh, 0) : ow + 1)
     dgrad_fused_row<NV>(a + p * lda, K4, bv, terms(p), acc + oh * row_step + ow * step, off, rbk);
 }
+
+// fprop of a layer with Cout = 16 (one register of outputs per position) whose patch rows are
+// whole 4-byte groups per kernel row (k Cin % 4 == 0: the 16-channel layers): no im2row. R
+// consecutive positions of one output row at a time, their patches read in place from the padded
+// HWC image (kernel row kh of position i: k Cin bytes at base + kh Wp Cin + i stride Cin), B =
+// the weight codes packed as [K4][16 outputs][4 bytes] in the patch's (kh, kw, c) order; each
+// position's 16 integer products finished from the registers with the scalar epilogue's
+// operations in its order (no contraction) into a [P, 16] buffer. The general path wrote the
+// patches (113 KB per sample at 28x28), summed them, wrote the products and transposed them
+// first; the integer products and the patch sums are the same integers, so the same bits.
+struct FpropTerms {
+  __m512 O, d, inv, crow, bias;
+  bool has_bias;
+};
+template <int R>
+inline void fprop_fused_run(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
+                            const float* rx, const FpropTerms& t, float* out) {
+  __m512i acc[R];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_si512();
+  for (int64_t kh = 0; kh < k; ++kh) {
+    const uint8_t* a = base + kh * row;
+    const int8_t* b = bv + kh * seg4 * 64;
+    for (int64_t j = 0; j < seg4; ++j) {
+      const __m512i bj = _mm512_loadu_si512(b + j * 64);
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) {
+        int32_t w;
+        std::memcpy(&w, a + i * step + 4 * j, 4);
+        acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(w), bj);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {  // ((s + O rx) + d rx) inv + crow (+ bias), as the scalar epilogue
+    const __m512 r = _mm512_set1_ps(rx[i]);
+    __m512 v = _mm512_add_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, acc[i]), _mm512_mul_ps(t.O, r));
+    v = _mm512_add_ps(v, _mm512_mul_ps(t.d, r));
+    v = _mm512_add_ps(_mm512_mul_ps(v, t.inv), t.crow);
+    if (t.has_bias) v = _mm512_add_ps(v, t.bias);
+    _mm512_storeu_ps(out + 16 * i, v);
+  }
+}
+constexpr int kFpropRun = 14;  // positions per call (14 accumulators; a 28-wide row in two)
+// One sample: out [P, 16] finished values; rx [P] the patch code sums (filled here from the
+// image's pixel sums: the same integers as summing the patch rows); pix [Hp Wp] scratch.
+inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* bv, const FpropTerms& t, int32_t* pix,
+                               float* rx, float* out) {
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C, k = g.k, s = g.stride;
+  for (int64_t i = 0; i < Hp * Wp; ++i) pix[i] = static_cast<int32_t>(byte_sum(img + i * C, C));
+  for (int64_t oh = 0, p = 0; oh < g.Ho; ++oh)
+    for (int64_t ow = 0; ow < g.Wo; ++ow, ++p) {
+      int32_t sum = 0;
+      for (int64_t kh = 0; kh < k; ++kh)
+        for (int64_t kw = 0; kw < k; ++kw) sum += pix[(oh * s + kh) * Wp + ow * s + kw];
+      rx[p] = static_cast<float>(sum);  // <= Ckk * 255: exact
+    }
+  const int64_t seg4 = k * C / 4, step = s * C, row = Wp * C;
+  for (int64_t oh = 0; oh < g.Ho; ++oh)
+    for (int64_t ow = 0; ow < g.Wo; ow += kFpropRun) {
+      const int64_t p = oh * g.Wo + ow;
+      const uint8_t* base = img + (oh * s * Wp + ow * s) * C;
+      switch (std::min<int64_t>(kFpropRun, g.Wo - ow)) {
+#define FQT_FPROP_RUN(r) \
+  case r: fprop_fused_run<r>(base, step, row, k, seg4, bv, rx + p, t, out + 16 * p); break;
+        FQT_FPROP_RUN(1) FQT_FPROP_RUN(2) FQT_FPROP_RUN(3) FQT_FPROP_RUN(4) FQT_FPROP_RUN(5) FQT_FPROP_RUN(6)
+        FQT_FPROP_RUN(7) FQT_FPROP_RUN(8) FQT_FPROP_RUN(9) FQT_FPROP_RUN(10) FQT_FPROP_RUN(11) FQT_FPROP_RUN(12)
+        FQT_FPROP_RUN(13) FQT_FPROP_RUN(14)
+#undef FQT_FPROP_RUN
+      }
+    }
+}
 #endif
+
+std::atomic<bool> g_fused_fprop{true};  // set_conv_fused_fprop
 
 double scale_of(const QuantizedTensor& q, int64_t group) { return q.scale[q.scale.size() == 1 ? 0 : group]; }
 double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() == 1 ? 0 : group]; }
 
 }  // namespace
+
+void set_conv_fused_fprop(bool on) { g_fused_fprop.store(on, std::memory_order_relaxed); }
 
 Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code,
                            const Tensor* residual) const {
@@ -426,11 +503,46 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   const auto pad_code = static_cast<uint8_t>(zero_code);
   const uint8_t* xc = xq.codes.data<uint8_t>();
   const float* b = has_bias_ ? bias_.value.data<float>() : nullptr;
-  const igemm_detail::LocalB Bpk(cout_, ckk, Bw.data(), ckk);
   Tensor y = Tensor::empty({N, cout_, g.Ho, g.Wo});
   float* yp = y.data<float>();
   const float* res = residual ? residual->data<float>() : nullptr;
   WorkSplit split(N);
+#if defined(FQT_DGRAD_FUSED)
+  if (g_fused_fprop.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cout_ == 16 &&
+      (k_ * cin_) % 4 == 0) {
+    FQT_CHECK(ckk <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", ckk);
+    std::vector<int8_t> bv(static_cast<size_t>(ckk * 16));  // [K4][16 outputs][4 bytes]
+    for (int64_t c = 0; c < 16; ++c)
+      for (int64_t r = 0; r < ckk; ++r) bv[(r / 4) * 64 + c * 4 + r % 4] = Bw[c * ckk + r];
+    FpropTerms t;
+    t.O = _mm512_loadu_ps(wo.data()), t.d = _mm512_loadu_ps(wd.data()), t.inv = _mm512_loadu_ps(inv.data());
+    t.crow = _mm512_loadu_ps(crow.data());
+    t.has_bias = b != nullptr;
+    t.bias = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+    {
+      const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
+      std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp * cin_));
+      std::vector<int32_t> pix(static_cast<size_t>(Hp * Wp));
+      std::vector<float> rx(static_cast<size_t>(P)), out(static_cast<size_t>(P * 16));
+      split.run([&](int64_t n) {
+        pad_hwc(xc + n * chw, g, pad_code, img.data());
+        {
+          profile::Scope timer(profile::gemm_int);
+          fprop_fused_sample(img.data(), g, bv.data(), t, pix.data(), rx.data(), out.data());
+        }
+        float* yn = yp + n * 16 * P;
+        kernels::transpose(out.data(), P, int64_t{16}, int64_t{16}, yn, P);  // [P, 16] -> [16, P]
+        if (res) {  // the residual added as add_inplace would add it to the finished value
+          const float* __restrict rs = res + n * 16 * P;
+          for (int64_t i = 0; i < 16 * P; ++i) yn[i] += rs[i];
+        }
+      });
+    }
+    return y;
+  }
+#endif
+  const igemm_detail::LocalB Bpk(cout_, ckk, Bw.data(), ckk);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));

@@ -135,6 +135,7 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
       {1, 3, 2, 1, 1, 1, 1, 0},   // a single gradient row (BHQ: one group of one row, H_1 = I)
       {3, 16, 8, 6, 5, 3, 2, 1},  // dgrad fused with its finishing (Ckk = 144, Cout = 8), stride 2
       {2, 16, 12, 5, 5, 1, 1, 0}, // the same for a 1x1 conv (Ckk = 16, Cout = 12: K4 = 3)
+      {2, 4, 16, 6, 30, 3, 2, 1}, // fprop's fused kernel (Cout = 16, k Cin = 12), runs of 14 + 1
       // (no padding in these two: a tap that sees only padding has dW ~ 2^-24 |lo| in double,
       // below the bound's resolution)
   };
@@ -175,6 +176,47 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
                       (Kw + 2) * kEps * Kw * max_abs(dequantize(ls.last_wgrad_q())) * ax, what + " wgrad");
         expect_wgrad_exact(li.weight().grad, li.last_wgrad_q(), li.saved_input_q(), c, yi.size(2), yi.size(3), what);
         expect_within(li.bias().grad, ls.bias().grad, 0.0, what + " bias");
+      }
+}
+
+// Conv2d's fused fprop kernel (Cout = 16, k Cin a multiple of 4; AVX-512 VNNI) against its
+// general path (im2row, GEMM kernel, transpose, epilogue), set_conv_fused_fprop switching: the
+// same integer products and patch code sums, the same epilogue operations, so the same bits.
+// Runs of every length the kernel takes (Wo = 30: 14 + 14 + 2; 15: 14 + 1; 28; 5; 1), stride 2,
+// 1x1 and 3x3, no padding, Cin 4 / 8 / 12 / 16, a bias, a residual, 2/5/8-bit codes, and a layer
+// the kernel does not take (k Cin = 27; both settings take the general path).
+TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
+  struct Case {
+    int64_t n, cin, h, w, k, stride, pad;
+    bool bias;
+  };
+  const Case cases[] = {{3, 16, 7, 30, 3, 1, 1, false}, {2, 4, 9, 29, 3, 2, 1, true}, {2, 12, 5, 5, 3, 1, 0, true},
+                        {1, 16, 4, 1, 1, 1, 0, false},  {2, 16, 28, 28, 3, 1, 1, false}, {3, 8, 6, 15, 1, 2, 0, true},
+                        {2, 3, 8, 8, 3, 1, 1, false}};
+  uint64_t stream = 700;
+  for (const Case& c : cases)
+    for (int bits : {2, 5, 8})
+      for (bool with_res : {false, true}) {
+        const Recipe r = recipe(Arith::integer, {QuantizerKind::psq, 8}, {QuantizerKind::ptq, 8}, bits);
+        Conv2d conv("conv", c.cin, 16, c.k, c.stride, c.pad, c.bias, r, 3, 11);
+        if (c.bias)
+          for (int64_t o = 0; o < 16; ++o) conv.bias().value.data<float>()[o] = 0.1f * static_cast<float>(o) - 0.5f;
+        Tensor x = randn({c.n, c.cin, c.h, c.w}, ++stream);
+        if (stream % 2)
+          for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = std::max(0.0f, x.data<float>()[i]);
+        const int64_t ho = (c.h + 2 * c.pad - c.k) / c.stride + 1, wo = (c.w + 2 * c.pad - c.k) / c.stride + 1;
+        const Tensor res = randn({c.n, 16, ho, wo}, 5000 + stream);
+        const StepContext ctx{true, 5, stream};
+        set_conv_fused_fprop(true);
+        const Tensor yf = conv.forward(x, ctx, nullptr, with_res ? &res : nullptr);
+        set_conv_fused_fprop(false);
+        const Tensor yg = conv.forward(x, ctx, nullptr, with_res ? &res : nullptr);
+        set_conv_fused_fprop(true);
+        const std::string what = "cin " + std::to_string(c.cin) + " " + std::to_string(c.h) + "x" + std::to_string(c.w) +
+                                 " k" + std::to_string(c.k) + " s" + std::to_string(c.stride) + " " +
+                                 std::to_string(bits) + "b" + (with_res ? " residual" : "");
+        ASSERT_EQ(yf.shape(), yg.shape()) << what;
+        EXPECT_EQ(std::memcmp(yf.raw(), yg.raw(), yf.nbytes()), 0) << what;
       }
 }
 
