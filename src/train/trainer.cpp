@@ -613,10 +613,12 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   };
 
   if (cfg.progress)
-    std::fprintf(stderr, "fqt train: %s on %s (%lld train / %lld test), %s, %d epochs x %lld steps, batch %lld%s\n",
+    std::fprintf(stderr,
+                 "fqt train: %s on %s (%lld train / %lld test), %s, %d epochs x %lld steps, batch %lld, recompute %s%s\n",
                  cfg.model.c_str(), cfg.data.c_str(), static_cast<long long>(train_set.size()),
                  static_cast<long long>(test_set.size()), recipe_summary(cfg.recipe).c_str(), cfg.epochs,
                  static_cast<long long>(spe), static_cast<long long>(cfg.batch),
+                 recompute_name(recompute_policy(cfg.recompute, cfg.recipe.mode).on ? cfg.recompute : Recompute::off),
                  resume ? fmt::format(", resumed at epoch {} step {}", state.epoch, state.step).c_str() : "");
 
   TrainResult result;
