@@ -3,7 +3,8 @@
 // A run lives in one folder (TrainConfig::out):
 //   config.json        the full configuration (also stored inside every checkpoint)
 //   metrics.jsonl      one record per epoch: epoch, step, train_loss, train_acc, test_loss,
-//                      test_acc, images_per_s, lr, seconds; with track_variance_every also
+//                      test_acc, images_per_s, saved_activation_bytes (the most a step kept
+//                      from forward for backward, see --recompute), lr, seconds; with track_variance_every also
 //                      {"kind": "variance", epoch, step, quant_variance, sampling_variance, ratio,
 //                      layers_over, layers: {name: {quant_variance, sampling_variance, ratio}}};
 //                      with log_every also {"kind": "step", step, epoch (fractional), train_loss,
@@ -88,6 +89,7 @@ struct TrainResult {
   double final_test_acc = 0;
   double best_test_acc = 0;
   double images_per_s = 0;
+  size_t saved_activation_bytes = 0;  // the most a training step kept from forward for backward
   int64_t skipped_steps = 0;  // steps skipped for a non-finite loss or gradient (on_nonfinite = skip)
 };
 

@@ -504,6 +504,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   for (auto& [name, t] : m.buffers) buffer_snapshot.push_back(t->clone());
   const Poison poison = poison_from_env();
   int64_t skipped = 0;
+  size_t saved_peak = 0;  // bytes kept from forward for backward, the most in an epoch's steps
   if (auto it = state.extra.find("nonfinite_skipped"); it != state.extra.end()) skipped = std::atoll(it->second.c_str());
   const float smoothing = static_cast<float>(cfg.label_smoothing);
   SoftmaxCrossEntropy ce;
@@ -533,6 +534,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
         h = m.net->forward(h, ctx);
       }
       layer.clear();
+      saved_peak = std::max(saved_peak, saved_bytes(*m.net));
       phase = "loss";
       loss = ce.forward(h, b.y, smoothing);
       if (!std::isfinite(loss)) throw NonFiniteError(fmt::format("loss is {}", loss));
@@ -639,6 +641,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     double log_loss = 0;  // --log-every window
     int64_t log_correct = 0, log_seen = 0;
     const auto epoch_start = clock::now();
+    saved_peak = 0;
     Batch b;
     int64_t i = skip;
     bool stopped = false;
@@ -704,11 +707,14 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     result.final_test_acc = ev.accuracy;
     result.best_test_acc = std::max(result.best_test_acc, ev.accuracy);
     result.images_per_s = seen / std::max(secs, 1e-9);
+    result.saved_activation_bytes = std::max(result.saved_activation_bytes, saved_peak);
     if (cfg.progress)
-      std::fprintf(stderr, "epoch %lld/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s, %s\n",
+      std::fprintf(stderr,
+                   "epoch %lld/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s, %s, "
+                   "%.1f MiB kept for backward\n",
                    static_cast<long long>(state.epoch), cfg.epochs, result.final_train_loss,
                    seen ? 100.0 * correct / seen : 0.0, ev.loss, 100 * ev.accuracy, result.images_per_s,
-                   fmt_duration(secs).c_str());
+                   fmt_duration(secs).c_str(), static_cast<double>(saved_peak) / 1048576.0);
     if (!cfg.out.empty()) {
       json rec = {{"epoch", state.epoch},
                   {"step", state.step},
@@ -717,6 +723,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                   {"test_loss", ev.loss},
                   {"test_acc", ev.accuracy},
                   {"images_per_s", result.images_per_s},
+                  {"saved_activation_bytes", saved_peak},
                   {"lr", sched.lr_at(std::max<int64_t>(state.step - 1, 0))},
                   {"seconds", secs}};
       append_text((fs::path(cfg.out) / "metrics.jsonl").string(), rec.dump() + "\n");

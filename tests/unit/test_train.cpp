@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include <unistd.h>
@@ -98,15 +99,26 @@ TEST(Train, RecomputeTrainsBitIdentically) {
     c.model = model;
     c.epochs = 1;
     c.recompute = Recompute::off;
-    train(c);
+    const TrainResult r_off = train(c);
     c.out = re;
     c.recompute = Recompute::on;
-    train(c);
+    const TrainResult r_on = train(c);
     expect_same_checkpoint(keep + "/ckpt.safetensors", re + "/ckpt.safetensors");
     c.out = au;
     c.recompute = Recompute::automatic;
-    train(c);
+    const TrainResult r_auto = train(c);
     expect_same_checkpoint(keep + "/ckpt.safetensors", au + "/ckpt.safetensors");
+    // what each kept for backward (the run's result and its metrics): on < auto < off
+    EXPECT_GT(r_on.saved_activation_bytes, 0u) << model;
+    EXPECT_LT(r_on.saved_activation_bytes, r_auto.saved_activation_bytes) << model;
+    EXPECT_LT(r_auto.saved_activation_bytes, r_off.saved_activation_bytes) << model;
+    std::ifstream metrics(au + "/metrics.jsonl");
+    std::string line, last_epoch;
+    while (std::getline(metrics, line))
+      if (line.find("\"saved_activation_bytes\"") != std::string::npos) last_epoch = line;
+    EXPECT_NE(last_epoch.find("\"saved_activation_bytes\":" + std::to_string(r_auto.saved_activation_bytes)),
+              std::string::npos)
+        << last_epoch;
     c.out = mixed;
     c.recompute = Recompute::off;
     c.max_steps = 4;
