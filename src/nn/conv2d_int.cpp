@@ -433,7 +433,7 @@ inline void fprop_fused_run(const uint8_t* base, int64_t step, int64_t row, int6
 }
 constexpr int kFpropRun = 14;  // positions per call (14 accumulators; a 28-wide row in two)
 // One sample: out [P, 16] finished values; rx [P] the patch code sums (filled here from the
-// image's pixel sums: the same integers as summing the patch rows); pix [Hp (Wp + Wo)] scratch.
+// image's pixel sums: the same integers as summing the patch rows); pix [Hp (Wp + Wo) + Wo] scratch.
 inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* bv, const FpropTerms& t, int32_t* pix,
                                float* rx, float* out) {
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C, k = g.k, s = g.stride;
@@ -448,19 +448,22 @@ inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* 
   } else {
     for (int64_t i = 0; i < Hp * Wp; ++i) pix[i] = static_cast<int32_t>(byte_sum(img + i * C, C));
   }
-  int32_t* hs = pix + Hp * Wp;  // [Hp][Wo]
-  for (int64_t h = 0; h < Hp; ++h)
-    for (int64_t ow = 0; ow < g.Wo; ++ow) {
-      int32_t sum = 0;
-      for (int64_t kw = 0; kw < k; ++kw) sum += pix[h * Wp + ow * s + kw];
-      hs[h * g.Wo + ow] = sum;
-    }
-  for (int64_t oh = 0; oh < g.Ho; ++oh)
-    for (int64_t ow = 0; ow < g.Wo; ++ow) {
-      int32_t sum = 0;
-      for (int64_t kh = 0; kh < k; ++kh) sum += hs[(oh * s + kh) * g.Wo + ow];
-      rx[oh * g.Wo + ow] = static_cast<float>(sum);  // <= Ckk * 255: exact
-    }
+  int32_t* hs = pix + Hp * Wp;  // [Hp][Wo], then one output row's sums (loops over ow innermost)
+  const int64_t Wo = g.Wo;
+  for (int64_t h = 0; h < Hp; ++h) {
+    int32_t* __restrict d = hs + h * Wo;
+    const int32_t* __restrict src = pix + h * Wp;
+    for (int64_t ow = 0; ow < Wo; ++ow) d[ow] = src[ow * s];
+    for (int64_t kw = 1; kw < k; ++kw)
+      for (int64_t ow = 0; ow < Wo; ++ow) d[ow] += src[ow * s + kw];
+  }
+  int32_t* __restrict acc = hs + Hp * Wo;
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    for (int64_t ow = 0; ow < Wo; ++ow) acc[ow] = hs[oh * s * Wo + ow];
+    for (int64_t kh = 1; kh < k; ++kh)
+      for (int64_t ow = 0; ow < Wo; ++ow) acc[ow] += hs[(oh * s + kh) * Wo + ow];
+    for (int64_t ow = 0; ow < Wo; ++ow) rx[oh * Wo + ow] = static_cast<float>(acc[ow]);  // <= Ckk * 255: exact
+  }
   const int64_t seg4 = k * C / 4, step = s * C, row = Wp * C;
   for (int64_t oh = 0; oh < g.Ho; ++oh)
     for (int64_t ow = 0; ow < g.Wo; ow += kFpropRun) {
@@ -539,7 +542,7 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
     {
       const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
       std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp * cin_));
-      std::vector<int32_t> pix(static_cast<size_t>(Hp * (Wp + g.Wo)));
+      std::vector<int32_t> pix(static_cast<size_t>(Hp * (Wp + g.Wo) + g.Wo));
       std::vector<float> rx(static_cast<size_t>(P)), out(static_cast<size_t>(P * 16));
       split.run([&](int64_t n) {
         pad_hwc(xc + n * chw, g, pad_code, img.data());
