@@ -41,6 +41,8 @@ const std::vector<std::string>& model_names();
 //         first stage. fp32 models keep everything (the baseline). The default.
 // Batch norms whose input no layer can recompute keep their input.
 inline constexpr int64_t kAutoRecomputeMacs = 144;
+// The setting in effect for a model in `mode`: auto is off in fp32, the rest as given.
+Recompute effective_recompute(Recompute r, Mode mode);
 RecomputePolicy recompute_policy(Recompute r, Mode mode);
 void set_recompute(Module& model, Recompute r, Mode mode);
 // "off", "auto", "on"; parse_recompute throws InputError naming the valid values.

@@ -100,9 +100,14 @@ ModulePtr make_model(const std::string& name, int in_c, int in_h, int in_w, int 
   return first_layer_without_input_grad(std::move(m));
 }
 
+Recompute effective_recompute(Recompute r, Mode mode) {
+  return r == Recompute::automatic && mode == Mode::fp32 ? Recompute::off : r;
+}
+
 RecomputePolicy recompute_policy(Recompute r, Mode mode) {
   RecomputePolicy p;
-  p.on = r == Recompute::on || (r == Recompute::automatic && mode != Mode::fp32);
+  r = effective_recompute(r, mode);
+  p.on = r != Recompute::off;
   if (r == Recompute::automatic) p.max_macs = kAutoRecomputeMacs;
   return p;
 }
@@ -122,7 +127,7 @@ Recompute parse_recompute(const std::string& s) {
   if (s == "off") return Recompute::off;
   if (s == "auto") return Recompute::automatic;
   if (s == "on") return Recompute::on;
-  throw InputError(fmt::format("recompute '{}' is not one of off, auto, on", s));
+  throw InputError(fmt::format("recompute setting '{}' is not off, auto or on", s));
 }
 
 }  // namespace fqt

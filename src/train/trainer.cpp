@@ -620,7 +620,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                  cfg.model.c_str(), cfg.data.c_str(), static_cast<long long>(train_set.size()),
                  static_cast<long long>(test_set.size()), recipe_summary(cfg.recipe).c_str(), cfg.epochs,
                  static_cast<long long>(spe), static_cast<long long>(cfg.batch),
-                 recompute_name(recompute_policy(cfg.recompute, cfg.recipe.mode).on ? cfg.recompute : Recompute::off),
+                 recompute_name(effective_recompute(cfg.recompute, cfg.recipe.mode)),
                  resume ? fmt::format(", resumed at epoch {} step {}", state.epoch, state.step).c_str() : "");
 
   TrainResult result;

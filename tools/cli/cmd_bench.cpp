@@ -440,17 +440,14 @@ int run_step_bench(const StepOptions& o) {
   for (const auto& a : split_list(o.ariths)) ariths.push_back(parse_arith(a));
   FQT_INPUT_CHECK(!ariths.empty(), "--arith needs at least one of int, sim");
   std::vector<Recompute> recomputes;
-  for (const auto& v : split_list(o.recompute)) {
-    FQT_INPUT_CHECK(v == "off" || v == "auto" || v == "on", "--recompute: '{}' is not off, auto or on", v);
-    recomputes.push_back(parse_recompute(v));
-  }
+  for (const auto& v : split_list(o.recompute)) recomputes.push_back(parse_recompute(v));
   FQT_INPUT_CHECK(!recomputes.empty(), "--recompute needs one or more of off, auto, on");
   std::vector<StepConfig> configs;
   for (const auto& m : split_list(o.modes)) {
     const Mode mode = parse_mode(m);
     for (Recompute rc : recomputes) {
       if (mode == Mode::fp32) {  // (auto is off in fp32: one configuration)
-        const StepConfig c{mode, QuantizerKind::psq, Arith::integer, rc == Recompute::automatic ? Recompute::off : rc};
+        const StepConfig c{mode, QuantizerKind::psq, Arith::integer, effective_recompute(rc, mode)};
         if (std::none_of(configs.begin(), configs.end(),
                          [&](const StepConfig& d) { return d.mode == mode && d.recompute == c.recompute; }))
           configs.push_back(c);
