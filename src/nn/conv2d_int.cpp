@@ -304,7 +304,7 @@ struct RowTerms {
 #define FQT_DGRAD_FUSED 1
 // dgrad of a layer with few taps x channels (Ckk = NV * 16 <= 144: the 16-channel 3x3 layers)
 // and a short reduction (K = Cout): one gradient row's integer products with all Ckk columns of
-// W^T in NV registers (vpdpbusd; B = W^T packed as [NV][K4][16 columns][4 bytes]), finished
+// W^T in NV registers (vpdpbusd; B = W^T packed as [K4][NV][16 columns][4 bytes]), finished
 // and summed onto the sample's padded accumulator straight from the registers. The general path
 // wrote the [P, Ckk] int32 product (451 KB per sample at 28x28) and read it back: with K = 16
 // its kernel spent more on those stores than on the products (~200 GOPS). One row at a time:
@@ -312,17 +312,19 @@ struct RowTerms {
 // The row's columns are finished in order with the scalar epilogue's operations (no
 // contraction), rows in order, so the accumulator gets the same sums in the same order: the
 // same bits as the general path.
-// acc[j] = the row's integer products with columns 16j .. 16j + 15.
+// acc[j] = the row's integer products with columns 16j .. 16j + 15. B's NV vectors of one k4
+// are adjacent (one pointer, constant offsets): with [NV][K4] (offsets j K4 64 for a run-time
+// K4) GCC kept the NV offsets on the stack and copied the accumulators around each step.
 template <int NV>
 inline void fused_products(const uint8_t* a, int64_t K4, const int8_t* bv, __m512i* acc) {
 #pragma GCC unroll 16
   for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_si512();
-  for (int64_t k4 = 0; k4 < K4; ++k4) {
+  for (int64_t k4 = 0; k4 < K4; ++k4, bv += NV * 64) {
     int32_t w;
     std::memcpy(&w, a + 4 * k4, 4);
     const __m512i bc = _mm512_set1_epi32(w);  // the row's 4 bytes at k4
 #pragma GCC unroll 16
-    for (int j = 0; j < NV; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], bc, _mm512_loadu_si512(bv + (j * K4 + k4) * 64));
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], bc, _mm512_loadu_si512(bv + j * 64));
   }
 }
 // The row's dgrad values before any T^-1 (vector j): ((s + O rb) + d rb) inv + cr, the scalar
@@ -653,14 +655,14 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   const int64_t NV = ckk / 16, K4 = cout_ / 4;
   const bool fused = igemm_detail::vnni_available() && ckk % 16 == 0 && NV <= kFusedMaxNV && run % 16 == 0 &&
                      cout_ % 4 == 0 && cout_ <= kFusedMaxK;
-  std::vector<int8_t> bv;    // [NV][K4][16 columns][4 bytes] of Bt
+  std::vector<int8_t> bv;    // [K4][NV][16 columns][4 bytes] of Bt
   std::vector<int64_t> off;  // vector j of a row: taps 16j.. = kernel row kh, from i0 of its run
   if (fused) {
     bv.resize(static_cast<size_t>(NV * K4 * 64));
     for (int64_t j = 0; j < NV; ++j)
       for (int64_t k4 = 0; k4 < K4; ++k4)
         for (int64_t col = 0; col < 16; ++col)
-          for (int64_t b = 0; b < 4; ++b) bv[((j * K4 + k4) * 16 + col) * 4 + b] = Bt[(16 * j + col) * cout_ + 4 * k4 + b];
+          for (int64_t b = 0; b < 4; ++b) bv[((k4 * NV + j) * 16 + col) * 4 + b] = Bt[(16 * j + col) * cout_ + 4 * k4 + b];
     off.resize(static_cast<size_t>(NV));
     for (int64_t j = 0; j < NV; ++j) off[j] = (16 * j / run) * Wp * cin_ + (16 * j) % run;
   }
