@@ -764,11 +764,11 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     }
 #if defined(FQT_DGRAD_FUSED)
     if (fused) {  // each row's members' products in registers, combined and summed from there
+      WorkSplit split(N);  // (as the other per-sample loops: a lagging vCPU's samples are taken over)
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
       {
         std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; ++n) {
+        split.run([&](int64_t n) {
           std::memset(acc.data(), 0, sizeof(float) * acc.size());
           std::optional<profile::Scope> timer(profile::gemm_int);  // (the finishing included)
           for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == g.Wo ? (++oh, 0) : ow + 1) {
@@ -812,7 +812,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
           }
           timer.reset();
           store_sample(acc.data(), acct.data(), n);
-        }
+        });
       }
       return dx;
     }
