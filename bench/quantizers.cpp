@@ -19,6 +19,7 @@
 #include <exception>
 #include <functional>
 #include <numeric>
+#include <string>
 #include <vector>
 
 using namespace fqt;
@@ -30,7 +31,7 @@ int run(int argc, char** argv) {
   const int64_t rows = argc > 1 ? std::atoll(argv[1]) : 100352, cols = argc > 2 ? std::atoll(argv[2]) : 16;
   const int threads = argc > 3 ? std::atoi(argv[3]) : 1, reps = argc > 4 ? std::atoi(argv[4]) : 15;
   if (rows < 1 || cols < 1 || threads < 1 || reps < 1) {
-    std::fprintf(stderr, "usage: bench_quantizers [rows>=1] [cols>=1] [threads>=1] [reps>=1] [kind]\n");
+    std::fprintf(stderr, "usage: bench_quantizers [rows>=1] [cols>=1] [threads>=1] [reps>=1] [kind] [only rows containing]\n");
     return 2;
   }
   set_num_threads(threads);
@@ -69,6 +70,7 @@ int run(int argc, char** argv) {
       {"  bhq_apply_rows (fast path)", [&] {
          kernels::bhq_apply_rows(t, x.data<float>(), cols, out.data<float>(), rmin.data(), rmax.data());
        }},
+      {"    its group sums (bhq_group_dots)", [&] { (void)kernels::bhq_group_dots(t, x.data<float>(), cols); }},
       {"quantize ptq 8", [&] { (void)quantize(x, {QuantizerKind::ptq, 8}, {1, 2}); }},
       {"quantize psq 8", [&] { (void)quantize(x, {QuantizerKind::psq, 8}, {1, 2}); }},
       {"quantize_pair psq 8 + ptq 8", [&] {
@@ -84,7 +86,9 @@ int run(int argc, char** argv) {
        }},
   };
   std::printf("  %-38s %9s %9s\n", "", "median", "fastest");
+  const std::string only = argc > 6 ? argv[6] : "";  // run only the rows whose name contains this
   for (const Row& r : table) {
+    if (!only.empty() && std::string(r.name).find(only) == std::string::npos) continue;
     const Times tm = time_ms(reps, r.f);
     std::printf("  %-38s %6.3f ms %6.3f ms\n", r.name, tm.median, tm.best);
   }
