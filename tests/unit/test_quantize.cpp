@@ -2,10 +2,12 @@
 // seed behaviour, deterministic grids, bad input.
 #include "fqt/quant.hpp"
 #include "fqt/stats.hpp"
+#include "quant/grid.hpp"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <omp.h>
 
 #include <cmath>
@@ -309,4 +311,41 @@ TEST(Quantize, PairEqualsTwoSeparateCalls) {
   const Tensor good = synthetic_matrix(SynthKind::gaussian, 200, 40, 1);
   const float reversed[2] = {1.0f, -1.0f};
   EXPECT_THROW(quantize_pair(good, {QuantizerKind::psq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}, reversed), Error);
+}
+
+// make_grids (the batched per-row / per-column grids of the fast quantizers: 8 at a time on
+// AVX-512) gives make_grid's grid bit for bit for every group: ranges of all magnitudes and
+// signs, single values, empty groups (min > max) and NaN ends, every affine kind and bit width,
+// and counts that leave a tail after the 8-wide steps.
+TEST(makeGrids, EqualMakeGridForEveryGroup) {
+  std::vector<double> mn, mx;
+  uint64_t s = 12345;
+  auto next = [&] { return (s = s * 6364136223846793005ull + 1442695040888963407ull) >> 11; };
+  for (int i = 0; i < 4000; ++i) {
+    const double e = std::ldexp(1.0, static_cast<int>(next() % 60) - 40);  // 2^-40 .. 2^19
+    const double a = (static_cast<double>(next() % 2000001) / 1e6 - 1.0) * e;
+    const double w = static_cast<double>(next() % 1000001) / 1e6 * e;
+    switch (i % 11) {
+      case 0: mn.push_back(a), mx.push_back(a); break;                  // one value
+      case 1: mn.push_back(a + w + 1.0), mx.push_back(a); break;        // empty: min > max
+      case 2: mn.push_back(std::nan("")), mx.push_back(a); break;       // NaN end
+      case 3: mn.push_back(static_cast<float>(a)), mx.push_back(static_cast<float>(a + w)); break;  // fp32 ends
+      default: mn.push_back(a), mx.push_back(a + w);
+    }
+  }
+  for (QuantizerKind kind : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::column, QuantizerKind::bhq,
+                             QuantizerKind::affine, QuantizerKind::symmetric, QuantizerKind::zero_aligned})
+    for (int bits = 2; bits <= 8; ++bits)
+      for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{263}, static_cast<int64_t>(mn.size())}) {
+        std::vector<float> scale(static_cast<size_t>(n)), lo(static_cast<size_t>(n));
+        quant_detail::make_grids({kind, bits}, mn.data(), mx.data(), n, scale.data(), lo.data());
+        for (int64_t g = 0; g < n; ++g) {
+          const bool full = mn[g] <= mx[g];
+          const quant_detail::Grid ref = quant_detail::make_grid(kind, full ? mn[g] : 0.0, full ? mx[g] : 0.0, bits);
+          ASSERT_EQ(std::bit_cast<uint32_t>(scale[g]), std::bit_cast<uint32_t>(ref.scale))
+              << traits(kind).name << bits << " group " << g << " [" << mn[g] << ", " << mx[g] << "]";
+          ASSERT_EQ(std::bit_cast<uint32_t>(lo[g]), std::bit_cast<uint32_t>(ref.lo))
+              << traits(kind).name << bits << " group " << g << " [" << mn[g] << ", " << mx[g] << "]";
+        }
+      }
 }
