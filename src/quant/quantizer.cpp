@@ -4,6 +4,8 @@
 
 #include <omp.h>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
 
 #if defined(__AVX512F__)
@@ -122,16 +124,17 @@ void make_grids(QuantizerSpec spec, const double* mn, const double* mx, int64_t 
   for (int64_t g0 = 0; g0 < n; g0 += 256) {
     const int64_t g1 = std::min(n, g0 + 256);
     // Affine grids (SPEC section 2) 8 at a time, with make_grid's coverage check; a grid that
-    // fails it (an ulp short after rounding to fp32) is made again by
-    // make_grid itself below, so every grid is make_grid's. (The per-row grids of PSQ: ~10^5
-    // per conv gradient; make_grid's scalar loop was 1.3% of the step in perf, session 9.)
-    uint8_t redo[256];
+    // fails it (an ulp short after rounding to fp32) is made again by make_grid itself below, so
+    // every grid is make_grid's. Bit g - g0 of `redo`: group g needs make_grid (every group of
+    // the other kinds). (The per-row grids of PSQ: ~10^5 per conv gradient; make_grid's scalar
+    // loop was 1.3% of the step in perf, session 9; this loop, scalar, a division and a branch
+    // per grid, and a branch per grid over a byte array of redo flags, ~1%, session 15.)
+    uint64_t redo[4] = {~uint64_t{0}, ~uint64_t{0}, ~uint64_t{0}, ~uint64_t{0}};
     if (affine) {
+      std::fill(redo, redo + 4, uint64_t{0});
       int64_t g = g0;
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-      // 8 grids per step, the same IEEE operations in the same order (masked converts: GCC 12
-      // warns on the plain ones). GCC left the loop below
-      // scalar: a branch and a double division per grid, ~1% of the PSQ step in perf, session 15.
+      // The same IEEE operations in the same order (masked converts: GCC 12 warns on the plain ones).
       const __m512d vB = _mm512_set1_pd(B), eps = _mm512_set1_pd(1e-8);
       const __m256 vBf = _mm256_set1_ps(Bf), fzero = _mm256_setzero_ps();
       for (; g + 8 <= g1; g += 8) {
@@ -139,12 +142,14 @@ void make_grids(QuantizerSpec spec, const double* mn, const double* mx, int64_t 
         const __mmask8 full = _mm512_cmp_pd_mask(mn8, mx8, _CMP_LE_OQ);  // not empty (NaN: empty)
         const __m512d a = _mm512_maskz_mov_pd(full, mn8), b = _mm512_maskz_mov_pd(full, mx8);
         const __m512d l = _mm512_sub_pd(a, eps), h = _mm512_add_pd(b, eps);
-        const __m256 sc = _mm512_maskz_cvtpd_ps(0xFF, _mm512_div_pd(vB, _mm512_sub_pd(h, l))), lf = _mm512_maskz_cvtpd_ps(0xFF, l);
+        const __m256 sc = _mm512_maskz_cvtpd_ps(0xFF, _mm512_div_pd(vB, _mm512_sub_pd(h, l)));
+        const __m256 lf = _mm512_maskz_cvtpd_ps(0xFF, l);
         _mm256_storeu_ps(scale + g, sc), _mm256_storeu_ps(lo + g, lf);
         const __mmask8 ok =
             _mm256_cmp_ps_mask(_mm256_mul_ps(_mm256_sub_ps(_mm512_maskz_cvtpd_ps(0xFF, a), lf), sc), fzero, _CMP_GE_OQ) &
             _mm256_cmp_ps_mask(_mm256_mul_ps(_mm256_sub_ps(_mm512_maskz_cvtpd_ps(0xFF, b), lf), sc), vBf, _CMP_LE_OQ);
-        for (int k = 0; k < 8; ++k) redo[g - g0 + k] = !((ok >> k) & 1);
+        const int64_t i = g - g0;  // a multiple of 8: the 8 bits stay within one word
+        redo[i >> 6] |= static_cast<uint64_t>(static_cast<uint8_t>(~ok)) << (i & 63);
       }
 #endif
       for (; g < g1; ++g) {
@@ -153,17 +158,20 @@ void make_grids(QuantizerSpec spec, const double* mn, const double* mx, int64_t 
         const double l = a - 1e-8, h = b + 1e-8;
         const float sc = static_cast<float>(B / (h - l)), lf = static_cast<float>(l);
         scale[g] = sc, lo[g] = lf;
-        redo[g - g0] = !((static_cast<float>(a) - lf) * sc >= 0.0f && (static_cast<float>(b) - lf) * sc <= Bf);
+        const bool bad = !((static_cast<float>(a) - lf) * sc >= 0.0f && (static_cast<float>(b) - lf) * sc <= Bf);
+        redo[(g - g0) >> 6] |= static_cast<uint64_t>(bad) << ((g - g0) & 63);
       }
     }
-    for (int64_t g = g0; g < g1; ++g) {
-      if (affine && !redo[g - g0]) continue;
-      // An empty group (0 rows or 0 columns) has min > max: give it a harmless grid.
-      double a = mn[g] <= mx[g] ? mn[g] : 0.0, b = mn[g] <= mx[g] ? mx[g] : 0.0;
-      Grid grid = make_grid(kind, a, b, spec.bits);
-      scale[g] = grid.scale;
-      lo[g] = grid.lo;
-    }
+    for (int w = 0; w < 4; ++w)
+      for (uint64_t bits = redo[w]; bits; bits &= bits - 1) {
+        const int64_t g = g0 + 64 * w + std::countr_zero(bits);
+        if (g >= g1) break;
+        // An empty group (0 rows or 0 columns) has min > max: give it a harmless grid.
+        double a = mn[g] <= mx[g] ? mn[g] : 0.0, b = mn[g] <= mx[g] ? mx[g] : 0.0;
+        Grid grid = make_grid(kind, a, b, spec.bits);
+        scale[g] = grid.scale;
+        lo[g] = grid.lo;
+      }
   }
 }
 
