@@ -4,6 +4,7 @@
 // unchanged), plain loops for the edges and elsewhere.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__SSE2__)  // (AVX implies it)
@@ -64,29 +65,61 @@ inline void transpose_bytes(const uint8_t* src, int64_t rows, int64_t cols, int6
   int64_t r0 = 0;
 #if defined(__SSE2__)
   const __m128i f = _mm_set1_epi8(static_cast<char>(flip));
-  auto row = [&](int64_t r, int64_t c) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + r * lds + c)); };
-  auto store2 = [&](__m128i v, int64_t c, int64_t r) {  // columns c, c + 1 (8 rows each)
-    v = _mm_xor_si128(v, f);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + c * ldd + r), v);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (c + 1) * ldd + r), _mm_srli_si128(v, 8));
+  // One 8x8 tile from 8 rows of 8 bytes (r[i]): columns c, c + 1 of it per register after the
+  // unpacks, handed to store2(v, c).
+  auto tile8 = [&](const __m128i* r, auto&& store2) {
+    const __m128i a0 = _mm_unpacklo_epi8(r[0], r[1]), a1 = _mm_unpacklo_epi8(r[2], r[3]);
+    const __m128i a2 = _mm_unpacklo_epi8(r[4], r[5]), a3 = _mm_unpacklo_epi8(r[6], r[7]);
+    const __m128i b0 = _mm_unpacklo_epi16(a0, a1), b1 = _mm_unpackhi_epi16(a0, a1);
+    const __m128i b2 = _mm_unpacklo_epi16(a2, a3), b3 = _mm_unpackhi_epi16(a2, a3);
+    store2(_mm_xor_si128(_mm_unpacklo_epi32(b0, b2), f), 0);
+    store2(_mm_xor_si128(_mm_unpackhi_epi32(b0, b2), f), 2);
+    store2(_mm_xor_si128(_mm_unpacklo_epi32(b1, b3), f), 4);
+    store2(_mm_xor_si128(_mm_unpackhi_epi32(b1, b3), f), 6);
   };
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(__SANITIZE_ADDRESS__)
+  // A partial tile (nr < 8 rows or nc < 8 columns left over) through the same transpose: its
+  // rows loaded and its columns stored under byte masks. The scalar tails they replace were
+  // most of pad_hwc's work for 14- and 7-pixel image rows and a seventh of it for 28 (perf,
+  // session 15). (Not under AddressSanitizer, which may count a masked access as a full one.)
+  auto partial = [&](int64_t rr, int64_t nr, int64_t c0, int64_t nc) {
+    const auto mc = static_cast<__mmask16>((1u << nc) - 1), mr = static_cast<__mmask16>((1u << nr) - 1);
+    __m128i r[8];
+    for (int64_t i = 0; i < 8; ++i) r[i] = i < nr ? _mm_maskz_loadu_epi8(mc, src + (rr + i) * lds + c0) : _mm_setzero_si128();
+    tile8(r, [&](__m128i v, int64_t c) {
+      if (c < nc) _mm_mask_storeu_epi8(dst + (c0 + c) * ldd + rr, mr, v);
+      if (c + 1 < nc) _mm_mask_storeu_epi8(dst + (c0 + c + 1) * ldd + rr, mr, _mm_srli_si128(v, 8));
+    });
+  };
+  constexpr bool kMasked = true;
+#else
+  constexpr bool kMasked = false;
+#endif
   for (; r0 + 8 <= rows; r0 += 8) {
     int64_t c0 = 0;
     for (; c0 + 8 <= cols; c0 += 8) {
-      const __m128i a0 = _mm_unpacklo_epi8(row(r0 + 0, c0), row(r0 + 1, c0));
-      const __m128i a1 = _mm_unpacklo_epi8(row(r0 + 2, c0), row(r0 + 3, c0));
-      const __m128i a2 = _mm_unpacklo_epi8(row(r0 + 4, c0), row(r0 + 5, c0));
-      const __m128i a3 = _mm_unpacklo_epi8(row(r0 + 6, c0), row(r0 + 7, c0));
-      const __m128i b0 = _mm_unpacklo_epi16(a0, a1), b1 = _mm_unpackhi_epi16(a0, a1);
-      const __m128i b2 = _mm_unpacklo_epi16(a2, a3), b3 = _mm_unpackhi_epi16(a2, a3);
-      store2(_mm_unpacklo_epi32(b0, b2), c0 + 0, r0);
-      store2(_mm_unpackhi_epi32(b0, b2), c0 + 2, r0);
-      store2(_mm_unpacklo_epi32(b1, b3), c0 + 4, r0);
-      store2(_mm_unpackhi_epi32(b1, b3), c0 + 6, r0);
+      __m128i r[8];
+      for (int64_t i = 0; i < 8; ++i) r[i] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + (r0 + i) * lds + c0));
+      tile8(r, [&](__m128i v, int64_t c) {
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (c0 + c) * ldd + r0), v);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (c0 + c + 1) * ldd + r0), _mm_srli_si128(v, 8));
+      });
     }
-    for (int64_t c = c0; c < cols; ++c)
-      for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ldd + r] = src[r * lds + c] ^ flip;
+    if constexpr (kMasked) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(__SANITIZE_ADDRESS__)
+      if (c0 < cols) partial(r0, 8, c0, cols - c0);
+#endif
+    } else {
+      for (int64_t c = c0; c < cols; ++c)
+        for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ldd + r] = src[r * lds + c] ^ flip;
+    }
   }
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(__SANITIZE_ADDRESS__)
+  if (r0 < rows) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 8) partial(r0, rows - r0, c0, std::min<int64_t>(8, cols - c0));
+    return;
+  }
+#endif
 #endif
   for (int64_t r = r0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c] ^ flip;
