@@ -145,8 +145,9 @@ class Conv2d : public QuantizedLayer {
   Param& bias() { return bias_; }
   int64_t out_size(int64_t in) const { return (in + 2 * pad_ - k_) / stride_ + 1; }
   // The integer wgrad's plan for N samples of P output positions: `groups` fixed groups of
-  // consecutive samples (int64 partial sums, in parallel), each `per_gemm` samples at a time
-  // through one GEMM with K = per_gemm * P (fqt bench gemm times the same products).
+  // consecutive samples, each `per_gemm` samples at a time through one GEMM with K = per_gemm * P
+  // (the batches the threads claim, summing into int64 partials; fqt bench gemm times the same
+  // products).
   struct WgradPlan {
     int64_t groups, per_gemm;
   };

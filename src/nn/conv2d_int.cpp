@@ -987,18 +987,27 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const auto pad_code = static_cast<uint8_t>(zero_code);
   const uint8_t* gc = gq.codes.data<uint8_t>();
   const uint8_t* xc = xq_.codes.data<uint8_t>();
-  // Integer partial sums per fixed group of samples (exact: the grouping cannot change them).
+  // Integer partial sums (exact: the grouping of the samples cannot change them).
   // (checked here, not only inside the parallel region, where a failed check cannot be caught)
   FQT_CHECK(P <= igemm_max_k(255, 128), "Conv2d {}: {} output positions per sample exceed the int32 bound of "
             "the integer wgrad ({})", name_, P, igemm_max_k(255, 128));
   const WgradPlan plan = wgrad_int_plan(N, ckk, cout_, P);
   const int64_t groups = plan.groups, ns = plan.per_gemm;
   const int64_t ldk = ns * P;
-  std::vector<int64_t> part(static_cast<size_t>(groups * wsize), 0);
+  // The plan's batches (each group's samples, ns at a time) claimed through WorkSplit, each thread
+  // summing into its own int64 partials: the sums are exact, so which thread takes a batch
+  // changes nothing (a static split over the 8 groups left the faster vCPU waiting on the other).
+  std::vector<std::pair<int64_t, int64_t>> batches;  // [n0, n1)
+  for (int64_t gi = 0; gi < groups; ++gi)
+    for (int64_t n0 = gi * N / groups, n_end = (gi + 1) * N / groups; n0 < n_end; n0 += ns)
+      batches.emplace_back(n0, std::min(n_end, n0 + ns));
+  const int T = omp_get_max_threads();
+  std::vector<int64_t> part(static_cast<size_t>(T * wsize), 0);
+  WorkSplit split(static_cast<int64_t>(batches.size()), T);
 #if defined(__AVX512VBMI__)
   const Im2colPermute perm = im2col_permute_plan(g);
 #endif
-#pragma omp parallel if (groups > 1 && parallel_worth(N * P * ckk))
+#pragma omp parallel if (batches.size() > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int8_t> Bg(static_cast<size_t>(cout_ * ldk));  // [G_n^T ...] codes [Cout, ns * P], s8
     // (+128 bytes: the permuting im2col reads two registers from a block's start; +64: its last
@@ -1006,39 +1015,35 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
     std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_ + 128));
     std::vector<uint8_t> A(static_cast<size_t>(ckk * ldk + 64));
     std::vector<int32_t> C(static_cast<size_t>(ssize));
-#pragma omp for schedule(static)
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      int64_t* acc = part.data() + gi * wsize;
-      int64_t* rx = acc + ssize;
-      int64_t* rg = rx + ckk;
-      const int64_t n_end = (gi + 1) * N / groups;
-      for (int64_t n0 = gi * N / groups; n0 < n_end; n0 += ns) {
-        const int64_t m = std::min(ns, n_end - n0), K = m * P;
-        for (int64_t j = 0; j < m; ++j) {
-          // G_n^T as s8 (8-bit codes: q - 128 = q ^ 0x80) into columns j*P.. of the batch.
-          kernels::transpose_bytes(gc + (n0 + j) * P * cout_, P, cout_, cout_,
-                                   reinterpret_cast<uint8_t*>(Bg.data()) + j * P, K, shg == 128 ? 0x80 : 0x00);
-          pad_chw(xc + (n0 + j) * chw, g, pad_code, img.data());
+    int64_t* acc = part.data() + omp_get_thread_num() * wsize;
+    int64_t* rx = acc + ssize;
+    int64_t* rg = rx + ckk;
+    split.run([&](int64_t bi) {
+      const int64_t n0 = batches[bi].first, m = batches[bi].second - n0, K = m * P;
+      for (int64_t j = 0; j < m; ++j) {
+        // G_n^T as s8 (8-bit codes: q - 128 = q ^ 0x80) into columns j*P.. of the batch.
+        kernels::transpose_bytes(gc + (n0 + j) * P * cout_, P, cout_, cout_,
+                                 reinterpret_cast<uint8_t*>(Bg.data()) + j * P, K, shg == 128 ? 0x80 : 0x00);
+        pad_chw(xc + (n0 + j) * chw, g, pad_code, img.data());
 #if defined(__AVX512VBMI__)
-          if (perm.usable) im2col_chw_permute(img.data(), g, perm, A.data() + j * P, K);
-          else
+        if (perm.usable) im2col_chw_permute(img.data(), g, perm, A.data() + j * P, K);
+        else
 #endif
-            im2col_chw(img.data(), g, A.data() + j * P, K);
-        }
-        // The column sums of the gradient codes are the row sums of the transposed bytes, xor-ed
-        // back (a vector pass over the cache-resident copy: the scalar loop over G_n's columns
-        // was ~20% of wgrad_int's own time in perf).
-        const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
-        const uint8_t* bg = reinterpret_cast<const uint8_t*>(Bg.data());
-        for (int64_t c = 0; c < cout_; ++c) rg[c] += byte_sum(bg + c * K, K, flip) - K * shg;
-        for (int64_t k = 0; k < ckk; ++k) rx[k] += byte_sum(A.data() + k * K, K);
-        igemm_worker(ckk, cout_, K, A.data(), K, Bg.data(), K, C.data(), cout_);
-        for (int64_t i = 0; i < ssize; ++i) acc[i] += C[i];
+          im2col_chw(img.data(), g, A.data() + j * P, K);
       }
-    }
+      // The column sums of the gradient codes are the row sums of the transposed bytes, xor-ed
+      // back (a vector pass over the cache-resident copy: the scalar loop over G_n's columns
+      // was ~20% of wgrad_int's own time in perf).
+      const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
+      const uint8_t* bg = reinterpret_cast<const uint8_t*>(Bg.data());
+      for (int64_t c = 0; c < cout_; ++c) rg[c] += byte_sum(bg + c * K, K, flip) - K * shg;
+      for (int64_t k = 0; k < ckk; ++k) rx[k] += byte_sum(A.data() + k * K, K);
+      igemm_worker(ckk, cout_, K, A.data(), K, Bg.data(), K, C.data(), cout_);
+      for (int64_t i = 0; i < ssize; ++i) acc[i] += C[i];
+    });
   }
-  for (int64_t gi = 1; gi < groups; ++gi)
-    for (int64_t i = 0; i < wsize; ++i) part[i] += part[gi * wsize + i];
+  for (int t = 1; t < T; ++t)
+    for (int64_t i = 0; i < wsize; ++i) part[i] += part[t * wsize + i];
   const bool per_col = gq.granularity() == Granularity::column;
   const int64_t* S = part.data();
   const int64_t* rx = S + ssize;
