@@ -350,3 +350,23 @@ TEST(Bhq, FastTransformEqualsReference) {
   }
   omp_set_num_threads(saved);
 }
+
+// The fast rank sort refuses a range that is not positive (0, negative, NaN: what a non-finite
+// gradient row would give), on its one-thread path (counts taken with the keys) and threaded.
+TEST(Bhq, FastRankRejectsNonPositiveRanges) {
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2})
+    for (double badv : {0.0, -1.0, std::numeric_limits<double>::quiet_NaN()})
+      for (int64_t at : {int64_t{0}, int64_t{4999}}) {
+        omp_set_num_threads(threads);
+        std::vector<double> m(5000, 1.5);
+        m[at] = badv;
+        try {
+          (void)kernels::bhq_rank_descending_parallel(m, threads == 1 ? kernels::kRankParallelMin : 1);
+          ADD_FAILURE() << "accepted range " << badv << " at " << at << ", " << threads << " threads";
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("is not positive"), std::string::npos) << e.what();
+        }
+      }
+  omp_set_num_threads(saved);
+}
