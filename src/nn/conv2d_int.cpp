@@ -685,6 +685,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     // finished rows into all samples' accumulators stalled on those scattered writes instead:
     // docs/profiles/README.md, session 10.)
     constexpr int64_t kGather = 4;
+    const HouseholderV householder;  // v of each group size, looked up per group and per row
     const BhqTransform& t = *gq.transform;
     const int64_t G = t.num_groups();
     const int64_t tile_own = std::clamp<int64_t>((int64_t{8} << 10) / ckk, 8, 64);  // own rows per GEMM
@@ -753,7 +754,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         const int64_t gi = large[li], n_g = t.group_size(gi);
         const int64_t* mem = t.members.data() + t.offsets[gi];
         float vf, vr;
-        householder_v(n_g, vf, vr);
+        householder(n_g, vf, vr);
         for (int64_t j0 = 0; j0 < n_g; j0 += cap) {
           const int64_t m = std::min(cap, n_g - j0);
           for (int64_t j = 0; j < m; ++j) copy_bytes(A.data() + j * cout_, gc + mem[j0 + j] * cout_, cout_);
@@ -788,7 +789,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
             const float* mg = nullptr;
             if (mt[0] < 0) {  // a large group's row: its Y row and M_g from beforehand
               float vf, vr;
-              householder_v(t.group_size(large[~mt[0]]), vf, vr);
+              householder(t.group_size(large[~mt[0]]), vf, vr);
               c2 = 2.0f * (t.leads_group(r) ? vf : vr);
               mg = Mlarge.data() + ~mt[0] * ckk;
               a[0] = gc + r * cout_;
@@ -796,7 +797,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
             } else {  // a small group: w_j = ([j = r] - 2 v_r v_j) / s_r, as finish<NG> below
               while (ng < kGather && mt[ng] >= 0) ++ng;
               float vf, vr;
-              householder_v(ng, vf, vr);
+              householder(ng, vf, vr);
               c2 = 2.0f * (t.leads_group(r) ? vf : vr);
               for (int j = 0; j < ng; ++j) {
                 a[j] = gc + static_cast<int64_t>(mt[j]) * cout_, tm[j] = terms[mt[j]];
@@ -855,7 +856,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
             const float is = 1.0f / t.row_scale[r];
             if (mt[0] < 0) {  // a large group's row: its Y row, and M_g from beforehand
               float vf, vr;
-              householder_v(t.group_size(large[~mt[0]]), vf, vr);
+              householder(t.group_size(large[~mt[0]]), vf, vr);
               const float c2 = 2.0f * (t.leads_group(r) ? vf : vr);
               const float* y = Yf + first[p - p0] * ldc;
               const float* mg = Mlarge.data() + ~mt[0] * ckk;
@@ -873,7 +874,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
             const int32_t* s0 = C.data() + first[p - p0] * ldc;
             auto finish = [&]<int NG>() {
               float vf, vr;
-              householder_v(NG, vf, vr);
+              householder(NG, vf, vr);
               RowTerms tm[NG];
               float w[NG];
               const float c2 = 2.0f * (t.leads_group(r) ? vf : vr);

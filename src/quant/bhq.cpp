@@ -40,7 +40,7 @@ double householder_qmax_direct(int64_t n) {
 
 // The same numbers for the small group sizes, computed once: a conv layer's gradient has ~10^4
 // groups of 2-3 rows, and the square roots and divisions per group showed in perf.
-constexpr int64_t kTable = 64;
+constexpr int64_t kTable = HouseholderV::kTable;
 struct HouseholderTable {
   float vf[kTable], vr[kTable];
   double qmax[kTable];
@@ -54,6 +54,8 @@ const HouseholderTable& householder_table() {
   return table;
 }
 }  // namespace
+
+HouseholderV::HouseholderV() : vf_(householder_table().vf), vr_(householder_table().vr) {}
 
 void householder_v(int64_t n, float& v_first, float& v_rest) {
   if (n >= 0 && n < kTable) {

@@ -165,6 +165,7 @@ const float* bhq_group_dots(const BhqTransform& t, const float* x, int64_t cols)
   static thread_local std::vector<float> dot;
   dot.resize(static_cast<size_t>(G * ld));
   float* dp = dot.data();
+  const HouseholderV householder;
 #pragma omp parallel if (t.rows * cols > quant_detail::kParallelMin)
   {
     const auto [g0, g1] = t.group_slice(omp_get_thread_num(), omp_get_num_threads());
@@ -176,7 +177,7 @@ const float* bhq_group_dots(const BhqTransform& t, const float* x, int64_t cols)
       const int64_t* mem = t.members.data() + t.offsets[g];
       const int64_t n = t.group_size(g);
       float vf, vr;
-      householder_v(n, vf, vr);
+      householder(n, vf, vr);
       float* __restrict d = dp + g * ld;
       for (int64_t j = 0; j < cols; ++j) d[j] = 0.0f;
       d[cols] = 2.0f * vf, d[cols + 1] = 2.0f * vr;
