@@ -107,20 +107,6 @@ inline void copy_bytes(uint8_t* dst, const uint8_t* src, int64_t n) {
   std::memcpy(dst, src, static_cast<size_t>(n));
 }
 
-// Copy of n floats for short image rows (W = 7..28 here): 16-float masked moves, no library call
-// (memcpy calls for store_sample's rows were ~2% of the step in perf, session 12).
-inline void copy_floats(float* dst, const float* src, int64_t n) {
-#if defined(__AVX512F__) && !defined(__SANITIZE_ADDRESS__)
-  for (; n >= 16; n -= 16, src += 16, dst += 16) _mm512_storeu_ps(dst, _mm512_loadu_ps(src));
-  if (n > 0) {
-    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
-    _mm512_mask_storeu_ps(dst, m, _mm512_maskz_loadu_ps(m, src));
-  }
-#else
-  std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
-#endif
-}
-
 // Patch rows [P, k*k*C] in (kh, kw, c) order from the padded HWC image.
 void im2row_hwc(const uint8_t* img, const Geom& g, uint8_t* out) {
   const int64_t Wp = g.W + 2 * g.pad, C = g.C, run = g.k * C, ckk = g.rows();
@@ -639,14 +625,23 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
                     static_cast<float>(lw / sg * zs + static_cast<double>(cout_) * lg * lw)};
   };
   const float* __restrict rbk = rb.data();
-  // The padded HWC accumulator [Hp*Wp, C] of sample n -> [C, Hp*Wp] in one transpose (8x8 tiles
-  // cover it better than the short image rows), then the interior rows into dx_n.
-  auto store_sample = [&](const float* acc, float* acct, int64_t n) {
+  // The padded HWC accumulator [Hp*Wp, C] of sample n into dx_n: each image row's W x C interior
+  // transposed straight into the C rows of W floats it belongs to (the tiles' edges under masks),
+  // and each padded row zeroed behind it while its lines are in L1, so the accumulator is zero
+  // again for the thread's next sample. (Before: one transpose of the whole padded accumulator
+  // into a second buffer, copies of its interior rows, and a memset of the accumulator before
+  // every sample.) The accumulators start zero (std::vector) and every sample ends here.
+  auto store_sample = [&](float* acc, int64_t n) {
     float* xn = dxp + n * chw;
-    kernels::transpose(acc, Hp * Wp, cin_, cin_, acct, Hp * Wp);
-    for (int64_t c = 0; c < cin_; ++c)
-      for (int64_t h = 0; h < g.H; ++h)
-        copy_floats(xn + (c * g.H + h) * g.W, acct + (c * Hp + h + g.pad) * Wp + g.pad, g.W);
+    const int64_t row = Wp * cin_;
+    std::memset(acc, 0, sizeof(float) * static_cast<size_t>(g.pad * row));  // the top padding rows
+    for (int64_t h = 0; h < g.H; ++h) {
+      float* a = acc + (h + g.pad) * row;
+      kernels::transpose(a + g.pad * cin_, g.W, cin_, cin_, xn + h * g.W, g.H * g.W);
+      std::memset(a, 0, sizeof(float) * static_cast<size_t>(row));
+    }
+    const int64_t below = (g.H + g.pad) * row;
+    std::memset(acc + below, 0, sizeof(float) * static_cast<size_t>(acc_size - below));  // the rest
   };
   // Small layers (Ckk <= 144 in whole vectors that each stay within one kernel row of taps, run =
   // k Cin a multiple of 16; K = Cout <= 16, a multiple of 4): products and finishing fused
@@ -768,9 +763,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       WorkSplit split(N);  // (as the other per-sample loops: a lagging vCPU's samples are taken over)
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
       {
-        std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
+        std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
         split.run([&](int64_t n) {
-          std::memset(acc.data(), 0, sizeof(float) * acc.size());
           std::optional<profile::Scope> timer(profile::gemm_int);  // (the finishing included)
           for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == g.Wo ? (++oh, 0) : ow + 1) {
             const int64_t r = n * P + p;
@@ -812,7 +806,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
             }
           }
           timer.reset();
-          store_sample(acc.data(), acct.data(), n);
+          store_sample(acc.data(), n);
         });
       }
       return dx;
@@ -824,9 +818,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       std::vector<uint8_t> A(static_cast<size_t>(cap * cout_));
       std::vector<int32_t> C(static_cast<size_t>(cap * ldc));
       std::vector<int64_t> idx(static_cast<size_t>(cap)), first(static_cast<size_t>(tile_own));
-      std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
+      std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
       split.run([&](int64_t n) {
-        std::memset(acc.data(), 0, sizeof(float) * acc.size());
         for (int64_t p0 = 0; p0 < P; p0 += tile_own) {
           const int64_t p1 = std::min(P, p0 + tile_own);
           // Gather: each own row's group members (small groups), or only the row itself.
@@ -897,7 +890,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
             else finish.template operator()<4>();
           }
         }
-        store_sample(acc.data(), acct.data(), n);
+        store_sample(acc.data(), n);
       });
     }
     return dx;
@@ -907,9 +900,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     WorkSplit split(N);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
-      std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
+      std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
       split.run([&](int64_t n) {
-        std::memset(acc.data(), 0, sizeof(float) * acc.size());
         const uint8_t* an = gc + n * P * cout_;
         auto terms = [&](int64_t p) { return row_terms(n * P + p, an + p * cout_); };
         {
@@ -924,7 +916,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 #undef FQT_NV
           }
         }
-        store_sample(acc.data(), acct.data(), n);
+        store_sample(acc.data(), n);
       });
     }
     return dx;
@@ -934,12 +926,11 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));
-    std::vector<float> acc(static_cast<size_t>(acc_size)), acct(acc.size());
+    std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
     split.run([&](int64_t n) {
       igemm_worker(P, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
       // Each dgrad row is finished (scales, offsets) and summed straight onto the padded HWC
       // accumulator (the adjoint of im2row_hwc), so the [P, Ckk] fp32 rows are never stored.
-      std::memset(acc.data(), 0, sizeof(float) * acc.size());
       for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == g.Wo ? (++oh, 0) : ow + 1) {
         const int64_t r = n * P + p;
         const int32_t* __restrict s = C.data() + p * ldc;
@@ -953,7 +944,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
             dst[i] += ((static_cast<float>(s[k]) + t.Of * rbk[k]) + t.df * rbk[k]) * t.inv + t.cr;
         }
       }
-      store_sample(acc.data(), acct.data(), n);
+      store_sample(acc.data(), n);
     });
   }
   return dx;

@@ -14,28 +14,40 @@
 namespace fqt::kernels {
 
 #if defined(__AVX__)
-// One 8x8 tile: rows of src (stride lds) become columns of dst (stride ldd).
-inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  const __m256 r0 = _mm256_loadu_ps(src + 0 * lds), r1 = _mm256_loadu_ps(src + 1 * lds);
-  const __m256 r2 = _mm256_loadu_ps(src + 2 * lds), r3 = _mm256_loadu_ps(src + 3 * lds);
-  const __m256 r4 = _mm256_loadu_ps(src + 4 * lds), r5 = _mm256_loadu_ps(src + 5 * lds);
-  const __m256 r6 = _mm256_loadu_ps(src + 6 * lds), r7 = _mm256_loadu_ps(src + 7 * lds);
-  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+// One 8x8 tile in registers: r[i] = row i in, o[j] = column j out.
+inline void transpose8x8_regs(const __m256* r, __m256* o) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
   const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
   const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
   const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
   const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  _mm256_storeu_ps(dst + 0 * ldd, _mm256_permute2f128_ps(u0, u4, 0x20));
-  _mm256_storeu_ps(dst + 1 * ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
-  _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
-  _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
-  _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
-  _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
-  _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
-  _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+  o[0] = _mm256_permute2f128_ps(u0, u4, 0x20), o[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  o[2] = _mm256_permute2f128_ps(u2, u6, 0x20), o[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  o[4] = _mm256_permute2f128_ps(u0, u4, 0x31), o[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  o[6] = _mm256_permute2f128_ps(u2, u6, 0x31), o[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+// One 8x8 tile: rows of src (stride lds) become columns of dst (stride ldd).
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], o[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  transpose8x8_regs(r, o);
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * ldd, o[j]);
+}
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VL__) && !defined(__SANITIZE_ADDRESS__)
+#define FQT_TRANSPOSE_MASKED 1
+// A partial tile, nr <= 8 rows by nc <= 8 columns, under masks (rows loaded, columns stored):
+// the short image rows of dgrad's samples (W = 7, 14, 28) are mostly such edges.
+// (Not under AddressSanitizer, which may count a masked access as a full one.)
+inline void transpose8x8_partial(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t nr, int64_t nc) {
+  const auto mc = static_cast<__mmask8>((1u << nc) - 1), mr = static_cast<__mmask8>((1u << nr) - 1);
+  __m256 r[8], o[8];
+  for (int64_t i = 0; i < 8; ++i) r[i] = i < nr ? _mm256_maskz_loadu_ps(mc, src + i * lds) : _mm256_setzero_ps();
+  transpose8x8_regs(r, o);
+  for (int64_t j = 0; j < nc; ++j) _mm256_mask_storeu_ps(dst + j * ldd, mr, o[j]);
 }
 #endif
 
@@ -45,13 +57,24 @@ inline void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* 
   static_assert(sizeof(T) == 4, "transpose moves 4-byte elements");
   int64_t r0 = 0;
 #if defined(__AVX__)
+  auto fs = [&](int64_t r, int64_t c) { return reinterpret_cast<const float*>(src + r * lds + c); };
+  auto fd = [&](int64_t c, int64_t r) { return reinterpret_cast<float*>(dst + c * ldd + r); };
   for (; r0 + 8 <= rows; r0 += 8) {
     int64_t c0 = 0;
-    for (; c0 + 8 <= cols; c0 += 8)
-      transpose8x8(reinterpret_cast<const float*>(src + r0 * lds + c0), lds, reinterpret_cast<float*>(dst + c0 * ldd + r0), ldd);
+    for (; c0 + 8 <= cols; c0 += 8) transpose8x8(fs(r0, c0), lds, fd(c0, r0), ldd);
+#if defined(FQT_TRANSPOSE_MASKED)
+    if (c0 < cols) transpose8x8_partial(fs(r0, c0), lds, fd(c0, r0), ldd, 8, cols - c0);
+#else
     for (int64_t c = c0; c < cols; ++c)
       for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ldd + r] = src[r * lds + c];
+#endif
   }
+#if defined(FQT_TRANSPOSE_MASKED)
+  if (r0 < rows) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 8) transpose8x8_partial(fs(r0, c0), lds, fd(c0, r0), ldd, rows - r0, std::min<int64_t>(8, cols - c0));
+    return;
+  }
+#endif
 #endif
   for (int64_t r = r0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
