@@ -214,7 +214,8 @@ TEST(Quantize, InRangeEqualsQuantizeWithTheDataRange) {
 }
 
 // A NaN or Inf anywhere in a row of any length is found by the min/max pass (row granularity:
-// per-row ranges of the vector path, its 16- and 8-value blocks and the overlapping tail).
+// per-row ranges of the vector path, its 16- and 8-value blocks and the overlapping tail; BHQ's
+// row-range pass, which is also its only finiteness check, alone and with the wgrad draw).
 TEST(Quantize, NonFiniteFoundAtEveryPositionOfShortRows) {
   // 40 rows of 16 (the AVX-512 16-row step, then 8 rows alone): every row, every column.
   for (int64_t r = 0; r < 40; ++r)
@@ -222,13 +223,16 @@ TEST(Quantize, NonFiniteFoundAtEveryPositionOfShortRows) {
       Tensor x = synthetic_matrix(SynthKind::gaussian, 40, 16, 2);
       x.data<float>()[r * 16 + c] = (r + c) % 2 ? std::numeric_limits<float>::quiet_NaN() : -std::numeric_limits<float>::infinity();
       EXPECT_THROW(quantize(x, {QuantizerKind::psq, 8}, {0, 0}), NonFiniteError) << r << " " << c;
+      EXPECT_THROW(quantize(x, {QuantizerKind::bhq, 8}, {0, 0}), NonFiniteError) << r << " " << c;
+      EXPECT_THROW(quantize_pair(x, {QuantizerKind::bhq, 8}, {0, 0}, {QuantizerKind::ptq, 8}, {0, 1}), NonFiniteError)
+          << r << " " << c;
     }
   for (int64_t cols : {7, 8, 9, 16, 17, 24, 31})
     for (int64_t c = 0; c < cols; ++c)
       for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
         Tensor x = synthetic_matrix(SynthKind::gaussian, 3, cols, 2);
         x.data<float>()[1 * cols + c] = bad;
-        for (QuantizerKind k : {QuantizerKind::psq, QuantizerKind::ptq})
+        for (QuantizerKind k : {QuantizerKind::psq, QuantizerKind::ptq, QuantizerKind::bhq})
           EXPECT_THROW(quantize(x, {k, 8}, {0, 0}), NonFiniteError) << cols << " " << c << " " << traits(k).name;
       }
 }

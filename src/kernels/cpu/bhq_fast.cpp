@@ -15,16 +15,18 @@
 
 namespace fqt::kernels {
 
-std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols, float* tmin, float* tmax) {
+std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols, float* tmin, float* tmax,
+                                   bool* has_nan) {
   std::vector<double> m(static_cast<size_t>(rows));
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  uint32_t nan = 0;
   // Blocks of 64 rows (minmax_rows takes 16 at a time for rows of 16 values).
   constexpr int64_t kBlock = 64;
-#pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) if (rows * cols > quant_detail::kParallelMin)
+#pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) reduction(| : nan) \
+    if (rows * cols > quant_detail::kParallelMin)
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
     const int64_t n = std::min(kBlock, rows - r0);
     float mn[kBlock], mx[kBlock];
-    uint32_t nan = 0;  // the caller has checked the input is finite
     minmax_rows(x + r0 * cols, n, cols, mn, mx, nan);
     for (int64_t i = 0; i < n; ++i) {
       lo = std::min(lo, mn[i]), hi = std::max(hi, mx[i]);
@@ -34,6 +36,7 @@ std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols, f
   }
   if (tmin) *tmin = lo;
   if (tmax) *tmax = hi;
+  if (has_nan) *has_nan = nan != 0;
   return m;
 }
 

@@ -11,9 +11,11 @@
 
 namespace fqt::kernels {
 // m[r] = max - min + 1e-8 of row r (in double, as the reference computes it).
-// With tmin / tmax: also the matrix's min and max (+-inf when it is empty).
+// With tmin / tmax: also the matrix's min and max (+-inf when it is empty). With has_nan: set
+// when x holds a NaN (an Inf shows in tmin / tmax), so that a finite input needs no pass of its
+// own to be checked; m is then meaningless.
 std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols, float* tmin = nullptr,
-                                   float* tmax = nullptr);
+                                   float* tmax = nullptr, bool* has_nan = nullptr);
 // bhq_rank_descending(m), on all threads from min_parallel rows on (one below).
 constexpr int64_t kRankParallelMin = int64_t{1} << 22;
 std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m, int64_t min_parallel = kRankParallelMin);

@@ -177,11 +177,16 @@ void stochastic_pass(int64_t rows, int64_t cols, const RngKey (&keys)[K], Piece&
 // bit for bit, on any thread count (tests/unit/test_quantize.cpp).
 QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const QuantizerSpec* sb, RngKey kb,
                              QuantizedTensor* qb_out) {
-  check_finite(x, "quantizer input");
   const int64_t rows = x.size(0), cols = x.size(1);
   const float* src = x.data<float>();
   float tmn = 0.0f, tmx = 0.0f;
-  const std::vector<double> m = kernels::bhq_row_ranges(src, rows, cols, &tmn, &tmx);
+  bool nan = false;
+  // The input is checked by the range pass itself (a NaN flagged, an Inf in the range); only then
+  // does check_finite scan it, to throw with the place.
+  const std::vector<double> m = kernels::bhq_row_ranges(src, rows, cols, &tmn, &tmx, &nan);
+  if (nan || (rows * cols > 0 && !(std::isfinite(tmn) && std::isfinite(tmx)))) check_finite(x, "quantizer input");
+  FQT_CHECK(!nan && (rows * cols == 0 || (std::isfinite(tmn) && std::isfinite(tmx))),
+            "quantizer input: the range pass saw a non-finite value that check_finite did not find");
   QuantizedTensor qa;
   qa.spec = sa, qa.rows = rows, qa.cols = cols;
   qa.scale.resize(static_cast<size_t>(rows)), qa.lo.resize(static_cast<size_t>(rows));
