@@ -121,7 +121,10 @@ struct BhqShares {
   std::vector<int64_t> offsets;   // the groups' member offsets (large + 1)
 };
 void bhq_shares(const std::vector<double>& m, const std::vector<int64_t>& rank, BhqShares& s);
-BhqTransform bhq_transform_from_shares(BhqShares& s, const std::vector<int64_t>& rank, bool batched);
+// storage: a transform whose row_scale, row_group and members already hold s.rows elements (any
+// values: every one is written) is filled in place, e.g. sized by a thread with time to spare.
+BhqTransform bhq_transform_from_shares(BhqShares& s, const std::vector<int64_t>& rank, bool batched,
+                                       BhqTransform* storage = nullptr);
 // BHQ's row order (step 1): indices by range m descending, ties by index (a stable radix sort;
 // every m must be > 0).
 std::vector<int64_t> bhq_rank_descending(const std::vector<double>& m);

@@ -151,21 +151,28 @@ void quant_detail::bhq_inv_cbrt_batch(const double* w, int64_t n, float* out) {
 
 namespace {
 template <bool Batched>
-BhqTransform from_shares(BhqShares& sh, const std::vector<int64_t>& rank) {
+BhqTransform from_shares(BhqShares& sh, const std::vector<int64_t>& rank, BhqTransform* storage) {
   const int64_t N = sh.rows;
   FQT_CHECK(static_cast<int64_t>(rank.size()) == N, "BHQ: {} ranks for {} rows", rank.size(), N);
-  BhqTransform t;
+  BhqTransform t = storage ? std::move(*storage) : BhqTransform();
   t.rows = N;
-  t.row_scale.assign(N, 1.0f);
-  t.row_group.resize(static_cast<size_t>(N));
+  // Every row's scale, group and member slot is written below: arrays of the right size (from
+  // `storage`) are used as they are.
+  auto sized = [N](auto& a) {
+    if (static_cast<int64_t>(a.size()) != N) a.assign(static_cast<size_t>(N), {});
+  };
+  sized(t.row_scale);
+  sized(t.row_group);
   if (N == 0) {
     t.offsets = {0};
+    t.members.clear();
     return t;
   }
   if (N == 1) {  // nothing to share with: plain per-row quantization
     t.offsets = {0, 1};
     t.members = {0};
     t.row_group = {~0};
+    t.row_scale = {1.0f};
     return t;
   }
   const int64_t NL = sh.large;
@@ -178,7 +185,7 @@ BhqTransform from_shares(BhqShares& sh, const std::vector<int64_t>& rank) {
             "bhq_transform_from_shares: the shares hold no offsets (used twice, or not from bhq_shares)");
   t.offsets = std::move(sh.offsets);
   sh.offsets.clear();
-  t.members.resize(N);
+  sized(t.members);
 #pragma omp parallel if (NL > 4096)
   {
     const auto [i0, i1] = t.group_slice(omp_get_thread_num(), omp_get_num_threads());
@@ -280,8 +287,9 @@ void bhq_shares(const std::vector<double>& m, const std::vector<int64_t>& rank, 
   sh.large = NL;
 }
 
-BhqTransform bhq_transform_from_shares(BhqShares& sh, const std::vector<int64_t>& rank, bool batched) {
-  return batched ? from_shares<true>(sh, rank) : from_shares<false>(sh, rank);
+BhqTransform bhq_transform_from_shares(BhqShares& sh, const std::vector<int64_t>& rank, bool batched,
+                                       BhqTransform* storage) {
+  return batched ? from_shares<true>(sh, rank, storage) : from_shares<false>(sh, rank, storage);
 }
 
 namespace {

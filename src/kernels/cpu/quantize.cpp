@@ -189,7 +189,6 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
             "quantizer input: the range pass saw a non-finite value that check_finite did not find");
   QuantizedTensor qa;
   qa.spec = sa, qa.rows = rows, qa.cols = cols;
-  qa.scale.resize(static_cast<size_t>(rows)), qa.lo.resize(static_cast<size_t>(rows));
   QuantizedTensor qb;
   if (sb) {
     const double a = tmn, b = tmx;
@@ -218,6 +217,7 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
   // (By reference: inside the sections `shares_tl` would name the running thread's own copy.)
   static thread_local BhqShares shares_tl;
   BhqShares& shares = shares_tl;
+  BhqTransform storage;
   std::exception_ptr err1, err2;  // an exception may not leave a section
 #pragma omp parallel sections num_threads(std::min(2, omp_get_max_threads())) if (sb && rows * cols > kParallelMin)
   {
@@ -231,13 +231,18 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
 #pragma omp section
     try {
       if (sb) second_draw();
+      // Then, while the sort still runs, the arrays the grouping and the row pass fill whole
+      // (~2 MB in stage 1 that value-initializing wrote on one thread after the sections).
+      for (auto* a : {&qa.scale, &qa.lo, &storage.row_scale}) a->resize(static_cast<size_t>(rows));
+      storage.row_group.resize(static_cast<size_t>(rows));
+      storage.members.resize(static_cast<size_t>(rows));
     } catch (...) {
       err2 = std::current_exception();
     }
   }
   if (err1) std::rethrow_exception(err1);
   if (err2) std::rethrow_exception(err2);
-  qa.transform = bhq_transform_from_shares(shares, rank, true);
+  qa.transform = bhq_transform_from_shares(shares, rank, true, &storage);
   const BhqTransform& t = *qa.transform;
   qa.codes = Tensor::empty({rows, cols}, DType::u8);
   const float* dots = kernels::bhq_group_dots(t, src, cols);
