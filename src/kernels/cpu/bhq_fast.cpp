@@ -78,23 +78,15 @@ std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m, 
   uint32_t differ = 0;  // bits that are not the same in every key
   int bad = 0;          // a range that is not positive (checked after the pass, as before it)
   const uint32_t first = n ? ~std::bit_cast<uint32_t>(static_cast<float>(m[0])) : 0;
-  if (counted) {
-    int64_t* c = all.data();
-    for (int64_t i = 0; i < n; ++i) {
-      bad |= !(m[i] > 0);
-      const uint32_t key = ~std::bit_cast<uint32_t>(static_cast<float>(m[i]));
-      item[i] = static_cast<uint64_t>(key) << 32 | static_cast<uint64_t>(i);
-      differ |= key ^ first;
-      for (int p = 0; p < kPasses; ++p) ++c[p * kDigits + ((key >> (p * kBits)) & kMask)];
-    }
-  } else {
+  int64_t* const c_all = all.data();  // (counted: one thread, so no race on the counts)
 #pragma omp parallel for schedule(static) num_threads(T) reduction(| : differ, bad)
-    for (int64_t i = 0; i < n; ++i) {
-      bad |= !(m[i] > 0);
-      const uint32_t key = ~std::bit_cast<uint32_t>(static_cast<float>(m[i]));
-      item[i] = static_cast<uint64_t>(key) << 32 | static_cast<uint64_t>(i);
-      differ |= key ^ first;
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    bad |= !(m[i] > 0);
+    const uint32_t key = ~std::bit_cast<uint32_t>(static_cast<float>(m[i]));
+    item[i] = static_cast<uint64_t>(key) << 32 | static_cast<uint64_t>(i);
+    differ |= key ^ first;
+    if (counted)
+      for (int p = 0; p < kPasses; ++p) ++c_all[p * kDigits + ((key >> (p * kBits)) & kMask)];
   }
   if (bad)
     for (int64_t i = 0; i < n; ++i) FQT_CHECK(m[i] > 0, "BHQ: row range {} is not positive (non-finite gradient?)", m[i]);

@@ -184,9 +184,10 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
   // The input is checked by the range pass itself (a NaN flagged, an Inf in the range); only then
   // does check_finite scan it, to throw with the place.
   const std::vector<double> m = kernels::bhq_row_ranges(src, rows, cols, &tmn, &tmx, &nan);
-  if (nan || (rows * cols > 0 && !(std::isfinite(tmn) && std::isfinite(tmx)))) check_finite(x, "quantizer input");
-  FQT_CHECK(!nan && (rows * cols == 0 || (std::isfinite(tmn) && std::isfinite(tmx))),
-            "quantizer input: the range pass saw a non-finite value that check_finite did not find");
+  if (nan || (rows * cols > 0 && !(std::isfinite(tmn) && std::isfinite(tmx)))) {
+    check_finite(x, "quantizer input");  // throws, naming the element
+    FQT_CHECK(false, "quantizer input: the range pass saw a non-finite value that check_finite did not find");
+  }
   QuantizedTensor qa;
   qa.spec = sa, qa.rows = rows, qa.cols = cols;
   QuantizedTensor qb;
