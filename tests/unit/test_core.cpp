@@ -145,3 +145,29 @@ TEST(Transpose, BytesEveryShapeAndFlipIsExact) {
           for (int64_t r = rows; r < ldd; ++r) ASSERT_EQ(dst[c * ldd + r], 0x5A);
       }
 }
+
+#include "fqt/profile.hpp"
+
+#include <cmath>
+#include <thread>
+#include <vector>
+// The profile counters sum every thread's scopes, also with more threads than counter slots (80
+// threads over 64 slots: some share one), and reset clears them all.
+TEST(CoreProfile, CountsEveryThreadsTime) {
+  fqt::profile::reset();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 80; ++t)
+    threads.emplace_back([t] {
+      for (int i = 0; i < 10; ++i) fqt::profile::detail::add(fqt::profile::gemm_int, 1000 + t);
+      fqt::profile::detail::add(fqt::profile::quantize, 7);
+    });
+  for (auto& th : threads) th.join();
+  int64_t want = 0;
+  for (int t = 0; t < 80; ++t) want += 10 * (1000 + t);
+  EXPECT_EQ(std::llround(fqt::profile::seconds(fqt::profile::gemm_int) * 1e9), want);
+  EXPECT_EQ(std::llround(fqt::profile::seconds(fqt::profile::quantize) * 1e9), 80 * 7);
+  EXPECT_EQ(fqt::profile::seconds(fqt::profile::gemm_f32), 0.0);
+  fqt::profile::reset();
+  EXPECT_EQ(fqt::profile::seconds(fqt::profile::gemm_int), 0.0);
+  EXPECT_EQ(fqt::profile::seconds(fqt::profile::quantize), 0.0);
+}
