@@ -89,6 +89,10 @@ class Linear : public QuantizedLayer {
 // the GEMM kernel) also where the fused kernel applies (Cout = 16, k Cin a multiple of 4, AVX-512
 // VNNI); both give the same bits. Default true.
 void set_conv_fused_fprop(bool on);
+// The same for dgrad: false makes the integer dgrad take its general path (GEMM kernel, then the
+// epilogue) also where the kernel fused with its finishing applies (Ckk <= 144 in whole vectors,
+// Cout <= 16 a multiple of 4, AVX-512 VNNI); both give the same bits. Default true.
+void set_conv_fused_dgrad(bool on);
 
 // 2-D convolution, square kernel, zero padding, via im2col + GEMM.
 // The SPEC's matrices: X = im2col matrix [(N*Ho*Wo), Cin*k*k], W as [Cout, Cin*k*k],

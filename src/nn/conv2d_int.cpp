@@ -470,6 +470,7 @@ inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* 
 #endif
 
 std::atomic<bool> g_fused_fprop{true};  // set_conv_fused_fprop
+std::atomic<bool> g_fused_dgrad{true};  // set_conv_fused_dgrad
 
 double scale_of(const QuantizedTensor& q, int64_t group) { return q.scale[q.scale.size() == 1 ? 0 : group]; }
 double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() == 1 ? 0 : group]; }
@@ -477,6 +478,7 @@ double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() 
 }  // namespace
 
 void set_conv_fused_fprop(bool on) { g_fused_fprop.store(on, std::memory_order_relaxed); }
+void set_conv_fused_dgrad(bool on) { g_fused_dgrad.store(on, std::memory_order_relaxed); }
 
 Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code,
                            const Tensor* residual) const {
@@ -648,8 +650,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   // (dgrad_fused_row, bhq_fused_row).
 #if defined(FQT_DGRAD_FUSED)
   const int64_t NV = ckk / 16, K4 = cout_ / 4;
-  const bool fused = igemm_detail::vnni_available() && ckk % 16 == 0 && NV <= kFusedMaxNV && run % 16 == 0 &&
-                     cout_ % 4 == 0 && cout_ <= kFusedMaxK;
+  const bool fused = g_fused_dgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() &&
+                     ckk % 16 == 0 && NV <= kFusedMaxNV && run % 16 == 0 && cout_ % 4 == 0 && cout_ <= kFusedMaxK;
   std::vector<int8_t> bv;    // [K4][NV][16 columns][4 bytes] of Bt
   std::vector<int64_t> off;  // vector j of a row: taps 16j.. = kernel row kh, from i0 of its run
   if (fused) {

@@ -220,6 +220,47 @@ TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
       }
 }
 
+// Conv2d's dgrad kernel fused with its finishing (AVX-512 VNNI; Ckk <= 144 in whole vectors,
+// Cout <= 16 a multiple of 4) against its general path (GEMM kernel, then the scalar epilogue),
+// set_conv_fused_dgrad switching: the same bits, for PTQ, PSQ and BHQ. A third of the gradient
+// rows sit far from 0 (dY + 40 on every channel of those positions: a row offset O of ~10^5 code
+// units, whose term O rb is not exact in fp32), the others cover 0. Stride 2, 1x1, Cout 4 / 8 /
+// 16, 2/5/8 bits.
+TEST(intPath, ConvFusedDgradEqualsGeneralPath) {
+  struct Case {
+    int64_t n, cin, cout, h, w, k, stride, pad;
+  };
+  const Case cases[] = {{3, 16, 16, 7, 9, 3, 1, 1}, {2, 16, 8, 9, 8, 3, 2, 1}, {2, 16, 4, 5, 5, 1, 1, 0},
+                        {2, 16, 16, 28, 28, 3, 1, 1}};
+  const QuantizerKind dgrads[] = {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq};
+  uint64_t stream = 900;
+  for (const Case& c : cases)
+    for (int bits : {2, 5, 8})
+      for (QuantizerKind dk : dgrads) {
+        const Recipe r = recipe(Arith::integer, {dk, bits}, {QuantizerKind::ptq, 8}, 8);
+        Conv2d conv("conv", c.cin, c.cout, c.k, c.stride, c.pad, false, r, 3, 11);
+        Tensor x = randn({c.n, c.cin, c.h, c.w}, ++stream);
+        const int64_t ho = (c.h + 2 * c.pad - c.k) / c.stride + 1, wo = (c.w + 2 * c.pad - c.k) / c.stride + 1;
+        Tensor dy = randn({c.n, c.cout, ho, wo}, 6000 + stream, 1e-2f);
+        for (int64_t n = 0; n < c.n; ++n)
+          for (int64_t p = 0; p < ho * wo; p += 3)
+            for (int64_t o = 0; o < c.cout; ++o) dy.data<float>()[(n * c.cout + o) * ho * wo + p] += 40.0f;
+        const StepContext ctx{true, 5, stream};
+        Tensor dx[2];
+        for (int f = 0; f < 2; ++f) {
+          set_conv_fused_dgrad(f == 0);
+          conv.forward(x, ctx);
+          dx[f] = conv.backward(dy, ctx);
+        }
+        set_conv_fused_dgrad(true);
+        const std::string what = "cin " + std::to_string(c.cin) + " cout " + std::to_string(c.cout) + " k" +
+                                 std::to_string(c.k) + " s" + std::to_string(c.stride) + " " + traits(dk).name + " " +
+                                 std::to_string(bits) + "b";
+        ASSERT_EQ(dx[0].shape(), dx[1].shape()) << what;
+        EXPECT_EQ(std::memcmp(dx[0].raw(), dx[1].raw(), dx[0].nbytes()), 0) << what;
+      }
+}
+
 TEST(intPath, LinearEqualsSimulatedEverywhere) {
   struct Case {
     int64_t n, in, out;
