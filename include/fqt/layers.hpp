@@ -93,6 +93,10 @@ void set_conv_fused_fprop(bool on);
 // epilogue) also where the kernel fused with its finishing applies (Ckk <= 144 in whole vectors,
 // Cout <= 16 a multiple of 4, AVX-512 VNNI); both give the same bits. Default true.
 void set_conv_fused_dgrad(bool on);
+// The same for wgrad: false makes the integer wgrad build im2col rows for the GEMM kernel also
+// where the direct kernel applies (16 -> 16 channels, stride 1, AVX-512 VNNI and VBMI); both
+// give the same bits (exact integer sums). Default true.
+void set_conv_direct_wgrad(bool on);
 
 // 2-D convolution, square kernel, zero padding, via im2col + GEMM.
 // The SPEC's matrices: X = im2col matrix [(N*Ho*Wo), Cin*k*k], W as [Cout, Cin*k*k],

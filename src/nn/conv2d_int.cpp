@@ -25,7 +25,8 @@
 //   wgrad  dW^T [Ckk, Cout] = sum_n im2col(xq_n) [Ckk, P] . Gq_n  A = im2col codes (u8)
 //          B = G_n^T codes (s8), a few samples side by side along k per GEMM; code sums per tap
 //          row and per gradient column, and the integer partial sums, in int64 (exact, so any
-//          grouping gives the same result)
+//          grouping gives the same result); 16 -> 16 channel stride-1 layers: no im2col, the
+//          products straight from the padded HWC image (wgrad_direct_sample)
 //
 // im2col runs on the codes: padding is the activation grid's code for 0 (zero-aligned grids have
 // one by construction), so nothing is dequantized and the saved input stays 1 byte per value.
@@ -469,7 +470,88 @@ inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* 
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define FQT_WGRAD_DIRECT 1
+// wgrad of a stride-1 layer with 16 input and 16 output channels, straight from the padded HWC
+// image (no im2col, no GEMM packing). Output positions go 4 at a time along each output row
+// (a "group"; a row's last group may be short). For tap (kh, kw), a group reads 4 consecutive
+// pixels, 64 contiguous bytes of the image, which one vpermb turns into the u8 operand
+// [16 input channels][4 positions]; the s8 operands are the group's gradient codes, prepared
+// once per sample in the same form, [16 output channels][4 positions] (wgrad_groups), so output
+// channel c's 4 bytes are a broadcast at offset 4c. 17 accumulators per tap: the 16 output
+// channels (lanes = input channels: dW^T's rows (c, kh, kw) of this tap) and a 17th with a
+// broadcast of ones, the patch code sums of the tap's rows. A short group's missing positions
+// are zero bytes on both sides. The sums are those of the im2col GEMM, exact integers, added in
+// int32 per sample and widened into int64 at most every `flush` samples (the int32 bound).
+// (Masked vpermb: GCC 12 warns on the plain one.)
+constexpr int kWgradAcc = 17;  // per tap: 16 output channels + the code sums
+inline __m512i four_pixels(const uint8_t* p, int64_t n) {  // n <= 4 pixels of 16 bytes, zero after
+  if (n >= 4) return _mm512_loadu_si512(p);
+#if defined(__SANITIZE_ADDRESS__)
+  alignas(64) uint8_t buf[64] = {};
+  std::memcpy(buf, p, static_cast<size_t>(16 * n));
+  return _mm512_load_si512(buf);
+#else
+  return _mm512_maskz_loadu_epi8((uint64_t{1} << (16 * n)) - 1, p);
+#endif
+}
+inline __m512i pixel_major_to_channel_major(__m512i v) {  // [4 pixels][16 bytes] -> [16][4]
+  alignas(64) uint8_t idx[64];  // out byte 4c + i = pixel i's byte c = in byte 16 i + c
+  for (int c = 0; c < 16; ++c)
+    for (int i = 0; i < 4; ++i) idx[4 * c + i] = static_cast<uint8_t>(16 * i + c);
+  return _mm512_maskz_permutexvar_epi8(~uint64_t{0}, _mm512_load_si512(idx), v);
+}
+// One sample's gradient codes gc [P][16] -> groups [Ho][ceil(Wo / 4)][16 channels][4 positions]
+// as s8 (xor flip: 8-bit codes - 128); returns the per-channel sums of those s8 values in lanes
+// 0..15 (int32, < 2^31 within the int32 bound).
+inline __m512i wgrad_groups(const uint8_t* gc, int64_t Ho, int64_t Wo, uint8_t flip, int8_t* out) {
+  const __m512i vflip = _mm512_set1_epi8(static_cast<char>(flip)), ones = _mm512_set1_epi8(1);
+  __m512i sums = _mm512_setzero_si512();
+  for (int64_t oh = 0; oh < Ho; ++oh)
+    for (int64_t ow = 0; ow < Wo; ow += 4, out += 64) {
+      const int64_t n = std::min<int64_t>(4, Wo - ow);
+      const __m512i v = pixel_major_to_channel_major(_mm512_maskz_xor_epi32(
+          static_cast<__mmask16>((1u << (4 * n)) - 1), four_pixels(gc + (oh * Wo + ow) * 16, n), vflip));
+      _mm512_storeu_si512(out, v);
+      sums = _mm512_dpbusd_epi32(sums, ones, v);
+    }
+  return sums;
+}
+// One sample: img the padded HWC image [Hp][Wp][16], grp its gradient groups (wgrad_groups),
+// acc32 [k k][17][16] int32 sums, added to.
+inline void wgrad_direct_sample(const uint8_t* img, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, const int8_t* grp,
+                                int32_t* acc32) {
+  const __m512i ones = _mm512_set1_epi32(0x01010101);
+  const int64_t G4 = (Wo + 3) / 4;
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw = 0; kw < k; ++kw) {
+      int32_t* a32 = acc32 + (kh * k + kw) * kWgradAcc * 16;
+      __m512i acc[kWgradAcc];
+#pragma GCC unroll 17
+      for (int c = 0; c < kWgradAcc; ++c) acc[c] = _mm512_setzero_si512();
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        const uint8_t* row = img + ((oh + kh) * Wp + kw) * 16;
+        const int8_t* g = grp + oh * G4 * 64;
+        for (int64_t ow = 0; ow < Wo; ow += 4, g += 64) {
+          const __m512i x = pixel_major_to_channel_major(four_pixels(row + ow * 16, Wo - ow));
+#pragma GCC unroll 16
+          for (int c = 0; c < 16; ++c) {
+            int32_t w;
+            std::memcpy(&w, g + 4 * c, 4);
+            acc[c] = _mm512_dpbusd_epi32(acc[c], x, _mm512_set1_epi32(w));
+          }
+          acc[16] = _mm512_dpbusd_epi32(acc[16], x, ones);
+        }
+      }
+#pragma GCC unroll 17
+      for (int c = 0; c < kWgradAcc; ++c)
+        _mm512_storeu_si512(a32 + 16 * c, _mm512_add_epi32(_mm512_loadu_si512(a32 + 16 * c), acc[c]));
+    }
+}
+#endif
+
 std::atomic<bool> g_fused_fprop{true};  // set_conv_fused_fprop
+std::atomic<bool> g_direct_wgrad{true};  // set_conv_direct_wgrad
 std::atomic<bool> g_fused_dgrad{true};  // set_conv_fused_dgrad
 
 double scale_of(const QuantizedTensor& q, int64_t group) { return q.scale[q.scale.size() == 1 ? 0 : group]; }
@@ -479,6 +561,7 @@ double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() 
 
 void set_conv_fused_fprop(bool on) { g_fused_fprop.store(on, std::memory_order_relaxed); }
 void set_conv_fused_dgrad(bool on) { g_fused_dgrad.store(on, std::memory_order_relaxed); }
+void set_conv_direct_wgrad(bool on) { g_direct_wgrad.store(on, std::memory_order_relaxed); }
 
 Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code,
                            const Tensor* residual) const {
@@ -985,56 +1068,98 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   // (checked here, not only inside the parallel region, where a failed check cannot be caught)
   FQT_CHECK(P <= igemm_max_k(255, 128), "Conv2d {}: {} output positions per sample exceed the int32 bound of "
             "the integer wgrad ({})", name_, P, igemm_max_k(255, 128));
-  const WgradPlan plan = wgrad_int_plan(N, ckk, cout_, P);
-  const int64_t groups = plan.groups, ns = plan.per_gemm;
-  const int64_t ldk = ns * P;
-  // The plan's batches (each group's samples, ns at a time) claimed through WorkSplit, each thread
-  // summing into its own int64 partials: the sums are exact, so which thread takes a batch
-  // changes nothing (a static split over the 8 groups left the faster vCPU waiting on the other).
-  std::vector<std::pair<int64_t, int64_t>> batches;  // [n0, n1)
-  for (int64_t gi = 0; gi < groups; ++gi)
-    for (int64_t n0 = gi * N / groups, n_end = (gi + 1) * N / groups; n0 < n_end; n0 += ns)
-      batches.emplace_back(n0, std::min(n_end, n0 + ns));
   const int T = omp_get_max_threads();
   std::vector<int64_t> part(static_cast<size_t>(T * wsize), 0);
-  WorkSplit split(static_cast<int64_t>(batches.size()), T);
+#if defined(FQT_WGRAD_DIRECT)
+  if (g_direct_wgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cin_ == 16 && cout_ == 16 &&
+      stride_ == 1) {
+    const int64_t kk = k_ * k_, G4 = (g.Wo + 3) / 4;
+    // samples per int32 partial: |one lane's sum| <= 255 * 128 * P per sample
+    const int64_t flush = std::max<int64_t>(1, igemm_max_k(255, 128) / P);
+    WorkSplit split(N, T);
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+    {
+      std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
+      std::vector<int8_t> grp(static_cast<size_t>(g.Ho * G4 * 64));
+      std::vector<int32_t> acc32(static_cast<size_t>(kk * kWgradAcc * 16)), gsum(16);
+      int64_t* acc = part.data() + omp_get_thread_num() * wsize;
+      int64_t* rx = acc + ssize;
+      int64_t* rg = rx + ckk;
+      const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
+      auto widen = [&] {  // acc32 [tap][c or sums][channel] -> S [(channel, tap) row][c], rx
+        for (int64_t tap = 0; tap < kk; ++tap) {
+          const int32_t* a = acc32.data() + tap * kWgradAcc * 16;
+          for (int64_t c = 0; c < 16; ++c)
+            for (int64_t ci = 0; ci < 16; ++ci) acc[(ci * kk + tap) * cout_ + c] += a[c * 16 + ci];
+          for (int64_t ci = 0; ci < 16; ++ci) rx[ci * kk + tap] += a[16 * 16 + ci];
+        }
+        std::fill(acc32.begin(), acc32.end(), 0);
+      };
+      int64_t pending = 0;
+      split.run([&](int64_t n) {
+        _mm512_storeu_si512(gsum.data(), wgrad_groups(gc + n * P * cout_, g.Ho, g.Wo, flip, grp.data()));
+        for (int64_t c = 0; c < 16; ++c) rg[c] += gsum[c];
+        pad_hwc(xc + n * chw, g, pad_code, img.data());
+        {
+          profile::Scope timer(profile::gemm_int);
+          wgrad_direct_sample(img.data(), g.W + 2 * g.pad, g.Ho, g.Wo, k_, grp.data(), acc32.data());
+        }
+        if (++pending == flush) widen(), pending = 0;
+      });
+      if (pending) widen();
+    }
+  } else  // the general path: im2col rows, the GEMM kernel
+#endif
+  {
+    const WgradPlan plan = wgrad_int_plan(N, ckk, cout_, P);
+    const int64_t groups = plan.groups, ns = plan.per_gemm;
+    const int64_t ldk = ns * P;
+    // The plan's batches (each group's samples, ns at a time) claimed through WorkSplit, each thread
+    // summing into its own int64 partials: the sums are exact, so which thread takes a batch
+    // changes nothing (a static split over the 8 groups left the faster vCPU waiting on the other).
+    std::vector<std::pair<int64_t, int64_t>> batches;  // [n0, n1)
+    for (int64_t gi = 0; gi < groups; ++gi)
+      for (int64_t n0 = gi * N / groups, n_end = (gi + 1) * N / groups; n0 < n_end; n0 += ns)
+        batches.emplace_back(n0, std::min(n_end, n0 + ns));
+    WorkSplit split(static_cast<int64_t>(batches.size()), T);
 #if defined(__AVX512VBMI__)
-  const Im2colPermute perm = im2col_permute_plan(g);
+    const Im2colPermute perm = im2col_permute_plan(g);
 #endif
 #pragma omp parallel if (batches.size() > 1 && parallel_worth(N * P * ckk))
-  {
-    std::vector<int8_t> Bg(static_cast<size_t>(cout_ * ldk));  // [G_n^T ...] codes [Cout, ns * P], s8
-    // (+128 bytes: the permuting im2col reads two registers from a block's start; +64: its last
-    // masked store, which a sanitizer may count as a full one)
-    std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_ + 128));
-    std::vector<uint8_t> A(static_cast<size_t>(ckk * ldk + 64));
-    std::vector<int32_t> C(static_cast<size_t>(ssize));
-    int64_t* acc = part.data() + omp_get_thread_num() * wsize;
-    int64_t* rx = acc + ssize;
-    int64_t* rg = rx + ckk;
-    split.run([&](int64_t bi) {
-      const int64_t n0 = batches[bi].first, m = batches[bi].second - n0, K = m * P;
-      for (int64_t j = 0; j < m; ++j) {
-        // G_n^T as s8 (8-bit codes: q - 128 = q ^ 0x80) into columns j*P.. of the batch.
-        kernels::transpose_bytes(gc + (n0 + j) * P * cout_, P, cout_, cout_,
-                                 reinterpret_cast<uint8_t*>(Bg.data()) + j * P, K, shg == 128 ? 0x80 : 0x00);
-        pad_chw(xc + (n0 + j) * chw, g, pad_code, img.data());
+    {
+      std::vector<int8_t> Bg(static_cast<size_t>(cout_ * ldk));  // [G_n^T ...] codes [Cout, ns * P], s8
+      // (+128 bytes: the permuting im2col reads two registers from a block's start; +64: its last
+      // masked store, which a sanitizer may count as a full one)
+      std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_ + 128));
+      std::vector<uint8_t> A(static_cast<size_t>(ckk * ldk + 64));
+      std::vector<int32_t> C(static_cast<size_t>(ssize));
+      int64_t* acc = part.data() + omp_get_thread_num() * wsize;
+      int64_t* rx = acc + ssize;
+      int64_t* rg = rx + ckk;
+      split.run([&](int64_t bi) {
+        const int64_t n0 = batches[bi].first, m = batches[bi].second - n0, K = m * P;
+        for (int64_t j = 0; j < m; ++j) {
+          // G_n^T as s8 (8-bit codes: q - 128 = q ^ 0x80) into columns j*P.. of the batch.
+          kernels::transpose_bytes(gc + (n0 + j) * P * cout_, P, cout_, cout_,
+                                   reinterpret_cast<uint8_t*>(Bg.data()) + j * P, K, shg == 128 ? 0x80 : 0x00);
+          pad_chw(xc + (n0 + j) * chw, g, pad_code, img.data());
 #if defined(__AVX512VBMI__)
-        if (perm.usable) im2col_chw_permute(img.data(), g, perm, A.data() + j * P, K);
-        else
+          if (perm.usable) im2col_chw_permute(img.data(), g, perm, A.data() + j * P, K);
+          else
 #endif
-          im2col_chw(img.data(), g, A.data() + j * P, K);
-      }
-      // The column sums of the gradient codes are the row sums of the transposed bytes, xor-ed
-      // back (a vector pass over the cache-resident copy: the scalar loop over G_n's columns
-      // was ~20% of wgrad_int's own time in perf).
-      const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
-      const uint8_t* bg = reinterpret_cast<const uint8_t*>(Bg.data());
-      for (int64_t c = 0; c < cout_; ++c) rg[c] += byte_sum(bg + c * K, K, flip) - K * shg;
-      for (int64_t k = 0; k < ckk; ++k) rx[k] += byte_sum(A.data() + k * K, K);
-      igemm_worker(ckk, cout_, K, A.data(), K, Bg.data(), K, C.data(), cout_);
-      for (int64_t i = 0; i < ssize; ++i) acc[i] += C[i];
-    });
+            im2col_chw(img.data(), g, A.data() + j * P, K);
+        }
+        // The column sums of the gradient codes are the row sums of the transposed bytes, xor-ed
+        // back (a vector pass over the cache-resident copy: the scalar loop over G_n's columns
+        // was ~20% of wgrad_int's own time in perf).
+        const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
+        const uint8_t* bg = reinterpret_cast<const uint8_t*>(Bg.data());
+        for (int64_t c = 0; c < cout_; ++c) rg[c] += byte_sum(bg + c * K, K, flip) - K * shg;
+        for (int64_t k = 0; k < ckk; ++k) rx[k] += byte_sum(A.data() + k * K, K);
+        igemm_worker(ckk, cout_, K, A.data(), K, Bg.data(), K, C.data(), cout_);
+        for (int64_t i = 0; i < ssize; ++i) acc[i] += C[i];
+      });
+    }
   }
   for (int t = 1; t < T; ++t)
     for (int64_t i = 0; i < wsize; ++i) part[i] += part[t * wsize + i];
