@@ -368,6 +368,42 @@ inline void bhq_fused_row(int ng, const uint8_t* const* a, const RowTerms* t, co
     _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), sum[j]));
   }
 }
+// The accumulator's pixels of a 3x3 stride-1 layer with 16 input channels (vector j of a row =
+// tap (j / 3, j % 3)) held in registers while a row of output positions passes them: position
+// (oh, ow) adds onto pixel columns ow .. ow + 2 of padded rows oh .. oh + 2, so a column is
+// loaded when its first contributor comes (ow = column - 2, or the row's start), gets its three
+// additions in the order the position-by-position form makes them, and is stored after its last
+// (ow = column): 3 loads and 3 stores per position instead of 9 each, the same sums in the same
+// order, so the same bits.
+struct AccWindow3x3 {
+  __m512 w[3][3];  // [kh][column ow + i]
+  float* base;     // padded row oh, column 0
+  int64_t rs;      // floats per padded row
+  void start(float* row, int64_t row_stride) {
+    base = row, rs = row_stride;
+#pragma GCC unroll 3
+    for (int kh = 0; kh < 3; ++kh)
+#pragma GCC unroll 3
+      for (int i = 0; i < 2; ++i) w[kh][i] = _mm512_loadu_ps(base + kh * rs + i * 16);
+  }
+  void add(int64_t ow, const __m512* v) {
+    float* const col = base + ow * 16;
+#pragma GCC unroll 3
+    for (int kh = 0; kh < 3; ++kh) {
+      w[kh][2] = _mm512_loadu_ps(col + kh * rs + 32);
+#pragma GCC unroll 3
+      for (int kw = 0; kw < 3; ++kw) w[kh][kw] = _mm512_add_ps(w[kh][kw], v[kh * 3 + kw]);
+      _mm512_storeu_ps(col + kh * rs, w[kh][0]);
+      w[kh][0] = w[kh][1], w[kh][1] = w[kh][2];
+    }
+  }
+  void finish(int64_t Wo) {  // the row's last two columns
+#pragma GCC unroll 3
+    for (int kh = 0; kh < 3; ++kh)
+#pragma GCC unroll 3
+      for (int i = 0; i < 2; ++i) _mm512_storeu_ps(base + Wo * 16 + kh * rs + i * 16, w[kh][i]);
+  }
+};
 // One sample's P rows in order (NV = Ckk / 16 vectors per row, K4 = Cout / 4): (oh, ow) of row p
 // counted along, its finishing terms from terms(p).
 constexpr int64_t kFusedMaxNV = 9, kFusedMaxK = 16;  // beyond: the general path measured faster
@@ -376,6 +412,26 @@ void dgrad_fused_sample(const uint8_t* a, int64_t lda, int64_t P, int64_t Wo, in
                         const int8_t* bv, const int64_t* off, const float* rbk, Terms&& terms, float* acc) {
   for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == Wo ? (++oh, 0) : ow + 1)
     dgrad_fused_row<NV>(a + p * lda, K4, bv, terms(p), acc + oh * row_step + ow * step, off, rbk);
+}
+
+// The same for a 3x3 stride-1 layer with 16 input channels, through AccWindow3x3.
+template <typename Terms>
+void dgrad_fused_sample_3x3(const uint8_t* a, int64_t lda, int64_t Ho, int64_t Wo, int64_t Wp, int64_t K4,
+                            const int8_t* bv, const float* rbk, Terms&& terms, float* acc) {
+  AccWindow3x3 win;
+  for (int64_t oh = 0, p = 0; oh < Ho; ++oh) {
+    win.start(acc + oh * Wp * 16, Wp * 16);
+    for (int64_t ow = 0; ow < Wo; ++ow, ++p) {
+      __m512i s[9];
+      fused_products<9>(a + p * lda, K4, bv, s);
+      const RowTerms t = terms(p);
+      __m512 v[9];
+#pragma GCC unroll 9
+      for (int j = 0; j < 9; ++j) v[j] = fused_value(s[j], rbk + 16 * j, t);
+      win.add(ow, v);
+    }
+    win.finish(Wo);
+  }
 }
 
 // fprop of a layer with Cout = 16 (one register of outputs per position) whose patch rows are
@@ -991,6 +1047,9 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         auto terms = [&](int64_t p) { return row_terms(n * P + p, an + p * cout_); };
         {
           profile::Scope timer(profile::gemm_int);  // (its finishing included)
+          if (NV == 9 && cin_ == 16 && k_ == 3 && stride_ == 1) {  // AccWindow3x3
+            dgrad_fused_sample_3x3(an, cout_, g.Ho, g.Wo, Wp, K4, bv.data(), rbk, terms, acc.data());
+          } else
           switch (NV) {
 #define FQT_NV(v)                                                                                                    \
   case v:                                                                                                            \
