@@ -86,8 +86,8 @@ class Linear : public QuantizedLayer {
 };
 
 // For tests and benchmarks: false makes Conv2d's integer fprop take its general path (im2row and
-// the GEMM kernel) also where the fused kernel applies (Cout = 16, k Cin a multiple of 4, AVX-512
-// VNNI); both give the same bits. Default true.
+// the GEMM kernel) also where the fused kernel applies (Cout = 16, AVX-512 VNNI); both give the
+// same bits. Default true.
 void set_conv_fused_fprop(bool on);
 // The same for dgrad: false makes the integer dgrad take its general path (GEMM kernel, then the
 // epilogue) also where the kernel fused with its finishing applies (Ckk <= 144 in whole vectors,

@@ -434,11 +434,12 @@ void dgrad_fused_sample_3x3(const uint8_t* a, int64_t lda, int64_t Ho, int64_t W
   }
 }
 
-// fprop of a layer with Cout = 16 (one register of outputs per position) whose patch rows are
-// whole 4-byte groups per kernel row (k Cin % 4 == 0: the 16-channel layers): no im2row. R
+// fprop of a layer with Cout = 16 (one register of outputs per position): no im2row. R
 // consecutive positions of one output row at a time, their patches read in place from the padded
-// HWC image (kernel row kh of position i: k Cin bytes at base + kh Wp Cin + i stride Cin), B =
-// the weight codes packed as [K4][16 outputs][4 bytes] in the patch's (kh, kw, c) order; each
+// HWC image (kernel row kh of position i: k Cin bytes at base + kh Wp Cin + i stride Cin, read as
+// seg4 = ceil(k Cin / 4) groups of 4 bytes: past k Cin they are the next pixels' bytes, whose
+// weights are 0, and the image buffer has 3 bytes of slack after it), B = the weight codes packed
+// as [K4 = k seg4][16 outputs][4 bytes] in the patch's (kh, kw, c) order, zero in the gaps; each
 // position's 16 integer products finished from the registers with the scalar epilogue's
 // operations in its order (no contraction) into a [P, 16] buffer. The general path wrote the
 // patches (113 KB per sample at 28x28), summed them, wrote the products and transposed them
@@ -509,7 +510,7 @@ inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* 
       for (int64_t ow = 0; ow < Wo; ++ow) acc[ow] += hs[(oh * s + kh) * Wo + ow];
     for (int64_t ow = 0; ow < Wo; ++ow) rx[oh * Wo + ow] = static_cast<float>(acc[ow]);  // <= Ckk * 255: exact
   }
-  const int64_t seg4 = k * C / 4, step = s * C, row = Wp * C;
+  const int64_t seg4 = (k * C + 3) / 4, step = s * C, row = Wp * C;
   for (int64_t oh = 0; oh < g.Ho; ++oh)
     for (int64_t ow = 0; ow < g.Wo; ow += kFpropRun) {
       const int64_t p = oh * g.Wo + ow;
@@ -656,12 +657,15 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   const float* res = residual ? residual->data<float>() : nullptr;
   WorkSplit split(N);
 #if defined(FQT_DGRAD_FUSED)
-  if (g_fused_fprop.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cout_ == 16 &&
-      (k_ * cin_) % 4 == 0) {
+  if (g_fused_fprop.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cout_ == 16) {
     FQT_CHECK(ckk <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", ckk);
-    std::vector<int8_t> bv(static_cast<size_t>(ckk * 16));  // [K4][16 outputs][4 bytes]
+    const int64_t kc = k_ * cin_, seg4 = (kc + 3) / 4;  // a kernel row's bytes, in groups of 4
+    std::vector<int8_t> bv(static_cast<size_t>(k_ * seg4 * 64));  // [K4][16 outputs][4 bytes], zero in the gaps
     for (int64_t c = 0; c < 16; ++c)
-      for (int64_t r = 0; r < ckk; ++r) bv[(r / 4) * 64 + c * 4 + r % 4] = Bw[c * ckk + r];
+      for (int64_t r = 0; r < ckk; ++r) {
+        const int64_t q = (r / kc) * seg4 * 4 + r % kc;  // tap r's byte in its kernel row's groups
+        bv[(q / 4) * 64 + c * 4 + q % 4] = Bw[c * ckk + r];
+      }
     FpropTerms t;
     t.O = _mm512_loadu_ps(wo.data()), t.d = _mm512_loadu_ps(wd.data()), t.inv = _mm512_loadu_ps(inv.data());
     t.crow = _mm512_loadu_ps(crow.data());
@@ -670,7 +674,7 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
       const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
-      std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp * cin_));
+      std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp * cin_ + 3));  // (+3: the last group's gap)
       std::vector<int32_t> pix(static_cast<size_t>(Hp * (Wp + g.Wo) + g.Wo));
       std::vector<float> rx(static_cast<size_t>(P)), out(static_cast<size_t>(P * 16));
       split.run([&](int64_t n) {

@@ -179,12 +179,14 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
       }
 }
 
-// Conv2d's fused fprop kernel (Cout = 16, k Cin a multiple of 4; AVX-512 VNNI) against its
-// general path (im2row, GEMM kernel, transpose, epilogue), set_conv_fused_fprop switching: the
-// same integer products and patch code sums, the same epilogue operations, so the same bits.
-// Runs of every length the kernel takes (Wo = 30: 14 + 14 + 2; 15: 14 + 1; 28; 5; 1), stride 2,
-// 1x1 and 3x3, no padding, Cin 4 / 8 / 12 / 16, a bias, a residual, 2/5/8-bit codes, and a layer
-// the kernel does not take (k Cin = 27; both settings take the general path).
+// Conv2d's fused fprop kernel (Cout = 16; AVX-512 VNNI) against its general path (im2row, GEMM
+// kernel, transpose, epilogue), set_conv_fused_fprop switching: the same integer products and
+// patch code sums, the same epilogue operations, so the same bits. Runs of every length the
+// kernel takes (Wo = 30: 14 + 14 + 2; 15: 14 + 1; 28; 5; 1), stride 2, 1x1 and 3x3, no padding,
+// Cin 4 / 8 / 12 / 16, a bias, a residual, 2/5/8-bit codes, and kernel rows of k Cin = 9, 3, 5, 15
+// bytes (Cin 3 and 1: the model's first layer; 5x5 and 1x1 with Cin 1, 3x3 with Cin 5), read in
+// 4-byte groups whose last bytes belong to the next pixels (zero weights), the image's very last
+// group 3 bytes past it.
 TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
   struct Case {
     int64_t n, cin, h, w, k, stride, pad;
@@ -192,7 +194,8 @@ TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
   };
   const Case cases[] = {{3, 16, 7, 30, 3, 1, 1, false}, {2, 4, 9, 29, 3, 2, 1, true}, {2, 12, 5, 5, 3, 1, 0, true},
                         {1, 16, 4, 1, 1, 1, 0, false},  {2, 16, 28, 28, 3, 1, 1, false}, {3, 8, 6, 15, 1, 2, 0, true},
-                        {2, 3, 8, 8, 3, 1, 1, false}};
+                        {2, 3, 8, 8, 3, 1, 1, false},   {3, 1, 28, 28, 3, 1, 1, true},  {2, 1, 9, 11, 5, 1, 2, false},
+                        {2, 1, 6, 7, 1, 1, 0, true},    {2, 5, 7, 6, 3, 2, 1, false}};
   uint64_t stream = 700;
   for (const Case& c : cases)
     for (int bits : {2, 5, 8})
