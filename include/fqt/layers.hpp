@@ -141,6 +141,7 @@ class Conv2d : public QuantizedLayer {
   // The last training forward's output again, bit for bit, from what forward kept for backward
   // (the input's codes and the weight's codes in qat/fqt; the fp32 input in fp32 mode).
   Tensor recompute_output() const;
+  std::string region_name() const;  // for profile regions: "conv CIN->COUT KxK sS"
   OutputSource output_source() override {
     return {[this] { return recompute_output(); }, cin_ * k_ * k_};
   }

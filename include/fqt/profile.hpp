@@ -9,6 +9,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace fqt::profile {
 
@@ -40,6 +43,41 @@ class Scope {
  private:
   Category c_;
   bool on_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+// Named regions: wall time per layer call and its phases (`fqt bench step --breakdown`), e.g.
+// "conv 16->16 3x3 s1: forward". Opened by the layers on the calling (main) thread, so nested
+// regions (a batch norm's backward and the recomputation inside it) each count their own wall
+// time. Off by default: a RegionScope then costs one relaxed load and builds no name.
+void enable_regions(bool on);
+bool regions_enabled();
+void add_region(const std::string& name, int64_t ns);
+std::vector<std::pair<std::string, double>> region_seconds();  // by name; cleared by reset()
+
+namespace detail {
+extern std::atomic<bool> g_regions;
+}  // namespace detail
+
+class RegionScope {
+ public:
+  // name() is called only when regions are on.
+  template <class Name>
+  explicit RegionScope(Name&& name) : on_(detail::g_regions.load(std::memory_order_relaxed)) {
+    if (on_) name_ = name(), t0_ = std::chrono::steady_clock::now();
+  }
+  ~RegionScope() { close(); }
+  void close() {  // end the region early (idempotent)
+    if (!on_) return;
+    on_ = false;
+    add_region(name_, std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0_).count());
+  }
+  RegionScope(const RegionScope&) = delete;
+  RegionScope& operator=(const RegionScope&) = delete;
+
+ private:
+  bool on_;
+  std::string name_;
   std::chrono::steady_clock::time_point t0_;
 };
 

@@ -1,5 +1,8 @@
 #include "fqt/profile.hpp"
 
+#include <map>
+#include <mutex>
+
 namespace fqt::profile {
 
 namespace detail {
@@ -14,6 +17,12 @@ struct alignas(64) Slot {
 };
 Slot g_slots[kSlots];
 std::atomic<int> g_next_slot{0};
+std::atomic<bool> g_regions{false};
+std::mutex g_region_mu;
+std::map<std::string, int64_t>& region_ns() {
+  static std::map<std::string, int64_t> m;
+  return m;
+}
 void add(Category c, int64_t ns) {
   thread_local const int slot = g_next_slot.fetch_add(1, std::memory_order_relaxed) % kSlots;
   g_slots[slot].ns[c].fetch_add(ns, std::memory_order_relaxed);
@@ -29,11 +38,26 @@ bool enabled() { return detail::g_enabled.load(); }
 void reset() {
   for (auto& s : detail::g_slots)
     for (auto& a : s.ns) a.store(0);
+  std::lock_guard<std::mutex> lock(detail::g_region_mu);
+  detail::region_ns().clear();
 }
 double seconds(Category c) {
   int64_t ns = 0;
   for (const auto& s : detail::g_slots) ns += s.ns[c].load();
   return ns * 1e-9;
+}
+
+void enable_regions(bool on) { detail::g_regions.store(on); }
+bool regions_enabled() { return detail::g_regions.load(); }
+void add_region(const std::string& name, int64_t ns) {
+  std::lock_guard<std::mutex> lock(detail::g_region_mu);
+  detail::region_ns()[name] += ns;
+}
+std::vector<std::pair<std::string, double>> region_seconds() {
+  std::lock_guard<std::mutex> lock(detail::g_region_mu);
+  std::vector<std::pair<std::string, double>> out;
+  for (const auto& [name, ns] : detail::region_ns()) out.emplace_back(name, ns * 1e-9);
+  return out;
 }
 
 }  // namespace fqt::profile

@@ -5,6 +5,7 @@
 // sums over fixed groups of samples, added in group order (so the sums do not depend on the
 // thread count), then the element-wise pass over each thread's samples.
 #include "common.hpp"
+#include "fqt/profile.hpp"
 #include "kernels/cpu/round_run.hpp"
 #include "quant/grid.hpp"
 #include "relu_mask.hpp"
@@ -305,6 +306,7 @@ QuantizedTensor BatchNorm2d::forward_codes(const Tensor& x, const StepContext& c
 // tensor. When the statistics are not finite (x holds a NaN or an Inf), it writes y as without
 // `codes` and leaves them to the caller.
 Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueRange* range, QuantizedTensor* codes) {
+  profile::RegionScope region([&] { return fmt::format("batchnorm {}: forward", c_); });
   FQT_CHECK(x.dtype() == DType::f32 && x.dim() >= 2 && x.size(1) == c_, "BatchNorm2d {}: input {} has not {} channels",
             name_, shape_str(x.shape()), c_);
   const int64_t N = x.size(0), C = c_, P = x.numel() / (N * C), M = N * P;
@@ -459,11 +461,13 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx, const Ten
   // (x - mean) * invstd, so every value (and so every sum below) is the same.
   Tensor x = x_;
   if (!x.defined()) {
+    profile::RegionScope region([&] { return fmt::format("batchnorm {}: backward: recompute input", c_); });
     x = input_src_();
     FQT_CHECK(x.shape() == in_shape_ && x.dtype() == DType::f32,
               "BatchNorm2d {}: recomputed input {} does not match the forward's {}", name_, shape_str(x.shape()),
               shape_str(in_shape_));
   }
+  profile::RegionScope region([&] { return fmt::format("batchnorm {}: backward", c_); });
   const float* xp = x.data<float>();
   FQT_CHECK(!relu_ || (mask_.defined() && mask_.numel() == (dy.numel() + 7) / 8),
             "BatchNorm2d {}: backward without a training forward", name_);

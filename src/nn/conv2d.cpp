@@ -1,5 +1,6 @@
 // Conv2d via im2col + GEMM with the recipe's quantizers (see layers.hpp for the layout).
 #include "common.hpp"
+#include "fqt/profile.hpp"
 #include "kernels/cpu/minmax.hpp"
 #include "kernels/cpu/transpose.hpp"
 #include "fqt/gemm.hpp"
@@ -171,6 +172,7 @@ Tensor Conv2d::forward(const Shape& in_shape, const StepContext& ctx, const Quan
 // x: the input, or null when its codes are `given` (then only its shape is known; qat, fqt).
 Tensor Conv2d::forward_impl(const Shape& shape, const Tensor* x, const StepContext& ctx, const QuantizedTensor* given,
                             const Tensor* residual) {
+  profile::RegionScope region([&] { return region_name() + ": forward"; });
   FQT_CHECK(shape.size() == 4 && shape[1] == cin_, "Conv2d {}: input {} is not N,{},H,W", name_, shape_str(shape), cin_);
   const Geom g0 = geom(shape, k_, stride_, pad_);  // validates the geometry (throws on a too-small input)
   if (residual)
@@ -254,6 +256,9 @@ int Conv2d::saved_zero_code() const {
              : -1;
 }
 
+// "conv CIN->COUT KxK sS" (fqt bench step --breakdown)
+std::string Conv2d::region_name() const { return fmt::format("conv {}->{} {}x{} s{}", cin_, cout_, k_, k_, stride_); }
+
 Tensor Conv2d::rows_for_gradients(const Tensor& dy, float* range) const {
   return recipe_.mode == Mode::fqt ? nchw_to_rows(dy, range) : Tensor();
 }
@@ -263,14 +268,22 @@ Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
   // as two quantize() calls; G's range from the layout pass), handed to wgrad_rows / dgrad_rows.
   const bool drawn = recipe_.mode == Mode::fqt && input_grad_ && !recipe_.exact_dgrad;
   float range[2];
+  profile::RegionScope layout([&] { return region_name() + ": backward: dY layout"; });
   const Tensor rows = rows_for_gradients(dy, drawn ? range : nullptr);  // (single draws take no range)
+  layout.close();
   if (drawn) {
+    profile::RegionScope region([&] { return region_name() + ": backward: quantize dY"; });
     auto [d, w] = quantize_pair(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad),
                                 recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad), range);
     gq_dgrad_ = std::move(d), gq_wgrad_ = std::move(w);
   }
-  wgrad_rows(dy, rows, ctx, drawn);
-  return input_grad_ ? dgrad_rows(dy, rows, ctx, drawn) : Tensor();
+  {
+    profile::RegionScope region([&] { return region_name() + ": backward: wgrad"; });
+    wgrad_rows(dy, rows, ctx, drawn);
+  }
+  if (!input_grad_) return Tensor();
+  profile::RegionScope region([&] { return region_name() + ": backward: dgrad"; });
+  return dgrad_rows(dy, rows, ctx, drawn);
 }
 
 Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) { return dgrad_rows(dy, rows_for_gradients(dy), ctx); }

@@ -1,5 +1,6 @@
 // Linear: Y[N, out] = X W^T + b with the recipe's quantizers (nn.hpp, SPEC section 1).
 #include "common.hpp"
+#include "fqt/profile.hpp"
 #include "fqt/igemm.hpp"
 
 namespace fqt {
@@ -20,6 +21,7 @@ void Linear::collect_params(std::vector<Param*>& out) {
 }
 
 Tensor Linear::forward(const Tensor& x_in, const StepContext& ctx) {
+  profile::RegionScope region([&] { return fmt::format("linear {}->{}: forward", in_, out_); });
   FQT_CHECK(x_in.dtype() == DType::f32 && x_in.dim() >= 1 && x_in.numel() == x_in.size(0) * in_,
             "Linear {}: input {} is not [N, {}]", name_, shape_str(x_in.shape()), in_);
   const Tensor x = x_in.reshape({x_in.size(0), in_});
@@ -48,6 +50,7 @@ Tensor Linear::forward(const Tensor& x_in, const StepContext& ctx) {
 }
 
 Tensor Linear::dgrad(const Tensor& dy_in, const StepContext& ctx) {
+  profile::RegionScope region([&] { return fmt::format("linear {}->{}: backward: dgrad", in_, out_); });
   FQT_CHECK(dy_in.numel() == dy_in.size(0) * out_, "Linear {}: dy {} is not [N, {}]", name_,
             shape_str(dy_in.shape()), out_);
   const Tensor g = dy_in.reshape({dy_in.size(0), out_});
@@ -74,6 +77,7 @@ Tensor Linear::dgrad(const Tensor& dy_in, const StepContext& ctx) {
 }
 
 void Linear::wgrad(const Tensor& dy_in, const StepContext& ctx) {
+  profile::RegionScope region([&] { return fmt::format("linear {}->{}: backward: wgrad", in_, out_); });
   const Tensor g = dy_in.reshape({dy_in.size(0), out_});
   switch (recipe_.mode) {
     case Mode::fp32:

@@ -31,6 +31,8 @@ set_tests_properties(cli.quantize_table cli.quantize_json PROPERTIES FIXTURES_RE
 # The ordering BHQ < PSQ < PTQ, checked on the JSON by a small script.
 add_test(NAME cli.quantize_ordering COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/check_ordering.sh ${FQT_EXE} ${CLI_TMP}/heavy.npy)
 set_tests_properties(cli.quantize_ordering PROPERTIES FIXTURES_REQUIRED heavy)
+# fqt bench step --breakdown: the layers' regions and the rest add up to the step.
+add_test(NAME cli.bench_step_breakdown COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/check_breakdown.sh ${FQT_EXE})
 
 # fqt train / eval: a tiny real run on the built-in synthetic data, then its checkpoint.
 set(RUN ${CLI_TMP}/train_run)

@@ -279,6 +279,10 @@ int run_gemm_bench(const GemmOptions& o) {
 
 // ---- fqt bench step ---------------------------------------------------------------------------
 
+// --breakdown: the step's time outside every layer region (loss, optimizer, pooling, residual
+// adds, the time between regions).
+constexpr const char* kOtherRegion = "(outside the layers: loss, SGD, pooling, adds)";
+
 struct StepOptions {
   std::string model = "preact_resnet20";
   std::string modes = "fp32,qat,fqt";
@@ -289,7 +293,7 @@ struct StepOptions {
   int64_t batch = 128;
   std::string input = "1x28x28";
   int steps = 20, warmup = 3, threads = 0;
-  bool json = false, no_fork = false;
+  bool json = false, no_fork = false, breakdown = false;
 };
 
 struct StepConfig {
@@ -332,11 +336,13 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
   SGD opt(params, SGDOptions{0.9f, 5e-4f, false});
   SoftmaxCrossEntropy ce;
   std::vector<double> ms, qms, gfs, gis;
+  std::map<std::string, std::vector<double>> region_ms;  // --breakdown: per region, ms per timed step
   size_t saved = 0;
   for (int s = 0; s < o.warmup + o.steps; ++s) {
     StepContext ctx{true, 0, static_cast<uint64_t>(s)};
     profile::reset();
     profile::enable(true);
+    profile::enable_regions(o.breakdown);
     const auto t0 = std::chrono::steady_clock::now();
     opt.zero_grad();
     Tensor logits = net->forward(x, ctx);
@@ -346,7 +352,13 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
     opt.step(0.01f);
     const double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     profile::enable(false);
+    profile::enable_regions(false);
     if (s >= o.warmup) {
+      if (o.breakdown) {
+        double in_regions = 0.0;
+        for (const auto& [name, sec] : profile::region_seconds()) region_ms[name].push_back(1e3 * sec), in_regions += 1e3 * sec;
+        region_ms[kOtherRegion].push_back(dt - in_regions);
+      }
       ms.push_back(dt);
       qms.push_back(1e3 * (profile::seconds(profile::quantize) + profile::seconds(profile::dequantize)));
       gfs.push_back(1e3 * profile::seconds(profile::gemm_f32));
@@ -357,6 +369,11 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
   getrusage(RUSAGE_SELF, &ru);
   const double med = median(ms), qmed = median(qms), mn = *std::min_element(ms.begin(), ms.end());
   const bool quantized = cfg.mode != Mode::fp32;
+  nlohmann::json breakdown = nlohmann::json::object();
+  for (auto& [name, v] : region_ms) {
+    v.resize(ms.size(), 0.0);  // (a region missing from some steps counts 0 there)
+    breakdown[name] = median(v);
+  }
   return {{"model", o.model},
           {"framework", "fqt"},
           {"mode", mode_name(cfg.mode)},
@@ -380,7 +397,8 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
           {"saved_activation_bytes", saved},
           {"peak_rss_bytes", static_cast<int64_t>(ru.ru_maxrss) * 1024},
           {"start_rss_bytes", rss_start},
-          {"forked", !o.no_fork}};
+          {"forked", !o.no_fork},
+          {"breakdown", breakdown}};
 }
 
 // Runs one configuration in a fork()ed child (its own peak RSS) and reads back its record
@@ -425,6 +443,16 @@ nlohmann::json run_step_config_forked(const StepOptions& o, const StepConfig& cf
     return {{"error", "benchmark child died (" + why + ")"}};
   }
   return rec;
+}
+
+// --breakdown in the table: each region's median ms per step and share of the median step,
+// largest first.
+void print_breakdown(const nlohmann::json& b, double step_ms) {
+  std::vector<std::pair<double, std::string>> rows;
+  for (auto it = b.begin(); it != b.end(); ++it) rows.emplace_back(it.value().get<double>(), it.key());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& c) { return a.first > c.first; });
+  for (const auto& [ms, name] : rows)
+    std::printf("    %-52s %8.2f ms  %5.1f%%\n", name.c_str(), ms, step_ms > 0 ? 100 * ms / step_ms : 0.0);
 }
 
 int run_step_bench(const StepOptions& o) {
@@ -487,6 +515,7 @@ int run_step_bench(const StepOptions& o) {
                   100 * rec["quantizer_share"].get<double>(), rec["images_per_s"].get<double>(),
                   rec["saved_activation_bytes"].get<double>() / 1048576.0,
                   rec["peak_rss_bytes"].get<double>() / 1048576.0);
+      if (o.breakdown) print_breakdown(rec["breakdown"], med);
       std::fflush(stdout);
     }
   }
@@ -555,7 +584,8 @@ Runner add_bench(CLI::App& app) {
       "                  shared storage counted once; weights not counted)\n"
       "  peak_rss_bytes  peak resident set size of the child process (getrusage ru_maxrss): the model,\n"
       "                  optimizer, one step's working memory, plus the process baseline\n"
-      "  start_rss_bytes resident set size when the child started (the baseline)");
+      "  start_rss_bytes resident set size when the child started (the baseline)\n"
+      "  breakdown       with --breakdown: {region: median ms per step} (see --breakdown), else {}");
   step->add_option("--model", o->model, "model name")->capture_default_str();
   step->add_option("--mode", o->modes, "comma-separated modes: fp32, qat, fqt")->capture_default_str();
   step->add_option("--dgrad", o->dgrads, "comma-separated dgrad quantizers for fqt (ptq, psq, bhq)")->capture_default_str();
@@ -573,6 +603,11 @@ Runner add_bench(CLI::App& app) {
   step->add_option("--threads", o->threads, "CPU threads (0 = all)")->capture_default_str();
   step->add_flag("--no-fork", o->no_fork, "run all configurations in this process (peak RSS is then cumulative)");
   step->add_flag("--json", o->json, "JSON records instead of a table");
+  step->add_flag("--breakdown", o->breakdown,
+                 "also time each layer call and its phases (wall time on the calling thread; medians per step):\n"
+                 "conv forward; conv backward as dY layout, quantize dY (both draws), wgrad, dgrad; batch norm\n"
+                 "forward and backward, its recomputed input apart; linear forward, dgrad, wgrad; the rest of the\n"
+                 "step as one region. Keyed by layer shape, so a model's stages show apart. JSON field breakdown");
   return [o, g, step, gemm] {
     if (step->parsed()) return run_step_bench(*o);
     if (gemm->parsed()) return run_gemm_bench(*g);
