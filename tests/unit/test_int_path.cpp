@@ -15,6 +15,7 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 
@@ -264,6 +265,22 @@ TEST(intPath, ConvFusedDgradEqualsGeneralPath) {
       }
 }
 
+namespace {
+// dW of one training forward and backward with the direct wgrad kernel ([0]) and without ([1]).
+std::array<Tensor, 2> dw_direct_and_general(Conv2d& conv, const Tensor& x, const Tensor& dy, const StepContext& ctx) {
+  std::array<Tensor, 2> dw;
+  for (int d = 0; d < 2; ++d) {
+    set_conv_direct_wgrad(d == 0);
+    conv.weight().grad.fill(0.0);
+    conv.forward(x, ctx);
+    conv.backward(dy, ctx);
+    dw[d] = conv.weight().grad.clone();
+  }
+  set_conv_direct_wgrad(true);
+  return dw;
+}
+}  // namespace
+
 // Conv2d's direct wgrad kernel (16 -> 16 channels, stride 1; AVX-512 VNNI and VBMI: no im2col)
 // against its general path (im2col rows, GEMM kernel), set_conv_direct_wgrad switching: exact
 // integer sums either way, so the same bits of dW. Rows whose length is not a multiple of 4
@@ -287,15 +304,7 @@ TEST(intPath, ConvDirectWgradEqualsGeneralPath) {
         const int64_t ho = c.h + 2 * c.pad - c.k + 1, wo = c.w + 2 * c.pad - c.k + 1;
         const Tensor dy = randn({c.n, 16, ho, wo}, 7000 + stream, 1e-2f);
         const StepContext ctx{true, 5, stream};
-        Tensor dw[2];
-        for (int d = 0; d < 2; ++d) {
-          set_conv_direct_wgrad(d == 0);
-          conv.weight().grad.fill(0.0);
-          conv.forward(x, ctx);
-          conv.backward(dy, ctx);
-          dw[d] = conv.weight().grad.clone();
-        }
-        set_conv_direct_wgrad(true);
+        const std::array<Tensor, 2> dw = dw_direct_and_general(conv, x, dy, ctx);
         const std::string what = std::to_string(c.h) + "x" + std::to_string(c.w) + " k" + std::to_string(c.k) + " pad" +
                                  std::to_string(c.pad) + " " + traits(wk).name + " " + std::to_string(bits) + "b";
         EXPECT_EQ(std::memcmp(dw[0].raw(), dw[1].raw(), dw[0].nbytes()), 0) << what;
@@ -321,15 +330,7 @@ TEST(intPath, ConvDirectWgradWorstCaseIsExact) {
   dy.fill(-1.0);
   dy.data<float>()[5] = 1e-3f;
   const StepContext ctx{true, 5, 77};
-  Tensor dw[2];
-  for (int d = 0; d < 2; ++d) {
-    set_conv_direct_wgrad(d == 0);
-    conv.weight().grad.fill(0.0);
-    conv.forward(x, ctx);
-    conv.backward(dy, ctx);
-    dw[d] = conv.weight().grad.clone();
-  }
-  set_conv_direct_wgrad(true);
+  const std::array<Tensor, 2> dw = dw_direct_and_general(conv, x, dy, ctx);
   const uint8_t* xc = conv.saved_input_q().codes.data<uint8_t>();
   const uint8_t* gc = conv.last_wgrad_q().codes.data<uint8_t>();
   EXPECT_EQ(xc[1], 255);
