@@ -576,34 +576,72 @@ inline __m512i wgrad_groups(const uint8_t* gc, int64_t Ho, int64_t Wo, uint8_t f
 }
 // One sample: img the padded HWC image [Hp][Wp][16], grp its gradient groups (wgrad_groups),
 // acc32 [k k][17][16] int32 sums, added to.
-inline void wgrad_direct_sample(const uint8_t* img, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, const int8_t* grp,
-                                int32_t* acc32) {
+// NT taps (t0 .. t0 + NT - 1, t = kh k + kw) and 8 output channels (from c0) at a time: each
+// gradient broadcast serves NT taps (with 16 channels x 1 tap, every vpdpbusd had its own load).
+template <int NT, bool kSums>
+inline void wgrad_direct_block(const uint8_t* img, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, const int8_t* grp,
+                               int64_t t0, int c0, int32_t* acc32) {
   const __m512i ones = _mm512_set1_epi32(0x01010101);
   const int64_t G4 = (Wo + 3) / 4;
-  for (int64_t kh = 0; kh < k; ++kh)
-    for (int64_t kw = 0; kw < k; ++kw) {
-      int32_t* a32 = acc32 + (kh * k + kw) * kWgradAcc * 16;
-      __m512i acc[kWgradAcc];
-#pragma GCC unroll 17
-      for (int c = 0; c < kWgradAcc; ++c) acc[c] = _mm512_setzero_si512();
-      for (int64_t oh = 0; oh < Ho; ++oh) {
-        const uint8_t* row = img + ((oh + kh) * Wp + kw) * 16;
-        const int8_t* g = grp + oh * G4 * 64;
-        for (int64_t ow = 0; ow < Wo; ow += 4, g += 64) {
-          const __m512i x = pixel_major_to_channel_major(four_pixels(row + ow * 16, Wo - ow));
-#pragma GCC unroll 16
-          for (int c = 0; c < 16; ++c) {
-            int32_t w;
-            std::memcpy(&w, g + 4 * c, 4);
-            acc[c] = _mm512_dpbusd_epi32(acc[c], x, _mm512_set1_epi32(w));
-          }
-          acc[16] = _mm512_dpbusd_epi32(acc[16], x, ones);
-        }
+  __m512i acc[NT][8], sums[NT];
+  int64_t off[NT];  // tap t's pixel offset in the image, in bytes
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) {
+    off[t] = (((t0 + t) / k) * Wp + (t0 + t) % k) * 16;
+    sums[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) acc[t][c] = _mm512_setzero_si512();
+  }
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    const uint8_t* row = img + oh * Wp * 16;
+    const int8_t* g = grp + oh * G4 * 64 + 4 * c0;
+    for (int64_t ow = 0; ow < Wo; ow += 4, g += 64) {
+      __m512i x[NT];
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) x[t] = pixel_major_to_channel_major(four_pixels(row + off[t] + ow * 16, Wo - ow));
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        int32_t w;
+        std::memcpy(&w, g + 4 * c, 4);
+        const __m512i wv = _mm512_set1_epi32(w);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) acc[t][c] = _mm512_dpbusd_epi32(acc[t][c], x[t], wv);
       }
-#pragma GCC unroll 17
-      for (int c = 0; c < kWgradAcc; ++c)
-        _mm512_storeu_si512(a32 + 16 * c, _mm512_add_epi32(_mm512_loadu_si512(a32 + 16 * c), acc[c]));
+      if constexpr (kSums)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) sums[t] = _mm512_dpbusd_epi32(sums[t], x[t], ones);
     }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) {
+    int32_t* a32 = acc32 + (t0 + t) * kWgradAcc * 16;
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      int32_t* d = a32 + 16 * (c0 + c);
+      _mm512_storeu_si512(d, _mm512_add_epi32(_mm512_loadu_si512(d), acc[t][c]));
+    }
+    if constexpr (kSums) {
+      int32_t* d = a32 + 16 * 16;
+      _mm512_storeu_si512(d, _mm512_add_epi32(_mm512_loadu_si512(d), sums[t]));
+    }
+  }
+}
+inline void wgrad_direct_sample(const uint8_t* img, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, const int8_t* grp,
+                                int32_t* acc32) {
+  const int64_t kk = k * k;
+  int64_t t = 0;
+  for (; t + 3 <= kk; t += 3) {
+    wgrad_direct_block<3, true>(img, Wp, Ho, Wo, k, grp, t, 0, acc32);
+    wgrad_direct_block<3, false>(img, Wp, Ho, Wo, k, grp, t, 8, acc32);
+  }
+  for (; t + 2 <= kk; t += 2) {
+    wgrad_direct_block<2, true>(img, Wp, Ho, Wo, k, grp, t, 0, acc32);
+    wgrad_direct_block<2, false>(img, Wp, Ho, Wo, k, grp, t, 8, acc32);
+  }
+  if (t < kk) {
+    wgrad_direct_block<1, true>(img, Wp, Ho, Wo, k, grp, t, 0, acc32);
+    wgrad_direct_block<1, false>(img, Wp, Ho, Wo, k, grp, t, 8, acc32);
+  }
 }
 #endif
 
