@@ -47,11 +47,11 @@ class Scope {
 };
 
 // Named regions: wall time per layer call and its phases (`fqt bench step --breakdown`), e.g.
-// "conv 16->16 3x3 s1: forward". Opened by the layers on the calling (main) thread, so nested
-// regions (a batch norm's backward and the recomputation inside it) each count their own wall
-// time. Off by default: a RegionScope then costs one relaxed load and builds no name.
+// "conv 16->16 3x3 s1: forward". Opened by the layers on the calling (main) thread; they do not
+// overlap (a batch norm's backward region starts after its recomputed input's), so a step's
+// regions add up to at most the step. Off by default: a RegionScope then costs one relaxed load
+// and builds no name.
 void enable_regions(bool on);
-bool regions_enabled();
 void add_region(const std::string& name, int64_t ns);
 std::vector<std::pair<std::string, double>> region_seconds();  // by name; cleared by reset()
 

@@ -48,7 +48,6 @@ double seconds(Category c) {
 }
 
 void enable_regions(bool on) { detail::g_regions.store(on); }
-bool regions_enabled() { return detail::g_regions.load(); }
 void add_region(const std::string& name, int64_t ns) {
   std::lock_guard<std::mutex> lock(detail::g_region_mu);
   detail::region_ns()[name] += ns;

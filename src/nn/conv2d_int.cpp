@@ -574,8 +574,6 @@ inline __m512i wgrad_groups(const uint8_t* gc, int64_t Ho, int64_t Wo, uint8_t f
     }
   return sums;
 }
-// One sample: img the padded HWC image [Hp][Wp][16], grp its gradient groups (wgrad_groups),
-// acc32 [k k][17][16] int32 sums, added to.
 // NT taps (t0 .. t0 + NT - 1, t = kh k + kw) and 8 output channels (from c0) at a time: each
 // gradient broadcast serves NT taps (with 16 channels x 1 tap, every vpdpbusd had its own load).
 template <int NT, bool kSums>
@@ -626,6 +624,9 @@ inline void wgrad_direct_block(const uint8_t* img, int64_t Wp, int64_t Ho, int64
     }
   }
 }
+// One sample: img the padded HWC image [Hp][Wp][16], grp its gradient groups (wgrad_groups),
+// acc32 [k k][17][16] int32 sums, added to. Taps 3 at a time; k k is 0 or 1 modulo 3, so at
+// most one tap is left for a single pass.
 inline void wgrad_direct_sample(const uint8_t* img, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, const int8_t* grp,
                                 int32_t* acc32) {
   const int64_t kk = k * k;
@@ -633,10 +634,6 @@ inline void wgrad_direct_sample(const uint8_t* img, int64_t Wp, int64_t Ho, int6
   for (; t + 3 <= kk; t += 3) {
     wgrad_direct_block<3, true>(img, Wp, Ho, Wo, k, grp, t, 0, acc32);
     wgrad_direct_block<3, false>(img, Wp, Ho, Wo, k, grp, t, 8, acc32);
-  }
-  for (; t + 2 <= kk; t += 2) {
-    wgrad_direct_block<2, true>(img, Wp, Ho, Wo, k, grp, t, 0, acc32);
-    wgrad_direct_block<2, false>(img, Wp, Ho, Wo, k, grp, t, 8, acc32);
   }
   if (t < kk) {
     wgrad_direct_block<1, true>(img, Wp, Ho, Wo, k, grp, t, 0, acc32);
@@ -1089,7 +1086,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         auto terms = [&](int64_t p) { return row_terms(n * P + p, an + p * cout_); };
         {
           profile::Scope timer(profile::gemm_int);  // (its finishing included)
-          if (NV == 9 && cin_ == 16 && k_ == 3 && stride_ == 1) {  // AccWindow3x3
+          if (cin_ == 16 && k_ == 3 && stride_ == 1) {  // (NV = 9) AccWindow3x3
             dgrad_fused_sample_3x3(an, cout_, g.Ho, g.Wo, Wp, K4, bv.data(), rbk, terms, acc.data());
           } else
           switch (NV) {
@@ -1182,7 +1179,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
     {
       std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
       std::vector<int8_t> grp(static_cast<size_t>(g.Ho * G4 * 64));
-      std::vector<int32_t> acc32(static_cast<size_t>(kk * kWgradAcc * 16)), gsum(16);
+      std::vector<int32_t> acc32(static_cast<size_t>(kk * kWgradAcc * 16));
       int64_t* acc = part.data() + omp_get_thread_num() * wsize;
       int64_t* rx = acc + ssize;
       int64_t* rg = rx + ckk;
@@ -1198,7 +1195,8 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
       };
       int64_t pending = 0;
       split.run([&](int64_t n) {
-        _mm512_storeu_si512(gsum.data(), wgrad_groups(gc + n * P * cout_, g.Ho, g.Wo, flip, grp.data()));
+        alignas(64) int32_t gsum[16];
+        _mm512_store_si512(gsum, wgrad_groups(gc + n * P * cout_, g.Ho, g.Wo, flip, grp.data()));
         for (int64_t c = 0; c < 16; ++c) rg[c] += gsum[c];
         pad_hwc(xc + n * chw, g, pad_code, img.data());
         {
