@@ -281,61 +281,67 @@ std::array<Tensor, 2> dw_direct_and_general(Conv2d& conv, const Tensor& x, const
 }
 }  // namespace
 
-// Conv2d's direct wgrad kernel (16 -> 16 channels, stride 1; AVX-512 VNNI and VBMI: no im2col)
-// against its general path (im2col rows, GEMM kernel), set_conv_direct_wgrad switching: exact
-// integer sums either way, so the same bits of dW. Rows whose length is not a multiple of 4
-// (Wo = 5, 7, 30), 1x1 and 3x3 with and without padding, 2/5/8-bit codes, per-tensor and
-// per-column gradient grids; 128 x 128 images (P = 16384) make the int32 partials widen every 4
-// samples (the int32 bound) with 10 samples: a flush and a remainder on each thread.
+// Conv2d's direct wgrad kernels (16 -> 16 channels and 1 -> 16, stride 1; AVX-512 VNNI and
+// VBMI: no im2col) against its general path (im2col rows, GEMM kernel), set_conv_direct_wgrad
+// switching: exact integer sums either way, so the same bits of dW. Rows whose length is not a
+// multiple of 4 (Wo = 5, 7, 30, 11), 1x1, 3x3 and 5x5 (one input channel: 25 taps, passes of 9,
+// 9 and 7) with and without padding, 2/5/8-bit codes, per-tensor and per-column gradient grids;
+// 128 x 128 images (P = 16384) make the int32 partials widen every 4 samples (the int32 bound)
+// with 10 samples: a flush and a remainder on each thread.
 TEST(intPath, ConvDirectWgradEqualsGeneralPath) {
   struct Case {
     int64_t n, h, w, k, pad;
   };
-  const Case cases[] = {{3, 28, 28, 3, 1}, {2, 7, 5, 3, 1}, {2, 9, 7, 3, 0}, {3, 6, 30, 1, 0}, {10, 128, 128, 3, 1}};
+  const Case cases[] = {{3, 28, 28, 3, 1}, {2, 7, 5, 3, 1}, {2, 9, 7, 3, 0}, {3, 6, 30, 1, 0},
+                        {2, 11, 13, 5, 1}, {10, 128, 128, 3, 1}};
   uint64_t stream = 1300;
-  for (const Case& c : cases)
-    for (int bits : {2, 5, 8})
-      for (QuantizerKind wk : {QuantizerKind::ptq, QuantizerKind::column}) {
-        const Recipe r = recipe(Arith::integer, {QuantizerKind::psq, 8}, {wk, bits}, bits == 2 ? 4 : 8);
-        Conv2d conv("conv", 16, 16, c.k, 1, c.pad, false, r, 3, 11);
-        Tensor x = randn({c.n, 16, c.h, c.w}, ++stream);
-        if (stream % 2)
-          for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = std::max(0.0f, x.data<float>()[i]);
-        const int64_t ho = c.h + 2 * c.pad - c.k + 1, wo = c.w + 2 * c.pad - c.k + 1;
-        const Tensor dy = randn({c.n, 16, ho, wo}, 7000 + stream, 1e-2f);
-        const StepContext ctx{true, 5, stream};
-        const std::array<Tensor, 2> dw = dw_direct_and_general(conv, x, dy, ctx);
-        const std::string what = std::to_string(c.h) + "x" + std::to_string(c.w) + " k" + std::to_string(c.k) + " pad" +
-                                 std::to_string(c.pad) + " " + traits(wk).name + " " + std::to_string(bits) + "b";
-        EXPECT_EQ(std::memcmp(dw[0].raw(), dw[1].raw(), dw[0].nbytes()), 0) << what;
-        if (c.h * c.w <= 1024) {  // (and against the sums in double, where that is quick)
-          const ConvCase cc{c.n, 16, 16, c.h, c.w, c.k, 1, c.pad};
-          expect_wgrad_exact(dw[0], conv.last_wgrad_q(), conv.saved_input_q(), cc, ho, wo, what);
+  for (int64_t cin : {16, 1})
+    for (const Case& c : cases)
+      for (int bits : {2, 5, 8})
+        for (QuantizerKind wk : {QuantizerKind::ptq, QuantizerKind::column}) {
+          const Recipe r = recipe(Arith::integer, {QuantizerKind::psq, 8}, {wk, bits}, bits == 2 ? 4 : 8);
+          Conv2d conv("conv", cin, 16, c.k, 1, c.pad, false, r, 3, 11);
+          Tensor x = randn({c.n, cin, c.h, c.w}, ++stream);
+          if (stream % 2)
+            for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = std::max(0.0f, x.data<float>()[i]);
+          const int64_t ho = c.h + 2 * c.pad - c.k + 1, wo = c.w + 2 * c.pad - c.k + 1;
+          const Tensor dy = randn({c.n, 16, ho, wo}, 7000 + stream, 1e-2f);
+          const StepContext ctx{true, 5, stream};
+          const std::array<Tensor, 2> dw = dw_direct_and_general(conv, x, dy, ctx);
+          const std::string what = std::to_string(cin) + "->16 " + std::to_string(c.h) + "x" + std::to_string(c.w) +
+                                   " k" + std::to_string(c.k) + " pad" + std::to_string(c.pad) + " " + traits(wk).name +
+                                   " " + std::to_string(bits) + "b";
+          EXPECT_EQ(std::memcmp(dw[0].raw(), dw[1].raw(), dw[0].nbytes()), 0) << what;
+          if (c.h * c.w <= 1024) {  // (and against the sums in double, where that is quick)
+            const ConvCase cc{c.n, cin, 16, c.h, c.w, c.k, 1, c.pad};
+            expect_wgrad_exact(dw[0], conv.last_wgrad_q(), conv.saved_input_q(), cc, ho, wo, what);
+          }
         }
-      }
 }
 
-// The direct wgrad at its int32 bound: activation codes 255 (x = 1 but one 0) against gradient
-// codes -128 (dY = -1 but one value above), P = 16384 positions per sample, so each int32
-// partial reaches 255 * 128 * 16384 per sample, 2.14e9 over the 4 samples it holds before it
-// is widened (one more sample would wrap). dW equals the general path's (int64 throughout).
+// The direct wgrads at their int32 bound: activation codes 255 (x = 1 but one 0) against
+// gradient codes -128 (dY = -1 but one value above), P = 16384 positions per sample, so each
+// int32 partial reaches 255 * 128 * 16384 per sample, 2.14e9 over the 4 samples it holds before
+// it is widened (one more sample would wrap). dW equals the general path's (int64 throughout).
 TEST(intPath, ConvDirectWgradWorstCaseIsExact) {
   const int64_t n = 10, hw = 128;
   const Recipe r = recipe(Arith::integer, {QuantizerKind::psq, 8}, {QuantizerKind::ptq, 8}, 8);
-  Conv2d conv("conv", 16, 16, 3, 1, 1, false, r, 3, 11);
-  Tensor x = Tensor::empty({n, 16, hw, hw});
-  x.fill(1.0);
-  x.data<float>()[0] = 0.0f;
-  Tensor dy = Tensor::empty({n, 16, hw, hw});
-  dy.fill(-1.0);
-  dy.data<float>()[5] = 1e-3f;
-  const StepContext ctx{true, 5, 77};
-  const std::array<Tensor, 2> dw = dw_direct_and_general(conv, x, dy, ctx);
-  const uint8_t* xc = conv.saved_input_q().codes.data<uint8_t>();
-  const uint8_t* gc = conv.last_wgrad_q().codes.data<uint8_t>();
-  EXPECT_EQ(xc[1], 255);
-  EXPECT_EQ(gc[0], 0);  // (s8: -128)
-  EXPECT_EQ(std::memcmp(dw[0].raw(), dw[1].raw(), dw[0].nbytes()), 0);
+  for (int64_t cin : {16, 1}) {
+    Conv2d conv("conv", cin, 16, 3, 1, 1, false, r, 3, 11);
+    Tensor x = Tensor::empty({n, cin, hw, hw});
+    x.fill(1.0);
+    x.data<float>()[0] = 0.0f;
+    Tensor dy = Tensor::empty({n, 16, hw, hw});
+    dy.fill(-1.0);
+    dy.data<float>()[5] = 1e-3f;
+    const StepContext ctx{true, 5, 77};
+    const std::array<Tensor, 2> dw = dw_direct_and_general(conv, x, dy, ctx);
+    const uint8_t* xc = conv.saved_input_q().codes.data<uint8_t>();
+    const uint8_t* gc = conv.last_wgrad_q().codes.data<uint8_t>();
+    EXPECT_EQ(xc[1], 255) << cin;
+    EXPECT_EQ(gc[0], 0) << cin;  // (s8: -128)
+    EXPECT_EQ(std::memcmp(dw[0].raw(), dw[1].raw(), dw[0].nbytes()), 0) << cin;
+  }
 }
 
 TEST(intPath, LinearEqualsSimulatedEverywhere) {
