@@ -193,6 +193,14 @@ bool quantize_uses_range(QuantizerSpec spec);
 // wgrad draw: the wgrad draw is rounded while BHQ's rank sort runs; `range` is not needed.)
 std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x, QuantizerSpec a, RngKey ka, QuantizerSpec b,
                                                           RngKey kb, const float* range = nullptr);
+// quantize_pair(nchw_to_rows(x), ...) for x of shape N, C, H, W (or N, C, ...): the rows of G in
+// the SPEC's layout [(N*H*W), C], code for code, without writing that fp32 copy: one min/max pass
+// over x for its range, then each block of rows is transposed from x into cache and both draws
+// rounded there. For the pairs quantize_pair reads once (quantize_pair_fuses: both draws
+// stochastic, per row or per tensor, not BHQ).
+bool quantize_pair_fuses(QuantizerSpec a, QuantizerSpec b);
+std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, QuantizerSpec a, RngKey ka,
+                                                               QuantizerSpec b, RngKey kb);
 // f32 [rows, cols]; applies T^-1 for BHQ.
 Tensor dequantize(const QuantizedTensor& q);
 

@@ -264,18 +264,28 @@ Tensor Conv2d::rows_for_gradients(const Tensor& dy, float* range) const {
 }
 
 Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
-  // FQT with both halves: the two draws of G in one pass over it (quantize_pair: the same codes
-  // as two quantize() calls; G's range from the layout pass), handed to wgrad_rows / dgrad_rows.
+  // FQT with both halves: the two draws of G at once, handed to wgrad_rows / dgrad_rows (which
+  // then need no rows of G). Per-row / per-tensor draws straight from dy (quantize_pair_nchw:
+  // the rows of G are formed block by block in cache, never written); others (BHQ, per-column)
+  // from G's rows, laid out once (nchw_to_rows, with G's range for quantize_pair).
   const bool drawn = recipe_.mode == Mode::fqt && input_grad_ && !recipe_.exact_dgrad;
-  float range[2];
-  profile::RegionScope layout([&] { return region_name() + ": backward: dY layout"; });
-  const Tensor rows = rows_for_gradients(dy, drawn ? range : nullptr);  // (single draws take no range)
-  layout.close();
-  if (drawn) {
+  const RngKey kd = grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad);
+  const RngKey kw = grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad);
+  Tensor rows;
+  if (drawn && quantize_pair_fuses(recipe_.dgrad, recipe_.wgrad)) {
     profile::RegionScope region([&] { return region_name() + ": backward: quantize dY"; });
-    auto [d, w] = quantize_pair(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad),
-                                recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad), range);
+    auto [d, w] = quantize_pair_nchw(dy, recipe_.dgrad, kd, recipe_.wgrad, kw);
     gq_dgrad_ = std::move(d), gq_wgrad_ = std::move(w);
+  } else {
+    float range[2];
+    profile::RegionScope layout([&] { return region_name() + ": backward: dY layout"; });
+    rows = rows_for_gradients(dy, drawn ? range : nullptr);  // (single draws take no range)
+    layout.close();
+    if (drawn) {
+      profile::RegionScope region([&] { return region_name() + ": backward: quantize dY"; });
+      auto [d, w] = quantize_pair(rows, recipe_.dgrad, kd, recipe_.wgrad, kw, range);
+      gq_dgrad_ = std::move(d), gq_wgrad_ = std::move(w);
+    }
   }
   {
     profile::RegionScope region([&] { return region_name() + ": backward: wgrad"; });

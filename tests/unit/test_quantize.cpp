@@ -317,6 +317,63 @@ TEST(Quantize, PairEqualsTwoSeparateCalls) {
   EXPECT_THROW(quantize_pair(good, {QuantizerKind::psq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}, reversed), Error);
 }
 
+// quantize_pair_nchw (the two draws straight from an N,C,H,W gradient, its rows of G formed block
+// by block in cache) against quantize_pair on G's rows laid out by plain loops ([(N*H*W), C]):
+// code for code and grid for grid, for the pairs it takes, bit widths, channel counts that split
+// the 4096-value blocks unevenly (3, 17), blocks that run across samples (28 x 28 = 784 rows per
+// sample against blocks of 256 rows), 1 and 2 threads. Pairs it does not take are refused; a NaN
+// or an Inf anywhere throws NonFiniteError.
+TEST(Quantize, PairNchwEqualsPairOfRows) {
+  struct Shape4 {
+    int64_t n, c, h, w;
+  };
+  const Shape4 shapes[] = {{1, 1, 1, 1}, {2, 3, 5, 7}, {3, 16, 28, 28}, {5, 17, 9, 9}, {4, 64, 7, 7}, {64, 16, 28, 28}};
+  const std::pair<QuantizerKind, QuantizerKind> pairs[] = {{QuantizerKind::psq, QuantizerKind::ptq},
+                                                           {QuantizerKind::ptq, QuantizerKind::ptq},
+                                                           {QuantizerKind::psq, QuantizerKind::psq},
+                                                           {QuantizerKind::ptq, QuantizerKind::psq}};
+  const int saved = omp_get_max_threads();
+  uint64_t seed = 40;
+  for (int threads : {1, 2}) {
+    omp_set_num_threads(threads);
+    for (const Shape4& sh : shapes) {
+      const int64_t P = sh.h * sh.w, rows = sh.n * P;
+      const Tensor flat = synthetic_matrix(SynthKind::heavy_tailed, sh.n * sh.c, P, ++seed);
+      const Tensor x = flat.reshape({sh.n, sh.c, sh.h, sh.w});
+      Tensor g = Tensor::empty({rows, sh.c});  // G's rows: g[(n P + p), c] = x[n, c, p]
+      for (int64_t n = 0; n < sh.n; ++n)
+        for (int64_t c = 0; c < sh.c; ++c)
+          for (int64_t p = 0; p < P; ++p) g.data<float>()[(n * P + p) * sh.c + c] = x.data<float>()[(n * sh.c + c) * P + p];
+      for (auto [a, b] : pairs)
+        for (auto [ba, bb] : {std::pair<int, int>{8, 8}, {4, 8}, {2, 5}}) {
+          if (sh.n == 64 && !(ba == 8 && bb == 8)) continue;  // (time)
+          const RngKey ka{11, 3}, kb{11, 4};
+          const std::string what = std::string(traits(a).name) + std::to_string(ba) + "/" + traits(b).name +
+                                   std::to_string(bb) + " " + std::to_string(sh.n) + "x" + std::to_string(sh.c) + "x" +
+                                   std::to_string(sh.h) + "x" + std::to_string(sh.w) + " threads " + std::to_string(threads);
+          ASSERT_TRUE(quantize_pair_fuses({a, ba}, {b, bb})) << what;
+          auto [qa, qb] = quantize_pair_nchw(x, {a, ba}, ka, {b, bb}, kb);
+          auto [ra, rb] = quantize_pair(g, {a, ba}, ka, {b, bb}, kb);
+          EXPECT_EQ(qa.rows, rows) << what;
+          EXPECT_EQ(qa.cols, sh.c) << what;
+          ASSERT_TRUE(same_quantization(qa, ra)) << what;
+          ASSERT_TRUE(same_quantization(qb, rb)) << what;
+        }
+    }
+  }
+  omp_set_num_threads(saved);
+  const Tensor x = synthetic_matrix(SynthKind::gaussian, 2 * 16, 49, 3).reshape({2, 16, 7, 7});
+  EXPECT_FALSE(quantize_pair_fuses({QuantizerKind::bhq, 8}, {QuantizerKind::ptq, 8}));
+  EXPECT_FALSE(quantize_pair_fuses({QuantizerKind::psq, 8}, {QuantizerKind::column, 8}));
+  EXPECT_FALSE(quantize_pair_fuses({QuantizerKind::affine, 8}, {QuantizerKind::ptq, 8}));
+  EXPECT_THROW(quantize_pair_nchw(x, {QuantizerKind::bhq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}), Error);
+  for (float v : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    Tensor bad = x.clone();
+    bad.data<float>()[16 * 49 + 5 * 49 + 30] = v;  // sample 1, channel 5
+    EXPECT_THROW(quantize_pair_nchw(bad, {QuantizerKind::psq, 8}, {1, 1}, {QuantizerKind::ptq, 8}, {1, 2}), NonFiniteError) << v;
+  }
+}
+
 // make_grids (the batched per-row / per-column grids of the fast quantizers: 8 at a time on
 // AVX-512) gives make_grid's grid bit for bit for every group: ranges of all magnitudes and
 // signs, single values, empty groups (min > max) and NaN ends, every affine kind and bit width,

@@ -6,6 +6,7 @@
 #include "minmax.hpp"
 #include "philox_batch.hpp"
 #include "round_run.hpp"
+#include "transpose.hpp"
 #include "quant/grid.hpp"
 
 #include <omp.h>
@@ -327,10 +328,13 @@ QuantizedTensor pair_header(QuantizerSpec s, int64_t rows, int64_t cols, const d
 // grids are make_header's, so the codes are those of the two-pass form bit for bit.
 // (The two-pass form read X once for the row ranges and once to round; X is the layer's gradient,
 // 6.4 MB in stage 1, written just before by nchw_to_rows, which now also reports its range.)
-std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, QuantizerSpec sa, RngKey ka, QuantizerSpec sb,
-                                                          RngKey kb, float tmn, float tmx) {
-  const int64_t rows = x.size(0), cols = x.size(1);
-  const float* src = x.data<float>();
+// The rows come from load(r0, n, buf): a pointer to rows r0 .. r0 + n of X ([n, cols], contiguous),
+// X itself or a block of it laid out in buf (R * cols floats, the thread's own): quantize_pair
+// passes X's rows, quantize_pair_nchw a block transposed from an N,C,H,W tensor into cache.
+template <typename Load>
+std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, int64_t rows, int64_t cols, Load&& load,
+                                                          QuantizerSpec sa, RngKey ka, QuantizerSpec sb, RngKey kb,
+                                                          float tmn, float tmx) {
   if (!std::isfinite(tmn) || !std::isfinite(tmx)) check_finite(x, "quantizer input");
   FQT_CHECK(std::isfinite(tmn) && std::isfinite(tmx) && tmn <= tmx,
             "quantize_pair: range [{}, {}] is not that of finite data", tmn, tmx);
@@ -346,12 +350,14 @@ std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, Quant
 #pragma omp parallel reduction(| : bad) if (rows * cols > kParallelMin)
   {
     std::vector<float> u(static_cast<size_t>(2 * ubuf)), mn(static_cast<size_t>(R)), mx(static_cast<size_t>(R));
+    std::vector<float> blk(static_cast<size_t>(R * cols));
     std::vector<double> dlo(static_cast<size_t>(R)), dhi(static_cast<size_t>(R));
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t r0 = ch * R, r1 = std::min(rows, r0 + R), n = r1 - r0, e0 = r0 * cols, e1 = r1 * cols;
       const uint64_t b0 = static_cast<uint64_t>(e0) >> 2;
       const int64_t base = static_cast<int64_t>(b0 * 4), nblocks = (e1 - base + 3) / 4;
+      const float* const src = load(r0, n, blk.data()) - e0;  // (indexed by element e from here on)
       if (row_a || row_b) {
         uint32_t nan = 0;
         kernels::minmax_rows(src + e0, n, cols, mn.data(), mx.data(), nan);
@@ -450,13 +456,51 @@ QuantizedTensor quantize_in_range(const Tensor& x_in, QuantizerSpec spec, float 
   return q;
 }
 
+namespace {
+// A draw pair_one_pass / stochastic_pass can take: stochastic, per row or per tensor, not BHQ.
+bool fusable(QuantizerSpec s) {
+  const QuantizerTraits& t = traits(s.kind);
+  return t.rounding == Rounding::stochastic && s.kind != QuantizerKind::bhq &&
+         (t.granularity == Granularity::row || t.granularity == Granularity::tensor);
+}
+}  // namespace
+
+bool quantize_pair_fuses(QuantizerSpec a, QuantizerSpec b) { return fusable(a) && fusable(b); }
+
+std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, QuantizerSpec sa, RngKey ka,
+                                                               QuantizerSpec sb, RngKey kb) {
+  FQT_CHECK(x.dim() >= 2 && x.dtype() == DType::f32, "quantize_pair_nchw: input {} is not an N,C,... f32 tensor",
+            shape_str(x.shape()));
+  FQT_CHECK(quantize_pair_fuses(sa, sb), "quantize_pair_nchw: {} / {} draws are not both per-row or per-tensor stochastic",
+            traits(sa.kind).name, traits(sb.kind).name);
+  profile::Scope timer(profile::quantize);
+  check_spec(sa);
+  check_spec(sb);
+  const int64_t N = x.size(0), C = x.size(1), P = N * C > 0 ? x.numel() / (N * C) : 0, rows = N * P;
+  const float* xp = x.data<float>();
+  // X's range (what nchw_to_rows reported as it wrote the rows): per sample, over threads.
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  uint32_t nan = 0;
+#pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) reduction(| : nan) \
+    if (x.numel() > kParallelMin)
+  for (int64_t n = 0; n < N; ++n) minmax_lanes(xp + n * C * P, C * P, lo, hi, nan);
+  if (nan) check_finite(x, "quantizer input");  // throws, naming the element
+  if (rows * C == 0) return quantize_pair(Tensor::empty({rows, C}), sa, ka, sb, kb);
+  // Rows r0 .. r0 + n: sample s's positions p0.. of each channel, [C, len] (row stride P)
+  // transposed into [len, C].
+  auto load = [&](int64_t r0, int64_t n, float* buf) {
+    for (int64_t r = r0; r < r0 + n;) {
+      const int64_t s = r / P, p0 = r - s * P, len = std::min(P - p0, r0 + n - r);
+      kernels::transpose(xp + s * C * P + p0, C, len, P, buf + (r - r0) * C, C);
+      r += len;
+    }
+    return static_cast<const float*>(buf);
+  };
+  return pair_one_pass(x, rows, C, load, sa, ka, sb, kb, lo, hi);
+}
+
 std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, QuantizerSpec sa, RngKey ka,
                                                           QuantizerSpec sb, RngKey kb, const float* range) {
-  auto fusable = [](QuantizerSpec s) {
-    const QuantizerTraits& t = traits(s.kind);
-    return t.rounding == Rounding::stochastic && s.kind != QuantizerKind::bhq &&
-           (t.granularity == Granularity::row || t.granularity == Granularity::tensor);
-  };
   if (x_in.numel() > 0 && sa.kind == QuantizerKind::bhq && fusable(sb) &&
       traits(sb.kind).granularity == Granularity::tensor) {  // BHQ's dgrad draw + a per-tensor wgrad draw
     profile::Scope timer(profile::quantize);
@@ -473,7 +517,9 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, Qu
   Tensor x = as_matrix(x_in);
   const int64_t rows = x.size(0), cols = x.size(1);
   const float* src = x.data<float>();
-  if (range) return pair_one_pass(x, sa, ka, sb, kb, range[0], range[1]);
+  if (range)
+    return pair_one_pass(x, rows, cols, [&](int64_t r0, int64_t, float*) { return src + r0 * cols; }, sa, ka, sb, kb,
+                         range[0], range[1]);
   // Row ranges in one pass; the tensor range is their range (min and max are exact).
   std::vector<double> rmn, rmx;
   double whole[2];
