@@ -374,23 +374,28 @@ inline void bhq_fused_row(int ng, const uint8_t* const* a, const RowTerms* t, co
 // loaded when its first contributor comes (ow = column - 2, or the row's start), gets its three
 // additions in the order the position-by-position form makes them, and is stored after its last
 // (ow = column): 3 loads and 3 stores per position instead of 9 each, the same sums in the same
-// order, so the same bits.
+// order, so the same bits. Padded rows from kFresh on have had no contribution yet (all three at
+// oh = 0, row oh + 2 after): their columns start from +0 in the register instead of a load, so the
+// accumulator needs no zeroing between samples (every padded pixel has a contributor: Ho = Hp - 2,
+// Wo = Wp - 2) and the values are those of adding onto zeroed memory.
 struct AccWindow3x3 {
   __m512 w[3][3];  // [kh][column ow + i]
   float* base;     // padded row oh, column 0
   int64_t rs;      // floats per padded row
+  template <int kFresh>
   void start(float* row, int64_t row_stride) {
     base = row, rs = row_stride;
 #pragma GCC unroll 3
     for (int kh = 0; kh < 3; ++kh)
 #pragma GCC unroll 3
-      for (int i = 0; i < 2; ++i) w[kh][i] = _mm512_loadu_ps(base + kh * rs + i * 16);
+      for (int i = 0; i < 2; ++i) w[kh][i] = kh >= kFresh ? _mm512_setzero_ps() : _mm512_loadu_ps(base + kh * rs + i * 16);
   }
+  template <int kFresh>
   void add(int64_t ow, const __m512* v) {
     float* const col = base + ow * 16;
 #pragma GCC unroll 3
     for (int kh = 0; kh < 3; ++kh) {
-      w[kh][2] = _mm512_loadu_ps(col + kh * rs + 32);
+      w[kh][2] = kh >= kFresh ? _mm512_setzero_ps() : _mm512_loadu_ps(col + kh * rs + 32);
 #pragma GCC unroll 3
       for (int kw = 0; kw < 3; ++kw) w[kh][kw] = _mm512_add_ps(w[kh][kw], v[kh * 3 + kw]);
       _mm512_storeu_ps(col + kh * rs, w[kh][0]);
@@ -419,8 +424,8 @@ template <typename Terms>
 void dgrad_fused_sample_3x3(const uint8_t* a, int64_t lda, int64_t Ho, int64_t Wo, int64_t Wp, int64_t K4,
                             const int8_t* bv, const float* rbk, Terms&& terms, float* acc) {
   AccWindow3x3 win;
-  for (int64_t oh = 0, p = 0; oh < Ho; ++oh) {
-    win.start(acc + oh * Wp * 16, Wp * 16);
+  auto row = [&]<int kFresh>(int64_t oh, int64_t p) {
+    win.start<kFresh>(acc + oh * Wp * 16, Wp * 16);
     for (int64_t ow = 0; ow < Wo; ++ow, ++p) {
       __m512i s[9];
       fused_products<9>(a + p * lda, K4, bv, s);
@@ -428,9 +433,13 @@ void dgrad_fused_sample_3x3(const uint8_t* a, int64_t lda, int64_t Ho, int64_t W
       __m512 v[9];
 #pragma GCC unroll 9
       for (int j = 0; j < 9; ++j) v[j] = fused_value(s[j], rbk + 16 * j, t);
-      win.add(ow, v);
+      win.add<kFresh>(ow, v);
     }
     win.finish(Wo);
+  };
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    if (oh == 0) row.template operator()<0>(oh, 0);
+    else row.template operator()<2>(oh, oh * Wo);
   }
 }
 
@@ -876,17 +885,18 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   // again for the thread's next sample. (Before: one transpose of the whole padded accumulator
   // into a second buffer, copies of its interior rows, and a memset of the accumulator before
   // every sample.) The accumulators start zero (std::vector) and every sample ends here.
-  auto store_sample = [&](float* acc, int64_t n) {
+  // (zero false: the 3x3 kernel below starts every padded pixel itself: AccWindow3x3.)
+  auto store_sample = [&](float* acc, int64_t n, bool zero = true) {
     float* xn = dxp + n * chw;
     const int64_t row = Wp * cin_;
-    std::memset(acc, 0, sizeof(float) * static_cast<size_t>(g.pad * row));  // the top padding rows
+    if (zero) std::memset(acc, 0, sizeof(float) * static_cast<size_t>(g.pad * row));  // the top padding rows
     for (int64_t h = 0; h < g.H; ++h) {
       float* a = acc + (h + g.pad) * row;
       kernels::transpose(a + g.pad * cin_, g.W, cin_, cin_, xn + h * g.W, g.H * g.W);
-      std::memset(a, 0, sizeof(float) * static_cast<size_t>(row));
+      if (zero) std::memset(a, 0, sizeof(float) * static_cast<size_t>(row));
     }
     const int64_t below = (g.H + g.pad) * row;
-    std::memset(acc + below, 0, sizeof(float) * static_cast<size_t>(acc_size - below));  // the rest
+    if (zero) std::memset(acc + below, 0, sizeof(float) * static_cast<size_t>(acc_size - below));  // the rest
   };
   // Small layers (Ckk <= 144 in whole vectors that each stay within one kernel row of taps, run =
   // k Cin a multiple of 16; K = Cout <= 16, a multiple of 4): products and finishing fused
@@ -1146,12 +1156,13 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
       std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
+      const bool window = cin_ == 16 && k_ == 3 && stride_ == 1;  // (then it needs no zeroing)
       split.run([&](int64_t n) {
         const uint8_t* an = gc + n * P * cout_;
         auto terms = [&](int64_t p) { return row_terms(n * P + p, an + p * cout_); };
         {
           profile::Scope timer(profile::gemm_int);  // (its finishing included)
-          if (cin_ == 16 && k_ == 3 && stride_ == 1) {  // (NV = 9) AccWindow3x3
+          if (window) {  // (NV = 9) AccWindow3x3
             dgrad_fused_sample_3x3(an, cout_, g.Ho, g.Wo, Wp, K4, bv.data(), rbk, terms, acc.data());
           } else
           switch (NV) {
@@ -1164,7 +1175,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 #undef FQT_NV
           }
         }
-        store_sample(acc.data(), n);
+        store_sample(acc.data(), n, !window);
       });
     }
     return dx;

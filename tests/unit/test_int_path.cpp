@@ -229,13 +229,15 @@ TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
 // set_conv_fused_dgrad switching: the same bits, for PTQ, PSQ and BHQ. A third of the gradient
 // rows sit far from 0 (dY + 40 on every channel of those positions: a row offset O of ~10^5 code
 // units, whose term O rb is not exact in fp32), the others cover 0. Stride 2, 1x1, Cout 4 / 8 /
-// 16, 2/5/8 bits.
+// 16, 2/5/8 bits; the 3x3 stride-1 16-channel layers (AccWindow3x3: no zeroing of its
+// accumulator between samples) with padding 0, 1 and 2 and more samples than threads, so that
+// each thread's accumulator serves several samples.
 TEST(intPath, ConvFusedDgradEqualsGeneralPath) {
   struct Case {
     int64_t n, cin, cout, h, w, k, stride, pad;
   };
   const Case cases[] = {{3, 16, 16, 7, 9, 3, 1, 1}, {2, 16, 8, 9, 8, 3, 2, 1}, {2, 16, 4, 5, 5, 1, 1, 0},
-                        {2, 16, 16, 28, 28, 3, 1, 1}};
+                        {2, 16, 16, 28, 28, 3, 1, 1}, {7, 16, 16, 6, 5, 3, 1, 0}, {6, 16, 16, 5, 7, 3, 1, 2}};
   const QuantizerKind dgrads[] = {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq};
   uint64_t stream = 900;
   for (const Case& c : cases)
