@@ -162,6 +162,15 @@ def main(argv):
         if meta.get("nproc") and busy > 0.5 * meta["nproc"]:
             w(f"- **Warning: the machine was busy (load average up to {busy:.2f} on {meta['nproc']} CPUs); other "
               f"processes shared the cores, so absolute times and ratios are noisy.**")
+    mem = [load(os.path.join(run, f"memory_{when}.json"), []) for when in ("start", "end")]
+    if any(mem):
+        # Where the caches ended (fqt bench memory): stage 1's fp32 tensors are 6.4 MB at batch 128.
+        def lat(recs):
+            return ", ".join(f"{r['bytes'] / MB:g} MB {r['latency_ns']:.0f} ns" for r in recs) or "—"
+        w(f"- Random-load latency by working set (`fqt bench memory`), before / after the benchmarks: {lat(mem[0])} / "
+          f"{lat(mem[1])}. This VM's share of the last-level cache varies with its neighbours; when 8 MB costs "
+          f"~100 ns or more, PreAct-ResNet-20's stage-1 tensors (6.4 MB in fp32 at batch 128) do not stay in "
+          f"cache between passes and fqt's memory-bound passes slow down more than PyTorch's step")
     if torch:
         w(f"- PyTorch {torch[0].get('torch_version', '?')}")
     if meta.get("isa") is not None and "avx512_vnni" not in meta["isa"]:

@@ -33,6 +33,10 @@ add_test(NAME cli.quantize_ordering COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/chec
 set_tests_properties(cli.quantize_ordering PROPERTIES FIXTURES_REQUIRED heavy)
 # fqt bench step --breakdown: the layers' regions and the rest add up to the step.
 add_test(NAME cli.bench_step_breakdown COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/check_breakdown.sh ${FQT_EXE})
+# fqt bench memory: one record per working-set size, latencies and bandwidths positive and a set
+# within L1/L2 faster to load from than one 64 times larger; a size of 0 is refused.
+add_test(NAME cli.bench_memory COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/check_memory.sh ${FQT_EXE})
+fqt_cli_test(bench_memory_bad_size 2 "out of" ${FQT_EXE} bench memory --sizes 0.5,0)
 
 # fqt train / eval: a tiny real run on the built-in synthetic data, then its checkpoint.
 set(RUN ${CLI_TMP}/train_run)

@@ -4,6 +4,8 @@
 //   fqt bench step: full training steps (forward + both backward GEMMs + quantizers + SGD) of a
 //                   model in several precision modes / dgrad quantizers / arithmetics; each
 //                   configuration runs in its own fork()ed child so that its peak RSS is its own.
+//   fqt bench memory: what the caches hold on this machine now: the latency of dependent random
+//                   loads and the read bandwidth of one thread, by working-set size.
 #include "commands.hpp"
 
 #include "fqt/gemm.hpp"
@@ -523,13 +525,72 @@ int run_step_bench(const StepOptions& o) {
   return failures ? 1 : 0;
 }
 
+// ---- fqt bench memory -------------------------------------------------------------------------
+
+struct MemoryOptions {
+  std::vector<double> sizes_mb{0.25, 0.5, 1, 2, 4, 8, 16, 32, 64};
+  int reps = 5;
+  bool json = false;
+};
+
+// Per working-set size: a random cyclic order over its 64-byte lines (Sattolo's shuffle, fixed
+// seed) walked by dependent loads (each load's value is the next address: the latency of
+// whatever level holds the set), and a read of the whole set by one thread (8 independent sums).
+// Medians of `reps` timings. On a shared VM the share of the last-level cache varies with the
+// neighbours: this says where a working set of a given size is served from at the moment.
+int run_memory_bench(const MemoryOptions& o) {
+  FQT_INPUT_CHECK(!o.sizes_mb.empty(), "bench memory: --sizes is empty");
+  FQT_INPUT_CHECK(o.reps >= 1, "bench memory: --reps must be at least 1 (got {})", o.reps);
+  nlohmann::json records = nlohmann::json::array();
+  if (!o.json) std::printf("%12s %14s %12s\n", "working set", "latency_ns", "read_GB/s");
+  for (double mb : o.sizes_mb) {
+    FQT_INPUT_CHECK(mb > 0 && mb <= 4096, "bench memory: size {} MB out of (0, 4096]", mb);
+    const auto lines = std::max<int64_t>(2, static_cast<int64_t>(mb * 1048576.0 / 64));
+    std::vector<uint64_t> buf(static_cast<size_t>(lines * 8));
+    std::vector<int64_t> order(static_cast<size_t>(lines));
+    for (int64_t i = 0; i < lines; ++i) order[i] = i;
+    std::mt19937_64 rng(12345);
+    for (int64_t i = lines - 1; i > 0; --i) std::swap(order[i], order[std::uniform_int_distribution<int64_t>(0, i - 1)(rng)]);
+    for (int64_t i = 0; i < lines; ++i) buf[order[i] * 8] = static_cast<uint64_t>(order[(i + 1) % lines] * 8);
+    const int64_t steps = std::max<int64_t>(1 << 21, 2 * lines);
+    std::vector<double> lat, bw;
+    uint64_t sink = 0;
+    for (int r = 0; r < o.reps; ++r) {
+      uint64_t p = 0;
+      for (int64_t i = 0; i < lines; ++i) p = buf[p];  // (bring the set in)
+      double t0 = now_ms();
+      for (int64_t i = 0; i < steps; ++i) p = buf[p];
+      lat.push_back((now_ms() - t0) * 1e6 / static_cast<double>(steps));
+      sink += p;
+      const int64_t passes = std::max<int64_t>(2, (int64_t{256} << 20) / (lines * 64));
+      t0 = now_ms();
+      for (int64_t q = 0; q < passes; ++q) {
+        asm volatile("" : : "r"(buf.data()) : "memory");  // (each pass reads the set again)
+        uint64_t s[8] = {};
+        for (int64_t i = 0; i < lines * 8; i += 8)
+          for (int j = 0; j < 8; ++j) s[j] += buf[i + j];
+        for (uint64_t v : s) sink += v;
+      }
+      bw.push_back(static_cast<double>(passes * lines * 64) / ((now_ms() - t0) * 1e6));
+    }
+    const double l = median(lat), b = median(bw);
+    records.push_back({{"bytes", lines * 64}, {"latency_ns", l}, {"read_gbps", b}});
+    if (!o.json) std::printf("%9.2f MB %14.1f %12.1f\n", static_cast<double>(lines * 64) / 1048576.0, l, b);
+    if (sink == 42) std::printf(" ");  // (keeps the loads)
+    std::fflush(stdout);
+  }
+  if (o.json) std::printf("%s\n", records.dump(2).c_str());
+  return 0;
+}
+
 }  // namespace
 
 Runner add_bench(CLI::App& app) {
   app.description(
       "Benchmarks, side by side in one run, medians.\n"
       "  fqt bench gemm: int8 GEMM vs fp32 GEMM (GOPS / GFLOPS) at MxNxK and at a model's layer shapes.\n"
-      "  fqt bench step: full training step time per precision mode, quantizer share, memory.");
+      "  fqt bench step: full training step time per precision mode, quantizer share, memory.\n"
+      "  fqt bench memory: latency and read bandwidth by working-set size (where the caches end now).");
   app.require_subcommand(1);
 
   auto g = std::make_shared<GemmOptions>();
@@ -608,9 +669,19 @@ Runner add_bench(CLI::App& app) {
                  "conv forward; conv backward as dY layout, quantize dY (both draws), wgrad, dgrad; batch norm\n"
                  "forward and backward, its recomputed input apart; linear forward, dgrad, wgrad; the rest of the\n"
                  "step as one region. Keyed by layer shape, so a model's stages show apart. JSON field breakdown");
-  return [o, g, step, gemm] {
+  auto mo = std::make_shared<MemoryOptions>();
+  CLI::App* memory = app.add_subcommand(
+      "memory",
+      "Latency of dependent random 64-byte loads and one thread's read bandwidth, by working-set size:\n"
+      "where this machine's caches end at the moment (on a shared VM the last-level cache share varies).\n"
+      "JSON fields (one record per size): bytes, latency_ns (per load), read_gbps (GB/s); medians of --reps.");
+  memory->add_option("--sizes", mo->sizes_mb, "working-set sizes in MB (comma-separated)")->delimiter(',')->capture_default_str();
+  memory->add_option("--reps", mo->reps, "timings per size (median)")->capture_default_str();
+  memory->add_flag("--json", mo->json, "JSON records instead of a table");
+  return [o, g, mo, step, gemm, memory] {
     if (step->parsed()) return run_step_bench(*o);
     if (gemm->parsed()) return run_gemm_bench(*g);
+    if (memory->parsed()) return run_memory_bench(*mo);
     return 2;
   };
 }
