@@ -1249,27 +1249,36 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const int T = omp_get_max_threads();
   std::vector<int64_t> part(static_cast<size_t>(T * wsize), 0);
 #if defined(FQT_WGRAD_DIRECT)
-  if (g_direct_wgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cin_ == 16 && cout_ == 16 &&
-      stride_ == 1) {
-    const int64_t kk = k_ * k_, G4 = (g.Wo + 3) / 4;
+  if (g_direct_wgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && (cin_ == 16 || cin_ == 1) &&
+      cout_ == 16 && stride_ == 1) {
+    // 16 input channels (wgrad_direct_sample: per tap, lanes = the input channels, 16 output
+    // channels and the code sums), or one (wgrad_direct_c1_sample: S rows (0, kh, kw) = the taps,
+    // lanes = the output channels; the code sums from the image by row).
+    const bool c1 = cin_ == 1;
+    const int64_t kk = k_ * k_, G4 = (g.Wo + 3) / 4, Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
     // samples per int32 partial: |one lane's sum| <= 255 * 128 * P per sample
     const int64_t flush = std::max<int64_t>(1, igemm_max_k(255, 128) / P);
     WorkSplit split(N, T);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
-      std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_));
+      std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp * cin_ + 64));  // (+ the slack c1's broadcasts read)
       std::vector<int8_t> grp(static_cast<size_t>(g.Ho * G4 * 64));
-      std::vector<int32_t> acc32(static_cast<size_t>(kk * kWgradAcc * 16));
+      std::vector<int32_t> acc32(static_cast<size_t>(kk * (c1 ? 1 : kWgradAcc) * 16));
+      std::vector<int64_t> rs(static_cast<size_t>(c1 ? Hp * k_ : 0));
       int64_t* acc = part.data() + omp_get_thread_num() * wsize;
       int64_t* rx = acc + ssize;
       int64_t* rg = rx + ckk;
       const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
-      auto widen = [&] {  // acc32 [tap][c or sums][channel] -> S [(channel, tap) row][c], rx
-        for (int64_t tap = 0; tap < kk; ++tap) {
-          const int32_t* a = acc32.data() + tap * kWgradAcc * 16;
-          for (int64_t c = 0; c < 16; ++c)
-            for (int64_t ci = 0; ci < 16; ++ci) acc[(ci * kk + tap) * cout_ + c] += a[c * 16 + ci];
-          for (int64_t ci = 0; ci < 16; ++ci) rx[ci * kk + tap] += a[16 * 16 + ci];
+      auto widen = [&] {  // acc32 -> S [(channel, tap) row][c] (and rx, 16 channels)
+        if (c1) {
+          for (int64_t i = 0; i < kk * 16; ++i) acc[i] += acc32[i];  // [tap][c]: S's layout
+        } else {
+          for (int64_t tap = 0; tap < kk; ++tap) {  // [tap][c or sums][input channel]
+            const int32_t* a = acc32.data() + tap * kWgradAcc * 16;
+            for (int64_t c = 0; c < 16; ++c)
+              for (int64_t ci = 0; ci < 16; ++ci) acc[(ci * kk + tap) * cout_ + c] += a[c * 16 + ci];
+            for (int64_t ci = 0; ci < 16; ++ci) rx[ci * kk + tap] += a[16 * 16 + ci];
+          }
         }
         std::fill(acc32.begin(), acc32.end(), 0);
       };
@@ -1278,46 +1287,16 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
         alignas(64) int32_t gsum[16];
         _mm512_store_si512(gsum, wgrad_groups(gc + n * P * cout_, g.Ho, g.Wo, flip, grp.data()));
         for (int64_t c = 0; c < 16; ++c) rg[c] += gsum[c];
-        pad_hwc(xc + n * chw, g, pad_code, img.data());
-        {
-          profile::Scope timer(profile::gemm_int);
-          wgrad_direct_sample(img.data(), g.W + 2 * g.pad, g.Ho, g.Wo, k_, grp.data(), acc32.data());
+        if (c1) {
+          pad_chw(xc + n * chw, g, pad_code, img.data());
+          wgrad_direct_c1_sums(img.data(), Hp, Wp, g.Ho, g.Wo, k_, rs.data(), rx);
+        } else {
+          pad_hwc(xc + n * chw, g, pad_code, img.data());
         }
-        if (++pending == flush) widen(), pending = 0;
-      });
-      if (pending) widen();
-    }
-  } else if (g_direct_wgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cin_ == 1 &&
-             cout_ == 16 && stride_ == 1) {
-    // One input channel (wgrad_direct_c1_sample): S rows (0, kh, kw) = the taps, lanes = the
-    // output channels.
-    const int64_t kk = k_ * k_, G4 = (g.Wo + 3) / 4, Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
-    const int64_t flush = std::max<int64_t>(1, igemm_max_k(255, 128) / P);  // as above
-    WorkSplit split(N, T);
-#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
-    {
-      std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp + 64));  // (+ the slack the broadcasts read)
-      std::vector<int8_t> grp(static_cast<size_t>(g.Ho * G4 * 64));
-      std::vector<int32_t> acc32(static_cast<size_t>(kk * 16));
-      std::vector<int64_t> rs(static_cast<size_t>(Hp * k_));
-      int64_t* acc = part.data() + omp_get_thread_num() * wsize;
-      int64_t* rx = acc + ssize;
-      int64_t* rg = rx + ckk;
-      const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
-      auto widen = [&] {
-        for (int64_t i = 0; i < kk * 16; ++i) acc[i] += acc32[i];
-        std::fill(acc32.begin(), acc32.end(), 0);
-      };
-      int64_t pending = 0;
-      split.run([&](int64_t n) {
-        alignas(64) int32_t gsum[16];
-        _mm512_store_si512(gsum, wgrad_groups(gc + n * P * cout_, g.Ho, g.Wo, flip, grp.data()));
-        for (int64_t c = 0; c < 16; ++c) rg[c] += gsum[c];
-        pad_chw(xc + n * chw, g, pad_code, img.data());
-        wgrad_direct_c1_sums(img.data(), Hp, Wp, g.Ho, g.Wo, k_, rs.data(), rx);
         {
           profile::Scope timer(profile::gemm_int);
-          wgrad_direct_c1_sample(img.data(), Wp, g.Ho, g.Wo, k_, grp.data(), acc32.data());
+          if (c1) wgrad_direct_c1_sample(img.data(), Wp, g.Ho, g.Wo, k_, grp.data(), acc32.data());
+          else wgrad_direct_sample(img.data(), Wp, g.Ho, g.Wo, k_, grp.data(), acc32.data());
         }
         if (++pending == flush) widen(), pending = 0;
       });
