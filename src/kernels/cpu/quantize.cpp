@@ -357,10 +357,10 @@ std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, int64
       const int64_t r0 = ch * R, r1 = std::min(rows, r0 + R), n = r1 - r0, e0 = r0 * cols, e1 = r1 * cols;
       const uint64_t b0 = static_cast<uint64_t>(e0) >> 2;
       const int64_t base = static_cast<int64_t>(b0 * 4), nblocks = (e1 - base + 3) / 4;
-      const float* const src = load(r0, n, blk.data()) - e0;  // (indexed by element e from here on)
+      const float* const src = load(r0, n, blk.data());  // element e0 + i at src[i]
       if (row_a || row_b) {
         uint32_t nan = 0;
-        kernels::minmax_rows(src + e0, n, cols, mn.data(), mx.data(), nan);
+        kernels::minmax_rows(src, n, cols, mn.data(), mx.data(), nan);
         bad |= nan;
         for (int64_t i = 0; i < n; ++i) dlo[i] = mn[i], dhi[i] = mx[i];
         if (row_a) make_grids(sa, dlo.data(), dhi.data(), n, qa.scale.data() + r0, qa.lo.data() + r0);
@@ -372,12 +372,12 @@ std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, int64
       kernels::fill_uniforms(kb, b0, nblocks, ub);
       auto round = [&](bool row, const QuantizedTensor& q, const float* uu, int B, uint8_t* c) {
         if (!row) {
-          round_run_stochastic(src + e0, uu + (e0 - base), e1 - e0, q.lo[0], q.scale[0], B, c + e0);
+          round_run_stochastic(src, uu + (e0 - base), e1 - e0, q.lo[0], q.scale[0], B, c + e0);
           return;
         }
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t e = r * cols;
-          round_run_stochastic(src + e, uu + (e - base), cols, q.lo[r], q.scale[r], B, c + e);
+          round_run_stochastic(src + (e - e0), uu + (e - base), cols, q.lo[r], q.scale[r], B, c + e);
         }
       };
       round(row_a, qa, ua, Ba, ca);
