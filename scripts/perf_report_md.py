@@ -170,7 +170,7 @@ def main(argv):
         w(f"- Random-load latency by working set (`fqt bench memory`), before / after the benchmarks: {lat(mem[0])} / "
           f"{lat(mem[1])}. This VM's share of the last-level cache varies with its neighbours; when 8 MB costs "
           f"~100 ns or more, PreAct-ResNet-20's stage-1 tensors (6.4 MB in fp32 at batch 128) do not stay in "
-          f"cache between passes and fqt's memory-bound passes slow down more than PyTorch's step")
+          f"cache from one pass over them to the next")
     if torch:
         w(f"- PyTorch {torch[0].get('torch_version', '?')}")
     if meta.get("isa") is not None and "avx512_vnni" not in meta["isa"]:

@@ -691,7 +691,8 @@ inline void wgrad_direct_c1_block(const uint8_t* img, int64_t Wp, int64_t Ho, in
     _mm512_storeu_si512(d, _mm512_add_epi32(_mm512_loadu_si512(d), acc[t]));
   }
 }
-// One sample, one input channel: img the padded image [Hp][Wp] (+ 4 bytes of slack), grp its
+// One sample, one input channel: img the padded image [Hp][Wp] (with slack after it: up to 3
+// bytes are read past its end), grp its
 // gradient groups (wgrad_groups), acc32 [k k][16] int32 sums, added to; taps 9 at a time.
 inline void wgrad_direct_c1_sample(const uint8_t* img, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k,
                                    const int8_t* grp, int32_t* acc32) {

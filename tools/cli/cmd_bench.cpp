@@ -541,10 +541,10 @@ struct MemoryOptions {
 int run_memory_bench(const MemoryOptions& o) {
   FQT_INPUT_CHECK(!o.sizes_mb.empty(), "bench memory: --sizes is empty");
   FQT_INPUT_CHECK(o.reps >= 1, "bench memory: --reps must be at least 1 (got {})", o.reps);
+  for (double mb : o.sizes_mb) FQT_INPUT_CHECK(mb > 0 && mb <= 4096, "bench memory: size {} MB out of (0, 4096]", mb);
   nlohmann::json records = nlohmann::json::array();
   if (!o.json) std::printf("%12s %14s %12s\n", "working set", "latency_ns", "read_GB/s");
   for (double mb : o.sizes_mb) {
-    FQT_INPUT_CHECK(mb > 0 && mb <= 4096, "bench memory: size {} MB out of (0, 4096]", mb);
     const auto lines = std::max<int64_t>(2, static_cast<int64_t>(mb * 1048576.0 / 64));
     std::vector<uint64_t> buf(static_cast<size_t>(lines * 8));
     std::vector<int64_t> order(static_cast<size_t>(lines));
