@@ -883,6 +883,47 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     return RowTerms{static_cast<float>(O), static_cast<float>(Lz - O), static_cast<float>(1.0 / (sg * sw)),
                     static_cast<float>(lw / sg * zs + static_cast<double>(cout_) * lg * lw)};
   };
+  // Rows r0 .. r0 + m - 1 (consecutive code rows from `codes`) into out: row_terms' double
+  // operations in its order on 8 rows per vector (no contraction: -ffp-contract=off), so the
+  // same floats; per row, the scalar form was two divisions, a rounding and a byte sum between
+  // the fused dgrad kernel's products (perf: a fifth of that kernel's samples).
+  auto row_terms_block = [&](int64_t r0, int64_t m, const uint8_t* codes, RowTerms* __restrict out) {
+    int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+    const __m512d vsw = _mm512_set1_pd(sw), vlw = _mm512_set1_pd(lw), one = _mm512_set1_pd(1.0),
+                  vcout = _mm512_set1_pd(static_cast<double>(cout_));
+    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+    for (; i + 8 <= m; i += 8) {
+      const int64_t r = r0 + i;
+      __m512d zs;
+      if (cout_ == 16) {  // 4 rows per 64 bytes: two 8-byte sums per row
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i s0 = _mm512_sad_epu8(_mm512_loadu_si512(codes + i * 16), z);
+        const __m512i s1 = _mm512_sad_epu8(_mm512_loadu_si512(codes + i * 16 + 64), z);
+        zs = _mm512_maskz_cvtepi64_pd(
+            0xFF, _mm512_add_epi64(_mm512_permutex2var_epi64(s0, even, s1), _mm512_permutex2var_epi64(s0, odd, s1)));
+      } else {
+        alignas(64) double z8[8];
+        for (int j = 0; j < 8; ++j) z8[j] = static_cast<double>(byte_sum(codes + (i + j) * cout_, cout_));
+        zs = _mm512_load_pd(z8);
+      }
+      const __m512d sg =
+          per_row ? _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(gq.scale.data() + r)) : _mm512_set1_pd(gq.scale[0]);
+      const __m512d lg =
+          per_row ? _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(gq.lo.data() + r)) : _mm512_set1_pd(gq.lo[0]);
+      const __m512d Lz = _mm512_mul_pd(lg, sg);
+      const __m512d O = _mm512_maskz_roundscale_pd(0xFF, Lz, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      alignas(32) float f[4][8];
+      _mm256_store_ps(f[0], _mm512_maskz_cvtpd_ps(0xFF, O));
+      _mm256_store_ps(f[1], _mm512_maskz_cvtpd_ps(0xFF, _mm512_sub_pd(Lz, O)));
+      _mm256_store_ps(f[2], _mm512_maskz_cvtpd_ps(0xFF, _mm512_div_pd(one, _mm512_mul_pd(sg, vsw))));
+      _mm256_store_ps(f[3], _mm512_maskz_cvtpd_ps(0xFF, _mm512_add_pd(_mm512_mul_pd(_mm512_div_pd(vlw, sg), zs),
+                                                                      _mm512_mul_pd(_mm512_mul_pd(vcout, lg), vlw))));
+      for (int j = 0; j < 8; ++j) out[i + j] = RowTerms{f[0][j], f[1][j], f[2][j], f[3][j]};
+    }
+#endif
+    for (; i < m; ++i) out[i] = row_terms(r0 + i, codes + i * cout_);
+  };
   const float* __restrict rbk = rb.data();
   // The padded HWC accumulator [Hp*Wp, C] of sample n into dx_n: each image row's W x C interior
   // transposed straight into the C rows of W floats it belongs to (the tiles' edges under masks),
@@ -973,7 +1014,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 #pragma omp parallel if (parallel_worth(N * P * cout_))
     {
 #pragma omp for schedule(static) nowait
-      for (int64_t r = 0; r < N * P; ++r) terms[r] = row_terms(r, gc + r * cout_);
+      for (int64_t b = 0; b < N * P; b += 256) row_terms_block(b, std::min<int64_t>(256, N * P - b), gc + b * cout_, terms + b);
       const auto [g0, g1] = t.group_slice(omp_get_thread_num(), omp_get_num_threads());  // equal rows per thread
       for (int64_t gi = g0; gi < g1; ++gi) {
         const int64_t* mem = t.members.data() + t.offsets[gi];
@@ -1161,10 +1202,12 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
       std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
+      std::vector<RowTerms> tb(static_cast<size_t>(P));       // the sample's rows' terms
       const bool window = cin_ == 16 && k_ == 3 && stride_ == 1;  // (then it needs no zeroing)
       split.run([&](int64_t n) {
         const uint8_t* an = gc + n * P * cout_;
-        auto terms = [&](int64_t p) { return row_terms(n * P + p, an + p * cout_); };
+        row_terms_block(n * P, P, an, tb.data());
+        auto terms = [&](int64_t p) { return tb[p]; };
         {
           profile::Scope timer(profile::gemm_int);  // (its finishing included)
           if (window) {  // (NV = 9) AccWindow3x3
@@ -1191,14 +1234,15 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));
     std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
+    std::vector<RowTerms> tb(static_cast<size_t>(P));       // the sample's rows' terms
     split.run([&](int64_t n) {
       igemm_worker(P, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
+      row_terms_block(n * P, P, gc + n * P * cout_, tb.data());
       // Each dgrad row is finished (scales, offsets) and summed straight onto the padded HWC
       // accumulator (the adjoint of im2row_hwc), so the [P, Ckk] fp32 rows are never stored.
       for (int64_t p = 0, oh = 0, ow = 0; p < P; ++p, ow = ow + 1 == g.Wo ? (++oh, 0) : ow + 1) {
-        const int64_t r = n * P + p;
         const int32_t* __restrict s = C.data() + p * ldc;
-        const RowTerms t = row_terms(r, gc + r * cout_);
+        const RowTerms t = tb[p];
         // Each value is added straight onto the accumulator (no row buffer written and read back).
         // (oh, ow) = (p / Wo, p % Wo), counted along (an integer division per row showed in perf)
         float* const base = acc.data() + (oh * stride_ * Wp + ow * stride_) * cin_;
