@@ -302,10 +302,14 @@ struct RowTerms {
 // acc[j] = the row's integer products with columns 16j .. 16j + 15. B's NV vectors of one k4
 // are adjacent (one pointer, constant offsets): with [NV][K4] (offsets j K4 64 for a run-time
 // K4) GCC kept the NV offsets on the stack and copied the accumulators around each step.
-template <int NV>
+// KK > 0: K4 = KK known at compile time, the k4 loop unrolled (with a run-time K4, GCC copied the
+// 9 accumulators between registers every k4 step of the 3x3 kernel below).
+template <int NV, int KK = 0>
 inline void fused_products(const uint8_t* a, int64_t K4, const int8_t* bv, __m512i* acc) {
+  if constexpr (KK > 0) K4 = KK;
 #pragma GCC unroll 16
   for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
   for (int64_t k4 = 0; k4 < K4; ++k4, bv += NV * 64) {
     int32_t w;
     std::memcpy(&w, a + 4 * k4, 4);
@@ -420,7 +424,8 @@ void dgrad_fused_sample(const uint8_t* a, int64_t lda, int64_t P, int64_t Wo, in
 }
 
 // The same for a 3x3 stride-1 layer with 16 input channels, through AccWindow3x3.
-template <typename Terms>
+// KK: fused_products' compile-time K4 (0: run time).
+template <int KK, typename Terms>
 void dgrad_fused_sample_3x3(const uint8_t* a, int64_t lda, int64_t Ho, int64_t Wo, int64_t Wp, int64_t K4,
                             const int8_t* bv, const float* rbk, Terms&& terms, float* acc) {
   AccWindow3x3 win;
@@ -428,7 +433,7 @@ void dgrad_fused_sample_3x3(const uint8_t* a, int64_t lda, int64_t Ho, int64_t W
     win.start<kFresh>(acc + oh * Wp * 16, Wp * 16);
     for (int64_t ow = 0; ow < Wo; ++ow, ++p) {
       __m512i s[9];
-      fused_products<9>(a + p * lda, K4, bv, s);
+      fused_products<9, KK>(a + p * lda, K4, bv, s);
       const RowTerms t = terms(p);
       __m512 v[9];
 #pragma GCC unroll 9
@@ -1211,7 +1216,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         {
           profile::Scope timer(profile::gemm_int);  // (its finishing included)
           if (window) {  // (NV = 9) AccWindow3x3
-            dgrad_fused_sample_3x3(an, cout_, g.Ho, g.Wo, Wp, K4, bv.data(), rbk, terms, acc.data());
+            if (K4 == 4) dgrad_fused_sample_3x3<4>(an, cout_, g.Ho, g.Wo, Wp, K4, bv.data(), rbk, terms, acc.data());
+            else dgrad_fused_sample_3x3<0>(an, cout_, g.Ho, g.Wo, Wp, K4, bv.data(), rbk, terms, acc.data());
           } else
           switch (NV) {
 #define FQT_NV(v)                                                                                                    \
