@@ -67,7 +67,7 @@ int run(int argc, char** argv) {
               static_cast<long>(cin), static_cast<long>(cout), static_cast<long>(hw), static_cast<long>(hw),
               static_cast<long>(batch), threads, dk.c_str(), reps);
   std::printf("  forward  %8.3f ms  %8.3f ms\n", f.median, f.best);
-  std::printf("  forward on codes, fused kernel   %8.3f ms  %8.3f ms   (Cout = 16 only; else the general path)\n",
+  std::printf("  forward on codes, fused kernel   %8.3f ms  %8.3f ms   (Cout 16 or a multiple of 32; else the general path)\n",
               med(fused_ms), best(fused_ms));
   std::printf("  forward on codes, general path   %8.3f ms  %8.3f ms   (im2row, GEMM kernel, transpose, epilogue)\n",
               med(general_ms), best(general_ms));

@@ -496,8 +496,8 @@ inline void fprop_fused_run(const uint8_t* base, int64_t step, int64_t row, int6
 constexpr int kFpropRun = 28;
 // One sample: out [P, 16] finished values; rx [P] the patch code sums (filled here from the
 // image's pixel sums: the same integers as summing the patch rows); pix [Hp (Wp + Wo) + Wo] scratch.
-inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* bv, const FpropTerms& t, int32_t* pix,
-                               float* rx, float* out) {
+// rx [P] = the patch code sums of one padded HWC image (pix [Hp (Wp + Wo) + Wo] scratch).
+inline void fprop_patch_sums(const uint8_t* img, const Geom& g, int32_t* pix, float* rx) {
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C, k = g.k, s = g.stride;
   // Pixel sums (16 channels: one sum of absolute differences per pixel), then the k x k box
   // sums of the patches, separably: across each image row at the output columns, then down.
@@ -526,6 +526,11 @@ inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* 
       for (int64_t ow = 0; ow < Wo; ++ow) acc[ow] += hs[(oh * s + kh) * Wo + ow];
     for (int64_t ow = 0; ow < Wo; ++ow) rx[oh * Wo + ow] = static_cast<float>(acc[ow]);  // <= Ckk * 255: exact
   }
+}
+inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* bv, const FpropTerms& t, int32_t* pix,
+                               float* rx, float* out) {
+  fprop_patch_sums(img, g, pix, rx);
+  const int64_t Wp = g.W + 2 * g.pad, C = g.C, k = g.k, s = g.stride;
   const int64_t seg4 = (k * C + 3) / 4, step = s * C, row = Wp * C;
   for (int64_t oh = 0; oh < g.Ho; ++oh)
     for (int64_t ow = 0; ow < g.Wo; ow += kFpropRun) {
@@ -540,6 +545,79 @@ inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* 
         FQT_FPROP_RUN(19) FQT_FPROP_RUN(20) FQT_FPROP_RUN(21) FQT_FPROP_RUN(22) FQT_FPROP_RUN(23) FQT_FPROP_RUN(24)
         FQT_FPROP_RUN(25) FQT_FPROP_RUN(26) FQT_FPROP_RUN(27) FQT_FPROP_RUN(28)
 #undef FQT_FPROP_RUN
+      }
+    }
+}
+
+// fprop of a layer with Cout a multiple of 32 (the 32- and 64-channel stages): the same kernel
+// 32 outputs (two registers) at a time, R <= 14 positions of one output row per call (28
+// accumulators, B's two vectors and the broadcast in the 32 registers), so each B vector serves
+// R positions and each broadcast two vpdpbusd. B = one 32-output slice of the weight codes,
+// [K4][32 outputs][4 bytes]; tm = that slice's [5][32] finishing terms (O, d, inv, crow, bias);
+// out: rows of ldo floats. The general path wrote the patches (im2row), summed each of them,
+// ran the GEMM kernel and transposed its integer products before the epilogue: the same
+// integers, and the finishing is the scalar epilogue's operations in its order, so the same bits.
+template <int R>
+inline void fprop_fused_run32(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
+                              const float* rx, const float* tm, bool has_bias, float* out, int64_t ldo) {
+  __m512i acc[R][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+  for (int64_t kh = 0; kh < k; ++kh) {
+    const uint8_t* a = base + kh * row;
+    const int8_t* b = bv + kh * seg4 * 128;
+    for (int64_t j = 0; j < seg4; ++j) {
+      const __m512i b0 = _mm512_loadu_si512(b + j * 128), b1 = _mm512_loadu_si512(b + j * 128 + 64);
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) {
+        int32_t w;
+        std::memcpy(&w, a + i * step + 4 * j, 4);
+        const __m512i bc = _mm512_set1_epi32(w);
+        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], bc, b0);
+        acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], bc, b1);
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int v = 0; v < 2; ++v) {  // ((s + O rx) + d rx) inv + crow (+ bias), as the scalar epilogue
+    const __m512 O = _mm512_loadu_ps(tm + 16 * v), d = _mm512_loadu_ps(tm + 32 + 16 * v),
+                 inv = _mm512_loadu_ps(tm + 64 + 16 * v), crow = _mm512_loadu_ps(tm + 96 + 16 * v),
+                 bias = _mm512_loadu_ps(tm + 128 + 16 * v);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const __m512 r = _mm512_set1_ps(rx[i]);
+      __m512 y = _mm512_add_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, acc[i][v]), _mm512_mul_ps(O, r));
+      y = _mm512_add_ps(y, _mm512_mul_ps(d, r));
+      y = _mm512_add_ps(_mm512_mul_ps(y, inv), crow);
+      if (has_bias) y = _mm512_add_ps(y, bias);
+      _mm512_storeu_ps(out + i * ldo + 16 * v, y);
+    }
+  }
+}
+constexpr int kFpropRun32 = 14;
+// One sample, Cout = 32 nh: out [P, Cout] finished values; bv = nh slices of [K4][32][4]; tm = nh
+// slices of [5][32] terms; rx, pix as fprop_fused_sample.
+inline void fprop_fused_sample32(const uint8_t* img, const Geom& g, int64_t nh, const int8_t* bv, const float* tm,
+                                 bool has_bias, int32_t* pix, float* rx, float* out) {
+  fprop_patch_sums(img, g, pix, rx);
+  const int64_t Wp = g.W + 2 * g.pad, C = g.C, k = g.k, s = g.stride, cout = 32 * nh;
+  const int64_t seg4 = (k * C + 3) / 4, step = s * C, row = Wp * C, slice = k * seg4 * 128;
+  for (int64_t oh = 0; oh < g.Ho; ++oh)
+    for (int64_t ow = 0; ow < g.Wo; ow += kFpropRun32) {
+      const int64_t p = oh * g.Wo + ow;
+      const uint8_t* base = img + (oh * s * Wp + ow * s) * C;
+      for (int64_t h = 0; h < nh; ++h) {
+        const int8_t* bh = bv + h * slice;
+        const float* th = tm + h * 160;
+        float* o = out + p * cout + 32 * h;
+        switch (std::min<int64_t>(kFpropRun32, g.Wo - ow)) {
+#define FQT_FPROP_RUN(r) \
+  case r: fprop_fused_run32<r>(base, step, row, k, seg4, bh, rx + p, th, has_bias, o, cout); break;
+          FQT_FPROP_RUN(1) FQT_FPROP_RUN(2) FQT_FPROP_RUN(3) FQT_FPROP_RUN(4) FQT_FPROP_RUN(5) FQT_FPROP_RUN(6)
+          FQT_FPROP_RUN(7) FQT_FPROP_RUN(8) FQT_FPROP_RUN(9) FQT_FPROP_RUN(10) FQT_FPROP_RUN(11) FQT_FPROP_RUN(12)
+          FQT_FPROP_RUN(13) FQT_FPROP_RUN(14)
+#undef FQT_FPROP_RUN
+        }
       }
     }
 }
@@ -807,6 +885,42 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
         if (res) {  // the residual added as add_inplace would add it to the finished value
           const float* __restrict rs = res + n * 16 * P;
           for (int64_t i = 0; i < 16 * P; ++i) yn[i] += rs[i];
+        }
+      });
+    }
+    return y;
+  }
+  if (g_fused_fprop.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cout_ % 32 == 0) {
+    FQT_CHECK(ckk <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", ckk);
+    const int64_t kc = k_ * cin_, seg4 = (kc + 3) / 4, K4 = k_ * seg4, nh = cout_ / 32;
+    std::vector<int8_t> bv(static_cast<size_t>(nh * K4 * 128));  // nh x [K4][32 outputs][4 bytes], zero in the gaps
+    std::vector<float> tm(static_cast<size_t>(nh * 160));         // nh x [O, d, inv, crow, bias][32]
+    for (int64_t c = 0; c < cout_; ++c) {
+      const int64_t h = c / 32, l = c % 32;
+      for (int64_t r = 0; r < ckk; ++r) {
+        const int64_t q = (r / kc) * seg4 * 4 + r % kc;
+        bv[((h * K4 + q / 4) * 32 + l) * 4 + q % 4] = Bw[c * ckk + r];
+      }
+      float* th = tm.data() + h * 160;
+      th[l] = wo[c], th[32 + l] = wd[c], th[64 + l] = inv[c], th[96 + l] = crow[c], th[128 + l] = b ? b[c] : 0.0f;
+    }
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+    {
+      const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
+      std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp * cin_ + 3));  // (+3: the last group's gap)
+      std::vector<int32_t> pix(static_cast<size_t>(Hp * (Wp + g.Wo) + g.Wo));
+      std::vector<float> rx(static_cast<size_t>(P)), out(static_cast<size_t>(P * cout_));
+      split.run([&](int64_t n) {
+        pad_hwc(xc + n * chw, g, pad_code, img.data());
+        {
+          profile::Scope timer(profile::gemm_int);
+          fprop_fused_sample32(img.data(), g, nh, bv.data(), tm.data(), b != nullptr, pix.data(), rx.data(), out.data());
+        }
+        float* yn = yp + n * cout_ * P;
+        kernels::transpose(out.data(), P, cout_, cout_, yn, P);  // [P, Cout] -> [Cout, P]
+        if (res) {  // the residual added as add_inplace would add it to the finished value
+          const float* __restrict rs = res + n * cout_ * P;
+          for (int64_t i = 0; i < cout_ * P; ++i) yn[i] += rs[i];
         }
       });
     }

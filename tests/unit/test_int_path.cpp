@@ -180,10 +180,11 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
       }
 }
 
-// Conv2d's fused fprop kernel (Cout = 16; AVX-512 VNNI) against its general path (im2row, GEMM
-// kernel, transpose, epilogue), set_conv_fused_fprop switching: the same integer products and
-// patch code sums, the same epilogue operations, so the same bits. Runs of every length the
-// kernel takes (Wo = 30: 14 + 14 + 2; 15: 14 + 1; 28; 5; 1), stride 2, 1x1 and 3x3, no padding,
+// Conv2d's fused fprop kernels (Cout = 16, and Cout a multiple of 32 in 32-output slices; AVX-512
+// VNNI) against the general path (im2row, GEMM kernel, transpose, epilogue), set_conv_fused_fprop
+// switching: the same integer products and patch code sums, the same epilogue operations, so the
+// same bits. Cout 16, 32 and 64; runs of every length the kernels take (Wo = 30: 28 + 2 and
+// 14 + 14 + 2; 15: 14 + 1; 28; 5; 1), stride 2, 1x1 and 3x3, no padding,
 // Cin 4 / 8 / 12 / 16, a bias, a residual, 2/5/8-bit codes, and kernel rows of k Cin = 9, 3, 5, 15
 // bytes (Cin 3 and 1: the model's first layer; 5x5 and 1x1 with Cin 1, 3x3 with Cin 5), read in
 // 4-byte groups whose last bytes belong to the next pixels (zero weights), the image's very last
@@ -198,25 +199,27 @@ TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
                         {2, 3, 8, 8, 3, 1, 1, false},   {3, 1, 28, 28, 3, 1, 1, true},  {2, 1, 9, 11, 5, 1, 2, false},
                         {2, 1, 6, 7, 1, 1, 0, true},    {2, 5, 7, 6, 3, 2, 1, false}};
   uint64_t stream = 700;
+  for (const int64_t co : {16, 32, 64})
   for (const Case& c : cases)
     for (int bits : {2, 5, 8})
       for (bool with_res : {false, true}) {
         const Recipe r = recipe(Arith::integer, {QuantizerKind::psq, 8}, {QuantizerKind::ptq, 8}, bits);
-        Conv2d conv("conv", c.cin, 16, c.k, c.stride, c.pad, c.bias, r, 3, 11);
+        Conv2d conv("conv", c.cin, co, c.k, c.stride, c.pad, c.bias, r, 3, 11);
         if (c.bias)
-          for (int64_t o = 0; o < 16; ++o) conv.bias().value.data<float>()[o] = 0.1f * static_cast<float>(o) - 0.5f;
+          for (int64_t o = 0; o < co; ++o) conv.bias().value.data<float>()[o] = 0.1f * static_cast<float>(o % 16) - 0.5f;
         Tensor x = randn({c.n, c.cin, c.h, c.w}, ++stream);
         if (stream % 2)
           for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = std::max(0.0f, x.data<float>()[i]);
         const int64_t ho = (c.h + 2 * c.pad - c.k) / c.stride + 1, wo = (c.w + 2 * c.pad - c.k) / c.stride + 1;
-        const Tensor res = randn({c.n, 16, ho, wo}, 5000 + stream);
+        const Tensor res = randn({c.n, co, ho, wo}, 5000 + stream);
         const StepContext ctx{true, 5, stream};
         set_conv_fused_fprop(true);
         const Tensor yf = conv.forward(x, ctx, nullptr, with_res ? &res : nullptr);
         set_conv_fused_fprop(false);
         const Tensor yg = conv.forward(x, ctx, nullptr, with_res ? &res : nullptr);
         set_conv_fused_fprop(true);
-        const std::string what = "cin " + std::to_string(c.cin) + " " + std::to_string(c.h) + "x" + std::to_string(c.w) +
+        const std::string what = "cin " + std::to_string(c.cin) + " cout " + std::to_string(co) + " " +
+                                 std::to_string(c.h) + "x" + std::to_string(c.w) +
                                  " k" + std::to_string(c.k) + " s" + std::to_string(c.stride) + " " +
                                  std::to_string(bits) + "b" + (with_res ? " residual" : "");
         ASSERT_EQ(yf.shape(), yg.shape()) << what;
