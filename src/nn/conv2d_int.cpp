@@ -737,6 +737,121 @@ inline void wgrad_direct_sample(const uint8_t* img, int64_t Wp, int64_t Ho, int6
   }
 }
 
+// The same for the wider stride-1 layers (Cin a multiple of 16, at least 32; Cout a multiple of
+// 16: the 32- and 64-channel stages). Their u8 operands, [16 input channels of slice s][4
+// positions], are made once per sample for every 4 consecutive pixels of the image
+// (wgrad_pixel_groups: T [Hp Wp][Cin / 16][64]; a group's operand for tap (kh, kw) is the one
+// starting at pixel (oh + kh, ow + kw)), the gradient codes as [Cout][4 positions] per group
+// (wgrad_groups_wide). A pass takes NT <= 3 taps of one kernel row, one input slice and 8
+// output channels: 24 accumulators. Exact integer sums, as the im2col GEMM's; the patch code sums
+// come from the image's box sums (wgrad_box_sums).
+inline void wgrad_pixel_groups(const uint8_t* img, int64_t npix, int64_t cin, uint8_t* T) {
+  const int64_t S = cin / 16;
+  for (int64_t i = 0; i < npix; ++i)
+    for (int64_t sl = 0; sl < S; ++sl) {
+      const uint8_t* p = img + i * cin + 16 * sl;
+      __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + cin)), 1);
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * cin)), 2);
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 3 * cin)), 3);
+      _mm512_storeu_si512(T + (i * S + sl) * 64, pixel_major_to_channel_major(v));
+    }
+}
+// One sample's gradient codes gc [P][Cout] -> groups [Ho][G4][Cout][4 positions] as s8 (xor
+// flip; zero bytes for a short group's missing positions); adds the per-channel sums of those s8
+// values to rg.
+inline void wgrad_groups_wide(const uint8_t* gc, int64_t Ho, int64_t Wo, int64_t cout, uint8_t flip, int8_t* out,
+                              int64_t* rg) {
+  const __m512i vflip = _mm512_set1_epi8(static_cast<char>(flip)), ones = _mm512_set1_epi8(1);
+  const int64_t S = cout / 16;
+  for (int64_t sl = 0; sl < S; ++sl) {
+    __m512i sums = _mm512_setzero_si512();
+    for (int64_t oh = 0; oh < Ho; ++oh)
+      for (int64_t ow = 0, gi = 0; ow < Wo; ow += 4, ++gi) {
+        const int64_t n = std::min<int64_t>(4, Wo - ow);
+        const uint8_t* p = gc + (oh * Wo + ow) * cout + 16 * sl;
+        __m512i v = _mm512_setzero_si512();
+        // Position i's 16 bytes into lanes 4i .. 4i + 3 (masked broadcast: GCC 12 warns on the plain one).
+        for (int64_t i = 0; i < n; ++i)
+          v = _mm512_mask_xor_epi32(
+              v, static_cast<__mmask16>(0xFu << (4 * i)),
+              _mm512_maskz_broadcast_i32x4(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i * cout))), vflip);
+        v = pixel_major_to_channel_major(v);
+        _mm512_storeu_si512(out + ((oh * ((Wo + 3) / 4) + gi) * cout + 16 * sl) * 4, v);
+        sums = _mm512_dpbusd_epi32(sums, ones, v);
+      }
+    alignas(64) int32_t s16[16];
+    _mm512_store_si512(s16, sums);
+    for (int c = 0; c < 16; ++c) rg[16 * sl + c] += s16[c];
+  }
+}
+template <int NT>
+inline void wgrad_direct_block_wide(const uint8_t* T, int64_t Wp, int64_t S, int64_t Ho, int64_t G4, int64_t cout,
+                                    const int8_t* grp, int64_t kh, int64_t kw0, int64_t sl, int64_t c0, int64_t k,
+                                    int64_t cin, int32_t* acc32) {
+  __m512i acc[NT][8];
+#pragma GCC unroll 3
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) acc[t][c] = _mm512_setzero_si512();
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    const uint8_t* trow = T + (((oh + kh) * Wp + kw0) * S + sl) * 64;
+    const int8_t* g = grp + (oh * G4 * cout + c0) * 4;
+    for (int64_t gi = 0; gi < G4; ++gi, trow += 4 * S * 64, g += cout * 4) {
+      __m512i x[NT];
+#pragma GCC unroll 3
+      for (int t = 0; t < NT; ++t) x[t] = _mm512_loadu_si512(trow + t * S * 64);
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        int32_t w;
+        std::memcpy(&w, g + 4 * c, 4);
+        const __m512i wv = _mm512_set1_epi32(w);
+#pragma GCC unroll 3
+        for (int t = 0; t < NT; ++t) acc[t][c] = _mm512_dpbusd_epi32(acc[t][c], x[t], wv);
+      }
+    }
+  }
+#pragma GCC unroll 3
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      int32_t* d = acc32 + ((kh * k + kw0 + t) * cout + c0 + c) * cin + 16 * sl;
+      _mm512_storeu_si512(d, _mm512_add_epi32(_mm512_loadu_si512(d), acc[t][c]));
+    }
+}
+// acc32 [k k][Cout][Cin] int32 sums of one sample's products, added to.
+inline void wgrad_direct_sample_wide(const uint8_t* T, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, int64_t cin,
+                                     int64_t cout, const int8_t* grp, int32_t* acc32) {
+  const int64_t S = cin / 16, G4 = (Wo + 3) / 4;
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw0 = 0; kw0 < k; kw0 += 3)
+      for (int64_t sl = 0; sl < S; ++sl)
+        for (int64_t c0 = 0; c0 < cout; c0 += 8) switch (std::min<int64_t>(3, k - kw0)) {
+            case 3: wgrad_direct_block_wide<3>(T, Wp, S, Ho, G4, cout, grp, kh, kw0, sl, c0, k, cin, acc32); break;
+            case 2: wgrad_direct_block_wide<2>(T, Wp, S, Ho, G4, cout, grp, kh, kw0, sl, c0, k, cin, acc32); break;
+            default: wgrad_direct_block_wide<1>(T, Wp, S, Ho, G4, cout, grp, kh, kw0, sl, c0, k, cin, acc32); break;
+          }
+}
+// The patch code sums of a stride-1 layer's im2col rows (c, kh, kw), added to rx [Cin k k]: the
+// sums of each input channel over the Ho x Wo window at (kh, kw) of the padded HWC image, by
+// column sums over Ho rows, then sums over Wo columns, channels along the vectors (cs: [Wp + 1]
+// [Cin] int32 scratch; a window's sum <= 255 P, within the int32 bound on P).
+inline void wgrad_box_sums(const uint8_t* __restrict img, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, int64_t cin,
+                           int32_t* __restrict cs, int64_t* __restrict rx) {
+  int32_t* __restrict sum = cs + Wp * cin;
+  for (int64_t kh = 0; kh < k; ++kh) {
+    std::fill(cs, cs + Wp * cin, 0);
+    for (int64_t h = kh; h < kh + Ho; ++h)
+      for (int64_t i = 0; i < Wp * cin; ++i) cs[i] += img[h * Wp * cin + i];
+    for (int64_t kw = 0; kw < k; ++kw) {
+      std::fill(sum, sum + cin, 0);
+      for (int64_t w = kw; w < kw + Wo; ++w)
+        for (int64_t c = 0; c < cin; ++c) sum[c] += cs[w * cin + c];
+      for (int64_t c = 0; c < cin; ++c) rx[c * k * k + kh * k + kw] += sum[c];
+    }
+  }
+}
+
 // The same for one input channel (a first layer on grayscale images) and 16 output channels,
 // lanes = the output channels: per group of 4 output positions and per tap, the 4 input codes
 // under the tap are 4 consecutive bytes of the padded image row, one 32-bit broadcast against
@@ -1462,6 +1577,45 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
           profile::Scope timer(profile::gemm_int);
           if (c1) wgrad_direct_c1_sample(img.data(), Wp, g.Ho, g.Wo, k_, grp.data(), acc32.data());
           else wgrad_direct_sample(img.data(), Wp, g.Ho, g.Wo, k_, grp.data(), acc32.data());
+        }
+        if (++pending == flush) widen(), pending = 0;
+      });
+      if (pending) widen();
+    }
+  } else if (g_direct_wgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cin_ % 16 == 0 &&
+             cin_ >= 32 && cout_ % 16 == 0 && stride_ == 1) {
+    // The wider layers (wgrad_direct_sample_wide).
+    const int64_t kk = k_ * k_, G4 = (g.Wo + 3) / 4, Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
+    const int64_t flush = std::max<int64_t>(1, igemm_max_k(255, 128) / P);  // samples per int32 partial
+    WorkSplit split(N, T);
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
+    {
+      // (+3 pixels: the groups of the last pixels read past the image; their gradient bytes are 0)
+      std::vector<uint8_t> img(static_cast<size_t>((Hp * Wp + 3) * cin_));
+      std::vector<uint8_t> tg(static_cast<size_t>(Hp * Wp * cin_ * 4));
+      std::vector<int8_t> grp(static_cast<size_t>(g.Ho * G4 * cout_ * 4));
+      std::vector<int32_t> acc32(static_cast<size_t>(kk * cout_ * cin_)), cs(static_cast<size_t>((Wp + 1) * cin_));
+      int64_t* acc = part.data() + omp_get_thread_num() * wsize;
+      int64_t* rx = acc + ssize;
+      int64_t* rg = rx + ckk;
+      const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
+      auto widen = [&] {  // acc32 [tap][c][ci] -> S [(ci, tap) row][c]
+        for (int64_t tap = 0; tap < kk; ++tap)
+          for (int64_t c = 0; c < cout_; ++c) {
+            const int32_t* a = acc32.data() + (tap * cout_ + c) * cin_;
+            for (int64_t ci = 0; ci < cin_; ++ci) acc[(ci * kk + tap) * cout_ + c] += a[ci];
+          }
+        std::fill(acc32.begin(), acc32.end(), 0);
+      };
+      int64_t pending = 0;
+      split.run([&](int64_t n) {
+        wgrad_groups_wide(gc + n * P * cout_, g.Ho, g.Wo, cout_, flip, grp.data(), rg);
+        pad_hwc(xc + n * chw, g, pad_code, img.data());
+        wgrad_box_sums(img.data(), Wp, g.Ho, g.Wo, k_, cin_, cs.data(), rx);
+        {
+          profile::Scope timer(profile::gemm_int);
+          wgrad_pixel_groups(img.data(), Hp * Wp, cin_, tg.data());
+          wgrad_direct_sample_wide(tg.data(), Wp, g.Ho, g.Wo, k_, cin_, cout_, grp.data(), acc32.data());
         }
         if (++pending == flush) widen(), pending = 0;
       });
