@@ -64,6 +64,12 @@ int s8_shift(int bits) { return bits == 8 ? 128 : 0; }
 void pad_hwc(const uint8_t* x, const Geom& g, uint8_t pad_code, uint8_t* out) {
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C;
   std::memset(out, pad_code, static_cast<size_t>(Hp * Wp * C));
+#if defined(FQT_ROW_TO_HWC)
+  if (C % 16 == 0 && g.W <= 64) {  // (16-channel groups of a row in registers)
+    for (int64_t h = 0; h < g.H; ++h) kernels::row_to_hwc(x + h * g.W, g.H * g.W, g.W, C, out + ((h + g.pad) * Wp + g.pad) * C);
+    return;
+  }
+#endif
   // Image row h: the [C, W] slab (row stride H*W) transposed into W pixels of C bytes, by 8x8
   // byte tiles (a strided byte loop was a third of forward_int's own time in perf).
   for (int64_t h = 0; h < g.H; ++h)

@@ -146,6 +146,24 @@ TEST(Transpose, BytesEveryShapeAndFlipIsExact) {
       }
 }
 
+#if defined(FQT_ROW_TO_HWC)
+// One image row from channel-major to pixel-major bytes (pad_hwc's AVX-512 VBMI form): every
+// width up to 64 (whole and partial 16-pixel segments and 4-pixel stores), 16 / 32 / 64 channels,
+// a channel stride wider than the row; bytes past the row's w C untouched.
+TEST(Transpose, RowToHwcEqualsPlainLoop) {
+  for (int64_t C : {16, 32, 64})
+    for (int64_t w = 1; w <= 64; ++w) {
+      const int64_t lds = w + 5;
+      std::vector<uint8_t> src(static_cast<size_t>(C * lds)), dst(static_cast<size_t>(64 * C + 64), 0x5A);
+      for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 37 + 11);
+      fqt::kernels::row_to_hwc(src.data(), lds, w, C, dst.data());
+      for (int64_t p = 0; p < w; ++p)
+        for (int64_t c = 0; c < C; ++c) ASSERT_EQ(dst[p * C + c], src[c * lds + p]) << C << " channels, w " << w << " at " << p << "," << c;
+      for (size_t i = static_cast<size_t>(w * C); i < dst.size(); ++i) ASSERT_EQ(dst[i], 0x5A) << C << " channels, w " << w;
+    }
+}
+#endif
+
 #include "fqt/profile.hpp"
 
 #include <cmath>
