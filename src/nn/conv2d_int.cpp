@@ -66,6 +66,9 @@ void pad_hwc(const uint8_t* x, const Geom& g, uint8_t pad_code, uint8_t* out) {
   std::memset(out, pad_code, static_cast<size_t>(Hp * Wp * C));
 #if defined(FQT_ROW_TO_HWC)
   if (C % 16 == 0 && g.W <= 64) {  // (16-channel groups of a row in registers)
+    // The next sample's codes, while this one's are transposed and run through a kernel
+    // (callers go through samples in order; a prefetch past the tensor's end is harmless).
+    for (int64_t i = 0; i < C * g.H * g.W; i += 64) __builtin_prefetch(x + C * g.H * g.W + i);
     for (int64_t h = 0; h < g.H; ++h) kernels::row_to_hwc(x + h * g.W, g.H * g.W, g.W, C, out + ((h + g.pad) * Wp + g.pad) * C);
     return;
   }
