@@ -752,8 +752,8 @@ inline void wgrad_direct_sample(const uint8_t* img, int64_t Wp, int64_t Ho, int6
 // (wgrad_pixel_groups: T [Hp Wp][Cin / 16][64]; a group's operand for tap (kh, kw) is the one
 // starting at pixel (oh + kh, ow + kw)), the gradient codes as [Cout][4 positions] per group
 // (wgrad_groups_wide). A pass takes NT <= 3 taps of one kernel row, one input slice and 8
-// output channels: 24 accumulators. Exact integer sums, as the im2col GEMM's; the patch code sums
-// come from the image's box sums (wgrad_box_sums).
+// output channels: 24 accumulators (and the passes of channels 0..7 the taps' patch code sums).
+// Exact integer sums, as the im2col GEMM's.
 inline void wgrad_pixel_groups(const uint8_t* img, int64_t npix, int64_t cin, uint8_t* T) {
   const int64_t S = cin / 16;
   for (int64_t i = 0; i < npix; ++i)
@@ -794,15 +794,24 @@ inline void wgrad_groups_wide(const uint8_t* gc, int64_t Ho, int64_t Wo, int64_t
     for (int c = 0; c < 16; ++c) rg[16 * sl + c] += s16[c];
   }
 }
-template <int NT>
-inline void wgrad_direct_block_wide(const uint8_t* T, int64_t Wp, int64_t S, int64_t Ho, int64_t G4, int64_t cout,
+// kSums (the passes of output channels 0..7): also the taps' patch code sums, an accumulator
+// per tap against ones, with a short group's missing positions masked off the image bytes
+// (there they are the next pixels'; their gradient bytes are 0, so the products need no mask).
+template <int NT, bool kSums>
+inline void wgrad_direct_block_wide(const uint8_t* T, int64_t Wp, int64_t S, int64_t Ho, int64_t Wo, int64_t cout,
                                     const int8_t* grp, int64_t kh, int64_t kw0, int64_t sl, int64_t c0, int64_t k,
-                                    int64_t cin, int32_t* acc32) {
-  __m512i acc[NT][8];
+                                    int64_t cin, int32_t* acc32, int32_t* sums32) {
+  const int64_t G4 = (Wo + 3) / 4, rest = Wo - 4 * (G4 - 1);  // positions in a row's last group
+  // [16 channels][4 positions]: bytes 4c + i of the positions i < rest
+  const __mmask64 last = rest == 4 ? ~uint64_t{0} : uint64_t{0x1111111111111111} * ((uint64_t{1} << rest) - 1);
+  const __m512i ones = _mm512_set1_epi32(0x01010101);
+  __m512i acc[NT][8], sums[NT];
 #pragma GCC unroll 3
-  for (int t = 0; t < NT; ++t)
+  for (int t = 0; t < NT; ++t) {
+    if constexpr (kSums) sums[t] = _mm512_setzero_si512();
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) acc[t][c] = _mm512_setzero_si512();
+  }
   for (int64_t oh = 0; oh < Ho; ++oh) {
     const uint8_t* trow = T + (((oh + kh) * Wp + kw0) * S + sl) * 64;
     const int8_t* g = grp + (oh * G4 * cout + c0) * 4;
@@ -818,49 +827,50 @@ inline void wgrad_direct_block_wide(const uint8_t* T, int64_t Wp, int64_t S, int
 #pragma GCC unroll 3
         for (int t = 0; t < NT; ++t) acc[t][c] = _mm512_dpbusd_epi32(acc[t][c], x[t], wv);
       }
+      if constexpr (kSums) {
+        const __mmask64 m = gi + 1 == G4 ? last : ~uint64_t{0};
+#pragma GCC unroll 3
+        for (int t = 0; t < NT; ++t) sums[t] = _mm512_dpbusd_epi32(sums[t], _mm512_maskz_mov_epi8(m, x[t]), ones);
+      }
     }
   }
 #pragma GCC unroll 3
-  for (int t = 0; t < NT; ++t)
+  for (int t = 0; t < NT; ++t) {
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
       int32_t* d = acc32 + ((kh * k + kw0 + t) * cout + c0 + c) * cin + 16 * sl;
       _mm512_storeu_si512(d, _mm512_add_epi32(_mm512_loadu_si512(d), acc[t][c]));
     }
-}
-// acc32 [k k][Cout][Cin] int32 sums of one sample's products, added to.
-inline void wgrad_direct_sample_wide(const uint8_t* T, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, int64_t cin,
-                                     int64_t cout, const int8_t* grp, int32_t* acc32) {
-  const int64_t S = cin / 16, G4 = (Wo + 3) / 4;
-  for (int64_t kh = 0; kh < k; ++kh)
-    for (int64_t kw0 = 0; kw0 < k; kw0 += 3)
-      for (int64_t sl = 0; sl < S; ++sl)
-        for (int64_t c0 = 0; c0 < cout; c0 += 8) switch (std::min<int64_t>(3, k - kw0)) {
-            case 3: wgrad_direct_block_wide<3>(T, Wp, S, Ho, G4, cout, grp, kh, kw0, sl, c0, k, cin, acc32); break;
-            case 2: wgrad_direct_block_wide<2>(T, Wp, S, Ho, G4, cout, grp, kh, kw0, sl, c0, k, cin, acc32); break;
-            default: wgrad_direct_block_wide<1>(T, Wp, S, Ho, G4, cout, grp, kh, kw0, sl, c0, k, cin, acc32); break;
-          }
-}
-// The patch code sums of a stride-1 layer's im2col rows (c, kh, kw), added to rx [Cin k k]: the
-// sums of each input channel over the Ho x Wo window at (kh, kw) of the padded HWC image, by
-// column sums over Ho rows, then sums over Wo columns, channels along the vectors (cs: [Wp + 1]
-// [Cin] int32 scratch; a window's sum <= 255 P, within the int32 bound on P).
-inline void wgrad_box_sums(const uint8_t* __restrict img, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, int64_t cin,
-                           int32_t* __restrict cs, int64_t* __restrict rx) {
-  int32_t* __restrict sum = cs + Wp * cin;
-  for (int64_t kh = 0; kh < k; ++kh) {
-    std::fill(cs, cs + Wp * cin, 0);
-    for (int64_t h = kh; h < kh + Ho; ++h)
-      for (int64_t i = 0; i < Wp * cin; ++i) cs[i] += img[h * Wp * cin + i];
-    for (int64_t kw = 0; kw < k; ++kw) {
-      std::fill(sum, sum + cin, 0);
-      for (int64_t w = kw; w < kw + Wo; ++w)
-        for (int64_t c = 0; c < cin; ++c) sum[c] += cs[w * cin + c];
-      for (int64_t c = 0; c < cin; ++c) rx[c * k * k + kh * k + kw] += sum[c];
+    if constexpr (kSums) {
+      int32_t* d = sums32 + (kh * k + kw0 + t) * cin + 16 * sl;
+      _mm512_storeu_si512(d, _mm512_add_epi32(_mm512_loadu_si512(d), sums[t]));
     }
   }
 }
-
+// acc32 [k k][Cout][Cin] int32 sums of one sample's products, sums32 [k k][Cin] its patch code
+// sums, added to.
+inline void wgrad_direct_sample_wide(const uint8_t* T, int64_t Wp, int64_t Ho, int64_t Wo, int64_t k, int64_t cin,
+                                     int64_t cout, const int8_t* grp, int32_t* acc32, int32_t* sums32) {
+  const int64_t S = cin / 16;
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw0 = 0; kw0 < k; kw0 += 3)
+      for (int64_t sl = 0; sl < S; ++sl)
+        for (int64_t c0 = 0; c0 < cout; c0 += 8) {
+#define FQT_WIDE(nt, sums) \
+  wgrad_direct_block_wide<nt, sums>(T, Wp, S, Ho, Wo, cout, grp, kh, kw0, sl, c0, k, cin, acc32, sums32)
+          const int64_t nt = std::min<int64_t>(3, k - kw0);
+          if (c0 == 0) {
+            if (nt == 3) FQT_WIDE(3, true);
+            else if (nt == 2) FQT_WIDE(2, true);
+            else FQT_WIDE(1, true);
+          } else {
+            if (nt == 3) FQT_WIDE(3, false);
+            else if (nt == 2) FQT_WIDE(2, false);
+            else FQT_WIDE(1, false);
+          }
+#undef FQT_WIDE
+        }
+}
 // The same for one input channel (a first layer on grayscale images) and 16 output channels,
 // lanes = the output channels: per group of 4 output positions and per tap, the 4 input codes
 // under the tap are 4 consecutive bytes of the padded image row, one 32-bit broadcast against
@@ -1603,28 +1613,30 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
       std::vector<uint8_t> img(static_cast<size_t>((Hp * Wp + 3) * cin_));
       std::vector<uint8_t> tg(static_cast<size_t>(Hp * Wp * cin_ * 4));
       std::vector<int8_t> grp(static_cast<size_t>(g.Ho * G4 * cout_ * 4));
-      std::vector<int32_t> acc32(static_cast<size_t>(kk * cout_ * cin_)), cs(static_cast<size_t>((Wp + 1) * cin_));
+      std::vector<int32_t> acc32(static_cast<size_t>(kk * cout_ * cin_)), sums32(static_cast<size_t>(kk * cin_));
       int64_t* acc = part.data() + omp_get_thread_num() * wsize;
       int64_t* rx = acc + ssize;
       int64_t* rg = rx + ckk;
       const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
-      auto widen = [&] {  // acc32 [tap][c][ci] -> S [(ci, tap) row][c]
-        for (int64_t tap = 0; tap < kk; ++tap)
-          for (int64_t c = 0; c < cout_; ++c) {
-            const int32_t* a = acc32.data() + (tap * cout_ + c) * cin_;
-            for (int64_t ci = 0; ci < cin_; ++ci) acc[(ci * kk + tap) * cout_ + c] += a[ci];
+      auto widen = [&] {  // acc32 [tap][c][ci] -> S [(ci, tap) row][c] (written in order), sums32 -> rx
+        for (int64_t ci = 0; ci < cin_; ++ci)
+          for (int64_t tap = 0; tap < kk; ++tap) {
+            int64_t* __restrict s = acc + (ci * kk + tap) * cout_;
+            const int32_t* __restrict a = acc32.data() + tap * cout_ * cin_ + ci;
+            for (int64_t c = 0; c < cout_; ++c) s[c] += a[c * cin_];
+            rx[ci * kk + tap] += sums32[tap * cin_ + ci];
           }
         std::fill(acc32.begin(), acc32.end(), 0);
+        std::fill(sums32.begin(), sums32.end(), 0);
       };
       int64_t pending = 0;
       split.run([&](int64_t n) {
         wgrad_groups_wide(gc + n * P * cout_, g.Ho, g.Wo, cout_, flip, grp.data(), rg);
         pad_hwc(xc + n * chw, g, pad_code, img.data());
-        wgrad_box_sums(img.data(), Wp, g.Ho, g.Wo, k_, cin_, cs.data(), rx);
         {
           profile::Scope timer(profile::gemm_int);
           wgrad_pixel_groups(img.data(), Hp * Wp, cin_, tg.data());
-          wgrad_direct_sample_wide(tg.data(), Wp, g.Ho, g.Wo, k_, cin_, cout_, grp.data(), acc32.data());
+          wgrad_direct_sample_wide(tg.data(), Wp, g.Ho, g.Wo, k_, cin_, cout_, grp.data(), acc32.data(), sums32.data());
         }
         if (++pending == flush) widen(), pending = 0;
       });
