@@ -1489,6 +1489,9 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));
     std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
     std::vector<RowTerms> tb(static_cast<size_t>(P));       // the sample's rows' terms
+#if defined(FQT_DGRAD_FUSED)
+    const bool vector_epilogue = run % 16 == 0 && g_fused_dgrad.load(std::memory_order_relaxed);
+#endif
     split.run([&](int64_t n) {
       igemm_worker(P, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
       row_terms_block(n * P, P, gc + n * P * cout_, tb.data());
@@ -1500,6 +1503,22 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         // Each value is added straight onto the accumulator (no row buffer written and read back).
         // (oh, ow) = (p / Wo, p % Wo), counted along (an integer division per row showed in perf)
         float* const base = acc.data() + (oh * stride_ * Wp + ow * stride_) * cin_;
+#if defined(FQT_DGRAD_FUSED)
+        // Whole vectors through fused_value, the same operations (GCC's own vector loop reloaded
+        // its pointers from the stack every 16 values); set_conv_fused_dgrad(false) keeps the
+        // scalar loop below, the reference the fused forms are tested against.
+        if (vector_epilogue) {
+          for (int64_t kh = 0; kh < k_; ++kh) {
+            float* d = base + kh * Wp * cin_;
+            const int32_t* sk = s + kh * run;
+            const float* rk = rbk + kh * run;
+            for (int64_t i = 0; i < run; i += 16)
+              _mm512_storeu_ps(d + i, _mm512_add_ps(_mm512_loadu_ps(d + i),
+                                                    fused_value(_mm512_loadu_si512(sk + i), rk + i, t)));
+          }
+          continue;
+        }
+#endif
         for (int64_t kh = 0; kh < k_; ++kh) {
           float* __restrict dst = base + kh * Wp * cin_;
           for (int64_t i = 0, k = kh * run; i < run; ++i, ++k)

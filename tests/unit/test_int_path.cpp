@@ -228,7 +228,8 @@ TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
 }
 
 // Conv2d's dgrad kernel fused with its finishing (AVX-512 VNNI; Ckk <= 144 in whole vectors,
-// Cout <= 16 a multiple of 4) against its general path (GEMM kernel, then the scalar epilogue),
+// Cout <= 16 a multiple of 4), and for the wider layers the GEMM's vector epilogue, against the
+// general path (GEMM kernel, then the scalar epilogue),
 // set_conv_fused_dgrad switching: the same bits, for PTQ, PSQ and BHQ. A third of the gradient
 // rows sit far from 0 (dY + 40 on every channel of those positions: a row offset O of ~10^5 code
 // units, whose term O rb is not exact in fp32), the others cover 0. Stride 2, 1x1, Cout 4 / 8 /
@@ -240,7 +241,9 @@ TEST(intPath, ConvFusedDgradEqualsGeneralPath) {
     int64_t n, cin, cout, h, w, k, stride, pad;
   };
   const Case cases[] = {{3, 16, 16, 7, 9, 3, 1, 1}, {2, 16, 8, 9, 8, 3, 2, 1}, {2, 16, 4, 5, 5, 1, 1, 0},
-                        {2, 16, 16, 28, 28, 3, 1, 1}, {7, 16, 16, 6, 5, 3, 1, 0}, {6, 16, 16, 5, 7, 3, 1, 2}};
+                        {2, 16, 16, 28, 28, 3, 1, 1}, {7, 16, 16, 6, 5, 3, 1, 0}, {6, 16, 16, 5, 7, 3, 1, 2},
+                        // wider layers: the GEMM, then the vector epilogue (PTQ, PSQ)
+                        {3, 32, 32, 9, 9, 3, 1, 1}, {2, 16, 32, 9, 9, 3, 2, 1}, {2, 32, 64, 6, 6, 1, 2, 0}};
   const QuantizerKind dgrads[] = {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq};
   uint64_t stream = 900;
   for (const Case& c : cases)
