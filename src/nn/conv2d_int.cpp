@@ -679,6 +679,19 @@ inline __m512i wgrad_groups(const uint8_t* gc, int64_t Ho, int64_t Wo, uint8_t f
     }
   return sums;
 }
+// One group's step of a pass: acc[t][c] += x[t] (u8, tap t's operand) against output channel
+// c's 4 gradient bytes (g + 4c, broadcast), t < NT, c < 8.
+template <int NT>
+[[gnu::always_inline]] inline void wgrad_taps8(const __m512i* x, const int8_t* g, __m512i (*acc)[8]) {
+#pragma GCC unroll 8
+  for (int c = 0; c < 8; ++c) {
+    int32_t w;
+    std::memcpy(&w, g + 4 * c, 4);
+    const __m512i wv = _mm512_set1_epi32(w);
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) acc[t][c] = _mm512_dpbusd_epi32(acc[t][c], x[t], wv);
+  }
+}
 // NT taps (t0 .. t0 + NT - 1, t = kh k + kw) and 8 output channels (from c0) at a time: each
 // gradient broadcast serves NT taps (with 16 channels x 1 tap, every vpdpbusd had its own load).
 template <int NT, bool kSums>
@@ -702,14 +715,7 @@ inline void wgrad_direct_block(const uint8_t* img, int64_t Wp, int64_t Ho, int64
       __m512i x[NT];
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) x[t] = pixel_major_to_channel_major(four_pixels(row + off[t] + ow * 16, Wo - ow));
-#pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) {
-        int32_t w;
-        std::memcpy(&w, g + 4 * c, 4);
-        const __m512i wv = _mm512_set1_epi32(w);
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; ++t) acc[t][c] = _mm512_dpbusd_epi32(acc[t][c], x[t], wv);
-      }
+      wgrad_taps8<NT>(x, g, acc);
       if constexpr (kSums)
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) sums[t] = _mm512_dpbusd_epi32(sums[t], x[t], ones);
@@ -819,14 +825,7 @@ inline void wgrad_direct_block_wide(const uint8_t* T, int64_t Wp, int64_t S, int
       __m512i x[NT];
 #pragma GCC unroll 3
       for (int t = 0; t < NT; ++t) x[t] = _mm512_loadu_si512(trow + t * S * 64);
-#pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) {
-        int32_t w;
-        std::memcpy(&w, g + 4 * c, 4);
-        const __m512i wv = _mm512_set1_epi32(w);
-#pragma GCC unroll 3
-        for (int t = 0; t < NT; ++t) acc[t][c] = _mm512_dpbusd_epi32(acc[t][c], x[t], wv);
-      }
+      wgrad_taps8<NT>(x, g, acc);
       if constexpr (kSums) {
         const __mmask64 m = gi + 1 == G4 ? last : ~uint64_t{0};
 #pragma GCC unroll 3
