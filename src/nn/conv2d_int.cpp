@@ -14,19 +14,24 @@
 // codes) is B:
 //   fprop  Y_n^T [P, Cout] = im2row(xq_n) [P, Ckk] . Wq^T       A = patch codes (u8)
 //          ra = patch code sums (a byte-sum pass), rb = weight code sums; then [P, Cout] is
-//          transposed to Y_n [Cout, P]
+//          transposed to Y_n [Cout, P]; Cout = 16 or a multiple of 32 (every PreAct-ResNet-20
+//          conv): no im2row, the patches read in place from the padded HWC image by the fused
+//          kernels (fprop_fused_sample, fprop_fused_sample32), finished in registers
 //   dgrad  dcols_n [P, Ckk] = Gq_n [P, Cout] . Wq                 A = gradient codes (rows of G)
 //          B = W^T; the row sums of G's codes by a byte-sum pass (not a GEMM column of
 //          ones: that column made N = Ckk + 1, a 16-column panel of the kernel for one column);
 //          each row summed at once onto dx_n (the adjoint of im2row);
 //          BHQ: each row combined from its group's members' rows (T^-1, see dgrad_int);
 //          layers with Ckk <= 144 and Cout <= 16 (the 16-channel 3x3 ones): a row's products in
-//          registers, finished and summed from there (dgrad_fused_row, bhq_fused_row)
+//          registers, finished and summed from there (dgrad_fused_row, bhq_fused_row); the
+//          others (not BHQ) finish the GEMM's rows in whole vectors (fused_value)
 //   wgrad  dW^T [Ckk, Cout] = sum_n im2col(xq_n) [Ckk, P] . Gq_n  A = im2col codes (u8)
 //          B = G_n^T codes (s8), a few samples side by side along k per GEMM; code sums per tap
 //          row and per gradient column, and the integer partial sums, in int64 (exact, so any
-//          grouping gives the same result); 16 -> 16 channel stride-1 layers: no im2col, the
-//          products straight from the padded HWC image (wgrad_direct_sample)
+//          grouping gives the same result); stride-1 layers with 16, or a multiple of 16 from
+//          32, input channels (and 16 / a multiple of 16 output channels) and the one-channel
+//          first layer: no im2col, the products straight from the padded HWC image
+//          (wgrad_direct_sample, wgrad_direct_sample_wide, wgrad_direct_c1_sample)
 //
 // im2col runs on the codes: padding is the activation grid's code for 0 (zero-aligned grids have
 // one by construction), so nothing is dequantized and the saved input stays 1 byte per value.
