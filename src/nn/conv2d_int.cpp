@@ -1463,6 +1463,9 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       const bool window = cin_ == 16 && k_ == 3 && stride_ == 1;  // (then it needs no zeroing)
       split.run([&](int64_t n) {
         const uint8_t* an = gc + n * P * cout_;
+        // The next sample's gradient codes, while this one runs (a prefetch past the tensor's
+        // end is harmless): the kernel ran ~1.8x slower in the step than on cached data.
+        for (int64_t i = 0; i < P * cout_; i += 64) __builtin_prefetch(an + P * cout_ + i);
         row_terms_block(n * P, P, an, tb.data());
         auto terms = [&](int64_t p) { return tb[p]; };
         {
