@@ -992,56 +992,29 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   const float* res = residual ? residual->data<float>() : nullptr;
   WorkSplit split(N);
 #if defined(FQT_DGRAD_FUSED)
-  if (g_fused_fprop.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cout_ == 16) {
+  if (g_fused_fprop.load(std::memory_order_relaxed) && igemm_detail::vnni_available() &&
+      (cout_ == 16 || cout_ % 32 == 0)) {
     FQT_CHECK(ckk <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", ckk);
-    const int64_t kc = k_ * cin_, seg4 = (kc + 3) / 4;  // a kernel row's bytes, in groups of 4
-    std::vector<int8_t> bv(static_cast<size_t>(k_ * seg4 * 64));  // [K4][16 outputs][4 bytes], zero in the gaps
-    for (int64_t c = 0; c < 16; ++c)
+    // Slices of W = 16 outputs (fprop_fused_sample: one register per position) or 32
+    // (fprop_fused_sample32: two): nh x [K4][W][4 bytes] of weight codes, zero in the gaps, and
+    // nh x [O, d, inv, crow, bias][W] finishing terms.
+    const int64_t W = cout_ == 16 ? 16 : 32, nh = cout_ / W;
+    const int64_t kc = k_ * cin_, seg4 = (kc + 3) / 4, K4 = k_ * seg4;  // a kernel row's bytes, in groups of 4
+    std::vector<int8_t> bv(static_cast<size_t>(nh * K4 * W * 4));
+    std::vector<float> tm(static_cast<size_t>(nh * 5 * W));
+    for (int64_t c = 0; c < cout_; ++c) {
+      const int64_t h = c / W, l = c % W;
       for (int64_t r = 0; r < ckk; ++r) {
         const int64_t q = (r / kc) * seg4 * 4 + r % kc;  // tap r's byte in its kernel row's groups
-        bv[(q / 4) * 64 + c * 4 + q % 4] = Bw[c * ckk + r];
+        bv[((h * K4 + q / 4) * W + l) * 4 + q % 4] = Bw[c * ckk + r];
       }
-    FpropTerms t;
-    t.O = _mm512_loadu_ps(wo.data()), t.d = _mm512_loadu_ps(wd.data()), t.inv = _mm512_loadu_ps(inv.data());
-    t.crow = _mm512_loadu_ps(crow.data());
+      float* th = tm.data() + h * 5 * W;
+      th[l] = wo[c], th[W + l] = wd[c], th[2 * W + l] = inv[c], th[3 * W + l] = crow[c], th[4 * W + l] = b ? b[c] : 0.0f;
+    }
+    FpropTerms t;  // (W = 16: the terms in registers)
+    t.O = _mm512_loadu_ps(tm.data()), t.d = _mm512_loadu_ps(tm.data() + 16), t.inv = _mm512_loadu_ps(tm.data() + 32);
+    t.crow = _mm512_loadu_ps(tm.data() + 48), t.bias = _mm512_loadu_ps(tm.data() + 64);
     t.has_bias = b != nullptr;
-    t.bias = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
-#pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
-    {
-      const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
-      std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp * cin_ + 3));  // (+3: the last group's gap)
-      std::vector<int32_t> pix(static_cast<size_t>(Hp * (Wp + g.Wo) + g.Wo));
-      std::vector<float> rx(static_cast<size_t>(P)), out(static_cast<size_t>(P * 16));
-      split.run([&](int64_t n) {
-        pad_hwc(xc + n * chw, g, pad_code, img.data());
-        {
-          profile::Scope timer(profile::gemm_int);
-          fprop_fused_sample(img.data(), g, bv.data(), t, pix.data(), rx.data(), out.data());
-        }
-        float* yn = yp + n * 16 * P;
-        kernels::transpose(out.data(), P, int64_t{16}, int64_t{16}, yn, P);  // [P, 16] -> [16, P]
-        if (res) {  // the residual added as add_inplace would add it to the finished value
-          const float* __restrict rs = res + n * 16 * P;
-          for (int64_t i = 0; i < 16 * P; ++i) yn[i] += rs[i];
-        }
-      });
-    }
-    return y;
-  }
-  if (g_fused_fprop.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && cout_ % 32 == 0) {
-    FQT_CHECK(ckk <= igemm_max_k(255, 128), "conv integer GEMM: reduction of {} terms exceeds the int32 bound", ckk);
-    const int64_t kc = k_ * cin_, seg4 = (kc + 3) / 4, K4 = k_ * seg4, nh = cout_ / 32;
-    std::vector<int8_t> bv(static_cast<size_t>(nh * K4 * 128));  // nh x [K4][32 outputs][4 bytes], zero in the gaps
-    std::vector<float> tm(static_cast<size_t>(nh * 160));         // nh x [O, d, inv, crow, bias][32]
-    for (int64_t c = 0; c < cout_; ++c) {
-      const int64_t h = c / 32, l = c % 32;
-      for (int64_t r = 0; r < ckk; ++r) {
-        const int64_t q = (r / kc) * seg4 * 4 + r % kc;
-        bv[((h * K4 + q / 4) * 32 + l) * 4 + q % 4] = Bw[c * ckk + r];
-      }
-      float* th = tm.data() + h * 160;
-      th[l] = wo[c], th[32 + l] = wd[c], th[64 + l] = inv[c], th[96 + l] = crow[c], th[128 + l] = b ? b[c] : 0.0f;
-    }
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
       const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad;
@@ -1052,7 +1025,8 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
         pad_hwc(xc + n * chw, g, pad_code, img.data());
         {
           profile::Scope timer(profile::gemm_int);
-          fprop_fused_sample32(img.data(), g, nh, bv.data(), tm.data(), b != nullptr, pix.data(), rx.data(), out.data());
+          if (W == 16) fprop_fused_sample(img.data(), g, bv.data(), t, pix.data(), rx.data(), out.data());
+          else fprop_fused_sample32(img.data(), g, nh, bv.data(), tm.data(), b != nullptr, pix.data(), rx.data(), out.data());
         }
         float* yn = yp + n * cout_ * P;
         kernels::transpose(out.data(), P, cout_, cout_, yn, P);  // [P, Cout] -> [Cout, P]
