@@ -1,5 +1,7 @@
 #include "philox_batch.hpp"
 
+#include "philox_avx512.hpp"
+
 #include <algorithm>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -17,17 +19,7 @@ void fill_scalar(RngKey key, uint64_t block0, int64_t nblocks, float* out) {
   }
 }
 
-#if defined(__AVX512F__)
-// 16 lanes of 32-bit a * m: low and high halves.
-// The halves are put in place by masked 32-bit swaps within each 64-bit lane (one instruction
-// each, where a shift and a blend took two).
-inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);                                   // lanes 0,2,..: 64-bit products
-  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_CDAB), m);  // lanes 1,3,..
-  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);  // odd lanes: odd's low words
-  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);  // even lanes: even's high words
-}
-#elif defined(__AVX2__)
+#if defined(__AVX2__) && !defined(__AVX512F__)
 // 8 lanes of 32-bit a * m: low and high halves.
 inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, m);
@@ -48,15 +40,9 @@ inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
 void fill_uniforms(RngKey key, uint64_t block0, int64_t nblocks, float* out) {
   int64_t j = 0;
 #if defined(__AVX512F__)
-  const __m512i M0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m512i M1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  using namespace philox512;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i s_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.stream)));
-  const __m512i s_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(key.stream >> 32)));
-  const __m512 inv = _mm512_set1_ps(1.0f / 16777216.0f);
-  // Four sets of 16 blocks go through the rounds together (one set's rounds are a dependency
-  // chain of multiplies: more chains fill the pipeline; bench_quantizers fill_uniforms, 1 thread,
-  // fastest: 2 sets 0.436 ms, 3 sets 0.367, 4 sets 0.345, 6 sets 0.38 (spills)), and each set's
+  // Four sets of 16 blocks go through the rounds together (philox512::rounds), and each set's
   // 4 x 16 words are put in block order in registers (they went through a scalar loop over a
   // staging array before: 64 loads and stores per 16 blocks).
   constexpr int S = 4;
@@ -67,33 +53,11 @@ void fill_uniforms(RngKey key, uint64_t block0, int64_t nblocks, float* out) {
         c0[q] = c1[q] = c2[q] = c3[q] = _mm512_setzero_si512();
         continue;
       }
-      const uint64_t b = block0 + static_cast<uint64_t>(j0 + 16 * q);
-      // 64-bit counters b + lane: low word, and high word with the carry of the low addition.
-      const __m512i blo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(b)));
-      c0[q] = _mm512_add_epi32(blo, lane);
-      const __mmask16 carry = _mm512_cmplt_epu32_mask(c0[q], blo);
-      const __m512i bhi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(b >> 32)));
-      c1[q] = _mm512_mask_add_epi32(bhi, carry, bhi, _mm512_set1_epi32(1));
-      c2[q] = s_lo, c3[q] = s_hi;
+      counters(key, block0 + static_cast<uint64_t>(j0 + 16 * q), lane, c0[q], c1[q], c2[q], c3[q]);
     }
-    uint32_t k0 = static_cast<uint32_t>(key.seed), k1 = static_cast<uint32_t>(key.seed >> 32);
-    for (int r = 0; r < 10; ++r) {
-      const __m512i K0 = _mm512_set1_epi32(static_cast<int>(k0)), K1 = _mm512_set1_epi32(static_cast<int>(k1));
-#pragma GCC unroll 4
-      for (int q = 0; q < S; ++q) {
-        __m512i hi0, lo0, hi1, lo1;
-        mulhilo16(c0[q], M0, hi0, lo0);
-        mulhilo16(c2[q], M1, hi1, lo1);
-        const __m512i n0 = _mm512_ternarylogic_epi32(hi1, c1[q], K0, 0x96);  // hi1 ^ c1 ^ K0 in one op
-        const __m512i n2 = _mm512_ternarylogic_epi32(hi0, c3[q], K1, 0x96);
-        c0[q] = n0, c1[q] = lo1, c2[q] = n2, c3[q] = lo0;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
+    rounds<S>(key, c0, c1, c2, c3);
     for (int q = 0; q < sets; ++q) {
-      auto uni = [&](__m512i w) { return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), inv); };
-      const __m512 v0 = uni(c0[q]), v1 = uni(c1[q]), v2 = uni(c2[q]), v3 = uni(c3[q]);
+      const __m512 v0 = to_uniform(c0[q]), v1 = to_uniform(c1[q]), v2 = to_uniform(c2[q]), v3 = to_uniform(c3[q]);
       // [word][block] -> [block][word]: within each 128-bit lane as in the AVX2 path (e: blocks
       // 0, 4, 8, 12 in lanes 0-3; f: 1, 5, 9, 13; g: 2, 6, ..; h: 3, 7, ..), then the 4 x 4
       // transpose of the 128-bit lanes.
