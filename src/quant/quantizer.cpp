@@ -123,10 +123,10 @@ void make_grids(QuantizerSpec spec, const double* mn, const double* mx, int64_t 
   const float Bf = static_cast<float>(B);
   for (int64_t g0 = 0; g0 < n; g0 += 256) {
     const int64_t g1 = std::min(n, g0 + 256);
-    // Affine grids (SPEC section 2) 8 at a time, with make_grid's coverage check; a grid that
-    // fails it (an ulp short after rounding to fp32) is made again by make_grid itself below, so
-    // every grid is make_grid's. Bit g - g0 of `redo`: group g needs make_grid (every group of
-    // the other kinds). (The per-row grids of PSQ: ~10^5 per conv gradient; make_grid's scalar
+    // Affine grids (SPEC section 2) 8 at a time with make_grid's coverage fix (affine_grids8);
+    // in the scalar tail, a grid that fails the check (an ulp short after rounding to fp32) is
+    // made again by make_grid itself below, so every grid is make_grid's. Bit g - g0 of `redo`:
+    // group g needs make_grid (every group of the other kinds). (The per-row grids of PSQ: ~10^5 per conv gradient; make_grid's scalar
     // loop was 1.3% of the step in perf, session 9; this loop, scalar, a division and a branch
     // per grid, and a branch per grid over a byte array of redo flags, ~1%, session 15.)
     uint64_t redo[4] = {~uint64_t{0}, ~uint64_t{0}, ~uint64_t{0}, ~uint64_t{0}};
@@ -134,23 +134,7 @@ void make_grids(QuantizerSpec spec, const double* mn, const double* mx, int64_t 
       std::fill(redo, redo + 4, uint64_t{0});
       int64_t g = g0;
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-      // The same IEEE operations in the same order (masked converts: GCC 12 warns on the plain ones).
-      const __m512d vB = _mm512_set1_pd(B), eps = _mm512_set1_pd(1e-8);
-      const __m256 vBf = _mm256_set1_ps(Bf), fzero = _mm256_setzero_ps();
-      for (; g + 8 <= g1; g += 8) {
-        const __m512d mn8 = _mm512_loadu_pd(mn + g), mx8 = _mm512_loadu_pd(mx + g);
-        const __mmask8 full = _mm512_cmp_pd_mask(mn8, mx8, _CMP_LE_OQ);  // not empty (NaN: empty)
-        const __m512d a = _mm512_maskz_mov_pd(full, mn8), b = _mm512_maskz_mov_pd(full, mx8);
-        const __m512d l = _mm512_sub_pd(a, eps), h = _mm512_add_pd(b, eps);
-        const __m256 sc = _mm512_maskz_cvtpd_ps(0xFF, _mm512_div_pd(vB, _mm512_sub_pd(h, l)));
-        const __m256 lf = _mm512_maskz_cvtpd_ps(0xFF, l);
-        _mm256_storeu_ps(scale + g, sc), _mm256_storeu_ps(lo + g, lf);
-        const __mmask8 ok =
-            _mm256_cmp_ps_mask(_mm256_mul_ps(_mm256_sub_ps(_mm512_maskz_cvtpd_ps(0xFF, a), lf), sc), fzero, _CMP_GE_OQ) &
-            _mm256_cmp_ps_mask(_mm256_mul_ps(_mm256_sub_ps(_mm512_maskz_cvtpd_ps(0xFF, b), lf), sc), vBf, _CMP_LE_OQ);
-        const int64_t i = g - g0;  // a multiple of 8: the 8 bits stay within one word
-        redo[i >> 6] |= static_cast<uint64_t>(static_cast<uint8_t>(~ok)) << (i & 63);
-      }
+      for (; g + 8 <= g1; g += 8) affine_grids8(_mm512_loadu_pd(mn + g), _mm512_loadu_pd(mx + g), spec.bits, scale + g, lo + g);
 #endif
       for (; g < g1; ++g) {
         const bool empty = !(mn[g] <= mx[g]);
