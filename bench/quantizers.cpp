@@ -48,6 +48,15 @@ int run(int argc, char** argv) {
   std::printf("gradient [%ld, %ld], %d thread(s), median of %d; BHQ: %ld groups\n", static_cast<long>(rows),
               static_cast<long>(cols), threads, reps, static_cast<long>(t.num_groups()));
   std::vector<double> rmin(static_cast<size_t>(rows)), rmax(static_cast<size_t>(rows));
+  // The same values as an N,C,H,W gradient (what Conv2d hands quantize_pair_nchw): P positions
+  // per sample, the largest of PreAct-ResNet-20's 784 / 196 / 49 that divides the rows.
+  int64_t P = rows;
+  for (int64_t p : {784, 196, 49})
+    if (rows % p == 0) {
+      P = p;
+      break;
+    }
+  const Tensor x_nchw = x.reshape({rows / P, cols, P});
   BhqTransform seq = t;  // what the scattered rows of a group cost: the groups over rows in order
   std::iota(seq.members.begin(), seq.members.end(), 0);
   const std::vector<int64_t> rank = bhq_rank_descending(ranges);
@@ -75,6 +84,9 @@ int run(int argc, char** argv) {
       {"quantize psq 8", [&] { (void)quantize(x, {QuantizerKind::psq, 8}, {1, 2}); }},
       {"quantize_pair psq 8 + ptq 8", [&] {
          (void)quantize_pair(x, {QuantizerKind::psq, 8}, {1, 2}, {QuantizerKind::ptq, 8}, {1, 3});
+       }},
+      {"quantize_pair_nchw psq 8 + ptq 8", [&] {
+         (void)quantize_pair_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, {QuantizerKind::ptq, 8}, {1, 3});
        }},
       {"quantize bhq 8", [&] { (void)quantize(x, {QuantizerKind::bhq, 8}, {1, 2}); }},
       {"quantize bhq 8, then quantize ptq 8", [&] {

@@ -321,17 +321,22 @@ TEST(Quantize, PairEqualsTwoSeparateCalls) {
 // by block in cache) against quantize_pair on G's rows laid out by plain loops ([(N*H*W), C]):
 // code for code and grid for grid, for the pairs it takes, bit widths, channel counts that split
 // the 4096-value blocks unevenly (3, 17), blocks that run across samples (28 x 28 = 784 rows per
-// sample against blocks of 256 rows), 1 and 2 threads. Pairs it does not take are refused; a NaN
+// sample against blocks of 256 rows), channel counts of 16, 32, 48, 64 (the channel-major pass)
+// with and without a short last run per sample, 1 and 2 threads. Pairs it does not take are refused; a NaN
 // or an Inf anywhere throws NonFiniteError.
 TEST(Quantize, PairNchwEqualsPairOfRows) {
   struct Shape4 {
     int64_t n, c, h, w;
   };
-  const Shape4 shapes[] = {{1, 1, 1, 1}, {2, 3, 5, 7}, {3, 16, 28, 28}, {5, 17, 9, 9}, {4, 64, 7, 7}, {64, 16, 28, 28}};
+  // (Channel counts that are multiples of 16 take the channel-major AVX-512 pass; 14 x 14 and
+  // 7 x 7 positions end each sample in a short run of 4 and 1.)
+  const Shape4 shapes[] = {{1, 1, 1, 1},   {2, 3, 5, 7},   {3, 16, 28, 28}, {5, 17, 9, 9},  {4, 64, 7, 7},
+                           {3, 32, 14, 14}, {2, 48, 3, 5}, {1, 16, 1, 1},   {64, 16, 28, 28}};
   const std::pair<QuantizerKind, QuantizerKind> pairs[] = {{QuantizerKind::psq, QuantizerKind::ptq},
                                                            {QuantizerKind::ptq, QuantizerKind::ptq},
                                                            {QuantizerKind::psq, QuantizerKind::psq},
-                                                           {QuantizerKind::ptq, QuantizerKind::psq}};
+                                                           {QuantizerKind::ptq, QuantizerKind::psq},
+                                                           {QuantizerKind::psq, QuantizerKind::ptq_zero}};
   const int saved = omp_get_max_threads();
   uint64_t seed = 40;
   for (int threads : {1, 2}) {

@@ -4,6 +4,7 @@
 #include "fqt/profile.hpp"
 #include "bhq_fast.hpp"
 #include "minmax.hpp"
+#include "philox_avx512.hpp"
 #include "philox_batch.hpp"
 #include "round_run.hpp"
 #include "transpose.hpp"
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <exception>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #if defined(__AVX2__)
@@ -388,6 +390,132 @@ std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, int64
   return {std::move(qa), std::move(qb)};
 }
 
+#if defined(__AVX512F__)
+// quantize_pair_nchw's two draws for C a multiple of 16, straight from the N,C,H,W gradient in
+// channel-major form: no rows of G are formed. Per 16 positions p0.. of one sample (rows r0 ..
+// r0 + 15 of G), channel c's 16 values are one vector (x[n, c, p0 ..]), so
+//  * the rows' ranges are a vertical min / max over the C vectors (no transposing tree),
+//  * the uniforms come out of Philox already channel-major: lane i of set j computes block
+//    (r0 + i) C/4 + j, whose word w is the uniform of element (r0 + i) C + 4j + w, i.e. of row
+//    r0 + i, channel 4j + w (fill_uniforms computes the same blocks in order and transposes them
+//    to element order; here nothing is stored or transposed),
+//  * the codes, rounded as round_run_stochastic does (the same IEEE operations), are packed four
+//    channels to a 32-bit lane and transposed as 4 x 4 blocks of lanes into G's row layout.
+// Element e gets its key's uniform e and every grid is make_grids', so the codes are
+// pair_one_pass's bit for bit (tests/unit/test_quantize.cpp, PairNchwEqualsPairOfRows).
+// A sample's last positions (P not a multiple of 16) go through small zero-padded buffers.
+// (GCC 12's false maybe-uninitialized warning inside its AVX-512 headers, as in philox_batch.cpp.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+void pair_nchw16(const float* xp, int64_t N, int64_t C, int64_t P, QuantizedTensor& qa, RngKey ka,
+                 QuantizedTensor& qb, RngKey kb) {
+  using namespace kernels::philox512;
+  const bool row_a = qa.granularity() == Granularity::row, row_b = qb.granularity() == Granularity::row;
+  const int64_t per_sample = (P + 15) / 16, units = N * per_sample, C4 = C / 4;
+  QuantizedTensor* const qs[2] = {&qa, &qb};
+  const RngKey keys[2] = {ka, kb};
+  const bool rows_of[2] = {row_a, row_b};
+  const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(C4)));
+  // The 4 x 4 transpose of 32-bit lanes: level 1 interleaves two packed vectors' first / last 8
+  // lanes, level 2 two of those pairs' 4-lane runs.
+  const __m512i i1lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i i1hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i i2lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+  const __m512i i2hi = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+  const __m512 zero = _mm512_setzero_ps();
+#pragma omp parallel if (N * C * P > kParallelMin)
+  {
+    std::vector<float> tail(static_cast<size_t>(C * 16));  // a short run's values, [C][16], zero-padded
+    alignas(64) uint8_t out16[256];                         // 16 rows x 16 channels of codes
+    alignas(64) float gsc[2][16], glo[2][16];
+    double dlo[16], dhi[16];
+#pragma omp for schedule(static)
+    for (int64_t unit = 0; unit < units; ++unit) {
+      const int64_t s = unit / per_sample, p0 = (unit - s * per_sample) * 16, n = std::min<int64_t>(16, P - p0);
+      const int64_t r0 = s * P + p0;
+      const float* src = xp + s * C * P + p0;
+      int64_t ld = P;
+      if (n < 16) {
+        for (int64_t c = 0; c < C; ++c) {
+          std::fill(tail.begin() + c * 16, tail.begin() + c * 16 + 16, 0.0f);
+          std::copy(src + c * P, src + c * P + n, tail.begin() + c * 16);
+        }
+        src = tail.data(), ld = 16;
+      }
+      if (row_a || row_b) {  // the rows' ranges, then their grids (make_grids)
+        __m512 mn = _mm512_loadu_ps(src), mx = mn;
+        for (int64_t c = 1; c < C; ++c) {
+          const __m512 v = _mm512_loadu_ps(src + c * ld);
+          mn = _mm512_min_ps(mn, v), mx = _mm512_max_ps(mx, v);
+        }
+        const __m512d mn8[2] = {_mm512_cvtps_pd(_mm512_castps512_ps256(mn)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(mn, 1))};
+        const __m512d mx8[2] = {_mm512_cvtps_pd(_mm512_castps512_ps256(mx)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(mx, 1))};
+        for (int d = 0; d < 2; ++d)
+          if (rows_of[d]) {
+            const QuantizerSpec sp = qs[d]->spec;
+            if (affine_grid_kind(sp.kind)) {  // make_grids' vector step inline (called per 16 rows it was ~20% of this pass)
+              affine_grids8(mn8[0], mx8[0], sp.bits, gsc[d], glo[d]);
+              affine_grids8(mn8[1], mx8[1], sp.bits, gsc[d] + 8, glo[d] + 8);
+            } else {
+              _mm512_storeu_pd(dlo, mn8[0]), _mm512_storeu_pd(dlo + 8, mn8[1]);
+              _mm512_storeu_pd(dhi, mx8[0]), _mm512_storeu_pd(dhi + 8, mx8[1]);
+              make_grids(sp, dlo, dhi, 16, gsc[d], glo[d]);
+            }
+            std::copy(gsc[d], gsc[d] + n, qs[d]->scale.data() + r0);
+            std::copy(glo[d], glo[d] + n, qs[d]->lo.data() + r0);
+          }
+      }
+      for (int d = 0; d < 2; ++d) {
+        QuantizedTensor& q = *qs[d];
+        const __m512 vlo = rows_of[d] ? _mm512_load_ps(glo[d]) : _mm512_set1_ps(q.lo[0]);
+        const __m512 vsc = rows_of[d] ? _mm512_load_ps(gsc[d]) : _mm512_set1_ps(q.scale[0]);
+        const __m512 vB = _mm512_set1_ps(static_cast<float>(q.max_code()));
+        uint8_t* codes = q.codes.data<uint8_t>() + r0 * C;
+        for (int64_t k = 0; k < C; k += 16) {  // channels k .. k + 15: Philox blocks (r0 + i) C/4 + k/4 + j
+          __m512i c0[4], c1[4], c2[4], c3[4];
+          for (int j = 0; j < 4; ++j)
+            counters(keys[d], static_cast<uint64_t>(r0 * C4 + k / 4 + j), step, c0[j], c1[j], c2[j], c3[j]);
+          rounds<4, true>(keys[d], c0, c1, c2, c3);
+          __m512i packed[4];  // lane i of packed[j]: row r0 + i's codes of channels k + 4j .. k + 4j + 3
+          for (int j = 0; j < 4; ++j) {
+            const __m512i w[4] = {c0[j], c1[j], c2[j], c3[j]};
+            __m512i code[4];
+            for (int t = 0; t < 4; ++t) {
+              const __m512 x = _mm512_loadu_ps(src + (k + 4 * j + t) * ld);
+              __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x, vlo), vsc), to_uniform(w[t]));
+              v = _mm512_mask_roundscale_ps(v, kAll16, v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+              v = _mm512_mask_min_ps(v, kAll16, _mm512_mask_max_ps(v, kAll16, v, zero), vB);
+              code[t] = _mm512_mask_cvttps_epi32(_mm512_castps_si512(v), kAll16, v);
+            }
+            packed[j] = _mm512_ternarylogic_epi32(code[0], _mm512_slli_epi32(code[1], 8), _mm512_slli_epi32(code[2], 16),
+                                                  0xFE);  // a | b | c
+            packed[j] = _mm512_or_si512(packed[j], _mm512_slli_epi32(code[3], 24));
+          }
+          const __m512i b01lo = _mm512_permutex2var_epi32(packed[0], i1lo, packed[1]);
+          const __m512i b01hi = _mm512_permutex2var_epi32(packed[0], i1hi, packed[1]);
+          const __m512i b23lo = _mm512_permutex2var_epi32(packed[2], i1lo, packed[3]);
+          const __m512i b23hi = _mm512_permutex2var_epi32(packed[2], i1hi, packed[3]);
+          const __m512i o[4] = {_mm512_permutex2var_epi32(b01lo, i2lo, b23lo), _mm512_permutex2var_epi32(b01lo, i2hi, b23lo),
+                                _mm512_permutex2var_epi32(b01hi, i2lo, b23hi), _mm512_permutex2var_epi32(b01hi, i2hi, b23hi)};
+          if (C == 16 && n == 16) {  // rows r0 .. r0 + 15 are 256 contiguous codes
+            for (int m = 0; m < 4; ++m) _mm512_storeu_si512(codes + 64 * m, o[m]);
+          } else {  // each row's 16 codes at its place (row stride C)
+            for (int m = 0; m < 4; ++m) _mm512_store_si512(out16 + 64 * m, o[m]);
+            for (int64_t i = 0; i < n; ++i) std::memcpy(codes + i * C + k, out16 + 16 * i, 16);
+          }
+        }
+      }
+    }
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
 }  // namespace
 
 QuantizedTensor quantize(const Tensor& x_in, QuantizerSpec spec, RngKey key) {
@@ -486,6 +614,15 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, 
   for (int64_t n = 0; n < N; ++n) minmax_lanes(xp + n * C * P, C * P, lo, hi, nan);
   if (nan) check_finite(x, "quantizer input");  // throws, naming the element
   if (rows * C == 0) return quantize_pair(Tensor::empty({rows, C}), sa, ka, sb, kb);
+#if defined(__AVX512F__)
+  if (C % 16 == 0) {  // channel-major, no rows of G formed (pair_nchw16)
+    if (!std::isfinite(lo) || !std::isfinite(hi)) check_finite(x, "quantizer input");  // throws, naming the element
+    QuantizedTensor qa = pair_header(sa, rows, C, nullptr, nullptr, lo, hi);  // row grids: filled by pair_nchw16
+    QuantizedTensor qb = pair_header(sb, rows, C, nullptr, nullptr, lo, hi);
+    pair_nchw16(xp, N, C, P, qa, ka, qb, kb);
+    return {std::move(qa), std::move(qb)};
+  }
+#endif
   // Rows r0 .. r0 + n: sample s's positions p0.. of each channel, [C, len] (row stride P)
   // transposed into [len, C].
   auto load = [&](int64_t r0, int64_t n, float* buf) {
