@@ -140,10 +140,12 @@ class Conv2d : public QuantizedLayer {
   void collect_params(std::vector<Param*>& out) override;
   // The last training forward's output again, bit for bit, from what forward kept for backward
   // (the input's codes and the weight's codes in qat/fqt; the fp32 input in fp32 mode).
-  Tensor recompute_output() const;
+  // With `residual`: plus that tensor, added as forward adds one (the same bits as add_inplace).
+  Tensor recompute_output(const Tensor* residual = nullptr) const;
   std::string region_name() const;  // for profile regions: "conv CIN->COUT KxK sS"
   OutputSource output_source() override {
-    return {[this] { return recompute_output(); }, cin_ * k_ * k_};
+    return {[this] { return recompute_output(); }, cin_ * k_ * k_,
+            [this](const Tensor& r) { return recompute_output(&r); }};
   }
   void collect_saved(std::vector<std::pair<const void*, size_t>>& out) const override {
     saved_add(out, x_);  // activations only: the weight (codes) is not counted

@@ -72,7 +72,7 @@ Tensor PreActBlock::backward(const Tensor& dy, const StepContext& ctx) {
 void PreActBlock::enable_recompute(const RecomputePolicy& policy, const OutputSource& input) {
   input_src_ = policy.allows(input) ? input : OutputSource();
   cached_input_ = {};
-  pre_.enable_recompute(policy, input_src_ ? OutputSource{[this] { return take_input(); }, input_src_.macs}
+  pre_.enable_recompute(policy, input_src_ ? OutputSource{[this] { return take_input(); }, input_src_.macs, {}}
                                            : OutputSource());  // bn1
   main_.enable_recompute(policy, {});  // bn2 <- conv1
 }
@@ -94,18 +94,15 @@ OutputSource PreActBlock::output_source() {
   if (!shortcut_ && !input_src_) return {};
   const int64_t macs = std::max(main_.output_source().macs,
                                 shortcut_ ? shortcut_->output_source().macs : input_src_.macs);
+  // (conv2 adds the other term as it stores its output, as in forward: OutputSource::plus)
   return {[this] {
-            Tensor y = main_.output_source()();  // conv2
-            if (shortcut_) {
-              add_inplace(y, shortcut_->output_source()());
-            } else {
-              Tensor x = take_input();
-              add_inplace(y, x);
-              cached_input_ = x;
-            }
+            if (shortcut_) return main_.output_source().plus(shortcut_->output_source()());
+            Tensor x = take_input();
+            Tensor y = main_.output_source().plus(x);
+            cached_input_ = x;
             return y;
           },
-          macs};
+          macs, {}};
 }
 
 // Order: bn1, shortcut, conv1, bn2, conv2 (construction order).

@@ -238,16 +238,27 @@ Tensor Conv2d::forward_f32(const Tensor& xin, const Tensor& w) const {
 
 // Forward again from what it kept: the same branch (integer or fp32 GEMMs) on the same operands,
 // so the same bits. The weights have not changed yet (the optimizer runs after backward).
-Tensor Conv2d::recompute_output() const {
+// A residual is added as forward adds it: inside forward_int's store, else by add_inplace.
+Tensor Conv2d::recompute_output(const Tensor* residual) const {
   FQT_CHECK(!in_shape_.empty(), "Conv2d {}: recompute without a training forward", name_);
+  if (residual) {
+    const Geom g = geom(in_shape_, k_, stride_, pad_);
+    const Shape out{in_shape_[0], cout_, g.Ho, g.Wo};
+    FQT_CHECK(residual->shape() == out && residual->dtype() == DType::f32,
+              "Conv2d {}: residual {} does not match the output {}", name_, shape_str(residual->shape()), shape_str(out));
+  }
+  Tensor y;
   if (!quantized_forward(recipe_)) {
     FQT_CHECK(x_.defined(), "Conv2d {}: recompute without a training forward", name_);
-    return forward_f32(x_, weight2d());
+    y = forward_f32(x_, weight2d());
+  } else {
+    FQT_CHECK(xq_.codes.defined() && wq_.codes.defined(), "Conv2d {}: recompute without a training forward", name_);
+    const int zero_code = saved_zero_code();
+    if (zero_code >= 0 && int_fprop(recipe_, xq_, wq_)) return forward_int(xq_, wq_, zero_code, residual);
+    y = forward_f32(dequantize(xq_).reshape(in_shape_), dequantize(wq_));
   }
-  FQT_CHECK(xq_.codes.defined() && wq_.codes.defined(), "Conv2d {}: recompute without a training forward", name_);
-  const int zero_code = saved_zero_code();
-  if (zero_code >= 0 && int_fprop(recipe_, xq_, wq_)) return forward_int(xq_, wq_, zero_code);
-  return forward_f32(dequantize(xq_).reshape(in_shape_), dequantize(wq_));
+  if (residual) add_inplace(y, *residual);
+  return y;
 }
 
 int Conv2d::saved_zero_code() const {

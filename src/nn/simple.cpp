@@ -219,6 +219,13 @@ void Sequential::collect_quantized(std::vector<QuantizedLayer*>& out) {
   for (auto& c : children_) c->collect_quantized(out);
 }
 
+Tensor OutputSource::plus(const Tensor& r) const {
+  if (make_plus) return make_plus(r);
+  Tensor y = make();
+  add_inplace(y, r);
+  return y;
+}
+
 void add_inplace(Tensor& a, const Tensor& b) {
   FQT_CHECK(a.numel() == b.numel(), "add_inplace: {} vs {}", shape_str(a.shape()), shape_str(b.shape()));
   float* ap = a.data<float>();
