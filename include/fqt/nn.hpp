@@ -50,7 +50,7 @@ struct OutputSource {
   // Optional: the output with a tensor of its shape added, as forward added a residual (a
   // convolution adds it while it stores its output: one pass over the output less than
   // make() followed by add_inplace, with the same bits).
-  std::function<Tensor(const Tensor&)> make_plus;
+  std::function<Tensor(const Tensor&)> make_plus = {};
   explicit operator bool() const { return static_cast<bool>(make); }
   Tensor operator()() const { return make(); }
   // make() + r, through make_plus when there is one.

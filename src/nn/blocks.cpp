@@ -72,7 +72,7 @@ Tensor PreActBlock::backward(const Tensor& dy, const StepContext& ctx) {
 void PreActBlock::enable_recompute(const RecomputePolicy& policy, const OutputSource& input) {
   input_src_ = policy.allows(input) ? input : OutputSource();
   cached_input_ = {};
-  pre_.enable_recompute(policy, input_src_ ? OutputSource{[this] { return take_input(); }, input_src_.macs, {}}
+  pre_.enable_recompute(policy, input_src_ ? OutputSource{[this] { return take_input(); }, input_src_.macs}
                                            : OutputSource());  // bn1
   main_.enable_recompute(policy, {});  // bn2 <- conv1
 }
@@ -102,7 +102,7 @@ OutputSource PreActBlock::output_source() {
             cached_input_ = x;
             return y;
           },
-          macs, {}};
+          macs};
 }
 
 // Order: bn1, shortcut, conv1, bn2, conv2 (construction order).

@@ -169,16 +169,24 @@ Tensor Conv2d::forward(const Shape& in_shape, const StepContext& ctx, const Quan
   return forward_impl(in_shape, nullptr, ctx, &xq, residual);
 }
 
+namespace {
+// A residual must have the conv's output shape (N, Cout, Ho, Wo) for input shape `in`.
+void check_residual(const std::string& name, const Shape& in, int64_t cout, int64_t k, int64_t stride, int64_t pad,
+                    const Tensor& r) {
+  const Geom g = geom(in, k, stride, pad);
+  const Shape out{in[0], cout, g.Ho, g.Wo};
+  FQT_CHECK(r.shape() == out && r.dtype() == DType::f32, "Conv2d {}: residual {} does not match the output {}", name,
+            shape_str(r.shape()), shape_str(out));
+}
+}  // namespace
+
 // x: the input, or null when its codes are `given` (then only its shape is known; qat, fqt).
 Tensor Conv2d::forward_impl(const Shape& shape, const Tensor* x, const StepContext& ctx, const QuantizedTensor* given,
                             const Tensor* residual) {
   profile::RegionScope region([&] { return region_name() + ": forward"; });
   FQT_CHECK(shape.size() == 4 && shape[1] == cin_, "Conv2d {}: input {} is not N,{},H,W", name_, shape_str(shape), cin_);
-  const Geom g0 = geom(shape, k_, stride_, pad_);  // validates the geometry (throws on a too-small input)
-  if (residual)
-    FQT_CHECK(residual->shape() == Shape({shape[0], cout_, g0.Ho, g0.Wo}) && residual->dtype() == DType::f32,
-              "Conv2d {}: residual {} does not match the output {}", name_, shape_str(residual->shape()),
-              shape_str(Shape({shape[0], cout_, g0.Ho, g0.Wo})));
+  (void)geom(shape, k_, stride_, pad_);  // validates the geometry (throws on a too-small input)
+  if (residual) check_residual(name_, shape, cout_, k_, stride_, pad_, *residual);
   Tensor xin, w = weight2d();
   if (!quantized_forward(recipe_)) {
     xin = *x;
@@ -241,12 +249,7 @@ Tensor Conv2d::forward_f32(const Tensor& xin, const Tensor& w) const {
 // A residual is added as forward adds it: inside forward_int's store, else by add_inplace.
 Tensor Conv2d::recompute_output(const Tensor* residual) const {
   FQT_CHECK(!in_shape_.empty(), "Conv2d {}: recompute without a training forward", name_);
-  if (residual) {
-    const Geom g = geom(in_shape_, k_, stride_, pad_);
-    const Shape out{in_shape_[0], cout_, g.Ho, g.Wo};
-    FQT_CHECK(residual->shape() == out && residual->dtype() == DType::f32,
-              "Conv2d {}: residual {} does not match the output {}", name_, shape_str(residual->shape()), shape_str(out));
-  }
+  if (residual) check_residual(name_, in_shape_, cout_, k_, stride_, pad_, *residual);
   Tensor y;
   if (!quantized_forward(recipe_)) {
     FQT_CHECK(x_.defined(), "Conv2d {}: recompute without a training forward", name_);

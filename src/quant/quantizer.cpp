@@ -126,9 +126,10 @@ void make_grids(QuantizerSpec spec, const double* mn, const double* mx, int64_t 
     // Affine grids (SPEC section 2) 8 at a time with make_grid's coverage fix (affine_grids8);
     // in the scalar tail, a grid that fails the check (an ulp short after rounding to fp32) is
     // made again by make_grid itself below, so every grid is make_grid's. Bit g - g0 of `redo`:
-    // group g needs make_grid (every group of the other kinds). (The per-row grids of PSQ: ~10^5 per conv gradient; make_grid's scalar
-    // loop was 1.3% of the step in perf, session 9; this loop, scalar, a division and a branch
-    // per grid, and a branch per grid over a byte array of redo flags, ~1%, session 15.)
+    // group g needs make_grid (every group of the other kinds). (The per-row grids of PSQ:
+    // ~10^5 per conv gradient; make_grid's scalar loop was 1.3% of the step in perf, session 9;
+    // this loop, scalar, a division and a branch per grid, and a branch per grid over a byte
+    // array of redo flags, ~1%, session 15.)
     uint64_t redo[4] = {~uint64_t{0}, ~uint64_t{0}, ~uint64_t{0}, ~uint64_t{0}};
     if (affine) {
       std::fill(redo, redo + 4, uint64_t{0});

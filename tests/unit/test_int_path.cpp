@@ -476,8 +476,8 @@ TEST(intPath, ConvIntegerPathIsThreadInvariant) {
 }
 
 // forward(x, ctx, xq, &residual) is forward(x) + residual, added as the output is written: the
-// same bits as add_inplace afterwards, on the integer, simulated and fp32 paths; a residual of
-// another shape is refused.
+// same bits as add_inplace afterwards, on the integer, simulated and fp32 paths, and so is
+// recompute_output(&residual); a residual of another shape is refused by both.
 TEST(intPath, ConvResidualAddEqualsAddAfterwards) {
   for (Arith a : {Arith::integer, Arith::sim})
     for (Mode m : {Mode::fqt, Mode::fp32}) {
@@ -493,7 +493,12 @@ TEST(intPath, ConvResidualAddEqualsAddAfterwards) {
       ASSERT_EQ(got.shape(), want.shape());
       EXPECT_EQ(std::memcmp(got.raw(), want.raw(), got.nbytes()), 0) << (a == Arith::integer ? "int" : "sim")
                                                                        << (m == Mode::fqt ? " fqt" : " fp32");
+      // recompute_output(&residual) (backward's recompute of a PreAct block's output): the same bits.
+      const Tensor again = l2.recompute_output(&res);
+      EXPECT_EQ(std::memcmp(again.raw(), want.raw(), again.nbytes()), 0) << (a == Arith::integer ? "int" : "sim")
+                                                                         << (m == Mode::fqt ? " fqt" : " fp32");
       const Tensor wrong = randn({3, 7, 4, 4}, 63);
+      EXPECT_THROW(l2.recompute_output(&wrong), Error);
       EXPECT_THROW(l2.forward(x, ctx, nullptr, &wrong), Error);
     }
 }

@@ -341,7 +341,7 @@ TEST(nn, batchnorm_with_relu_equals_batchnorm_then_relu) {
             b->gamma().value.data<float>()[c] = 0.5f + 0.25f * static_cast<float>(c);
             b->beta().value.data<float>()[c] = 0.3f - 0.2f * static_cast<float>(c);
           }
-          if (recompute) b->enable_recompute(RecomputePolicy{true}, OutputSource{[&x] { return x; }, 1, {}});
+          if (recompute) b->enable_recompute(RecomputePolicy{true}, OutputSource{[&x] { return x; }, 1});
         }
         ReLU relu;
         const StepContext ctx{true, 0, 0};

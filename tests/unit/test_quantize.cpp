@@ -322,8 +322,8 @@ TEST(Quantize, PairEqualsTwoSeparateCalls) {
 // code for code and grid for grid, for the pairs it takes, bit widths, channel counts that split
 // the 4096-value blocks unevenly (3, 17), blocks that run across samples (28 x 28 = 784 rows per
 // sample against blocks of 256 rows), channel counts of 16, 32, 48, 64 (the channel-major pass)
-// with and without a short last run per sample, 1 and 2 threads. Pairs it does not take are refused; a NaN
-// or an Inf anywhere throws NonFiniteError.
+// with and without a short last run per sample, 1 and 2 threads. Pairs it does not take are
+// refused; a NaN or an Inf anywhere throws NonFiniteError.
 TEST(Quantize, PairNchwEqualsPairOfRows) {
   struct Shape4 {
     int64_t n, c, h, w;

@@ -412,11 +412,10 @@ std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, int64
 void pair_nchw16(const float* xp, int64_t N, int64_t C, int64_t P, QuantizedTensor& qa, RngKey ka,
                  QuantizedTensor& qb, RngKey kb) {
   using namespace kernels::philox512;
-  const bool row_a = qa.granularity() == Granularity::row, row_b = qb.granularity() == Granularity::row;
   const int64_t per_sample = (P + 15) / 16, units = N * per_sample, C4 = C / 4;
   QuantizedTensor* const qs[2] = {&qa, &qb};
   const RngKey keys[2] = {ka, kb};
-  const bool rows_of[2] = {row_a, row_b};
+  const bool rows_of[2] = {qa.granularity() == Granularity::row, qb.granularity() == Granularity::row};
   const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int>(C4)));
   // The 4 x 4 transpose of 32-bit lanes: level 1 interleaves two packed vectors' first / last 8
@@ -428,7 +427,7 @@ void pair_nchw16(const float* xp, int64_t N, int64_t C, int64_t P, QuantizedTens
   const __m512 zero = _mm512_setzero_ps();
 #pragma omp parallel if (N * C * P > kParallelMin)
   {
-    std::vector<float> tail(static_cast<size_t>(C * 16));  // a short run's values, [C][16], zero-padded
+    std::vector<float> tail(static_cast<size_t>(P % 16 ? C * 16 : 0));  // a short run's values, [C][16], zero-padded
     alignas(64) uint8_t out16[256];                         // 16 rows x 16 channels of codes
     alignas(64) float gsc[2][16], glo[2][16];
     double dlo[16], dhi[16];
@@ -445,7 +444,7 @@ void pair_nchw16(const float* xp, int64_t N, int64_t C, int64_t P, QuantizedTens
         }
         src = tail.data(), ld = 16;
       }
-      if (row_a || row_b) {  // the rows' ranges, then their grids (make_grids)
+      if (rows_of[0] || rows_of[1]) {  // the rows' ranges, then their grids (make_grids)
         __m512 mn = _mm512_loadu_ps(src), mx = mn;
         for (int64_t c = 1; c < C; ++c) {
           const __m512 v = _mm512_loadu_ps(src + c * ld);
