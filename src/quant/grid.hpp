@@ -183,8 +183,10 @@ void make_grids(QuantizerSpec spec, const double* mn, const double* mx, int64_t 
 // scale[0..7] / lo[0..7]: the grid of SPEC section 2 (the same IEEE operations in the same order
 // as affine_grid), then make_grid's coverage fix on the lanes that need it (the scale shrunk an
 // ulp at a time, at most 64 times, until [mn, mx] maps into [0, B] in fp32; the scale is positive
-// and finite, so its next float toward 0 is its bit pattern minus one). ~1 group in 4 of a
-// gradient needs a step; make_grid's scalar loop for those was ~8% of the NCHW pair pass.
+// and finite, so its next float toward 0 is its bit pattern minus one). Rows of unit-scale
+// Gaussian values (bench_quantizers' data) need a step ~19% of the time, and make_grid's scalar
+// loop for those was ~8% of the NCHW pair pass there; rows of values ~1e-3 (gradient-sized,
+// where the 1e-8 margins weigh more) needed none in the same count.
 // A lane with mn > mx (an empty group) or a NaN end gets the grid of [0, 0], as in make_grids'
 // scalar loop. (Masked converts: GCC 12 warns on the plain ones.)
 [[gnu::always_inline]] inline void affine_grids8(__m512d mn8, __m512d mx8, int bits, float* scale, float* lo) {
