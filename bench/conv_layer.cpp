@@ -61,6 +61,10 @@ int run(int argc, char** argv) {
   auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
   auto best = [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); };
   const Times d = time_ms(reps, [&] { conv.dgrad(dy, ctx); });
+  // dgrad's integer part alone (Conv2d::dgrad_int on the codes of dY's rows, as backward hands
+  // them over): the kernel, without the layout and the quantizer.
+  const QuantizedTensor gq = quantize(nchw_to_rows(dy), r.dgrad, RngKey{11, 0});
+  const Times dk_t = time_ms(reps, [&] { conv.dgrad_on_codes(gq); });
   const Times w = time_ms(reps, [&] { conv.wgrad(dy, ctx); });
   const Times b = time_ms(reps, [&] { conv.backward(dy, ctx); });
   std::printf("conv %ld -> %ld, 3x3, %ldx%ld, batch %ld, %d thread(s), dgrad %s 8-bit; median / fastest of %d\n",
@@ -72,6 +76,8 @@ int run(int argc, char** argv) {
   std::printf("  forward on codes, general path   %8.3f ms  %8.3f ms   (im2row, GEMM kernel, transpose, epilogue)\n",
               med(general_ms), best(general_ms));
   std::printf("  dgrad    %8.3f ms  %8.3f ms\n", d.median, d.best);
+  std::printf("  dgrad on codes   %8.3f ms  %8.3f ms   (Conv2d::dgrad_on_codes: the integer dgrad alone, no layout or quantizer)\n",
+              dk_t.median, dk_t.best);
   std::printf("  wgrad    %8.3f ms  %8.3f ms\n", w.median, w.best);
   std::printf("  backward %8.3f ms  %8.3f ms   (training: wgrad + dgrad, both draws of dY in one quantize_pair)\n",
               b.median, b.best);

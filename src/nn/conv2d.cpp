@@ -314,6 +314,15 @@ Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) { return dgrad_ro
 
 void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) { wgrad_rows(dy, rows_for_gradients(dy), ctx); }
 
+Tensor Conv2d::dgrad_on_codes(const QuantizedTensor& gq) const {
+  FQT_CHECK(!in_shape_.empty() && wq_.codes.defined(), "Conv2d {}: dgrad_on_codes without a training forward", name_);
+  const int64_t rows = in_shape_[0] * geom(in_shape_, k_, stride_, pad_).P();
+  FQT_CHECK(gq.rows == rows && gq.cols == cout_, "Conv2d {}: gradient codes [{}, {}], expected [{}, {}]", name_,
+            gq.rows, gq.cols, rows, cout_);
+  FQT_CHECK(int_dgrad(recipe_, gq, wq_), "Conv2d {}: dgrad_on_codes needs the integer path (fqt, --arith int)", name_);
+  return dgrad_int(gq);
+}
+
 Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx, bool drawn) {
   FQT_CHECK(!in_shape_.empty() && dy.dim() == 4 && dy.size(1) == cout_ && dy.size(0) == in_shape_[0],
             "Conv2d {}: dy {} does not match the last forward", name_, shape_str(dy.shape()));

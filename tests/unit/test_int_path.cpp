@@ -475,6 +475,31 @@ TEST(intPath, ConvIntegerPathIsThreadInvariant) {
   }
 }
 
+// dgrad_on_codes (the integer dgrad alone, for benchmarks) on backward's own draw gives backward's
+// dX bit for bit, for each dgrad quantizer; codes of another shape, and the simulated path, are
+// refused with a message.
+TEST(intPath, ConvDgradOnCodesEqualsBackward) {
+  for (QuantizerKind dk : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq}) {
+    const Recipe r = recipe(Arith::integer, {dk, 8}, {QuantizerKind::ptq, 8});
+    Conv2d l("conv", 16, 16, 3, 1, 1, false, r, 4, 21);
+    const Tensor x = randn({4, 16, 9, 9}, 41);
+    const StepContext ctx{true, 2, 3};
+    const Tensor y = l.forward(x, ctx);
+    const Tensor dx = l.backward(randn(y.shape(), 42, 1e-2f), ctx);
+    const Tensor again = l.dgrad_on_codes(l.last_dgrad_q());
+    ASSERT_EQ(again.shape(), dx.shape());
+    EXPECT_EQ(std::memcmp(again.raw(), dx.raw(), dx.nbytes()), 0) << traits(dk).name;
+    const QuantizedTensor wrong = quantize(randn({4 * 81, 8}, 43), {dk, 8}, RngKey{1, 1});
+    EXPECT_THROW(l.dgrad_on_codes(wrong), Error) << traits(dk).name;
+  }
+  Recipe rs = recipe(Arith::sim, {QuantizerKind::psq, 8}, {QuantizerKind::ptq, 8});
+  Conv2d l("conv", 16, 16, 3, 1, 1, false, rs, 4, 21);
+  const StepContext ctx{true, 2, 3};
+  const Tensor y = l.forward(randn({4, 16, 9, 9}, 41), ctx);
+  l.backward(randn(y.shape(), 42, 1e-2f), ctx);
+  EXPECT_THROW(l.dgrad_on_codes(l.last_dgrad_q()), Error);
+}
+
 // forward(x, ctx, xq, &residual) is forward(x) + residual, added as the output is written: the
 // same bits as add_inplace afterwards, on the integer, simulated and fp32 paths, and so is
 // recompute_output(&residual); a residual of another shape is refused by both.
