@@ -63,6 +63,8 @@ PY
   rm -rf "$rd"
 done
 # An empty folder is an error, not an empty document.
-if "$py" "$gen" "$(mktemp -d)" "$out.empty" 2>/dev/null; then echo "empty run folder accepted"; fail=1; fi
+empty=$(mktemp -d)
+if "$py" "$gen" "$empty" "$out.empty" 2>/dev/null; then echo "empty run folder accepted"; fail=1; fi
+rmdir "$empty"
 [[ $fail == 0 ]] && echo "ok: report generated with all sections"
 exit $fail

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <unistd.h>
 
 using namespace fqt;
 using fqt::test::TinyNet;
@@ -401,11 +402,19 @@ TEST(Variance, TrackingDuringTrainingLeavesTrainingUnchanged) {
     c.progress = false;
     c.threads = 1;
     c.track_variance_every = every;
-    c.out = (fs::temp_directory_path() / ("fqt_test_variance_" + name)).string();
+    // Per process (several checkouts may run the suite at once), removed at the end.
+    c.out = (fs::temp_directory_path() / ("fqt_test_variance_" + std::to_string(::getpid()) + "_" + name)).string();
     fs::remove_all(c.out);
     return c;
   };
   const TrainConfig plain = cfg("plain", 0), tracked = cfg("tracked", 2);
+  struct Cleanup {
+    std::vector<std::string> dirs;
+    ~Cleanup() {
+      std::error_code ec;
+      for (const std::string& d : dirs) fs::remove_all(d, ec);
+    }
+  } cleanup{{plain.out, tracked.out}};
   const TrainResult a = train(plain), b = train(tracked);
   EXPECT_EQ(a.final_train_loss, b.final_train_loss);
   EXPECT_EQ(a.final_test_acc, b.final_test_acc);

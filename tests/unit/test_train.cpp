@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include <unistd.h>
 
@@ -18,10 +19,25 @@ using namespace fqt;
 namespace fs = std::filesystem;
 
 namespace {
+// The run folders this process made, removed when it exits (each test run used to leave ~15 of
+// them, ~250 KB each, in the temporary directory for good).
+struct TmpDirs {
+  std::vector<fs::path> paths;
+  ~TmpDirs() {
+    std::error_code ec;
+    for (const fs::path& p : paths) fs::remove_all(p, ec);
+  }
+};
+TmpDirs& tmp_dirs() {
+  static TmpDirs dirs;
+  return dirs;
+}
+
 std::string tmp_dir(const std::string& name) {
   // Per process: several checkouts may run the suite at once on one machine.
   fs::path p = fs::temp_directory_path() / ("fqt_test_train_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(p);
+  tmp_dirs().paths.push_back(p);
   return p.string();
 }
 
