@@ -81,4 +81,33 @@ class RegionScope {
   std::chrono::steady_clock::time_point t0_;
 };
 
+// Phases: named steps inside a region, e.g. the parts of BHQ's quantizer or of its dgrad, timed
+// on the calling thread around their parallel passes (`fqt bench step --breakdown` lists them
+// apart: they lie inside the regions and are not added to them). `name` is a string literal.
+// On and off with the regions; when off a PhaseScope costs one relaxed load.
+void add_phase(const char* name, int64_t ns);
+std::vector<std::pair<std::string, double>> phase_seconds();  // by name; cleared by reset()
+
+class PhaseScope {
+ public:
+  explicit PhaseScope(const char* name) : name_(name), on_(detail::g_regions.load(std::memory_order_relaxed)) {
+    if (on_) t0_ = std::chrono::steady_clock::now();
+  }
+  ~PhaseScope() { next(nullptr); }
+  // Ends this phase and, with a name, starts the next one at the same instant.
+  void next(const char* name) {
+    if (!on_) return;
+    const auto t = std::chrono::steady_clock::now();
+    add_phase(name_, std::chrono::duration_cast<std::chrono::nanoseconds>(t - t0_).count());
+    name_ = name, t0_ = t, on_ = name != nullptr;
+  }
+  PhaseScope(const PhaseScope&) = delete;
+  PhaseScope& operator=(const PhaseScope&) = delete;
+
+ private:
+  const char* name_;
+  bool on_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
 }  // namespace fqt::profile

@@ -23,6 +23,10 @@ std::map<std::string, int64_t>& region_ns() {
   static std::map<std::string, int64_t> m;
   return m;
 }
+std::map<std::string, int64_t>& phase_ns() {
+  static std::map<std::string, int64_t> m;
+  return m;
+}
 void add(Category c, int64_t ns) {
   thread_local const int slot = g_next_slot.fetch_add(1, std::memory_order_relaxed) % kSlots;
   g_slots[slot].ns[c].fetch_add(ns, std::memory_order_relaxed);
@@ -40,6 +44,7 @@ void reset() {
     for (auto& a : s.ns) a.store(0);
   std::lock_guard<std::mutex> lock(detail::g_region_mu);
   detail::region_ns().clear();
+  detail::phase_ns().clear();
 }
 double seconds(Category c) {
   int64_t ns = 0;
@@ -56,6 +61,17 @@ std::vector<std::pair<std::string, double>> region_seconds() {
   std::lock_guard<std::mutex> lock(detail::g_region_mu);
   std::vector<std::pair<std::string, double>> out;
   for (const auto& [name, ns] : detail::region_ns()) out.emplace_back(name, ns * 1e-9);
+  return out;
+}
+
+void add_phase(const char* name, int64_t ns) {
+  std::lock_guard<std::mutex> lock(detail::g_region_mu);
+  detail::phase_ns()[name] += ns;
+}
+std::vector<std::pair<std::string, double>> phase_seconds() {
+  std::lock_guard<std::mutex> lock(detail::g_region_mu);
+  std::vector<std::pair<std::string, double>> out;
+  for (const auto& [name, ns] : detail::phase_ns()) out.emplace_back(name, ns * 1e-9);
   return out;
 }
 

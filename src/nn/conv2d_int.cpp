@@ -1211,6 +1211,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     // 27 MB per stage-1 layer, fetched out of order; a pass in group order that scattered the
     // finished rows into all samples' accumulators stalled on those scattered writes instead:
     // docs/profiles/README.md, session 10.)
+    profile::PhaseScope phase("bhq dgrad: row terms, members");
     constexpr int64_t kGather = 4;
     const HouseholderV householder;  // v of each group size, looked up per group and per row
     const BhqTransform& t = *gq.transform;
@@ -1271,6 +1272,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       }
     };
     // Large groups: M_g once per group, in member order, a chunk of members per GEMM.
+    phase.next("bhq dgrad: large groups' M_g");
     std::vector<float> Mlarge(large.size() * static_cast<size_t>(ckk));
 #pragma omp parallel if (large.size() > 1 && parallel_worth(static_cast<int64_t>(large.size()) * cap * ckk))
     {
@@ -1290,6 +1292,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
         }
       }
     }
+    phase.next("bhq dgrad: rows (members' products, T^-1, col2im)");
 #if defined(FQT_DGRAD_FUSED)
     if (fused) {  // each row's members' products in registers, combined and summed from there
       WorkSplit split(N);  // (as the other per-sample loops: a lagging vCPU's samples are taken over)

@@ -339,6 +339,7 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
   SoftmaxCrossEntropy ce;
   std::vector<double> ms, qms, gfs, gis;
   std::map<std::string, std::vector<double>> region_ms;  // --breakdown: per region, ms per timed step
+  std::map<std::string, std::vector<double>> phase_ms;   // --breakdown: per phase (inside the regions)
   size_t saved = 0;
   for (int s = 0; s < o.warmup + o.steps; ++s) {
     StepContext ctx{true, 0, static_cast<uint64_t>(s)};
@@ -360,6 +361,7 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
         double in_regions = 0.0;
         for (const auto& [name, sec] : profile::region_seconds()) region_ms[name].push_back(1e3 * sec), in_regions += 1e3 * sec;
         region_ms[kOtherRegion].push_back(dt - in_regions);
+        for (const auto& [name, sec] : profile::phase_seconds()) phase_ms[name].push_back(1e3 * sec);
       }
       ms.push_back(dt);
       qms.push_back(1e3 * (profile::seconds(profile::quantize) + profile::seconds(profile::dequantize)));
@@ -375,6 +377,11 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
   for (auto& [name, v] : region_ms) {
     v.resize(ms.size(), 0.0);  // (a region missing from some steps counts 0 there)
     breakdown[name] = median(v);
+  }
+  nlohmann::json phases = nlohmann::json::object();
+  for (auto& [name, v] : phase_ms) {
+    v.resize(ms.size(), 0.0);
+    phases[name] = median(v);
   }
   return {{"model", o.model},
           {"framework", "fqt"},
@@ -400,7 +407,8 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
           {"peak_rss_bytes", static_cast<int64_t>(ru.ru_maxrss) * 1024},
           {"start_rss_bytes", rss_start},
           {"forked", !o.no_fork},
-          {"breakdown", breakdown}};
+          {"breakdown", breakdown},
+          {"phases", phases}};
 }
 
 // Runs one configuration in a fork()ed child (its own peak RSS) and reads back its record
@@ -449,12 +457,20 @@ nlohmann::json run_step_config_forked(const StepOptions& o, const StepConfig& cf
 
 // --breakdown in the table: each region's median ms per step and share of the median step,
 // largest first.
-void print_breakdown(const nlohmann::json& b, double step_ms) {
-  std::vector<std::pair<double, std::string>> rows;
-  for (auto it = b.begin(); it != b.end(); ++it) rows.emplace_back(it.value().get<double>(), it.key());
-  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& c) { return a.first > c.first; });
-  for (const auto& [ms, name] : rows)
-    std::printf("    %-52s %8.2f ms  %5.1f%%\n", name.c_str(), ms, step_ms > 0 ? 100 * ms / step_ms : 0.0);
+// Then the phases timed inside them (summed over the step's calls), apart.
+void print_breakdown(const nlohmann::json& b, const nlohmann::json& phases, double step_ms) {
+  auto print = [&](const nlohmann::json& table) {
+    std::vector<std::pair<double, std::string>> rows;
+    for (auto it = table.begin(); it != table.end(); ++it) rows.emplace_back(it.value().get<double>(), it.key());
+    std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& c) { return a.first > c.first; });
+    for (const auto& [ms, name] : rows)
+      std::printf("    %-52s %8.2f ms  %5.1f%%\n", name.c_str(), ms, step_ms > 0 ? 100 * ms / step_ms : 0.0);
+  };
+  print(b);
+  if (!phases.empty()) {
+    std::printf("    phases inside the regions above (all calls of the step; not added to them):\n");
+    print(phases);
+  }
 }
 
 int run_step_bench(const StepOptions& o) {
@@ -517,7 +533,7 @@ int run_step_bench(const StepOptions& o) {
                   100 * rec["quantizer_share"].get<double>(), rec["images_per_s"].get<double>(),
                   rec["saved_activation_bytes"].get<double>() / 1048576.0,
                   rec["peak_rss_bytes"].get<double>() / 1048576.0);
-      if (o.breakdown) print_breakdown(rec["breakdown"], med);
+      if (o.breakdown) print_breakdown(rec["breakdown"], rec.value("phases", nlohmann::json::object()), med);
       std::fflush(stdout);
     }
   }
@@ -646,7 +662,9 @@ Runner add_bench(CLI::App& app) {
       "  peak_rss_bytes  peak resident set size of the child process (getrusage ru_maxrss): the model,\n"
       "                  optimizer, one step's working memory, plus the process baseline\n"
       "  start_rss_bytes resident set size when the child started (the baseline)\n"
-      "  breakdown       with --breakdown: {region: median ms per step} (see --breakdown), else {}");
+      "  breakdown       with --breakdown: {region: median ms per step} (see --breakdown), else {}\n"
+      "  phases          with --breakdown: {phase: median ms per step}, steps timed inside the regions\n"
+      "                  (BHQ's quantizer and dgrad passes), all calls summed; not part of breakdown's sum");
   step->add_option("--model", o->model, "model name")->capture_default_str();
   step->add_option("--mode", o->modes, "comma-separated modes: fp32, qat, fqt")->capture_default_str();
   step->add_option("--dgrad", o->dgrads, "comma-separated dgrad quantizers for fqt (ptq, psq, bhq)")->capture_default_str();
@@ -668,7 +686,9 @@ Runner add_bench(CLI::App& app) {
                  "also time each layer call and its phases (wall time on the calling thread; medians per step):\n"
                  "conv forward; conv backward as dY layout, quantize dY (both draws), wgrad, dgrad; batch norm\n"
                  "forward and backward, its recomputed input apart; linear forward, dgrad, wgrad; the rest of the\n"
-                 "step as one region. Keyed by layer shape, so a model's stages show apart. JSON field breakdown");
+                 "step as one region. Keyed by layer shape, so a model's stages show apart. JSON field breakdown.\n"
+                 "Then the phases timed inside those regions (BHQ's quantizer and dgrad passes), all calls of a\n"
+                 "step summed: JSON field phases");
   auto mo = std::make_shared<MemoryOptions>();
   CLI::App* memory = app.add_subcommand(
       "memory",

@@ -180,6 +180,7 @@ void stochastic_pass(int64_t rows, int64_t cols, const RngKey (&keys)[K], Piece&
 // bit for bit, on any thread count (tests/unit/test_quantize.cpp).
 QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const QuantizerSpec* sb, RngKey kb,
                              QuantizedTensor* qb_out) {
+  profile::PhaseScope phase("bhq quantizer: row ranges");
   const int64_t rows = x.size(0), cols = x.size(1);
   const float* src = x.data<float>();
   float tmn = 0.0f, tmx = 0.0f;
@@ -223,6 +224,7 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
   BhqShares& shares = shares_tl;
   BhqTransform storage;
   std::exception_ptr err1, err2;  // an exception may not leave a section
+  phase.next("bhq quantizer: rank sort, shares (|| wgrad draw)");
 #pragma omp parallel sections num_threads(std::min(2, omp_get_max_threads())) if (sb && rows * cols > kParallelMin)
   {
 #pragma omp section
@@ -246,10 +248,13 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
   }
   if (err1) std::rethrow_exception(err1);
   if (err2) std::rethrow_exception(err2);
+  phase.next("bhq quantizer: groups (members, scales)");
   qa.transform = bhq_transform_from_shares(shares, rank, true, &storage);
   const BhqTransform& t = *qa.transform;
   qa.codes = Tensor::empty({rows, cols}, DType::u8);
+  phase.next("bhq quantizer: group sums");
   const float* dots = kernels::bhq_group_dots(t, src, cols);
+  phase.next("bhq quantizer: rows transformed, rounded");
   const int Ba = qa.max_code();
   uint8_t* ca = qa.codes.data<uint8_t>();
   const int64_t R = std::max<int64_t>(1, 4096 / cols), chunks = (rows + R - 1) / R;
