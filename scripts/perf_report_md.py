@@ -4,8 +4,9 @@
     /usr/bin/python3 scripts/perf_report_md.py RUNDIR [OUT.md]
 
 RUNDIR holds meta.json (machine, date, command), gemm.json (`fqt bench gemm --json`),
-step_*.json (`fqt bench step --json`) and torch*.json (bench/torch_reference.py --json); any but
-meta.json may be missing. Files ending in _rN.json are round N of the step benchmarks (every
+step_*.json (`fqt bench step --json`), torch*.json (bench/torch_reference.py --json) and
+breakdown_<model>.json (`fqt bench step --dgrad psq,bhq --breakdown --json`: where the FQT step's
+time goes, by layer region and BHQ phase); any but meta.json may be missing. Files ending in _rN.json are round N of the step benchmarks (every
 configuration of fqt and PyTorch runs once per round, so the rounds alternate them): a
 configuration's time is the median over rounds of its median step time, and each speedup the
 median over rounds of the per-round ratio (both sides measured in the same round). Every number
@@ -350,6 +351,52 @@ def main(argv):
         w("")
         w("No FQT integer-arithmetic records for PreAct-ResNet-20 in this run.")
     w("")
+
+    # ---- where the FQT step goes (one --breakdown run, PSQ and BHQ) ----
+    for bpath in sorted(glob.glob(os.path.join(run, "breakdown_*.json"))):
+        brecs = [r for r in load(bpath, []) if r.get("mode") == "fqt" and "breakdown" in r]
+        by = {r.get("dgrad"): r for r in brecs}
+        if not by:
+            continue
+        bm = brecs[0]["model"]
+        cols = [d for d in ("ptq", "psq", "bhq") if d in by]
+        w(f"## Where the FQT step goes ({bm}, {' vs '.join(d.upper() for d in cols)})")
+        w("")
+        w(f"One run with `--breakdown` after the rounds (`fqt bench step --model {bm} --mode fqt --dgrad "
+          f"{','.join(cols)} --breakdown`, the same batch, steps and threads; its own medians, so its step "
+          "times differ from the table above): each layer call's wall time by region (medians per step, "
+          "the layers of one shape summed), the largest first, and apart, the phases timed inside "
+          "those regions (BHQ's quantizer and dgrad passes, all calls of the step).")
+        w("")
+        w("| | " + " | ".join(f"{d.upper()} ms" for d in cols) + " |")
+        w("|---|" + "---:|" * len(cols))
+        w("| step (median) | " + " | ".join(fmt(by[d].get("median_ms"), ".1f") for d in cols) + " |")
+        w("| quantizers | " + " | ".join(
+            f"{fmt(by[d].get('quantizer_ms'), '.1f')} ({fmt(100 * by[d]['quantizer_share'] if by[d].get('quantizer_share') is not None else None, '.1f')}%)"
+            for d in cols) + " |")
+        names = set()
+        for d in cols:
+            names.update(by[d]["breakdown"].keys())
+        last = cols[-1]
+        ranked = sorted(names, key=lambda n: -max(by[d]["breakdown"].get(n, 0.0) for d in cols))
+        top, rest = ranked[:15], ranked[15:]
+        cell = lambda n: n.replace("|", "\\|")  # a name with a bar would split its table cell
+        for n in top:
+            w(f"| {cell(n)} | " + " | ".join(fmt(by[d]["breakdown"].get(n), ".2f") for d in cols) + " |")
+        if rest:
+            w(f"| ({len(rest)} smaller regions) | " + " | ".join(
+                fmt(sum(by[d]["breakdown"].get(n, 0.0) for n in rest), ".2f") for d in cols) + " |")
+        phases = by[last].get("phases") or {}
+        if phases:
+            w("")
+            w(f"Phases inside the regions ({last.upper()}; not added to them):")
+            w("")
+            w(f"| phase | ms per step | share of the {last.upper()} step |")
+            w("|---|---:|---:|")
+            step = by[last].get("median_ms") or 0
+            for n, v in sorted(phases.items(), key=lambda kv: -kv[1]):
+                w(f"| {cell(n)} | {v:.2f} | {fmt(100 * v / step if step else None, '.1f')}% |")
+        w("")
 
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

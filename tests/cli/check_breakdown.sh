@@ -30,7 +30,7 @@ out=$("$fqt" bench step --model cnn --mode fqt --dgrad bhq --batch 8 --steps 1 -
 import json, sys
 rec = json.loads(sys.argv[1])[0]
 p, b = rec["phases"], rec["breakdown"]
-for want in ("bhq quantizer: row ranges", "bhq quantizer: rank sort, shares (|| wgrad draw)",
+for want in ("bhq quantizer: row ranges", "bhq quantizer: rank sort, shares (beside the wgrad draw)",
              "bhq quantizer: groups (members, scales)", "bhq quantizer: group sums",
              "bhq quantizer: rows transformed, rounded", "bhq dgrad: row terms, members",
              "bhq dgrad: rows (members' products, T^-1, col2im)"):

@@ -15,7 +15,10 @@ for pat in "^# Performance" "QUICK MODE" "Command: \`scripts/perf_report" "## GE
            "\| preact_resnet20 \| fqt \| fqt \| psq \| int \| off \|" "\| preact_resnet20 \| fqt \| fqt \| bhq \| int \| auto \|" \
            "FQT\) \(default --recompute auto\) \| 3.21x \| yes" "with --recompute off\) \| 1.57x \| no" \
            "with --recompute on\) \| 7.23x \| yes" "step time with --recompute off / auto .*\| 0.90x \|" \
-           "step with --recompute off against PyTorch fp32 .*\| [0-9.]+x"; do
+           "step with --recompute off against PyTorch fp32 .*\| [0-9.]+x" \
+           "## Where the FQT step goes \(preact_resnet20, PSQ vs BHQ\)" "^\| step \(median\) \| [0-9.]+ \| [0-9.]+ \|" \
+           "^\| conv 16->16 3x3 s1: backward: dgrad \| [0-9.]+ \| [0-9.]+ \|" \
+           "^\| bhq quantizer: rank sort, shares \(beside the wgrad draw\) \| [0-9.]+ \| [0-9.]+% \|"; do
   if ! grep -Eq -- "$pat" "$out"; then echo "missing /$pat/ in $out"; fail=1; fi
 done
 # Rounds: a speedup is the median over rounds of the per-round ratio (fp32 and FQT measured in the

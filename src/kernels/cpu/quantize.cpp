@@ -224,7 +224,7 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
   BhqShares& shares = shares_tl;
   BhqTransform storage;
   std::exception_ptr err1, err2;  // an exception may not leave a section
-  phase.next("bhq quantizer: rank sort, shares (|| wgrad draw)");
+  phase.next("bhq quantizer: rank sort, shares (beside the wgrad draw)");
 #pragma omp parallel sections num_threads(std::min(2, omp_get_max_threads())) if (sb && rows * cols > kParallelMin)
   {
 #pragma omp section
