@@ -1347,6 +1347,9 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       return dx;
     }
 #endif
+#if defined(FQT_DGRAD_FUSED)
+    const bool bhq_vector_epilogue = run % 16 == 0 && g_fused_dgrad.load(std::memory_order_relaxed);
+#endif
     WorkSplit split(N);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
@@ -1408,6 +1411,25 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
               const float c2 = 2.0f * (t.leads_group(r) ? vf : vr);
               for (int j = 0; j < NG; ++j)
                 tm[j] = terms[mt[j]], w[j] = ((mt[j] == r ? 1.0f : 0.0f) - c2 * (j == 0 ? vf : vr)) * is;
+#if defined(FQT_DGRAD_FUSED)
+              // Whole vectors, the same operations in the same order (fused_value, as the other
+              // paths' vector epilogue; GCC's own vectorization of the loop below was slower).
+              if (bhq_vector_epilogue) {
+                __m512 wv[NG];
+                for (int j = 0; j < NG; ++j) wv[j] = _mm512_set1_ps(w[j]);
+                for (int64_t kh = 0; kh < k_; ++kh) {
+                  float* dst = base + kh * Wp * cin_;
+                  for (int64_t i = 0, k = kh * run; i < run; i += 16, k += 16) {
+                    __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 4
+                    for (int j = 0; j < NG; ++j)
+                      sum = _mm512_add_ps(sum, _mm512_mul_ps(wv[j], fused_value(_mm512_loadu_si512(s0 + j * ldc + k), rbk + k, tm[j])));
+                    _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(dst + i), sum));
+                  }
+                }
+                return;
+              }
+#endif
               for (int64_t kh = 0; kh < k_; ++kh) {
                 float* __restrict dst = base + kh * Wp * cin_;
                 for (int64_t i = 0, k = kh * run; i < run; ++i, ++k) {
