@@ -242,8 +242,11 @@ TEST(intPath, ConvFusedDgradEqualsGeneralPath) {
   };
   const Case cases[] = {{3, 16, 16, 7, 9, 3, 1, 1}, {2, 16, 8, 9, 8, 3, 2, 1}, {2, 16, 4, 5, 5, 1, 1, 0},
                         {2, 16, 16, 28, 28, 3, 1, 1}, {7, 16, 16, 6, 5, 3, 1, 0}, {6, 16, 16, 5, 7, 3, 1, 2},
-                        // wider layers: the GEMM, then the vector epilogue (PTQ, PSQ)
-                        {3, 32, 32, 9, 9, 3, 1, 1}, {2, 16, 32, 9, 9, 3, 2, 1}, {2, 32, 64, 6, 6, 1, 2, 0}};
+                        // wider layers: the GEMM, then the vector epilogue (PTQ, PSQ), through the
+                        // register window for 3x3 stride 1 with 32, 48 or 64 input channels (any padding)
+                        {3, 32, 32, 9, 9, 3, 1, 1}, {2, 16, 32, 9, 9, 3, 2, 1}, {2, 32, 64, 6, 6, 1, 2, 0},
+                        {2, 32, 32, 6, 7, 3, 1, 0}, {3, 32, 16, 5, 6, 3, 1, 2}, {2, 48, 32, 5, 5, 3, 1, 1},
+                        {2, 64, 16, 6, 5, 3, 1, 1}};
   const QuantizerKind dgrads[] = {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq};
   uint64_t stream = 900;
   for (const Case& c : cases)
