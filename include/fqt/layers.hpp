@@ -74,9 +74,6 @@ class Linear : public QuantizedLayer {
   const QuantizedTensor& saved_weight_q() const { return wq_; }
   // The last gradient operands drawn in fqt mode (for tests and statistics).
   const QuantizedTensor& last_dgrad_q() const { return gq_dgrad_; }
-  // dX from given codes of dY's rows ([N*P, Cout], as backward's dgrad quantizer makes them): the
-  // integer dgrad alone, for benchmarks. Needs a training forward with the integer path.
-  Tensor dgrad_on_codes(const QuantizedTensor& gq) const;
   const QuantizedTensor& last_wgrad_q() const { return gq_wgrad_; }
 
  private:

@@ -57,22 +57,21 @@ void add_region(const std::string& name, int64_t ns) {
   std::lock_guard<std::mutex> lock(detail::g_region_mu);
   detail::region_ns()[name] += ns;
 }
-std::vector<std::pair<std::string, double>> region_seconds() {
+namespace {
+// A map's entries in seconds, read under the regions' lock.
+std::vector<std::pair<std::string, double>> seconds_of(const std::map<std::string, int64_t>& m) {
   std::lock_guard<std::mutex> lock(detail::g_region_mu);
   std::vector<std::pair<std::string, double>> out;
-  for (const auto& [name, ns] : detail::region_ns()) out.emplace_back(name, ns * 1e-9);
+  for (const auto& [name, ns] : m) out.emplace_back(name, ns * 1e-9);
   return out;
 }
+}  // namespace
+std::vector<std::pair<std::string, double>> region_seconds() { return seconds_of(detail::region_ns()); }
 
 void add_phase(const char* name, int64_t ns) {
   std::lock_guard<std::mutex> lock(detail::g_region_mu);
   detail::phase_ns()[name] += ns;
 }
-std::vector<std::pair<std::string, double>> phase_seconds() {
-  std::lock_guard<std::mutex> lock(detail::g_region_mu);
-  std::vector<std::pair<std::string, double>> out;
-  for (const auto& [name, ns] : detail::phase_ns()) out.emplace_back(name, ns * 1e-9);
-  return out;
-}
+std::vector<std::pair<std::string, double>> phase_seconds() { return seconds_of(detail::phase_ns()); }
 
 }  // namespace fqt::profile

@@ -1346,8 +1346,6 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
       }
       return dx;
     }
-#endif
-#if defined(FQT_DGRAD_FUSED)
     const bool bhq_vector_epilogue = run % 16 == 0 && g_fused_dgrad.load(std::memory_order_relaxed);
 #endif
     WorkSplit split(N);
