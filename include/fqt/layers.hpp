@@ -36,12 +36,6 @@ struct GemmOperand {
 void matmul(const GemmOperand& a, bool trans_a, const GemmOperand& b, bool trans_b, Tensor& c,
             bool accumulate);
 
-// The min and max of a tensor a layer produced (valid: they were computed).
-struct ValueRange {
-  float lo = 0.0f, hi = 0.0f;
-  bool valid = false;
-};
-
 // Appends a tensor / a quantized tensor (codes + grids) to a collect_saved list.
 void saved_add(std::vector<std::pair<const void*, size_t>>& out, const Tensor& t);
 void saved_add(std::vector<std::pair<const void*, size_t>>& out, const QuantizedTensor& q);
@@ -97,6 +91,9 @@ void set_conv_fused_dgrad(bool on);
 // where the direct kernel applies (16 -> 16 channels, stride 1, AVX-512 VNNI and VBMI); both
 // give the same bits (exact integer sums). Default true.
 void set_conv_direct_wgrad(bool on);
+// The same for backward's gradient draws: false makes Conv2d's backward_ranged ignore a given dy
+// range (its quantizer then reads dy for it); both give the same bits. Default true.
+void set_conv_given_ranges(bool on);
 
 // 2-D convolution, square kernel, zero padding, via im2col + GEMM.
 // The SPEC's matrices: X = im2col matrix [(N*Ho*Wo), Cin*k*k], W as [Cout, Cin*k*k],
@@ -137,6 +134,10 @@ class Conv2d : public QuantizedLayer {
   Tensor dgrad(const Tensor& dy, const StepContext& ctx) override;
   void wgrad(const Tensor& dy, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;  // wgrad then dgrad, dY laid out once
+  // With dy's range (from the batch norm that wrote dy): the fused gradient draws skip their
+  // range pass over dy (quantize_pair_nchw). No range reported for dx.
+  Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+                         ValueRange* dx_range) override;
   void collect_params(std::vector<Param*>& out) override;
   // The last training forward's output again, bit for bit, from what forward kept for backward
   // (the input's codes and the weight's codes in qat/fqt; the fp32 input in fp32 mode).
@@ -240,8 +241,14 @@ class BatchNorm2d : public Module {
   QuantizedTensor forward_codes(const Tensor& x, const StepContext& ctx, QuantizerSpec spec);
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
   // With `residual` (dy's shape): returns dx + residual, the add done as dx is written (the same
-  // bits as add_inplace after it, one pass fewer).
-  Tensor backward(const Tensor& dy, const StepContext& ctx, const Tensor* residual);
+  // bits as add_inplace after it, one pass fewer). With `dx_range`: also the returned tensor's
+  // min and max, taken as it is written (valid unless it holds a NaN or an infinity).
+  Tensor backward(const Tensor& dy, const StepContext& ctx, const Tensor* residual, ValueRange* dx_range = nullptr);
+  Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+                         ValueRange* dx_range) override {
+    (void)dy_range;
+    return backward(dy, ctx, nullptr, dx_range);
+  }
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
   Param& gamma() { return gamma_; }
@@ -348,7 +355,10 @@ class Sequential : public Module {
   size_t size() const { return children_.size(); }
   Module& child(size_t i) { return *children_.at(i); }
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
-  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;  // backward_ranged without ranges
+  // Each child's reported dx range goes with its dx to the child below.
+  Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+                         ValueRange* dx_range) override;
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
   void collect_quantized(std::vector<QuantizedLayer*>& out) override;
@@ -380,7 +390,10 @@ class PreActBlock : public Module {
               LayerIds& ids);
   std::string kind() const override { return "PreActBlock"; }
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
-  Tensor backward(const Tensor& dy, const StepContext& ctx) override;
+  Tensor backward(const Tensor& dy, const StepContext& ctx) override;  // backward_ranged without ranges
+  // dy's range to conv2 and the shortcut conv (both quantize dy); bn1's dx range reported.
+  Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+                         ValueRange* dx_range) override;
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
   void collect_quantized(std::vector<QuantizedLayer*>& out) override;

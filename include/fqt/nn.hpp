@@ -69,12 +69,29 @@ struct RecomputePolicy {
   bool allows(const OutputSource& s) const { return on && s && s.macs <= max_macs; }
 };
 
+// The min and max of a tensor a layer produced (valid: they were computed, over finite values).
+struct ValueRange {
+  float lo = 0.0f, hi = 0.0f;
+  bool valid = false;
+};
+
 class Module {
  public:
   virtual ~Module() = default;
   virtual std::string kind() const = 0;
   virtual Tensor forward(const Tensor& x, const StepContext& ctx) = 0;
   virtual Tensor backward(const Tensor& dy, const StepContext& ctx) = 0;
+  // backward with dy's min and max where the caller has them (dy_range, valid), reporting dx's
+  // where the pass that wrote dx took them (*dx_range, valid or not): a batch norm reports its
+  // dx's range, a convolution's gradient quantizer takes dy's instead of reading dy once more for
+  // it, containers hand each child's range to the next. Same results as backward, bit for bit.
+  // Default: backward(dy, ctx), no range reported.
+  virtual Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+                                 ValueRange* dx_range) {
+    (void)dy_range;
+    if (dx_range) *dx_range = {};
+    return backward(dy, ctx);
+  }
   // Trainable parameters, in a stable order (checkpoints rely on it). Names are unique
   // within a model ("layer3.conv1.weight").
   virtual void collect_params(std::vector<Param*>& out) { (void)out; }

@@ -197,10 +197,11 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x, Quant
 // the SPEC's layout [(N*H*W), C], code for code, without writing that fp32 copy: one min/max pass
 // over x for its range, then each block of rows is transposed from x into cache and both draws
 // rounded there. For the pairs quantize_pair reads once (quantize_pair_fuses: both draws
-// stochastic, per row or per tensor, not BHQ).
+// stochastic, per row or per tensor, not BHQ). With `range` ({min, max} of x, exact, taken by the
+// pass that wrote x, which also found no NaN: BatchNorm2d's backward) the min/max pass is skipped.
 bool quantize_pair_fuses(QuantizerSpec a, QuantizerSpec b);
 std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, QuantizerSpec a, RngKey ka,
-                                                               QuantizerSpec b, RngKey kb);
+                                                               QuantizerSpec b, RngKey kb, const float* range = nullptr);
 // f32 [rows, cols]; applies T^-1 for BHQ.
 Tensor dequantize(const QuantizedTensor& q);
 

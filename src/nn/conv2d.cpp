@@ -6,6 +6,7 @@
 #include "fqt/gemm.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 
@@ -277,7 +278,18 @@ Tensor Conv2d::rows_for_gradients(const Tensor& dy, float* range) const {
   return recipe_.mode == Mode::fqt ? nchw_to_rows(dy, range) : Tensor();
 }
 
-Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
+namespace {
+std::atomic<bool> g_given_ranges{true};  // set_conv_given_ranges
+}  // namespace
+
+void set_conv_given_ranges(bool on) { g_given_ranges.store(on, std::memory_order_relaxed); }
+
+Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) { return backward_ranged(dy, ctx, nullptr, nullptr); }
+
+Tensor Conv2d::backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+                               ValueRange* dx_range) {
+  if (dx_range) *dx_range = {};
+  if (!g_given_ranges.load(std::memory_order_relaxed)) dy_range = nullptr;
   // FQT with both halves: the two draws of G at once, handed to wgrad_rows / dgrad_rows (which
   // then need no rows of G). Per-row / per-tensor draws straight from dy (quantize_pair_nchw:
   // the rows of G are formed block by block in cache, never written); others (BHQ, per-column)
@@ -288,7 +300,8 @@ Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) {
   Tensor rows;
   if (drawn && quantize_pair_fuses(recipe_.dgrad, recipe_.wgrad)) {
     profile::RegionScope region([&] { return region_name() + ": backward: quantize dY"; });
-    auto [d, w] = quantize_pair_nchw(dy, recipe_.dgrad, kd, recipe_.wgrad, kw);
+    const float given[2] = {dy_range ? dy_range->lo : 0.0f, dy_range ? dy_range->hi : 0.0f};
+    auto [d, w] = quantize_pair_nchw(dy, recipe_.dgrad, kd, recipe_.wgrad, kw, dy_range && dy_range->valid ? given : nullptr);
     gq_dgrad_ = std::move(d), gq_wgrad_ = std::move(w);
   } else {
     float range[2];

@@ -192,12 +192,19 @@ Tensor Sequential::forward(const Tensor& x, const StepContext& ctx) {
   return h;
 }
 
-Tensor Sequential::backward(const Tensor& dy, const StepContext& ctx) {
+Tensor Sequential::backward(const Tensor& dy, const StepContext& ctx) { return backward_ranged(dy, ctx, nullptr, nullptr); }
+
+Tensor Sequential::backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+                                   ValueRange* dx_range) {
   Tensor g = dy;
+  ValueRange r = dy_range ? *dy_range : ValueRange{};
   for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
-    g = (*it)->backward(g, ctx);
+    ValueRange next;
+    g = (*it)->backward_ranged(g, ctx, r.valid ? &r : nullptr, &next);
+    r = g.defined() ? next : ValueRange{};
     if (!g.defined()) break;  // a first layer without input gradient: nothing below needs one
   }
+  if (dx_range) *dx_range = r;
   return g;
 }
 

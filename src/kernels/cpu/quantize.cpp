@@ -600,7 +600,7 @@ bool fusable(QuantizerSpec s) {
 bool quantize_pair_fuses(QuantizerSpec a, QuantizerSpec b) { return fusable(a) && fusable(b); }
 
 std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, QuantizerSpec sa, RngKey ka,
-                                                               QuantizerSpec sb, RngKey kb) {
+                                                               QuantizerSpec sb, RngKey kb, const float* range) {
   FQT_CHECK(x.dim() >= 2 && x.dtype() == DType::f32, "quantize_pair_nchw: input {} is not an N,C,... f32 tensor",
             shape_str(x.shape()));
   FQT_CHECK(quantize_pair_fuses(sa, sb), "quantize_pair_nchw: {} / {} draws are not both per-row or per-tensor stochastic",
@@ -610,12 +610,14 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, 
   check_spec(sb);
   const int64_t N = x.size(0), C = x.size(1), P = N * C > 0 ? x.numel() / (N * C) : 0, rows = N * P;
   const float* xp = x.data<float>();
-  // X's range (what nchw_to_rows reported as it wrote the rows): per sample, over threads.
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  // X's range: given (from the pass that wrote X), else per sample, over threads.
+  float lo = range ? range[0] : std::numeric_limits<float>::infinity(), hi = range ? range[1] : -lo;
   uint32_t nan = 0;
+  if (!range) {
 #pragma omp parallel for schedule(static) reduction(min : lo) reduction(max : hi) reduction(| : nan) \
     if (x.numel() > kParallelMin)
-  for (int64_t n = 0; n < N; ++n) minmax_lanes(xp + n * C * P, C * P, lo, hi, nan);
+    for (int64_t n = 0; n < N; ++n) minmax_lanes(xp + n * C * P, C * P, lo, hi, nan);
+  }
   if (nan) check_finite(x, "quantizer input");  // throws, naming the element
   if (rows * C == 0) return quantize_pair(Tensor::empty({rows, C}), sa, ka, sb, kb);
 #if defined(__AVX512F__)
