@@ -6,6 +6,7 @@
 // thread count), then the element-wise pass over each thread's samples.
 #include "common.hpp"
 #include "fqt/profile.hpp"
+#include "kernels/cpu/minmax.hpp"
 #include "kernels/cpu/round_run.hpp"
 #include "quant/grid.hpp"
 #include "relu_mask.hpp"
@@ -146,46 +147,23 @@ void add_dy_dyh_run(const GradRun& g, int64_t n, double* a, double* b) {
 
 // o = k * (d - md - h * mh) over a run of n values; with `res`, o = that + res (rounded apart:
 // the very values of adding res afterwards).
-// With kRange: the run's min and max of o folded into *lo / *hi, and *nan set when o holds a
-// NaN (which min / max would skip: MINPS returns its second operand, here the running minimum).
-template <bool kRange = false>
-void dx_run(const GradRun& g, int64_t n, float k, float md, float mh, const float* res, float* o,
-            float* lo = nullptr, float* hi = nullptr, uint32_t* nan = nullptr) {
+void dx_run(const GradRun& g, int64_t n, float k, float md, float mh, const float* res, float* o) {
   int64_t p = 0;
 #ifdef FQT_BN_VECTOR
   const __m256 vk = _mm256_set1_ps(k), vmd = _mm256_set1_ps(md), vmh = _mm256_set1_ps(mh);
-  __m256 vlo = _mm256_set1_ps(std::numeric_limits<float>::infinity()), vhi = _mm256_set1_ps(-std::numeric_limits<float>::infinity()),
-         vnan = _mm256_setzero_ps();
-  auto put = [&](int64_t q, __m256 v) {
-    _mm256_storeu_ps(o + q, v);
-    if constexpr (kRange) {
-      vlo = _mm256_min_ps(v, vlo), vhi = _mm256_max_ps(v, vhi);
-      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    }
-  };
   if (res) {
     for (; p + 8 <= n; p += 8)
-      put(p, _mm256_add_ps(_mm256_mul_ps(vk, _mm256_sub_ps(_mm256_sub_ps(g.d8(p), vmd), _mm256_mul_ps(g.h8(p), vmh))),
-                           _mm256_loadu_ps(res + p)));
+      _mm256_storeu_ps(o + p, _mm256_add_ps(_mm256_mul_ps(vk, _mm256_sub_ps(_mm256_sub_ps(g.d8(p), vmd),
+                                                                           _mm256_mul_ps(g.h8(p), vmh))),
+                                            _mm256_loadu_ps(res + p)));
   } else {
     for (; p + 8 <= n; p += 8)
-      put(p, _mm256_mul_ps(vk, _mm256_sub_ps(_mm256_sub_ps(g.d8(p), vmd), _mm256_mul_ps(g.h8(p), vmh))));
-  }
-  if constexpr (kRange) {
-    alignas(32) float l8[8], h8[8];
-    _mm256_store_ps(l8, vlo), _mm256_store_ps(h8, vhi);
-    for (int l = 0; l < 8; ++l) *lo = std::min(*lo, l8[l]), *hi = std::max(*hi, h8[l]);
-    *nan |= static_cast<uint32_t>(_mm256_movemask_ps(vnan));
+      _mm256_storeu_ps(o + p, _mm256_mul_ps(vk, _mm256_sub_ps(_mm256_sub_ps(g.d8(p), vmd), _mm256_mul_ps(g.h8(p), vmh))));
   }
 #endif
   for (; p < n; ++p) {
     const float v = k * (g.d(p) - md - g.h(p) * mh);
     o[p] = res ? v + res[p] : v;
-    if constexpr (kRange) {
-      const float w = o[p];
-      if (w != w) *nan = 1;
-      else *lo = std::min(*lo, w), *hi = std::max(*hi, w);
-    }
   }
 }
 
@@ -534,18 +512,14 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx, const Ten
       kc[c] = g[c] * invstd_[c];
       mdy[c] = static_cast<float>(sdy / M), mdyh[c] = static_cast<float>(sdyh / M);
     }  // (implicit barrier)
-    if (dx_range) {
+    // With dx_range: each run's min and max (minmax_lanes) while the run just written is in L1.
 #pragma omp for schedule(static) reduction(min : lo) reduction(max : hi) reduction(| : nan)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < C; ++c)
-          dx_run<true>(run(n, c), P, kc[c], mdy[c], mdyh[c], rp ? rp + (n * C + c) * P : nullptr, dxp + (n * C + c) * P,
-                       &lo, &hi, &nan);
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < C; ++c)
-          dx_run(run(n, c), P, kc[c], mdy[c], mdyh[c], rp ? rp + (n * C + c) * P : nullptr, dxp + (n * C + c) * P);
-    }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        float* const o = dxp + (n * C + c) * P;
+        dx_run(run(n, c), P, kc[c], mdy[c], mdyh[c], rp ? rp + (n * C + c) * P : nullptr, o);
+        if (dx_range) kernels::minmax_lanes(o, P, lo, hi, nan);
+      }
   }
   // (an infinity shows in lo / hi; a NaN only in nan)
   if (dx_range) *dx_range = {lo, hi, !nan && std::isfinite(lo) && std::isfinite(hi)};
