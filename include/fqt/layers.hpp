@@ -182,7 +182,15 @@ class Conv2d : public QuantizedLayer {
                      const Tensor* residual = nullptr) const;
   // fp32 GEMMs of (possibly dequantized) input [N, Cin, H, W] and weight [Cout, Cin*k*k], + bias.
   Tensor forward_f32(const Tensor& xin, const Tensor& w) const;
-  Tensor dgrad_int(const QuantizedTensor& gq) const;
+  // With `across` (per-sample BHQ's transform over the N samples): T^-1 applied to dX as well.
+  Tensor dgrad_int(const QuantizedTensor& gq, const BhqTransform* across = nullptr) const;
+  // Whether the dgrad quantizer's rows are samples (recipe dgrad_rows = sample, a per-row
+  // quantizer: PSQ, BHQ): then gq_dgrad_ is quantize_samples_nchw's (pixel rows, a grid per sample).
+  bool dgrad_per_sample() const;
+  // The integer dgrad of such codes: dgrad_int (each sample's grid on its pixel rows), then BHQ's
+  // T^-1 across the samples of dX ([N, Cin*H*W]: conv's transpose is linear and per sample, so
+  // T^-1 may follow it).
+  Tensor dgrad_int_samples(const QuantizedTensor& gq) const;
   void wgrad_int(const QuantizedTensor& gq);
   void add_bias_grad(const Tensor& dy);
   // The two halves given dY in the SPEC's row layout [(N*P), Cout] (fqt mode; else undefined):

@@ -159,6 +159,10 @@ struct QuantizedTensor {
   std::vector<float> lo;                  // per group: the value of code 0
   std::optional<BhqTransform> transform;  // BHQ only
 
+  // BHQ's T acts on the values viewed as [transform->rows, rows * cols / transform->rows]: a row
+  // of the codes per row of T, or (quantize_samples_nchw) each sample's P pixel rows per row of T.
+  int64_t rows_per_transform_row() const { return transform && transform->rows > 0 ? rows / transform->rows : 1; }
+
   Granularity granularity() const { return traits(spec.kind).granularity; }
   int max_code() const { return (1 << spec.bits) - 1; }
   // Group index of element (r, c).
@@ -202,6 +206,23 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x, Quant
 bool quantize_pair_fuses(QuantizerSpec a, QuantizerSpec b);
 std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, QuantizerSpec a, RngKey ka,
                                                                QuantizerSpec b, RngKey kb, const float* range = nullptr);
+// A convolution gradient x [N, C, H, W] (or N, C, ...) with a row per sample (Recipe::dgrad_rows
+// = sample, the paper's code): the row-wise stochastic quantizer `a` (psq, bhq) on x viewed as
+// [N, C*P], P = H*W, i.e. quantize(x, a, ka) code for code (a grid per sample; BHQ's T across
+// the N samples), but with the codes stored as G's pixel rows [(N*P), C] (the integer dgrad's
+// layout): code (n*P + p, c) is element (n, c*P + p) of quantize(x, a, ka). Each sample's grid is
+// repeated on its P rows (scale, lo: N*P entries); BHQ's transform has N rows and acts on the
+// values viewed as [N, P*C] (rows_per_transform_row() = P; dequantize applies it so).
+// With `b`: a second, independent draw of x on G's pixel rows, code for code
+// quantize(rows of G, b, kb) as quantize_pair_nchw makes it; a per-tensor or per-row stochastic
+// `b` (not BHQ) is rounded in the same pass over x, with `range` = x's {min, max} when known
+// (as quantize_pair_nchw). The second result is empty without `b`.
+std::pair<QuantizedTensor, QuantizedTensor> quantize_samples_nchw(const Tensor& x, QuantizerSpec a, RngKey ka,
+                                                                  const QuantizerSpec* b = nullptr, RngKey kb = {},
+                                                                  const float* range = nullptr);
+// The plain-loop oracle of quantize_samples_nchw's first draw: quantize_ref(x viewed [N, C*P])
+// with its codes and grids laid out as pixel rows.
+QuantizedTensor quantize_samples_nchw_ref(const Tensor& x, QuantizerSpec a, RngKey ka);
 // f32 [rows, cols]; applies T^-1 for BHQ.
 Tensor dequantize(const QuantizedTensor& q);
 

@@ -36,6 +36,18 @@ enum class Arith : uint8_t { integer, sim };
 Arith parse_arith(const std::string& name);  // "int" or "sim"
 const char* arith_name(Arith a);             // "int" / "sim"
 
+// What a row of a convolution's dgrad operand G is, for the row-wise gradient quantizers (PSQ's
+// one grid per row, BHQ's transform across rows). SPEC section 2 quantizes "per row of G" without
+// saying which matrix a convolution's G is:
+//   pixel   fqt's default: G in the im2col GEMM's layout [(N*H*W), C], a row per output
+//           position of each sample (each position gets its own grid: the finest, lowest variance)
+//   sample  the paper's code (its Preconditioner views grad_output as [N, C*H*W]): a row per
+//           sample, so PSQ has N grids and BHQ's Householder groups mix whole samples
+// Linear layers' rows are samples either way. Per-tensor and per-column quantizers ignore it.
+enum class GradRows : uint8_t { pixel, sample };
+GradRows parse_grad_rows(const std::string& name);  // "pixel" or "sample"
+const char* grad_rows_name(GradRows r);
+
 struct Recipe {
   Mode mode = Mode::fp32;
   QuantizerSpec activation{QuantizerKind::zero_aligned, 8};
@@ -43,6 +55,7 @@ struct Recipe {
   QuantizerSpec dgrad{QuantizerKind::psq, 8};
   QuantizerSpec wgrad{QuantizerKind::ptq, 8};
   Arith arith = Arith::integer;
+  GradRows dgrad_rows = GradRows::pixel;  // fqt mode, Conv2d's dgrad quantizer only
   // fqt mode only: compute dgrad exactly as in qat mode (fp32 GEMM of the unquantized G with the
   // quantized W; `dgrad` is ignored) while wgrad stays quantized. The "wgrad-only floor" of
   // `fqt variance` (variance.hpp): the variance the wgrad quantizers alone add.
@@ -50,7 +63,7 @@ struct Recipe {
 };
 
 // One line for logs: "mode fqt (int): act zero-aligned 8, weight symmetric 8, dgrad bhq 5, wgrad ptq 8"
-// ("dgrad exact" with exact_dgrad).
+// ("dgrad exact" with exact_dgrad; "dgrad bhq 5 per sample" with dgrad_rows = sample).
 std::string recipe_summary(const Recipe& r);
 
 // Random-number streams for the two gradient quantizations of one layer at one step: two

@@ -68,6 +68,7 @@ struct VarianceConfig {
   QuantizerSpec wgrad{QuantizerKind::ptq, 8};
   bool breakdown = false;    // also compute the per-layer increments
   bool exact_dgrad = false;  // the wgrad-only floor (see above)
+  GradRows dgrad_rows = GradRows::pixel;  // what a row of a convolution's dgrad operand is (recipe.hpp)
 };
 
 struct VarianceOptions {
@@ -82,6 +83,7 @@ struct VarianceOptions {
 struct VarianceRecord {
   std::string quantizer;   // dgrad quantizer name; "none" for the wgrad-only floor (exact dgrad)
   int bits = 0;            // dgrad bits; 0 for the wgrad-only floor
+  std::string dgrad_rows = "pixel";  // pixel or sample (Recipe::dgrad_rows)
   std::string wgrad;       // wgrad quantizer name
   int wgrad_bits = 0;
   std::string layer;       // layer name, or "total" (all parameters)

@@ -150,6 +150,8 @@ void core(int64_t M, int64_t N, int64_t K, const Side& a, const Side& b, float* 
 // domain and T^-1 is applied afterwards in block form.
 void run(int64_t M, int64_t N, int64_t K, const Side& a, const Side& b, const BhqTransform* t, Tensor& c,
          bool accumulate) {
+  FQT_CHECK(!t || t->rows == M, "qgemm: a BHQ transform over {} rows for a left operand of {} rows (a per-sample "
+            "transform of a convolution's pixel rows is applied by Conv2d, not here)", t ? t->rows : 0, M);
   if (!accumulate || !c.defined()) {
     if (!c.defined() || c.dtype() != DType::f32 || c.shape() != Shape{M, N}) c = Tensor::empty({M, N});
     accumulate = false;

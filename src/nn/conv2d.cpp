@@ -298,7 +298,15 @@ Tensor Conv2d::backward_ranged(const Tensor& dy, const StepContext& ctx, const V
   const RngKey kd = grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad);
   const RngKey kw = grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad);
   Tensor rows;
-  if (drawn && quantize_pair_fuses(recipe_.dgrad, recipe_.wgrad)) {
+  if (drawn && dgrad_per_sample()) {
+    // The dgrad draw with a row per sample, its codes as G's pixel rows; the wgrad draw as
+    // quantize_pair_nchw makes it (the same codes as with pixel rows), in the same pass.
+    profile::RegionScope region([&] { return region_name() + ": backward: quantize dY"; });
+    const float given[2] = {dy_range ? dy_range->lo : 0.0f, dy_range ? dy_range->hi : 0.0f};
+    auto [d, w] = quantize_samples_nchw(dy, recipe_.dgrad, kd, &recipe_.wgrad, kw,
+                                        dy_range && dy_range->valid ? given : nullptr);
+    gq_dgrad_ = std::move(d), gq_wgrad_ = std::move(w);
+  } else if (drawn && quantize_pair_fuses(recipe_.dgrad, recipe_.wgrad)) {
     profile::RegionScope region([&] { return region_name() + ": backward: quantize dY"; });
     const float given[2] = {dy_range ? dy_range->lo : 0.0f, dy_range ? dy_range->hi : 0.0f};
     auto [d, w] = quantize_pair_nchw(dy, recipe_.dgrad, kd, recipe_.wgrad, kw, dy_range && dy_range->valid ? given : nullptr);
@@ -323,6 +331,11 @@ Tensor Conv2d::backward_ranged(const Tensor& dy, const StepContext& ctx, const V
   return dgrad_rows(dy, rows, ctx, drawn);
 }
 
+bool Conv2d::dgrad_per_sample() const {
+  return recipe_.mode == Mode::fqt && !recipe_.exact_dgrad && recipe_.dgrad_rows == GradRows::sample &&
+         traits(recipe_.dgrad.kind).granularity == Granularity::row;
+}
+
 Tensor Conv2d::dgrad(const Tensor& dy, const StepContext& ctx) { return dgrad_rows(dy, rows_for_gradients(dy), ctx); }
 
 void Conv2d::wgrad(const Tensor& dy, const StepContext& ctx) { wgrad_rows(dy, rows_for_gradients(dy), ctx); }
@@ -333,7 +346,7 @@ Tensor Conv2d::dgrad_on_codes(const QuantizedTensor& gq) const {
   FQT_CHECK(gq.rows == rows && gq.cols == cout_, "Conv2d {}: gradient codes [{}, {}], expected [{}, {}]", name_,
             gq.rows, gq.cols, rows, cout_);
   FQT_CHECK(int_dgrad(recipe_, gq, wq_), "Conv2d {}: dgrad_on_codes needs the integer path (fqt, --arith int)", name_);
-  return dgrad_int(gq);
+  return gq.rows_per_transform_row() > 1 ? dgrad_int_samples(gq) : dgrad_int(gq);
 }
 
 Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx, bool drawn) {
@@ -346,19 +359,21 @@ Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContex
   if (recipe_.mode != Mode::fp32)
     FQT_CHECK(wq_.codes.defined(), "Conv2d {}: backward without a training forward", name_);
   Tensor grows;  // fqt: dequantized Qdgrad(G) in the SPEC's row layout [(N*P), Cout]
+  bool rows_layout = false;
   if (recipe_.mode == Mode::fqt && recipe_.exact_dgrad) {
     gq_dgrad_ = QuantizedTensor{};  // dgrad as in qat: the fp32 GEMM on dy below
   } else if (recipe_.mode == Mode::fqt) {
-    if (!drawn)
-      gq_dgrad_ = quantize(rows, recipe_.dgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad));
-    if (int_dgrad(recipe_, gq_dgrad_, wq_)) return dgrad_int(gq_dgrad_);
-    grows = dequantize(gq_dgrad_);
+    const bool per_sample = dgrad_per_sample();
+    const RngKey kd = grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad);
+    if (!drawn) gq_dgrad_ = per_sample ? quantize_samples_nchw(dy, recipe_.dgrad, kd).first : quantize(rows, recipe_.dgrad, kd);
+    if (int_dgrad(recipe_, gq_dgrad_, wq_)) return per_sample ? dgrad_int_samples(gq_dgrad_) : dgrad_int(gq_dgrad_);
+    grows = dequantize(gq_dgrad_);  // (per sample: T^-1 across the samples' pixel rows)
+    rows_layout = true;
   }
   const Tensor w = recipe_.mode == Mode::fp32 ? weight2d() : dequantize(wq_);
   Tensor dx = Tensor::empty(in_shape_);
   const float* wp = w.data<float>();
   const float* gp = grows.defined() ? grows.data<float>() : dy.data<float>();
-  const bool rows_layout = grows.defined();
   float* dxp = dx.data<float>();
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {

@@ -36,6 +36,7 @@
 // im2col runs on the codes: padding is the activation grid's code for 0 (zero-aligned grids have
 // one by construction), so nothing is dequantized and the saved input stays 1 byte per value.
 #include "common.hpp"
+#include "kernels/cpu/bhq_fast.hpp"
 #include "kernels/cpu/transpose.hpp"
 #include "fqt/gemm.hpp"
 #include "fqt/igemm.hpp"
@@ -949,6 +950,32 @@ std::atomic<bool> g_fused_dgrad{true};  // set_conv_fused_dgrad
 double scale_of(const QuantizedTensor& q, int64_t group) { return q.scale[q.scale.size() == 1 ? 0 : group]; }
 double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() == 1 ? 0 : group]; }
 
+// The samples of a dgrad in the order the threads take them (WorkSplit: a lagging thread's are
+// taken over). Plain: a sample per unit. With `across` (per-sample BHQ: a transform over the N
+// samples), a group per unit: its member samples, then T^-1 over their rows of dX while they are
+// still in cache (kernels::bhq_apply_inverse_group: apply_inverse's operations, so the same bits
+// as the separate pass over dX, which read and wrote it all again).
+class SampleUnits {
+ public:
+  SampleUnits(int64_t N, const BhqTransform* across, float* dx, int64_t chw)
+      : t_(across), dx_(dx), chw_(chw), split_(across ? across->num_groups() : N) {}
+  template <class F>
+  void run(F&& sample) {
+    alignas(64) float dot[kernels::kInverseBlock];
+    split_.run([&](int64_t u) {
+      if (!t_) return sample(u);
+      for (int64_t i = t_->offsets[u]; i < t_->offsets[u + 1]; ++i) sample(t_->members[i]);
+      kernels::bhq_apply_inverse_group(*t_, u, dx_, chw_, dot);
+    });
+  }
+
+ private:
+  const BhqTransform* t_;
+  float* dx_;
+  int64_t chw_;
+  WorkSplit split_;
+};
+
 }  // namespace
 
 void set_conv_fused_fprop(bool on) { g_fused_fprop.store(on, std::memory_order_relaxed); }
@@ -1072,7 +1099,19 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   return y;
 }
 
-Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
+Tensor Conv2d::dgrad_int_samples(const QuantizedTensor& gq) const {
+  const Geom g = geom(in_shape_, k_, stride_, pad_);
+  const int64_t N = in_shape_[0], P = g.P(), chw = cin_ * g.H * g.W;
+  FQT_CHECK(gq.granularity() == Granularity::row && gq.rows == N * P && gq.cols == cout_ &&
+                (!gq.transform || gq.transform->rows == N),
+            "Conv2d {}: per-sample gradient codes [{}, {}] (transform over {} rows), expected [{}, {}] over {} samples",
+            name_, gq.rows, gq.cols, gq.transform ? gq.transform->rows : 0, N * P, cout_, N);
+  (void)chw;
+  // Each sample's grid on its pixel rows; T^-1 group by group as their samples finish.
+  return dgrad_int(gq, gq.transform ? &*gq.transform : nullptr);
+}
+
+Tensor Conv2d::dgrad_int(const QuantizedTensor& gq, const BhqTransform* across) const {
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
   // B = W^T codes [Ckk, Cout] as s8 (G's code row sums come from byte_sum, per row).
@@ -1091,7 +1130,9 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     }
     rb[k] = static_cast<float>(s);
   }
-  const bool bhq = gq.transform.has_value();
+  const bool bhq = gq.transform.has_value() && gq.rows_per_transform_row() == 1;  // (per sample: `across`)
+  FQT_CHECK(!across || (!bhq && across->rows == N), "Conv2d {}: a transform across {} samples for {} samples", name_,
+            across ? across->rows : 0, N);
   const bool per_row = gq.granularity() == Granularity::row;
   const igemm_detail::LocalB Bpk(ldc, cout_, Bt.data(), cout_);
   Tensor dx = Tensor::empty(in_shape_);
@@ -1452,7 +1493,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
   }
 #if defined(FQT_DGRAD_FUSED)
   if (fused) {
-    WorkSplit split(N);
+    SampleUnits split(N, across, dxp, chw);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
     {
       std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
@@ -1487,7 +1528,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq) const {
     return dx;
   }
 #endif
-  WorkSplit split(N);
+  SampleUnits split(N, across, dxp, chw);
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
     std::vector<int32_t> C(static_cast<size_t>(P * ldc));

@@ -166,6 +166,13 @@ FQT_HD int64_t round_nonneg(double x) {
 void bhq_inv_cbrt_batch(const double* w, int64_t n, float* out);
 #endif
 
+#if !defined(__CUDACC__)
+// A per-sample quantization of x [N, C, P] (codes [N, C*P], a grid per row, BHQ's transform over
+// the N rows) laid out as quantize_samples_nchw returns it: codes as pixel rows [(N*P), C], each
+// sample's grid repeated P times; the transform kept (it acts on [N, P*C]).
+QuantizedTensor samples_as_pixel_rows(QuantizedTensor q, int64_t N, int64_t C, int64_t P);
+#endif
+
 // Number of groups for a granularity.
 FQT_HD int64_t num_groups(Granularity g, int64_t rows, int64_t cols) {
   return g == Granularity::tensor ? 1 : g == Granularity::row ? rows : cols;

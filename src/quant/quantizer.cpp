@@ -93,13 +93,32 @@ Tensor dequantize(const QuantizedTensor& q) {
     }
   if (q.transform) {
     Tensor back = Tensor::empty({q.rows, q.cols});
-    q.transform->apply_inverse(o, back.data<float>(), q.cols);
+    q.transform->apply_inverse(o, back.data<float>(), q.cols * q.rows_per_transform_row());
     return back;
   }
   return out;
 }
 
 namespace quant_detail {
+
+QuantizedTensor samples_as_pixel_rows(QuantizedTensor q, int64_t N, int64_t C, int64_t P) {
+  FQT_CHECK(q.rows == N && q.cols == C * P && q.granularity() == Granularity::row,
+            "samples_as_pixel_rows: [{}, {}] codes with a grid per row for N {}, C {}, P {}", q.rows, q.cols, N, C, P);
+  QuantizedTensor out;
+  out.spec = q.spec, out.rows = N * P, out.cols = C;
+  out.codes = Tensor::empty({N * P, C}, DType::u8);
+  out.scale.resize(static_cast<size_t>(N * P)), out.lo.resize(static_cast<size_t>(N * P));
+  const uint8_t* src = q.codes.data<uint8_t>();
+  uint8_t* dst = out.codes.data<uint8_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < C; ++c) dst[(n * P + p) * C + c] = src[n * C * P + c * P + p];
+    std::fill_n(out.scale.begin() + n * P, P, q.scale[n]);
+    std::fill_n(out.lo.begin() + n * P, P, q.lo[n]);
+  }
+  out.transform = std::move(q.transform);
+  return out;
+}
 
 void check_spec(QuantizerSpec spec) {
   FQT_INPUT_CHECK(spec.bits >= 2 && spec.bits <= 8, "bit width {} is out of range: fqt supports 2 to 8 bits",

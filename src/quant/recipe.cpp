@@ -19,6 +19,14 @@ Arith parse_arith(const std::string& name) {
 
 const char* arith_name(Arith a) { return a == Arith::integer ? "int" : "sim"; }
 
+GradRows parse_grad_rows(const std::string& name) {
+  if (name == "pixel") return GradRows::pixel;
+  if (name == "sample") return GradRows::sample;
+  throw InputError(fmt::format("unknown dgrad rows '{}' (valid: pixel, sample)", name));
+}
+
+const char* grad_rows_name(GradRows r) { return r == GradRows::pixel ? "pixel" : "sample"; }
+
 const char* mode_name(Mode m) {
   switch (m) {
     case Mode::fp32: return "fp32";
@@ -33,7 +41,8 @@ std::string recipe_summary(const Recipe& r) {
   std::string s = fmt::format("mode {} ({}): act {} {}, weight {} {}", mode_name(r.mode), arith_name(r.arith),
                               traits(r.activation.kind).name, r.activation.bits, traits(r.weight.kind).name, r.weight.bits);
   if (r.mode == Mode::fqt) {
-    s += r.exact_dgrad ? std::string(", dgrad exact") : fmt::format(", dgrad {} {}", traits(r.dgrad.kind).name, r.dgrad.bits);
+    s += r.exact_dgrad ? std::string(", dgrad exact") : fmt::format(", dgrad {} {}{}", traits(r.dgrad.kind).name, r.dgrad.bits,
+                                                                      r.dgrad_rows == GradRows::sample ? " per sample" : "");
     s += fmt::format(", wgrad {} {}", traits(r.wgrad.kind).name, r.wgrad.bits);
   }
   return s;

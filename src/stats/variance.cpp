@@ -174,7 +174,8 @@ double grid_variance_bound(const QuantizedTensor& q) {
       std::vector<double> w;
       if (q.transform) w = q.transform->inverse_column_norms2();
       double s = 0;
-      for (int64_t r = 0; r < q.rows; ++r) s += (w.empty() ? 1.0 : w[r]) * inv2(r);
+      const int64_t per = q.rows_per_transform_row();  // (per-sample BHQ: T's row r / per)
+      for (int64_t r = 0; r < q.rows; ++r) s += (w.empty() ? 1.0 : w[r / per]) * inv2(r);
       return s * q.cols;
     }
   }
@@ -213,7 +214,7 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
   auto set_modes = [&](const VarianceConfig* c, size_t exact_below) {
     for (size_t i = 0; i < nl; ++i) {
       Recipe& r = L.layers[i]->recipe();
-      if (c) r.dgrad = c->dgrad, r.wgrad = c->wgrad;
+      if (c) r.dgrad = c->dgrad, r.wgrad = c->wgrad, r.dgrad_rows = c->dgrad_rows;
       r.exact_dgrad = c && c->exact_dgrad;
       r.mode = (c && i >= exact_below) ? Mode::fqt : Mode::qat;
     }
@@ -310,6 +311,7 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
       VarianceRecord r;
       r.quantizer = c.exact_dgrad ? "none" : traits(c.dgrad.kind).name;
       r.bits = c.exact_dgrad ? 0 : c.dgrad.bits;
+      r.dgrad_rows = grad_rows_name(c.dgrad_rows);
       r.wgrad = traits(c.wgrad.kind).name;
       r.wgrad_bits = c.wgrad.bits;
       r.samples = K;

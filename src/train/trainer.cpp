@@ -339,6 +339,7 @@ std::string TrainConfig::to_json() const {
             {"activation", spec_json(recipe.activation)},
             {"weight", spec_json(recipe.weight)},
             {"dgrad", spec_json(recipe.dgrad)},
+            {"dgrad_rows", grad_rows_name(recipe.dgrad_rows)},
             {"wgrad", spec_json(recipe.wgrad)},
             {"epochs", epochs},
             {"batch", batch},
@@ -379,6 +380,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.recipe.activation = spec_from(j.at("activation"));
     c.recipe.weight = spec_from(j.at("weight"));
     c.recipe.dgrad = spec_from(j.at("dgrad"));
+    c.recipe.dgrad_rows = parse_grad_rows(j.value("dgrad_rows", "pixel"));  // runs from before the option: pixel
     c.recipe.wgrad = spec_from(j.at("wgrad"));
     c.epochs = j.at("epochs");
     c.batch = j.at("batch");

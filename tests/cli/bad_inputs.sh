@@ -68,6 +68,7 @@ check train out-of-range-2    "--lr"                       --no-output "$R" -- "
 check train out-of-range-3    "--train-limit"              --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --train-limit -5
 check train unknown-name      "unknown model"              --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --model resnet1000
 check train unknown-name-2    "unknown --on-nonfinite"     --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --on-nonfinite ignore
+check train unknown-name-3    "dgrad-rows.*pixels"         --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --dgrad-rows pixels
 check train incompatible      "--wgrad bhq is not supported" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --wgrad bhq
 check train incompatible-2    "larger than the training set" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --batch 1000
 check train missing-file      "file not found"             --no-output "$R" -- "$fqt" train --data mnist --data-dir "$fx/mnist_empty" --out "$R"
@@ -90,6 +91,7 @@ check bench unknown-option    "frobnicate"                 -- "$fqt" bench step 
 check bench malformed-number  "steps"                      -- "$fqt" bench step --steps few
 check bench out-of-range      "--batch must be in 1..65536" -- "$fqt" bench step --batch 0
 check bench unknown-name      "unknown mode 'int4'"        -- "$fqt" bench step --mode int4
+check bench unknown-name-2    "unknown dgrad rows 'row'"   -- "$fqt" bench step --dgrad-rows pixel,row
 check bench incompatible      "input|CxHxW"                -- "$fqt" bench step --input 3x0x32
 check bench missing-subcommand "subcommand is required"    -- "$fqt" bench
 check bench-gemm unknown-option "frobnicate"               -- "$fqt" bench gemm --frobnicate
@@ -102,6 +104,7 @@ check variance unknown-option "frobnicate"                 --no-output "$V" -- "
 check variance malformed-number "samples"                  --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --samples lots
 check variance out-of-range   "bit width from 2 to 8"      --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-bits 9
 check variance unknown-name   "unknown quantizer 'pqs'"    --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad pqs
+check variance unknown-name-2 "dgrad-rows.*samples"        --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-rows samples
 check variance incompatible   "must be stochastic"         --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad affine
 check variance missing-file   "cannot open"                --no-output "$V" -- "$fqt" variance --checkpoint "$fx/nope.safetensors" --out "$V"
 check variance truncated-file "truncated"                  --no-output "$V" -- "$fqt" variance --checkpoint "$fx/truncated.safetensors" --out "$V"

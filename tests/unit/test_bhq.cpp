@@ -86,6 +86,30 @@ TEST(Bhq, InverseUndoesTransform) {
   }
 }
 
+// The in-place T^-1 of the per-sample dgrad (threads over column blocks; one group at a time as
+// the fused dgrad calls it) equals apply_inverse bit for bit: widths around the 512-column block,
+// groups of 1 to many rows, 1 and 2 threads.
+TEST(Bhq, InPlaceInverseEqualsApplyInverse) {
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2}) {
+    omp_set_num_threads(threads);
+    for (auto [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{1, 7}, {2, 512}, {3, 513}, {17, 1000}, {128, 1568}}) {
+      const Tensor x = synthetic_matrix(SynthKind::heavy_tailed, rows, cols, 9);
+      const BhqTransform t = bhq_transform(x.data<float>(), rows, cols);
+      const Tensor y = synthetic_matrix(SynthKind::gaussian, rows, cols, 10);
+      Tensor want = Tensor::empty({rows, cols});
+      t.apply_inverse(y.data<float>(), want.data<float>(), cols);
+      Tensor a = y.clone(), b = y.clone();
+      kernels::bhq_apply_inverse_inplace(t, a.data<float>(), cols);
+      std::vector<float> dot(static_cast<size_t>(kernels::kInverseBlock));
+      for (int64_t g = t.num_groups() - 1; g >= 0; --g) kernels::bhq_apply_inverse_group(t, g, b.data<float>(), cols, dot.data());
+      EXPECT_EQ(std::memcmp(a.raw(), want.raw(), want.nbytes()), 0) << rows << "x" << cols << " threads " << threads;
+      EXPECT_EQ(std::memcmp(b.raw(), want.raw(), want.nbytes()), 0) << rows << "x" << cols << " by group";
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
 TEST(Bhq, GroupsFollowSpecAllocation) {
   // Heavy-tailed rows (few large rows) and gaussian ones (about half the rows lead a group: the
   // split point G far from either end, where bhq_transform's bisection must land on the same G

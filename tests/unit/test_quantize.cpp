@@ -379,6 +379,98 @@ TEST(Quantize, PairNchwEqualsPairOfRows) {
   }
 }
 
+// quantize_samples_nchw (a grid per sample, the paper's rows; codes stored as G's pixel rows):
+//  * fast path == plain-loop oracle bit for bit (codes, grids, BHQ's transform), on 1 and 2
+//    threads, for channel counts that take the AVX-512 per-sample pass (multiples of 16; P with
+//    and without a short last run of positions) and those that do not;
+//  * the oracle is quantize_ref on [N, C*P] itself: code (n*P + p, c) is its element (n, c*P + p),
+//    each sample's grid is repeated on its P rows, the same transform;
+//  * dequantize on the pixel rows (T^-1 across samples on [N, P*C]) is the transposed
+//    dequantize of [N, C*P], bit for bit;
+//  * the second draw equals quantize() of G's rows (fused: per tensor / per row; not fused: per
+//    column), with and without the given range;
+//  * NaN / Inf anywhere throws NonFiniteError.
+TEST(Quantize, SamplesNchwEqualsReferenceAndPerSampleRows) {
+  struct Shape4 {
+    int64_t n, c, h, w;
+  };
+  const Shape4 shapes[] = {{4, 16, 5, 5}, {3, 32, 4, 4}, {2, 16, 1, 1}, {5, 3, 3, 3},
+                           {1, 16, 7, 7}, {6, 64, 7, 7}, {9, 16, 14, 14}, {4, 17, 2, 3}};
+  const int saved = omp_get_max_threads();
+  uint64_t seed = 70;
+  for (int threads : {1, 2}) {
+    omp_set_num_threads(threads);
+    for (const Shape4& sh : shapes) {
+      const int64_t P = sh.h * sh.w, D = sh.c * P;
+      // Heavy-tailed rows of [N*C, P]: the samples' ranges differ a lot, so BHQ forms real groups.
+      const Tensor x = synthetic_matrix(SynthKind::heavy_tailed, sh.n * sh.c, P, ++seed).reshape({sh.n, sh.c, sh.h, sh.w});
+      const float* xp = x.data<float>();
+      Tensor g = Tensor::empty({sh.n * P, sh.c});  // G's pixel rows
+      for (int64_t n = 0; n < sh.n; ++n)
+        for (int64_t c = 0; c < sh.c; ++c)
+          for (int64_t p = 0; p < P; ++p) g.data<float>()[(n * P + p) * sh.c + c] = xp[n * D + c * P + p];
+      for (QuantizerKind a : {QuantizerKind::psq, QuantizerKind::bhq})
+        for (int bits : {2, 5, 8}) {
+          const RngKey ka{21, static_cast<uint64_t>(bits)}, kb{21, 100};
+          const std::string what = std::string(traits(a).name) + std::to_string(bits) + " " + std::to_string(sh.n) + "x" +
+                                   std::to_string(sh.c) + "x" + std::to_string(sh.h) + "x" + std::to_string(sh.w) +
+                                   " threads " + std::to_string(threads);
+          const QuantizedTensor ref = quantize_samples_nchw_ref(x, {a, bits}, ka);
+          const QuantizedTensor flat = quantize_ref(x.reshape({sh.n, D}), {a, bits}, ka);
+          ASSERT_EQ(ref.rows, sh.n * P) << what;
+          ASSERT_EQ(ref.cols, sh.c) << what;
+          for (int64_t n = 0; n < sh.n; ++n)
+            for (int64_t p = 0; p < P; ++p) {
+              ASSERT_EQ(ref.scale[n * P + p], flat.scale[n]) << what;
+              ASSERT_EQ(ref.lo[n * P + p], flat.lo[n]) << what;
+              for (int64_t c = 0; c < sh.c; ++c)
+                ASSERT_EQ(ref.codes.data<uint8_t>()[(n * P + p) * sh.c + c], flat.codes.data<uint8_t>()[n * D + c * P + p]) << what;
+            }
+          ASSERT_EQ(ref.transform.has_value(), a == QuantizerKind::bhq) << what;
+          if (ref.transform) {
+            EXPECT_EQ(ref.rows_per_transform_row(), P) << what;
+            EXPECT_EQ(ref.transform->members, flat.transform->members) << what;
+            EXPECT_EQ(ref.transform->row_scale, flat.transform->row_scale) << what;
+          }
+          // Dequantized: the same values, transposed.
+          const Tensor dv = dequantize(ref), fv = dequantize(flat);
+          for (int64_t n = 0; n < sh.n; ++n)
+            for (int64_t p = 0; p < P; ++p)
+              for (int64_t c = 0; c < sh.c; ++c) {
+                const float u = dv.data<float>()[(n * P + p) * sh.c + c], v = fv.data<float>()[n * D + c * P + p];
+                ASSERT_EQ(std::bit_cast<uint32_t>(u), std::bit_cast<uint32_t>(v)) << what << " n " << n << " p " << p << " c " << c;
+              }
+          // Fast path, alone and with a second draw of each kind.
+          ASSERT_TRUE(same_quantization(quantize_samples_nchw(x, {a, bits}, ka).first, ref)) << what;
+          for (QuantizerKind b : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::column})
+            for (bool given : {false, true}) {
+              if (given && b != QuantizerKind::ptq) continue;
+              float range[2] = {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+              for (int64_t i = 0; i < x.numel(); ++i) range[0] = std::min(range[0], xp[i]), range[1] = std::max(range[1], xp[i]);
+              const QuantizerSpec sb{b, 8};
+              auto [qa, qb] = quantize_samples_nchw(x, {a, bits}, ka, &sb, kb, given ? range : nullptr);
+              ASSERT_TRUE(same_quantization(qa, ref)) << what << " with " << traits(b).name;
+              ASSERT_TRUE(same_quantization(qb, quantize_ref(g, sb, kb))) << what << " second draw " << traits(b).name;
+            }
+        }
+    }
+  }
+  omp_set_num_threads(saved);
+  const Tensor x = synthetic_matrix(SynthKind::gaussian, 2 * 16, 49, 3).reshape({2, 16, 7, 7});
+  EXPECT_THROW(quantize_samples_nchw(x, {QuantizerKind::ptq, 8}, {1, 1}), Error);     // no grid per row
+  EXPECT_THROW(quantize_samples_nchw(x, {QuantizerKind::column, 8}, {1, 1}), Error);  // per column
+  EXPECT_THROW(quantize_samples_nchw(x, {QuantizerKind::psq, 9}, {1, 1}), Error);     // bits
+  const QuantizerSpec ptq{QuantizerKind::ptq, 8};
+  for (QuantizerKind a : {QuantizerKind::psq, QuantizerKind::bhq})
+    for (float v : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()})
+      for (int64_t at : {int64_t{5}, int64_t{16 * 49 + 5 * 49 + 30}, int64_t{2 * 16 * 49 - 1}}) {
+        Tensor bad = x.clone();
+        bad.data<float>()[at] = v;
+        EXPECT_THROW(quantize_samples_nchw(bad, {a, 8}, {1, 1}), NonFiniteError) << traits(a).name << " " << v << " at " << at;
+        EXPECT_THROW(quantize_samples_nchw(bad, {a, 8}, {1, 1}, &ptq, {1, 2}), NonFiniteError) << traits(a).name << " " << v;
+      }
+}
+
 // make_grids (the batched per-row / per-column grids of the fast quantizers: 8 at a time on
 // AVX-512) gives make_grid's grid bit for bit for every group: ranges of all magnitudes and
 // signs, single values, empty groups (min > max) and NaN ends, every affine kind and bit width,

@@ -168,6 +168,30 @@ TEST(Train, RecomputeInStoredConfig) {
   EXPECT_THROW(TrainConfig::from_json(with("\"sometimes\"")), InputError);
 }
 
+// The dgrad rows setting is stored with the run and read back; a configuration from before it
+// existed reads as pixel rows, and a nonsense value is an InputError naming the valid ones.
+TEST(Train, DgradRowsInStoredConfig) {
+  TrainConfig c;
+  EXPECT_EQ(c.recipe.dgrad_rows, GradRows::pixel);
+  for (GradRows r : {GradRows::pixel, GradRows::sample}) {
+    c.recipe.dgrad_rows = r;
+    EXPECT_EQ(TrainConfig::from_json(c.to_json()).recipe.dgrad_rows, r);
+  }
+  std::string j = c.to_json();
+  const std::string key = "\"dgrad_rows\": \"sample\",";
+  const size_t at = j.find(key);
+  ASSERT_NE(at, std::string::npos) << j;
+  EXPECT_EQ(TrainConfig::from_json(std::string(j).erase(at, key.size())).recipe.dgrad_rows, GradRows::pixel);
+  try {
+    TrainConfig::from_json(std::string(j).replace(at, key.size(), "\"dgrad_rows\": \"row\","));
+    ADD_FAILURE() << "no error for dgrad_rows \"row\"";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("valid: pixel, sample"), std::string::npos) << e.what();
+  }
+  c.recipe.mode = Mode::fqt;
+  EXPECT_NE(recipe_summary(c.recipe).find("dgrad bhq 5 per sample"), std::string::npos) << recipe_summary(c.recipe);
+}
+
 TEST(Train, LossGoesDownInEveryMode) {
   for (Mode mode : {Mode::fp32, Mode::qat, Mode::fqt}) {
     TrainConfig c = small("", mode);

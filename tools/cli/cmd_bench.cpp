@@ -289,6 +289,7 @@ struct StepOptions {
   std::string model = "preact_resnet20";
   std::string modes = "fp32,qat,fqt";
   std::string dgrads = "psq";
+  std::string dgrad_rows = "pixel";
   std::string ariths = "int";
   std::string recompute = "auto";
   int dgrad_bits = 8;
@@ -303,7 +304,15 @@ struct StepConfig {
   QuantizerKind dgrad;
   Arith arith;
   Recompute recompute = Recompute::automatic;
+  GradRows rows = GradRows::pixel;  // fqt: the dgrad quantizer's rows in convolutions
 };
+
+// The dgrad column of the table: "bhq", or "bhq/s" with a row per sample.
+std::string dgrad_label(const nlohmann::json& rec) {
+  std::string d = rec["dgrad"].get<std::string>();
+  if (rec.value("dgrad_rows", std::string("pixel")) == "sample") d += "/s";
+  return d;
+}
 
 size_t read_status_kb(const char* key) {
   std::ifstream f("/proc/self/status");
@@ -329,6 +338,7 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
   r.mode = cfg.mode;
   r.dgrad = {cfg.dgrad, o.dgrad_bits};
   r.arith = cfg.arith;
+  r.dgrad_rows = cfg.rows;
   ModulePtr net = make_model(o.model, c, h, w, 10, r, 0);
   set_recompute(*net, cfg.recompute, cfg.mode);
   std::vector<Param*> params;
@@ -388,6 +398,7 @@ nlohmann::json run_step_config(const StepOptions& o, const StepConfig& cfg) {
           {"mode", mode_name(cfg.mode)},
           {"dgrad", cfg.mode == Mode::fqt ? traits(cfg.dgrad).name : "-"},
           {"dgrad_bits", o.dgrad_bits},
+          {"dgrad_rows", cfg.mode == Mode::fqt ? grad_rows_name(cfg.rows) : "-"},
           {"arith", quantized ? arith_name(cfg.arith) : "-"},
           {"recompute", recompute_name(cfg.recompute)},
           {"batch", o.batch},
@@ -488,6 +499,9 @@ int run_step_bench(const StepOptions& o) {
   std::vector<Recompute> recomputes;
   for (const auto& v : split_list(o.recompute)) recomputes.push_back(parse_recompute(v));
   FQT_INPUT_CHECK(!recomputes.empty(), "--recompute needs one or more of off, auto, on");
+  std::vector<GradRows> rows_list;
+  for (const auto& v : split_list(o.dgrad_rows)) rows_list.push_back(parse_grad_rows(v));
+  FQT_INPUT_CHECK(!rows_list.empty(), "--dgrad-rows needs one or more of pixel, sample");
   std::vector<StepConfig> configs;
   for (const auto& m : split_list(o.modes)) {
     const Mode mode = parse_mode(m);
@@ -502,7 +516,8 @@ int run_step_bench(const StepOptions& o) {
       else
         for (const auto& d : split_list(o.dgrads)) {
           const QuantizerKind q = parse_quantizer(d);
-          for (Arith a : ariths) configs.push_back({mode, q, a, rc});
+          for (GradRows gr : rows_list)
+            for (Arith a : ariths) configs.push_back({mode, q, a, rc, gr});
         }
     }
   }
@@ -517,8 +532,8 @@ int run_step_bench(const StepOptions& o) {
   for (const StepConfig& cfg : configs) {
     nlohmann::json rec = o.no_fork ? run_step_config(o, cfg) : run_step_config_forked(o, cfg);
     if (rec.contains("error")) {
-      std::fprintf(stderr, "fqt bench step: %s %s %s: %s\n", mode_name(cfg.mode), traits(cfg.dgrad).name,
-                   arith_name(cfg.arith), rec["error"].get<std::string>().c_str());
+      std::fprintf(stderr, "fqt bench step: %s %s%s %s: %s\n", mode_name(cfg.mode), traits(cfg.dgrad).name,
+                   cfg.rows == GradRows::sample ? "/s" : "", arith_name(cfg.arith), rec["error"].get<std::string>().c_str());
       ++failures;
       continue;
     }
@@ -527,7 +542,7 @@ int run_step_bench(const StepOptions& o) {
     } else {
       const double med = rec["median_ms"];
       std::printf("%-16s %-5s %-6s %-5s %-6s %5lld  %10.1f  %10.1f  %10.1f  %7.1f%%  %9.0f  %12.2f  %11.1f\n",
-                  o.model.c_str(), rec["mode"].get<std::string>().c_str(), rec["dgrad"].get<std::string>().c_str(),
+                  o.model.c_str(), rec["mode"].get<std::string>().c_str(), dgrad_label(rec).c_str(),
                   rec["arith"].get<std::string>().c_str(), recompute_name(cfg.recompute), static_cast<long long>(o.batch), med,
                   rec["min_ms"].get<double>(), rec["quantizer_ms"].get<double>(),
                   100 * rec["quantizer_share"].get<double>(), rec["images_per_s"].get<double>(),
@@ -643,10 +658,12 @@ Runner add_bench(CLI::App& app) {
   CLI::App* step = app.add_subcommand(
       "step",
       "Median time of a full training step (forward, both backward GEMMs, quantizers, SGD momentum 0.9,\n"
-      "wd 5e-4) on one fixed random batch. Configurations = (fp32 + qat x arith + fqt x dgrad x arith) x recompute;\n"
+      "wd 5e-4) on one fixed random batch. Configurations = (fp32 + qat x arith + fqt x dgrad x dgrad-rows x arith)\n"
+      "x recompute;\n"
       "each runs in its own fork()ed child process (--no-fork: all in this one) so peak RSS is per config.\n"
       "JSON fields (one record per configuration):\n"
-      "  model, mode, dgrad, arith, recompute, batch, input, threads, steps, warmup\n"
+      "  model, mode, dgrad, dgrad_bits, dgrad_rows, arith, recompute, batch, input, threads, steps, warmup\n"
+      "                  (the table's dgrad column shows bhq/s, psq/s for dgrad_rows sample)\n"
       "  params          number of trainable parameters\n"
       "  median_ms, min_ms  median / fastest of the timed steps (wall time)\n"
       "  quantizer_ms    median time inside quantize() + dequantize() per step (profile scopes; the\n"
@@ -669,6 +686,10 @@ Runner add_bench(CLI::App& app) {
   step->add_option("--mode", o->modes, "comma-separated modes: fp32, qat, fqt")->capture_default_str();
   step->add_option("--dgrad", o->dgrads, "comma-separated dgrad quantizers for fqt (ptq, psq, bhq)")->capture_default_str();
   step->add_option("--dgrad-bits", o->dgrad_bits, "dgrad bits")->capture_default_str();
+  step->add_option("--dgrad-rows", o->dgrad_rows,
+                   "comma-separated rows of the convolutions' dgrad quantizer for fqt: pixel, sample (see fqt train "
+                   "--help)")
+      ->capture_default_str();
   step->add_option("--arith", o->ariths, "comma-separated arithmetic of the quantized GEMMs for qat/fqt: int, sim")
       ->capture_default_str();
   step->add_option("--recompute", o->recompute,

@@ -14,6 +14,7 @@ struct TrainOptions {
   TrainConfig cfg;
   std::string mode = "fqt";
   std::string dgrad = "bhq", wgrad = "ptq", arith = "int", weight_q = "symmetric", recompute = "auto";
+  std::string dgrad_rows = "pixel";
   int dgrad_bits = 5, wgrad_bits = 8, act_bits = 8, weight_bits = 8;
   bool resume = false, quiet = false;
 };
@@ -42,6 +43,12 @@ Runner add_train(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--dgrad", o->dgrad, "gradient quantizer of the dgrad GEMM: ptq, ptq-zero, psq, bhq")->capture_default_str();
   app.add_option("--dgrad-bits", o->dgrad_bits, "bits of the dgrad gradient quantizer (2..8)")->capture_default_str();
+  app.add_option("--dgrad-rows", o->dgrad_rows,
+                 "what a row of a convolution's gradient is for psq / bhq: pixel (each output position of each "
+                 "sample has its own grid; fqt's default) | sample (a row per sample, [N, C*H*W], as in the "
+                 "paper's code: BHQ's groups then mix whole samples)")
+      ->check(CLI::IsMember({"pixel", "sample"}))
+      ->capture_default_str();
   app.add_option("--wgrad", o->wgrad, "gradient quantizer of the wgrad GEMM: ptq, ptq-zero, column")->capture_default_str();
   app.add_option("--wgrad-bits", o->wgrad_bits, "bits of the wgrad gradient quantizer (2..8)")->capture_default_str();
   app.add_option("--arith", o->arith,
@@ -101,6 +108,7 @@ Runner add_train(CLI::App& app) {
     cfg.recipe.activation.bits = o->act_bits;
     cfg.recipe.weight = {parse_quantizer(o->weight_q), o->weight_bits};
     cfg.recipe.arith = parse_arith(o->arith);
+    cfg.recipe.dgrad_rows = parse_grad_rows(o->dgrad_rows);
     FQT_INPUT_CHECK(cfg.recipe.weight.kind == QuantizerKind::symmetric || cfg.recipe.weight.kind == QuantizerKind::symmetric_row ||
                         cfg.recipe.weight.kind == QuantizerKind::zero_aligned,
                     "--weight-quantizer must be symmetric, symmetric-row or zero-aligned (got '{}')", o->weight_q);

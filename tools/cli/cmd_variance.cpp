@@ -29,6 +29,7 @@ struct VarianceCliOptions {
   std::string dgrad = "ptq,psq,bhq";
   std::string dgrad_bits = "4,5,6,7,8";
   std::string wgrad = "ptq";
+  std::string dgrad_rows = "pixel";
   int wgrad_bits = 8, act_bits = 8, weight_bits = 8;
   int samples = 16;
   int batches = 8;
@@ -70,6 +71,7 @@ nlohmann::json record_json(const VarianceRecord& r) {
   auto num = [](double v) -> nlohmann::json { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); };
   return {{"quantizer", r.quantizer},
           {"bits", r.bits},
+          {"dgrad_rows", r.dgrad_rows},
           {"wgrad", r.wgrad},
           {"wgrad_bits", r.wgrad_bits},
           {"layer", r.layer},
@@ -100,6 +102,7 @@ int run_variance(const VarianceCliOptions& o) {
   }
   FQT_INPUT_CHECK(!kinds.empty(), "--dgrad needs at least one quantizer name");
   const std::vector<int> bits = parse_bits(o.dgrad_bits, "--dgrad-bits");
+  const GradRows rows = parse_grad_rows(o.dgrad_rows);
   const QuantizerKind wkind = parse_quantizer(o.wgrad);
   FQT_INPUT_CHECK(traits(wkind).rounding == Rounding::stochastic && wkind != QuantizerKind::bhq,
                   "--wgrad must be ptq, ptq-zero or column (got {})", o.wgrad);
@@ -177,9 +180,9 @@ int run_variance(const VarianceCliOptions& o) {
 
   std::vector<VarianceConfig> configs;
   for (QuantizerKind k : kinds)
-    for (int b : bits) configs.push_back({{k, b}, {wkind, o.wgrad_bits}, breakdown.count({int(k), b}) > 0});
+    for (int b : bits) configs.push_back({{k, b}, {wkind, o.wgrad_bits}, breakdown.count({int(k), b}) > 0, false, rows});
   // The wgrad-only floor: dgrad exact, only the (fixed) wgrad quantizer active; records "none", 0.
-  if (!o.no_floor) configs.push_back({{}, {wkind, o.wgrad_bits}, false, true});
+  if (!o.no_floor) configs.push_back({{}, {wkind, o.wgrad_bits}, false, true, rows});
 
   std::vector<QuantizedLayer*> layers;
   net->collect_quantized(layers);
@@ -210,15 +213,16 @@ int run_variance(const VarianceCliOptions& o) {
                         {"samples", o.samples},
                         {"batches", o.batches},
                         {"batch", o.batch},
+                        {"dgrad_rows", o.dgrad_rows},
                         {"seed", o.seed},
                         {"seconds", secs},
                         {"records", jrecs}};
 
   std::string table;
   auto line = [&](const std::string& s) { table += s + "\n"; };
-  line(fmt::format("{} on {}, {}: {} batches of {}, K = {} FQT draws per batch, wgrad {} {}-bit ({:.1f} s)", cfg.model,
-                   cfg.data, o.checkpoint.empty() ? "initial weights" : o.checkpoint, o.batches, o.batch, o.samples,
-                   o.wgrad, o.wgrad_bits, secs));
+  line(fmt::format("{} on {}, {}: {} batches of {}, K = {} FQT draws per batch, wgrad {} {}-bit, dgrad rows per {} "
+                   "({:.1f} s)", cfg.model, cfg.data, o.checkpoint.empty() ? "initial weights" : o.checkpoint, o.batches,
+                   o.batch, o.samples, o.wgrad, o.wgrad_bits, o.dgrad_rows, secs));
   line("Totals over all parameters (quant = quantization variance given the batch, se = its standard error over the");
   line("batches; sampling = QAT variance across batches; quantizer none = the wgrad-only floor, dgrad exact):");
   line(fmt::format("{:<9} {:>4}  {:>10}  {:>9}  {:>10}  {:>9}  {:>10}  {:>10}  {:>10}  {:>12}", "quantizer", "bits",
@@ -292,6 +296,11 @@ Runner add_variance(CLI::App& app) {
                  "widths are used unless --model/--data are given");
   app.add_option("--dgrad", o->dgrad, "comma-separated dgrad quantizers to compare")->capture_default_str();
   app.add_option("--dgrad-bits", o->dgrad_bits, "comma-separated dgrad bit widths, 2..8")->capture_default_str();
+  app.add_option("--dgrad-rows", o->dgrad_rows,
+                 "what a row of a convolution's dgrad operand is for psq / bhq: pixel (fqt's default) | sample (the "
+                 "paper's code); see fqt train --help")
+      ->check(CLI::IsMember({"pixel", "sample"}))
+      ->capture_default_str();
   app.add_option("--wgrad", o->wgrad, "wgrad quantizer (fixed across configurations): ptq, ptq-zero, column")
       ->capture_default_str();
   app.add_option("--wgrad-bits", o->wgrad_bits, "wgrad bits")->capture_default_str();

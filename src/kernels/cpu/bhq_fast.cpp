@@ -186,6 +186,52 @@ const float* bhq_group_dots(const BhqTransform& t, const float* x, int64_t cols)
   return dp;
 }
 
+namespace {
+// Group g's T^-1 on columns j0 .. j0 + w of y: per column, the members' v_k y_k summed in member
+// order, then (y_k - 2 v_k dot) / s_k (BhqTransform::apply_inverse's operations).
+inline void inverse_group_block(const BhqTransform& t, int64_t g, float vf, float vr, float* y, int64_t cols,
+                                int64_t j0, int64_t w, float* __restrict dot) {
+  const int64_t* mem = t.members.data() + t.offsets[g];
+  const int64_t n = t.group_size(g);
+  for (int64_t j = 0; j < w; ++j) dot[j] = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float vk = k == 0 ? vf : vr;
+    const float* __restrict row = y + mem[k] * cols + j0;
+    for (int64_t j = 0; j < w; ++j) dot[j] += vk * row[j];  // apply_inverse's vk * (1.0f * row[j])
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const float vk2 = 2.0f * (k == 0 ? vf : vr), s = t.row_scale[mem[k]];
+    float* __restrict row = y + mem[k] * cols + j0;
+    for (int64_t j = 0; j < w; ++j) row[j] = (row[j] - vk2 * dot[j]) / s;
+  }
+}
+}  // namespace
+
+void bhq_apply_inverse_group(const BhqTransform& t, int64_t g, float* y, int64_t cols, float* dot) {
+  float vf, vr;
+  HouseholderV()(t.group_size(g), vf, vr);
+  for (int64_t j0 = 0; j0 < cols; j0 += kInverseBlock)
+    inverse_group_block(t, g, vf, vr, y, cols, j0, std::min(kInverseBlock, cols - j0), dot);
+}
+
+void bhq_apply_inverse_inplace(const BhqTransform& t, float* y, int64_t cols) {
+  const int64_t blocks = (cols + kInverseBlock - 1) / kInverseBlock;
+  const HouseholderV householder;
+#pragma omp parallel if (t.rows * cols > quant_detail::kParallelMin && blocks > 1)
+  {
+    alignas(64) float dot[kInverseBlock];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t j0 = b * kInverseBlock, w = std::min(kInverseBlock, cols - j0);
+      for (int64_t g = 0; g < t.num_groups(); ++g) {
+        float vf, vr;
+        householder(t.group_size(g), vf, vr);
+        inverse_group_block(t, g, vf, vr, y, cols, j0, w, dot);
+      }
+    }
+  }
+}
+
 void bhq_apply_rows(const BhqTransform& t_in, const float* x, int64_t cols, float* out, double* row_min,
                     double* row_max) {
   BhqTransform copy;  // only for a transform assembled without row_group

@@ -28,6 +28,17 @@ BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols);
 // (sequential reads and writes; only the small per-group sums are fetched out of order).
 void bhq_apply_rows(const BhqTransform& t, const float* x, int64_t cols, float* out, double* row_min, double* row_max);
 
+// y <- T^-1 y in place (what BhqTransform::apply_inverse computes, bit for bit: per group and
+// column, the members' v_k y_k summed in member order, then (y_k - 2 v_k dot) / s_k), threads
+// over blocks of columns: for a transform across a few rows of many columns (BHQ with a row per
+// sample, applied to the dgrad output [N, Cin*H*W]), where apply_inverse's threads over groups
+// would each sweep whole rows.
+void bhq_apply_inverse_inplace(const BhqTransform& t, float* y, int64_t cols);
+// The same for group g's rows alone (on the calling thread; `dot`: kInverseBlock floats of
+// scratch): for a caller that has just written those rows and still has them in cache.
+constexpr int64_t kInverseBlock = 512;  // columns per step: 128 rows x 2 KB stay in L2 across the groups
+void bhq_apply_inverse_group(const BhqTransform& t, int64_t g, float* y, int64_t cols, float* dot);
+
 // The two passes of bhq_apply_rows as parts, for callers that use each row of T x at once (the
 // fused quantizer of quantize.cpp). bhq_group_dots: per group g, d_g = sum_k v_k (s_k x_k) in
 // member order, in a row of ld = cols + 2 floats that ends with 2 v_first and 2 v_rest (so the

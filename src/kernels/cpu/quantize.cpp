@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -414,28 +415,106 @@ std::pair<QuantizedTensor, QuantizedTensor> pair_one_pass(const Tensor& x, int64
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+// The pieces of pair_nchw16, shared with quantize_samples_nchw's per-sample kernel.
+struct Nchw16 {
+  // The 4 x 4 transpose of 32-bit lanes: level 1 interleaves two packed vectors' first / last 8
+  // lanes, level 2 two of those pairs' 4-lane runs.
+  __m512i i1lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  __m512i i1hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  __m512i i2lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+  __m512i i2hi = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+  __m512 zero = _mm512_setzero_ps();
+  // One code per lane: x on the grid (vlo, vsc) with uniform u, rounded as round_run_stochastic does.
+  [[gnu::always_inline]] __m512i code(__m512 x, __m512 u, __m512 vlo, __m512 vsc, __m512 vB) const {
+    __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x, vlo), vsc), u);
+    v = _mm512_mask_roundscale_ps(v, kAll16, v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    v = _mm512_mask_min_ps(v, kAll16, _mm512_mask_max_ps(v, kAll16, v, zero), vB);
+    return _mm512_mask_cvttps_epi32(_mm512_castps_si512(v), kAll16, v);
+  }
+  // code[j][t]: lane i = row r0 + i's code of channel k + 4j + t. Packed four channels to a
+  // 32-bit lane, transposed as 4 x 4 blocks of lanes into G's row layout: rows r0 .. r0 + n - 1,
+  // channels k .. k + 15, at `codes` (row r0, channel k; row stride C).
+  [[gnu::always_inline]] void store(const __m512i (&code)[4][4], int64_t C, int64_t n, uint8_t* codes,
+                                    uint8_t* out16) const {
+    __m512i packed[4];  // lane i of packed[j]: row r0 + i's codes of channels k + 4j .. k + 4j + 3
+    for (int j = 0; j < 4; ++j) {
+      packed[j] = _mm512_ternarylogic_epi32(code[j][0], _mm512_slli_epi32(code[j][1], 8),
+                                            _mm512_slli_epi32(code[j][2], 16), 0xFE);  // a | b | c
+      packed[j] = _mm512_or_si512(packed[j], _mm512_slli_epi32(code[j][3], 24));
+    }
+    const __m512i b01lo = _mm512_permutex2var_epi32(packed[0], i1lo, packed[1]);
+    const __m512i b01hi = _mm512_permutex2var_epi32(packed[0], i1hi, packed[1]);
+    const __m512i b23lo = _mm512_permutex2var_epi32(packed[2], i1lo, packed[3]);
+    const __m512i b23hi = _mm512_permutex2var_epi32(packed[2], i1hi, packed[3]);
+    const __m512i o[4] = {_mm512_permutex2var_epi32(b01lo, i2lo, b23lo), _mm512_permutex2var_epi32(b01lo, i2hi, b23lo),
+                          _mm512_permutex2var_epi32(b01hi, i2lo, b23hi), _mm512_permutex2var_epi32(b01hi, i2hi, b23hi)};
+    if (C == 16 && n == 16) {  // rows r0 .. r0 + 15 are 256 contiguous codes
+      for (int m = 0; m < 4; ++m) _mm512_storeu_si512(codes + 64 * m, o[m]);
+    } else {  // each row's 16 codes at its place (row stride C)
+      for (int m = 0; m < 4; ++m) _mm512_store_si512(out16 + 64 * m, o[m]);
+      for (int64_t i = 0; i < n; ++i) std::memcpy(codes + i * C, out16 + 16 * i, 16);
+    }
+  }
+  // Rows r0 .. r0 + 15's ranges (a vertical min / max over the C channel vectors of src, row
+  // stride ld) and, for a draw with a grid per row, their grids (make_grids') into gsc / glo and
+  // q's scale / lo of the unit's n rows.
+  [[gnu::always_inline]] static void row_grids(const float* src, int64_t ld, int64_t C, int64_t n, int64_t r0,
+                                               QuantizedTensor& q, float* gsc, float* glo) {
+    __m512 mn = _mm512_loadu_ps(src), mx = mn;
+    for (int64_t c = 1; c < C; ++c) {
+      const __m512 v = _mm512_loadu_ps(src + c * ld);
+      mn = _mm512_min_ps(mn, v), mx = _mm512_max_ps(mx, v);
+    }
+    const __m512d mn8[2] = {_mm512_cvtps_pd(_mm512_castps512_ps256(mn)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(mn, 1))};
+    const __m512d mx8[2] = {_mm512_cvtps_pd(_mm512_castps512_ps256(mx)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(mx, 1))};
+    const QuantizerSpec sp = q.spec;
+    if (affine_grid_kind(sp.kind)) {  // make_grids' vector step inline (called per 16 rows it was ~20% of this pass)
+      affine_grids8(mn8[0], mx8[0], sp.bits, gsc, glo);
+      affine_grids8(mn8[1], mx8[1], sp.bits, gsc + 8, glo + 8);
+    } else {
+      double dlo[16], dhi[16];
+      _mm512_storeu_pd(dlo, mn8[0]), _mm512_storeu_pd(dlo + 8, mn8[1]);
+      _mm512_storeu_pd(dhi, mx8[0]), _mm512_storeu_pd(dhi + 8, mx8[1]);
+      make_grids(sp, dlo, dhi, 16, gsc, glo);
+    }
+    std::copy(gsc, gsc + n, q.scale.data() + r0);
+    std::copy(glo, glo + n, q.lo.data() + r0);
+  }
+  // One draw of rows r0 .. r0 + n - 1 of G (src: channel c's 16 values at src + c * ld) on the
+  // grids (vlo, vsc) per lane, its uniforms from Philox in registers: lane i of set j computes
+  // block (r0 + i) C/4 + k/4 + j, whose word w is the uniform of row r0 + i, channel k + 4j + w.
+  [[gnu::always_inline]] void draw(const float* src, int64_t ld, int64_t C, int64_t n, int64_t r0, RngKey key,
+                                   __m512 vlo, __m512 vsc, __m512 vB, uint8_t* codes, uint8_t* out16) const {
+    using namespace kernels::philox512;
+    const int64_t C4 = C / 4;
+    const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(C4)));
+    for (int64_t k = 0; k < C; k += 16) {  // channels k .. k + 15: Philox blocks (r0 + i) C/4 + k/4 + j
+      __m512i c0[4], c1[4], c2[4], c3[4];
+      for (int j = 0; j < 4; ++j) counters(key, static_cast<uint64_t>(r0 * C4 + k / 4 + j), step, c0[j], c1[j], c2[j], c3[j]);
+      rounds<4, true>(key, c0, c1, c2, c3);
+      __m512i cd[4][4];
+      for (int j = 0; j < 4; ++j) {
+        const __m512i w[4] = {c0[j], c1[j], c2[j], c3[j]};
+        for (int t = 0; t < 4; ++t) cd[j][t] = code(_mm512_loadu_ps(src + (k + 4 * j + t) * ld), to_uniform(w[t]), vlo, vsc, vB);
+      }
+      store(cd, C, n, codes + k, out16);
+    }
+  }
+};
+
 void pair_nchw16(const float* xp, int64_t N, int64_t C, int64_t P, QuantizedTensor& qa, RngKey ka,
                  QuantizedTensor& qb, RngKey kb) {
-  using namespace kernels::philox512;
-  const int64_t per_sample = (P + 15) / 16, units = N * per_sample, C4 = C / 4;
+  const int64_t per_sample = (P + 15) / 16, units = N * per_sample;
   QuantizedTensor* const qs[2] = {&qa, &qb};
   const RngKey keys[2] = {ka, kb};
   const bool rows_of[2] = {qa.granularity() == Granularity::row, qb.granularity() == Granularity::row};
-  const __m512i step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int>(C4)));
-  // The 4 x 4 transpose of 32-bit lanes: level 1 interleaves two packed vectors' first / last 8
-  // lanes, level 2 two of those pairs' 4-lane runs.
-  const __m512i i1lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i i1hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512i i2lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
-  const __m512i i2hi = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
-  const __m512 zero = _mm512_setzero_ps();
+  const Nchw16 k16;
 #pragma omp parallel if (N * C * P > kParallelMin)
   {
     std::vector<float> tail(static_cast<size_t>(P % 16 ? C * 16 : 0));  // a short run's values, [C][16], zero-padded
     alignas(64) uint8_t out16[256];                         // 16 rows x 16 channels of codes
     alignas(64) float gsc[2][16], glo[2][16];
-    double dlo[16], dhi[16];
 #pragma omp for schedule(static)
     for (int64_t unit = 0; unit < units; ++unit) {
       const int64_t s = unit / per_sample, p0 = (unit - s * per_sample) * 16, n = std::min<int64_t>(16, P - p0);
@@ -449,68 +528,14 @@ void pair_nchw16(const float* xp, int64_t N, int64_t C, int64_t P, QuantizedTens
         }
         src = tail.data(), ld = 16;
       }
-      if (rows_of[0] || rows_of[1]) {  // the rows' ranges, then their grids (make_grids)
-        __m512 mn = _mm512_loadu_ps(src), mx = mn;
-        for (int64_t c = 1; c < C; ++c) {
-          const __m512 v = _mm512_loadu_ps(src + c * ld);
-          mn = _mm512_min_ps(mn, v), mx = _mm512_max_ps(mx, v);
-        }
-        const __m512d mn8[2] = {_mm512_cvtps_pd(_mm512_castps512_ps256(mn)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(mn, 1))};
-        const __m512d mx8[2] = {_mm512_cvtps_pd(_mm512_castps512_ps256(mx)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(mx, 1))};
-        for (int d = 0; d < 2; ++d)
-          if (rows_of[d]) {
-            const QuantizerSpec sp = qs[d]->spec;
-            if (affine_grid_kind(sp.kind)) {  // make_grids' vector step inline (called per 16 rows it was ~20% of this pass)
-              affine_grids8(mn8[0], mx8[0], sp.bits, gsc[d], glo[d]);
-              affine_grids8(mn8[1], mx8[1], sp.bits, gsc[d] + 8, glo[d] + 8);
-            } else {
-              _mm512_storeu_pd(dlo, mn8[0]), _mm512_storeu_pd(dlo + 8, mn8[1]);
-              _mm512_storeu_pd(dhi, mx8[0]), _mm512_storeu_pd(dhi + 8, mx8[1]);
-              make_grids(sp, dlo, dhi, 16, gsc[d], glo[d]);
-            }
-            std::copy(gsc[d], gsc[d] + n, qs[d]->scale.data() + r0);
-            std::copy(glo[d], glo[d] + n, qs[d]->lo.data() + r0);
-          }
-      }
+      for (int d = 0; d < 2; ++d)  // the rows' ranges, then their grids (make_grids)
+        if (rows_of[d]) Nchw16::row_grids(src, ld, C, n, r0, *qs[d], gsc[d], glo[d]);
       for (int d = 0; d < 2; ++d) {
         QuantizedTensor& q = *qs[d];
         const __m512 vlo = rows_of[d] ? _mm512_load_ps(glo[d]) : _mm512_set1_ps(q.lo[0]);
         const __m512 vsc = rows_of[d] ? _mm512_load_ps(gsc[d]) : _mm512_set1_ps(q.scale[0]);
         const __m512 vB = _mm512_set1_ps(static_cast<float>(q.max_code()));
-        uint8_t* codes = q.codes.data<uint8_t>() + r0 * C;
-        for (int64_t k = 0; k < C; k += 16) {  // channels k .. k + 15: Philox blocks (r0 + i) C/4 + k/4 + j
-          __m512i c0[4], c1[4], c2[4], c3[4];
-          for (int j = 0; j < 4; ++j)
-            counters(keys[d], static_cast<uint64_t>(r0 * C4 + k / 4 + j), step, c0[j], c1[j], c2[j], c3[j]);
-          rounds<4, true>(keys[d], c0, c1, c2, c3);
-          __m512i packed[4];  // lane i of packed[j]: row r0 + i's codes of channels k + 4j .. k + 4j + 3
-          for (int j = 0; j < 4; ++j) {
-            const __m512i w[4] = {c0[j], c1[j], c2[j], c3[j]};
-            __m512i code[4];
-            for (int t = 0; t < 4; ++t) {
-              const __m512 x = _mm512_loadu_ps(src + (k + 4 * j + t) * ld);
-              __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x, vlo), vsc), to_uniform(w[t]));
-              v = _mm512_mask_roundscale_ps(v, kAll16, v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-              v = _mm512_mask_min_ps(v, kAll16, _mm512_mask_max_ps(v, kAll16, v, zero), vB);
-              code[t] = _mm512_mask_cvttps_epi32(_mm512_castps_si512(v), kAll16, v);
-            }
-            packed[j] = _mm512_ternarylogic_epi32(code[0], _mm512_slli_epi32(code[1], 8), _mm512_slli_epi32(code[2], 16),
-                                                  0xFE);  // a | b | c
-            packed[j] = _mm512_or_si512(packed[j], _mm512_slli_epi32(code[3], 24));
-          }
-          const __m512i b01lo = _mm512_permutex2var_epi32(packed[0], i1lo, packed[1]);
-          const __m512i b01hi = _mm512_permutex2var_epi32(packed[0], i1hi, packed[1]);
-          const __m512i b23lo = _mm512_permutex2var_epi32(packed[2], i1lo, packed[3]);
-          const __m512i b23hi = _mm512_permutex2var_epi32(packed[2], i1hi, packed[3]);
-          const __m512i o[4] = {_mm512_permutex2var_epi32(b01lo, i2lo, b23lo), _mm512_permutex2var_epi32(b01lo, i2hi, b23lo),
-                                _mm512_permutex2var_epi32(b01hi, i2lo, b23hi), _mm512_permutex2var_epi32(b01hi, i2hi, b23hi)};
-          if (C == 16 && n == 16) {  // rows r0 .. r0 + 15 are 256 contiguous codes
-            for (int m = 0; m < 4; ++m) _mm512_storeu_si512(codes + 64 * m, o[m]);
-          } else {  // each row's 16 codes at its place (row stride C)
-            for (int m = 0; m < 4; ++m) _mm512_store_si512(out16 + 64 * m, o[m]);
-            for (int64_t i = 0; i < n; ++i) std::memcpy(codes + i * C + k, out16 + 16 * i, 16);
-          }
-        }
+        k16.draw(src, ld, C, n, r0, keys[d], vlo, vsc, vB, q.codes.data<uint8_t>() + r0 * C, out16);
       }
     }
   }
@@ -640,6 +665,203 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, 
     return static_cast<const float*>(buf);
   };
   return pair_one_pass(x, rows, C, load, sa, ka, sb, kb, lo, hi);
+}
+
+namespace {
+// The second draw of quantize_samples_nchw when it is not rounded in the first's pass: from G's
+// rows, laid out here.
+QuantizedTensor draw_of_rows(const Tensor& x, int64_t N, int64_t C, int64_t P, QuantizerSpec sb, RngKey kb) {
+  Tensor rows = Tensor::empty({N * P, C});
+  {
+    profile::Scope timer(profile::quantize);
+    const float* xp = x.data<float>();
+    float* rp = rows.data<float>();
+#pragma omp parallel for schedule(static) if (N * C * P > kParallelMin)
+    for (int64_t n = 0; n < N; ++n) kernels::transpose(xp + n * C * P, C, P, P, rp + n * P * C, C);
+  }
+  return quantize(rows, sb, kb);
+}
+
+#if defined(__AVX512F__)
+// quantize_samples_nchw for C a multiple of 16 (and a non-empty x). Each sample's row S (x's, or
+// for BHQ its row of T x) gets its range and grid, its uniforms in element order (fill_uniforms
+// from the sample's first Philox block: element (n, c*P + p) of [N, C*P] is uniform n*C*P + c*P
+// + p), and is rounded 16 positions x 16 channels at a time into G's pixel rows (Nchw16::store);
+// the second draw, when fused, is pair_nchw16's, on the same 16 positions of x while they are in
+// cache. PSQ: one sample per step of a thread. BHQ: one group per step (dynamically: the first
+// groups are the largest), its sum d = sum_k v_k (s_k x_k) over the members in member order, then
+// each member's row s_n x_n - 2 v_n d (bhq_group_dots' and bhq_row's operations, so T x as
+// BhqTransform::apply has it, bit for bit) while the members' rows are still in cache.
+std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int64_t N, int64_t C, int64_t P,
+                                                           QuantizerSpec sa, RngKey ka, const QuantizerSpec* sb,
+                                                           RngKey kb, const float* range) {
+  const int64_t D = C * P;
+  const float* xp = x.data<float>();
+  const bool bhq = sa.kind == QuantizerKind::bhq, fuse_b = sb && fusable(*sb);
+  const bool row_b = fuse_b && traits(sb->kind).granularity == Granularity::row;
+  float tlo = std::numeric_limits<float>::infinity(), thi = -tlo;
+  uint32_t nan = 0;
+  std::optional<BhqTransform> t;
+  std::optional<profile::PhaseScope> phase;  // BHQ's passes, for fqt bench step --breakdown
+  if (bhq) {
+    phase.emplace("per-sample bhq: row ranges, transform");
+    bool has_nan = false;
+    const std::vector<double> m = kernels::bhq_row_ranges(xp, N, D, &tlo, &thi, &has_nan);
+    nan = has_nan;
+    if (!nan && std::isfinite(tlo) && std::isfinite(thi))
+      t = bhq_transform_from_ranges_batched(m, kernels::bhq_rank_descending_parallel(m));
+  } else if (fuse_b && !row_b) {  // the second draw's per-tensor grid needs x's range first
+    if (range) {
+      tlo = range[0], thi = range[1];
+    } else {
+#pragma omp parallel for schedule(static) reduction(min : tlo) reduction(max : thi) reduction(| : nan) \
+    if (N * D > kParallelMin)
+      for (int64_t n = 0; n < N; ++n) minmax_lanes(xp + n * D, D, tlo, thi, nan);
+    }
+  } else {
+    tlo = thi = 0.0f;  // (unused: each sample's range is taken in the pass below)
+  }
+  if (nan || !std::isfinite(tlo) || !std::isfinite(thi)) {
+    check_finite(x, "quantizer input");  // throws, naming the element
+    FQT_CHECK(false, "quantizer input: the range pass saw a non-finite value that check_finite did not find");
+  }
+  if (phase) phase->next("per-sample bhq: groups summed, rows transformed and rounded");
+  QuantizedTensor qa;
+  qa.spec = sa, qa.rows = N * P, qa.cols = C;
+  qa.scale.resize(static_cast<size_t>(N * P)), qa.lo.resize(static_cast<size_t>(N * P));
+  qa.codes = Tensor::empty({N * P, C}, DType::u8);
+  qa.transform = std::move(t);
+  QuantizedTensor qb;
+  if (fuse_b) qb = pair_header(*sb, N * P, C, nullptr, nullptr, tlo, thi);
+  const int Ba = qa.max_code();
+  const int Bb = fuse_b ? qb.max_code() : 0;
+  uint8_t* ca = qa.codes.data<uint8_t>();
+  uint8_t* cb = fuse_b ? qb.codes.data<uint8_t>() : nullptr;
+  const BhqTransform* tp = qa.transform ? &*qa.transform : nullptr;
+  const Nchw16 k16;
+  uint32_t bad = 0;
+#pragma omp parallel reduction(| : bad) if (N * D > kParallelMin)
+  {
+    std::vector<float> tx(static_cast<size_t>(bhq ? D : 0)), dot(static_cast<size_t>(bhq ? D : 0)), u(static_cast<size_t>(D));
+    // A sample's last positions (P not a multiple of 16): S, its uniforms and x as [C][16], zero-padded.
+    std::vector<float> tail(static_cast<size_t>(P % 16 ? 3 * C * 16 : 0));
+    alignas(64) uint8_t out16[256];
+    alignas(64) float gsc[16], glo[16];
+    // Sample n's draws from its row S (x's own, or its row of T x).
+    auto sample = [&](int64_t n, const float* S) {
+      const float* xn = xp + n * D;
+      float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+      uint32_t nn = 0;
+      minmax_lanes(S, D, lo, hi, nn);
+      bad |= nn | static_cast<uint32_t>(!std::isfinite(lo) || !std::isfinite(hi));
+      const double dlo = lo, dhi = hi;
+      float sc = 0.0f, gl = 0.0f;
+      make_grids(sa, &dlo, &dhi, 1, &sc, &gl);
+      std::fill_n(qa.scale.data() + n * P, P, sc);
+      std::fill_n(qa.lo.data() + n * P, P, gl);
+      kernels::fill_uniforms(ka, static_cast<uint64_t>(n * D) >> 2, D / 4, u.data());  // (D % 16 == 0)
+      const __m512 vlo = _mm512_set1_ps(gl), vsc = _mm512_set1_ps(sc), vBa = _mm512_set1_ps(static_cast<float>(Ba));
+      const __m512 vBb = _mm512_set1_ps(static_cast<float>(Bb));
+      for (int64_t p0 = 0; p0 < P; p0 += 16) {
+        const int64_t m = std::min<int64_t>(16, P - p0), r0 = n * P + p0;
+        const float* sp = S + p0;
+        const float* up = u.data() + p0;
+        const float* xs = xn + p0;
+        int64_t ld = P;
+        if (m < 16) {
+          float* ts = tail.data();
+          float* tu = ts + C * 16;
+          float* tx2 = tu + C * 16;
+          std::fill(tail.begin(), tail.end(), 0.0f);
+          for (int64_t c = 0; c < C; ++c) {
+            std::copy(sp + c * P, sp + c * P + m, ts + c * 16);
+            std::copy(up + c * P, up + c * P + m, tu + c * 16);
+            std::copy(xs + c * P, xs + c * P + m, tx2 + c * 16);
+          }
+          sp = ts, up = tu, xs = tx2, ld = 16;
+        }
+        for (int64_t k = 0; k < C; k += 16) {
+          __m512i cd[4][4];
+          for (int j = 0; j < 4; ++j)
+            for (int tt = 0; tt < 4; ++tt) {
+              const int64_t c = k + 4 * j + tt;
+              cd[j][tt] = k16.code(_mm512_loadu_ps(sp + c * ld), _mm512_loadu_ps(up + c * ld), vlo, vsc, vBa);
+            }
+          k16.store(cd, C, m, ca + r0 * C + k, out16);
+        }
+        if (fuse_b) {
+          __m512 blo = _mm512_set1_ps(qb.lo[0]), bsc = _mm512_set1_ps(qb.scale[0]);
+          if (row_b) {
+            Nchw16::row_grids(xs, ld, C, m, r0, qb, gsc, glo);
+            blo = _mm512_load_ps(glo), bsc = _mm512_load_ps(gsc);
+          }
+          k16.draw(xs, ld, C, m, r0, kb, blo, bsc, vBb, cb + r0 * C, out16);
+        }
+      }
+    };
+    if (!bhq) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) sample(n, xp + n * D);
+    } else {
+      const HouseholderV householder;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t g = 0; g < tp->num_groups(); ++g) {
+        const int64_t* mem = tp->members.data() + tp->offsets[g];
+        const int64_t ng = tp->group_size(g);
+        float vf, vr;
+        householder(ng, vf, vr);
+        float* __restrict d = dot.data();
+        for (int64_t j = 0; j < D; ++j) d[j] = 0.0f;
+        for (int64_t k = 0; k < ng; ++k) {
+          const float vk = k == 0 ? vf : vr, s = tp->row_scale[mem[k]];
+          const float* __restrict row = xp + mem[k] * D;
+          for (int64_t j = 0; j < D; ++j) d[j] += vk * (s * row[j]);
+        }
+        for (int64_t k = 0; k < ng; ++k) {
+          const int64_t n = mem[k];
+          const float s = tp->row_scale[n], vk2 = 2.0f * (k == 0 ? vf : vr);
+          const float* __restrict row = xp + n * D;
+          float* __restrict o = tx.data();
+          for (int64_t j = 0; j < D; ++j) o[j] = s * row[j] - vk2 * d[j];
+          sample(n, tx.data());
+        }
+      }
+    }
+  }
+  if (bad) check_finite(x, "quantizer input");  // throws: NaN or Inf the range did not show
+  return {std::move(qa), std::move(qb)};
+}
+#endif
+}  // namespace
+
+std::pair<QuantizedTensor, QuantizedTensor> quantize_samples_nchw(const Tensor& x, QuantizerSpec sa, RngKey ka,
+                                                                  const QuantizerSpec* sb, RngKey kb, const float* range) {
+  FQT_CHECK(x.dim() >= 2 && x.dtype() == DType::f32, "quantize_samples_nchw: input {} is not an N,C,... f32 tensor",
+            shape_str(x.shape()));
+  check_spec(sa);
+  if (sb) check_spec(*sb);
+  FQT_CHECK(traits(sa.kind).granularity == Granularity::row && traits(sa.kind).rounding == Rounding::stochastic,
+            "quantize_samples_nchw: {} is not a stochastic quantizer with a grid per row", traits(sa.kind).name);
+  const int64_t N = x.size(0), C = x.size(1), P = N * C > 0 ? x.numel() / (N * C) : 0;
+#if defined(__AVX512F__)
+  if (C % 16 == 0 && N * C * P > 0) {
+    auto [qa, qb] = [&] {
+      profile::Scope timer(profile::quantize);
+      return samples_nchw16(x, N, C, P, sa, ka, sb, kb, range);
+    }();
+    if (sb && !qb.codes.defined()) qb = draw_of_rows(x, N, C, P, *sb, kb);  // (not fused: e.g. per column)
+    return {std::move(qa), std::move(qb)};
+  }
+#endif
+  (void)range;
+  // Elsewhere: the draw on [N, C*P], then its codes laid out as pixel rows.
+  QuantizedTensor q = quantize(x.reshape({N, C * P}), sa, ka);
+  QuantizedTensor qa = [&] {
+    profile::Scope timer(profile::quantize);
+    return samples_as_pixel_rows(std::move(q), N, C, P);
+  }();
+  QuantizedTensor qb = sb ? draw_of_rows(x, N, C, P, *sb, kb) : QuantizedTensor{};
+  return {std::move(qa), std::move(qb)};
 }
 
 std::pair<QuantizedTensor, QuantizedTensor> quantize_pair(const Tensor& x_in, QuantizerSpec sa, RngKey ka,

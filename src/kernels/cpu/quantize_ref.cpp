@@ -64,4 +64,13 @@ QuantizedTensor quantize_ref(const Tensor& x, QuantizerSpec spec, RngKey key) {
   return q;
 }
 
+QuantizedTensor quantize_samples_nchw_ref(const Tensor& x, QuantizerSpec a, RngKey ka) {
+  FQT_CHECK(x.dim() >= 2 && x.dtype() == DType::f32, "quantize_samples_nchw_ref: input {} is not an N,C,... f32 tensor",
+            shape_str(x.shape()));
+  FQT_CHECK(traits(a.kind).granularity == Granularity::row, "quantize_samples_nchw_ref: {} has no grid per row",
+            traits(a.kind).name);
+  const int64_t N = x.size(0), C = x.size(1), P = N * C > 0 ? x.numel() / (N * C) : 0;
+  return samples_as_pixel_rows(quantize_ref(x.reshape({N, C * P}), a, ka), N, C, P);
+}
+
 }  // namespace fqt
