@@ -73,6 +73,9 @@ struct RecomputePolicy {
 struct ValueRange {
   float lo = 0.0f, hi = 0.0f;
   bool valid = false;
+  // Each sample's (index 0 of the tensor) min and max, when the producer took them on the way
+  // (BatchNorm2d::backward: N entries each, meaningful when valid); empty otherwise.
+  std::vector<float> sample_lo, sample_hi;
 };
 
 class Module {

@@ -217,9 +217,14 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, 
 // quantize(rows of G, b, kb) as quantize_pair_nchw makes it; a per-tensor or per-row stochastic
 // `b` (not BHQ) is rounded in the same pass over x, with `range` = x's {min, max} when known
 // (as quantize_pair_nchw). The second result is empty without `b`.
+// With `sample_lo` / `sample_hi` (N each: every sample's exact min and max, from the pass that
+// wrote x and found it finite, BatchNorm2d's backward): the same codes without taking them again
+// (BHQ's range pass over x; PSQ's per-sample min / max).
 std::pair<QuantizedTensor, QuantizedTensor> quantize_samples_nchw(const Tensor& x, QuantizerSpec a, RngKey ka,
                                                                   const QuantizerSpec* b = nullptr, RngKey kb = {},
-                                                                  const float* range = nullptr);
+                                                                  const float* range = nullptr,
+                                                                  const float* sample_lo = nullptr,
+                                                                  const float* sample_hi = nullptr);
 // The plain-loop oracle of quantize_samples_nchw's first draw: quantize_ref(x viewed [N, C*P])
 // with its codes and grids laid out as pixel rows.
 QuantizedTensor quantize_samples_nchw_ref(const Tensor& x, QuantizerSpec a, RngKey ka);

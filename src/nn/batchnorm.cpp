@@ -441,7 +441,7 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
     }
   }
   if (err) std::rethrow_exception(err);
-  if (range && relu_) *range = {ylo, yhi, true};
+  if (range && relu_) *range = {ylo, yhi, true, {}, {}};
   for (int64_t c = 0; c < C; ++c) {
     rm[c] = static_cast<float>((1.0 - momentum_) * rm[c] + momentum_ * mean[c]);
     rv[c] = static_cast<float>((1.0 - momentum_) * rv[c] + momentum_ * ssd[c] / static_cast<double>(M - 1));
@@ -485,6 +485,7 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx, const Ten
   std::vector<float> kc(static_cast<size_t>(C)), mdy(static_cast<size_t>(C)), mdyh(static_cast<size_t>(C));
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;  // dx's range (dx_range)
   uint32_t nan = 0;
+  std::vector<float> slo(dx_range ? N : 0), shi(dx_range ? N : 0);  // and each sample's
   auto run = [&](int64_t n, int64_t c) {
     const int64_t off = (n * C + c) * P;
     return GradRun{dyp + off, mk, off, xp + off, mean_[c], invstd_[c]};
@@ -514,15 +515,21 @@ Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx, const Ten
     }  // (implicit barrier)
     // With dx_range: each run's min and max (minmax_lanes) while the run just written is in L1.
 #pragma omp for schedule(static) reduction(min : lo) reduction(max : hi) reduction(| : nan)
-    for (int64_t n = 0; n < N; ++n)
+    for (int64_t n = 0; n < N; ++n) {
+      float a = std::numeric_limits<float>::infinity(), b = -a;
       for (int64_t c = 0; c < C; ++c) {
         float* const o = dxp + (n * C + c) * P;
         dx_run(run(n, c), P, kc[c], mdy[c], mdyh[c], rp ? rp + (n * C + c) * P : nullptr, o);
-        if (dx_range) kernels::minmax_lanes(o, P, lo, hi, nan);
+        if (dx_range) kernels::minmax_lanes(o, P, a, b, nan);
       }
+      if (dx_range) slo[n] = a, shi[n] = b, lo = std::min(lo, a), hi = std::max(hi, b);
+    }
   }
   // (an infinity shows in lo / hi; a NaN only in nan)
-  if (dx_range) *dx_range = {lo, hi, !nan && std::isfinite(lo) && std::isfinite(hi)};
+  if (dx_range) {
+    dx_range->lo = lo, dx_range->hi = hi, dx_range->valid = !nan && std::isfinite(lo) && std::isfinite(hi);
+    dx_range->sample_lo = std::move(slo), dx_range->sample_hi = std::move(shi);
+  }
   return dx;
 }
 

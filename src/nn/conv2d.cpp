@@ -303,8 +303,12 @@ Tensor Conv2d::backward_ranged(const Tensor& dy, const StepContext& ctx, const V
     // quantize_pair_nchw makes it (the same codes as with pixel rows), in the same pass.
     profile::RegionScope region([&] { return region_name() + ": backward: quantize dY"; });
     const float given[2] = {dy_range ? dy_range->lo : 0.0f, dy_range ? dy_range->hi : 0.0f};
-    auto [d, w] = quantize_samples_nchw(dy, recipe_.dgrad, kd, &recipe_.wgrad, kw,
-                                        dy_range && dy_range->valid ? given : nullptr);
+    const bool valid = dy_range && dy_range->valid;
+    const bool per = valid && static_cast<int64_t>(dy_range->sample_lo.size()) == dy.size(0) &&
+                     dy_range->sample_hi.size() == dy_range->sample_lo.size();
+    auto [d, w] = quantize_samples_nchw(dy, recipe_.dgrad, kd, &recipe_.wgrad, kw, valid ? given : nullptr,
+                                        per ? dy_range->sample_lo.data() : nullptr,
+                                        per ? dy_range->sample_hi.data() : nullptr);
     gq_dgrad_ = std::move(d), gq_wgrad_ = std::move(w);
   } else if (drawn && quantize_pair_fuses(recipe_.dgrad, recipe_.wgrad)) {
     profile::RegionScope region([&] { return region_name() + ": backward: quantize dY"; });

@@ -958,13 +958,17 @@ double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() 
 class SampleUnits {
  public:
   SampleUnits(int64_t N, const BhqTransform* across, float* dx, int64_t chw)
-      : t_(across), dx_(dx), chw_(chw), split_(across ? across->num_groups() : N) {}
+      : t_(across), dx_(dx), chw_(chw), n_(across ? across->num_groups() : N), split_(n_) {}
+  // sample(n, next): next = the sample this thread most likely takes after n (for prefetching;
+  // -1: none known).
   template <class F>
   void run(F&& sample) {
     alignas(64) float dot[kernels::kInverseBlock];
     split_.run([&](int64_t u) {
-      if (!t_) return sample(u);
-      for (int64_t i = t_->offsets[u]; i < t_->offsets[u + 1]; ++i) sample(t_->members[i]);
+      if (!t_) return sample(u, u + 1 < n_ ? u + 1 : -1);
+      const int64_t end = t_->offsets[u + 1];
+      for (int64_t i = t_->offsets[u]; i < end; ++i)
+        sample(t_->members[i], i + 1 < t_->rows ? t_->members[i + 1] : -1);  // (then the next group's first)
       kernels::bhq_apply_inverse_group(*t_, u, dx_, chw_, dot);
     });
   }
@@ -973,6 +977,7 @@ class SampleUnits {
   const BhqTransform* t_;
   float* dx_;
   int64_t chw_;
+  int64_t n_;  // units
   WorkSplit split_;
 };
 
@@ -1499,11 +1504,12 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq, const BhqTransform* across) 
       std::vector<float> acc(static_cast<size_t>(acc_size));  // zero; store_sample leaves it zero
       std::vector<RowTerms> tb(static_cast<size_t>(P));       // the sample's rows' terms
       const bool window = cin_ == 16 && k_ == 3 && stride_ == 1;  // (then it needs no zeroing)
-      split.run([&](int64_t n) {
+      split.run([&](int64_t n, int64_t next) {
         const uint8_t* an = gc + n * P * cout_;
-        // The next sample's gradient codes, while this one runs (a prefetch past the tensor's
-        // end is harmless): the kernel ran ~1.8x slower in the step than on cached data.
-        for (int64_t i = 0; i < P * cout_; i += 64) __builtin_prefetch(an + P * cout_ + i);
+        // The next sample's gradient codes, while this one runs: the kernel ran ~1.8x slower in
+        // the step than on cached data.
+        if (next >= 0)
+          for (int64_t i = 0; i < P * cout_; i += 64) __builtin_prefetch(gc + next * P * cout_ + i);
         row_terms_block(n * P, P, an, tb.data());
         auto terms = [&](int64_t p) { return tb[p]; };
         {
@@ -1538,7 +1544,7 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq, const BhqTransform* across) 
     const bool vector_epilogue = run % 16 == 0 && g_fused_dgrad.load(std::memory_order_relaxed);
     const bool window_epilogue = vector_epilogue && k_ == 3 && stride_ == 1 && (cin_ == 32 || cin_ == 48 || cin_ == 64);
 #endif
-    split.run([&](int64_t n) {
+    split.run([&](int64_t n, int64_t) {
       igemm_worker(P, gc + n * P * cout_, cout_, Bpk, C.data(), ldc);
       row_terms_block(n * P, P, gc + n * P * cout_, tb.data());
 #if defined(FQT_DGRAD_FUSED)

@@ -142,6 +142,7 @@ struct RunOptions {
   Arith arith = Arith::sim;
   QuantizerKind dgrad = QuantizerKind::psq;
   bool given_ranges = true;  // set_conv_given_ranges
+  GradRows dgrad_rows = GradRows::pixel;
 };
 RunResult run_model(const std::string& name, Mode mode, int threads, Shape in, bool input_grad = true,
                     RunOptions opt = {}) {
@@ -150,6 +151,7 @@ RunResult run_model(const std::string& name, Mode mode, int threads, Shape in, b
   Recipe r = make_recipe(mode);
   r.arith = opt.arith;
   r.dgrad.kind = opt.dgrad;
+  r.dgrad_rows = opt.dgrad_rows;
   ModulePtr m = make_model(name, in[1], in[2], in[3], 10, r, 17);
   set_recompute(*m, opt.recompute, mode);
   std::vector<QuantizedLayer*> layers;
@@ -518,6 +520,13 @@ TEST(nn, batchnorm_backward_reports_its_dx_range) {
           ASSERT_TRUE(r.valid) << what;
           EXPECT_EQ(r.lo, *std::min_element(p, p + dx.numel())) << what;
           EXPECT_EQ(r.hi, *std::max_element(p, p + dx.numel())) << what;
+          const int64_t per = dx.numel() / sh[0];  // each sample's range too
+          ASSERT_EQ(static_cast<int64_t>(r.sample_lo.size()), sh[0]) << what;
+          ASSERT_EQ(static_cast<int64_t>(r.sample_hi.size()), sh[0]) << what;
+          for (int64_t n = 0; n < sh[0]; ++n) {
+            EXPECT_EQ(r.sample_lo[n], *std::min_element(p + n * per, p + (n + 1) * per)) << what << " sample " << n;
+            EXPECT_EQ(r.sample_hi[n], *std::max_element(p + n * per, p + (n + 1) * per)) << what << " sample " << n;
+          }
           for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
             Tensor dyb = dy.clone();
             dyb.data<float>()[dy.numel() - 1] = bad;  // the last value: the tail of the last run (the mask may drop it)
@@ -539,19 +548,23 @@ TEST(nn, given_gradient_ranges_give_bit_identical_gradients) {
     Arith arith;
     QuantizerKind dgrad;
     Recompute recompute;
+    GradRows rows = GradRows::pixel;
   };
+  // (rows per sample: the batch norms' per-sample ranges replace the quantizer's own passes)
   const std::vector<Case> cases = {{Mode::fqt, Arith::integer, QuantizerKind::psq, Recompute::automatic},
                                    {Mode::fqt, Arith::integer, QuantizerKind::ptq, Recompute::off},
                                    {Mode::fqt, Arith::sim, QuantizerKind::psq, Recompute::on},
-                                   {Mode::fqt, Arith::integer, QuantizerKind::bhq, Recompute::automatic}};
+                                   {Mode::fqt, Arith::integer, QuantizerKind::bhq, Recompute::automatic},
+                                   {Mode::fqt, Arith::integer, QuantizerKind::psq, Recompute::automatic, GradRows::sample},
+                                   {Mode::fqt, Arith::integer, QuantizerKind::bhq, Recompute::off, GradRows::sample}};
   for (const char* name : {"cnn", "preact_resnet20"})
     for (const Case& c : cases)
       for (int threads : {1, 2}) {
         const Shape in{5, 1, 13, 13};
-        const RunResult on = run_model(name, c.mode, threads, in, true, {c.recompute, c.arith, c.dgrad, true});
-        const RunResult off = run_model(name, c.mode, threads, in, true, {c.recompute, c.arith, c.dgrad, false});
-        const std::string what = std::string(name) + " " + arith_name(c.arith) + " " + traits(c.dgrad).name +
-                                 " threads " + std::to_string(threads);
+        const RunResult on = run_model(name, c.mode, threads, in, true, {c.recompute, c.arith, c.dgrad, true, c.rows});
+        const RunResult off = run_model(name, c.mode, threads, in, true, {c.recompute, c.arith, c.dgrad, false, c.rows});
+        const std::string what = std::string(name) + " " + arith_name(c.arith) + " " + traits(c.dgrad).name + " rows " +
+                                 grad_rows_name(c.rows) + " threads " + std::to_string(threads);
         EXPECT_TRUE(bit_equal(on.dx, off.dx)) << what;
         ASSERT_EQ(on.grads.size(), off.grads.size());
         for (size_t i = 0; i < on.grads.size(); ++i) EXPECT_TRUE(bit_equal(on.grads[i], off.grads[i])) << what << " param " << i;

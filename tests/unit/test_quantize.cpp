@@ -440,8 +440,13 @@ TEST(Quantize, SamplesNchwEqualsReferenceAndPerSampleRows) {
                 const float u = dv.data<float>()[(n * P + p) * sh.c + c], v = fv.data<float>()[n * D + c * P + p];
                 ASSERT_EQ(std::bit_cast<uint32_t>(u), std::bit_cast<uint32_t>(v)) << what << " n " << n << " p " << p << " c " << c;
               }
-          // Fast path, alone and with a second draw of each kind.
+          // Fast path, alone and with a second draw of each kind; with the samples' ranges given.
           ASSERT_TRUE(same_quantization(quantize_samples_nchw(x, {a, bits}, ka).first, ref)) << what;
+          std::vector<float> slo(sh.n), shi(sh.n);
+          for (int64_t n = 0; n < sh.n; ++n)
+            slo[n] = *std::min_element(xp + n * D, xp + (n + 1) * D), shi[n] = *std::max_element(xp + n * D, xp + (n + 1) * D);
+          ASSERT_TRUE(same_quantization(quantize_samples_nchw(x, {a, bits}, ka, nullptr, {}, nullptr, slo.data(), shi.data()).first, ref))
+              << what << " (sample ranges given)";
           for (QuantizerKind b : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::column})
             for (bool given : {false, true}) {
               if (given && b != QuantizerKind::ptq) continue;
@@ -451,6 +456,9 @@ TEST(Quantize, SamplesNchwEqualsReferenceAndPerSampleRows) {
               auto [qa, qb] = quantize_samples_nchw(x, {a, bits}, ka, &sb, kb, given ? range : nullptr);
               ASSERT_TRUE(same_quantization(qa, ref)) << what << " with " << traits(b).name;
               ASSERT_TRUE(same_quantization(qb, quantize_ref(g, sb, kb))) << what << " second draw " << traits(b).name;
+              auto [sa2, sb2] = quantize_samples_nchw(x, {a, bits}, ka, &sb, kb, given ? range : nullptr, slo.data(), shi.data());
+              ASSERT_TRUE(same_quantization(sa2, ref)) << what << " with " << traits(b).name << ", sample ranges given";
+              ASSERT_TRUE(same_quantization(sb2, qb)) << what << " second draw " << traits(b).name << ", sample ranges given";
             }
         }
     }

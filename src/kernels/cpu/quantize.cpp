@@ -694,7 +694,8 @@ QuantizedTensor draw_of_rows(const Tensor& x, int64_t N, int64_t C, int64_t P, Q
 // BhqTransform::apply has it, bit for bit) while the members' rows are still in cache.
 std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int64_t N, int64_t C, int64_t P,
                                                            QuantizerSpec sa, RngKey ka, const QuantizerSpec* sb,
-                                                           RngKey kb, const float* range) {
+                                                           RngKey kb, const float* range, const float* slo,
+                                                           const float* shi) {
   const int64_t D = C * P;
   const float* xp = x.data<float>();
   const bool bhq = sa.kind == QuantizerKind::bhq, fuse_b = sb && fusable(*sb);
@@ -706,13 +707,22 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
   if (bhq) {
     phase.emplace("per-sample bhq: row ranges, transform");
     bool has_nan = false;
-    const std::vector<double> m = kernels::bhq_row_ranges(xp, N, D, &tlo, &thi, &has_nan);
+    std::vector<double> m;
+    if (slo) {  // (given: exact, finite)
+      m.resize(static_cast<size_t>(N));
+      for (int64_t n = 0; n < N; ++n)
+        m[n] = quant_detail::bhq_row_range(slo[n], shi[n]), tlo = std::min(tlo, slo[n]), thi = std::max(thi, shi[n]);
+    } else {
+      m = kernels::bhq_row_ranges(xp, N, D, &tlo, &thi, &has_nan);
+    }
     nan = has_nan;
     if (!nan && std::isfinite(tlo) && std::isfinite(thi))
       t = bhq_transform_from_ranges_batched(m, kernels::bhq_rank_descending_parallel(m));
   } else if (fuse_b && !row_b) {  // the second draw's per-tensor grid needs x's range first
     if (range) {
       tlo = range[0], thi = range[1];
+    } else if (slo) {
+      for (int64_t n = 0; n < N; ++n) tlo = std::min(tlo, slo[n]), thi = std::max(thi, shi[n]);
     } else {
 #pragma omp parallel for schedule(static) reduction(min : tlo) reduction(max : thi) reduction(| : nan) \
     if (N * D > kParallelMin)
@@ -752,8 +762,12 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
       const float* xn = xp + n * D;
       float lo = std::numeric_limits<float>::infinity(), hi = -lo;
       uint32_t nn = 0;
-      minmax_lanes(S, D, lo, hi, nn);
-      bad |= nn | static_cast<uint32_t>(!std::isfinite(lo) || !std::isfinite(hi));
+      if (slo && S == xp + n * D) {
+        lo = slo[n], hi = shi[n];  // (given)
+      } else {
+        minmax_lanes(S, D, lo, hi, nn);
+        bad |= nn | static_cast<uint32_t>(!std::isfinite(lo) || !std::isfinite(hi));
+      }
       const double dlo = lo, dhi = hi;
       float sc = 0.0f, gl = 0.0f;
       make_grids(sa, &dlo, &dhi, 1, &sc, &gl);
@@ -835,7 +849,8 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
 }  // namespace
 
 std::pair<QuantizedTensor, QuantizedTensor> quantize_samples_nchw(const Tensor& x, QuantizerSpec sa, RngKey ka,
-                                                                  const QuantizerSpec* sb, RngKey kb, const float* range) {
+                                                                  const QuantizerSpec* sb, RngKey kb, const float* range,
+                                                                  const float* sample_lo, const float* sample_hi) {
   FQT_CHECK(x.dim() >= 2 && x.dtype() == DType::f32, "quantize_samples_nchw: input {} is not an N,C,... f32 tensor",
             shape_str(x.shape()));
   check_spec(sa);
@@ -847,13 +862,13 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_samples_nchw(const Tensor& 
   if (C % 16 == 0 && N * C * P > 0) {
     auto [qa, qb] = [&] {
       profile::Scope timer(profile::quantize);
-      return samples_nchw16(x, N, C, P, sa, ka, sb, kb, range);
+      return samples_nchw16(x, N, C, P, sa, ka, sb, kb, range, sample_hi ? sample_lo : nullptr, sample_lo ? sample_hi : nullptr);
     }();
     if (sb && !qb.codes.defined()) qb = draw_of_rows(x, N, C, P, *sb, kb);  // (not fused: e.g. per column)
     return {std::move(qa), std::move(qb)};
   }
 #endif
-  (void)range;
+  (void)range, (void)sample_lo, (void)sample_hi;
   // Elsewhere: the draw on [N, C*P], then its codes laid out as pixel rows.
   QuantizedTensor q = quantize(x.reshape({N, C * P}), sa, ka);
   QuantizedTensor qa = [&] {
