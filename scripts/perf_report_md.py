@@ -5,8 +5,10 @@
 
 RUNDIR holds meta.json (machine, date, command), gemm.json (`fqt bench gemm --json`),
 step_*.json (`fqt bench step --json`), torch*.json (bench/torch_reference.py --json) and
-breakdown_<model>.json (`fqt bench step --dgrad psq,bhq --breakdown --json`: where the FQT step's
-time goes, by layer region and BHQ phase); any but meta.json may be missing. Files ending in _rN.json are round N of the step benchmarks (every
+breakdown_<model>.json (`fqt bench step --dgrad psq,bhq --dgrad-rows pixel,sample --breakdown --json`:
+where the FQT step's time goes, by layer region and BHQ phase); any but meta.json may be missing.
+A dgrad shown as `bhq/s` ran with a row per sample (`--dgrad-rows sample`; records without the
+field: pixel rows). Files ending in _rN.json are round N of the step benchmarks (every
 configuration of fqt and PyTorch runs once per round, so the rounds alternate them): a
 configuration's time is the median over rounds of its median step time, and each speedup the
 median over rounds of the per-round ratio (both sides measured in the same round). Every number
@@ -47,6 +49,12 @@ def ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
 
+def dlabel(r):
+    """The dgrad column: bhq, or bhq/s for a row per sample (--dgrad-rows sample)."""
+    d = r.get("dgrad", "-")
+    return d + "/s" if r.get("dgrad_rows") == "sample" else d
+
+
 def find(recs, **kw):
     for r in recs:
         if all(r.get(k) == v for k, v in kw.items()):
@@ -84,12 +92,14 @@ def main(argv):
     order = []
 
     def key_of(r):
-        return (r["model"], r.get("framework", "fqt"), r.get("mode"), r.get("dgrad", "-"), r.get("arith", "-"),
-                rc_of(r))
+        return (r["model"], r.get("framework", "fqt"), r.get("mode"), r.get("dgrad", "-"), r.get("dgrad_rows", "-"),
+                r.get("arith", "-"), rc_of(r))
 
     def collect(pattern):
         for p in sorted(glob.glob(os.path.join(run, pattern))):
             for r in load(p, []):
+                if r.get("mode") == "fqt":
+                    r.setdefault("dgrad_rows", "pixel")  # (records from before --dgrad-rows)
                 k = key_of(r)
                 if k not in per_round:
                     per_round[k] = {}
@@ -240,6 +250,8 @@ def main(argv):
           "auto, the default: those fed by convolutions reducing over <= 144 terms, the first stage's, and none in fp32); `peak RSS` = peak resident set of the process "
           "running that configuration alone (fqt: a fork()ed child per configuration; PyTorch: a process per "
           "model, including the Python and PyTorch runtime). "
+          "`psq/s`, `bhq/s`: the dgrad quantizer with a row per sample (`--dgrad-rows sample`, the paper's rows; "
+          "docs/DGRAD_ROWS.md), the others with a row per output pixel (the default). "
           f"Each configuration ran in {nrounds} round(s), fqt and PyTorch alternating; times are medians over the "
           "rounds of each round's median step, speedups the median over rounds of the per-round ratio.")
         w("")
@@ -260,7 +272,7 @@ def main(argv):
                 sa = r.get("saved_activation_bytes")
                 rss = r.get("peak_rss_bytes")
                 rc = rc_of(r) if fw == "fqt" else "—"
-                w(f"| {m} | {fw} | {r.get('mode', '')} | {r.get('dgrad', '-')} | {r.get('arith', '-')} | {rc} | "
+                w(f"| {m} | {fw} | {r.get('mode', '')} | {dlabel(r)} | {r.get('arith', '-')} | {rc} | "
                   f"{fmt(r['median_ms'])} | {fmt(r.get('images_per_s'), '.0f')} | "
                   f"{fmt(None if qs is None else 100 * qs, '.1f')}{'%' if qs is not None else ''} | "
                   f"{gemm_ms(r)} | {fmt(None if sa is None else sa / MB, '.2f')} | {fmt(None if rss is None else rss / MB, '.0f')} | "
@@ -307,18 +319,22 @@ def main(argv):
     fqt_int = fqt_rows(default_rc)
     dflt = f" (default --recompute {default_rc})" if default_rc != "off" else ""
     for r in fqt_int:
-        d = r.get("dgrad")
+        d = dlabel(r)
         target(f"FQT-int8 ({d}) step of PreAct-ResNet-20 >= 1.5x faster than fqt fp32{dflt}",
                speedup(base, r), lambda v: v >= 1.5, note=spread(base, r))
     for r in fqt_int:
-        d = r.get("dgrad")
+        d = dlabel(r)
         target(f"FQT-int8 ({d}) step of PreAct-ResNet-20 >= 2x faster than PyTorch fp32{dflt}",
                speedup(tref, r), lambda v: v >= 2, note=spread(tref, r))
-    for d in ("psq", "bhq"):
-        r = find(fqt_int, dgrad=d)
-        target(f"quantizer time ({d.upper()}) <= 15% of the FQT step (PreAct-ResNet-20){dflt}",
-               None if r is None else 100 * r["quantizer_share"], lambda v: v <= 15, "%")
-    r = find(fqt_int, dgrad="psq") or (fqt_int[0] if fqt_int else None)
+    for rows in ("pixel", "sample"):
+        for d in ("psq", "bhq"):
+            r = find(fqt_int, dgrad=d, dgrad_rows=rows)
+            if r is None and rows == "sample":
+                continue
+            label = d.upper() + (", rows per sample" if rows == "sample" else "")
+            target(f"quantizer time ({label}) <= 15% of the FQT step (PreAct-ResNet-20){dflt}",
+                   None if r is None else 100 * r["quantizer_share"], lambda v: v <= 15, "%")
+    r = find(fqt_int, dgrad="psq", dgrad_rows="pixel") or (fqt_int[0] if fqt_int else None)
     target(f"activation memory saved for backward >= 3x smaller than fp32 (PreAct-ResNet-20, FQT){dflt}",
            ratio(base["saved_activation_bytes"] if base else None, r["saved_activation_bytes"] if r else None),
            lambda v: v >= 3)
@@ -329,7 +345,7 @@ def main(argv):
     for alt in ("off", "auto", "on"):
         if alt == default_rc:
             continue
-        rr = find(fqt_rows(alt), dgrad="psq")
+        rr = find(fqt_rows(alt), dgrad="psq", dgrad_rows="pixel")
         if rr is None:
             continue
         target(f"activation memory saved for backward >= 3x smaller than fp32 (PreAct-ResNet-20, FQT psq "
@@ -338,7 +354,7 @@ def main(argv):
         rss = ratio(base.get("peak_rss_bytes") if base else None, rr.get("peak_rss_bytes"))
         w(f"| (no target) peak RSS of a training step, fp32 / FQT with --recompute {alt} (PreAct-ResNet-20) | "
           f"{fmt(rss, '.2f', 'not measured')}{'x' if rss is not None else ''} | — |")
-        r0 = find(fqt_int, dgrad="psq")
+        r0 = find(fqt_int, dgrad="psq", dgrad_rows="pixel")
         cost = speedup(rr, r0) if r0 is not None else None
         w(f"| (no target) step time with --recompute {alt} / {default_rc} (PreAct-ResNet-20, FQT psq) | "
           f"{fmt(cost, '.2f', 'not measured')}{'x' if cost is not None else ''}"
@@ -355,18 +371,21 @@ def main(argv):
     # ---- where the FQT step goes (one --breakdown run, PSQ and BHQ) ----
     for bpath in sorted(glob.glob(os.path.join(run, "breakdown_*.json"))):
         brecs = [r for r in load(bpath, []) if r.get("mode") == "fqt" and "breakdown" in r]
-        by = {r.get("dgrad"): r for r in brecs}
+        by = {dlabel(r): r for r in brecs}
         if not by:
             continue
         bm = brecs[0]["model"]
-        cols = [d for d in ("ptq", "psq", "bhq") if d in by]
+        cols = [d for d in ("ptq", "psq", "bhq", "ptq/s", "psq/s", "bhq/s") if d in by]
+        kinds = sorted({c.split("/")[0] for c in cols}, key=lambda d: ("ptq", "psq", "bhq").index(d))
+        rows_opt = " --dgrad-rows pixel,sample" if any("/" in c for c in cols) else ""
         w(f"## Where the FQT step goes ({bm}, {' vs '.join(d.upper() for d in cols)})")
         w("")
         w(f"One run with `--breakdown` after the rounds (`fqt bench step --model {bm} --mode fqt --dgrad "
-          f"{','.join(cols)} --breakdown`, the same batch, steps and threads; its own medians, so its step "
+          f"{','.join(kinds)}{rows_opt} --breakdown`, the same batch, steps and threads; its own medians, so its step "
           "times differ from the table above): each layer call's wall time by region (medians per step, "
           "the layers of one shape summed), the largest first, and apart, the phases timed inside "
-          "those regions (BHQ's quantizer and dgrad passes, all calls of the step).")
+          "those regions (BHQ's quantizer and dgrad passes, all calls of the step). `/S`: rows per sample "
+          "(`--dgrad-rows sample`).")
         w("")
         w("| | " + " | ".join(f"{d.upper()} ms" for d in cols) + " |")
         w("|---|" + "---:|" * len(cols))
@@ -386,14 +405,16 @@ def main(argv):
         if rest:
             w(f"| ({len(rest)} smaller regions) | " + " | ".join(
                 fmt(sum(by[d]["breakdown"].get(n, 0.0) for n in rest), ".2f") for d in cols) + " |")
-        phases = by[last].get("phases") or {}
-        if phases:
+        for col in cols:
+            phases = {n: v for n, v in (by[col].get("phases") or {}).items() if v >= 0.05}
+            if not phases or not col.startswith("bhq"):
+                continue
             w("")
-            w(f"Phases inside the regions ({last.upper()}; not added to them):")
+            w(f"Phases inside the regions ({col.upper()}; not added to them; those under 0.05 ms left out):")
             w("")
-            w(f"| phase | ms per step | share of the {last.upper()} step |")
+            w(f"| phase | ms per step | share of the {col.upper()} step |")
             w("|---|---:|---:|")
-            step = by[last].get("median_ms") or 0
+            step = by[col].get("median_ms") or 0
             for n, v in sorted(phases.items(), key=lambda kv: -kv[1]):
                 w(f"| {cell(n)} | {v:.2f} | {fmt(100 * v / step if step else None, '.1f')}% |")
         w("")

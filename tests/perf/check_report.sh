@@ -8,7 +8,9 @@ rm -f "$out"
 fail=0
 for pat in "^# Performance" "QUICK MODE" "Command: \`scripts/perf_report" "## GEMM throughput" \
            "^\| 1024 \| 1024 \| 1024 \| 1 \| square" "## Training step" "\| preact_resnet20 \| pytorch \| fp32" \
-           "\| preact_resnet20 \| fqt \| fqt \| bhq \| int" "## Targets" "int8 GEMM >= 3x fp32 GEMM at 1024\^3 \| [0-9.]+x \| (yes|no)" \
+           "\| preact_resnet20 \| fqt \| fqt \| bhq \| int" "\| preact_resnet20 \| fqt \| fqt \| bhq/s \| int \| auto \|" \
+           "quantizer time \(BHQ, rows per sample\) <= 15%.*\| [0-9.]+% \| (yes|no)" \
+           "FQT-int8 \(psq/s\) step of PreAct-ResNet-20 >= 2x faster than PyTorch" "## Targets" "int8 GEMM >= 3x fp32 GEMM at 1024\^3 \| [0-9.]+x \| (yes|no)" \
            "quantizer time \(PSQ\) <= 15%.*\| [0-9.]+% \| (yes|no)" "activation memory saved .*\| [0-9.]+x \| (yes|no)" \
            "\| preact_resnet20 \| [0-9]+ \| [0-9]+ \| yes" "GEMM ms f32 / int" "Warning: the machine was busy" \
            "\*\*Note:\*\* [0-9]+ configuration" "\| preact_resnet20 \| fqt \| fqt \| psq \| int \| on \|" \

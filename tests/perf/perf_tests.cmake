@@ -21,10 +21,13 @@ endif()
 add_test(NAME perf.bench_step_recompute COMMAND ${PERF_EXPECT} 0 "\"recompute\": \"auto\"" --
          ${PERF_FQT} bench step --model cnn --mode fqt --dgrad psq --recompute off,auto,on --batch 4 --input 1x8x8
          --steps 1 --warmup 0 --threads 1 --json)
+add_test(NAME perf.bench_step_dgrad_rows COMMAND ${PERF_EXPECT} 0 "\"dgrad_rows\": \"sample\"" --
+         ${PERF_FQT} bench step --model cnn --mode fqt --dgrad psq,bhq --dgrad-rows pixel,sample --batch 4 --input 1x8x8
+         --steps 1 --warmup 0 --threads 1 --json)
 add_test(NAME perf.bench_step_bad_recompute COMMAND ${PERF_EXPECT} 2 "recompute.*off, auto or on" --
          ${PERF_FQT} bench step --model mlp --recompute yes --steps 1)
 add_test(NAME perf.bench_gemm_bad_backend COMMAND ${PERF_EXPECT} 2 "backend.*avx2" --
          ${PERF_FQT} bench gemm --m 8 --n 8 --k 8 --backend sse)
 set_tests_properties(perf.bench_gemm_json perf.bench_gemm_shapes perf.bench_step_json perf.bench_step_bad_arith
-                     perf.bench_step_recompute perf.bench_step_bad_recompute perf.bench_gemm_bad_backend
+                     perf.bench_step_recompute perf.bench_step_dgrad_rows perf.bench_step_bad_recompute perf.bench_gemm_bad_backend
                      PROPERTIES ENVIRONMENT "OMP_WAIT_POLICY=passive" TIMEOUT 60)
