@@ -363,7 +363,6 @@ Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContex
   if (recipe_.mode != Mode::fp32)
     FQT_CHECK(wq_.codes.defined(), "Conv2d {}: backward without a training forward", name_);
   Tensor grows;  // fqt: dequantized Qdgrad(G) in the SPEC's row layout [(N*P), Cout]
-  bool rows_layout = false;
   if (recipe_.mode == Mode::fqt && recipe_.exact_dgrad) {
     gq_dgrad_ = QuantizedTensor{};  // dgrad as in qat: the fp32 GEMM on dy below
   } else if (recipe_.mode == Mode::fqt) {
@@ -372,12 +371,12 @@ Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContex
     if (!drawn) gq_dgrad_ = per_sample ? quantize_samples_nchw(dy, recipe_.dgrad, kd).first : quantize(rows, recipe_.dgrad, kd);
     if (int_dgrad(recipe_, gq_dgrad_, wq_)) return per_sample ? dgrad_int_samples(gq_dgrad_) : dgrad_int(gq_dgrad_);
     grows = dequantize(gq_dgrad_);  // (per sample: T^-1 across the samples' pixel rows)
-    rows_layout = true;
   }
   const Tensor w = recipe_.mode == Mode::fp32 ? weight2d() : dequantize(wq_);
   Tensor dx = Tensor::empty(in_shape_);
   const float* wp = w.data<float>();
   const float* gp = grows.defined() ? grows.data<float>() : dy.data<float>();
+  const bool rows_layout = grows.defined();
   float* dxp = dx.data<float>();
 #pragma omp parallel if (N > 1 && parallel_worth(N * P * ckk))
   {
