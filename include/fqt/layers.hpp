@@ -187,9 +187,9 @@ class Conv2d : public QuantizedLayer {
   // Whether the dgrad quantizer's rows are samples (recipe dgrad_rows = sample, a per-row
   // quantizer: PSQ, BHQ): then gq_dgrad_ is quantize_samples_nchw's (pixel rows, a grid per sample).
   bool dgrad_per_sample() const;
-  // The integer dgrad of such codes: dgrad_int (each sample's grid on its pixel rows), then BHQ's
+  // The integer dgrad of such codes: dgrad_int (each sample's grid on its pixel rows) with BHQ's
   // T^-1 across the samples of dX ([N, Cin*H*W]: conv's transpose is linear and per sample, so
-  // T^-1 may follow it).
+  // T^-1 may follow it), applied group by group as each group's samples finish (`across`).
   Tensor dgrad_int_samples(const QuantizedTensor& gq) const;
   void wgrad_int(const QuantizedTensor& gq);
   void add_bias_grad(const Tensor& dy);
