@@ -1105,13 +1105,11 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
 }
 
 Tensor Conv2d::dgrad_int_samples(const QuantizedTensor& gq) const {
-  const Geom g = geom(in_shape_, k_, stride_, pad_);
-  const int64_t N = in_shape_[0], P = g.P(), chw = cin_ * g.H * g.W;
+  const int64_t N = in_shape_[0], P = geom(in_shape_, k_, stride_, pad_).P();
   FQT_CHECK(gq.granularity() == Granularity::row && gq.rows == N * P && gq.cols == cout_ &&
                 (!gq.transform || gq.transform->rows == N),
             "Conv2d {}: per-sample gradient codes [{}, {}] (transform over {} rows), expected [{}, {}] over {} samples",
             name_, gq.rows, gq.cols, gq.transform ? gq.transform->rows : 0, N * P, cout_, N);
-  (void)chw;
   // Each sample's grid on its pixel rows; T^-1 group by group as their samples finish.
   return dgrad_int(gq, gq.transform ? &*gq.transform : nullptr);
 }

@@ -201,7 +201,7 @@ Tensor Sequential::backward_ranged(const Tensor& dy, const StepContext& ctx, con
   for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
     ValueRange next;
     g = (*it)->backward_ranged(g, ctx, r.valid ? &r : nullptr, &next);
-    r = g.defined() ? next : ValueRange{};
+    r = g.defined() ? std::move(next) : ValueRange{};
     if (!g.defined()) break;  // a first layer without input gradient: nothing below needs one
   }
   if (dx_range) *dx_range = r;

@@ -36,6 +36,19 @@ bool same_quantization(const QuantizedTensor& a, const QuantizedTensor& b) {
                           a.transform->row_scale == b.transform->row_scale);
 }
 
+// A convolution gradient's shape, and G's pixel rows of x [N, C, H, W]: g[(n P + p), c] = x[n, c, p].
+struct Shape4 {
+  int64_t n, c, h, w;
+};
+Tensor pixel_rows(const Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1), P = x.numel() / (N * C);
+  Tensor g = Tensor::empty({N * P, C});
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < P; ++p) g.data<float>()[(n * P + p) * C + c] = x.data<float>()[(n * C + c) * P + p];
+  return g;
+}
+
 // Grid position of each element before rounding (recomputed from the plan).
 std::vector<float> positions(const QuantPlan& p) {
   std::vector<float> v(p.q.rows * p.q.cols);
@@ -325,9 +338,6 @@ TEST(Quantize, PairEqualsTwoSeparateCalls) {
 // with and without a short last run per sample, 1 and 2 threads. Pairs it does not take are
 // refused; a NaN or an Inf anywhere throws NonFiniteError.
 TEST(Quantize, PairNchwEqualsPairOfRows) {
-  struct Shape4 {
-    int64_t n, c, h, w;
-  };
   // (Channel counts that are multiples of 16 take the channel-major AVX-512 pass; 14 x 14 and
   // 7 x 7 positions end each sample in a short run of 4 and 1.)
   const Shape4 shapes[] = {{1, 1, 1, 1},   {2, 3, 5, 7},   {3, 16, 28, 28}, {5, 17, 9, 9},  {4, 64, 7, 7},
@@ -345,10 +355,7 @@ TEST(Quantize, PairNchwEqualsPairOfRows) {
       const int64_t P = sh.h * sh.w, rows = sh.n * P;
       const Tensor flat = synthetic_matrix(SynthKind::heavy_tailed, sh.n * sh.c, P, ++seed);
       const Tensor x = flat.reshape({sh.n, sh.c, sh.h, sh.w});
-      Tensor g = Tensor::empty({rows, sh.c});  // G's rows: g[(n P + p), c] = x[n, c, p]
-      for (int64_t n = 0; n < sh.n; ++n)
-        for (int64_t c = 0; c < sh.c; ++c)
-          for (int64_t p = 0; p < P; ++p) g.data<float>()[(n * P + p) * sh.c + c] = x.data<float>()[(n * sh.c + c) * P + p];
+      const Tensor g = pixel_rows(x);
       for (auto [a, b] : pairs)
         for (auto [ba, bb] : {std::pair<int, int>{8, 8}, {4, 8}, {2, 5}}) {
           if (sh.n == 64 && !(ba == 8 && bb == 8)) continue;  // (time)
@@ -391,9 +398,6 @@ TEST(Quantize, PairNchwEqualsPairOfRows) {
 //    column), with and without the given range;
 //  * NaN / Inf anywhere throws NonFiniteError.
 TEST(Quantize, SamplesNchwEqualsReferenceAndPerSampleRows) {
-  struct Shape4 {
-    int64_t n, c, h, w;
-  };
   const Shape4 shapes[] = {{4, 16, 5, 5}, {3, 32, 4, 4}, {2, 16, 1, 1}, {5, 3, 3, 3},
                            {1, 16, 7, 7}, {6, 64, 7, 7}, {9, 16, 14, 14}, {4, 17, 2, 3}};
   const int saved = omp_get_max_threads();
@@ -405,10 +409,7 @@ TEST(Quantize, SamplesNchwEqualsReferenceAndPerSampleRows) {
       // Heavy-tailed rows of [N*C, P]: the samples' ranges differ a lot, so BHQ forms real groups.
       const Tensor x = synthetic_matrix(SynthKind::heavy_tailed, sh.n * sh.c, P, ++seed).reshape({sh.n, sh.c, sh.h, sh.w});
       const float* xp = x.data<float>();
-      Tensor g = Tensor::empty({sh.n * P, sh.c});  // G's pixel rows
-      for (int64_t n = 0; n < sh.n; ++n)
-        for (int64_t c = 0; c < sh.c; ++c)
-          for (int64_t p = 0; p < P; ++p) g.data<float>()[(n * P + p) * sh.c + c] = xp[n * D + c * P + p];
+      const Tensor g = pixel_rows(x);
       for (QuantizerKind a : {QuantizerKind::psq, QuantizerKind::bhq})
         for (int bits : {2, 5, 8}) {
           const RngKey ka{21, static_cast<uint64_t>(bits)}, kb{21, 100};

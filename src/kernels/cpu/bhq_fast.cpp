@@ -169,18 +169,11 @@ const float* bhq_group_dots(const BhqTransform& t, const float* x, int64_t cols)
       if (g + kAhead < g1)
         for (int64_t i = t.offsets[g + kAhead]; i < t.offsets[g + kAhead + 1]; ++i)
           for (int64_t j = 0; j < cols; j += 16) __builtin_prefetch(x + t.members[i] * cols + j);
-      const int64_t* mem = t.members.data() + t.offsets[g];
-      const int64_t n = t.group_size(g);
       float vf, vr;
-      householder(n, vf, vr);
-      float* __restrict d = dp + g * ld;
-      for (int64_t j = 0; j < cols; ++j) d[j] = 0.0f;
+      householder(t.group_size(g), vf, vr);
+      float* d = dp + g * ld;
+      bhq_group_sum(t, g, vf, vr, x, cols, d);
       d[cols] = 2.0f * vf, d[cols + 1] = 2.0f * vr;
-      for (int64_t k = 0; k < n; ++k) {
-        const float vk = k == 0 ? vf : vr, s = t.row_scale[mem[k]];
-        const float* __restrict row = x + mem[k] * cols;
-        for (int64_t j = 0; j < cols; ++j) d[j] += vk * (s * row[j]);
-      }
     }
   }
   return dp;
@@ -212,24 +205,6 @@ void bhq_apply_inverse_group(const BhqTransform& t, int64_t g, float* y, int64_t
   HouseholderV()(t.group_size(g), vf, vr);
   for (int64_t j0 = 0; j0 < cols; j0 += kInverseBlock)
     inverse_group_block(t, g, vf, vr, y, cols, j0, std::min(kInverseBlock, cols - j0), dot);
-}
-
-void bhq_apply_inverse_inplace(const BhqTransform& t, float* y, int64_t cols) {
-  const int64_t blocks = (cols + kInverseBlock - 1) / kInverseBlock;
-  const HouseholderV householder;
-#pragma omp parallel if (t.rows * cols > quant_detail::kParallelMin && blocks > 1)
-  {
-    alignas(64) float dot[kInverseBlock];
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t j0 = b * kInverseBlock, w = std::min(kInverseBlock, cols - j0);
-      for (int64_t g = 0; g < t.num_groups(); ++g) {
-        float vf, vr;
-        householder(t.group_size(g), vf, vr);
-        inverse_group_block(t, g, vf, vr, y, cols, j0, w, dot);
-      }
-    }
-  }
 }
 
 void bhq_apply_rows(const BhqTransform& t_in, const float* x, int64_t cols, float* out, double* row_min,

@@ -28,16 +28,33 @@ BhqTransform bhq_transform_fast(const float* x, int64_t rows, int64_t cols);
 // (sequential reads and writes; only the small per-group sums are fetched out of order).
 void bhq_apply_rows(const BhqTransform& t, const float* x, int64_t cols, float* out, double* row_min, double* row_max);
 
-// y <- T^-1 y in place (what BhqTransform::apply_inverse computes, bit for bit: per group and
-// column, the members' v_k y_k summed in member order, then (y_k - 2 v_k dot) / s_k), threads
-// over blocks of columns: for a transform across a few rows of many columns (BHQ with a row per
-// sample, applied to the dgrad output [N, Cin*H*W]), where apply_inverse's threads over groups
-// would each sweep whole rows.
-void bhq_apply_inverse_inplace(const BhqTransform& t, float* y, int64_t cols);
-// The same for group g's rows alone (on the calling thread; `dot`: kInverseBlock floats of
-// scratch): for a caller that has just written those rows and still has them in cache.
-constexpr int64_t kInverseBlock = 512;  // columns per step: 128 rows x 2 KB stay in L2 across the groups
+// Group g's rows of y <- T^-1 y, in place (what BhqTransform::apply_inverse computes for them, bit
+// for bit: per column, the members' v_k y_k summed in member order, then (y_k - 2 v_k dot) / s_k),
+// on the calling thread, kInverseBlock columns at a time (`dot`: that many floats of scratch):
+// for a caller that has just written those rows and still has them in cache (the per-sample
+// BHQ dgrad, Conv2d).
+constexpr int64_t kInverseBlock = 512;
 void bhq_apply_inverse_group(const BhqTransform& t, int64_t g, float* y, int64_t cols, float* dot);
+
+// Group g's d = sum_k v_k (s_k x_k) over its members in member order (cols floats), with v_first /
+// v_rest its Householder entries: what apply sums (shared by bhq_group_dots and the per-sample
+// quantizer of quantize.cpp).
+inline void bhq_group_sum(const BhqTransform& t, int64_t g, float vf, float vr, const float* x, int64_t cols,
+                          float* __restrict d) {
+  const int64_t* mem = t.members.data() + t.offsets[g];
+  const int64_t n = t.group_size(g);
+  for (int64_t j = 0; j < cols; ++j) d[j] = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float vk = k == 0 ? vf : vr, s = t.row_scale[mem[k]];
+    const float* __restrict row = x + mem[k] * cols;
+    for (int64_t j = 0; j < cols; ++j) d[j] += vk * (s * row[j]);
+  }
+}
+// A row of T x from its group's sum d: s_r x_r - (2 v_r) d (vk2 = 2 v_r).
+inline void bhq_transformed_row(float s, float vk2, const float* __restrict row, const float* __restrict d,
+                                int64_t cols, float* __restrict out) {
+  for (int64_t j = 0; j < cols; ++j) out[j] = s * row[j] - vk2 * d[j];
+}
 
 // The two passes of bhq_apply_rows as parts, for callers that use each row of T x at once (the
 // fused quantizer of quantize.cpp). bhq_group_dots: per group g, d_g = sum_k v_k (s_k x_k) in
@@ -57,8 +74,6 @@ inline void bhq_row(const BhqTransform& t, const float* dots, const float* x, in
     for (int64_t j = 0; j < ld; j += 16) __builtin_prefetch(ahead + j);
   }
   const float* __restrict d = dots + t.group_of(r) * ld;
-  const float s = t.row_scale[r], vk2 = d[t.leads_group(r) ? cols : cols + 1];
-  const float* __restrict row = x + r * cols;
-  for (int64_t j = 0; j < cols; ++j) out[j] = s * row[j] - vk2 * d[j];
+  bhq_transformed_row(t.row_scale[r], d[t.leads_group(r) ? cols : cols + 1], x + r * cols, d, cols, out);
 }
 }  // namespace fqt::kernels

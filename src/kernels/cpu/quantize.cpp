@@ -824,19 +824,10 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
         const int64_t ng = tp->group_size(g);
         float vf, vr;
         householder(ng, vf, vr);
-        float* __restrict d = dot.data();
-        for (int64_t j = 0; j < D; ++j) d[j] = 0.0f;
-        for (int64_t k = 0; k < ng; ++k) {
-          const float vk = k == 0 ? vf : vr, s = tp->row_scale[mem[k]];
-          const float* __restrict row = xp + mem[k] * D;
-          for (int64_t j = 0; j < D; ++j) d[j] += vk * (s * row[j]);
-        }
+        kernels::bhq_group_sum(*tp, g, vf, vr, xp, D, dot.data());
         for (int64_t k = 0; k < ng; ++k) {
           const int64_t n = mem[k];
-          const float s = tp->row_scale[n], vk2 = 2.0f * (k == 0 ? vf : vr);
-          const float* __restrict row = xp + n * D;
-          float* __restrict o = tx.data();
-          for (int64_t j = 0; j < D; ++j) o[j] = s * row[j] - vk2 * d[j];
+          kernels::bhq_transformed_row(tp->row_scale[n], 2.0f * (k == 0 ? vf : vr), xp + n * D, dot.data(), D, tx.data());
           sample(n, tx.data());
         }
       }
@@ -862,7 +853,8 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_samples_nchw(const Tensor& 
   if (C % 16 == 0 && N * C * P > 0) {
     auto [qa, qb] = [&] {
       profile::Scope timer(profile::quantize);
-      return samples_nchw16(x, N, C, P, sa, ka, sb, kb, range, sample_hi ? sample_lo : nullptr, sample_lo ? sample_hi : nullptr);
+      const bool given = sample_lo && sample_hi;  // (both or neither)
+      return samples_nchw16(x, N, C, P, sa, ka, sb, kb, range, given ? sample_lo : nullptr, given ? sample_hi : nullptr);
     }();
     if (sb && !qb.codes.defined()) qb = draw_of_rows(x, N, C, P, *sb, kb);  // (not fused: e.g. per column)
     return {std::move(qa), std::move(qb)};
