@@ -88,6 +88,14 @@ int run(int argc, char** argv) {
       {"quantize_pair_nchw psq 8 + ptq 8", [&] {
          (void)quantize_pair_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, {QuantizerKind::ptq, 8}, {1, 3});
        }},
+      {"quantize_samples_nchw psq 8 + ptq 8", [&] {
+         const QuantizerSpec b{QuantizerKind::ptq, 8};
+         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, &b, {1, 3});
+       }},
+      {"quantize_samples_nchw bhq 8 + ptq 8", [&] {
+         const QuantizerSpec b{QuantizerKind::ptq, 8};
+         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, &b, {1, 3});
+       }},
       {"quantize bhq 8", [&] { (void)quantize(x, {QuantizerKind::bhq, 8}, {1, 2}); }},
       {"quantize bhq 8, then quantize ptq 8", [&] {
          (void)quantize(x, {QuantizerKind::bhq, 8}, {1, 2});

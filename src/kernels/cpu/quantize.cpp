@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -689,9 +690,11 @@ QuantizedTensor draw_of_rows(const Tensor& x, int64_t N, int64_t C, int64_t P, Q
 // + p), and is rounded 16 positions x 16 channels at a time into G's pixel rows (Nchw16::store);
 // the second draw, when fused, is pair_nchw16's, on the same 16 positions of x while they are in
 // cache. PSQ: one sample per step of a thread. BHQ: one group per step (dynamically: the first
-// groups are the largest), its sum d = sum_k v_k (s_k x_k) over the members in member order, then
-// each member's row s_n x_n - 2 v_n d (bhq_group_dots' and bhq_row's operations, so T x as
-// BhqTransform::apply has it, bit for bit) while the members' rows are still in cache.
+// groups are the largest): one pass over the members' rows, kInverseBlock columns at a time, forms
+// the group's sum d = sum_k v_k (s_k x_k) in member order and each member's range of s_n x_n -
+// 2 v_n d (bhq_group_dots' and bhq_row's operations, so T x as BhqTransform::apply has it, bit for
+// bit); then each member is rounded with its row of T x formed again from x_n and d where it is
+// read (no row of T x stored: 0.89 -> 0.81 ms a call, bench_quantizers 100352 16 2, session 23).
 std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int64_t N, int64_t C, int64_t P,
                                                            QuantizerSpec sa, RngKey ka, const QuantizerSpec* sb,
                                                            RngKey kb, const float* range, const float* slo,
@@ -752,22 +755,29 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
   uint32_t bad = 0;
 #pragma omp parallel reduction(| : bad) if (N * D > kParallelMin)
   {
-    std::vector<float> tx(static_cast<size_t>(bhq ? D : 0)), dot(static_cast<size_t>(bhq ? D : 0)), u(static_cast<size_t>(D));
+    std::vector<float> dot(static_cast<size_t>(bhq ? D : 0)), u(static_cast<size_t>(D));
     // A sample's last positions (P not a multiple of 16): S, its uniforms and x as [C][16], zero-padded.
     std::vector<float> tail(static_cast<size_t>(P % 16 ? 3 * C * 16 : 0));
     alignas(64) uint8_t out16[256];
     alignas(64) float gsc[16], glo[16];
-    // Sample n's draws from its row S (x's own, or its row of T x).
-    auto sample = [&](int64_t n, const float* S) {
+    // Sample n's draws from its row S: x's own (Tr false; its range given in slo / shi, else
+    // taken here), or (Tr true) its row of T x, s x_n - vk2 d formed where it is read (from its
+    // group's sum d, range [lo, hi] found by the group's pass).
+    auto sample = [&](int64_t n, auto Tr, const float* d, float s, float vk2, float lo, float hi) {
+      constexpr bool kTr = decltype(Tr)::value;
       const float* xn = xp + n * D;
-      float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-      uint32_t nn = 0;
-      if (slo && S == xp + n * D) {
-        lo = slo[n], hi = shi[n];  // (given)
-      } else {
-        minmax_lanes(S, D, lo, hi, nn);
-        bad |= nn | static_cast<uint32_t>(!std::isfinite(lo) || !std::isfinite(hi));
+      const float* S = xn;
+      if (!kTr) {
+        if (slo) {
+          lo = slo[n], hi = shi[n];  // (given)
+        } else {
+          uint32_t nn = 0;
+          lo = std::numeric_limits<float>::infinity(), hi = -lo;
+          minmax_lanes(S, D, lo, hi, nn);
+          bad |= nn | static_cast<uint32_t>(!std::isfinite(lo) || !std::isfinite(hi));
+        }
       }
+      const __m512 vs = _mm512_set1_ps(s), vk2v = _mm512_set1_ps(vk2);
       const double dlo = lo, dhi = hi;
       float sc = 0.0f, gl = 0.0f;
       make_grids(sa, &dlo, &dhi, 1, &sc, &gl);
@@ -779,27 +789,35 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
       for (int64_t p0 = 0; p0 < P; p0 += 16) {
         const int64_t m = std::min<int64_t>(16, P - p0), r0 = n * P + p0;
         const float* sp = S + p0;
+        const float* dp = kTr ? d + p0 : nullptr;
         const float* up = u.data() + p0;
         const float* xs = xn + p0;
         int64_t ld = P;
+        bool formed = !kTr;  // sp holds the values to round (else s sp - vk2 dp)
         if (m < 16) {
           float* ts = tail.data();
           float* tu = ts + C * 16;
           float* tx2 = tu + C * 16;
           std::fill(tail.begin(), tail.end(), 0.0f);
           for (int64_t c = 0; c < C; ++c) {
-            std::copy(sp + c * P, sp + c * P + m, ts + c * 16);
+            if (kTr) {
+              for (int64_t i = 0; i < m; ++i) ts[c * 16 + i] = s * sp[c * P + i] - vk2 * dp[c * P + i];
+            } else {
+              std::copy(sp + c * P, sp + c * P + m, ts + c * 16);
+            }
             std::copy(up + c * P, up + c * P + m, tu + c * 16);
             std::copy(xs + c * P, xs + c * P + m, tx2 + c * 16);
           }
-          sp = ts, up = tu, xs = tx2, ld = 16;
+          sp = ts, up = tu, xs = tx2, ld = 16, formed = true;
         }
         for (int64_t k = 0; k < C; k += 16) {
           __m512i cd[4][4];
           for (int j = 0; j < 4; ++j)
             for (int tt = 0; tt < 4; ++tt) {
               const int64_t c = k + 4 * j + tt;
-              cd[j][tt] = k16.code(_mm512_loadu_ps(sp + c * ld), _mm512_loadu_ps(up + c * ld), vlo, vsc, vBa);
+              __m512 v = _mm512_loadu_ps(sp + c * ld);
+              if (kTr && !formed) v = _mm512_sub_ps(_mm512_mul_ps(vs, v), _mm512_mul_ps(vk2v, _mm512_loadu_ps(dp + c * ld)));
+              cd[j][tt] = k16.code(v, _mm512_loadu_ps(up + c * ld), vlo, vsc, vBa);
             }
           k16.store(cd, C, m, ca + r0 * C + k, out16);
         }
@@ -815,20 +833,57 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
     };
     if (!bhq) {
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) sample(n, xp + n * D);
+      for (int64_t n = 0; n < N; ++n) sample(n, std::false_type{}, nullptr, 0.0f, 0.0f, 0.0f, 0.0f);
     } else {
       const HouseholderV householder;
+      std::vector<float> lanes;  // each member's 16 running minima, then 16 maxima
 #pragma omp for schedule(dynamic, 1)
       for (int64_t g = 0; g < tp->num_groups(); ++g) {
         const int64_t* mem = tp->members.data() + tp->offsets[g];
         const int64_t ng = tp->group_size(g);
         float vf, vr;
         householder(ng, vf, vr);
-        kernels::bhq_group_sum(*tp, g, vf, vr, xp, D, dot.data());
+        // The group's pass: d = sum_k v_k (s_k x_k) (bhq_group_sum's operations, in member order)
+        // and each member's range of s_k x_k - 2 v_k d, a block of columns at a time while the
+        // members' blocks are in L1; T x itself is formed again where it is rounded.
+        lanes.assign(static_cast<size_t>(32 * ng), 0.0f);
+        for (int64_t k = 0; k < ng; ++k) {
+          _mm512_storeu_ps(lanes.data() + 32 * k, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+          _mm512_storeu_ps(lanes.data() + 32 * k + 16, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+        }
+        __mmask16 nanm = 0;
+        float* dp = dot.data();
+        for (int64_t j0 = 0; j0 < D; j0 += kernels::kInverseBlock) {
+          const int64_t j1 = std::min(D, j0 + kernels::kInverseBlock);  // (D % 16 == 0)
+          for (int64_t j = j0; j < j1; j += 16) _mm512_storeu_ps(dp + j, _mm512_setzero_ps());
+          for (int64_t k = 0; k < ng; ++k) {
+            const __m512 vk = _mm512_set1_ps(k == 0 ? vf : vr), sk = _mm512_set1_ps(tp->row_scale[mem[k]]);
+            const float* row = xp + mem[k] * D;
+            for (int64_t j = j0; j < j1; j += 16)
+              _mm512_storeu_ps(dp + j, _mm512_add_ps(_mm512_loadu_ps(dp + j),
+                                                     _mm512_mul_ps(vk, _mm512_mul_ps(sk, _mm512_loadu_ps(row + j)))));
+          }
+          for (int64_t k = 0; k < ng; ++k) {
+            const __m512 vk2 = _mm512_set1_ps(2.0f * (k == 0 ? vf : vr)), sk = _mm512_set1_ps(tp->row_scale[mem[k]]);
+            const float* row = xp + mem[k] * D;
+            __m512 mn = _mm512_loadu_ps(lanes.data() + 32 * k), mx = _mm512_loadu_ps(lanes.data() + 32 * k + 16);
+            for (int64_t j = j0; j < j1; j += 16) {
+              const __m512 v = _mm512_sub_ps(_mm512_mul_ps(sk, _mm512_loadu_ps(row + j)), _mm512_mul_ps(vk2, _mm512_loadu_ps(dp + j)));
+              // (masked all-lanes forms: GCC 12 warns that the plain ones' pass-through is undefined)
+              mn = _mm512_mask_min_ps(mn, kAll16, v, mn), mx = _mm512_mask_max_ps(mx, kAll16, v, mx);
+              nanm |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            }
+            _mm512_storeu_ps(lanes.data() + 32 * k, mn), _mm512_storeu_ps(lanes.data() + 32 * k + 16, mx);
+          }
+        }
+        bad |= static_cast<uint32_t>(nanm != 0);
         for (int64_t k = 0; k < ng; ++k) {
           const int64_t n = mem[k];
-          kernels::bhq_transformed_row(tp->row_scale[n], 2.0f * (k == 0 ? vf : vr), xp + n * D, dot.data(), D, tx.data());
-          sample(n, tx.data());
+          const float* ml = lanes.data() + 32 * k;
+          float lo = ml[0], hi = ml[16];
+          for (int i = 1; i < 16; ++i) lo = std::min(lo, ml[i]), hi = std::max(hi, ml[16 + i]);
+          bad |= static_cast<uint32_t>(!std::isfinite(lo) || !std::isfinite(hi));
+          sample(n, std::true_type{}, dp, tp->row_scale[n], 2.0f * (k == 0 ? vf : vr), lo, hi);
         }
       }
     }
