@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <exception>
 #include <functional>
+#include <cstdlib>
 #include <vector>
 
 namespace fqt::bench {
@@ -22,7 +23,11 @@ struct Times {
 inline Times time_ms(int reps, const std::function<void()>& f) {
   f();
   std::vector<double> t;
+  // FQT_BENCH_COLD=1: 64 MB written before each timed call, so that its data come from memory as
+  // in a training step (where the layers in between evict them), not from the last call's cache.
+  static std::vector<char> evict(std::getenv("FQT_BENCH_COLD") ? (64 << 20) : 0);
   for (int r = 0; r < reps; ++r) {
+    for (size_t i = 0; i < evict.size(); i += 64) evict[i]++;
     const auto t0 = std::chrono::steady_clock::now();
     f();
     t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());

@@ -4,6 +4,7 @@
 // What `fqt bench step` reports as one quantizer share, split into its passes, so a change to one
 // pass can be measured on its own.
 //   build/bench/bench_quantizers [rows=100352] [cols=16] [threads=1] [reps=15] [kind=gaussian]
+// (FQT_BENCH_COLD=1: caches evicted before each call, as the step leaves them; bench_util.hpp)
 // (kind: gaussian, uniform, heavy-tailed; real gradients of PreAct-ResNet-20 form BHQ groups of
 // ~2.4 rows, as gaussian data do: ~42% of the rows lead a group.)
 #include "fqt/quant.hpp"
@@ -57,6 +58,12 @@ int run(int argc, char** argv) {
       break;
     }
   const Tensor x_nchw = x.reshape({rows / P, cols, P});
+  // Each sample's range (what BatchNorm2d's backward hands the per-sample quantizer).
+  std::vector<float> slo(static_cast<size_t>(rows / P)), shi(static_cast<size_t>(rows / P));
+  for (int64_t n = 0; n < rows / P; ++n) {
+    const float* p = x.data<float>() + n * P * cols;
+    slo[n] = *std::min_element(p, p + P * cols), shi[n] = *std::max_element(p, p + P * cols);
+  }
   BhqTransform seq = t;  // what the scattered rows of a group cost: the groups over rows in order
   std::iota(seq.members.begin(), seq.members.end(), 0);
   const std::vector<int64_t> rank = bhq_rank_descending(ranges);
@@ -92,9 +99,17 @@ int run(int argc, char** argv) {
          const QuantizerSpec b{QuantizerKind::ptq, 8};
          (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, &b, {1, 3});
        }},
+      {"  the same, samples' ranges given", [&] {
+         const QuantizerSpec b{QuantizerKind::ptq, 8};
+         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, &b, {1, 3}, nullptr, slo.data(), shi.data());
+       }},
       {"quantize_samples_nchw bhq 8 + ptq 8", [&] {
          const QuantizerSpec b{QuantizerKind::ptq, 8};
          (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, &b, {1, 3});
+       }},
+      {"  the same, samples' ranges given", [&] {
+         const QuantizerSpec b{QuantizerKind::ptq, 8};
+         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, &b, {1, 3}, nullptr, slo.data(), shi.data());
        }},
       {"quantize bhq 8", [&] { (void)quantize(x, {QuantizerKind::bhq, 8}, {1, 2}); }},
       {"quantize bhq 8, then quantize ptq 8", [&] {
