@@ -242,7 +242,8 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
       if (sb) second_draw();
       // Then, while the sort still runs, the arrays the grouping and the row pass fill whole
       // (~2 MB in stage 1 that value-initializing wrote on one thread after the sections).
-      for (auto* a : {&qa.scale, &qa.lo, &storage.row_scale}) a->resize(static_cast<size_t>(rows));
+      qa.scale.resize(static_cast<size_t>(rows)), qa.lo.resize(static_cast<size_t>(rows));
+      storage.row_scale.resize(static_cast<size_t>(rows));
       storage.row_group.resize(static_cast<size_t>(rows));
       storage.members.resize(static_cast<size_t>(rows));
     } catch (...) {
