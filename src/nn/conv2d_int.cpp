@@ -969,6 +969,7 @@ class SampleUnits {
       const int64_t end = t_->offsets[u + 1];
       for (int64_t i = t_->offsets[u]; i < end; ++i)
         sample(t_->members[i], i + 1 < t_->rows ? t_->members[i + 1] : -1);  // (then the next group's first)
+      profile::PhaseScope phase("per-sample bhq dgrad: T^-1 on the groups' rows (thread time)");
       kernels::bhq_apply_inverse_group(*t_, u, dx_, chw_, dot);
     });
   }
