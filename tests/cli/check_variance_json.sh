@@ -2,7 +2,7 @@
 # check_variance_json.sh FILE: the variance.json of `fqt variance` has the documented record fields,
 # a "total" record per configuration, the wgrad-only floor (quantizer "none", bits 0, dgrad bound
 # 0) and, with >= 2 batches, a finite positive quant_variance_se on every total record, with the
-# per-batch values averaging to quant_variance.
+# per-batch values averaging to quant_variance; its "command" is one that reruns.
 set -u
 f=$1
 [[ -s $f ]] || { echo "no file $f"; exit 1; }
@@ -15,6 +15,10 @@ grep -q '"layer": "total"' "$f" || { echo "no total record in $f"; exit 1; }
 import json, math, sys
 doc = json.load(open(sys.argv[1]))
 recs = doc["records"]
+# The recorded command reruns: flags as written (CLI11 stores a flag's value as "true").
+cmd = doc["command"]
+assert cmd.startswith("fqt variance ") and " --quiet" in cmd, f"command {cmd!r}"
+assert not any(w in ("true", "false") for w in cmd.split()), f"command {cmd!r} gives a flag a value"
 tot = [r for r in recs if r["layer"] == "total"]
 floor = [r for r in tot if r["quantizer"] == "none"]
 assert len(floor) == 1, f"expected one wgrad-only floor total record, got {len(floor)}"

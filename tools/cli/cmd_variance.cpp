@@ -329,6 +329,7 @@ Runner add_variance(CLI::App& app) {
     for (const CLI::Option* opt : app.get_options()) {
       if (opt->count() == 0 || opt->get_name() == "--help") continue;
       cmd += " " + opt->get_name();
+      if (opt->get_expected_max() == 0) continue;  // a flag: CLI11 records it as "true", which no rerun accepts
       for (const auto& r : opt->results()) cmd += " " + r;
     }
     o->command_line = cmd;
