@@ -758,7 +758,7 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
   std::atomic<int64_t> claim{0};  // BHQ: the next group to take
 #pragma omp parallel reduction(| : bad) if (N * D > kParallelMin)
   {
-    std::vector<float> dot(static_cast<size_t>(bhq ? D : 0)), u(static_cast<size_t>(D));
+    GridValues dot(static_cast<size_t>(bhq ? D : 0)), u(static_cast<size_t>(D));  // (left unset: written before read)
     // A sample's last positions (P not a multiple of 16): S, its uniforms and x as [C][16], zero-padded.
     std::vector<float> tail(static_cast<size_t>(P % 16 ? 3 * C * 16 : 0));
     alignas(64) uint8_t out16[256];
