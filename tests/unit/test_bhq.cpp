@@ -313,7 +313,9 @@ TEST(Bhq, FastTransformEqualsReference) {
   const int saved = omp_get_max_threads();
   for (int threads : {1, 2}) {
     omp_set_num_threads(threads);
-    for (int64_t n : {1, 2, 3, 5000, 70000}) {
+    // (up to kRankSortMax rows a comparison sort, above it the radix sort)
+    for (int64_t n : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{128}, kernels::kRankSortMax, kernels::kRankSortMax + 1,
+                      int64_t{5000}, int64_t{70000}}) {
       std::vector<double> m(n);
       uint64_t s = 0x9E3779B97F4A7C15ull;
       for (int64_t i = 0; i < n; ++i) {

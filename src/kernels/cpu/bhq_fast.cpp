@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <numeric>
 #include <utility>
 
 namespace fqt::kernels {
@@ -60,6 +61,13 @@ std::vector<double> bhq_row_ranges(const float* x, int64_t rows, int64_t cols, f
 std::vector<int64_t> bhq_rank_descending_parallel(const std::vector<double>& m, int64_t min_parallel) {
   const auto n = static_cast<int64_t>(m.size());
   FQT_CHECK(n <= INT32_MAX, "BHQ: {} rows (at most 2^31 - 1)", n);
+  if (n <= kRankSortMax) {  // a few rows (a row per sample): the reference's own stable sort
+    for (int64_t i = 0; i < n; ++i) FQT_CHECK(m[i] > 0, "BHQ: row range {} is not positive (non-finite gradient?)", m[i]);
+    std::vector<int64_t> rank(static_cast<size_t>(n));
+    std::iota(rank.begin(), rank.end(), int64_t{0});
+    std::stable_sort(rank.begin(), rank.end(), [&](int64_t a, int64_t b) { return m[a] > m[b]; });
+    return rank;
+  }
   constexpr int kBits = 12, kPasses = (32 + kBits - 1) / kBits;
   constexpr int64_t kDigits = int64_t{1} << kBits;
   constexpr uint32_t kMask = kDigits - 1;
