@@ -99,7 +99,7 @@ int run(int argc, char** argv) {
          const QuantizerSpec b{QuantizerKind::ptq, 8};
          (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, &b, {1, 3});
        }},
-      {"  the same, samples' ranges given", [&] {
+      {"  psq, the samples' ranges given", [&] {
          const QuantizerSpec b{QuantizerKind::ptq, 8};
          (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, &b, {1, 3}, nullptr, slo.data(), shi.data());
        }},
@@ -107,7 +107,7 @@ int run(int argc, char** argv) {
          const QuantizerSpec b{QuantizerKind::ptq, 8};
          (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, &b, {1, 3});
        }},
-      {"  the same, samples' ranges given", [&] {
+      {"  bhq, the samples' ranges given", [&] {
          const QuantizerSpec b{QuantizerKind::ptq, 8};
          (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, &b, {1, 3}, nullptr, slo.data(), shi.data());
        }},
