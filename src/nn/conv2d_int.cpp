@@ -1153,7 +1153,9 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq, const BhqTransform* across) 
     }
     rb[k] = static_cast<float>(s);
   }
-  const bool bhq = gq.transform.has_value() && gq.rows_per_transform_row() == 1;  // (per sample: `across`)
+  // (per sample: `across`; with one position per sample, P = 1, the transform's rows are also G's,
+  // and `across` still takes it)
+  const bool bhq = gq.transform.has_value() && !across && gq.rows_per_transform_row() == 1;
   FQT_CHECK(!across || (!bhq && across->rows == N), "Conv2d {}: a transform across {} samples for {} samples", name_,
             across ? across->rows : 0, N);
   const bool per_row = gq.granularity() == Granularity::row;

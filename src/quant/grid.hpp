@@ -6,6 +6,7 @@
 // so the CUDA kernels run exactly this arithmetic.
 #pragma once
 
+#include "fqt/error.hpp"
 #include "fqt/quant.hpp"
 #include "fqt/rng.hpp"  // FQT_HD: host inline, or __host__ __device__ under nvcc
 
@@ -171,6 +172,15 @@ void bhq_inv_cbrt_batch(const double* w, int64_t n, float* out);
 // the N rows) laid out as quantize_samples_nchw returns it: codes as pixel rows [(N*P), C], each
 // sample's grid repeated P times; the transform kept (it acts on [N, P*C]).
 QuantizedTensor samples_as_pixel_rows(QuantizedTensor q, int64_t N, int64_t C, int64_t P);
+
+// BHQ's rows of T x not finite although x is (values near float's limit, times a row scale
+// above 1 or summed in a group's Householder, overflow): the fast quantizers throw this instead
+// of rounding on a non-finite grid.
+[[noreturn]] inline void throw_transformed_not_finite() {
+  throw NonFiniteError(
+      "quantizer: BHQ's transformed gradient T x is not finite although its input is (values near float's "
+      "limit overflow when scaled and mixed)");
+}
 #endif
 
 // Number of groups for a granularity.

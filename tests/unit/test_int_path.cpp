@@ -465,7 +465,8 @@ TEST(intPath, ConvBhqHeavyTailedGroupsEqualSimulated) {
 // 8 -> 12 (channels not a multiple of 16: the quantizer's generic path), with 2..8 bits.
 TEST(intPath, ConvPerSampleRowsEqualSimulated) {
   const ConvCase cases[] = {{9, 16, 16, 8, 8, 3, 1, 1},  {6, 32, 32, 7, 7, 3, 1, 1}, {6, 16, 32, 9, 9, 3, 2, 1},
-                            {5, 16, 32, 8, 8, 1, 2, 0},  {7, 8, 12, 6, 6, 3, 1, 1}};
+                            {5, 16, 32, 8, 8, 1, 2, 0},  {7, 8, 12, 6, 6, 3, 1, 1}, {6, 16, 16, 3, 3, 3, 1, 0},
+                            {6, 8, 12, 3, 3, 3, 1, 0},   {1, 16, 16, 5, 5, 3, 1, 1}};  // (then P = 1, P = 1, N = 1)
   for (const ConvCase& c : cases)
     for (QuantizerKind dk : {QuantizerKind::psq, QuantizerKind::bhq})
       for (int bits : {3, 8}) {

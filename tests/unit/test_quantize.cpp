@@ -480,6 +480,39 @@ TEST(Quantize, SamplesNchwEqualsReferenceAndPerSampleRows) {
       }
 }
 
+// The per-sample quantizer's given ranges are used only when they can be a writer's exact ranges
+// (finite, lo <= hi); otherwise it takes them from x, so a NaN range changes nothing and a NaN in
+// x is still found. And BHQ's T x overflowing float for a finite x throws NonFiniteError in both
+// fast quantizers instead of rounding on a non-finite grid.
+TEST(Quantize, SamplesNchwGivenRangesCheckedAndTransformOverflowThrows) {
+  const Tensor x = synthetic_matrix(SynthKind::gaussian, 4 * 16, 16, 8).reshape({4, 16, 4, 4});
+  const int64_t D = 16 * 16;
+  for (QuantizerKind a : {QuantizerKind::psq, QuantizerKind::bhq}) {
+    const QuantizedTensor ref = quantize_samples_nchw_ref(x, {a, 8}, {3, 4});
+    std::vector<float> slo(4, -1.0f), shi(4, 1.0f);
+    slo[2] = std::numeric_limits<float>::quiet_NaN();
+    EXPECT_TRUE(same_quantization(quantize_samples_nchw(x, {a, 8}, {3, 4}, nullptr, {}, nullptr, slo.data(), shi.data()).first, ref))
+        << traits(a).name << ": a NaN range is not used";
+    slo[2] = 2.0f;  // lo > hi
+    EXPECT_TRUE(same_quantization(quantize_samples_nchw(x, {a, 8}, {3, 4}, nullptr, {}, nullptr, slo.data(), shi.data()).first, ref))
+        << traits(a).name << ": an empty range is not used";
+    Tensor bad = x.clone();
+    bad.data<float>()[2 * D + 7] = std::numeric_limits<float>::quiet_NaN();
+    slo[2] = std::numeric_limits<float>::infinity();
+    EXPECT_THROW(quantize_samples_nchw(bad, {a, 8}, {3, 4}, nullptr, {}, nullptr, slo.data(), shi.data()), NonFiniteError)
+        << traits(a).name;
+  }
+  // Sample 0 / row 0: 3.3e38 everywhere (finite; its range 1e-8, BHQ's floor): its row scale is
+  // 1.046 and its group's Householder mixes it into every row, so T x exceeds float's 3.4e38 (the
+  // reference rounds such rows on NaN grids).
+  Tensor huge = x.clone();
+  float* hp = huge.data<float>();
+  for (int64_t i = 0; i < D; ++i) hp[i] = 3.3e38f;
+  EXPECT_THROW(quantize_samples_nchw(huge, {QuantizerKind::bhq, 8}, {3, 4}), NonFiniteError);
+  Tensor rows = huge.reshape({4, D}).clone();
+  EXPECT_THROW(quantize(rows, {QuantizerKind::bhq, 8}, {3, 4}), NonFiniteError);
+}
+
 // make_grids (the batched per-row / per-column grids of the fast quantizers: 8 at a time on
 // AVX-512) gives make_grid's grid bit for bit for every group: ranges of all magnitudes and
 // signs, single values, empty groups (min > max) and NaN ends, every affine kind and bit width,

@@ -263,7 +263,8 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
   uint8_t* ca = qa.codes.data<uint8_t>();
   const int64_t R = std::max<int64_t>(1, 4096 / cols), chunks = (rows + R - 1) / R;
   const int64_t ubuf = R * cols + 8;  // a chunk's elements from its first Philox block on
-#pragma omp parallel if (rows * cols > kParallelMin)
+  uint32_t tx_bad = 0;
+#pragma omp parallel reduction(| : tx_bad) if (rows * cols > kParallelMin)
   {
     // Per chunk, three short passes over L1-resident buffers: the rows of T x and their ranges,
     // the rows' grids (independent divisions that overlap: one row at a time waited on each),
@@ -277,8 +278,10 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
       const uint64_t b0 = static_cast<uint64_t>(e0) >> 2;
       const int64_t base = static_cast<int64_t>(b0 * 4), nblocks = (e1 - base + 3) / 4;
       for (int64_t r = r0; r < r1; ++r) kernels::bhq_row(t, dots, src, cols, r, tx.data() + (r - r0) * cols);
-      uint32_t nan = 0;  // (finite input: checked above)
+      uint32_t nan = 0;  // (finite input, checked above; T x can still overflow: bad)
       kernels::minmax_rows(tx.data(), r1 - r0, cols, mn.data(), mx.data(), nan);
+      for (int64_t i = 0; i < r1 - r0; ++i) nan |= static_cast<uint32_t>(!std::isfinite(mn[i]) || !std::isfinite(mx[i]));
+      tx_bad |= nan;
       float* __restrict sc = qa.scale.data();
       float* __restrict lo = qa.lo.data();
       for (int64_t i = 0; i < r1 - r0; ++i) dlo[i] = mn[i], dhi[i] = mx[i];
@@ -290,6 +293,7 @@ QuantizedTensor quantize_bhq(const Tensor& x, QuantizerSpec sa, RngKey ka, const
       }
     }
   }
+  if (tx_bad) quant_detail::throw_transformed_not_finite();
   if (qb_out) *qb_out = std::move(qb);
   return qa;
 }
@@ -909,7 +913,11 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
       }
     }
   }
-  if (bad) check_finite(x, "quantizer input");  // throws: NaN or Inf the range did not show
+  if (bad) {
+    check_finite(x, "quantizer input");  // throws: NaN or Inf the range did not show
+    if (bhq) quant_detail::throw_transformed_not_finite();  // x finite: T x overflowed
+    FQT_CHECK(false, "quantizer input: a sample's range is not finite, yet check_finite found no such value");
+  }
   return {std::move(qa), std::move(qb)};
 }
 #endif
@@ -929,7 +937,10 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_samples_nchw(const Tensor& 
   if (C % 16 == 0 && N * C * P > 0) {
     auto [qa, qb] = [&] {
       profile::Scope timer(profile::quantize);
-      const bool given = sample_lo && sample_hi;  // (both or neither)
+      // (both or neither; not finite or lo > hi anywhere: not a range x's writer found, ignored)
+      bool given = sample_lo && sample_hi;
+      for (int64_t n = 0; given && n < N; ++n)
+        given = std::isfinite(sample_lo[n]) && std::isfinite(sample_hi[n]) && sample_lo[n] <= sample_hi[n];
       return samples_nchw16(x, N, C, P, sa, ka, sb, kb, range, given ? sample_lo : nullptr, given ? sample_hi : nullptr);
     }();
     if (sb && !qb.codes.defined()) qb = draw_of_rows(x, N, C, P, *sb, kb);  // (not fused: e.g. per column)
