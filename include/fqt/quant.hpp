@@ -248,7 +248,9 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_pair_nchw(const Tensor& x, 
 // (as quantize_pair_nchw). The second result is empty without `b`.
 // With `sample_lo` / `sample_hi` (N each: every sample's exact min and max, from the pass that
 // wrote x and found it finite, BatchNorm2d's backward): the same codes without taking them again
-// (BHQ's range pass over x; PSQ's per-sample min / max).
+// (BHQ's range pass over x; PSQ's per-sample min / max). Given ranges that cannot be such (one not
+// finite, or lo > hi) are ignored and taken from x. BHQ's T x overflowing float for a finite x
+// throws NonFiniteError, as a non-finite x does.
 std::pair<QuantizedTensor, QuantizedTensor> quantize_samples_nchw(const Tensor& x, QuantizerSpec a, RngKey ka,
                                                                   const QuantizerSpec* b = nullptr, RngKey kb = {},
                                                                   const float* range = nullptr,
