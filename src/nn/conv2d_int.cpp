@@ -1153,11 +1153,12 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq, const BhqTransform* across) 
     }
     rb[k] = static_cast<float>(s);
   }
-  // (per sample: `across`; with one position per sample, P = 1, the transform's rows are also G's,
-  // and `across` still takes it)
-  const bool bhq = gq.transform.has_value() && !across && gq.rows_per_transform_row() == 1;
-  FQT_CHECK(!across || (!bhq && across->rows == N), "Conv2d {}: a transform across {} samples for {} samples", name_,
-            across ? across->rows : 0, N);
+  // BHQ's T over G's rows (pixel rows), or with `across` over the samples (applied to dX by
+  // SampleUnits; with one position per sample, P = 1, its rows are also G's, and `across` takes it).
+  const bool bhq = gq.transform.has_value() && !across;
+  FQT_CHECK(across ? across->rows == N : !bhq || gq.rows_per_transform_row() == 1,
+            "Conv2d {}: a BHQ transform over {} rows for {} gradient rows of {} samples", name_,
+            across ? across->rows : gq.transform ? gq.transform->rows : 0, gq.rows, N);
   const bool per_row = gq.granularity() == Granularity::row;
   const igemm_detail::LocalB Bpk(ldc, cout_, Bt.data(), cout_);
   Tensor dx = Tensor::empty(in_shape_);

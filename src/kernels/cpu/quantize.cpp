@@ -695,12 +695,13 @@ QuantizedTensor draw_of_rows(const Tensor& x, int64_t N, int64_t C, int64_t P, Q
 // from the sample's first Philox block: element (n, c*P + p) of [N, C*P] is uniform n*C*P + c*P
 // + p), and is rounded 16 positions x 16 channels at a time into G's pixel rows (Nchw16::store);
 // the second draw, when fused, is pair_nchw16's, on the same 16 positions of x while they are in
-// cache. PSQ: one sample per step of a thread. BHQ: one group per step (dynamically: the first
-// groups are the largest): one pass over the members' rows, kInverseBlock columns at a time, forms
+// cache. PSQ: one sample per step of a thread. BHQ: one group per step (claimed dynamically, one
+// ahead, see below): one pass over the members' rows, kInverseBlock columns at a time, forms
 // the group's sum d = sum_k v_k (s_k x_k) in member order and each member's range of s_n x_n -
 // 2 v_n d (bhq_group_dots' and bhq_row's operations, so T x as BhqTransform::apply has it, bit for
 // bit); then each member is rounded with its row of T x formed again from x_n and d where it is
-// read (no row of T x stored: 0.89 -> 0.81 ms a call, bench_quantizers 100352 16 2, session 23).
+// read (no row of T x stored: 0.845 -> 0.792 ms a call, bench_quantizers 100352 16 2 heavy-tailed,
+// alternated, session 23).
 std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int64_t N, int64_t C, int64_t P,
                                                            QuantizerSpec sa, RngKey ka, const QuantizerSpec* sb,
                                                            RngKey kb, const float* range, const float* slo,
@@ -767,7 +768,7 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
     std::vector<float> tail(static_cast<size_t>(P % 16 ? 3 * C * 16 : 0));
     alignas(64) uint8_t out16[256];
     alignas(64) float gsc[16], glo[16];
-    // Sample n's draws from its row S: x's own (Tr false; its range given in slo / shi, else
+    // Sample n's draws from its row: x's own (Tr false; its range given in slo / shi, else
     // taken here), or (Tr true) its row of T x, s x_n - vk2 d formed where it is read (from its
     // group's sum d, range [lo, hi] found by the group's pass).
     // pf, npf: rows of x (sample indices) to bring into L2 while this one is rounded, spread over
@@ -776,14 +777,13 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
                       const int64_t* pf = nullptr, int64_t npf = 0) {
       constexpr bool kTr = decltype(Tr)::value;
       const float* xn = xp + n * D;
-      const float* S = xn;
       if (!kTr) {
         if (slo) {
           lo = slo[n], hi = shi[n];  // (given)
         } else {
           uint32_t nn = 0;
           lo = std::numeric_limits<float>::infinity(), hi = -lo;
-          minmax_lanes(S, D, lo, hi, nn);
+          minmax_lanes(xn, D, lo, hi, nn);
           bad |= nn | static_cast<uint32_t>(!std::isfinite(lo) || !std::isfinite(hi));
         }
       }
@@ -804,7 +804,7 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
           for (int64_t l = p0 / 16 * lines / steps, l1 = (p0 / 16 + 1) * lines / steps; l < l1; ++l)
             _mm_prefetch(reinterpret_cast<const char*>(row + 16 * l), _MM_HINT_T1);
         }
-        const float* sp = S + p0;
+        const float* sp = xn + p0;
         const float* dp = kTr ? d + p0 : nullptr;
         const float* up = u.data() + p0;
         const float* xs = xn + p0;
@@ -868,8 +868,11 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
         householder(ng, vf, vr);
         // The group's pass: d = sum_k v_k (s_k x_k) (bhq_group_sum's operations, in member order)
         // and each member's range of s_k x_k - 2 v_k d, a block of columns at a time while the
-        // members' blocks are in L1; T x itself is formed again where it is rounded.
-        lanes.assign(static_cast<size_t>(32 * ng), 0.0f);
+        // members' blocks are in L1; T x itself is formed again where it is rounded. (In 16-lane
+        // intrinsics: bhq_group_sum, bhq_transformed_row and minmax_lanes on the blocks, which the
+        // compiler vectorizes 8 lanes wide, took 0.91 ms a call against 0.80, bench_quantizers
+        // 100352 16 2 heavy-tailed, session 23.)
+        lanes.resize(static_cast<size_t>(32 * ng));
         for (int64_t k = 0; k < ng; ++k) {
           _mm512_storeu_ps(lanes.data() + 32 * k, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
           _mm512_storeu_ps(lanes.data() + 32 * k + 16, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
