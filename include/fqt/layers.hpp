@@ -136,7 +136,7 @@ class Conv2d : public QuantizedLayer {
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;  // wgrad then dgrad, dY laid out once
   // With dy's range (from the batch norm that wrote dy): the fused gradient draws skip their
   // range pass over dy (quantize_pair_nchw). No range reported for dx.
-  Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+  Tensor backward_ranged(Tensor dy, const StepContext& ctx, const ValueRange* dy_range,
                          ValueRange* dx_range) override;
   void collect_params(std::vector<Param*>& out) override;
   // The last training forward's output again, bit for bit, from what forward kept for backward
@@ -250,12 +250,14 @@ class BatchNorm2d : public Module {
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;
   // With `residual` (dy's shape): returns dx + residual, the add done as dx is written (the same
   // bits as add_inplace after it, one pass fewer). With `dx_range`: also the returned tensor's
-  // min and max, taken as it is written (valid unless it holds a NaN or an infinity).
-  Tensor backward(const Tensor& dy, const StepContext& ctx, const Tensor* residual, ValueRange* dx_range = nullptr);
-  Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+  // min and max, taken as it is written (valid unless it holds a NaN or an infinity). dx is
+  // written into dy's storage when dy holds its only handle (the caller moved it in; see
+  // Module::backward_ranged), else into a new tensor.
+  Tensor backward(Tensor dy, const StepContext& ctx, const Tensor* residual, ValueRange* dx_range = nullptr);
+  Tensor backward_ranged(Tensor dy, const StepContext& ctx, const ValueRange* dy_range,
                          ValueRange* dx_range) override {
     (void)dy_range;
-    return backward(dy, ctx, nullptr, dx_range);
+    return backward(std::move(dy), ctx, nullptr, dx_range);
   }
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
@@ -365,7 +367,7 @@ class Sequential : public Module {
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;  // backward_ranged without ranges
   // Each child's reported dx range goes with its dx to the child below.
-  Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+  Tensor backward_ranged(Tensor dy, const StepContext& ctx, const ValueRange* dy_range,
                          ValueRange* dx_range) override;
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;
@@ -400,7 +402,7 @@ class PreActBlock : public Module {
   Tensor forward(const Tensor& x, const StepContext& ctx) override;
   Tensor backward(const Tensor& dy, const StepContext& ctx) override;  // backward_ranged without ranges
   // dy's range to conv2 and the shortcut conv (both quantize dy); bn1's dx range reported.
-  Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+  Tensor backward_ranged(Tensor dy, const StepContext& ctx, const ValueRange* dy_range,
                          ValueRange* dx_range) override;
   void collect_params(std::vector<Param*>& out) override;
   void collect_buffers(std::vector<std::pair<std::string, Tensor*>>& out) override;

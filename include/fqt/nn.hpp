@@ -88,8 +88,11 @@ class Module {
   // where the pass that wrote dx took them (*dx_range, valid or not): a batch norm reports its
   // dx's range, a convolution's gradient quantizer takes dy's instead of reading dy once more for
   // it, containers hand each child's range to the next. Same results as backward, bit for bit.
+  // dy by value: a caller that hands over its only handle (std::move) lets a layer whose dx is
+  // elementwise in dy write dx into dy's storage (batch norm), memory the layer has just read and
+  // so in cache where a fresh tensor's is not; a caller that keeps a handle keeps dy unchanged.
   // Default: backward(dy, ctx), no range reported.
-  virtual Tensor backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+  virtual Tensor backward_ranged(Tensor dy, const StepContext& ctx, const ValueRange* dy_range,
                                  ValueRange* dx_range) {
     (void)dy_range;
     if (dx_range) *dx_range = {};

@@ -56,6 +56,9 @@ class Tensor {
   }
 
   bool defined() const { return static_cast<bool>(storage_); }
+  // Whether this is the only handle on its storage (no copy, reshape or view shares it): then
+  // the holder may write over the data without anyone else seeing it change.
+  bool sole_handle() const { return storage_ && storage_.use_count() == 1; }
   const Shape& shape() const { return shape_; }
   int64_t dim() const { return static_cast<int64_t>(shape_.size()); }
   int64_t size(int64_t d) const;  // negative d counts from the end

@@ -451,13 +451,19 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
 
 Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx) { return backward(dy, ctx, nullptr); }
 
-Tensor BatchNorm2d::backward(const Tensor& dy, const StepContext& ctx, const Tensor* residual, ValueRange* dx_range) {
+Tensor BatchNorm2d::backward(Tensor dy, const StepContext& ctx, const Tensor* residual, ValueRange* dx_range) {
   const int64_t N = dy.size(0), C = c_, P = dy.numel() / (N * C), M = N * P;
   if (residual)
     FQT_CHECK(residual->shape() == dy.shape() && residual->dtype() == DType::f32,
               "BatchNorm2d {}: residual {} does not match dy {}", name_, shape_str(residual->shape()), shape_str(dy.shape()));
   const float* rp = residual ? residual->data<float>() : nullptr;
-  Tensor dx = Tensor::empty(dy.shape());
+  // dx over dy where dy is ours alone (moved in): each element of dx is written after the last
+  // read of that element of dy, by the same thread (pass 2 below), and dy's memory was just read,
+  // so it is in cache where a new tensor's is not (PreAct-ResNet-20, 3 alternated breakdowns:
+  // batch norm 16 backward 3.69-3.93 -> 3.18-3.45 ms a step with psq/s, 4.87-5.14 -> 4.07-4.19
+  // with bhq/s; peak RSS 163.6 -> 154.5 MB).
+  const bool over_dy = dy.sole_handle() && (!residual || residual->raw() != dy.raw());
+  Tensor dx = over_dy ? dy : Tensor::empty(dy.shape());
   const float* dyp = dy.data<float>();
   float* dxp = dx.data<float>();
   const float* g = gamma_.value.data<float>();

@@ -62,14 +62,14 @@ Tensor PreActBlock::forward_main(const Tensor& h, const Tensor& s, const StepCon
 
 Tensor PreActBlock::backward(const Tensor& dy, const StepContext& ctx) { return backward_ranged(dy, ctx, nullptr, nullptr); }
 
-Tensor PreActBlock::backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+Tensor PreActBlock::backward_ranged(Tensor dy, const StepContext& ctx, const ValueRange* dy_range,
                                     ValueRange* dx_range) {
   Tensor da = main_.backward_ranged(dy, ctx, dy_range, nullptr);
   if (shortcut_) {
     add_inplace(da, shortcut_->backward_ranged(dy, ctx, dy_range, nullptr));
-    return pre_.backward_ranged(da, ctx, nullptr, dx_range);
+    return pre_.backward_ranged(std::move(da), ctx, nullptr, dx_range);
   }
-  return bn1_->backward(da, ctx, &dy, dx_range);  // (pre_ is bn1 alone) + the identity shortcut's gradient
+  return bn1_->backward(std::move(da), ctx, &dy, dx_range);  // (pre_ is bn1 alone) + the identity shortcut's gradient
 }
 
 void PreActBlock::enable_recompute(const RecomputePolicy& policy, const OutputSource& input) {

@@ -286,7 +286,7 @@ void set_conv_given_ranges(bool on) { g_given_ranges.store(on, std::memory_order
 
 Tensor Conv2d::backward(const Tensor& dy, const StepContext& ctx) { return backward_ranged(dy, ctx, nullptr, nullptr); }
 
-Tensor Conv2d::backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+Tensor Conv2d::backward_ranged(Tensor dy, const StepContext& ctx, const ValueRange* dy_range,
                                ValueRange* dx_range) {
   if (dx_range) *dx_range = {};
   if (!g_given_ranges.load(std::memory_order_relaxed)) dy_range = nullptr;

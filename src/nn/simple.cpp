@@ -194,13 +194,13 @@ Tensor Sequential::forward(const Tensor& x, const StepContext& ctx) {
 
 Tensor Sequential::backward(const Tensor& dy, const StepContext& ctx) { return backward_ranged(dy, ctx, nullptr, nullptr); }
 
-Tensor Sequential::backward_ranged(const Tensor& dy, const StepContext& ctx, const ValueRange* dy_range,
+Tensor Sequential::backward_ranged(Tensor dy, const StepContext& ctx, const ValueRange* dy_range,
                                    ValueRange* dx_range) {
-  Tensor g = dy;
+  Tensor g = std::move(dy);
   ValueRange r = dy_range ? *dy_range : ValueRange{};
   for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
     ValueRange next;
-    g = (*it)->backward_ranged(g, ctx, r.valid ? &r : nullptr, &next);
+    g = (*it)->backward_ranged(std::move(g), ctx, r.valid ? &r : nullptr, &next);  // (g's only handle)
     r = g.defined() ? std::move(next) : ValueRange{};
     if (!g.defined()) break;  // a first layer without input gradient: nothing below needs one
   }

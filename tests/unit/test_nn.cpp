@@ -542,6 +542,59 @@ TEST(nn, batchnorm_backward_reports_its_dx_range) {
         }
 }
 
+// A batch norm's backward handed dy's only handle (moved in) writes dx over dy's storage, with the
+// same bits (and the same parameter gradients) as with a fresh dx; a caller that keeps a handle
+// (or passes dy as the residual too) keeps dy unchanged. With and without the fused ReLU and the
+// residual, 1 and 2 threads, a shape with tails.
+TEST(nn, batchnorm_backward_over_a_moved_dy_equals_a_fresh_dx) {
+  for (const Shape& sh : {Shape{4, 3, 7, 7}, Shape{16, 16, 28, 28}, Shape{3, 2, 1, 13}})
+    for (bool relu : {false, true})
+      for (bool residual : {false, true})
+        for (int threads : {1, 2}) {
+          const int saved = omp_get_max_threads();
+          omp_set_num_threads(threads);
+          const std::string what = shape_str(sh) + (relu ? " relu" : "") + (residual ? " residual" : "") +
+                                   " threads " + std::to_string(threads);
+          const Tensor x = randn(sh, 53, 2.0f), dy = randn(sh, 54), res = randn(sh, 55, 0.5f);
+          const StepContext ctx{true, 0, 0};
+          auto run = [&](bool move, Tensor* dg) {
+            BatchNorm2d bn("bn", sh[1]);
+            if (relu) bn.with_relu();
+            bn.forward(x, ctx);
+            Tensor d = dy.clone();
+            const void* storage = d.raw();
+            ValueRange r;
+            Tensor dx = move ? bn.backward(std::move(d), ctx, residual ? &res : nullptr, &r)
+                             : bn.backward(d, ctx, residual ? &res : nullptr, &r);
+            EXPECT_EQ(dx.raw() == storage, move) << what << (move ? ": moved dy, new storage" : ": kept dy, written over");
+            if (!move) {
+              EXPECT_TRUE(bit_equal(d, dy)) << what << ": the caller's dy changed";
+            }
+            std::vector<Param*> ps;
+            bn.collect_params(ps);
+            *dg = Tensor::empty({2 * sh[1]});
+            std::copy_n(ps[0]->grad.data<float>(), sh[1], dg->data<float>());
+            std::copy_n(ps[1]->grad.data<float>(), sh[1], dg->data<float>() + sh[1]);
+            return dx;
+          };
+          Tensor g_fresh, g_over;
+          const Tensor fresh = run(false, &g_fresh), over = run(true, &g_over);
+          EXPECT_TRUE(bit_equal(fresh, over)) << what;
+          EXPECT_TRUE(bit_equal(g_fresh, g_over)) << what;
+          omp_set_num_threads(saved);
+        }
+  // dy as its own residual: not written over (the residual is read as dx is written).
+  const Shape sh{2, 3, 5, 5};
+  const StepContext ctx{true, 0, 0};
+  BatchNorm2d bn("bn", 3);
+  bn.forward(randn(sh, 56), ctx);
+  Tensor d = randn(sh, 57);
+  const Tensor keep = d.clone();
+  const Tensor dx = bn.backward(d, ctx, &d);
+  EXPECT_NE(dx.raw(), d.raw());
+  EXPECT_TRUE(bit_equal(d, keep));
+}
+
 TEST(nn, given_gradient_ranges_give_bit_identical_gradients) {
   struct Case {
     Mode mode;
