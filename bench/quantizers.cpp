@@ -103,6 +103,12 @@ int run(int argc, char** argv) {
          const QuantizerSpec b{QuantizerKind::ptq, 8};
          (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, &b, {1, 3}, nullptr, slo.data(), shi.data());
        }},
+      {"  psq, ranges given, no wgrad draw", [&] {
+         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, nullptr, {1, 3}, nullptr, slo.data(), shi.data());
+       }},
+      {"  bhq, ranges given, no wgrad draw", [&] {
+         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, nullptr, {1, 3}, nullptr, slo.data(), shi.data());
+       }},
       {"quantize_samples_nchw bhq 8 + ptq 8", [&] {
          const QuantizerSpec b{QuantizerKind::ptq, 8};
          (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, &b, {1, 3});
