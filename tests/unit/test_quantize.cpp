@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <set>
 
 using namespace fqt;
 
@@ -399,9 +400,10 @@ TEST(Quantize, PairNchwEqualsPairOfRows) {
 //  * NaN / Inf anywhere throws NonFiniteError.
 TEST(Quantize, SamplesNchwEqualsReferenceAndPerSampleRows) {
   const Shape4 shapes[] = {{4, 16, 5, 5}, {3, 32, 4, 4}, {2, 16, 1, 1}, {5, 3, 3, 3},
-                           {1, 16, 7, 7}, {6, 64, 7, 7}, {9, 16, 14, 14}, {4, 17, 2, 3}};
+                           {1, 16, 7, 7}, {6, 64, 7, 7}, {9, 16, 14, 14}, {4, 17, 2, 3}, {40, 16, 2, 2}};
   const int saved = omp_get_max_threads();
   uint64_t seed = 70;
+  std::set<int64_t> group_sizes;  // BHQ's: the fast path has kernels for 2, 3 and 4 members, a loop for more
   for (int threads : {1, 2}) {
     omp_set_num_threads(threads);
     for (const Shape4& sh : shapes) {
@@ -429,6 +431,7 @@ TEST(Quantize, SamplesNchwEqualsReferenceAndPerSampleRows) {
             }
           ASSERT_EQ(ref.transform.has_value(), a == QuantizerKind::bhq) << what;
           if (ref.transform) {
+            for (int64_t gi = 0; gi < ref.transform->num_groups(); ++gi) group_sizes.insert(ref.transform->group_size(gi));
             EXPECT_EQ(ref.rows_per_transform_row(), P) << what;
             EXPECT_EQ(ref.transform->members, flat.transform->members) << what;
             EXPECT_EQ(ref.transform->row_scale, flat.transform->row_scale) << what;
@@ -465,6 +468,8 @@ TEST(Quantize, SamplesNchwEqualsReferenceAndPerSampleRows) {
     }
   }
   omp_set_num_threads(saved);
+  for (int64_t n : {2, 3, 4}) EXPECT_TRUE(group_sizes.count(n)) << "no BHQ group of " << n << " samples";
+  EXPECT_GT(*group_sizes.rbegin(), 4) << "no BHQ group of more than 4 samples";
   const Tensor x = synthetic_matrix(SynthKind::gaussian, 2 * 16, 49, 3).reshape({2, 16, 7, 7});
   EXPECT_THROW(quantize_samples_nchw(x, {QuantizerKind::ptq, 8}, {1, 1}), Error);     // no grid per row
   EXPECT_THROW(quantize_samples_nchw(x, {QuantizerKind::column, 8}, {1, 1}), Error);  // per column

@@ -873,34 +873,75 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
         // compiler vectorizes 8 lanes wide, took 0.91 ms a call against 0.80, bench_quantizers
         // 100352 16 2 heavy-tailed, session 23.)
         lanes.resize(static_cast<size_t>(32 * ng));
-        for (int64_t k = 0; k < ng; ++k) {
-          _mm512_storeu_ps(lanes.data() + 32 * k, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-          _mm512_storeu_ps(lanes.data() + 32 * k + 16, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
-        }
         __mmask16 nanm = 0;
         float* dp = dot.data();
-        for (int64_t j0 = 0; j0 < D; j0 += kernels::kInverseBlock) {
-          const int64_t j1 = std::min(D, j0 + kernels::kInverseBlock);  // (D % 16 == 0)
-          for (int64_t j = j0; j < j1; j += 16) _mm512_storeu_ps(dp + j, _mm512_setzero_ps());
-          for (int64_t k = 0; k < ng; ++k) {
-            const __m512 vk = _mm512_set1_ps(k == 0 ? vf : vr), sk = _mm512_set1_ps(tp->row_scale[mem[k]]);
-            const float* row = xp + mem[k] * D;
-            for (int64_t j = j0; j < j1; j += 16)
-              _mm512_storeu_ps(dp + j, _mm512_add_ps(_mm512_loadu_ps(dp + j),
-                                                     _mm512_mul_ps(vk, _mm512_mul_ps(sk, _mm512_loadu_ps(row + j)))));
+        // Groups of 2-4 members (nearly all): a vector of columns at a time with the members'
+        // values, d and their running ranges in registers; d stored once for the rounding below
+        // (the blocked loop after it loads and stores d once per member, and reads each member
+        // twice). The same operations in the same order, so the same bits. bench_quantizers,
+        // ranges given, no wgrad draw, warm, 2 threads: 100352 x 16 0.51 -> 0.45 ms (psq 0.28),
+        // 6272 x 64 0.147 -> 0.127 ms (psq 0.080).
+        auto small = [&]<int NG>() {
+          __m512 sk[NG], vk[NG], vk2[NG], mn[NG], mx[NG];
+          const float* row[NG];
+          for (int k = 0; k < NG; ++k) {
+            sk[k] = _mm512_set1_ps(tp->row_scale[mem[k]]);
+            vk[k] = _mm512_set1_ps(k == 0 ? vf : vr), vk2[k] = _mm512_set1_ps(2.0f * (k == 0 ? vf : vr));
+            mn[k] = _mm512_set1_ps(std::numeric_limits<float>::infinity()), mx[k] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+            row[k] = xp + mem[k] * D;
           }
-          for (int64_t k = 0; k < ng; ++k) {
-            const __m512 vk2 = _mm512_set1_ps(2.0f * (k == 0 ? vf : vr)), sk = _mm512_set1_ps(tp->row_scale[mem[k]]);
-            const float* row = xp + mem[k] * D;
-            __m512 mn = _mm512_loadu_ps(lanes.data() + 32 * k), mx = _mm512_loadu_ps(lanes.data() + 32 * k + 16);
-            for (int64_t j = j0; j < j1; j += 16) {
-              const __m512 v = _mm512_sub_ps(_mm512_mul_ps(sk, _mm512_loadu_ps(row + j)), _mm512_mul_ps(vk2, _mm512_loadu_ps(dp + j)));
-              // (masked all-lanes forms: GCC 12 warns that the plain ones' pass-through is undefined)
-              mn = _mm512_mask_min_ps(mn, kAll16, v, mn), mx = _mm512_mask_max_ps(mx, kAll16, v, mx);
+          for (int64_t j = 0; j < D; j += 16) {  // (D % 16 == 0)
+            __m512 xv[NG];
+            __m512 d = _mm512_setzero_ps();
+            for (int k = 0; k < NG; ++k) {
+              xv[k] = _mm512_loadu_ps(row[k] + j);
+              d = _mm512_add_ps(d, _mm512_mul_ps(vk[k], _mm512_mul_ps(sk[k], xv[k])));
+            }
+            _mm512_storeu_ps(dp + j, d);
+            for (int k = 0; k < NG; ++k) {
+              const __m512 v = _mm512_sub_ps(_mm512_mul_ps(sk[k], xv[k]), _mm512_mul_ps(vk2[k], d));
+              mn[k] = _mm512_mask_min_ps(mn[k], kAll16, v, mn[k]), mx[k] = _mm512_mask_max_ps(mx[k], kAll16, v, mx[k]);
               nanm |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
             }
-            _mm512_storeu_ps(lanes.data() + 32 * k, mn), _mm512_storeu_ps(lanes.data() + 32 * k + 16, mx);
           }
+          for (int k = 0; k < NG; ++k)
+            _mm512_storeu_ps(lanes.data() + 32 * k, mn[k]), _mm512_storeu_ps(lanes.data() + 32 * k + 16, mx[k]);
+        };
+        // Larger groups: a block of columns at a time, d in memory.
+        auto blocked = [&] {
+          for (int64_t k = 0; k < ng; ++k) {
+            _mm512_storeu_ps(lanes.data() + 32 * k, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+            _mm512_storeu_ps(lanes.data() + 32 * k + 16, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+          }
+          for (int64_t j0 = 0; j0 < D; j0 += kernels::kInverseBlock) {
+            const int64_t j1 = std::min(D, j0 + kernels::kInverseBlock);  // (D % 16 == 0)
+            for (int64_t j = j0; j < j1; j += 16) _mm512_storeu_ps(dp + j, _mm512_setzero_ps());
+            for (int64_t k = 0; k < ng; ++k) {
+              const __m512 vk = _mm512_set1_ps(k == 0 ? vf : vr), sk = _mm512_set1_ps(tp->row_scale[mem[k]]);
+              const float* row = xp + mem[k] * D;
+              for (int64_t j = j0; j < j1; j += 16)
+                _mm512_storeu_ps(dp + j, _mm512_add_ps(_mm512_loadu_ps(dp + j),
+                                                       _mm512_mul_ps(vk, _mm512_mul_ps(sk, _mm512_loadu_ps(row + j)))));
+            }
+            for (int64_t k = 0; k < ng; ++k) {
+              const __m512 vk2 = _mm512_set1_ps(2.0f * (k == 0 ? vf : vr)), sk = _mm512_set1_ps(tp->row_scale[mem[k]]);
+              const float* row = xp + mem[k] * D;
+              __m512 mn = _mm512_loadu_ps(lanes.data() + 32 * k), mx = _mm512_loadu_ps(lanes.data() + 32 * k + 16);
+              for (int64_t j = j0; j < j1; j += 16) {
+                const __m512 v = _mm512_sub_ps(_mm512_mul_ps(sk, _mm512_loadu_ps(row + j)), _mm512_mul_ps(vk2, _mm512_loadu_ps(dp + j)));
+                // (masked all-lanes forms: GCC 12 warns that the plain ones' pass-through is undefined)
+                mn = _mm512_mask_min_ps(mn, kAll16, v, mn), mx = _mm512_mask_max_ps(mx, kAll16, v, mx);
+                nanm |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+              }
+              _mm512_storeu_ps(lanes.data() + 32 * k, mn), _mm512_storeu_ps(lanes.data() + 32 * k + 16, mx);
+            }
+          }
+        };
+        switch (ng) {
+          case 2: small.template operator()<2>(); break;
+          case 3: small.template operator()<3>(); break;
+          case 4: small.template operator()<4>(); break;
+          default: blocked();
         }
         bad |= static_cast<uint32_t>(nanm != 0);
         for (int64_t k = 0; k < ng; ++k) {
