@@ -64,6 +64,12 @@ int run(int argc, char** argv) {
     const float* p = x.data<float>() + n * P * cols;
     slo[n] = *std::min_element(p, p + P * cols), shi[n] = *std::max_element(p, p + P * cols);
   }
+  // The per-sample quantizer (8 bits), with or without the wgrad draw (ptq 8) and the given ranges.
+  auto samples = [&](QuantizerKind a, bool wgrad, bool given) {
+    const QuantizerSpec b{QuantizerKind::ptq, 8};
+    (void)quantize_samples_nchw(x_nchw, {a, 8}, {1, 2}, wgrad ? &b : nullptr, {1, 3}, nullptr,
+                                given ? slo.data() : nullptr, given ? shi.data() : nullptr);
+  };
   BhqTransform seq = t;  // what the scattered rows of a group cost: the groups over rows in order
   std::iota(seq.members.begin(), seq.members.end(), 0);
   const std::vector<int64_t> rank = bhq_rank_descending(ranges);
@@ -95,28 +101,12 @@ int run(int argc, char** argv) {
       {"quantize_pair_nchw psq 8 + ptq 8", [&] {
          (void)quantize_pair_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, {QuantizerKind::ptq, 8}, {1, 3});
        }},
-      {"quantize_samples_nchw psq 8 + ptq 8", [&] {
-         const QuantizerSpec b{QuantizerKind::ptq, 8};
-         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, &b, {1, 3});
-       }},
-      {"  psq, the samples' ranges given", [&] {
-         const QuantizerSpec b{QuantizerKind::ptq, 8};
-         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, &b, {1, 3}, nullptr, slo.data(), shi.data());
-       }},
-      {"  psq, ranges given, no wgrad draw", [&] {
-         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::psq, 8}, {1, 2}, nullptr, {1, 3}, nullptr, slo.data(), shi.data());
-       }},
-      {"  bhq, ranges given, no wgrad draw", [&] {
-         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, nullptr, {1, 3}, nullptr, slo.data(), shi.data());
-       }},
-      {"quantize_samples_nchw bhq 8 + ptq 8", [&] {
-         const QuantizerSpec b{QuantizerKind::ptq, 8};
-         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, &b, {1, 3});
-       }},
-      {"  bhq, the samples' ranges given", [&] {
-         const QuantizerSpec b{QuantizerKind::ptq, 8};
-         (void)quantize_samples_nchw(x_nchw, {QuantizerKind::bhq, 8}, {1, 2}, &b, {1, 3}, nullptr, slo.data(), shi.data());
-       }},
+      {"quantize_samples_nchw psq 8 + ptq 8", [&] { samples(QuantizerKind::psq, true, false); }},
+      {"  psq, the samples' ranges given", [&] { samples(QuantizerKind::psq, true, true); }},
+      {"  psq, ranges given, no wgrad draw", [&] { samples(QuantizerKind::psq, false, true); }},
+      {"  bhq, ranges given, no wgrad draw", [&] { samples(QuantizerKind::bhq, false, true); }},
+      {"quantize_samples_nchw bhq 8 + ptq 8", [&] { samples(QuantizerKind::bhq, true, false); }},
+      {"  bhq, the samples' ranges given", [&] { samples(QuantizerKind::bhq, true, true); }},
       {"quantize bhq 8", [&] { (void)quantize(x, {QuantizerKind::bhq, 8}, {1, 2}); }},
       {"quantize bhq 8, then quantize ptq 8", [&] {
          (void)quantize(x, {QuantizerKind::bhq, 8}, {1, 2});

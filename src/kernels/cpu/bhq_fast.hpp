@@ -41,7 +41,7 @@ void bhq_apply_inverse_group(const BhqTransform& t, int64_t g, float* y, int64_t
 
 // Group g's d = sum_k v_k (s_k x_k) over its members in member order (cols floats), with v_first /
 // v_rest its Householder entries: what apply sums (bhq_group_dots'; the per-sample quantizer of
-// quantize.cpp does the same operations block by block in 16-lane intrinsics).
+// quantize.cpp does the same operations in 16-lane intrinsics).
 inline void bhq_group_sum(const BhqTransform& t, int64_t g, float vf, float vr, const float* x, int64_t cols,
                           float* __restrict d) {
   const int64_t* mem = t.members.data() + t.offsets[g];

@@ -696,12 +696,12 @@ QuantizedTensor draw_of_rows(const Tensor& x, int64_t N, int64_t C, int64_t P, Q
 // + p), and is rounded 16 positions x 16 channels at a time into G's pixel rows (Nchw16::store);
 // the second draw, when fused, is pair_nchw16's, on the same 16 positions of x while they are in
 // cache. PSQ: one sample per step of a thread. BHQ: one group per step (claimed dynamically, one
-// ahead, see below): one pass over the members' rows, kInverseBlock columns at a time, forms
-// the group's sum d = sum_k v_k (s_k x_k) in member order and each member's range of s_n x_n -
-// 2 v_n d (bhq_group_dots' and bhq_row's operations, so T x as BhqTransform::apply has it, bit for
-// bit); then each member is rounded with its row of T x formed again from x_n and d where it is
-// read (no row of T x stored: 0.845 -> 0.792 ms a call, bench_quantizers 100352 16 2 heavy-tailed,
-// alternated, session 23).
+// ahead, see below): one pass over the members' rows (a vector of columns at a time for groups of
+// 2-4, kInverseBlock columns at a time for larger ones) forms the group's sum d = sum_k v_k (s_k
+// x_k) in member order and each member's range of s_n x_n - 2 v_n d (bhq_group_dots' and bhq_row's
+// operations, so T x as BhqTransform::apply has it, bit for bit); then each member is rounded with
+// its row of T x formed again from x_n and d where it is read (no row of T x stored: 0.845 ->
+// 0.792 ms a call, bench_quantizers 100352 16 2 heavy-tailed, alternated, session 23).
 std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int64_t N, int64_t C, int64_t P,
                                                            QuantizerSpec sa, RngKey ka, const QuantizerSpec* sb,
                                                            RngKey kb, const float* range, const float* slo,
@@ -867,11 +867,10 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
         float vf, vr;
         householder(ng, vf, vr);
         // The group's pass: d = sum_k v_k (s_k x_k) (bhq_group_sum's operations, in member order)
-        // and each member's range of s_k x_k - 2 v_k d, a block of columns at a time while the
-        // members' blocks are in L1; T x itself is formed again where it is rounded. (In 16-lane
-        // intrinsics: bhq_group_sum, bhq_transformed_row and minmax_lanes on the blocks, which the
-        // compiler vectorizes 8 lanes wide, took 0.91 ms a call against 0.80, bench_quantizers
-        // 100352 16 2 heavy-tailed, session 23.)
+        // and each member's range of s_k x_k - 2 v_k d; T x itself is formed again where it is
+        // rounded. (In 16-lane intrinsics: bhq_group_sum, bhq_transformed_row and minmax_lanes on
+        // blocks of columns, which the compiler vectorizes 8 lanes wide, took 0.91 ms a call
+        // against 0.80, bench_quantizers 100352 16 2 heavy-tailed, session 23.)
         lanes.resize(static_cast<size_t>(32 * ng));
         __mmask16 nanm = 0;
         float* dp = dot.data();
@@ -907,7 +906,8 @@ std::pair<QuantizedTensor, QuantizedTensor> samples_nchw16(const Tensor& x, int6
           for (int k = 0; k < NG; ++k)
             _mm512_storeu_ps(lanes.data() + 32 * k, mn[k]), _mm512_storeu_ps(lanes.data() + 32 * k + 16, mx[k]);
         };
-        // Larger groups: a block of columns at a time, d in memory.
+        // Larger groups: a block of columns at a time while the members' blocks are in L1, d in
+        // memory.
         auto blocked = [&] {
           for (int64_t k = 0; k < ng; ++k) {
             _mm512_storeu_ps(lanes.data() + 32 * k, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
