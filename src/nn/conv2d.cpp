@@ -350,7 +350,13 @@ Tensor Conv2d::dgrad_on_codes(const QuantizedTensor& gq) const {
   FQT_CHECK(gq.rows == rows && gq.cols == cout_, "Conv2d {}: gradient codes [{}, {}], expected [{}, {}]", name_,
             gq.rows, gq.cols, rows, cout_);
   FQT_CHECK(int_dgrad(recipe_, gq, wq_), "Conv2d {}: dgrad_on_codes needs the integer path (fqt, --arith int)", name_);
-  return gq.rows_per_transform_row() > 1 ? dgrad_int_samples(gq) : dgrad_int(gq);
+  if (!dgrad_per_sample() && gq.rows_per_transform_row() == 1) return dgrad_int(gq);
+  // Rows per sample (as backward takes them): one grid for each sample's positions.
+  const int64_t P = rows / in_shape_[0];
+  for (int64_t r = 0; r < rows && gq.granularity() == Granularity::row; ++r)
+    FQT_CHECK(gq.scale[r] == gq.scale[r - r % P] && gq.lo[r] == gq.lo[r - r % P],
+              "Conv2d {}: per-sample gradient codes whose grid varies within sample {}", name_, r / P);
+  return dgrad_int_samples(gq);
 }
 
 Tensor Conv2d::dgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext& ctx, bool drawn) {

@@ -478,10 +478,13 @@ struct FpropTerms {
   __m512 O, d, inv, crow, bias;
   bool has_bias;
 };
+// The integer products of R positions (patches `step` bytes apart from `base`, kernel rows `row`
+// bytes apart, k of them, seg4 4-byte groups each) with one 16-output slice of packed weight
+// codes bv [k seg4][16][4]: acc[i] lane c = position i's sum for output c. Shared by the fused
+// fprop and the direct dgrad (dgrad_direct_run).
 template <int R>
-inline void fprop_fused_run(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
-                            const float* rx, const FpropTerms& t, float* out) {
-  __m512i acc[R];
+[[gnu::always_inline]] inline void fused_products16(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4,
+                                                    const int8_t* bv, __m512i (&acc)[R]) {
 #pragma GCC unroll 32
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_si512();
   for (int64_t kh = 0; kh < k; ++kh) {
@@ -497,6 +500,12 @@ inline void fprop_fused_run(const uint8_t* base, int64_t step, int64_t row, int6
       }
     }
   }
+}
+template <int R>
+inline void fprop_fused_run(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
+                            const float* rx, const FpropTerms& t, float* out) {
+  __m512i acc[R];
+  fused_products16<R>(base, step, row, k, seg4, bv, acc);
 #pragma GCC unroll 32
   for (int i = 0; i < R; ++i) {  // ((s + O rx) + d rx) inv + crow (+ bias), as the scalar epilogue
     const __m512 r = _mm512_set1_ps(rx[i]);
@@ -573,10 +582,10 @@ inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* 
 // out: rows of ldo floats. The general path wrote the patches (im2row), summed each of them,
 // ran the GEMM kernel and transposed its integer products before the epilogue: the same
 // integers, and the finishing is the scalar epilogue's operations in its order, so the same bits.
+// fused_products16 for a 32-output slice bv [k seg4][32][4]: acc[i][v] = outputs 16 v .. 16 v + 15.
 template <int R>
-inline void fprop_fused_run32(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
-                              const float* rx, const float* tm, bool has_bias, float* out, int64_t ldo) {
-  __m512i acc[R][2];
+[[gnu::always_inline]] inline void fused_products32(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4,
+                                                    const int8_t* bv, __m512i (&acc)[R][2]) {
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
   for (int64_t kh = 0; kh < k; ++kh) {
@@ -594,6 +603,12 @@ inline void fprop_fused_run32(const uint8_t* base, int64_t step, int64_t row, in
       }
     }
   }
+}
+template <int R>
+inline void fprop_fused_run32(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
+                              const float* rx, const float* tm, bool has_bias, float* out, int64_t ldo) {
+  __m512i acc[R][2];
+  fused_products32<R>(base, step, row, k, seg4, bv, acc);
 #pragma GCC unroll 2
   for (int v = 0; v < 2; ++v) {  // ((s + O rx) + d rx) inv + crow (+ bias), as the scalar epilogue
     const __m512 O = _mm512_loadu_ps(tm + 16 * v), d = _mm512_loadu_ps(tm + 32 + 16 * v),
@@ -636,6 +651,112 @@ inline void fprop_fused_sample32(const uint8_t* img, const Geom& g, int64_t nh, 
         }
       }
     }
+}
+
+// dgrad of a stride-1 layer whose gradient has one grid per sample (rows per sample, PSQ or BHQ:
+// value = (c + Lz) / s, Lz = lo s, the same for all of the sample's positions), computed as the
+// convolution it is: dX_n = G_n, padded by k - 1 - pad, convolved with the flipped, transposed
+// weights; a reduction over k k Cout terms per input position with Cin outputs, run by the fused
+// fprop's products (the gradient codes are the u8 image, HWC as G's pixel rows already are). The
+// padding is code 0, so the integer products S and the patch code sums rx cover the valid taps
+// only; the terms of the offsets over the valid taps depend on how many of a position's taps fall
+// inside the gradient image, so they come per border class (a range of valid kernel rows times a
+// range of valid kernel columns):
+//   dx = ((float(S + Oz Zb) + O rx) + d rx + E) inv,   inv = 1 / (s sw),
+// Zb = the weight codes (s8) summed over the class's valid taps and Cout, Oz = round(Lz) so that
+// S + Oz Zb, where a gradient centred on 0 cancels, is an exact integer; O + d = Lwc, the weight
+// offset in code units (as fprop); E = (Lz - Oz) Zb + Lz Lwc nv, nv = the class's valid terms.
+// The per-pixel-row form (G W, then col2im) makes Cout-term products for all k k Cin columns of
+// every position and finishes and scatters each of them; this one finishes Cin values per input
+// position. Not the same bits as that form (another order of the fp32 finishing): both equal the
+// simulated dgrad to fp32 rounding (set_conv_direct_dgrad(false) keeps the other).
+struct DirectTerms {
+  __m512 O, d, inv;
+  const int32_t* Z;    // this output row's classes: [column class][Cin] Oz Zb
+  const float* E;      // [column class][Cin]
+  const int32_t* cls;  // column class of each output column
+  int64_t cin;
+};
+template <int R>
+inline void dgrad_direct_run(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
+                             const float* rx, const DirectTerms& t, int64_t ow, float* out) {
+  __m512i acc[R];
+  fused_products16<R>(base, step, row, k, seg4, bv, acc);
+#pragma GCC unroll 32
+  for (int i = 0; i < R; ++i) {
+    const int64_t c = t.cls[ow + i] * t.cin;
+    const __m512 r = _mm512_set1_ps(rx[i]);
+    __m512 v = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_add_epi32(acc[i], _mm512_loadu_si512(t.Z + c)));
+    v = _mm512_add_ps(v, _mm512_mul_ps(t.O, r));
+    v = _mm512_add_ps(v, _mm512_mul_ps(t.d, r));
+    v = _mm512_add_ps(v, _mm512_loadu_ps(t.E + c));
+    _mm512_storeu_ps(out + 16 * i, _mm512_mul_ps(v, t.inv));
+  }
+}
+// The same for a 32-output slice (outputs off .. off + 31 of Cin; out rows of Cin floats).
+template <int R>
+inline void dgrad_direct_run32(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
+                               const float* rx, const DirectTerms& t, int64_t ow, int64_t off, float* out) {
+  __m512i acc[R][2];
+  fused_products32<R>(base, step, row, k, seg4, bv, acc);
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    const __m512 r = _mm512_set1_ps(rx[i]);
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) {
+      const int64_t c = t.cls[ow + i] * t.cin + off + 16 * v;
+      __m512 y = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_add_epi32(acc[i][v], _mm512_loadu_si512(t.Z + c)));
+      y = _mm512_add_ps(y, _mm512_mul_ps(t.O, r));
+      y = _mm512_add_ps(y, _mm512_mul_ps(t.d, r));
+      y = _mm512_add_ps(y, _mm512_loadu_ps(t.E + c));
+      _mm512_storeu_ps(out + i * t.cin + 16 * v, _mm512_mul_ps(y, t.inv));
+    }
+  }
+}
+// One sample: img the padded gradient image (HWC codes, zero padding) with gd its geometry as
+// this convolution's input (C = Cout, pad = k - 1 - pad); bv = Cin / W slices of [k seg4][W][4]
+// (W = 16 for Cin = 16, else 32); Z, E [row class][column class][Cin] of this sample; rcls the
+// row class of each output row; out [H W][Cin]; pix, rx as fprop_fused_sample.
+inline void dgrad_direct_sample(const uint8_t* img, const Geom& gd, const int8_t* bv, DirectTerms t, const int32_t* Z,
+                                const float* E, const int32_t* rcls, int64_t ncc, int32_t* pix, float* rx, float* out) {
+  fprop_patch_sums(img, gd, pix, rx);
+  const int64_t Wp = gd.W + 2 * gd.pad, C = gd.C, k = gd.k, cin = t.cin;
+  const int64_t seg4 = (k * C + 3) / 4, row = Wp * C;
+  for (int64_t oh = 0; oh < gd.Ho; ++oh) {
+    t.Z = Z + rcls[oh] * ncc * cin, t.E = E + rcls[oh] * ncc * cin;
+    if (cin == 16) {
+      for (int64_t ow = 0; ow < gd.Wo; ow += kFpropRun) {
+        const int64_t p = oh * gd.Wo + ow;
+        const uint8_t* base = img + (oh * Wp + ow) * C;
+        switch (std::min<int64_t>(kFpropRun, gd.Wo - ow)) {
+#define FQT_DIRECT_RUN(r) \
+  case r: dgrad_direct_run<r>(base, C, row, k, seg4, bv, rx + p, t, ow, out + 16 * p); break;
+          FQT_DIRECT_RUN(1) FQT_DIRECT_RUN(2) FQT_DIRECT_RUN(3) FQT_DIRECT_RUN(4) FQT_DIRECT_RUN(5) FQT_DIRECT_RUN(6)
+          FQT_DIRECT_RUN(7) FQT_DIRECT_RUN(8) FQT_DIRECT_RUN(9) FQT_DIRECT_RUN(10) FQT_DIRECT_RUN(11) FQT_DIRECT_RUN(12)
+          FQT_DIRECT_RUN(13) FQT_DIRECT_RUN(14) FQT_DIRECT_RUN(15) FQT_DIRECT_RUN(16) FQT_DIRECT_RUN(17) FQT_DIRECT_RUN(18)
+          FQT_DIRECT_RUN(19) FQT_DIRECT_RUN(20) FQT_DIRECT_RUN(21) FQT_DIRECT_RUN(22) FQT_DIRECT_RUN(23) FQT_DIRECT_RUN(24)
+          FQT_DIRECT_RUN(25) FQT_DIRECT_RUN(26) FQT_DIRECT_RUN(27) FQT_DIRECT_RUN(28)
+#undef FQT_DIRECT_RUN
+        }
+      }
+      continue;
+    }
+    const int64_t slice = k * seg4 * 128;
+    for (int64_t ow = 0; ow < gd.Wo; ow += kFpropRun32) {
+      const int64_t p = oh * gd.Wo + ow;
+      const uint8_t* base = img + (oh * Wp + ow) * C;
+      for (int64_t h = 0; h < cin / 32; ++h) {
+        switch (std::min<int64_t>(kFpropRun32, gd.Wo - ow)) {
+#define FQT_DIRECT_RUN(r) \
+  case r: dgrad_direct_run32<r>(base, C, row, k, seg4, bv + h * slice, rx + p, t, ow, 32 * h, out + p * cin + 32 * h); break;
+          FQT_DIRECT_RUN(1) FQT_DIRECT_RUN(2) FQT_DIRECT_RUN(3) FQT_DIRECT_RUN(4) FQT_DIRECT_RUN(5) FQT_DIRECT_RUN(6)
+          FQT_DIRECT_RUN(7) FQT_DIRECT_RUN(8) FQT_DIRECT_RUN(9) FQT_DIRECT_RUN(10) FQT_DIRECT_RUN(11) FQT_DIRECT_RUN(12)
+          FQT_DIRECT_RUN(13) FQT_DIRECT_RUN(14)
+#undef FQT_DIRECT_RUN
+        }
+      }
+    }
+  }
 }
 #endif
 
@@ -947,6 +1068,7 @@ inline void wgrad_direct_c1_sums(const uint8_t* img, int64_t Hp, int64_t Wp, int
 std::atomic<bool> g_fused_fprop{true};  // set_conv_fused_fprop
 std::atomic<bool> g_direct_wgrad{true};  // set_conv_direct_wgrad
 std::atomic<bool> g_fused_dgrad{true};  // set_conv_fused_dgrad
+std::atomic<bool> g_direct_dgrad{true};  // set_conv_direct_dgrad
 
 double scale_of(const QuantizedTensor& q, int64_t group) { return q.scale[q.scale.size() == 1 ? 0 : group]; }
 double lo_of(const QuantizedTensor& q, int64_t group) { return q.lo[q.lo.size() == 1 ? 0 : group]; }
@@ -1006,6 +1128,7 @@ class SampleUnits {
 void set_conv_fused_fprop(bool on) { g_fused_fprop.store(on, std::memory_order_relaxed); }
 void set_conv_fused_dgrad(bool on) { g_fused_dgrad.store(on, std::memory_order_relaxed); }
 void set_conv_direct_wgrad(bool on) { g_direct_wgrad.store(on, std::memory_order_relaxed); }
+void set_conv_direct_dgrad(bool on) { g_direct_dgrad.store(on, std::memory_order_relaxed); }
 
 Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code,
                            const Tensor* residual) const {
@@ -1131,7 +1254,100 @@ Tensor Conv2d::dgrad_int_samples(const QuantizedTensor& gq) const {
             "Conv2d {}: per-sample gradient codes [{}, {}] (transform over {} rows), expected [{}, {}] over {} samples",
             name_, gq.rows, gq.cols, gq.transform ? gq.transform->rows : 0, N * P, cout_, N);
   // Each sample's grid on its pixel rows; T^-1 group by group as their samples finish.
-  return dgrad_int(gq, gq.transform ? &*gq.transform : nullptr);
+  const BhqTransform* across = gq.transform ? &*gq.transform : nullptr;
+#if defined(FQT_DGRAD_FUSED)
+  // Stride 1, 16 or a multiple of 32 input channels (the fused fprop kernels' outputs): as a
+  // convolution of the gradient codes (dgrad_direct_sample).
+  if (g_direct_dgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && stride_ == 1 && pad_ < k_ &&
+      (cin_ == 16 || cin_ % 32 == 0) && k_ * k_ * cout_ <= igemm_max_k(255, 128))
+    return dgrad_int_direct(gq, across);
+#endif
+  return dgrad_int(gq, across);
+}
+
+Tensor Conv2d::dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* across) const {
+#if defined(FQT_DGRAD_FUSED)
+  const Geom g = geom(in_shape_, k_, stride_, pad_);
+  const int64_t N = in_shape_[0], P = g.P(), HW = g.H * g.W, chw = cin_ * HW, k = k_, kk = k_ * k_;
+  const int64_t pd = k - 1 - pad_;                    // the gradient image's padding
+  const Geom gd{cout_, g.Ho, g.Wo, k, 1, pd, g.H, g.W};  // ... as this convolution's input
+  const int shw = s8_shift(wq_.spec.bits);
+  const double sw = wq_.scale[0], lw = wq_.lo[0] + shw / sw, Lwc = lw * sw, Ow = std::nearbyint(Lwc);
+  // Weight codes as s8 in 32- (or, Cin = 16, 16-) output slices [k seg4][W][4 bytes], patch
+  // taps (kh', kw', o) with the kernel flipped (kh = k - 1 - kh'), zero in each kernel row's gap;
+  // and per input channel and flipped tap their sums over the Cout channels.
+  const int64_t W = cin_ == 16 ? 16 : 32, kc = k * cout_, seg4 = (kc + 3) / 4, K4 = k * seg4;
+  std::vector<int8_t> bv(static_cast<size_t>(cin_ / W * K4 * W * 4));
+  std::vector<int64_t> tapsum(static_cast<size_t>(cin_ * kk));  // [ci][kh'][kw']
+  const uint8_t* wc = wq_.codes.data<uint8_t>();
+  for (int64_t ci = 0; ci < cin_; ++ci)
+    for (int64_t t = 0; t < kk; ++t)
+      for (int64_t o = 0; o < cout_; ++o) {
+        const int v = wc[o * cin_ * kk + ci * kk + (kk - 1 - t)] - shw;  // tap (kh', kw') = t reads (k-1-kh', k-1-kw')
+        const int64_t r = t * cout_ + o, q = (r / kc) * seg4 * 4 + r % kc;
+        bv[(((ci / W) * K4 + q / 4) * W + ci % W) * 4 + q % 4] = static_cast<int8_t>(v);
+        tapsum[ci * kk + t] += v;
+      }
+  // Border classes: for output row i (of n) the valid kernel rows kh' are [max(0, pd - i),
+  // min(k - 1, pd + m - 1 - i)] (m gradient rows); each distinct range numbered; columns alike.
+  auto classes = [&](int64_t n, int64_t m, std::vector<int32_t>& cls, std::vector<std::array<int64_t, 2>>& ranges) {
+    cls.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const std::array<int64_t, 2> r{std::max<int64_t>(0, pd - i), std::min<int64_t>(k - 1, pd + m - 1 - i)};
+      const auto at = std::find(ranges.begin(), ranges.end(), r);
+      cls[i] = static_cast<int32_t>(at - ranges.begin());
+      if (at == ranges.end()) ranges.push_back(r);
+    }
+  };
+  std::vector<int32_t> rcls, ccls;
+  std::vector<std::array<int64_t, 2>> rr, cr;
+  classes(g.H, g.Ho, rcls, rr);
+  classes(g.W, g.Wo, ccls, cr);
+  const int64_t nrc = static_cast<int64_t>(rr.size()), ncc = static_cast<int64_t>(cr.size()), ncls = nrc * ncc;
+  std::vector<int64_t> Zb(static_cast<size_t>(ncls * cin_)), nv(static_cast<size_t>(ncls));  // [class][ci], [class]
+  for (int64_t a = 0; a < nrc; ++a)
+    for (int64_t b = 0; b < ncc; ++b) {
+      const int64_t c = a * ncc + b;
+      nv[c] = cout_ * std::max<int64_t>(0, rr[a][1] - rr[a][0] + 1) * std::max<int64_t>(0, cr[b][1] - cr[b][0] + 1);
+      for (int64_t ci = 0; ci < cin_; ++ci)
+        for (int64_t kh = rr[a][0]; kh <= rr[a][1]; ++kh)
+          for (int64_t kw = cr[b][0]; kw <= cr[b][1]; ++kw) Zb[c * cin_ + ci] += tapsum[ci * kk + kh * k + kw];
+    }
+  Tensor dx = Tensor::empty(in_shape_);
+  float* dxp = dx.data<float>();
+  const uint8_t* gc = gq.codes.data<uint8_t>();
+  const int64_t Hp = g.Ho + 2 * pd, Wp = g.Wo + 2 * pd, row = g.Wo * cout_;
+  const __m512 vO = _mm512_set1_ps(static_cast<float>(Ow)), vd = _mm512_set1_ps(static_cast<float>(Lwc - Ow));
+  SampleUnits split(N, across, dxp, chw);
+#pragma omp parallel if (N > 1 && parallel_worth(N * HW * cout_ * kk))
+  {
+    std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp * cout_ + 3));  // zero: its padding stays so
+    std::vector<int32_t> pix(static_cast<size_t>(Hp * (Wp + g.W) + g.W)), Z(static_cast<size_t>(ncls * cin_));
+    std::vector<float> rx(static_cast<size_t>(HW)), out(static_cast<size_t>(HW * cin_)), E(static_cast<size_t>(ncls * cin_));
+    split.run([&](int64_t n, int64_t next) {
+      const uint8_t* an = gc + n * P * cout_;
+      if (next >= 0)
+        for (int64_t i = 0; i < P * cout_; i += 64) __builtin_prefetch(gc + next * P * cout_ + i);
+      for (int64_t oh = 0; oh < g.Ho; ++oh) std::memcpy(img.data() + ((oh + pd) * Wp + pd) * cout_, an + oh * row, static_cast<size_t>(row));
+      const double sg = gq.scale[n * P], lg = gq.lo[n * P], Lz = lg * sg, Oz = std::nearbyint(Lz);
+      for (int64_t c = 0; c < ncls; ++c)
+        for (int64_t ci = 0; ci < cin_; ++ci) {
+          const int64_t zb = Zb[c * cin_ + ci];
+          Z[c * cin_ + ci] = static_cast<int32_t>(static_cast<int64_t>(Oz) * zb);
+          E[c * cin_ + ci] = static_cast<float>((Lz - Oz) * static_cast<double>(zb) + Lz * Lwc * static_cast<double>(nv[c]));
+        }
+      const DirectTerms t{vO, vd, _mm512_set1_ps(static_cast<float>(1.0 / (sg * sw))), nullptr, nullptr, ccls.data(), cin_};
+      {
+        profile::Scope timer(profile::gemm_int);  // (its finishing included)
+        dgrad_direct_sample(img.data(), gd, bv.data(), t, Z.data(), E.data(), rcls.data(), ncc, pix.data(), rx.data(), out.data());
+      }
+      kernels::transpose(out.data(), HW, cin_, cin_, dxp + n * chw, HW);  // [H W, Cin] -> [Cin, H W]
+    });
+  }
+  return dx;
+#else
+  return dgrad_int(gq, across);
+#endif
 }
 
 Tensor Conv2d::dgrad_int(const QuantizedTensor& gq, const BhqTransform* across) const {

@@ -520,6 +520,70 @@ TEST(intPath, ConvPerSampleRowsEqualSimulated) {
       }
 }
 
+// The direct dgrad of per-sample grids (Conv2d::dgrad_int_direct: stride 1, Cin = 16 or a
+// multiple of 32; each sample's dX as a convolution of its gradient codes with the flipped
+// weights, the offsets' terms per border class) against the fp64 transposed convolution of the
+// dequantized codes, and against the per-pixel-row form (set_conv_direct_dgrad(false)). Both
+// evaluate the exact integer sum with a handful of fp32 roundings, each of a term no larger
+// than ~2 K max|g| max|w| (K = Cout k k terms), so they agree with the fp64 value within
+// 16 eps K max|g| max|w| (BHQ: max|g| as max_abs_deq, T^-1's amplification included) -- K
+// times tighter than the int-vs-sim bound above, whose fp32 GEMM errs by K eps per term.
+// Shapes: 16, 32, 64 input channels; padding 0, 1, 2 (k 5); Cout 3, 5, 12 (k Cout not a multiple
+// of 4: the kernel rows' gap bytes); 1x1; non-square images; N = 1; and Cin 12 (not direct).
+TEST(intPath, ConvDirectDgradEqualsExactValue) {
+  const ConvCase cases[] = {{4, 16, 16, 9, 9, 3, 1, 1}, {3, 32, 16, 7, 7, 3, 1, 1}, {3, 32, 32, 7, 6, 3, 1, 1},
+                            {3, 64, 64, 5, 5, 3, 1, 1}, {3, 16, 12, 6, 6, 3, 1, 0}, {2, 32, 8, 6, 7, 5, 1, 2},
+                            {2, 16, 3, 5, 5, 3, 1, 1},  {2, 16, 5, 6, 5, 3, 1, 1},  {2, 64, 16, 4, 4, 1, 1, 0},
+                            {1, 16, 16, 3, 3, 3, 1, 2}, {2, 12, 16, 5, 5, 3, 1, 1}};  // (the last: not direct, Cin 12)
+  for (const ConvCase& c : cases)
+    for (QuantizerKind dk : {QuantizerKind::psq, QuantizerKind::bhq})
+      for (int bits : {3, 8}) {
+        const std::string what = std::string(traits(dk).name) + std::to_string(bits) + " " + std::to_string(c.cin) + "->" +
+                                 std::to_string(c.cout) + " k" + std::to_string(c.k) + " pad " + std::to_string(c.pad);
+        Recipe r = recipe(Arith::integer, {dk, bits}, {QuantizerKind::ptq, 8});
+        r.dgrad_rows = GradRows::sample;
+        Conv2d l("conv", c.cin, c.cout, c.k, c.stride, c.pad, false, r, 5, 13);
+        const Tensor x = randn({c.n, c.cin, c.h, c.w}, 61);
+        const StepContext ctx{true, 4, 9};
+        const Tensor y = l.forward(x, ctx);
+        Tensor dy = randn(y.shape(), 62, 1e-2f);
+        const int64_t per = dy.numel() / c.n;
+        for (int64_t n = 0; n < c.n; ++n) {
+          const float f = std::exp(2.0f * normal_at({95, 1}, n));
+          for (int64_t i = 0; i < per; ++i) dy.data<float>()[n * per + i] *= f;
+        }
+        set_conv_direct_dgrad(false);
+        const Tensor rows = l.backward(dy, ctx);
+        const QuantizedTensor gq = l.last_dgrad_q();
+        set_conv_direct_dgrad(true);
+        const Tensor direct = l.backward(dy, ctx);
+        ASSERT_TRUE(same_codes(gq, l.last_dgrad_q())) << what;
+        // fp64: dx[n, ci, ih, iw] = sum over (o, kh, kw) with oh = ih + pad - kh, ow = iw + pad - kw
+        // inside the gradient image of g[(n, oh, ow), o] w[o, ci, kh, kw].
+        const Tensor g = dequantize(gq), w = dequantize(l.saved_weight_q());
+        const int64_t Ho = y.size(2), Wo = y.size(3), K = c.cout * c.k * c.k;
+        Tensor want = Tensor::empty(x.shape());
+        for (int64_t n = 0; n < c.n; ++n)
+          for (int64_t ci = 0; ci < c.cin; ++ci)
+            for (int64_t ih = 0; ih < c.h; ++ih)
+              for (int64_t iw = 0; iw < c.w; ++iw) {
+                double sum = 0;
+                for (int64_t o = 0; o < c.cout; ++o)
+                  for (int64_t kh = 0; kh < c.k; ++kh)
+                    for (int64_t kw = 0; kw < c.k; ++kw) {
+                      const int64_t oh = ih + c.pad - kh, ow = iw + c.pad - kw;
+                      if (oh < 0 || oh >= Ho || ow < 0 || ow >= Wo) continue;
+                      sum += static_cast<double>(g.data<float>()[((n * Ho + oh) * Wo + ow) * c.cout + o]) *
+                             w.data<float>()[((o * c.cin + ci) * c.k + kh) * c.k + kw];
+                    }
+                want.data<float>()[((n * c.cin + ci) * c.h + ih) * c.w + iw] = static_cast<float>(sum);
+              }
+        const double bound = 16 * kEps * K * max_abs_deq(gq) * max_abs(w);
+        expect_within(direct, want, bound, what + ": direct vs fp64");
+        expect_within(rows, want, bound, what + ": per-pixel rows vs fp64");
+      }
+}
+
 // The integer path is thread-count invariant: integer sums are exact.
 TEST(intPath, ConvIntegerPathIsThreadInvariant) {
   const Recipe r = recipe(Arith::integer, {QuantizerKind::bhq, 5}, {QuantizerKind::ptq, 8});
@@ -547,19 +611,25 @@ TEST(intPath, ConvIntegerPathIsThreadInvariant) {
 // dX bit for bit, for each dgrad quantizer; codes of another shape, and the simulated path, are
 // refused with a message.
 TEST(intPath, ConvDgradOnCodesEqualsBackward) {
-  for (QuantizerKind dk : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq}) {
-    const Recipe r = recipe(Arith::integer, {dk, 8}, {QuantizerKind::ptq, 8});
-    Conv2d l("conv", 16, 16, 3, 1, 1, false, r, 4, 21);
-    const Tensor x = randn({4, 16, 9, 9}, 41);
-    const StepContext ctx{true, 2, 3};
-    const Tensor y = l.forward(x, ctx);
-    const Tensor dx = l.backward(randn(y.shape(), 42, 1e-2f), ctx);
-    const Tensor again = l.dgrad_on_codes(l.last_dgrad_q());
-    ASSERT_EQ(again.shape(), dx.shape());
-    EXPECT_EQ(std::memcmp(again.raw(), dx.raw(), dx.nbytes()), 0) << traits(dk).name;
-    const QuantizedTensor wrong = quantize(randn({4 * 81, 8}, 43), {dk, 8}, RngKey{1, 1});
-    EXPECT_THROW(l.dgrad_on_codes(wrong), Error) << traits(dk).name;
-  }
+  for (GradRows rows : {GradRows::pixel, GradRows::sample})
+    for (QuantizerKind dk : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq}) {
+      Recipe r = recipe(Arith::integer, {dk, 8}, {QuantizerKind::ptq, 8});
+      r.dgrad_rows = rows;
+      const std::string what = std::string(traits(dk).name) + (rows == GradRows::sample ? " rows per sample" : "");
+      Conv2d l("conv", 16, 16, 3, 1, 1, false, r, 4, 21);
+      const Tensor x = randn({4, 16, 9, 9}, 41);
+      const StepContext ctx{true, 2, 3};
+      const Tensor y = l.forward(x, ctx);
+      const Tensor dx = l.backward(randn(y.shape(), 42, 1e-2f), ctx);
+      const Tensor again = l.dgrad_on_codes(l.last_dgrad_q());
+      ASSERT_EQ(again.shape(), dx.shape());
+      EXPECT_EQ(std::memcmp(again.raw(), dx.raw(), dx.nbytes()), 0) << what;
+      const QuantizedTensor wrong = quantize(randn({4 * 81, 8}, 43), {dk, 8}, RngKey{1, 1});
+      EXPECT_THROW(l.dgrad_on_codes(wrong), Error) << what;
+      if (rows == GradRows::sample && dk == QuantizerKind::psq) {  // a grid per pixel row, not per sample
+        EXPECT_THROW(l.dgrad_on_codes(quantize(randn({4 * 81, 16}, 44), {dk, 8}, RngKey{1, 1})), Error) << what;
+      }
+    }
   Recipe rs = recipe(Arith::sim, {QuantizerKind::psq, 8}, {QuantizerKind::ptq, 8});
   Conv2d l("conv", 16, 16, 3, 1, 1, false, rs, 4, 21);
   const StepContext ctx{true, 2, 3};
