@@ -89,8 +89,7 @@ void set_conv_fused_fprop(bool on);
 void set_conv_fused_dgrad(bool on);
 // For tests and benchmarks: false makes the integer dgrad of per-sample gradient grids
 // (`--dgrad-rows sample`) take dgrad_int's per-pixel-row form also where the direct one (a
-// convolution of the gradient codes: stride 1, Cin = 16 or a multiple of 32, AVX-512 VNNI)
-// applies. The two agree to fp32 rounding (another order of the finishing), not bit for bit.
+// convolution of the gradient codes: Cin = 16 or a multiple of 32, AVX-512 VNNI) applies. The two agree to fp32 rounding (another order of the finishing), not bit for bit.
 // Default true.
 void set_conv_direct_dgrad(bool on);
 // The same for wgrad: false makes the integer wgrad build im2col rows for the GEMM kernel also
@@ -197,9 +196,10 @@ class Conv2d : public QuantizedLayer {
   // T^-1 across the samples of dX ([N, Cin*H*W]: conv's transpose is linear and per sample, so
   // T^-1 may follow it), applied group by group as each group's samples finish (`across`).
   Tensor dgrad_int_samples(const QuantizedTensor& gq) const;
-  // Its stride-1 layers with Cin = 16 or a multiple of 32 (AVX-512 VNNI): each sample's dX as the
+  // Its layers with Cin = 16 or a multiple of 32 (AVX-512 VNNI): each sample's dX as the
   // convolution of its gradient codes with the flipped weights (one grid per sample makes the
-  // scales factor out of that reduction); T^-1 across the samples as dgrad_int's.
+  // scales factor out of that reduction; stride s: s x s phases, each a stride-1 convolution with
+  // its share of the taps); T^-1 across the samples as dgrad_int's.
   Tensor dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* across) const;
   void wgrad_int(const QuantizedTensor& gq);
   void add_bias_grad(const Tensor& dy);

@@ -653,50 +653,53 @@ inline void fprop_fused_sample32(const uint8_t* img, const Geom& g, int64_t nh, 
     }
 }
 
-// dgrad of a stride-1 layer whose gradient has one grid per sample (rows per sample, PSQ or BHQ:
-// value = (c + Lz) / s, Lz = lo s, the same for all of the sample's positions), computed as the
-// convolution it is: dX_n = G_n, padded by k - 1 - pad, convolved with the flipped, transposed
-// weights; a reduction over k k Cout terms per input position with Cin outputs, run by the fused
-// fprop's products (the gradient codes are the u8 image, HWC as G's pixel rows already are). The
-// padding is code 0, so the integer products S and the patch code sums rx cover the valid taps
-// only; the terms of the offsets over the valid taps depend on how many of a position's taps fall
-// inside the gradient image, so they come per border class (a range of valid kernel rows times a
-// range of valid kernel columns):
+// dgrad of a layer whose gradient has one grid per sample (rows per sample, PSQ or BHQ: value =
+// (c + Lz) / s, Lz = lo s, the same for all of the sample's positions), computed as the
+// convolution it is: each input position's dx is a sum over the (kernel tap, output channel)
+// pairs that reach it, of gradient codes times weight codes, with Cin outputs, run by the fused
+// fprop's products (the gradient codes are the u8 image, HWC as G's pixel rows already are).
+// Stride s > 1 splits the input positions into s x s phases (ih = s m + a, iw = s n + b); each
+// phase is a stride-1 convolution of G with its own taps (kernel rows kh = (a + pad) mod s + s j,
+// columns alike), flipped (DirectPhase). The gradient image is padded with code 0, so the
+// integer products S and the patch code sums rx cover the valid taps only; the terms of the
+// offsets over the valid taps depend on how many of a position's taps fall inside the gradient
+// image, so they come per border class (a range of valid kernel rows times one of columns):
 //   dx = ((float(S + Oz Zb) + O rx) + d rx + E) inv,   inv = 1 / (s sw),
 // Zb = the weight codes (s8) summed over the class's valid taps and Cout, Oz = round(Lz) so that
 // S + Oz Zb, where a gradient centred on 0 cancels, is an exact integer; O + d = Lwc, the weight
 // offset in code units (as fprop); E = (Lz - Oz) Zb + Lz Lwc nv, nv = the class's valid terms.
 // The per-pixel-row form (G W, then col2im) makes Cout-term products for all k k Cin columns of
-// every position and finishes and scatters each of them; this one finishes Cin values per input
-// position. Not the same bits as that form (another order of the fp32 finishing): both equal the
-// simulated dgrad to fp32 rounding (set_conv_direct_dgrad(false) keeps the other).
+// every output position and finishes and scatters each of them; this one finishes Cin values per
+// input position. Not the same bits as that form (another order of the fp32 finishing): both
+// equal the simulated dgrad to fp32 rounding (set_conv_direct_dgrad(false) keeps the other).
 struct DirectTerms {
   __m512 O, d, inv;
   const int32_t* Z;    // this output row's classes: [column class][Cin] Oz Zb
-  const float* E;      // [column class][Cin]
+  const float* E;      // [ .. ][Cin]
   const int32_t* cls;  // column class of each output column
   int64_t cin;
 };
+// R positions of one phase row: out + i ldo gets position i's 16 outputs.
 template <int R>
 inline void dgrad_direct_run(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
-                             const float* rx, const DirectTerms& t, int64_t ow, float* out) {
+                             const float* rx, const DirectTerms& t, int64_t n0, float* out, int64_t ldo) {
   __m512i acc[R];
   fused_products16<R>(base, step, row, k, seg4, bv, acc);
 #pragma GCC unroll 32
   for (int i = 0; i < R; ++i) {
-    const int64_t c = t.cls[ow + i] * t.cin;
+    const int64_t c = t.cls[n0 + i] * t.cin;
     const __m512 r = _mm512_set1_ps(rx[i]);
     __m512 v = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_add_epi32(acc[i], _mm512_loadu_si512(t.Z + c)));
     v = _mm512_add_ps(v, _mm512_mul_ps(t.O, r));
     v = _mm512_add_ps(v, _mm512_mul_ps(t.d, r));
     v = _mm512_add_ps(v, _mm512_loadu_ps(t.E + c));
-    _mm512_storeu_ps(out + 16 * i, _mm512_mul_ps(v, t.inv));
+    _mm512_storeu_ps(out + i * ldo, _mm512_mul_ps(v, t.inv));
   }
 }
-// The same for a 32-output slice (outputs off .. off + 31 of Cin; out rows of Cin floats).
+// The same for a 32-output slice (outputs off .. off + 31 of Cin).
 template <int R>
 inline void dgrad_direct_run32(const uint8_t* base, int64_t step, int64_t row, int64_t k, int64_t seg4, const int8_t* bv,
-                               const float* rx, const DirectTerms& t, int64_t ow, int64_t off, float* out) {
+                               const float* rx, const DirectTerms& t, int64_t n0, int64_t off, float* out, int64_t ldo) {
   __m512i acc[R][2];
   fused_products32<R>(base, step, row, k, seg4, bv, acc);
 #pragma GCC unroll 16
@@ -704,33 +707,67 @@ inline void dgrad_direct_run32(const uint8_t* base, int64_t step, int64_t row, i
     const __m512 r = _mm512_set1_ps(rx[i]);
 #pragma GCC unroll 2
     for (int v = 0; v < 2; ++v) {
-      const int64_t c = t.cls[ow + i] * t.cin + off + 16 * v;
+      const int64_t c = t.cls[n0 + i] * t.cin + off + 16 * v;
       __m512 y = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_add_epi32(acc[i][v], _mm512_loadu_si512(t.Z + c)));
       y = _mm512_add_ps(y, _mm512_mul_ps(t.O, r));
       y = _mm512_add_ps(y, _mm512_mul_ps(t.d, r));
       y = _mm512_add_ps(y, _mm512_loadu_ps(t.E + c));
-      _mm512_storeu_ps(out + i * t.cin + 16 * v, _mm512_mul_ps(y, t.inv));
+      _mm512_storeu_ps(out + i * ldo + 16 * v, _mm512_mul_ps(y, t.inv));
     }
   }
 }
-// One sample: img the padded gradient image (HWC codes, zero padding) with gd its geometry as
-// this convolution's input (C = Cout, pad = k - 1 - pad); bv = Cin / W slices of [k seg4][W][4]
-// (W = 16 for Cin = 16, else 32); Z, E [row class][column class][Cin] of this sample; rcls the
-// row class of each output row; out [H W][Cin]; pix, rx as fprop_fused_sample.
-inline void dgrad_direct_sample(const uint8_t* img, const Geom& gd, const int8_t* bv, DirectTerms t, const int32_t* Z,
-                                const float* E, const int32_t* rcls, int64_t ncc, int32_t* pix, float* rx, float* out) {
-  fprop_patch_sums(img, gd, pix, rx);
-  const int64_t Wp = gd.W + 2 * gd.pad, C = gd.C, k = gd.k, cin = t.cin;
-  const int64_t seg4 = (k * C + 3) / 4, row = Wp * C;
-  for (int64_t oh = 0; oh < gd.Ho; ++oh) {
-    t.Z = Z + rcls[oh] * ncc * cin, t.E = E + rcls[oh] * ncc * cin;
+// One phase of the direct dgrad (see above): outputs (m, n) < (Ma, Mb) at input positions
+// (s m + a, s n + b); its patch for output (m, n) is the ka x kb window of the gradient image from
+// row m + ra, column n + rb (they may lie in the padding), its taps (j, l) the kernel's
+// (kh0 + s (ka - 1 - j), kw0 + s (kb - 1 - l)). bv: Cin / W slices of [ka seg4][W][4 bytes]
+// (W = 16 for Cin = 16, else 32); rcls / ccls the border class of each output row / column;
+// Z, E: [row class][column class][Cin] terms of the sample (zoff into its arrays).
+struct DirectPhase {
+  int64_t a = 0, b = 0, ka = 0, kb = 0, kh0 = 0, kw0 = 0, ra = 0, rb = 0, Ma = 0, Mb = 0, seg4 = 0, nrc = 0, ncc = 0;
+  std::vector<int8_t> bv;
+  std::vector<int32_t> rcls, ccls;
+  std::vector<int64_t> Zb, nv;  // [class][Cin], [class]
+  int64_t zoff = 0;
+};
+// One sample's phase: img the padded gradient image (pad rows / columns of zero code around the
+// Ho x Wo gradient, C channels, Wp wide), pix its pixel code sums (Hp x Wp) and hs scratch of Hp
+// x Mb; rx scratch of Ma x Mb; out [H W][Cin], position (ih, iw) at (ih W + iw) Cin.
+[[gnu::noinline]] void dgrad_direct_phase(const DirectPhase& ph, const uint8_t* img, const int32_t* pix, int64_t Hp, int64_t Wp,
+                               int64_t pad, int64_t C, int64_t s, int64_t W, DirectTerms t, const int32_t* Z,
+                               const float* E, int32_t* hs, float* rx, float* out) {
+  const int64_t cin = t.cin, ldo = s * cin;
+  // Patch code sums: ka x kb box sums of the pixel sums, across (the rows the patches use) then
+  // down, the columns innermost (vector loops).
+  const int64_t h0 = ph.ra + pad, h1 = ph.Ma - 1 + ph.ra + pad + ph.ka;  // pixel rows [h0, h1)
+  for (int64_t h = h0; h < h1; ++h) {
+    int32_t* __restrict d = hs + (h - h0) * ph.Mb;
+    const int32_t* __restrict src = pix + h * Wp + ph.rb + pad;
+    for (int64_t n = 0; n < ph.Mb; ++n) d[n] = src[n];
+    for (int64_t l = 1; l < ph.kb; ++l)
+      for (int64_t n = 0; n < ph.Mb; ++n) d[n] += src[n + l];
+  }
+  (void)Hp;
+  for (int64_t m = 0; m < ph.Ma; ++m) {
+    int32_t* __restrict acc = hs + (h1 - h0) * ph.Mb;  // (scratch after the rows)
+    for (int64_t n = 0; n < ph.Mb; ++n) acc[n] = hs[m * ph.Mb + n];
+    for (int64_t j = 1; j < ph.ka; ++j)
+      for (int64_t n = 0; n < ph.Mb; ++n) acc[n] += hs[(m + j) * ph.Mb + n];
+    for (int64_t n = 0; n < ph.Mb; ++n) rx[m * ph.Mb + n] = static_cast<float>(acc[n]);  // <= k k Cout 255: exact
+  }
+  const int64_t row = Wp * C;
+  t.cls = ph.ccls.data();
+  for (int64_t m = 0; m < ph.Ma; ++m) {
+    t.Z = Z + ph.zoff + ph.rcls[m] * ph.ncc * cin, t.E = E + ph.zoff + ph.rcls[m] * ph.ncc * cin;
+    float* orow = out + ((s * m + ph.a) * W + ph.b) * cin;
+    const uint8_t* prow = img + ((m + ph.ra + pad) * Wp + ph.rb + pad) * C;
     if (cin == 16) {
-      for (int64_t ow = 0; ow < gd.Wo; ow += kFpropRun) {
-        const int64_t p = oh * gd.Wo + ow;
-        const uint8_t* base = img + (oh * Wp + ow) * C;
-        switch (std::min<int64_t>(kFpropRun, gd.Wo - ow)) {
-#define FQT_DIRECT_RUN(r) \
-  case r: dgrad_direct_run<r>(base, C, row, k, seg4, bv, rx + p, t, ow, out + 16 * p); break;
+      for (int64_t n0 = 0; n0 < ph.Mb; n0 += kFpropRun) {
+        const uint8_t* base = prow + n0 * C;
+        const float* r = rx + m * ph.Mb + n0;
+        float* o = orow + n0 * ldo;
+        switch (std::min<int64_t>(kFpropRun, ph.Mb - n0)) {
+#define FQT_DIRECT_RUN(q) \
+  case q: dgrad_direct_run<q>(base, C, row, ph.ka, ph.seg4, ph.bv.data(), r, t, n0, o, ldo); break;
           FQT_DIRECT_RUN(1) FQT_DIRECT_RUN(2) FQT_DIRECT_RUN(3) FQT_DIRECT_RUN(4) FQT_DIRECT_RUN(5) FQT_DIRECT_RUN(6)
           FQT_DIRECT_RUN(7) FQT_DIRECT_RUN(8) FQT_DIRECT_RUN(9) FQT_DIRECT_RUN(10) FQT_DIRECT_RUN(11) FQT_DIRECT_RUN(12)
           FQT_DIRECT_RUN(13) FQT_DIRECT_RUN(14) FQT_DIRECT_RUN(15) FQT_DIRECT_RUN(16) FQT_DIRECT_RUN(17) FQT_DIRECT_RUN(18)
@@ -741,14 +778,16 @@ inline void dgrad_direct_sample(const uint8_t* img, const Geom& gd, const int8_t
       }
       continue;
     }
-    const int64_t slice = k * seg4 * 128;
-    for (int64_t ow = 0; ow < gd.Wo; ow += kFpropRun32) {
-      const int64_t p = oh * gd.Wo + ow;
-      const uint8_t* base = img + (oh * Wp + ow) * C;
+    const int64_t slice = ph.ka * ph.seg4 * 128;
+    for (int64_t n0 = 0; n0 < ph.Mb; n0 += kFpropRun32) {
+      const uint8_t* base = prow + n0 * C;
+      const float* r = rx + m * ph.Mb + n0;
       for (int64_t h = 0; h < cin / 32; ++h) {
-        switch (std::min<int64_t>(kFpropRun32, gd.Wo - ow)) {
-#define FQT_DIRECT_RUN(r) \
-  case r: dgrad_direct_run32<r>(base, C, row, k, seg4, bv + h * slice, rx + p, t, ow, 32 * h, out + p * cin + 32 * h); break;
+        const int8_t* bh = ph.bv.data() + h * slice;
+        float* o = orow + n0 * ldo + 32 * h;
+        switch (std::min<int64_t>(kFpropRun32, ph.Mb - n0)) {
+#define FQT_DIRECT_RUN(q) \
+  case q: dgrad_direct_run32<q>(base, C, row, ph.ka, ph.seg4, bh, r, t, n0, 32 * h, o, ldo); break;
           FQT_DIRECT_RUN(1) FQT_DIRECT_RUN(2) FQT_DIRECT_RUN(3) FQT_DIRECT_RUN(4) FQT_DIRECT_RUN(5) FQT_DIRECT_RUN(6)
           FQT_DIRECT_RUN(7) FQT_DIRECT_RUN(8) FQT_DIRECT_RUN(9) FQT_DIRECT_RUN(10) FQT_DIRECT_RUN(11) FQT_DIRECT_RUN(12)
           FQT_DIRECT_RUN(13) FQT_DIRECT_RUN(14)
@@ -1256,9 +1295,9 @@ Tensor Conv2d::dgrad_int_samples(const QuantizedTensor& gq) const {
   // Each sample's grid on its pixel rows; T^-1 group by group as their samples finish.
   const BhqTransform* across = gq.transform ? &*gq.transform : nullptr;
 #if defined(FQT_DGRAD_FUSED)
-  // Stride 1, 16 or a multiple of 32 input channels (the fused fprop kernels' outputs): as a
-  // convolution of the gradient codes (dgrad_direct_sample).
-  if (g_direct_dgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && stride_ == 1 && pad_ < k_ &&
+  // 16 or a multiple of 32 input channels (the fused fprop kernels' outputs): as a convolution
+  // of the gradient codes (dgrad_direct_phase).
+  if (g_direct_dgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && pad_ < k_ &&
       (cin_ == 16 || cin_ % 32 == 0) && k_ * k_ * cout_ <= igemm_max_k(255, 128))
     return dgrad_int_direct(gq, across);
 #endif
@@ -1268,78 +1307,138 @@ Tensor Conv2d::dgrad_int_samples(const QuantizedTensor& gq) const {
 Tensor Conv2d::dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* across) const {
 #if defined(FQT_DGRAD_FUSED)
   const Geom g = geom(in_shape_, k_, stride_, pad_);
-  const int64_t N = in_shape_[0], P = g.P(), HW = g.H * g.W, chw = cin_ * HW, k = k_, kk = k_ * k_;
-  const int64_t pd = k - 1 - pad_;                    // the gradient image's padding
-  const Geom gd{cout_, g.Ho, g.Wo, k, 1, pd, g.H, g.W};  // ... as this convolution's input
+  const int64_t N = in_shape_[0], P = g.P(), HW = g.H * g.W, chw = cin_ * HW, k = k_, kk = k_ * k_, s = stride_;
   const int shw = s8_shift(wq_.spec.bits);
   const double sw = wq_.scale[0], lw = wq_.lo[0] + shw / sw, Lwc = lw * sw, Ow = std::nearbyint(Lwc);
-  // Weight codes as s8 in 32- (or, Cin = 16, 16-) output slices [k seg4][W][4 bytes], patch
-  // taps (kh', kw', o) with the kernel flipped (kh = k - 1 - kh'), zero in each kernel row's gap;
-  // and per input channel and flipped tap their sums over the Cout channels.
-  const int64_t W = cin_ == 16 ? 16 : 32, kc = k * cout_, seg4 = (kc + 3) / 4, K4 = k * seg4;
-  std::vector<int8_t> bv(static_cast<size_t>(cin_ / W * K4 * W * 4));
-  std::vector<int64_t> tapsum(static_cast<size_t>(cin_ * kk));  // [ci][kh'][kw']
+  const int64_t W = cin_ == 16 ? 16 : 32;  // outputs per weight slice (the fused fprop kernels')
   const uint8_t* wc = wq_.codes.data<uint8_t>();
-  for (int64_t ci = 0; ci < cin_; ++ci)
-    for (int64_t t = 0; t < kk; ++t)
-      for (int64_t o = 0; o < cout_; ++o) {
-        const int v = wc[o * cin_ * kk + ci * kk + (kk - 1 - t)] - shw;  // tap (kh', kw') = t reads (k-1-kh', k-1-kw')
-        const int64_t r = t * cout_ + o, q = (r / kc) * seg4 * 4 + r % kc;
-        bv[(((ci / W) * K4 + q / 4) * W + ci % W) * 4 + q % 4] = static_cast<int8_t>(v);
-        tapsum[ci * kk + t] += v;
-      }
-  // Border classes: for output row i (of n) the valid kernel rows kh' are [max(0, pd - i),
-  // min(k - 1, pd + m - 1 - i)] (m gradient rows); each distinct range numbered; columns alike.
-  auto classes = [&](int64_t n, int64_t m, std::vector<int32_t>& cls, std::vector<std::array<int64_t, 2>>& ranges) {
+  // Border classes along one axis of a phase: output i's valid taps j are those with gradient
+  // row i + r + j in [0, m): [max(0, -(i + r)), min(kn - 1, m - 1 - i - r)]; each range numbered.
+  auto classes = [](int64_t n, int64_t r, int64_t kn, int64_t m, std::vector<int32_t>& cls,
+                    std::vector<std::array<int64_t, 2>>& ranges) {
     cls.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
-      const std::array<int64_t, 2> r{std::max<int64_t>(0, pd - i), std::min<int64_t>(k - 1, pd + m - 1 - i)};
-      const auto at = std::find(ranges.begin(), ranges.end(), r);
+      const std::array<int64_t, 2> v{std::max<int64_t>(0, -(i + r)), std::min<int64_t>(kn - 1, m - 1 - i - r)};
+      const auto at = std::find(ranges.begin(), ranges.end(), v);
       cls[i] = static_cast<int32_t>(at - ranges.begin());
-      if (at == ranges.end()) ranges.push_back(r);
+      if (at == ranges.end()) ranges.push_back(v);
     }
   };
-  std::vector<int32_t> rcls, ccls;
-  std::vector<std::array<int64_t, 2>> rr, cr;
-  classes(g.H, g.Ho, rcls, rr);
-  classes(g.W, g.Wo, ccls, cr);
-  const int64_t nrc = static_cast<int64_t>(rr.size()), ncc = static_cast<int64_t>(cr.size()), ncls = nrc * ncc;
-  std::vector<int64_t> Zb(static_cast<size_t>(ncls * cin_)), nv(static_cast<size_t>(ncls));  // [class][ci], [class]
-  for (int64_t a = 0; a < nrc; ++a)
-    for (int64_t b = 0; b < ncc; ++b) {
-      const int64_t c = a * ncc + b;
-      nv[c] = cout_ * std::max<int64_t>(0, rr[a][1] - rr[a][0] + 1) * std::max<int64_t>(0, cr[b][1] - cr[b][0] + 1);
+  // The s x s phases (one for stride 1): input rows ih = s m + a take kernel rows kh = kh0 + s j'
+  // (kh0 = (a + pad) mod s), from gradient rows (ih + pad - kh) / s = m + e - j' (e = (a + pad -
+  // kh0) / s); flipped, tap j = ka - 1 - j' reads gradient row m + ra + j, ra = e - ka + 1.
+  std::vector<DirectPhase> phases;
+  int64_t zsize = 0;
+  for (int64_t a = 0; a < s; ++a)
+    for (int64_t b = 0; b < s; ++b) {
+      DirectPhase ph;
+      ph.a = a, ph.b = b;
+      ph.kh0 = (a + pad_) % s, ph.kw0 = (b + pad_) % s;
+      ph.ka = ph.kh0 < k ? (k - ph.kh0 + s - 1) / s : 0, ph.kb = ph.kw0 < k ? (k - ph.kw0 + s - 1) / s : 0;
+      ph.ra = (a + pad_ - ph.kh0) / s - ph.ka + 1, ph.rb = (b + pad_ - ph.kw0) / s - ph.kb + 1;
+      ph.Ma = a < g.H ? (g.H - a + s - 1) / s : 0, ph.Mb = b < g.W ? (g.W - b + s - 1) / s : 0;
+      if (ph.ka == 0 || ph.kb == 0 || ph.Ma == 0 || ph.Mb == 0) {  // no taps reach these positions: dx = 0
+        ph.Ma = ph.ka == 0 ? 0 : ph.Ma, ph.Mb = ph.kb == 0 ? 0 : ph.Mb;
+        phases.push_back(std::move(ph));
+        continue;
+      }
+      const int64_t kc = ph.kb * cout_;
+      ph.seg4 = (kc + 3) / 4;
+      const int64_t K4 = ph.ka * ph.seg4;
+      ph.bv.assign(static_cast<size_t>(cin_ / W * K4 * W * 4), 0);
+      std::vector<int64_t> tapsum(static_cast<size_t>(cin_ * ph.ka * ph.kb));  // [ci][j][l]
       for (int64_t ci = 0; ci < cin_; ++ci)
-        for (int64_t kh = rr[a][0]; kh <= rr[a][1]; ++kh)
-          for (int64_t kw = cr[b][0]; kw <= cr[b][1]; ++kw) Zb[c * cin_ + ci] += tapsum[ci * kk + kh * k + kw];
+        for (int64_t j = 0; j < ph.ka; ++j)
+          for (int64_t l = 0; l < ph.kb; ++l) {
+            const int64_t kh = ph.kh0 + s * (ph.ka - 1 - j), kw = ph.kw0 + s * (ph.kb - 1 - l);
+            for (int64_t o = 0; o < cout_; ++o) {
+              const int v = wc[(o * cin_ + ci) * kk + kh * k + kw] - shw;
+              const int64_t r = (j * ph.kb + l) * cout_ + o, q = (r / kc) * ph.seg4 * 4 + r % kc;
+              ph.bv[(((ci / W) * K4 + q / 4) * W + ci % W) * 4 + q % 4] = static_cast<int8_t>(v);
+              tapsum[(ci * ph.ka + j) * ph.kb + l] += v;
+            }
+          }
+      std::vector<std::array<int64_t, 2>> rr, cr;
+      classes(ph.Ma, ph.ra, ph.ka, g.Ho, ph.rcls, rr);
+      classes(ph.Mb, ph.rb, ph.kb, g.Wo, ph.ccls, cr);
+      ph.nrc = static_cast<int64_t>(rr.size()), ph.ncc = static_cast<int64_t>(cr.size());
+      ph.Zb.assign(static_cast<size_t>(ph.nrc * ph.ncc * cin_), 0), ph.nv.assign(static_cast<size_t>(ph.nrc * ph.ncc), 0);
+      for (int64_t x = 0; x < ph.nrc; ++x)
+        for (int64_t y = 0; y < ph.ncc; ++y) {
+          const int64_t c = x * ph.ncc + y;
+          ph.nv[c] = cout_ * std::max<int64_t>(0, rr[x][1] - rr[x][0] + 1) * std::max<int64_t>(0, cr[y][1] - cr[y][0] + 1);
+          for (int64_t ci = 0; ci < cin_; ++ci)
+            for (int64_t j = rr[x][0]; j <= rr[x][1]; ++j)
+              for (int64_t l = cr[y][0]; l <= cr[y][1]; ++l) ph.Zb[c * cin_ + ci] += tapsum[(ci * ph.ka + j) * ph.kb + l];
+        }
+      ph.zoff = zsize;
+      zsize += ph.nrc * ph.ncc * cin_;
+      phases.push_back(std::move(ph));
     }
   Tensor dx = Tensor::empty(in_shape_);
   float* dxp = dx.data<float>();
   const uint8_t* gc = gq.codes.data<uint8_t>();
-  const int64_t Hp = g.Ho + 2 * pd, Wp = g.Wo + 2 * pd, row = g.Wo * cout_;
+  // The gradient image's padding: as much as any phase's patches reach past its edges.
+  int64_t pad = 0, mb = 1, mab = 1;
+  for (const DirectPhase& ph : phases) {
+    mb = std::max(mb, ph.Mb), mab = std::max(mab, ph.Ma * ph.Mb);
+    if (ph.bv.empty()) continue;
+    pad = std::max({pad, -ph.ra, -ph.rb, ph.Ma - 1 + ph.ra + ph.ka - g.Ho, ph.Mb - 1 + ph.rb + ph.kb - g.Wo});
+  }
+  const int64_t Hp = g.Ho + 2 * pad, Wp = g.Wo + 2 * pad, row = g.Wo * cout_;
   const __m512 vO = _mm512_set1_ps(static_cast<float>(Ow)), vd = _mm512_set1_ps(static_cast<float>(Lwc - Ow));
   SampleUnits split(N, across, dxp, chw);
-#pragma omp parallel if (N > 1 && parallel_worth(N * HW * cout_ * kk))
+#pragma omp parallel if (N > 1 && parallel_worth(N * P * cout_ * kk))
   {
     std::vector<uint8_t> img(static_cast<size_t>(Hp * Wp * cout_ + 3));  // zero: its padding stays so
-    std::vector<int32_t> pix(static_cast<size_t>(Hp * (Wp + g.W) + g.W)), Z(static_cast<size_t>(ncls * cin_));
-    std::vector<float> rx(static_cast<size_t>(HW)), out(static_cast<size_t>(HW * cin_)), E(static_cast<size_t>(ncls * cin_));
+    std::vector<int32_t> pix(static_cast<size_t>(Hp * Wp)), hs(static_cast<size_t>((Hp + 1) * mb)), Z(static_cast<size_t>(zsize));
+    std::vector<float> rx(static_cast<size_t>(mab)), E(static_cast<size_t>(zsize));
+    std::vector<float> out(static_cast<size_t>(HW * cin_));  // [H W][Cin]; positions no tap reaches stay 0
     split.run([&](int64_t n, int64_t next) {
       const uint8_t* an = gc + n * P * cout_;
       if (next >= 0)
         for (int64_t i = 0; i < P * cout_; i += 64) __builtin_prefetch(gc + next * P * cout_ + i);
-      for (int64_t oh = 0; oh < g.Ho; ++oh) std::memcpy(img.data() + ((oh + pd) * Wp + pd) * cout_, an + oh * row, static_cast<size_t>(row));
-      const double sg = gq.scale[n * P], lg = gq.lo[n * P], Lz = lg * sg, Oz = std::nearbyint(Lz);
-      for (int64_t c = 0; c < ncls; ++c)
-        for (int64_t ci = 0; ci < cin_; ++ci) {
-          const int64_t zb = Zb[c * cin_ + ci];
-          Z[c * cin_ + ci] = static_cast<int32_t>(static_cast<int64_t>(Oz) * zb);
-          E[c * cin_ + ci] = static_cast<float>((Lz - Oz) * static_cast<double>(zb) + Lz * Lwc * static_cast<double>(nv[c]));
+      for (int64_t oh = 0; oh < g.Ho; ++oh)
+        std::memcpy(img.data() + ((oh + pad) * Wp + pad) * cout_, an + oh * row, static_cast<size_t>(row));
+      // Pixel code sums (the patch sums' box sums start from them; the padding's are 0): one
+      // sum of absolute differences per 16 channels (a byte_sum call per pixel cost ~1 ms a
+      // stage-1 layer).
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        int32_t* pr = pix.data() + (oh + pad) * Wp + pad;
+        const uint8_t* ar = an + oh * row;
+        if (cout_ == 16) {
+          const __m128i z = _mm_setzero_si128();
+          for (int64_t ow = 0; ow < g.Wo; ++ow) {
+            const __m128i sad = _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ar + ow * 16)), z);
+            pr[ow] = _mm_cvtsi128_si32(_mm_add_epi64(sad, _mm_unpackhi_epi64(sad, sad)));
+          }
+        } else if (cout_ % 16 == 0) {
+          const __m128i z = _mm_setzero_si128();
+          for (int64_t ow = 0; ow < g.Wo; ++ow) {
+            __m128i acc = _mm_setzero_si128();
+            for (int64_t c = 0; c < cout_; c += 16)
+              acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ar + ow * cout_ + c)), z));
+            pr[ow] = _mm_cvtsi128_si32(_mm_add_epi64(acc, _mm_unpackhi_epi64(acc, acc)));
+          }
+        } else {
+          for (int64_t ow = 0; ow < g.Wo; ++ow) pr[ow] = static_cast<int32_t>(byte_sum(ar + ow * cout_, cout_));
         }
-      const DirectTerms t{vO, vd, _mm512_set1_ps(static_cast<float>(1.0 / (sg * sw))), nullptr, nullptr, ccls.data(), cin_};
+      }
+      const double sg = gq.scale[n * P], lg = gq.lo[n * P], Lz = lg * sg, Oz = std::nearbyint(Lz);
+      const DirectTerms t{vO, vd, _mm512_set1_ps(static_cast<float>(1.0 / (sg * sw))), nullptr, nullptr, nullptr, cin_};
       {
         profile::Scope timer(profile::gemm_int);  // (its finishing included)
-        dgrad_direct_sample(img.data(), gd, bv.data(), t, Z.data(), E.data(), rcls.data(), ncc, pix.data(), rx.data(), out.data());
+        for (const DirectPhase& ph : phases) {
+          if (ph.bv.empty()) continue;
+          for (size_t c = 0; c < ph.nv.size(); ++c)
+            for (int64_t ci = 0; ci < cin_; ++ci) {
+              const int64_t zb = ph.Zb[c * cin_ + ci], i = ph.zoff + static_cast<int64_t>(c) * cin_ + ci;
+              Z[i] = static_cast<int32_t>(static_cast<int64_t>(Oz) * zb);
+              E[i] = static_cast<float>((Lz - Oz) * static_cast<double>(zb) + Lz * Lwc * static_cast<double>(ph.nv[c]));
+            }
+          dgrad_direct_phase(ph, img.data(), pix.data(), Hp, Wp, pad, cout_, s, g.W, t, Z.data(), E.data(), hs.data(),
+                             rx.data(), out.data());
+        }
       }
       kernels::transpose(out.data(), HW, cin_, cin_, dxp + n * chw, HW);  // [H W, Cin] -> [Cin, H W]
     });

@@ -520,26 +520,29 @@ TEST(intPath, ConvPerSampleRowsEqualSimulated) {
       }
 }
 
-// The direct dgrad of per-sample grids (Conv2d::dgrad_int_direct: stride 1, Cin = 16 or a
-// multiple of 32; each sample's dX as a convolution of its gradient codes with the flipped
-// weights, the offsets' terms per border class) against the fp64 transposed convolution of the
+// The direct dgrad of per-sample grids (Conv2d::dgrad_int_direct: Cin = 16 or a multiple of 32;
+// each sample's dX as a convolution of its gradient codes with the flipped weights, by stride
+// phases, the offsets' terms per border class) against the fp64 transposed convolution of the
 // dequantized codes, and against the per-pixel-row form (set_conv_direct_dgrad(false)). Both
 // evaluate the exact integer sum with a handful of fp32 roundings, each of a term no larger
 // than ~2 K max|g| max|w| (K = Cout k k terms), so they agree with the fp64 value within
 // 16 eps K max|g| max|w| (BHQ: max|g| as max_abs_deq, T^-1's amplification included) -- K
 // times tighter than the int-vs-sim bound above, whose fp32 GEMM errs by K eps per term.
 // Shapes: 16, 32, 64 input channels; padding 0, 1, 2 (k 5); Cout 3, 5, 12 (k Cout not a multiple
-// of 4: the kernel rows' gap bytes); 1x1; non-square images; N = 1; and Cin 12 (not direct).
+// of 4: the kernel rows' gap bytes); 1x1; non-square images; N = 1; stride 2 (3x3, 1x1: phases
+// no tap reaches, 5x5) and 3; and Cin 12 (not direct).
 TEST(intPath, ConvDirectDgradEqualsExactValue) {
   const ConvCase cases[] = {{4, 16, 16, 9, 9, 3, 1, 1}, {3, 32, 16, 7, 7, 3, 1, 1}, {3, 32, 32, 7, 6, 3, 1, 1},
                             {3, 64, 64, 5, 5, 3, 1, 1}, {3, 16, 12, 6, 6, 3, 1, 0}, {2, 32, 8, 6, 7, 5, 1, 2},
                             {2, 16, 3, 5, 5, 3, 1, 1},  {2, 16, 5, 6, 5, 3, 1, 1},  {2, 64, 16, 4, 4, 1, 1, 0},
-                            {1, 16, 16, 3, 3, 3, 1, 2}, {2, 12, 16, 5, 5, 3, 1, 1}};  // (the last: not direct, Cin 12)
+                            {1, 16, 16, 3, 3, 3, 1, 2}, {3, 16, 32, 9, 9, 3, 2, 1}, {3, 32, 64, 8, 8, 3, 2, 1},
+                            {2, 16, 32, 8, 8, 1, 2, 0}, {2, 32, 16, 7, 6, 3, 2, 0}, {2, 16, 8, 10, 9, 5, 2, 2},
+                            {2, 16, 16, 7, 8, 3, 3, 1}, {2, 12, 16, 5, 5, 3, 1, 1}};  // (the last: not direct, Cin 12)
   for (const ConvCase& c : cases)
     for (QuantizerKind dk : {QuantizerKind::psq, QuantizerKind::bhq})
       for (int bits : {3, 8}) {
         const std::string what = std::string(traits(dk).name) + std::to_string(bits) + " " + std::to_string(c.cin) + "->" +
-                                 std::to_string(c.cout) + " k" + std::to_string(c.k) + " pad " + std::to_string(c.pad);
+                                 std::to_string(c.cout) + " k" + std::to_string(c.k) + " s" + std::to_string(c.stride) + " pad " + std::to_string(c.pad);
         Recipe r = recipe(Arith::integer, {dk, bits}, {QuantizerKind::ptq, 8});
         r.dgrad_rows = GradRows::sample;
         Conv2d l("conv", c.cin, c.cout, c.k, c.stride, c.pad, false, r, 5, 13);
@@ -571,8 +574,8 @@ TEST(intPath, ConvDirectDgradEqualsExactValue) {
                 for (int64_t o = 0; o < c.cout; ++o)
                   for (int64_t kh = 0; kh < c.k; ++kh)
                     for (int64_t kw = 0; kw < c.k; ++kw) {
-                      const int64_t oh = ih + c.pad - kh, ow = iw + c.pad - kw;
-                      if (oh < 0 || oh >= Ho || ow < 0 || ow >= Wo) continue;
+                      const int64_t sh = ih + c.pad - kh, sv = iw + c.pad - kw, oh = sh / c.stride, ow = sv / c.stride;
+                      if (sh < 0 || sv < 0 || sh % c.stride || sv % c.stride || oh >= Ho || ow >= Wo) continue;
                       sum += static_cast<double>(g.data<float>()[((n * Ho + oh) * Wo + ow) * c.cout + o]) *
                              w.data<float>()[((o * c.cin + ci) * c.k + kh) * c.k + kw];
                     }
