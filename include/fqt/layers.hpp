@@ -88,8 +88,9 @@ void set_conv_fused_fprop(bool on);
 // Cout <= 16 a multiple of 4, AVX-512 VNNI); both give the same bits. Default true.
 void set_conv_fused_dgrad(bool on);
 // For tests and benchmarks: false makes the integer dgrad of per-sample gradient grids
-// (`--dgrad-rows sample`) take dgrad_int's per-pixel-row form also where the direct one (a
-// convolution of the gradient codes: Cin = 16 or a multiple of 32, AVX-512 VNNI) applies. The two agree to fp32 rounding (another order of the finishing), not bit for bit.
+// (`--dgrad-rows sample`) and of per-tensor ones (PTQ) take dgrad_int's per-pixel-row form also
+// where the direct one (a convolution of the gradient codes: Cin = 16 or a multiple of 32,
+// AVX-512 VNNI) applies. The two agree to fp32 rounding (another order of the finishing), not bit for bit.
 // Default true.
 void set_conv_direct_dgrad(bool on);
 // The same for wgrad: false makes the integer wgrad build im2col rows for the GEMM kernel also
@@ -200,7 +201,9 @@ class Conv2d : public QuantizedLayer {
   // convolution of its gradient codes with the flipped weights (one grid per sample makes the
   // scales factor out of that reduction; stride s: s x s phases, each a stride-1 convolution with
   // its share of the taps); T^-1 across the samples as dgrad_int's.
+  // (also for one grid over the whole gradient, PTQ). Whether it applies to this layer:
   Tensor dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* across) const;
+  bool direct_dgrad_applies() const;
   void wgrad_int(const QuantizedTensor& gq);
   void add_bias_grad(const Tensor& dy);
   // The two halves given dY in the SPEC's row layout [(N*P), Cout] (fqt mode; else undefined):

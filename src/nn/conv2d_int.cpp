@@ -1294,14 +1294,20 @@ Tensor Conv2d::dgrad_int_samples(const QuantizedTensor& gq) const {
             name_, gq.rows, gq.cols, gq.transform ? gq.transform->rows : 0, N * P, cout_, N);
   // Each sample's grid on its pixel rows; T^-1 group by group as their samples finish.
   const BhqTransform* across = gq.transform ? &*gq.transform : nullptr;
+  if (direct_dgrad_applies()) return dgrad_int_direct(gq, across);
+  return dgrad_int(gq, across);
+}
+
+bool Conv2d::direct_dgrad_applies() const {
 #if defined(FQT_DGRAD_FUSED)
   // 16 or a multiple of 32 input channels (the fused fprop kernels' outputs): as a convolution
   // of the gradient codes (dgrad_direct_phase).
-  if (g_direct_dgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && pad_ < k_ &&
-      (cin_ == 16 || cin_ % 32 == 0) && k_ * k_ * cout_ <= igemm_max_k(255, 128))
-    return dgrad_int_direct(gq, across);
+  // (K = k k Cout within half the int32 bound: S + Oz Zb below, |Oz| <= 255, stays in int32.)
+  return g_direct_dgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && pad_ < k_ &&
+         (cin_ == 16 || cin_ % 32 == 0) && 2 * k_ * k_ * cout_ <= igemm_max_k(255, 128);
+#else
+  return false;
 #endif
-  return dgrad_int(gq, across);
 }
 
 Tensor Conv2d::dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* across) const {
@@ -1424,7 +1430,11 @@ Tensor Conv2d::dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* a
           for (int64_t ow = 0; ow < g.Wo; ++ow) pr[ow] = static_cast<int32_t>(byte_sum(ar + ow * cout_, cout_));
         }
       }
-      const double sg = gq.scale[n * P], lg = gq.lo[n * P], Lz = lg * sg, Oz = std::nearbyint(Lz);
+      // Oz: Lz's integer part, |Oz| <= B when the grid covers 0 (a gradient's does, unless all of
+      // it lies on one side of 0); clamped to 255 (then the offset dominates the value, and dz Zb
+      // in E carries the rest to fp32 rounding of that value).
+      const double sg = scale_of(gq, n * P), lg = lo_of(gq, n * P), Lz = lg * sg;
+      const double Oz = std::clamp(std::nearbyint(Lz), -255.0, 255.0);
       const DirectTerms t{vO, vd, _mm512_set1_ps(static_cast<float>(1.0 / (sg * sw))), nullptr, nullptr, nullptr, cin_};
       {
         profile::Scope timer(profile::gemm_int);  // (its finishing included)
@@ -1450,6 +1460,9 @@ Tensor Conv2d::dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* a
 }
 
 Tensor Conv2d::dgrad_int(const QuantizedTensor& gq, const BhqTransform* across) const {
+  // One grid for the whole gradient (PTQ): the direct form as for per-sample grids.
+  if (!across && !gq.transform && gq.granularity() == Granularity::tensor && direct_dgrad_applies())
+    return dgrad_int_direct(gq, nullptr);
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W;
   // B = W^T codes [Ckk, Cout] as s8 (G's code row sums come from byte_sum, per row).

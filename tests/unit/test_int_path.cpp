@@ -237,6 +237,7 @@ TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
 // accumulator between samples) with padding 0, 1 and 2 and more samples than threads, so that
 // each thread's accumulator serves several samples.
 TEST(intPath, ConvFusedDgradEqualsGeneralPath) {
+  set_conv_direct_dgrad(false);  // (PTQ's dgrad would take the direct form: not this test's)
   struct Case {
     int64_t n, cin, cout, h, w, k, stride, pad;
   };
@@ -274,6 +275,7 @@ TEST(intPath, ConvFusedDgradEqualsGeneralPath) {
         ASSERT_EQ(dx[0].shape(), dx[1].shape()) << what;
         EXPECT_EQ(std::memcmp(dx[0].raw(), dx[1].raw(), dx[0].nbytes()), 0) << what;
       }
+  set_conv_direct_dgrad(true);
 }
 
 namespace {
@@ -520,9 +522,9 @@ TEST(intPath, ConvPerSampleRowsEqualSimulated) {
       }
 }
 
-// The direct dgrad of per-sample grids (Conv2d::dgrad_int_direct: Cin = 16 or a multiple of 32;
-// each sample's dX as a convolution of its gradient codes with the flipped weights, by stride
-// phases, the offsets' terms per border class) against the fp64 transposed convolution of the
+// The direct dgrad of per-sample grids and of PTQ's one grid (Conv2d::dgrad_int_direct: Cin = 16
+// or a multiple of 32; each sample's dX as a convolution of its gradient codes with the flipped
+// weights, by stride phases, the offsets' terms per border class) against the fp64 transposed convolution of the
 // dequantized codes, and against the per-pixel-row form (set_conv_direct_dgrad(false)). Both
 // evaluate the exact integer sum with a handful of fp32 roundings, each of a term no larger
 // than ~2 K max|g| max|w| (K = Cout k k terms), so they agree with the fp64 value within
@@ -539,52 +541,58 @@ TEST(intPath, ConvDirectDgradEqualsExactValue) {
                             {2, 16, 32, 8, 8, 1, 2, 0}, {2, 32, 16, 7, 6, 3, 2, 0}, {2, 16, 8, 10, 9, 5, 2, 2},
                             {2, 16, 16, 7, 8, 3, 3, 1}, {2, 12, 16, 5, 5, 3, 1, 1}};  // (the last: not direct, Cin 12)
   for (const ConvCase& c : cases)
-    for (QuantizerKind dk : {QuantizerKind::psq, QuantizerKind::bhq})
-      for (int bits : {3, 8}) {
-        const std::string what = std::string(traits(dk).name) + std::to_string(bits) + " " + std::to_string(c.cin) + "->" +
-                                 std::to_string(c.cout) + " k" + std::to_string(c.k) + " s" + std::to_string(c.stride) + " pad " + std::to_string(c.pad);
-        Recipe r = recipe(Arith::integer, {dk, bits}, {QuantizerKind::ptq, 8});
-        r.dgrad_rows = GradRows::sample;
-        Conv2d l("conv", c.cin, c.cout, c.k, c.stride, c.pad, false, r, 5, 13);
-        const Tensor x = randn({c.n, c.cin, c.h, c.w}, 61);
-        const StepContext ctx{true, 4, 9};
-        const Tensor y = l.forward(x, ctx);
-        Tensor dy = randn(y.shape(), 62, 1e-2f);
-        const int64_t per = dy.numel() / c.n;
-        for (int64_t n = 0; n < c.n; ++n) {
-          const float f = std::exp(2.0f * normal_at({95, 1}, n));
-          for (int64_t i = 0; i < per; ++i) dy.data<float>()[n * per + i] *= f;
+    for (QuantizerKind dk : {QuantizerKind::psq, QuantizerKind::bhq, QuantizerKind::ptq})
+      for (int bits : {3, 8})
+        for (bool far : {false, true}) {
+          const std::string what = std::string(traits(dk).name) + std::to_string(bits) + " " + std::to_string(c.cin) + "->" +
+                                   std::to_string(c.cout) + " k" + std::to_string(c.k) + " s" + std::to_string(c.stride) +
+                                   " pad " + std::to_string(c.pad) + (far ? " far from 0" : "");
+          Recipe r = recipe(Arith::integer, {dk, bits}, {QuantizerKind::ptq, 8});
+          r.dgrad_rows = GradRows::sample;
+          Conv2d l("conv", c.cin, c.cout, c.k, c.stride, c.pad, false, r, 5, 13);
+          const Tensor x = randn({c.n, c.cin, c.h, c.w}, 61);
+          const StepContext ctx{true, 4, 9};
+          const Tensor y = l.forward(x, ctx);
+          Tensor dy = randn(y.shape(), 62, 1e-2f);
+          const int64_t per = dy.numel() / c.n;
+          for (int64_t n = 0; n < c.n; ++n) {
+            const float f = std::exp(2.0f * normal_at({95, 1}, n));
+            for (int64_t i = 0; i < per; ++i) dy.data<float>()[n * per + i] *= f;
+          }
+          // Sample 0 (with PTQ: every sample) far from 0 (+1000): a grid that does not cover 0, its
+          // offset Lz ~10^6 code units (Oz clamped to 255, the rest in E; unclamped, Oz Zb overflows).
+          if (far)
+            for (int64_t i = 0; i < (dk == QuantizerKind::ptq ? c.n : 1) * per; ++i) dy.data<float>()[i] += 1000.0f;
+          set_conv_direct_dgrad(false);
+          const Tensor rows = l.backward(dy, ctx);
+          const QuantizedTensor gq = l.last_dgrad_q();
+          set_conv_direct_dgrad(true);
+          const Tensor direct = l.backward(dy, ctx);
+          ASSERT_TRUE(same_codes(gq, l.last_dgrad_q())) << what;
+          // fp64: dx[n, ci, ih, iw] = sum over (o, kh, kw) with oh = ih + pad - kh, ow = iw + pad - kw
+          // inside the gradient image of g[(n, oh, ow), o] w[o, ci, kh, kw].
+          const Tensor g = dequantize(gq), w = dequantize(l.saved_weight_q());
+          const int64_t Ho = y.size(2), Wo = y.size(3), K = c.cout * c.k * c.k;
+          Tensor want = Tensor::empty(x.shape());
+          for (int64_t n = 0; n < c.n; ++n)
+            for (int64_t ci = 0; ci < c.cin; ++ci)
+              for (int64_t ih = 0; ih < c.h; ++ih)
+                for (int64_t iw = 0; iw < c.w; ++iw) {
+                  double sum = 0;
+                  for (int64_t o = 0; o < c.cout; ++o)
+                    for (int64_t kh = 0; kh < c.k; ++kh)
+                      for (int64_t kw = 0; kw < c.k; ++kw) {
+                        const int64_t sh = ih + c.pad - kh, sv = iw + c.pad - kw, oh = sh / c.stride, ow = sv / c.stride;
+                        if (sh < 0 || sv < 0 || sh % c.stride || sv % c.stride || oh >= Ho || ow >= Wo) continue;
+                        sum += static_cast<double>(g.data<float>()[((n * Ho + oh) * Wo + ow) * c.cout + o]) *
+                               w.data<float>()[((o * c.cin + ci) * c.k + kh) * c.k + kw];
+                      }
+                  want.data<float>()[((n * c.cin + ci) * c.h + ih) * c.w + iw] = static_cast<float>(sum);
+                }
+          const double bound = 16 * kEps * K * max_abs_deq(gq) * max_abs(w);
+          expect_within(direct, want, bound, what + ": direct vs fp64");
+          expect_within(rows, want, bound, what + ": per-pixel rows vs fp64");
         }
-        set_conv_direct_dgrad(false);
-        const Tensor rows = l.backward(dy, ctx);
-        const QuantizedTensor gq = l.last_dgrad_q();
-        set_conv_direct_dgrad(true);
-        const Tensor direct = l.backward(dy, ctx);
-        ASSERT_TRUE(same_codes(gq, l.last_dgrad_q())) << what;
-        // fp64: dx[n, ci, ih, iw] = sum over (o, kh, kw) with oh = ih + pad - kh, ow = iw + pad - kw
-        // inside the gradient image of g[(n, oh, ow), o] w[o, ci, kh, kw].
-        const Tensor g = dequantize(gq), w = dequantize(l.saved_weight_q());
-        const int64_t Ho = y.size(2), Wo = y.size(3), K = c.cout * c.k * c.k;
-        Tensor want = Tensor::empty(x.shape());
-        for (int64_t n = 0; n < c.n; ++n)
-          for (int64_t ci = 0; ci < c.cin; ++ci)
-            for (int64_t ih = 0; ih < c.h; ++ih)
-              for (int64_t iw = 0; iw < c.w; ++iw) {
-                double sum = 0;
-                for (int64_t o = 0; o < c.cout; ++o)
-                  for (int64_t kh = 0; kh < c.k; ++kh)
-                    for (int64_t kw = 0; kw < c.k; ++kw) {
-                      const int64_t sh = ih + c.pad - kh, sv = iw + c.pad - kw, oh = sh / c.stride, ow = sv / c.stride;
-                      if (sh < 0 || sv < 0 || sh % c.stride || sv % c.stride || oh >= Ho || ow >= Wo) continue;
-                      sum += static_cast<double>(g.data<float>()[((n * Ho + oh) * Wo + ow) * c.cout + o]) *
-                             w.data<float>()[((o * c.cin + ci) * c.k + kh) * c.k + kw];
-                    }
-                want.data<float>()[((n * c.cin + ci) * c.h + ih) * c.w + iw] = static_cast<float>(sum);
-              }
-        const double bound = 16 * kEps * K * max_abs_deq(gq) * max_abs(w);
-        expect_within(direct, want, bound, what + ": direct vs fp64");
-        expect_within(rows, want, bound, what + ": per-pixel rows vs fp64");
-      }
 }
 
 // The integer path is thread-count invariant: integer sums are exact.
