@@ -80,6 +80,16 @@ struct ConvCase {
   int64_t n, cin, cout, h, w, k, stride, pad;
 };
 
+// Each sample (index 0) of t scaled by its own exp(2 N(0,1)) (from `stream`): per-sample grids
+// of very different widths, and BHQ groups of several samples.
+void scale_samples(Tensor& t, uint64_t stream) {
+  const int64_t n = t.size(0), per = t.numel() / n;
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = std::exp(2.0f * normal_at({stream, 1}, static_cast<uint64_t>(i)));
+    for (int64_t j = 0; j < per; ++j) t.data<float>()[i * per + j] *= f;
+  }
+}
+
 // Value of code i of q (group g) in double: what the integer path's corrections are exact for.
 double code_value(const QuantizedTensor& q, int64_t i, int64_t g) {
   return static_cast<double>(q.codes.data<uint8_t>()[i]) / static_cast<double>(q.scale[g]) + static_cast<double>(q.lo[g]);
@@ -488,11 +498,7 @@ TEST(intPath, ConvPerSampleRowsEqualSimulated) {
           Conv2d li("conv", c.cin, c.cout, c.k, c.stride, c.pad, false, ri, 5, 13);
           const Tensor y = li.forward(x, ctx);
           Tensor dy = randn(y.shape(), 52, 1e-2f);
-          const int64_t per = dy.numel() / c.n;
-          for (int64_t n = 0; n < c.n; ++n) {
-            const float f = std::exp(2.0f * normal_at({94, 1}, n));
-            for (int64_t i = 0; i < per; ++i) dy.data<float>()[n * per + i] *= f;
-          }
+          scale_samples(dy, 94);
           dxi[threads - 1] = li.backward(dy, ctx);
           gi[threads - 1] = li.last_dgrad_q();
           if (threads == 2) break;
@@ -554,11 +560,8 @@ TEST(intPath, ConvDirectDgradEqualsExactValue) {
           const StepContext ctx{true, 4, 9};
           const Tensor y = l.forward(x, ctx);
           Tensor dy = randn(y.shape(), 62, 1e-2f);
+          scale_samples(dy, 95);
           const int64_t per = dy.numel() / c.n;
-          for (int64_t n = 0; n < c.n; ++n) {
-            const float f = std::exp(2.0f * normal_at({95, 1}, n));
-            for (int64_t i = 0; i < per; ++i) dy.data<float>()[n * per + i] *= f;
-          }
           // Sample 0 (with PTQ: every sample) far from 0 (+1000): a grid that does not cover 0, its
           // offset Lz ~10^6 code units (Oz clamped to 255, the rest in E; unclamped, Oz Zb overflows).
           if (far)
