@@ -201,7 +201,11 @@ def main(argv):
           "fprop and dgrad one product per sample with the weights packed once per layer call, wgrad `x s` = s "
           "samples side by side along k per product). The square and Linear shapes use the automatic "
           "backend. `count` = samples (or products) per layer call, run in parallel; "
-          "GOPS = 2 M N K count / time (useful operations only).")
+          "GOPS = 2 M N K count / time (useful operations only). The dgrad rows are those of gradient grids "
+          "per output position (PSQ and BHQ with fqt's default pixel rows); PTQ's dgrad (one grid) and the "
+          "dgrad with rows per sample (one grid per sample) run instead as a convolution of the gradient codes "
+          "with the flipped weights (`Conv2d::dgrad_int_direct`): the fprop kernel of the layer with Cin and "
+          "Cout swapped (the fprop rows of that shape), stride-2 layers by phases.")
         w("")
         w("| M | N | K | count | used by | int8 M x N x K | int8 backend | int8 GOPS | fp32 GFLOPS | int8 / fp32 |")
         w("|---:|---:|---:|---:|---|---|---|---:|---:|---:|")
