@@ -526,19 +526,26 @@ constexpr int kFpropRun = 28;
 // One sample: out [P, 16] finished values; rx [P] the patch code sums (filled here from the
 // image's pixel sums: the same integers as summing the patch rows); pix [Hp (Wp + Wo) + Wo] scratch.
 // rx [P] = the patch code sums of one padded HWC image (pix [Hp (Wp + Wo) + Wo] scratch).
+// out[i] = the code sum of pixel i of n consecutive C-byte pixels: one sum of absolute
+// differences per 16 channels (a byte_sum call per pixel cost ~1 ms a stage-1 dgrad layer).
+inline void pixel_code_sums(const uint8_t* px, int64_t n, int64_t C, int32_t* out) {
+  if (C % 16 != 0) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(byte_sum(px + i * C, C));
+    return;
+  }
+  const __m128i z = _mm_setzero_si128();
+  for (int64_t i = 0; i < n; ++i) {
+    __m128i acc = _mm_setzero_si128();
+    for (int64_t c = 0; c < C; c += 16)
+      acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(px + i * C + c)), z));
+    out[i] = _mm_cvtsi128_si32(_mm_add_epi64(acc, _mm_unpackhi_epi64(acc, acc)));
+  }
+}
 inline void fprop_patch_sums(const uint8_t* img, const Geom& g, int32_t* pix, float* rx) {
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C, k = g.k, s = g.stride;
-  // Pixel sums (16 channels: one sum of absolute differences per pixel), then the k x k box
-  // sums of the patches, separably: across each image row at the output columns, then down.
-  if (C == 16) {
-    const __m128i z = _mm_setzero_si128();
-    for (int64_t i = 0; i < Hp * Wp; ++i) {
-      const __m128i sad = _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(img + i * 16)), z);
-      pix[i] = _mm_cvtsi128_si32(_mm_add_epi64(sad, _mm_unpackhi_epi64(sad, sad)));
-    }
-  } else {
-    for (int64_t i = 0; i < Hp * Wp; ++i) pix[i] = static_cast<int32_t>(byte_sum(img + i * C, C));
-  }
+  // Pixel sums, then the k x k box sums of the patches, separably: across each image row at the
+  // output columns, then down.
+  pixel_code_sums(img, Hp * Wp, C, pix);
   int32_t* hs = pix + Hp * Wp;  // [Hp][Wo], then one output row's sums (loops over ow innermost)
   const int64_t Wo = g.Wo;
   for (int64_t h = 0; h < Hp; ++h) {
@@ -728,11 +735,11 @@ struct DirectPhase {
   int64_t zoff = 0;
 };
 // One sample's phase: img the padded gradient image (pad rows / columns of zero code around the
-// Ho x Wo gradient, C channels, Wp wide), pix its pixel code sums (Hp x Wp) and hs scratch of Hp
-// x Mb; rx scratch of Ma x Mb; out [H W][Cin], position (ih, iw) at (ih W + iw) Cin.
-[[gnu::noinline]] void dgrad_direct_phase(const DirectPhase& ph, const uint8_t* img, const int32_t* pix, int64_t Hp, int64_t Wp,
-                               int64_t pad, int64_t C, int64_t s, int64_t W, DirectTerms t, const int32_t* Z,
-                               const float* E, int32_t* hs, float* rx, float* out) {
+// Ho x Wo gradient, C channels, Wp wide), pix its pixel code sums (Wp wide) and hs scratch of
+// (Ma + ka) x Mb; rx scratch of Ma x Mb; out [H W][Cin], position (ih, iw) at (ih W + iw) Cin.
+[[gnu::noinline]] void dgrad_direct_phase(const DirectPhase& ph, const uint8_t* img, const int32_t* pix, int64_t Wp,
+                                          int64_t pad, int64_t C, int64_t s, int64_t W, DirectTerms t, const int32_t* Z,
+                                          const float* E, int32_t* hs, float* rx, float* out) {
   const int64_t cin = t.cin, ldo = s * cin;
   // Patch code sums: ka x kb box sums of the pixel sums, across (the rows the patches use) then
   // down, the columns innermost (vector loops).
@@ -744,7 +751,6 @@ struct DirectPhase {
     for (int64_t l = 1; l < ph.kb; ++l)
       for (int64_t n = 0; n < ph.Mb; ++n) d[n] += src[n + l];
   }
-  (void)Hp;
   for (int64_t m = 0; m < ph.Ma; ++m) {
     int32_t* __restrict acc = hs + (h1 - h0) * ph.Mb;  // (scratch after the rows)
     for (int64_t n = 0; n < ph.Mb; ++n) acc[n] = hs[m * ph.Mb + n];
@@ -1398,30 +1404,8 @@ Tensor Conv2d::dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* a
         for (int64_t i = 0; i < P * cout_; i += 64) __builtin_prefetch(gc + next * P * cout_ + i);
       for (int64_t oh = 0; oh < g.Ho; ++oh)
         std::memcpy(img.data() + ((oh + pad) * Wp + pad) * cout_, an + oh * row, static_cast<size_t>(row));
-      // Pixel code sums (the patch sums' box sums start from them; the padding's are 0): one
-      // sum of absolute differences per 16 channels (a byte_sum call per pixel cost ~1 ms a
-      // stage-1 layer).
-      for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        int32_t* pr = pix.data() + (oh + pad) * Wp + pad;
-        const uint8_t* ar = an + oh * row;
-        if (cout_ == 16) {
-          const __m128i z = _mm_setzero_si128();
-          for (int64_t ow = 0; ow < g.Wo; ++ow) {
-            const __m128i sad = _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ar + ow * 16)), z);
-            pr[ow] = _mm_cvtsi128_si32(_mm_add_epi64(sad, _mm_unpackhi_epi64(sad, sad)));
-          }
-        } else if (cout_ % 16 == 0) {
-          const __m128i z = _mm_setzero_si128();
-          for (int64_t ow = 0; ow < g.Wo; ++ow) {
-            __m128i acc = _mm_setzero_si128();
-            for (int64_t c = 0; c < cout_; c += 16)
-              acc = _mm_add_epi64(acc, _mm_sad_epu8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ar + ow * cout_ + c)), z));
-            pr[ow] = _mm_cvtsi128_si32(_mm_add_epi64(acc, _mm_unpackhi_epi64(acc, acc)));
-          }
-        } else {
-          for (int64_t ow = 0; ow < g.Wo; ++ow) pr[ow] = static_cast<int32_t>(byte_sum(ar + ow * cout_, cout_));
-        }
-      }
+      // Pixel code sums (the patch sums' box sums start from them; the padding's are 0).
+      for (int64_t oh = 0; oh < g.Ho; ++oh) pixel_code_sums(an + oh * row, g.Wo, cout_, pix.data() + (oh + pad) * Wp + pad);
       // Oz: Lz's integer part, |Oz| <= B when the grid covers 0 (a gradient's does, unless all of
       // it lies on one side of 0); clamped to 255 (then the offset dominates the value, and dz Zb
       // in E carries the rest to fp32 rounding of that value).
@@ -1438,7 +1422,7 @@ Tensor Conv2d::dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* a
               Z[i] = static_cast<int32_t>(static_cast<int64_t>(Oz) * zb);
               E[i] = static_cast<float>((Lz - Oz) * static_cast<double>(zb) + Lz * Lwc * static_cast<double>(ph.nv[c]));
             }
-          dgrad_direct_phase(ph, img.data(), pix.data(), Hp, Wp, pad, cout_, s, g.W, t, Z.data(), E.data(), hs.data(),
+          dgrad_direct_phase(ph, img.data(), pix.data(), Wp, pad, cout_, s, g.W, t, Z.data(), E.data(), hs.data(),
                              rx.data(), out.data());
         }
       }

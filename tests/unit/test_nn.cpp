@@ -492,6 +492,24 @@ TEST(nn, batchnorm_reports_its_output_range) {
       }
 }
 
+namespace {
+// f(shape, fused ReLU, residual, description) for every shape, with and without the fused ReLU
+// and the residual, on 1 and 2 threads (set around each call, restored after it).
+template <class F>
+void for_each_bn_backward_case(const std::vector<Shape>& shapes, F&& f) {
+  for (const Shape& sh : shapes)
+    for (bool relu : {false, true})
+      for (bool residual : {false, true})
+        for (int threads : {1, 2}) {
+          const int saved = omp_get_max_threads();
+          omp_set_num_threads(threads);
+          f(sh, relu, residual,
+            shape_str(sh) + (relu ? " relu" : "") + (residual ? " residual" : "") + " threads " + std::to_string(threads));
+          omp_set_num_threads(saved);
+        }
+}
+}  // namespace
+
 // Backward's ranges: a batch norm's backward reports its dx's exact min and max (with and without
 // the residual added as dx is written; 1 and 2 threads; runs of every tail length), none when dx
 // holds a NaN or an infinity; and a model's gradients are bit for bit the same whether the
@@ -499,47 +517,39 @@ TEST(nn, batchnorm_reports_its_output_range) {
 TEST(nn, batchnorm_backward_reports_its_dx_range) {
   std::vector<Shape> shapes = {Shape{4, 3, 7, 7}, Shape{16, 16, 28, 28}};
   for (int64_t P = 1; P <= 17; ++P) shapes.push_back(Shape{3, 2, 1, P});
-  for (const Shape& sh : shapes)
-    for (bool relu : {false, true})
-      for (bool residual : {false, true})
-        for (int threads : {1, 2}) {
-          const int saved = omp_get_max_threads();
-          omp_set_num_threads(threads);
-          const std::string what = shape_str(sh) + (relu ? " relu" : "") + (residual ? " residual" : "") +
-                                   " threads " + std::to_string(threads);
-          const Tensor x = randn(sh, 43, 3.0f), dy = randn(sh, 44), res = randn(sh, 45, 0.5f);
-          BatchNorm2d bn("bn", sh[1]);
-          if (relu) bn.with_relu();
-          const StepContext ctx{true, 0, 0};
-          bn.forward(x, ctx);
-          ValueRange r;
-          const Tensor dx = bn.backward(dy, ctx, residual ? &res : nullptr, &r);
-          const Tensor plain = bn.backward(dy, ctx, residual ? &res : nullptr);  // (gradients accumulate: dx only)
-          EXPECT_TRUE(bit_equal(dx, plain)) << what;
-          const float* p = dx.data<float>();
-          ASSERT_TRUE(r.valid) << what;
-          EXPECT_EQ(r.lo, *std::min_element(p, p + dx.numel())) << what;
-          EXPECT_EQ(r.hi, *std::max_element(p, p + dx.numel())) << what;
-          const int64_t per = dx.numel() / sh[0];  // each sample's range too
-          ASSERT_EQ(static_cast<int64_t>(r.sample_lo.size()), sh[0]) << what;
-          ASSERT_EQ(static_cast<int64_t>(r.sample_hi.size()), sh[0]) << what;
-          for (int64_t n = 0; n < sh[0]; ++n) {
-            EXPECT_EQ(r.sample_lo[n], *std::min_element(p + n * per, p + (n + 1) * per)) << what << " sample " << n;
-            EXPECT_EQ(r.sample_hi[n], *std::max_element(p + n * per, p + (n + 1) * per)) << what << " sample " << n;
-          }
-          for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
-            Tensor dyb = dy.clone();
-            dyb.data<float>()[dy.numel() - 1] = bad;  // the last value: the tail of the last run (the mask may drop it)
-            ValueRange rb;
-            const Tensor dxb = bn.backward(dyb, ctx, residual ? &res : nullptr, &rb);
-            bool nonfinite = false;
-            for (int64_t i = 0; i < dxb.numel(); ++i) nonfinite |= !std::isfinite(dxb.data<float>()[i]);
-            EXPECT_EQ(rb.valid, !nonfinite) << what << " with " << bad;
-            if (nonfinite) continue;
-            EXPECT_EQ(rb.lo, *std::min_element(dxb.data<float>(), dxb.data<float>() + dxb.numel())) << what;
-          }
-          omp_set_num_threads(saved);
-        }
+  for_each_bn_backward_case(shapes, [&](const Shape& sh, bool relu, bool residual, const std::string& what) {
+    const Tensor x = randn(sh, 43, 3.0f), dy = randn(sh, 44), res = randn(sh, 45, 0.5f);
+    BatchNorm2d bn("bn", sh[1]);
+    if (relu) bn.with_relu();
+    const StepContext ctx{true, 0, 0};
+    bn.forward(x, ctx);
+    ValueRange r;
+    const Tensor dx = bn.backward(dy, ctx, residual ? &res : nullptr, &r);
+    const Tensor plain = bn.backward(dy, ctx, residual ? &res : nullptr);  // (gradients accumulate: dx only)
+    EXPECT_TRUE(bit_equal(dx, plain)) << what;
+    const float* p = dx.data<float>();
+    ASSERT_TRUE(r.valid) << what;
+    EXPECT_EQ(r.lo, *std::min_element(p, p + dx.numel())) << what;
+    EXPECT_EQ(r.hi, *std::max_element(p, p + dx.numel())) << what;
+    const int64_t per = dx.numel() / sh[0];  // each sample's range too
+    ASSERT_EQ(static_cast<int64_t>(r.sample_lo.size()), sh[0]) << what;
+    ASSERT_EQ(static_cast<int64_t>(r.sample_hi.size()), sh[0]) << what;
+    for (int64_t n = 0; n < sh[0]; ++n) {
+      EXPECT_EQ(r.sample_lo[n], *std::min_element(p + n * per, p + (n + 1) * per)) << what << " sample " << n;
+      EXPECT_EQ(r.sample_hi[n], *std::max_element(p + n * per, p + (n + 1) * per)) << what << " sample " << n;
+    }
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      Tensor dyb = dy.clone();
+      dyb.data<float>()[dy.numel() - 1] = bad;  // the last value: the tail of the last run (the mask may drop it)
+      ValueRange rb;
+      const Tensor dxb = bn.backward(dyb, ctx, residual ? &res : nullptr, &rb);
+      bool nonfinite = false;
+      for (int64_t i = 0; i < dxb.numel(); ++i) nonfinite |= !std::isfinite(dxb.data<float>()[i]);
+      EXPECT_EQ(rb.valid, !nonfinite) << what << " with " << bad;
+      if (nonfinite) continue;
+      EXPECT_EQ(rb.lo, *std::min_element(dxb.data<float>(), dxb.data<float>() + dxb.numel())) << what;
+    }
+  });
 }
 
 // A batch norm's backward handed dy's only handle (moved in) writes dx over dy's storage, with the
@@ -547,42 +557,35 @@ TEST(nn, batchnorm_backward_reports_its_dx_range) {
 // (or passes dy as the residual too) keeps dy unchanged. With and without the fused ReLU and the
 // residual, 1 and 2 threads, a shape with tails.
 TEST(nn, batchnorm_backward_over_a_moved_dy_equals_a_fresh_dx) {
-  for (const Shape& sh : {Shape{4, 3, 7, 7}, Shape{16, 16, 28, 28}, Shape{3, 2, 1, 13}})
-    for (bool relu : {false, true})
-      for (bool residual : {false, true})
-        for (int threads : {1, 2}) {
-          const int saved = omp_get_max_threads();
-          omp_set_num_threads(threads);
-          const std::string what = shape_str(sh) + (relu ? " relu" : "") + (residual ? " residual" : "") +
-                                   " threads " + std::to_string(threads);
-          const Tensor x = randn(sh, 53, 2.0f), dy = randn(sh, 54), res = randn(sh, 55, 0.5f);
-          const StepContext ctx{true, 0, 0};
-          auto run = [&](bool move, Tensor* dg) {
-            BatchNorm2d bn("bn", sh[1]);
-            if (relu) bn.with_relu();
-            bn.forward(x, ctx);
-            Tensor d = dy.clone();
-            const void* storage = d.raw();
-            ValueRange r;
-            Tensor dx = move ? bn.backward(std::move(d), ctx, residual ? &res : nullptr, &r)
-                             : bn.backward(d, ctx, residual ? &res : nullptr, &r);
-            EXPECT_EQ(dx.raw() == storage, move) << what << (move ? ": moved dy, new storage" : ": kept dy, written over");
-            if (!move) {
-              EXPECT_TRUE(bit_equal(d, dy)) << what << ": the caller's dy changed";
-            }
-            std::vector<Param*> ps;
-            bn.collect_params(ps);
-            *dg = Tensor::empty({2 * sh[1]});
-            std::copy_n(ps[0]->grad.data<float>(), sh[1], dg->data<float>());
-            std::copy_n(ps[1]->grad.data<float>(), sh[1], dg->data<float>() + sh[1]);
-            return dx;
-          };
-          Tensor g_fresh, g_over;
-          const Tensor fresh = run(false, &g_fresh), over = run(true, &g_over);
-          EXPECT_TRUE(bit_equal(fresh, over)) << what;
-          EXPECT_TRUE(bit_equal(g_fresh, g_over)) << what;
-          omp_set_num_threads(saved);
-        }
+  for_each_bn_backward_case({Shape{4, 3, 7, 7}, Shape{16, 16, 28, 28}, Shape{3, 2, 1, 13}},
+                            [&](const Shape& sh, bool relu, bool residual, const std::string& what) {
+    const Tensor x = randn(sh, 53, 2.0f), dy = randn(sh, 54), res = randn(sh, 55, 0.5f);
+    const StepContext ctx{true, 0, 0};
+    auto run = [&](bool move, Tensor* dg) {
+      BatchNorm2d bn("bn", sh[1]);
+      if (relu) bn.with_relu();
+      bn.forward(x, ctx);
+      Tensor d = dy.clone();
+      const void* storage = d.raw();
+      ValueRange r;
+      Tensor dx = move ? bn.backward(std::move(d), ctx, residual ? &res : nullptr, &r)
+                       : bn.backward(d, ctx, residual ? &res : nullptr, &r);
+      EXPECT_EQ(dx.raw() == storage, move) << what << (move ? ": moved dy, new storage" : ": kept dy, written over");
+      if (!move) {
+        EXPECT_TRUE(bit_equal(d, dy)) << what << ": the caller's dy changed";
+      }
+      std::vector<Param*> ps;
+      bn.collect_params(ps);
+      *dg = Tensor::empty({2 * sh[1]});
+      std::copy_n(ps[0]->grad.data<float>(), sh[1], dg->data<float>());
+      std::copy_n(ps[1]->grad.data<float>(), sh[1], dg->data<float>() + sh[1]);
+      return dx;
+    };
+    Tensor g_fresh, g_over;
+    const Tensor fresh = run(false, &g_fresh), over = run(true, &g_over);
+    EXPECT_TRUE(bit_equal(fresh, over)) << what;
+    EXPECT_TRUE(bit_equal(g_fresh, g_over)) << what;
+  });
   // dy as its own residual: not written over (the residual is read as dx is written).
   const Shape sh{2, 3, 5, 5};
   const StepContext ctx{true, 0, 0};
