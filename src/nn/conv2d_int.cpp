@@ -46,6 +46,7 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <optional>
 
@@ -1182,13 +1183,17 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
   // <= 1/2, as in dgrad_int: the finishing then runs in fp32 on 8 lanes without losing the
   // offset term's cancellation.
   std::vector<float> inv(cout_), wo(cout_), wd(cout_), crow(cout_);
-  std::vector<int32_t> tap(static_cast<size_t>(ckk));  // (c, kh, kw) -> (kh, kw, c), once per call
-  for (int64_t r = 0; r < ckk; ++r) tap[r] = static_cast<int32_t>(hwc_tap(r, k_, cin_));
+  // from[t]: the (c, kh, kw) tap that lands at (kh, kw, c) tap t, once per call; Bw's rows are
+  // written in order, gathering from the weight row in cache (the scatter was serial time in perf).
+  std::vector<int32_t> from(static_cast<size_t>(ckk));
+  for (int64_t r = 0; r < ckk; ++r) from[hwc_tap(r, k_, cin_)] = static_cast<int32_t>(r);
   for (int64_t c = 0; c < cout_; ++c) {
     int64_t rbw = 0;
-    for (int64_t r = 0; r < ckk; ++r) {
-      const int v = wc[c * ckk + r] - shw;
-      Bw[c * ckk + tap[r]] = static_cast<int8_t>(v), rbw += v;
+    const uint8_t* __restrict wr = wc + c * ckk;
+    int8_t* __restrict br = Bw.data() + c * ckk;
+    for (int64_t t = 0; t < ckk; ++t) {
+      const int v = wr[from[t]] - shw;
+      br[t] = static_cast<int8_t>(v), rbw += v;
     }
     const double sw = scale_of(wq, c), Lw = lo_of(wq, c) + shw / sw;  // weight = (code - shw) / sw + Lw
     const double Lwc = Lw * sw, O = std::nearbyint(Lwc);
@@ -1216,9 +1221,16 @@ Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq,
     std::vector<float> tm(static_cast<size_t>(nh * 5 * W));
     for (int64_t c = 0; c < cout_; ++c) {
       const int64_t h = c / W, l = c % W;
-      for (int64_t r = 0; r < ckk; ++r) {
-        const int64_t q = (r / kc) * seg4 * 4 + r % kc;  // tap r's byte in its kernel row's groups
-        bv[((h * K4 + q / 4) * W + l) * 4 + q % 4] = Bw[c * ckk + r];
+      // Tap r = j kc + t (kernel row j) goes to byte t of kernel row j's groups: group j seg4 +
+      // t / 4, byte t % 4 (no division per tap: it was a serial millisecond a step in perf).
+      // Whole groups of 4 as one 32-bit move.
+      const int8_t* __restrict src = Bw.data() + c * ckk;
+      for (int64_t j = 0; j < k_; ++j) {
+        int8_t* __restrict dst = bv.data() + ((h * K4 + j * seg4) * W + l) * 4;
+        const int8_t* __restrict sj = src + j * kc;
+        int64_t t = 0;
+        for (; t + 4 <= kc; t += 4) std::memcpy(dst + t * W, sj + t, 4);
+        for (; t < kc; ++t) dst[(t >> 2) * W * 4 + (t & 3)] = sj[t];
       }
       float* th = tm.data() + h * 5 * W;
       th[l] = wo[c], th[W + l] = wd[c], th[2 * W + l] = inv[c], th[3 * W + l] = crow[c], th[4 * W + l] = b ? b[c] : 0.0f;
@@ -1351,17 +1363,35 @@ Tensor Conv2d::dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* a
       const int64_t K4 = ph.ka * ph.seg4;
       ph.bv.assign(static_cast<size_t>(cin_ / W * K4 * W * 4), 0);
       std::vector<int64_t> tapsum(static_cast<size_t>(cin_ * ph.ka * ph.kb));  // [ci][j][l]
-      for (int64_t ci = 0; ci < cin_; ++ci)
-        for (int64_t j = 0; j < ph.ka; ++j)
-          for (int64_t l = 0; l < ph.kb; ++l) {
-            const int64_t kh = ph.kh0 + s * (ph.ka - 1 - j), kw = ph.kw0 + s * (ph.kb - 1 - l);
-            for (int64_t o = 0; o < cout_; ++o) {
-              const int v = wc[(o * cin_ + ci) * kk + kh * k + kw] - shw;
-              const int64_t r = (j * ph.kb + l) * cout_ + o, q = (r / kc) * ph.seg4 * 4 + r % kc;
-              ph.bv[(((ci / W) * K4 + q / 4) * W + ci % W) * 4 + q % 4] = static_cast<int8_t>(v);
-              tapsum[(ci * ph.ka + j) * ph.kb + l] += v;
+      // Tap (j, l, o) is byte t = l Cout + o of kernel row j's groups: group j seg4 + t / 4, byte
+      // t % 4 (no division per tap: it was a serial millisecond a step in perf).
+      const int64_t ka = ph.ka, kb = ph.kb, seg4 = ph.seg4, cin = cin_, cout = cout_;
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        int8_t* __restrict bci = ph.bv.data() + ((ci / W) * K4 * W + ci % W) * 4;
+        for (int64_t j = 0; j < ka; ++j)
+          for (int64_t l = 0; l < kb; ++l) {
+            const int64_t kh = ph.kh0 + s * (ka - 1 - j), kw = ph.kw0 + s * (kb - 1 - l);
+            const uint8_t* __restrict wp = wc + ci * kk + kh * k + kw;  // output channel o at o Cin kk
+            int8_t* __restrict dst = bci + j * seg4 * W * 4;
+            int64_t sum = 0, o = 0;
+            if (cout % 4 == 0)  // whole groups of 4 output channels: one 32-bit store each
+              for (; o < cout; o += 4) {
+                int8_t b4[4];
+                for (int64_t i = 0; i < 4; ++i) {
+                  const int v = wp[(o + i) * cin * kk] - shw;
+                  b4[i] = static_cast<int8_t>(v), sum += v;
+                }
+                std::memcpy(dst + (l * cout + o) * W, b4, 4);
+              }
+            for (; o < cout; ++o) {
+              const int v = wp[o * cin * kk] - shw;
+              const int64_t t = l * cout + o;
+              dst[(t >> 2) * W * 4 + (t & 3)] = static_cast<int8_t>(v);
+              sum += v;
             }
+            tapsum[(ci * ka + j) * kb + l] = sum;
           }
+      }
       std::vector<std::array<int64_t, 2>> rr, cr;
       classes(ph.Ma, ph.ra, ph.ka, g.Ho, ph.rcls, rr);
       classes(ph.Mb, ph.rb, ph.kb, g.Wo, ph.ccls, cr);
@@ -1988,7 +2018,18 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   FQT_CHECK(P <= igemm_max_k(255, 128), "Conv2d {}: {} output positions per sample exceed the int32 bound of "
             "the integer wgrad ({})", name_, P, igemm_max_k(255, 128));
   const int T = omp_get_max_threads();
-  std::vector<int64_t> part(static_cast<size_t>(T * wsize), 0);
+  // Thread t's partials at t wsize, zeroed by that thread inside its region (a serial memset of
+  // T x wsize int64 here was a tenth of a millisecond per 64-channel layer, the other thread idle);
+  // used[t]: thread t ran (a region may run on fewer threads than T).
+  std::unique_ptr<int64_t[]> part(new int64_t[static_cast<size_t>(T * wsize)]);
+  std::vector<uint8_t> used(static_cast<size_t>(T), 0);
+  auto partials = [&] {
+    const int t = omp_get_thread_num();
+    int64_t* a = part.get() + t * wsize;
+    std::fill(a, a + wsize, int64_t{0});
+    used[t] = 1;
+    return a;
+  };
 #if defined(FQT_WGRAD_DIRECT)
   if (g_direct_wgrad.load(std::memory_order_relaxed) && igemm_detail::vnni_available() && (cin_ == 16 || cin_ == 1) &&
       cout_ == 16 && stride_ == 1) {
@@ -2006,7 +2047,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
       std::vector<int8_t> grp(static_cast<size_t>(g.Ho * G4 * 64));
       std::vector<int32_t> acc32(static_cast<size_t>(kk * (c1 ? 1 : kWgradAcc) * 16));
       std::vector<int64_t> rs(static_cast<size_t>(c1 ? Hp * k_ : 0));
-      int64_t* acc = part.data() + omp_get_thread_num() * wsize;
+      int64_t* acc = partials();
       int64_t* rx = acc + ssize;
       int64_t* rg = rx + ckk;
       const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
@@ -2056,7 +2097,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
       std::vector<uint8_t> tg(static_cast<size_t>(Hp * Wp * cin_ * 4));
       std::vector<int8_t> grp(static_cast<size_t>(g.Ho * G4 * cout_ * 4));
       std::vector<int32_t> acc32(static_cast<size_t>(kk * cout_ * cin_)), sums32(static_cast<size_t>(kk * cin_));
-      int64_t* acc = part.data() + omp_get_thread_num() * wsize;
+      int64_t* acc = partials();
       int64_t* rx = acc + ssize;
       int64_t* rg = rx + ckk;
       const auto flip = static_cast<uint8_t>(shg == 128 ? 0x80 : 0x00);
@@ -2109,7 +2150,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
       std::vector<uint8_t> img(static_cast<size_t>((g.H + 2 * g.pad) * (g.W + 2 * g.pad) * cin_ + 128));
       std::vector<uint8_t> A(static_cast<size_t>(ckk * ldk + 64));
       std::vector<int32_t> C(static_cast<size_t>(ssize));
-      int64_t* acc = part.data() + omp_get_thread_num() * wsize;
+      int64_t* acc = partials();
       int64_t* rx = acc + ssize;
       int64_t* rg = rx + ckk;
       split.run([&](int64_t bi) {
@@ -2137,19 +2178,31 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
       });
     }
   }
-  for (int t = 1; t < T; ++t)
-    for (int64_t i = 0; i < wsize; ++i) part[i] += part[t * wsize + i];
+  // The partials summed (exact integers: any order) and finished, rows of S (taps) split over
+  // the threads; each weight's fp64 formula as before.
+  std::vector<const int64_t*> parts;
+  for (int t = 0; t < T; ++t)
+    if (used[t]) parts.push_back(part.get() + t * wsize);
+  const auto np = static_cast<int64_t>(parts.size());
   const bool per_col = gq.granularity() == Granularity::column;
-  const int64_t* S = part.data();
-  const int64_t* rx = S + ssize;
-  const int64_t* rg = rx + ckk;
   const double K = static_cast<double>(N * P);
-  float* dw = weight_.grad.data<float>();
+  std::vector<double> inv(static_cast<size_t>(cout_)), cb(inv.size()), cr(inv.size());
   for (int64_t c = 0; c < cout_; ++c) {
+    int64_t rg = 0;
+    for (int64_t t = 0; t < np; ++t) rg += parts[t][ssize + ckk + c];
     const double sg = scale_of(gq, per_col ? c : 0), Lg = lo_of(gq, per_col ? c : 0) + shg / sg;
-    const double inv = 1.0 / (sg * sx), cb = Lg / sx, cr = lx / sg * static_cast<double>(rg[c]) + K * lx * Lg;
-    for (int64_t k = 0; k < ckk; ++k)
-      dw[c * ckk + k] += static_cast<float>(static_cast<double>(S[k * cout_ + c]) * inv + cb * static_cast<double>(rx[k]) + cr);
+    inv[c] = 1.0 / (sg * sx), cb[c] = Lg / sx, cr[c] = lx / sg * static_cast<double>(rg) + K * lx * Lg;
+  }
+  float* dw = weight_.grad.data<float>();
+#pragma omp parallel for schedule(static) if (parallel_worth(ssize * np * 8))
+  for (int64_t k = 0; k < ckk; ++k) {
+    int64_t rx = 0;
+    for (int64_t t = 0; t < np; ++t) rx += parts[t][ssize + k];
+    for (int64_t c = 0; c < cout_; ++c) {
+      int64_t s = 0;
+      for (int64_t t = 0; t < np; ++t) s += parts[t][k * cout_ + c];
+      dw[c * ckk + k] += static_cast<float>(static_cast<double>(s) * inv[c] + cb[c] * static_cast<double>(rx) + cr[c]);
+    }
   }
 }
 
