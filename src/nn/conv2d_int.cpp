@@ -1478,14 +1478,20 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq, const BhqTransform* across) 
   std::vector<int8_t> Bt(static_cast<size_t>(ckk * cout_));
   std::vector<float> rb(ckk, 0.0f);  // weight code sums per tap, |rb_k| <= Cout * 128: exact in fp32
   const uint8_t* wc = wq_.codes.data<uint8_t>();
-  for (int64_t r = 0; r < ckk; ++r) {  // row of Bt in (kh, kw, c) tap order
-    const int64_t k = hwc_tap(r, k_, cin_);
-    int64_t s = 0;
-    for (int64_t c = 0; c < cout_; ++c) {
-      const int v = wc[c * ckk + r] - shw;
-      Bt[k * cout_ + c] = static_cast<int8_t>(v), s += v;
+  {
+    // W^T as s8 by a byte transpose (code - 128 = code ^ 0x80 for 8 bits, shw = 0 below), its
+    // rows then moved to (kh, kw, c) tap order (a strided scalar loop here was serial time in perf).
+    FQT_CHECK(shw == 0 || shw == 128, "Conv2d {}: weight code shift {}", name_, shw);
+    std::vector<uint8_t> wt(static_cast<size_t>(ckk * cout_));
+    kernels::transpose_bytes(wc, cout_, ckk, ckk, wt.data(), cout_, shw == 128 ? 0x80 : 0x00);
+    for (int64_t r = 0; r < ckk; ++r) {  // row r of W^T -> row k of Bt
+      const int64_t k = hwc_tap(r, k_, cin_);
+      const int8_t* __restrict src = reinterpret_cast<const int8_t*>(wt.data()) + r * cout_;
+      int8_t* __restrict dst = Bt.data() + k * cout_;
+      int32_t s = 0;
+      for (int64_t c = 0; c < cout_; ++c) dst[c] = src[c], s += src[c];
+      rb[k] = static_cast<float>(s);
     }
-    rb[k] = static_cast<float>(s);
   }
   // BHQ's T over G's rows (pixel rows), or with `across` over the samples (applied to dX by
   // SampleUnits; with one position per sample, P = 1, its rows are also G's, and `across` takes it).
