@@ -2026,7 +2026,8 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
   const int T = omp_get_max_threads();
   // Thread t's partials at t wsize, zeroed by that thread inside its region (a serial memset of
   // T x wsize int64 here was a tenth of a millisecond per 64-channel layer, the other thread idle);
-  // used[t]: thread t ran (a region may run on fewer threads than T).
+  // used[t]: thread t ran (a region may run on fewer threads than T). Every region below calls
+  // partials() on each of its threads: a path that did not would leave its slice unset.
   std::unique_ptr<int64_t[]> part(new int64_t[static_cast<size_t>(T * wsize)]);
   std::vector<uint8_t> used(static_cast<size_t>(T), 0);
   auto partials = [&] {
