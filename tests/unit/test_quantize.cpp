@@ -2,6 +2,7 @@
 // seed behaviour, deterministic grids, bad input.
 #include "fqt/quant.hpp"
 #include "fqt/stats.hpp"
+#include "kernels/cpu/round_run.hpp"
 #include "quant/grid.hpp"
 
 #include <gtest/gtest.h>
@@ -104,6 +105,35 @@ TEST(Quantize, FastPathEqualsReferenceBitForBit) {
         EXPECT_TRUE(same_codes(quantize(x, spec, {11, 2}), quantize_ref(x, spec, {11, 2})))
             << traits(k).name << " bits " << bits << " shape " << r << "x" << c;
       }
+  }
+}
+
+// The vector rounding of a run (kernels::round_run_stochastic: AVX-512, AVX2 and the scalar tail)
+// against grid.hpp's round_stochastic for positions no data-derived grid produces: below 0 (to
+// -3), exactly on integers, one ulp either side of them, -0, at and above B (to B + 3), with
+// uniforms 0, the smallest positive float, 1/2 and the largest below 1. The vector forms floor by
+// truncating after the clamp at 0; a floor dropped or a clamp in the wrong order fails here.
+TEST(Quantize, StochasticRunRoundingEqualsScalarFormulaEverywhere) {
+  for (int bits : {2, 5, 8}) {
+    const int B = (1 << bits) - 1;
+    std::vector<float> pos;  // grid positions v (lo = 0, scale = 1: s = v exactly)
+    for (int k = -3; k <= B + 3; ++k) {
+      const float f = static_cast<float>(k);
+      pos.insert(pos.end(), {f, std::nextafter(f, -1e9f), std::nextafter(f, 1e9f), f + 0.25f, f - 0.5f});
+    }
+    pos.push_back(-0.0f);
+    const float us[] = {0.0f, std::numeric_limits<float>::denorm_min(), 0.5f, std::nextafter(1.0f, 0.0f)};
+    for (float uv : us)
+      for (size_t start = 0; start < 3; ++start)  // (shifts the 16- and 8-lane blocks across the values)
+        for (const auto& [lo, scale] : {std::pair{0.0f, 1.0f}, std::pair{-1.5f, 0.75f}}) {
+          std::vector<float> s, u;
+          for (size_t i = start; i < pos.size(); ++i) s.push_back(pos[i] / scale + lo), u.push_back(uv);
+          std::vector<uint8_t> out(s.size(), 0xAA);
+          kernels::round_run_stochastic(s.data(), u.data(), static_cast<int64_t>(s.size()), lo, scale, B, out.data());
+          for (size_t i = 0; i < s.size(); ++i)
+            ASSERT_EQ(out[i], quant_detail::round_stochastic(quant_detail::grid_pos(s[i], lo, scale), u[i], B))
+                << "bits " << bits << " s " << s[i] << " u " << u[i] << " lo " << lo << " scale " << scale;
+        }
   }
 }
 

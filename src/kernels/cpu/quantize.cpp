@@ -29,6 +29,7 @@ namespace fqt {
 using namespace quant_detail;
 using kernels::minmax_lanes;
 using kernels::round_run_nearest;
+using kernels::round_run_stochastic;
 #if defined(__AVX2__)
 using kernels::store_codes16;
 using kernels::store_codes8;
@@ -99,41 +100,6 @@ bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
   return false;
 }
 
-// Rounding of a run of n values that share one grid: out[i] = round_stochastic(grid_pos(s[i], lo,
-// scale), u[i], B), the formulas of grid.hpp, 16 values per AVX-512 or 8 per AVX2 instruction
-// (round_run_nearest, round_run.hpp, is its deterministic twin).
-// Bit-identical to the scalar formulas: the same IEEE operations in the same order (no
-// contraction), floor and round-to-nearest-even by vroundps, and the clamps are exact; inputs are
-// finite (checked before rounding). The scalar loop the compiler made of the lambdas below was
-// not vectorized (the u8 stores may alias the captured grids) and was ~8% of the FQT step.
-inline void round_run_stochastic(const float* __restrict s, const float* __restrict u, int64_t n, float lo,
-                                 float scale, int B, uint8_t* __restrict out) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  {  // 16 at a time, the codes narrowed by vpmovdb straight to memory (a PSQ row of 16 values is one step)
-    const __m512 vlo = _mm512_set1_ps(lo), vsc = _mm512_set1_ps(scale), vB = _mm512_set1_ps(static_cast<float>(B));
-    const __m512 zero = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-      __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vlo), vsc), _mm512_loadu_ps(u + i));
-      v = _mm512_mask_roundscale_ps(v, kAll16, v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      v = _mm512_mask_min_ps(v, kAll16, _mm512_mask_max_ps(v, kAll16, v, zero), vB);
-      _mm512_mask_cvtepi32_storeu_epi8(out + i, kAll16, _mm512_mask_cvttps_epi32(_mm512_castps_si512(v), kAll16, v));
-    }
-  }
-#endif
-#if defined(__AVX2__)
-  const __m256 vlo = _mm256_set1_ps(lo), vsc = _mm256_set1_ps(scale), vB = _mm256_set1_ps(static_cast<float>(B));
-  const __m256 zero = _mm256_setzero_ps();
-  auto codes8 = [&](int64_t k) {  // 8 codes as int32 lanes
-    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + k), vlo), vsc), _mm256_loadu_ps(u + k));
-    v = _mm256_min_ps(_mm256_max_ps(_mm256_floor_ps(v), zero), vB);
-    return _mm256_cvttps_epi32(v);
-  };
-  for (; i + 16 <= n; i += 16) store_codes16(codes8(i), codes8(i + 8), out + i);
-  if (i + 8 <= n) store_codes8(codes8(i), out + i), i += 8;
-#endif
-  for (; i < n; ++i) out[i] = round_stochastic(grid_pos(s[i], lo, scale), u[i], B);
-}
 
 // The stochastic rounding pass over a rows x cols matrix, for one or more independent draws:
 // the flat element range in fixed chunks of kChunk elements (a multiple of 4, so each chunk
@@ -433,10 +399,7 @@ struct Nchw16 {
   __m512 zero = _mm512_setzero_ps();
   // One code per lane: x on the grid (vlo, vsc) with uniform u, rounded as round_run_stochastic does.
   [[gnu::always_inline]] __m512i code(__m512 x, __m512 u, __m512 vlo, __m512 vsc, __m512 vB) const {
-    __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x, vlo), vsc), u);
-    v = _mm512_mask_roundscale_ps(v, kAll16, v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    v = _mm512_mask_min_ps(v, kAll16, _mm512_mask_max_ps(v, kAll16, v, zero), vB);
-    return _mm512_mask_cvttps_epi32(_mm512_castps_si512(v), kAll16, v);
+    return kernels::stochastic_codes16(_mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x, vlo), vsc), u), vB);
   }
   // code[j][t]: lane i = row r0 + i's code of channel k + 4j + t. Packed four channels to a
   // 32-bit lane, transposed as 4 x 4 blocks of lanes into G's row layout: rows r0 .. r0 + n - 1,
