@@ -524,9 +524,6 @@ constexpr int kFpropRun = 28;
 #define FQT_RUNS_1_14(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14)
 #define FQT_RUNS_1_28(X) \
   FQT_RUNS_1_14(X) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23) X(24) X(25) X(26) X(27) X(28)
-// One sample: out [P, 16] finished values; rx [P] the patch code sums (filled here from the
-// image's pixel sums: the same integers as summing the patch rows); pix [Hp (Wp + Wo) + Wo] scratch.
-// rx [P] = the patch code sums of one padded HWC image (pix [Hp (Wp + Wo) + Wo] scratch).
 // out[i] = the code sum of pixel i of n consecutive C-byte pixels: one sum of absolute
 // differences per 16 channels (a byte_sum call per pixel cost ~1 ms a stage-1 dgrad layer).
 inline void pixel_code_sums(const uint8_t* px, int64_t n, int64_t C, int32_t* out) {
@@ -542,6 +539,7 @@ inline void pixel_code_sums(const uint8_t* px, int64_t n, int64_t C, int32_t* ou
     out[i] = _mm_cvtsi128_si32(_mm_add_epi64(acc, _mm_unpackhi_epi64(acc, acc)));
   }
 }
+// rx [P] = the patch code sums of one padded HWC image (pix [Hp (Wp + Wo) + Wo] scratch).
 inline void fprop_patch_sums(const uint8_t* img, const Geom& g, int32_t* pix, float* rx) {
   const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, C = g.C, k = g.k, s = g.stride;
   // Pixel sums, then the k x k box sums of the patches, separably: across each image row at the
@@ -564,6 +562,8 @@ inline void fprop_patch_sums(const uint8_t* img, const Geom& g, int32_t* pix, fl
     for (int64_t ow = 0; ow < Wo; ++ow) rx[oh * Wo + ow] = static_cast<float>(acc[ow]);  // <= Ckk * 255: exact
   }
 }
+// One sample: out [P, 16] finished values; rx [P] the patch code sums (filled here from the
+// image's pixel sums: the same integers as summing the patch rows); pix [Hp (Wp + Wo) + Wo] scratch.
 inline void fprop_fused_sample(const uint8_t* img, const Geom& g, const int8_t* bv, const FpropTerms& t, int32_t* pix,
                                float* rx, float* out) {
   fprop_patch_sums(img, g, pix, rx);
@@ -1479,9 +1479,8 @@ Tensor Conv2d::dgrad_int(const QuantizedTensor& gq, const BhqTransform* across) 
   std::vector<float> rb(ckk, 0.0f);  // weight code sums per tap, |rb_k| <= Cout * 128: exact in fp32
   const uint8_t* wc = wq_.codes.data<uint8_t>();
   {
-    // W^T as s8 by a byte transpose (code - 128 = code ^ 0x80 for 8 bits, shw = 0 below), its
+    // W^T as s8 by a byte transpose (code - 128 = code ^ 0x80 for 8 bits; s8_shift is 0 below), its
     // rows then moved to (kh, kw, c) tap order (a strided scalar loop here was serial time in perf).
-    FQT_CHECK(shw == 0 || shw == 128, "Conv2d {}: weight code shift {}", name_, shw);
     std::vector<uint8_t> wt(static_cast<size_t>(ckk * cout_));
     kernels::transpose_bytes(wc, cout_, ckk, ckk, wt.data(), cout_, shw == 128 ? 0x80 : 0x00);
     for (int64_t r = 0; r < ckk; ++r) {  // row r of W^T -> row k of Bt
@@ -2201,7 +2200,7 @@ void Conv2d::wgrad_int(const QuantizedTensor& gq) {
     inv[c] = 1.0 / (sg * sx), cb[c] = Lg / sx, cr[c] = lx / sg * static_cast<double>(rg) + K * lx * Lg;
   }
   float* dw = weight_.grad.data<float>();
-#pragma omp parallel for schedule(static) if (parallel_worth(ssize * np * 8))
+#pragma omp parallel for schedule(static) if (parallel_worth(ssize * np * 8))  // (bytes of partials read)
   for (int64_t k = 0; k < ckk; ++k) {
     int64_t rx = 0;
     for (int64_t t = 0; t < np; ++t) rx += parts[t][ssize + k];

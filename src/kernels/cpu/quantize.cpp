@@ -30,10 +30,6 @@ using namespace quant_detail;
 using kernels::minmax_lanes;
 using kernels::round_run_nearest;
 using kernels::round_run_stochastic;
-#if defined(__AVX2__)
-using kernels::store_codes16;
-using kernels::store_codes8;
-#endif
 #if defined(__AVX512F__)
 using kernels::kAll16;
 #endif
@@ -99,7 +95,6 @@ bool group_minmax(const float* x, int64_t rows, int64_t cols, Granularity g, std
     if (!std::isfinite(mn[i]) || !std::isfinite(mx[i])) return true;
   return false;
 }
-
 
 // The stochastic rounding pass over a rows x cols matrix, for one or more independent draws:
 // the flat element range in fixed chunks of kChunk elements (a multiple of 4, so each chunk
@@ -396,7 +391,6 @@ struct Nchw16 {
   __m512i i1hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   __m512i i2lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
   __m512i i2hi = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
-  __m512 zero = _mm512_setzero_ps();
   // One code per lane: x on the grid (vlo, vsc) with uniform u, rounded as round_run_stochastic does.
   [[gnu::always_inline]] __m512i code(__m512 x, __m512 u, __m512 vlo, __m512 vsc, __m512 vB) const {
     return kernels::stochastic_codes16(_mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x, vlo), vsc), u), vB);

@@ -62,13 +62,12 @@ inline void round_run_nearest(const float* __restrict s, int64_t n, float lo, fl
   for (; i < n; ++i) out[i] = round_nearest(grid_pos(s[i], lo, scale), B);
 }
 
-
 #if defined(__AVX512F__)
 // 16 stochastic codes from v = grid position + uniform: round_stochastic's floor(v) clamped to
 // [0, B], computed as trunc(min(max(v, 0), B)): after the max v >= 0, where truncation is floor,
 // and min(v, B) truncates to B exactly when floor(v) >= B, so the codes are the same for every
 // finite v (tests/unit/test_quantize.cpp drives negative, integral and above-B values), with one
-// rounding instruction less (quantizers ~2.5% faster in the psq/s step, session 26). Codes in
+// rounding instruction less (quantizers ~2% faster in the psq/s step, session 26). Codes in
 // int32 lanes.
 [[gnu::always_inline]] inline __m512i stochastic_codes16(__m512 v, __m512 vB) {
   v = _mm512_mask_min_ps(v, kAll16, _mm512_mask_max_ps(v, kAll16, v, _mm512_setzero_ps()), vB);
