@@ -110,6 +110,53 @@ TEST(Rng, FillUniformsEqualsUniformAt) {
     }
 }
 
+#include "kernels/cpu/philox_avx512.hpp"
+#if defined(__AVX512F__)
+// philox512::blocks: sets of 16 blocks at base + q * set_stride + off[i], equal to philox_block
+// word for word, on its lane-uniform path (no carry of the low word: rounds 1 and 2 partly
+// scalar) and its general one (a carry inside the sets, or a high word above 0), for the strides
+// fill_uniforms (16 consecutive blocks a set) and the channel-major draws (lane i at i * C / 4,
+// sets one block apart) use. (GCC 12's false maybe-uninitialized in its own AVX-512 header, as in
+// philox_batch.cpp, silenced here.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+TEST(Rng, Philox512BlocksEqualPhiloxBlock) {
+  using namespace fqt::kernels::philox512;
+  const RngKey key{0xFEDCBA9876543210ull, 0x0123456789ABCDEFull};
+  for (uint64_t base : {uint64_t{0}, uint64_t{77}, uint64_t{0xFFFFFFC0ull}, uint64_t{0xFFFFFFFEull},
+                        uint64_t{0x500000003ull}, uint64_t{0x12345FFFFFFF0ull}, ~uint64_t{0} - 40})
+    for (uint32_t lane_step : {1u, 4u, 16u}) {
+      const uint64_t set_stride = lane_step == 1 ? 16 : 1;  // as fill_uniforms / Nchw16::draw
+      alignas(64) uint32_t off[16];
+      for (uint32_t i = 0; i < 16; ++i) off[i] = i * lane_step;
+      __m512i c0[4], c1[4], c2[4], c3[4];
+      blocks<4>(key, base, set_stride, _mm512_load_si512(off), 15 * lane_step, c0, c1, c2, c3);
+      __m512i d0[4], d1[4], d2[4], d3[4];
+      blocks<4, true>(key, base, set_stride, _mm512_load_si512(off), 15 * lane_step, d0, d1, d2, d3);
+      for (int q = 0; q < 4; ++q) {
+        alignas(64) uint32_t w[2][4][16];
+        _mm512_store_si512(w[0][0], c0[q]), _mm512_store_si512(w[0][1], c1[q]);
+        _mm512_store_si512(w[0][2], c2[q]), _mm512_store_si512(w[0][3], c3[q]);
+        _mm512_store_si512(w[1][0], d0[q]), _mm512_store_si512(w[1][1], d1[q]);
+        _mm512_store_si512(w[1][2], d2[q]), _mm512_store_si512(w[1][3], d3[q]);
+        for (int i = 0; i < 16; ++i) {
+          uint32_t want[4];
+          philox_block(key, base + q * set_stride + off[i], want);
+          for (int u = 0; u < 2; ++u)
+            for (int k = 0; k < 4; ++k)
+              ASSERT_EQ(w[u][k][i], want[k]) << "base " << base << " lane step " << lane_step << " set " << q << " lane " << i
+                                             << " word " << k << (u ? " (unrolled)" : "");
+        }
+      }
+    }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
 #include "kernels/cpu/transpose.hpp"
 
 // The layout transpose is pure data movement: every shape (8x8 tiles, edges, strides) bit-exact.

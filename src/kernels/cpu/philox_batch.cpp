@@ -48,14 +48,7 @@ void fill_uniforms(RngKey key, uint64_t block0, int64_t nblocks, float* out) {
   constexpr int S = 4;
   auto run = [&](int64_t j0, int sets) {
     __m512i c0[S], c1[S], c2[S], c3[S];
-    for (int q = 0; q < S; ++q) {
-      if (q >= sets) {  // an unused set: zeros through the rounds, never stored
-        c0[q] = c1[q] = c2[q] = c3[q] = _mm512_setzero_si512();
-        continue;
-      }
-      counters(key, block0 + static_cast<uint64_t>(j0 + 16 * q), lane, c0[q], c1[q], c2[q], c3[q]);
-    }
-    rounds<S>(key, c0, c1, c2, c3);
+    blocks<S>(key, block0 + static_cast<uint64_t>(j0), 16, lane, 15, c0, c1, c2, c3);  // (unused sets: never stored)
     for (int q = 0; q < sets; ++q) {
       const __m512 v0 = to_uniform(c0[q]), v1 = to_uniform(c1[q]), v2 = to_uniform(c2[q]), v3 = to_uniform(c3[q]);
       // [word][block] -> [block][word]: within each 128-bit lane as in the AVX2 path (e: blocks
