@@ -84,10 +84,9 @@ template <int S, bool kUnroll = false>
 // hi(M1 c2) ^ c1 ^ k0): those are computed once as scalars, 2 of the 20 16-lane multiply pairs
 // fewer. Same words as philox_block. fill_uniforms (3136 blocks, a stage-1 sample, in L1, 1
 // thread): 0.216-0.223 -> 0.200-0.210 ns a uniform. Not in Nchw16::draw: inlined into the
-// per-sample quantizer's loop, the per-sample BHQ pass took 0.8 ms a step longer (register
-// pressure around the out-of-line carry path; 3 alternated breakdowns, session 27).
-// (blocks' rare path, out of line: two inlined copies of the rounds slowed the unrolled draw's
-// loop by ~20%)
+// per-sample quantizer's loop, the per-sample BHQ pass took 0.8 ms a step longer (3 alternated
+// breakdowns, session 27; the call to the carry path inside that loop, or the larger body, not
+// told apart). The carry path is out of line so that callers inline one copy of the rounds.
 // (GCC 12 warns inside its own AVX-512 intrinsics in this out-of-line copy: the placeholder
 // `__m512i __Y = __Y;` of `_mm512_undefined_epi32()` seen as uninitialized, a false positive of that
 // header, as in philox_batch.cpp's fill_uniforms.)
