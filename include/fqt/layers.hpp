@@ -200,9 +200,10 @@ class Conv2d : public QuantizedLayer {
   // Its layers with Cin = 16 or a multiple of 32 (AVX-512 VNNI): each sample's dX as the
   // convolution of its gradient codes with the flipped weights (one grid per sample makes the
   // scales factor out of that reduction; stride s: s x s phases, each a stride-1 convolution with
-  // its share of the taps); T^-1 across the samples as dgrad_int's.
-  // (also for one grid over the whole gradient, PTQ). Whether it applies to this layer:
+  // its share of the taps); T^-1 across the samples as dgrad_int's. Also for one grid over the
+  // whole gradient (PTQ).
   Tensor dgrad_int_direct(const QuantizedTensor& gq, const BhqTransform* across) const;
+  // Whether dgrad_int_direct applies to this layer (and set_conv_direct_dgrad allows it).
   bool direct_dgrad_applies() const;
   void wgrad_int(const QuantizedTensor& gq);
   void add_bias_grad(const Tensor& dy);

@@ -82,8 +82,8 @@ template <int S, bool kUnroll = false>
 // 1 in 2^32 / 64 calls), words 1-3 of the counter are the same in every lane, and so are the
 // inputs of one of the two multiplies in rounds 1 and 2 (round 1: c2, the stream; round 2: c0 =
 // hi(M1 c2) ^ c1 ^ k0): those are computed once as scalars, 2 of the 20 16-lane multiply pairs
-// fewer. Same words as philox_block. fill_uniforms (3136 blocks, a stage-1 sample, in L1, 1
-// thread): 0.216-0.223 -> 0.200-0.210 ns a uniform. Not in Nchw16::draw: inlined into the
+// fewer. Same words as philox_block. The rounds as fill_uniforms runs them, 1 thread
+// (docs/profiles/philox_rounds.cpp): 0.205 -> 0.184 ns a uniform. Not in Nchw16::draw: inlined into the
 // per-sample quantizer's loop, the per-sample BHQ pass took 0.8 ms a step longer (3 alternated
 // breakdowns, session 27; the call to the carry path inside that loop, or the larger body, not
 // told apart). The carry path is out of line so that callers inline one copy of the rounds.
