@@ -17,6 +17,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 using namespace fqt;
@@ -35,16 +36,31 @@ double max_abs(const Tensor& t) {
   return m;
 }
 
+// ||T^-1||_inf of BHQ's transform (T^-1 = diag(1/s) H within each group, H = I - 2 v v^T): the
+// largest row sum |1 - 2 v_k^2| / s_k + sum over the group's other members 2 |v_k v_l| / s_k.
+double inverse_inf_norm(const BhqTransform& t) {
+  double worst = 0;
+  for (int64_t g = 0; g < t.num_groups(); ++g) {
+    const int64_t n = t.group_size(g);
+    float vf, vr;
+    householder_v(n, vf, vr);
+    const double s1 = std::fabs(static_cast<double>(vf)) + static_cast<double>(n - 1) * std::fabs(static_cast<double>(vr));
+    for (int64_t k = 0; k < n; ++k) {
+      const double v = k == 0 ? vf : vr;
+      const double row = std::fabs(1.0 - 2.0 * v * v) + 2.0 * std::fabs(v) * (s1 - std::fabs(v));
+      worst = std::max(worst, row / static_cast<double>(t.row_scale[t.members[t.offsets[g] + k]]));
+    }
+  }
+  return worst;
+}
+
 double max_abs_deq(const QuantizedTensor& q) {
-  // Magnitude of the dequantized operand as the GEMM sees it: BHQ's in the transformed domain,
-  // scaled by the largest amplification of T^-1 (max row of |T^-1| summed = ||T^-1||_inf).
+  // Magnitude of the dequantized operand as the GEMM sees it: BHQ's in the transformed domain
+  // (T^-1 is applied to the GEMM's output), times T^-1's largest amplification ||T^-1||_inf.
   if (!q.transform) return max_abs(dequantize(q));
   QuantizedTensor plain = q;
   plain.transform.reset();
-  const Tensor t = dequantize(plain);
-  double amp = 0;
-  for (double v : q.transform->inverse_column_norms2()) amp = std::max(amp, std::sqrt(v));
-  return max_abs(t) * amp * std::sqrt(static_cast<double>(q.transform->rows));
+  return max_abs(dequantize(plain)) * inverse_inf_norm(*q.transform);
 }
 
 constexpr double kEps = 1.0 / (1 << 24);
@@ -93,6 +109,30 @@ void scale_samples(Tensor& t, uint64_t stream) {
 // Value of code i of q (group g) in double: what the integer path's corrections are exact for.
 double code_value(const QuantizedTensor& q, int64_t i, int64_t g) {
   return static_cast<double>(q.codes.data<uint8_t>()[i]) / static_cast<double>(q.scale[g]) + static_cast<double>(q.lo[g]);
+}
+
+// All of q's values in double, as the integer path's exact sums see them: code / scale + lo per
+// element, and for BHQ then T^-1 in double (per group: (y_k - 2 v_k v.y) / s_k over its members).
+std::vector<double> deq_exact(const QuantizedTensor& q) {
+  std::vector<double> v(static_cast<size_t>(q.rows * q.cols));
+  for (int64_t r = 0; r < q.rows; ++r)
+    for (int64_t c = 0; c < q.cols; ++c) v[r * q.cols + c] = code_value(q, r * q.cols + c, q.group(r, c));
+  if (!q.transform) return v;
+  const BhqTransform& t = *q.transform;
+  const int64_t w = q.rows * q.cols / t.rows;  // values per row of T
+  std::vector<double> out(v.size());
+  for (int64_t g = 0; g < t.num_groups(); ++g) {
+    const int64_t n = t.group_size(g), *mem = t.members.data() + t.offsets[g];
+    float vf, vr;
+    householder_v(n, vf, vr);
+    for (int64_t j = 0; j < w; ++j) {
+      double z = 0;
+      for (int64_t l = 0; l < n; ++l) z += (l == 0 ? vf : vr) * v[mem[l] * w + j];
+      for (int64_t k = 0; k < n; ++k)
+        out[mem[k] * w + j] = (v[mem[k] * w + j] - 2.0 * (k == 0 ? vf : vr) * z) / static_cast<double>(t.row_scale[mem[k]]);
+    }
+  }
+  return out;
 }
 
 // dW of a conv from the codes the integer path multiplied, summed in double: the wgrad operand G
@@ -596,6 +636,150 @@ TEST(intPath, ConvDirectDgradEqualsExactValue) {
           expect_within(direct, want, bound, what + ": direct vs fp64");
           expect_within(rows, want, bound, what + ": per-pixel rows vs fp64");
         }
+}
+
+// The fprop and the default dgrad (a gradient grid per output pixel for PSQ and BHQ; PTQ's one
+// grid as the direct convolution where that applies) against the fp64 value of the same codes:
+// y = sum over (ci, kh, kw) of x w + b, dX the transposed convolution of the gradient operand
+// (BHQ's T^-1 applied in double, deq_exact) with the weights. Both layers evaluate the exact
+// integer sum with a handful of fp32 roundings of terms no larger than ~2 K max|a| max|b| (the
+// bias and residual adds: a rounding of |y|), so they stay within 16 eps K max|a| max|b| + 2 eps
+// max|b|: K times tighter than the int-vs-sim bound. The largest error seen is 0.03 (fprop) and
+// 0.21 (dgrad) of the bound; the weights' values off by a factor 1 + 1e-5 in the reference fail
+// 70 of the 288 comparisons (1 + 1e-4: 266). Shapes through each kernel: the fused fprop (Cout 16, 32, 64; Cin 1, 3, 16, 32),
+// the pixel-row dgrad fused with its finishing (Cout <= 16, Ckk <= 144), through the register
+// window (3x3 stride 1, Cin 32 / 64) and the general epilogue (stride 2, 1x1, 5x5, odd
+// channels); padding 0-2; N = 1; gradients far from 0 (sample 0 + 1000: grids not covering 0).
+TEST(intPath, ConvFpropAndDgradEqualExactValue) {
+  const ConvCase cases[] = {{3, 16, 16, 9, 9, 3, 1, 1}, {2, 1, 16, 12, 11, 3, 1, 1}, {2, 3, 32, 8, 8, 3, 1, 1},
+                            {2, 16, 32, 9, 9, 3, 2, 1}, {2, 32, 32, 7, 6, 3, 1, 1}, {2, 32, 64, 6, 6, 1, 2, 0},
+                            {2, 64, 64, 5, 5, 3, 1, 1}, {2, 16, 8, 6, 7, 3, 1, 0},  {1, 16, 12, 5, 5, 1, 1, 0},
+                            {2, 5, 7, 8, 6, 3, 2, 1},   {2, 9, 4, 6, 6, 5, 1, 2},   {2, 32, 16, 7, 7, 3, 1, 2}};
+  double worst_f = 0, worst_d = 0;  // the largest error seen, as a fraction of its bound
+  for (const ConvCase& c : cases)
+    for (QuantizerKind dk : {QuantizerKind::psq, QuantizerKind::bhq, QuantizerKind::ptq})
+      for (int bits : {3, 8})
+        for (bool far : {false, true}) {
+          const std::string what = std::string(traits(dk).name) + std::to_string(bits) + " " + std::to_string(c.cin) +
+                                   "->" + std::to_string(c.cout) + " k" + std::to_string(c.k) + " s" +
+                                   std::to_string(c.stride) + " pad " + std::to_string(c.pad) + (far ? " far from 0" : "");
+          const Recipe r = recipe(Arith::integer, {dk, bits}, {QuantizerKind::ptq, 8}, bits);
+          Conv2d l("conv", c.cin, c.cout, c.k, c.stride, c.pad, true, r, 5, 13);
+          for (int64_t o = 0; o < c.cout; ++o) l.bias().value.data<float>()[o] = 0.25f * static_cast<float>(o % 5) - 0.5f;
+          Tensor x = randn({c.n, c.cin, c.h, c.w}, 71 + c.cin);
+          if (c.cin % 2)
+            for (int64_t i = 0; i < x.numel(); ++i) x.data<float>()[i] = std::max(0.0f, x.data<float>()[i]);
+          const StepContext ctx{true, 4, 9};
+          const Tensor y = l.forward(x, ctx);
+          const int64_t Ho = y.size(2), Wo = y.size(3), ckk = c.cin * c.k * c.k;
+          const QuantizedTensor& xq = l.saved_input_q();
+          const QuantizedTensor& wq = l.saved_weight_q();
+          const std::vector<double> xv = deq_exact(xq), wv = deq_exact(wq);
+          const long zero_code = std::lrint(-static_cast<double>(xq.lo[0]) * xq.scale[0]);
+          const double pad_value = static_cast<double>(zero_code) / static_cast<double>(xq.scale[0]) + static_cast<double>(xq.lo[0]);
+          double ax = std::fabs(pad_value), aw = 0, ab = 0;
+          for (double v : xv) ax = std::max(ax, std::fabs(v));
+          for (double v : wv) aw = std::max(aw, std::fabs(v));
+          for (int64_t o = 0; o < c.cout; ++o) ab = std::max(ab, std::fabs(static_cast<double>(l.bias().value.data<float>()[o])));
+          Tensor want = Tensor::empty(y.shape());
+          for (int64_t n = 0; n < c.n; ++n)
+            for (int64_t o = 0; o < c.cout; ++o)
+              for (int64_t oh = 0; oh < Ho; ++oh)
+                for (int64_t ow = 0; ow < Wo; ++ow) {
+                  double sum = l.bias().value.data<float>()[o];
+                  for (int64_t ci = 0; ci < c.cin; ++ci)
+                    for (int64_t kh = 0; kh < c.k; ++kh)
+                      for (int64_t kw = 0; kw < c.k; ++kw) {
+                        const int64_t ih = oh * c.stride - c.pad + kh, iw = ow * c.stride - c.pad + kw;
+                        const bool inside = ih >= 0 && ih < c.h && iw >= 0 && iw < c.w;
+                        sum += (inside ? xv[((n * c.cin + ci) * c.h + ih) * c.w + iw] : pad_value) *
+                               wv[o * ckk + (ci * c.k + kh) * c.k + kw];
+                      }
+                  want.data<float>()[((n * c.cout + o) * Ho + oh) * Wo + ow] = static_cast<float>(sum);
+                }
+          const double bound_f = 16 * kEps * ckk * ax * aw + 2 * kEps * ab;
+          expect_within(y, want, bound_f, what + ": fprop vs fp64");
+          for (int64_t i = 0; i < y.numel(); ++i)
+            worst_f = std::max(worst_f, std::fabs(static_cast<double>(y.data<float>()[i]) - want.data<float>()[i]) / bound_f);
+
+          Tensor dy = randn(y.shape(), 72, 1e-2f);
+          scale_samples(dy, 96);
+          if (far)
+            for (int64_t i = 0; i < (dk == QuantizerKind::ptq ? c.n : 1) * dy.numel() / c.n; ++i) dy.data<float>()[i] += 1000.0f;
+          const Tensor dx = l.backward(dy, ctx);
+          const QuantizedTensor& gq = l.last_dgrad_q();
+          if (dk != QuantizerKind::ptq) {
+            ASSERT_EQ(gq.rows, c.n * Ho * Wo) << what << ": a grid per output pixel";
+          }
+          const std::vector<double> gv = deq_exact(gq);
+          const int64_t K = c.cout * c.k * c.k;
+          Tensor want_dx = Tensor::empty(x.shape());
+          for (int64_t n = 0; n < c.n; ++n)
+            for (int64_t ci = 0; ci < c.cin; ++ci)
+              for (int64_t ih = 0; ih < c.h; ++ih)
+                for (int64_t iw = 0; iw < c.w; ++iw) {
+                  double sum = 0;
+                  for (int64_t o = 0; o < c.cout; ++o)
+                    for (int64_t kh = 0; kh < c.k; ++kh)
+                      for (int64_t kw = 0; kw < c.k; ++kw) {
+                        const int64_t sh = ih + c.pad - kh, sv = iw + c.pad - kw, oh = sh / c.stride, ow = sv / c.stride;
+                        if (sh < 0 || sv < 0 || sh % c.stride || sv % c.stride || oh >= Ho || ow >= Wo) continue;
+                        sum += gv[((n * Ho + oh) * Wo + ow) * c.cout + o] * wv[o * ckk + (ci * c.k + kh) * c.k + kw];
+                      }
+                  want_dx.data<float>()[((n * c.cin + ci) * c.h + ih) * c.w + iw] = static_cast<float>(sum);
+                }
+          const double bound_d = 16 * kEps * K * max_abs_deq(gq) * aw;
+          expect_within(dx, want_dx, bound_d, what + ": dgrad vs fp64");
+          for (int64_t i = 0; i < dx.numel(); ++i)
+            worst_d = std::max(worst_d, std::fabs(static_cast<double>(dx.data<float>()[i]) - want_dx.data<float>()[i]) / bound_d);
+        }
+  std::printf("  largest error / bound: fprop %.3g, dgrad %.3g\n", worst_f, worst_d);
+}
+
+// The same for Linear: y = x W^T + b and dX = G W against the fp64 value of the codes, bound
+// 16 eps K max|a| max|b| (+ the bias's rounding), for each dgrad quantizer, K = 1, 7, 67, 130.
+TEST(intPath, LinearEqualsExactValue) {
+  struct Case {
+    int64_t n, in, out;
+  };
+  const Case cases[] = {{1, 7, 3}, {5, 67, 10}, {33, 130, 17}, {64, 256, 64}, {9, 1, 5}, {4, 20, 1}};
+  uint64_t stream = 800;
+  for (const Case& c : cases)
+    for (QuantizerKind dk : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq})
+      for (int bits : {3, 8}) {
+        const std::string what = "linear " + std::to_string(c.n) + "x" + std::to_string(c.in) + "->" +
+                                 std::to_string(c.out) + " " + traits(dk).name + " " + std::to_string(bits) + "b";
+        Linear l("fc", c.in, c.out, true, recipe(Arith::integer, {dk, bits}, {QuantizerKind::ptq, 8}, bits), 2, 7);
+        for (int64_t o = 0; o < c.out; ++o) l.bias().value.data<float>()[o] = 0.3f * static_cast<float>(o % 4) - 0.4f;
+        const Tensor x = randn({c.n, c.in}, ++stream);
+        const StepContext ctx{true, 9, stream};
+        const Tensor y = l.forward(x, ctx);
+        const std::vector<double> xv = deq_exact(l.saved_input_q()), wv = deq_exact(l.saved_weight_q());
+        double ax = 0, aw = 0, ab = 0;
+        for (double v : xv) ax = std::max(ax, std::fabs(v));
+        for (double v : wv) aw = std::max(aw, std::fabs(v));
+        Tensor want = Tensor::empty(y.shape());
+        for (int64_t n = 0; n < c.n; ++n)
+          for (int64_t o = 0; o < c.out; ++o) {
+            double sum = l.bias().value.data<float>()[o];
+            ab = std::max(ab, std::fabs(sum));
+            for (int64_t k = 0; k < c.in; ++k) sum += xv[n * c.in + k] * wv[o * c.in + k];
+            want.data<float>()[n * c.out + o] = static_cast<float>(sum);
+          }
+        expect_within(y, want, 16 * kEps * c.in * ax * aw + 2 * kEps * ab, what + ": fprop vs fp64");
+        Tensor dy = randn(y.shape(), 3000 + stream, 1e-2f);
+        scale_samples(dy, 97);
+        const Tensor dx = l.backward(dy, ctx);
+        const std::vector<double> gv = deq_exact(l.last_dgrad_q());
+        Tensor want_dx = Tensor::empty(x.shape());
+        for (int64_t n = 0; n < c.n; ++n)
+          for (int64_t k = 0; k < c.in; ++k) {
+            double sum = 0;
+            for (int64_t o = 0; o < c.out; ++o) sum += gv[n * c.out + o] * wv[o * c.in + k];
+            want_dx.data<float>()[n * c.in + k] = static_cast<float>(sum);
+          }
+        expect_within(dx, want_dx, 16 * kEps * c.out * max_abs_deq(l.last_dgrad_q()) * aw, what + ": dgrad vs fp64");
+      }
 }
 
 // The integer path is thread-count invariant: integer sums are exact.
