@@ -101,6 +101,9 @@ namespace detail {
 // Test hook: when >= 0, the next atomic write fails as if the disk filled up after this many
 // bytes (the partial temporary file is then removed). Reset to -1 after it fires.
 void set_write_fault_for_testing(int64_t fail_after_bytes);
+// Test hook: when nonzero, the next atomic write's temporary file cannot be created, as if open()
+// failed with this errno (e.g. EACCES for a read-only folder, which root would not see). One-shot.
+void set_open_fault_for_testing(int err);
 }  // namespace detail
 
 }  // namespace fqt

@@ -97,6 +97,13 @@ void set_conv_direct_dgrad(bool on);
 // where the direct kernel applies (16 -> 16 channels, stride 1, AVX-512 VNNI and VBMI); both
 // give the same bits (exact integer sums). Default true.
 void set_conv_direct_wgrad(bool on);
+// Which of those fast kernels this build has and this CPU runs (each needs AVX-512 VNNI at
+// compile and run time; direct_wgrad also VBMI at compile time). Tests comparing a kernel with
+// the general path skip where it is missing: both runs would take the general path.
+struct ConvIntKernels {
+  bool fused_fprop = false, fused_dgrad = false, direct_dgrad = false, direct_wgrad = false;
+};
+ConvIntKernels conv_int_kernels();
 // The same for backward's gradient draws: false makes Conv2d's backward_ranged ignore a given dy
 // range (its quantizer then reads dy for it); both give the same bits. Default true.
 void set_conv_given_ranges(bool on);

@@ -290,6 +290,7 @@ void emit(const Plan& p, const Sink& sink) {
 }
 
 std::atomic<int64_t> g_fault_after{-1};
+std::atomic<int> g_open_fault{0};
 
 std::string dir_of(const std::string& path) {
   const size_t slash = path.find_last_of('/');
@@ -301,7 +302,9 @@ std::string dir_of(const std::string& path) {
 // Writes a file atomically (see the header). `produce` pushes the bytes through the sink.
 void atomic_write(const std::string& path, const std::function<void(const Sink&)>& produce) {
   const std::string tmp = fmt::format("{}.tmp.{}", path, static_cast<long>(::getpid()));
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+  int fd = -1;
+  if (const int injected = g_open_fault.exchange(0)) errno = injected;  // (test hook)
+  else fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
   if (fd < 0) {
     const int err = errno;
     std::string hint;
@@ -392,6 +395,7 @@ std::string read_all(const std::string& path) {
 
 namespace detail {
 void set_write_fault_for_testing(int64_t fail_after_bytes) { g_fault_after.store(fail_after_bytes); }
+void set_open_fault_for_testing(int err) { g_open_fault.store(err); }
 }  // namespace detail
 
 std::string serialize_safetensors(const NamedTensors& tensors, const std::map<std::string, std::string>& metadata,

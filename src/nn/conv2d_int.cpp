@@ -1168,6 +1168,17 @@ void set_conv_fused_dgrad(bool on) { g_fused_dgrad.store(on, std::memory_order_r
 void set_conv_direct_wgrad(bool on) { g_direct_wgrad.store(on, std::memory_order_relaxed); }
 void set_conv_direct_dgrad(bool on) { g_direct_dgrad.store(on, std::memory_order_relaxed); }
 
+ConvIntKernels conv_int_kernels() {
+  ConvIntKernels k;
+#if defined(FQT_DGRAD_FUSED)
+  k.fused_fprop = k.fused_dgrad = k.direct_dgrad = igemm_detail::vnni_available();
+#endif
+#if defined(FQT_WGRAD_DIRECT)
+  k.direct_wgrad = igemm_detail::vnni_available();
+#endif
+  return k;
+}
+
 Tensor Conv2d::forward_int(const QuantizedTensor& xq, const QuantizedTensor& wq, int zero_code,
                            const Tensor* residual) const {
   const Geom g = geom(in_shape_, k_, stride_, pad_);

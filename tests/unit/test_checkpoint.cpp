@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -316,7 +317,10 @@ TEST(ckptSafetensors, EveryTruncationAndRandomCorruptionIsAnInputError) {
       ADD_FAILURE() << "iteration " << iter << ": not an InputError: " << e.what();
     }
   }
-  EXPECT_LT(accepted, 3000);
+  // Some flips are valid files (e.g. a changed tensor byte: no checksum in the format); 53 of the
+  // 3000 with this seed. The parser must reject the
+  // rest: more than a tenth accepted would mean header checks gone missing.
+  EXPECT_LT(accepted, 300);
 }
 
 TEST(ckptSafetensors, MissingOrUnreadableFile) {
@@ -384,8 +388,32 @@ TEST(ckptAtomicWrite, ExistingFileSurvivesADiskFullMidWrite) {
   EXPECT_EQ(read_safetensors(path).metadata.at("v"), "2");
 }
 
+// The same refusal as root, which folder permissions do not stop: open() failing with EACCES or
+// EROFS (a read-only mount) through the test hook. The message names the folder; the previous
+// checkpoint is untouched and no temporary file is left.
+TEST(ckptAtomicWrite, ReadOnlyFolderMessageEvenAsRoot) {
+  TempDir dir;
+  const std::string path = dir.file("ckpt.safetensors");
+  write_safetensors(path, {{"a", Tensor::full({2}, 1.0)}});
+  const std::string before = slurp(path);
+  for (int err : {EACCES, EROFS}) {
+    detail::set_open_fault_for_testing(err);
+    try {
+      write_safetensors(path, {{"a", Tensor::full({2}, 2.0)}});
+      ADD_FAILURE() << "write succeeded despite the injected " << std::strerror(err);
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("is not writable"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(std::strerror(err)), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(slurp(path), before);
+    EXPECT_EQ(dir.entries(), std::vector<std::string>{"ckpt.safetensors"});
+  }
+  write_safetensors(path, {{"a", Tensor::full({2}, 3.0)}});  // one-shot: the next write goes through
+  EXPECT_NE(slurp(path), before);
+}
+
 TEST(ckptAtomicWrite, ReadOnlyFolder) {
-  if (::geteuid() == 0) GTEST_SKIP() << "root ignores folder permissions";
+  if (::geteuid() == 0) GTEST_SKIP() << "root ignores folder permissions (ReadOnlyFolderMessageEvenAsRoot covers its message)";
   TempDir dir;
   const std::string sub = dir.file("ro");
   fs::create_directory(sub);

@@ -10,6 +10,7 @@
 //     |int - sim| <= (K + 2) eps sum_k |a_k b_k| <= (K + 2) eps K max|a| max|b|.
 // For BHQ the dgrad operand's max|a| is taken in the transformed domain times the largest
 // row-scale ratio of T^-1 (||T^-1||_inf), since T^-1 is applied to the GEMM output.
+#include "fqt/igemm.hpp"
 #include "fqt/layers.hpp"
 #include "fqt/rng.hpp"
 
@@ -62,6 +63,21 @@ double max_abs_deq(const QuantizedTensor& q) {
   plain.transform.reset();
   return max_abs(dequantize(plain)) * inverse_inf_norm(*q.transform);
 }
+
+// Puts Conv2d's kernel switches and the thread count back to their defaults when a test ends,
+// also when an ASSERT leaves it early (the later tests would otherwise run a non-default path).
+struct DefaultsOnExit {
+  DefaultsOnExit() = default;
+  DefaultsOnExit(const DefaultsOnExit&) = delete;
+  DefaultsOnExit& operator=(const DefaultsOnExit&) = delete;
+  ~DefaultsOnExit() {
+    set_conv_fused_fprop(true);
+    set_conv_fused_dgrad(true);
+    set_conv_direct_dgrad(true);
+    set_conv_direct_wgrad(true);
+    set_num_threads(0);
+  }
+};
 
 constexpr double kEps = 1.0 / (1 << 24);
 
@@ -240,6 +256,8 @@ TEST(intPath, ConvEqualsSimulatedEverywhere) {
 // 4-byte groups whose last bytes belong to the next pixels (zero weights), the image's very last
 // group 3 bytes past it.
 TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
+  const DefaultsOnExit defaults;
+  if (!conv_int_kernels().fused_fprop) GTEST_SKIP() << "no fused fprop kernel in this build / on this CPU";
   struct Case {
     int64_t n, cin, h, w, k, stride, pad;
     bool bias;
@@ -287,6 +305,8 @@ TEST(intPath, ConvFusedFpropEqualsGeneralPath) {
 // accumulator between samples) with padding 0, 1 and 2 and more samples than threads, so that
 // each thread's accumulator serves several samples.
 TEST(intPath, ConvFusedDgradEqualsGeneralPath) {
+  const DefaultsOnExit defaults;
+  if (!conv_int_kernels().fused_dgrad) GTEST_SKIP() << "no fused dgrad kernel in this build / on this CPU";
   set_conv_direct_dgrad(false);  // (PTQ's dgrad would take the direct form: not this test's)
   struct Case {
     int64_t n, cin, cout, h, w, k, stride, pad;
@@ -353,6 +373,8 @@ std::array<Tensor, 2> dw_direct_and_general(Conv2d& conv, const Tensor& x, const
 // gradient grids; 128 x 128 images (P = 16384) make the int32 partials widen every 4 samples (the
 // int32 bound) with 10 samples: a flush and a remainder on each thread.
 TEST(intPath, ConvDirectWgradEqualsGeneralPath) {
+  const DefaultsOnExit defaults;
+  if (!conv_int_kernels().direct_wgrad) GTEST_SKIP() << "no direct wgrad kernel in this build / on this CPU";
   struct Case {
     int64_t n, h, w, k, pad;
   };
@@ -393,6 +415,8 @@ TEST(intPath, ConvDirectWgradEqualsGeneralPath) {
 // int32 partial reaches 255 * 128 * 16384 per sample, 2.14e9 over the 4 samples it holds before
 // it is widened (one more sample would wrap). dW equals the general path's (int64 throughout).
 TEST(intPath, ConvDirectWgradWorstCaseIsExact) {
+  const DefaultsOnExit defaults;
+  if (!conv_int_kernels().direct_wgrad) GTEST_SKIP() << "no direct wgrad kernel in this build / on this CPU";
   const int64_t n = 10, hw = 128;
   const Recipe r = recipe(Arith::integer, {QuantizerKind::psq, 8}, {QuantizerKind::ptq, 8}, 8);
   for (int64_t cin : {16, 1}) {
@@ -472,6 +496,7 @@ TEST(intPath, PerChannelWeightsStillMatch) {
 // of every row): through the gathering dgrad (Cin 8, Cout 6) and through the one fused with its
 // finishing (Cin 16, Cout 8: Ckk = 144).
 TEST(intPath, ConvBhqHeavyTailedGroupsEqualSimulated) {
+  const DefaultsOnExit defaults;
   for (auto [cin, cout] : {std::pair<int64_t, int64_t>{8, 6}, {16, 8}})
   for (int variant = 0; variant < 2; ++variant)
     for (int threads : {1, 2}) {
@@ -516,6 +541,7 @@ TEST(intPath, ConvBhqHeavyTailedGroupsEqualSimulated) {
 // 3x3 (general path, window epilogue), 16 -> 32 3x3 stride 2, 16 -> 32 1x1 stride 2 (no padding),
 // 8 -> 12 (channels not a multiple of 16: the quantizer's generic path), with 2..8 bits.
 TEST(intPath, ConvPerSampleRowsEqualSimulated) {
+  const DefaultsOnExit defaults;
   const ConvCase cases[] = {{9, 16, 16, 8, 8, 3, 1, 1},  {6, 32, 32, 7, 7, 3, 1, 1}, {6, 16, 32, 9, 9, 3, 2, 1},
                             {5, 16, 32, 8, 8, 1, 2, 0},  {7, 8, 12, 6, 6, 3, 1, 1}, {6, 16, 16, 3, 3, 3, 1, 0},
                             {6, 8, 12, 3, 3, 3, 1, 0},   {1, 16, 16, 5, 5, 3, 1, 1}};  // (then P = 1, P = 1, N = 1)
@@ -580,6 +606,7 @@ TEST(intPath, ConvPerSampleRowsEqualSimulated) {
 // of 4: the kernel rows' gap bytes); 1x1; non-square images; N = 1; stride 2 (3x3, 1x1: phases
 // no tap reaches, 5x5) and 3; and Cin 12 (not direct).
 TEST(intPath, ConvDirectDgradEqualsExactValue) {
+  const DefaultsOnExit defaults;
   const ConvCase cases[] = {{4, 16, 16, 9, 9, 3, 1, 1}, {3, 32, 16, 7, 7, 3, 1, 1}, {3, 32, 32, 7, 6, 3, 1, 1},
                             {3, 64, 64, 5, 5, 3, 1, 1}, {3, 16, 12, 6, 6, 3, 1, 0}, {2, 32, 8, 6, 7, 5, 1, 2},
                             {2, 16, 3, 5, 5, 3, 1, 1},  {2, 16, 5, 6, 5, 3, 1, 1},  {2, 64, 16, 4, 4, 1, 1, 0},
@@ -782,8 +809,27 @@ TEST(intPath, LinearEqualsExactValue) {
       }
 }
 
+// A build for the machine's own CPU (FQT_NATIVE, the default) on an AVX-512 VNNI CPU, as CI's,
+// runs the fast kernels: otherwise the tests above that compare each with its general path would
+// skip, and the exact-value tests would see only the general paths.
+TEST(intPath, NativeVnniBuildRunsTheFastKernels) {
+#if defined(__AVX512VNNI__)
+  EXPECT_TRUE(igemm_backend_available(IgemmBackend::vnni));
+  const ConvIntKernels k = conv_int_kernels();
+  EXPECT_TRUE(k.fused_fprop);
+  EXPECT_TRUE(k.fused_dgrad);
+  EXPECT_TRUE(k.direct_dgrad);
+#if defined(__AVX512VBMI__)
+  EXPECT_TRUE(k.direct_wgrad);
+#endif
+#else
+  GTEST_SKIP() << "built without AVX-512 VNNI (FQT_NATIVE=OFF or another CPU)";
+#endif
+}
+
 // The integer path is thread-count invariant: integer sums are exact.
 TEST(intPath, ConvIntegerPathIsThreadInvariant) {
+  const DefaultsOnExit defaults;
   const Recipe r = recipe(Arith::integer, {QuantizerKind::bhq, 5}, {QuantizerKind::ptq, 8});
   // 2 and 3 threads: BHQ's dgrad splits the 32 samples 16 + 16 and 10 + 11 + 11
   Tensor outs[3], grads[3], dxs[3];

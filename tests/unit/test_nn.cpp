@@ -813,6 +813,7 @@ TEST(nn, model_shapes_names_and_layer_ids) {
   EXPECT_THROW(make_model("resnet1000", 3, 32, 32, 10, Recipe{}, 1), InputError);
   try {
     make_model("vgg", 3, 32, 32, 10, Recipe{}, 1);
+    ADD_FAILURE() << "make_model(\"vgg\") did not throw";
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("preact_resnet56"), std::string::npos) << e.what();
   }
