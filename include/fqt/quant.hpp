@@ -102,6 +102,9 @@ struct BhqTransform {
   void apply_inverse(const float* y, float* out, int64_t cols) const;
   // ||T^-1 e_r||^2: how much variance added to row r of T x shows up after T^-1.
   std::vector<double> inverse_column_norms2() const;
+  // ||T^-1||_inf, the largest row sum of |T^-1|: how far an error of at most 1 in each element of
+  // T x can move an element of T^-1 (T x) (tests bound the integer dgrad and the rounding by it).
+  double inverse_inf_norm() const;
 };
 
 // Builds the transform for X (rows x cols) exactly as SPEC section 2 describes.

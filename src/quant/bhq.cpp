@@ -394,4 +394,22 @@ std::vector<double> BhqTransform::inverse_column_norms2() const {
   return out;
 }
 
+double BhqTransform::inverse_inf_norm() const {
+  // Row m of T^-1 within its group: (I - 2 v v^T)_{m,k} / s_m, whose |.| sums to
+  // |1 - 2 v_m^2| / s_m + 2 |v_m| (sum_k |v_k| - |v_m|) / s_m.
+  double worst = 0;
+  for (int64_t g = 0; g < num_groups(); ++g) {
+    const int64_t n = group_size(g);
+    float vf, vr;
+    householder_v(n, vf, vr);
+    const double s1 = std::fabs(static_cast<double>(vf)) + static_cast<double>(n - 1) * std::fabs(static_cast<double>(vr));
+    for (int64_t k = 0; k < n; ++k) {
+      const double v = k == 0 ? vf : vr;
+      const double row = std::fabs(1.0 - 2.0 * v * v) + 2.0 * std::fabs(v) * (s1 - std::fabs(v));
+      worst = std::max(worst, row / static_cast<double>(row_scale[members[offsets[g] + k]]));
+    }
+  }
+  return worst;
+}
+
 }  // namespace fqt

@@ -37,31 +37,13 @@ double max_abs(const Tensor& t) {
   return m;
 }
 
-// ||T^-1||_inf of BHQ's transform (T^-1 = diag(1/s) H within each group, H = I - 2 v v^T): the
-// largest row sum |1 - 2 v_k^2| / s_k + sum over the group's other members 2 |v_k v_l| / s_k.
-double inverse_inf_norm(const BhqTransform& t) {
-  double worst = 0;
-  for (int64_t g = 0; g < t.num_groups(); ++g) {
-    const int64_t n = t.group_size(g);
-    float vf, vr;
-    householder_v(n, vf, vr);
-    const double s1 = std::fabs(static_cast<double>(vf)) + static_cast<double>(n - 1) * std::fabs(static_cast<double>(vr));
-    for (int64_t k = 0; k < n; ++k) {
-      const double v = k == 0 ? vf : vr;
-      const double row = std::fabs(1.0 - 2.0 * v * v) + 2.0 * std::fabs(v) * (s1 - std::fabs(v));
-      worst = std::max(worst, row / static_cast<double>(t.row_scale[t.members[t.offsets[g] + k]]));
-    }
-  }
-  return worst;
-}
-
 double max_abs_deq(const QuantizedTensor& q) {
   // Magnitude of the dequantized operand as the GEMM sees it: BHQ's in the transformed domain
   // (T^-1 is applied to the GEMM's output), times T^-1's largest amplification ||T^-1||_inf.
   if (!q.transform) return max_abs(dequantize(q));
   QuantizedTensor plain = q;
   plain.transform.reset();
-  return max_abs(dequantize(plain)) * inverse_inf_norm(*q.transform);
+  return max_abs(dequantize(plain)) * q.transform->inverse_inf_norm();
 }
 
 // Puts Conv2d's kernel switches and the thread count back to their defaults when a test ends,
