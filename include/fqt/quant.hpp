@@ -276,7 +276,10 @@ QuantPlan quant_plan(const Tensor& x, QuantizerSpec spec);
 // Throws NonFiniteError naming the first NaN/Inf position, if any. `what` names the tensor.
 void check_finite(const Tensor& x, const char* what);
 
-// Sets the number of threads of fqt's CPU kernels (0 = OpenMP default).
+// Sets the number of threads of fqt's CPU kernels: 1..kMaxThreads, or 0 for the process's
+// initial default (OMP_NUM_THREADS, else all cores). Anything else is an InputError naming
+// --threads (libgomp crashes or fails on tens of thousands of threads).
+inline constexpr int kMaxThreads = 1024;
 void set_num_threads(int n);
 int num_threads();
 

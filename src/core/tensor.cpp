@@ -111,8 +111,8 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
   size_t bytes = (t.nbytes() + 63) / 64 * 64;
   if (bytes == 0) bytes = 64;
   void* p = block_cache().get(bytes);
-  FQT_CHECK(p != nullptr, "out of memory allocating {} bytes for a tensor of shape {}", bytes,
-            shape_str(t.shape_));
+  FQT_INPUT_CHECK(p != nullptr, "out of memory: a tensor of shape {} needs {} bytes (lower --batch or the input size)",
+                  shape_str(t.shape_), bytes);
   t.storage_ = std::shared_ptr<void>(p, [bytes](void* q) { block_cache().put(q, bytes); });
   t.ptr_ = p;
   return t;

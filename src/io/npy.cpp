@@ -4,6 +4,7 @@
 #include <bit>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -157,6 +158,11 @@ Tensor parse_npy(const std::string& bytes, const std::string& name) {
 }
 
 Tensor read_npy(const std::string& path) {
+  std::error_code ec;
+  const auto st = std::filesystem::status(path, ec);
+  if (!ec && std::filesystem::is_directory(st)) throw InputError(fmt::format("{}: is a folder, not a .npy file", path));
+  if (!ec && !std::filesystem::is_regular_file(st))  // /dev/zero would be read until memory runs out
+    throw InputError(fmt::format("{}: not a regular file", path));
   std::ifstream f(path, std::ios::binary);
   if (!f) throw InputError(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
   std::ostringstream ss;
@@ -181,6 +187,20 @@ void write_npy(const std::string& path, const Tensor& t) {
   std::string header = fmt::format("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", descr, shape);
   while ((10 + header.size() + 1) % 64 != 0) header += ' ';
   header += '\n';
+  {  // Never replace what is not an .npy file (a checkpoint, a device node) with one.
+    std::error_code ec;
+    const auto st = std::filesystem::symlink_status(path, ec);
+    if (!ec && std::filesystem::exists(st)) {
+      bool npy = false;
+      if (std::filesystem::is_regular_file(st)) {
+        std::ifstream old(path, std::ios::binary);
+        char magic[6] = {};
+        npy = old.read(magic, 6) && std::memcmp(magic, "\x93NUMPY", 6) == 0;
+      }
+      if (!npy)
+        throw InputError(fmt::format("{}: exists and is not a .npy file; not replacing it (choose another output path)", path));
+    }
+  }
   std::string tmp = path + ".tmp";
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);

@@ -301,6 +301,11 @@ std::string dir_of(const std::string& path) {
 
 // Writes a file atomically (see the header). `produce` pushes the bytes through the sink.
 void atomic_write(const std::string& path, const std::function<void(const Sink&)>& produce) {
+  {  // A device node or folder in the way would be replaced by the rename (/dev/full as root).
+    struct stat st {};
+    if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+      throw InputError(fmt::format("{}: exists and is not a regular file; not replacing it", path));
+  }
   const std::string tmp = fmt::format("{}.tmp.{}", path, static_cast<long>(::getpid()));
   int fd = -1;
   if (const int injected = g_open_fault.exchange(0)) errno = injected;  // (test hook)

@@ -340,7 +340,9 @@ Tensor BatchNorm2d::forward_impl(const Tensor& x, const StepContext& ctx, ValueR
     }
     return y;
   }
-  FQT_CHECK(M > 1, "BatchNorm2d {}: training needs more than one value per channel", name_);
+  FQT_INPUT_CHECK(M > 1,
+                  "BatchNorm2d {}: training needs more than one value per channel, got a batch of {} at {}x{} "
+                  "(use a larger --batch or input)", name_, x.size(0), x.size(2), x.size(3));
   FQT_CHECK(!codes || relu_, "BatchNorm2d {}: codes need the fused ReLU", name_);
   // Backward rebuilds x-hat from x: kept here (a handle, no copy), or recomputed.
   x_ = input_src_ ? Tensor() : x;

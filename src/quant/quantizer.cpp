@@ -74,7 +74,9 @@ void check_finite(const Tensor& x, const char* what) {
 }
 
 void set_num_threads(int n) {
-  if (n > 0) omp_set_num_threads(n);
+  static const int initial = omp_get_max_threads();  // what 0 restores (read before any change)
+  FQT_INPUT_CHECK(n >= 0 && n <= kMaxThreads, "--threads must be in 0..{} (0 = all cores), got {}", kMaxThreads, n);
+  omp_set_num_threads(n > 0 ? n : initial);
 }
 int num_threads() { return omp_get_max_threads(); }
 
