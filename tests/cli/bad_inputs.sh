@@ -47,7 +47,7 @@ check() {
   status=$?
   local verdict=ok
   if ((status != 2)); then verdict="exit status $status"
-  elif [[ $(grep -c . <<<"$out") -gt 2 ]] || ! grep -q '^fqt: error: ' <<<"$out"; then verdict="not one 'fqt: error:' line"
+  elif [[ $(grep -c . <<<"$out") -ne 1 ]] || ! grep -q '^fqt: error: ' <<<"$out"; then verdict="not one 'fqt: error:' line"
   elif ! grep -Eq -- "$regex" <<<"$out"; then verdict="message does not match /$regex/"
   elif [[ -n $no_output ]] && compgen -G "$no_output*" > /dev/null; then verdict="left output behind: $(compgen -G "$no_output*")"
   fi
@@ -65,7 +65,9 @@ check train unknown-option    "frobnicate"                 --no-output "$R" -- "
 check train malformed-number  "--batch.*ten"          --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --batch ten
 check train out-of-range      "--batch must be in 1..65536" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --batch 0
 check train out-of-range-2    "--lr"                       --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --lr 1e999
-check train out-of-range-3    "--train-limit"              --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --train-limit -5
+check train out-of-range-3    "--momentum" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --momentum 5
+check train out-of-range-4    "--threads must be in 0.." --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --threads 100000
+check train empty-value       "--momentum was given an empty value" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --momentum ""
 check train unknown-name      "unknown model"              --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --model resnet1000
 check train unknown-name-2    "unknown --on-nonfinite"     --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --on-nonfinite ignore
 check train unknown-name-3    "dgrad-rows.*pixels"         --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --dgrad-rows pixels
@@ -93,16 +95,27 @@ check bench out-of-range      "--batch must be in 1..65536" -- "$fqt" bench step
 check bench unknown-name      "unknown mode 'int4'"        -- "$fqt" bench step --mode int4
 check bench unknown-name-2    "unknown dgrad rows 'row'"   -- "$fqt" bench step --dgrad-rows pixel,row
 check bench incompatible      "input|CxHxW"                -- "$fqt" bench step --input 3x0x32
-check bench missing-subcommand "subcommand is required"    -- "$fqt" bench
+check bench missing-subcommand "fqt bench. needs a command .one of: gemm, step, memory" -- "$fqt" bench
+check bench unknown-subcommand "unknown command 'frob' for .fqt bench" -- "$fqt" bench frob
+check bench out-of-range-2    "--threads must be in 0..1024" -- "$fqt" bench step --model mlp --threads 100000 --no-fork
+check bench incompatible-2    "--input must look like CxHxW" -- "$fqt" bench step --input 1x28x28x9
+check bench incompatible-3    "model cnn needs images of at least 4x4" -- "$fqt" bench step --model cnn --input 1x2x2
+check bench incompatible-4    "stage1.block0.bn1: training needs more than one value" -- "$fqt" bench step --model preact_resnet20 --batch 1 --input 1x1x1 --mode fp32 --steps 1 --warmup 0
+check bench-memory out-of-range "--reps must be in 1..10000" -- "$fqt" bench memory --sizes 0.25 --reps 2147483647
 check bench-gemm unknown-option "frobnicate"               -- "$fqt" bench gemm --frobnicate
 check bench-gemm malformed-number "--m"                    -- "$fqt" bench gemm --m big
 check bench-gemm out-of-range "--m|must be"                -- "$fqt" bench gemm --m 0
+check bench-gemm out-of-range-2 "each operand at most 2.28" -- "$fqt" bench gemm --m 99999999999999999999
+check bench-gemm out-of-range-3 "--threads must be in 0..1024" -- "$fqt" bench gemm --m 8 --n 8 --k 8 --threads 100000
+check bench-gemm incompatible "--shapes needs a square --input" -- "$fqt" bench gemm --shapes cnn --input 1x28x20
 check bench-gemm unknown-name "unknown model|valid"        -- "$fqt" bench gemm --shapes resnet1000
 
 V=$tmp/variance_out  # must never be created by a failing variance run
 check variance unknown-option "frobnicate"                 --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --frobnicate
 check variance malformed-number "samples"                  --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --samples lots
 check variance out-of-range   "bit width from 2 to 8"      --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-bits 9
+check variance out-of-range-2 "--threads must be in 0..1024" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --threads 100000
+check variance out-of-range-3 "a seed is an integer from 0" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --seed -1
 check variance unknown-name   "unknown quantizer 'pqs'"    --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad pqs
 check variance unknown-name-2 "dgrad-rows.*samples"        --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-rows samples
 check variance incompatible   "must be stochastic"         --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad affine
@@ -112,6 +125,11 @@ check variance truncated-file "truncated"                  --no-output "$V" -- "
 check quantize unknown-option "frobnicate"                 -- "$fqt" quantize --input "$fx/good.npy" --frobnicate
 check quantize malformed-number "samples"                  -- "$fqt" quantize --input "$fx/good.npy" --samples lots
 check quantize out-of-range   "bit width from 2 to 8"      -- "$fqt" quantize --input "$fx/good.npy" --bits 12
+check quantize out-of-range-2 "--threads must be in 0..1024" -- "$fqt" quantize --input "$fx/good.npy" --threads 100000
+check quantize out-of-range-3 "--samples must be in 2..100000" -- "$fqt" quantize --input "$fx/good.npy" --samples 2147483647
+check quantize empty-item     "the list '4,,8' has an empty item" -- "$fqt" quantize --input "$fx/good.npy" --bits 4,,8
+check quantize not-a-file     "/dev/zero: not a regular file" -- "$fqt" quantize --input /dev/zero
+check quantize folder         "is a folder, not a .npy file" -- "$fqt" quantize --input "$fx"
 check quantize unknown-name   "unknown quantizer 'pqs'"    -- "$fqt" quantize --input "$fx/good.npy" --quantizer pqs
 check quantize incompatible   "expected a 2-D array"       -- "$fqt" quantize --input "$fx/vec.npy"
 check quantize missing-file   "cannot open"                -- "$fqt" quantize --input "$fx/nope.npy"
@@ -125,7 +143,12 @@ check synth out-of-range      "rows"                       --no-output "$S" -- "
 check synth unknown-name      "unknown matrix kind"        --no-output "$S" -- "$fqt" synth --out "$S" --kind cauchy
 check synth incompatible      "too large"                  --no-output "$S" -- "$fqt" synth --out "$S" --rows 1048576 --cols 1048576
 check synth unwritable-output "cannot write|No such file"  --no-output "$fx/a_file/x.npy" -- "$fqt" synth --out "$fx/a_file/x.npy"
+check synth out-of-range-2    "a seed is an integer from 0" --no-output "$S" -- "$fqt" synth --out "$S" --seed -1
+cp "$ckpt" "$tmp/keep.safetensors"
+check synth not-an-npy-output "exists and is not a .npy file" -- "$fqt" synth --rows 2 --cols 2 --out "$tmp/keep.safetensors"
+cmp -s "$ckpt" "$tmp/keep.safetensors" || { echo "synth replaced a checkpoint"; failed=$((failed + 1)); }
 
-check fqt unknown-subcommand  "frobnicate|error"           -- "$fqt" frobnicate
+check fqt unknown-subcommand  "unknown command 'frobnicate' for .fqt. .one of: train" -- "$fqt" frobnicate
+check fqt unknown-option      "unknown option '--frobnicate' for .fqt." -- "$fqt" --frobnicate
 echo "bad inputs: $((rows - failed))/$rows rows exit 2 with one clear line"
 ((failed == 0))

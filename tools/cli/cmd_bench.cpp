@@ -45,8 +45,11 @@ double now_ms() {
 }
 
 void parse_input(const std::string& input, int& c, int& h, int& w) {
-  FQT_INPUT_CHECK(std::sscanf(input.c_str(), "%dx%dx%d", &c, &h, &w) == 3 && c > 0 && h > 0 && w > 0,
+  int end = 0;
+  FQT_INPUT_CHECK(std::sscanf(input.c_str(), "%dx%dx%d%n", &c, &h, &w, &end) == 3 &&
+                      end == static_cast<int>(input.size()) && c > 0 && h > 0 && w > 0,
                   "--input must look like CxHxW, e.g. 1x28x28 (got '{}')", input);
+  FQT_INPUT_CHECK(c <= 64 && h <= 1024 && w <= 1024, "--input {}: at most 64 channels and 1024 x 1024 pixels", input);
 }
 
 // ---- fqt bench gemm ---------------------------------------------------------------------------
@@ -96,8 +99,9 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::st
   int c = 0, h = 0, w = 0;
   parse_input(input, c, h, w);
   Recipe r;  // fp32: the layers keep their fp32 input
+  FQT_INPUT_CHECK(h == w, "--shapes needs a square --input (got {})", input);
   ModulePtr net = make_model(model, c, h, w, 10, r, 0);
-  const Tensor x = Tensor::zeros({1, c, h, w});
+  const Tensor x = Tensor::zeros({2, c, h, w});  // (2 samples: batch norm needs more than one value)
   net->forward(x, StepContext{true, 0, 0});
   std::vector<QuantizedLayer*> layers;
   net->collect_quantized(layers);
@@ -120,9 +124,9 @@ std::vector<GemmShape> model_gemm_shapes(const std::string& model, const std::st
       conv->collect_saved(saved);
       size_t bytes = 0;
       for (auto& s : saved) bytes += s.second;
-      const int64_t hw = static_cast<int64_t>(bytes / sizeof(float)) / cin;
+      const int64_t hw = static_cast<int64_t>(bytes / sizeof(float)) / (2 * cin);
       const auto hin = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(hw))));
-      FQT_CHECK(hin * hin == hw && static_cast<int64_t>(bytes) == cin * hw * 4,
+      FQT_CHECK(hin * hin == hw && static_cast<int64_t>(bytes) == 2 * cin * hw * 4,
                 "bench gemm: cannot infer the input size of {} (saved {} bytes, Cin {})", conv->name(), bytes, cin);
       const int64_t ho = conv->out_size(hin), P = ho * ho, ckk = cin * kk;
       add(cout, P, ckk, batch, conv->name() + " fprop", P, cout, ckk, true);
@@ -148,7 +152,8 @@ const char* int8_backend_for(int64_t m, int64_t n, int64_t k) {
 }
 
 int run_gemm_bench(const GemmOptions& o) {
-  FQT_INPUT_CHECK(o.m >= 1 && o.n >= 1 && o.k >= 1 && o.m * o.n <= (int64_t(1) << 28) &&
+  FQT_INPUT_CHECK(o.m >= 1 && o.n >= 1 && o.k >= 1 && o.m <= (int64_t(1) << 28) && o.n <= (int64_t(1) << 28) &&
+                      o.k <= (int64_t(1) << 28) && o.m * o.n <= (int64_t(1) << 28) &&
                       o.m * o.k <= (int64_t(1) << 28) && o.n * o.k <= (int64_t(1) << 28),
                   "--m, --n, --k must be >= 1 and each operand at most 2^28 elements");
   FQT_INPUT_CHECK(o.reps >= 1 && o.reps <= 10000, "--reps must be in 1..10000");
@@ -438,6 +443,9 @@ nlohmann::json run_step_config_forked(const StepOptions& o, const StepConfig& cf
     int rc = 0;
     try {
       msg = run_step_config(o, cfg).dump();
+    } catch (const InputError& e) {  // (the parent exits 2, as for bad input in the parent)
+      msg = nlohmann::json{{"error", e.what()}, {"input_error", true}}.dump();
+      rc = 1;
     } catch (const std::exception& e) {
       msg = nlohmann::json{{"error", e.what()}}.dump();
       rc = 1;
@@ -487,7 +495,8 @@ void print_breakdown(const nlohmann::json& b, const nlohmann::json& phases, doub
 int run_step_bench(const StepOptions& o) {
   int c = 0, h = 0, w = 0;
   parse_input(o.input, c, h, w);
-  FQT_INPUT_CHECK(o.steps >= 1 && o.warmup >= 0, "--steps must be >= 1 and --warmup >= 0");
+  FQT_INPUT_CHECK(o.steps >= 1 && o.steps <= 100000 && o.warmup >= 0 && o.warmup <= 100000,
+                  "--steps must be in 1..100000 and --warmup in 0..100000");
   FQT_INPUT_CHECK(o.batch >= 1 && o.batch <= 65536, "--batch must be in 1..65536");
   FQT_INPUT_CHECK(o.dgrad_bits >= 2 && o.dgrad_bits <= 8, "--dgrad-bits must be 2..8");
   const auto& names = model_names();
@@ -516,30 +525,44 @@ int run_step_bench(const StepOptions& o) {
       else
         for (const auto& d : split_list(o.dgrads)) {
           const QuantizerKind q = parse_quantizer(d);
+          FQT_INPUT_CHECK(traits(q).rounding == Rounding::stochastic,
+                          "--dgrad must be a stochastic quantizer (ptq, ptq-zero, psq, column, bhq), got {}", d);
           for (GradRows gr : rows_list)
             for (Arith a : ariths) configs.push_back({mode, q, a, rc, gr});
         }
     }
   }
   FQT_INPUT_CHECK(!configs.empty(), "--mode needs at least one of fp32, qat, fqt");
+  make_model(o.model, c, h, w, 10, Recipe{}, 0);  // the model's own checks of --input (cnn: >= 4x4), here and not in a child
 
+  set_num_threads(o.threads);  // (its check, before any child)
   nlohmann::json records = nlohmann::json::array();
-  if (!o.json)
+  bool header = o.json;  // the table's header, printed with its first row
+  auto print_header = [&] {
+    if (header) return;
+    header = true;
     std::printf("%-16s %-5s %-6s %-5s %-6s %5s  %10s  %10s  %10s  %8s  %9s  %12s  %11s\n", "model", "mode", "dgrad",
                 "arith", "recomp", "batch", "median_ms", "min_ms", "quant_ms", "quant_%", "images/s", "saved_act_MB",
                 "peak_RSS_MB");
-  int failures = 0;
+  };
+  int failures = 0, input_failures = 0;
   for (const StepConfig& cfg : configs) {
     nlohmann::json rec = o.no_fork ? run_step_config(o, cfg) : run_step_config_forked(o, cfg);
     if (rec.contains("error")) {
-      std::fprintf(stderr, "fqt bench step: %s %s%s %s: %s\n", mode_name(cfg.mode), traits(cfg.dgrad).name,
-                   cfg.rows == GradRows::sample ? "/s" : "", arith_name(cfg.arith), rec["error"].get<std::string>().c_str());
+      const std::string label = cfg.mode == Mode::fp32 ? "fp32"
+                                : cfg.mode == Mode::qat
+                                    ? fmt::format("qat {}", arith_name(cfg.arith))
+                                    : fmt::format("fqt {}{} {}", traits(cfg.dgrad).name,
+                                                  cfg.rows == GradRows::sample ? "/s" : "", arith_name(cfg.arith));
+      std::fprintf(stderr, "fqt: error: bench step %s: %s\n", label.c_str(), rec["error"].get<std::string>().c_str());
       ++failures;
+      input_failures += rec.value("input_error", false) ? 1 : 0;
       continue;
     }
     if (o.json) {
       records.push_back(rec);
     } else {
+      print_header();
       const double med = rec["median_ms"];
       std::printf("%-16s %-5s %-6s %-5s %-6s %5lld  %10.1f  %10.1f  %10.1f  %7.1f%%  %9.0f  %12.2f  %11.1f\n",
                   o.model.c_str(), rec["mode"].get<std::string>().c_str(), dgrad_label(rec).c_str(),
@@ -553,7 +576,7 @@ int run_step_bench(const StepOptions& o) {
     }
   }
   if (o.json) std::printf("%s\n", records.dump(2).c_str());
-  return failures ? 1 : 0;
+  return failures == 0 ? 0 : failures == input_failures ? 2 : 1;  // (bad input: 2; a crash or bug: 1)
 }
 
 // ---- fqt bench memory -------------------------------------------------------------------------
@@ -571,7 +594,7 @@ struct MemoryOptions {
 // neighbours: this says where a working set of a given size is served from at the moment.
 int run_memory_bench(const MemoryOptions& o) {
   FQT_INPUT_CHECK(!o.sizes_mb.empty(), "bench memory: --sizes is empty");
-  FQT_INPUT_CHECK(o.reps >= 1, "bench memory: --reps must be at least 1 (got {})", o.reps);
+  FQT_INPUT_CHECK(o.reps >= 1 && o.reps <= 10000, "bench memory: --reps must be in 1..10000 (got {})", o.reps);
   for (double mb : o.sizes_mb) FQT_INPUT_CHECK(mb > 0 && mb <= 4096, "bench memory: size {} MB out of (0, 4096]", mb);
   nlohmann::json records = nlohmann::json::array();
   if (!o.json) std::printf("%12s %14s %12s\n", "working set", "latency_ns", "read_GB/s");

@@ -38,7 +38,7 @@ int run_quantize(const QuantizeOptions& o) {
     bits.push_back(v);
   }
   FQT_INPUT_CHECK(!bits.empty(), "--bits needs at least one bit width");
-  FQT_INPUT_CHECK(o.samples >= 2, "--samples must be at least 2 (got {})", o.samples);
+  FQT_INPUT_CHECK(o.samples >= 2 && o.samples <= 100000, "--samples must be in 2..100000 (got {})", o.samples);
   set_num_threads(o.threads);
 
   Tensor x = read_npy(o.input);
@@ -97,7 +97,7 @@ Runner add_quantize(CLI::App& app) {
   app.add_option("-q,--quantizer", o->quantizers, "comma-separated quantizer names")->capture_default_str();
   app.add_option("-b,--bits", o->bits, "comma-separated bit widths, 2..8")->capture_default_str();
   app.add_option("-k,--samples", o->samples, "independent draws per quantizer (K)")->capture_default_str();
-  app.add_option("--seed", o->seed, "random seed (draw k uses Philox stream k)")->capture_default_str();
+  app.add_option("--seed", o->seed, "random seed (draw k uses Philox stream k)")->capture_default_str()->check(seed_validator());
   app.add_option("--threads", o->threads, "CPU threads (0 = all)")->capture_default_str();
   app.add_flag("--json", o->json, "print a JSON list of records instead of a table");
   return [o] { return run_quantize(*o); };

@@ -17,7 +17,9 @@ Runner add_eval(CLI::App& app);
 Runner add_bench(CLI::App& app);
 Runner add_variance(CLI::App& app);
 
-// "a,b,c" -> {"a","b","c"} (empty items dropped).
+// "a,b,c" -> {"a","b","c"}, items trimmed; an empty item ("4,,8", "4,") is an InputError.
 std::vector<std::string> split_list(const std::string& s);
+// --seed's check: a decimal integer 0..2^64-1 (CLI11 would read "-1" as 2^64 - 1).
+CLI::Validator seed_validator();
 
 }  // namespace fqt::cli

@@ -5,11 +5,79 @@
 #include "fqt/error.hpp"
 #include "fqt/tensor.hpp"
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <new>
+#include <string>
+#include <vector>
+
+namespace {
+
+// "fqt", "fqt bench", "fqt bench step": the command a parse got to (its parsed subcommands).
+CLI::App* deepest_parsed(CLI::App* a) {
+  for (CLI::App* s : a->get_subcommands())
+    if (s->parsed()) return deepest_parsed(s);
+  return a;
+}
+std::string command_path(const CLI::App* a) {
+  std::string path = a->get_name();
+  for (const CLI::App* p = a->get_parent(); p; p = p->get_parent()) path = p->get_name() + " " + path;
+  return path;
+}
+
+// One line for a command-line error, naming the command whose --help lists the options; an
+// unknown subcommand word (CLI11 only says "A subcommand is required") is named with the valid ones.
+std::string parse_error_line(CLI::App& app, const CLI::ParseError& e, int argc, char** argv) {
+  CLI::App* at = deepest_parsed(&app);
+  const std::string where = command_path(at);
+  std::string what = e.what();
+  if (what.find("subcommand is required") != std::string::npos) {
+    std::vector<std::string> names;
+    for (const CLI::App* s : at->get_subcommands({})) names.push_back(s->get_name());
+    std::string unknown;
+    for (int i = 1; i < argc && unknown.empty(); ++i) {
+      const std::string w = argv[i];
+      if (w.empty() || w[0] == '-') continue;
+      bool known = false;
+      for (const CLI::App* a = at; a && !known; a = a->get_parent()) known = a->get_name() == w;
+      for (const std::string& n : names) known = known || n == w;
+      if (!known) unknown = w;
+    }
+    for (int i = 1; i < argc && unknown.empty(); ++i) {  // an option before the command: `fqt --frob`
+      const std::string w = argv[i];
+      if (w.size() > 1 && w[0] == '-' && !at->get_option_no_throw(w.substr(0, w.find('=')))) {
+        what = fmt::format("unknown option '{}' for `{}`; a command comes first", w, where);
+        return fmt::format("fqt: error: {} (see `{} --help`)", what, where);
+      }
+    }
+    what = (unknown.empty() ? fmt::format("`{}` needs a command", where)
+                            : fmt::format("unknown command '{}' for `{}`", unknown, where)) +
+           fmt::format(" (one of: {})", fmt::join(names, ", "));
+  }
+  return fmt::format("fqt: error: {} (see `{} --help`)", what, where);
+}
+
+// An empty value ("--momentum ''" or "--seed=") would be read as 0 by CLI11's conversions.
+bool reject_empty_values(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    std::string opt;
+    if (a.empty()) opt = i > 1 && argv[i - 1][0] == '-' ? argv[i - 1] : "";
+    else if (a.size() > 2 && a.rfind("--", 0) == 0 && a.back() == '=') opt = a.substr(0, a.size() - 1);
+    else continue;
+    if (opt.empty()) std::fprintf(stderr, "fqt: error: argument %d is an empty string\n", i);
+    else std::fprintf(stderr, "fqt: error: %s was given an empty value\n", opt.c_str());
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   // OpenMP threads that spin while waiting stall every barrier when another process holds the
@@ -49,6 +117,7 @@ int main(int argc, char** argv) {
       fqt::cli::add_variance);
   add("synth", "Write a synthetic gradient-like matrix (.npy) to try the quantizers on", fqt::cli::add_synth);
 
+  if (reject_empty_values(argc, argv)) return 2;
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -58,8 +127,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "fqt: error: %s\n", e.what());
-    std::fprintf(stderr, "Run with --help for the options.\n");
+    std::fprintf(stderr, "%s\n", parse_error_line(app, e, argc, argv).c_str());
     return 2;
   }
   try {
@@ -70,6 +138,9 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const fqt::NonFiniteError& e) {
     std::fprintf(stderr, "fqt: error: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "fqt: error: out of memory (lower --batch or the sizes asked for)\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "fqt: internal error: %s\n", e.what());

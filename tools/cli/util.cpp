@@ -1,5 +1,9 @@
 #include "commands.hpp"
 
+#include "fqt/error.hpp"
+
+#include <cstdint>
+
 namespace fqt::cli {
 
 std::vector<std::string> split_list(const std::string& s) {
@@ -11,10 +15,22 @@ std::vector<std::string> split_list(const std::string& s) {
     std::string item = s.substr(b, e - b);
     while (!item.empty() && item.front() == ' ') item.erase(item.begin());
     while (!item.empty() && item.back() == ' ') item.pop_back();
-    if (!item.empty()) out.push_back(item);
+    FQT_INPUT_CHECK(!item.empty(), "the list '{}' has an empty item", s);
+    out.push_back(item);
     b = e + 1;
   }
   return out;
+}
+
+CLI::Validator seed_validator() {
+  return CLI::Validator(
+      [](std::string& v) -> std::string {
+        if (v.empty() || v.size() > 20 || v.find_first_not_of("0123456789") != std::string::npos)
+          return "a seed is an integer from 0 to 2^64 - 1, got '" + v + "'";
+        if (v.size() == 20 && v > "18446744073709551615") return "a seed is at most 2^64 - 1, got " + v;
+        return {};
+      },
+      "SEED");
 }
 
 }  // namespace fqt::cli
