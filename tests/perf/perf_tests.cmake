@@ -9,7 +9,7 @@ add_test(NAME perf.bench_gemm_shapes COMMAND ${PERF_EXPECT} 0 "stage3.block0.con
 add_test(NAME perf.bench_step_json COMMAND ${PERF_EXPECT} 0 "\"peak_rss_bytes\"" --
          ${PERF_FQT} bench step --model mlp --mode fp32,qat,fqt --dgrad psq --arith int,sim --batch 8 --steps 1
          --warmup 0 --threads 1 --json)
-add_test(NAME perf.bench_step_bad_arith COMMAND ${PERF_EXPECT} 2 "arith|int|sim" --
+add_test(NAME perf.bench_step_bad_arith COMMAND ${PERF_EXPECT} 2 "unknown arithmetic .fp16. .valid: int, sim" --
          ${PERF_FQT} bench step --model mlp --arith fp16 --steps 1)
 find_program(PERF_PYTHON NAMES python3 PATHS /usr/bin NO_DEFAULT_PATH)
 if(PERF_PYTHON)
