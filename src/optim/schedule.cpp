@@ -32,9 +32,11 @@ void LrSchedule::validate() const {
                     total_steps, warmup_steps);
   }
   if (kind == LrKind::step) {
-    FQT_INPUT_CHECK(std::isfinite(gamma) && gamma > 0, "step decay factor gamma must be > 0, got {}", gamma);
+    FQT_INPUT_CHECK(std::isfinite(gamma) && gamma > 0 && gamma <= 1,
+                    "step decay factor gamma must be in (0, 1] (the learning rate is multiplied by it at each milestone), got {}",
+                    gamma);
     for (size_t i = 0; i < milestones.size(); ++i) {
-      FQT_INPUT_CHECK(milestones[i] >= 0, "step schedule milestone {} is negative", milestones[i]);
+      FQT_INPUT_CHECK(milestones[i] >= 1, "step schedule milestone {} is not an epoch after the first (>= 1)", milestones[i]);
       FQT_INPUT_CHECK(i == 0 || milestones[i] > milestones[i - 1],
                       "step schedule milestones must be strictly increasing epochs, got {} after {}", milestones[i],
                       milestones[i - 1]);

@@ -293,6 +293,9 @@ TEST(schedLr, ParseRejectsBadInput) {
   EXPECT_NE(msg([] { parse_schedule("step:3,", 0.1, 100, 10); }).find("milestone ''"), std::string::npos);
   EXPECT_NE(msg([] { parse_schedule("step:6,3", 0.1, 100, 10); }).find("strictly increasing"), std::string::npos);
   EXPECT_NE(msg([] { parse_schedule("step:3@abc", 0.1, 100, 10); }).find("gamma"), std::string::npos);
+  EXPECT_NE(msg([] { parse_schedule("step:3@1e30", 0.1, 100, 10); }).find("gamma must be in (0, 1]"), std::string::npos);
+  EXPECT_NE(msg([] { parse_schedule("step:3@inf", 0.1, 100, 10); }).find("gamma must be in (0, 1]"), std::string::npos);
+  EXPECT_NE(msg([] { parse_schedule("step:0", 0.1, 100, 10); }).find("milestone 0 is not an epoch"), std::string::npos);
   EXPECT_NE(msg([] { parse_schedule("cosine", 0.1, 10, 10, 10); }).find("warmup"), std::string::npos);
   EXPECT_NE(msg([] { parse_schedule("constant", -1.0, 10, 10); }).find("learning rate"), std::string::npos);
   EXPECT_NE(msg([] { parse_schedule("constant", 0.1, 10, 0); }).find("steps per epoch"), std::string::npos);
