@@ -116,6 +116,7 @@ check variance malformed-number "samples"                  --no-output "$V" -- "
 check variance out-of-range   "bit width from 2 to 8"      --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-bits 9
 check variance out-of-range-2 "--threads must be in 0..1024" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --threads 100000
 check variance out-of-range-3 "a seed is an integer from 0" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --seed -1
+check variance out-of-range-4 "--act-bits and --weight-bits must be bit widths" --no-output "$V" -- "$fqt" variance --checkpoint "$ckpt" --out "$V" --act-bits 9
 check variance unknown-name   "unknown quantizer 'pqs'"    --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad pqs
 check variance unknown-name-2 "dgrad-rows.*samples"        --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-rows samples
 check variance incompatible   "must be stochastic"         --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad affine

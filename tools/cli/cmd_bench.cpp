@@ -707,7 +707,7 @@ Runner add_bench(CLI::App& app) {
       "                  (BHQ's quantizer and dgrad passes), all calls summed; not part of breakdown's sum");
   step->add_option("--model", o->model, "model name")->capture_default_str();
   step->add_option("--mode", o->modes, "comma-separated modes: fp32, qat, fqt")->capture_default_str();
-  step->add_option("--dgrad", o->dgrads, "comma-separated dgrad quantizers for fqt (ptq, psq, bhq)")->capture_default_str();
+  step->add_option("--dgrad", o->dgrads, "comma-separated dgrad quantizers for fqt: ptq, ptq-zero, psq, column, bhq (stochastic)")->capture_default_str();
   step->add_option("--dgrad-bits", o->dgrad_bits, "dgrad bits")->capture_default_str();
   step->add_option("--dgrad-rows", o->dgrad_rows,
                    "comma-separated rows of the convolutions' dgrad quantizer for fqt: pixel, sample (see fqt train "

@@ -143,6 +143,8 @@ int run_variance(const VarianceCliOptions& o) {
   cfg.recipe.mode = Mode::qat;
   cfg.recipe.activation.bits = o.act_bits;
   cfg.recipe.weight.bits = o.weight_bits;
+  FQT_INPUT_CHECK(o.act_bits >= 2 && o.act_bits <= 8 && o.weight_bits >= 2 && o.weight_bits <= 8,
+                  "--act-bits and --weight-bits must be bit widths from 2 to 8 (got {} and {})", o.act_bits, o.weight_bits);
   if (!o.checkpoint.empty()) {
     TrainConfig stored = TrainConfig::from_json(read_checkpoint_state(o.checkpoint).config_json);
     if (!o.model_given) cfg.model = stored.model;
@@ -304,8 +306,8 @@ Runner add_variance(CLI::App& app) {
   app.add_option("--wgrad", o->wgrad, "wgrad quantizer (fixed across configurations): ptq, ptq-zero, column")
       ->capture_default_str();
   app.add_option("--wgrad-bits", o->wgrad_bits, "wgrad bits")->capture_default_str();
-  app.add_option("--act-bits", o->act_bits, "forward activation bits (without --checkpoint)")->capture_default_str();
-  app.add_option("--weight-bits", o->weight_bits, "forward weight bits (without --checkpoint)")->capture_default_str();
+  app.add_option("--act-bits", o->act_bits, "forward activation bits, 2..8 (without --checkpoint: a checkpoint's own are used)")->capture_default_str();
+  app.add_option("--weight-bits", o->weight_bits, "forward weight bits, 2..8 (without --checkpoint: a checkpoint's own are used)")->capture_default_str();
   app.add_option("-k,--samples", o->samples, "FQT draws per batch (K)")->capture_default_str();
   app.add_option("--batches", o->batches, "training batches (>= 2; the sampling variance is across them)")
       ->capture_default_str();
