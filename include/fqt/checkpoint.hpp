@@ -77,6 +77,10 @@ struct TrainState {
   std::string config_json;                        // the run configuration, verbatim
   std::map<std::string, uint64_t> rng_counters;   // e.g. {"data.shuffle": 17}
   std::map<std::string, std::string> extra;       // anything else the trainer wants back
+  // The optimizer settings the checkpoint was saved with (fqt.optimizer = "sgd", fqt.sgd.momentum,
+  // .weight_decay, .nesterov), filled in by load_checkpoint (read_checkpoint_state leaves the
+  // defaults); save_checkpoint writes the optimizer's own options, not these.
+  SGDOptions sgd;
 };
 
 using NamedBuffers = std::vector<std::pair<std::string, Tensor*>>;
@@ -87,8 +91,11 @@ void save_checkpoint(const std::string& path, const std::vector<Param*>& params,
                      const SGD& opt, const TrainState& state);
 
 // Validates the whole file against the model first — every param/buffer/momentum tensor
-// present with the model's shape and dtype, no tensor the model does not have, supported format
-// version, well-formed metadata — then copies the values into the existing tensors (storage
+// present with the model's shape and dtype, no tensor the model does not have, no NaN/Inf in any
+// f32 tensor, supported format version, well-formed metadata (epoch/step/seed/RNG counters;
+// fqt.config present; fqt.optimizer "sgd" with fqt.sgd.momentum and .weight_decay in [0, 1),
+// .nesterov and .momentum_initialized 0 or 1, the latter set exactly when the momentum/* tensors
+// are there) — then copies the values into the existing tensors (storage
 // is kept, so modules see the new values) and restores the optimizer. On any validation error
 // nothing is modified and InputError names the tensor.
 TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,

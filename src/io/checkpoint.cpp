@@ -2,6 +2,7 @@
 #include "fqt/checkpoint.hpp"
 
 #include <charconv>
+#include <cmath>
 #include <cstring>
 #include <set>
 
@@ -56,12 +57,81 @@ TrainState state_from_metadata(const std::map<std::string, std::string>& m, cons
                   path, s.epoch, s.step);
   s.seed = parse_int<uint64_t>(m, "fqt.seed", path);
   auto c = m.find("fqt.config");
-  if (c != m.end()) s.config_json = c->second;
+  FQT_INPUT_CHECK(c != m.end(),
+                  "{}: checkpoint metadata has no 'fqt.config' (the run configuration): not a checkpoint written by "
+                  "fqt train, or damaged",
+                  path);
+  s.config_json = c->second;
   for (const auto& [k, v] : m) {
     if (k.rfind("fqt.rng.", 0) == 0) s.rng_counters[k.substr(8)] = parse_int<uint64_t>(m, k, path);
     else if (k.rfind("fqt.extra.", 0) == 0) s.extra[k.substr(10)] = v;
   }
   return s;
+}
+
+// A "0"/"1" flag of the metadata.
+bool parse_flag(const std::map<std::string, std::string>& m, const std::string& key, const std::string& path) {
+  auto it = m.find(key);
+  FQT_INPUT_CHECK(it != m.end(), "{}: checkpoint metadata has no '{}' (not an fqt checkpoint, or damaged)", path, key);
+  FQT_INPUT_CHECK(it->second == "0" || it->second == "1", "{}: checkpoint metadata '{}' is '{}', not 0 or 1: the "
+                  "checkpoint is damaged", path, key, it->second);
+  return it->second == "1";
+}
+
+// A finite float of the metadata in [0, 1) (momentum, weight decay), as save_checkpoint writes it.
+float parse_unit_float(const std::map<std::string, std::string>& m, const std::string& key, const std::string& path) {
+  auto it = m.find(key);
+  FQT_INPUT_CHECK(it != m.end(), "{}: checkpoint metadata has no '{}' (not an fqt checkpoint, or damaged)", path, key);
+  const std::string& s = it->second;
+  float v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  FQT_INPUT_CHECK(!s.empty() && ec == std::errc() && p == s.data() + s.size() && std::isfinite(v) && v >= 0 && v < 1,
+                  "{}: checkpoint metadata '{}' is '{}', not a number in [0, 1): the checkpoint is damaged", path, key,
+                  s);
+  return v;
+}
+
+// The optimizer settings of the metadata (fqt.optimizer, fqt.sgd.*), each checked.
+struct StoredOptimizer {
+  SGDOptions options;
+  bool momentum_initialized = false;
+};
+
+StoredOptimizer optimizer_from_metadata(const std::map<std::string, std::string>& m, const std::string& path) {
+  auto o = m.find("fqt.optimizer");
+  FQT_INPUT_CHECK(o != m.end(), "{}: checkpoint metadata has no 'fqt.optimizer' (not an fqt checkpoint, or damaged)",
+                  path);
+  FQT_INPUT_CHECK(o->second == "sgd", "{}: checkpoint metadata 'fqt.optimizer' is '{}': fqt restores only 'sgd' "
+                  "(the checkpoint is damaged or was not written by fqt train)", path, o->second);
+  StoredOptimizer r;
+  r.options.momentum = parse_unit_float(m, "fqt.sgd.momentum", path);
+  r.options.weight_decay = parse_unit_float(m, "fqt.sgd.weight_decay", path);
+  r.options.nesterov = parse_flag(m, "fqt.sgd.nesterov", path);
+  r.momentum_initialized = parse_flag(m, "fqt.sgd.momentum_initialized", path);
+  FQT_INPUT_CHECK(!r.options.nesterov || r.options.momentum > 0,
+                  "{}: checkpoint metadata has fqt.sgd.nesterov = 1 with fqt.sgd.momentum = 0 (Nesterov needs "
+                  "momentum): the checkpoint is damaged", path);
+  FQT_INPUT_CHECK(!r.momentum_initialized || r.options.momentum > 0,
+                  "{}: checkpoint metadata has fqt.sgd.momentum_initialized = 1 with fqt.sgd.momentum = 0: the "
+                  "checkpoint is damaged", path);
+  return r;
+}
+
+// First NaN/Inf of an f32 tensor (-1 if none).
+int64_t first_non_finite(const Tensor& t) {
+  if (t.dtype() != DType::f32) return -1;
+  const float* p = t.data<float>();
+  const int64_t n = t.numel();
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, sizeof u);
+    bad |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+  }
+  if (!bad) return -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(p[i])) return i;
+  return -1;
 }
 
 // The tensor `name` of the file must exist with this shape and dtype.
@@ -121,22 +191,28 @@ TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& p
   const SafeTensors st = read_safetensors(path);
   // ---- validate everything --------------------------------------------------------------
   TrainState state = state_from_metadata(st.metadata, path);
+  const StoredOptimizer stored_opt = optimizer_from_metadata(st.metadata, path);
+  state.sgd = stored_opt.options;
   std::set<std::string> used;
-  std::vector<std::pair<const Tensor*, Tensor*>> copies;  // (from file, into model)
+  std::vector<std::pair<std::string, std::pair<const Tensor*, Tensor*>>> copies;  // name: (from file, into model)
   for (Param* p : params) {
     FQT_CHECK(p && p->value.defined(), "load_checkpoint: undefined parameter");
     const std::string name = "param/" + p->name;
-    copies.emplace_back(&expect(st, path, name, p->value.shape(), p->value.dtype()), &p->value);
+    copies.push_back({name, {&expect(st, path, name, p->value.shape(), p->value.dtype()), &p->value}});
     used.insert(name);
   }
   for (const auto& [bname, t] : buffers) {
     FQT_CHECK(t && t->defined(), "load_checkpoint: undefined buffer '{}'", bname);
     const std::string name = "buffer/" + bname;
-    copies.emplace_back(&expect(st, path, name, t->shape(), t->dtype()), t);
+    copies.push_back({name, {&expect(st, path, name, t->shape(), t->dtype()), t}});
     used.insert(name);
   }
   bool has_momentum = false;
   for (const auto& [name, t] : st.tensors) has_momentum |= name.rfind("momentum/", 0) == 0;
+  FQT_INPUT_CHECK(has_momentum == stored_opt.momentum_initialized,
+                  "{}: checkpoint metadata fqt.sgd.momentum_initialized = {} but the file holds {}momentum/* tensors: "
+                  "the checkpoint is damaged",
+                  path, stored_opt.momentum_initialized ? 1 : 0, has_momentum ? "" : "no ");
   if (has_momentum) {
     FQT_INPUT_CHECK(opt.options().momentum != 0.0f,
                     "{}: the checkpoint has SGD momentum buffers but the optimizer has momentum 0 (resume with the "
@@ -145,7 +221,7 @@ TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& p
     for (size_t i = 0; i < opt.params().size(); ++i) {
       const Param* p = opt.params()[i];
       const std::string name = "momentum/" + p->name;
-      copies.emplace_back(&expect(st, path, name, p->value.shape(), DType::f32), &opt.momentum_buffers()[i]);
+      copies.push_back({name, {&expect(st, path, name, p->value.shape(), DType::f32), &opt.momentum_buffers()[i]}});
       used.insert(name);
     }
   }
@@ -161,9 +237,15 @@ TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& p
                                  "for a different model?)",
                                  path, extra.size(), list));
   }
+  // A NaN or Inf is never saved (training stops or skips the step first): the file is damaged.
+  for (const auto& [name, c] : copies)
+    if (const int64_t i = first_non_finite(*c.first); i >= 0)
+      throw InputError(fmt::format("{}: tensor '{}' holds {} at element {} (of {}): a checkpoint never holds "
+                                   "NaN/Inf, the file is damaged",
+                                   path, name, c.first->data<float>()[i], i, c.first->numel()));
   // ---- then copy ------------------------------------------------------------------------
-  for (const auto& [from, into] : copies)
-    if (from->nbytes()) std::memcpy(into->raw(), from->raw(), from->nbytes());
+  for (const auto& [name, c] : copies)
+    if (c.first->nbytes()) std::memcpy(c.second->raw(), c.first->raw(), c.first->nbytes());
   if (opt.options().momentum != 0.0f) opt.set_momentum_initialized(has_momentum);
   return state;
 }

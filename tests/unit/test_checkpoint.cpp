@@ -660,3 +660,104 @@ TEST(ckpt, SaveOverAnExistingCheckpointIsAtomic) {
   save_checkpoint(path, a.params(), a.buffers(), opt, s2);
   EXPECT_EQ(read_checkpoint_state(path).step, 1000);
 }
+
+// The optimizer metadata (fqt.optimizer, fqt.sgd.*) is validated like the rest: a value
+// save_checkpoint would never write is an InputError naming the file and the key, and nothing
+// is copied into the model.
+TEST(ckpt, OptimizerMetadataIsValidated) {
+  TempDir dir;
+  const std::string good = dir.file("good.safetensors");
+  Model a;
+  SGD opt_a(a.params(), SGDOptions{0.9f, 5e-4f, false});
+  a.set_grads(0);
+  opt_a.step(0.1f);
+  save_checkpoint(good, a.params(), a.buffers(), opt_a, sample_state());
+  const SafeTensors st = read_safetensors(good);
+  {  // the round trip reports what was stored
+    Model b;
+    SGD opt_b(b.params(), SGDOptions{0.9f, 5e-4f, false});
+    const TrainState s = load_checkpoint(good, b.params(), b.buffers(), opt_b);
+    EXPECT_EQ(s.sgd.momentum, 0.9f);
+    EXPECT_EQ(s.sgd.weight_decay, 5e-4f);
+    EXPECT_FALSE(s.sgd.nesterov);
+  }
+  struct Row {
+    const char* key;
+    const char* value;  // nullptr: key removed
+    const char* expect;
+  };
+  const std::vector<Row> rows = {
+      {"fqt.optimizer", "adam", "'fqt.optimizer' is 'adam'"},
+      {"fqt.optimizer", "", "'fqt.optimizer' is ''"},
+      {"fqt.optimizer", nullptr, "no 'fqt.optimizer'"},
+      {"fqt.sgd.momentum", "nan", "'fqt.sgd.momentum' is 'nan', not a number in [0, 1)"},
+      {"fqt.sgd.momentum", "-1", "'fqt.sgd.momentum' is '-1'"},
+      {"fqt.sgd.momentum", "5", "'fqt.sgd.momentum' is '5'"},
+      {"fqt.sgd.momentum", "", "'fqt.sgd.momentum' is ''"},
+      {"fqt.sgd.momentum", "0.9x", "'fqt.sgd.momentum' is '0.9x'"},
+      {"fqt.sgd.momentum", nullptr, "no 'fqt.sgd.momentum'"},
+      {"fqt.sgd.momentum", "0", "momentum_initialized = 1 with fqt.sgd.momentum = 0"},
+      {"fqt.sgd.weight_decay", "nan", "'fqt.sgd.weight_decay' is 'nan'"},
+      {"fqt.sgd.weight_decay", "-1", "'fqt.sgd.weight_decay' is '-1'"},
+      {"fqt.sgd.weight_decay", "5", "'fqt.sgd.weight_decay' is '5'"},
+      {"fqt.sgd.nesterov", "2", "'fqt.sgd.nesterov' is '2', not 0 or 1"},
+      {"fqt.sgd.nesterov", "x", "'fqt.sgd.nesterov' is 'x', not 0 or 1"},
+      {"fqt.sgd.momentum_initialized", "x", "'fqt.sgd.momentum_initialized' is 'x'"},
+      {"fqt.sgd.momentum_initialized", "7", "'fqt.sgd.momentum_initialized' is '7'"},
+      {"fqt.sgd.momentum_initialized", "0", "momentum_initialized = 0 but the file holds momentum/* tensors"},
+      {"fqt.config", nullptr, "no 'fqt.config'"},
+  };
+  NamedTensors tensors(st.tensors.begin(), st.tensors.end());
+  for (const Row& r : rows) {
+    SCOPED_TRACE(std::string(r.key) + " = " + (r.value ? r.value : "<removed>"));
+    auto meta = st.metadata;
+    if (r.value) meta[r.key] = r.value;
+    else meta.erase(r.key);
+    const std::string path = dir.file("bad.safetensors");
+    write_safetensors(path, tensors, meta);
+    Model m;
+    m.scramble();
+    const Tensor before = m.w.value.clone();
+    SGD opt(m.params(), SGDOptions{0.9f, 5e-4f, false});
+    const std::string msg = load_error(path, m, opt);
+    EXPECT_NE(msg.find(r.expect), std::string::npos) << msg;
+    EXPECT_EQ(msg.rfind(path + ": ", 0), 0u) << msg;
+    EXPECT_TRUE(same_bits(m.w.value, before));
+    EXPECT_FALSE(opt.momentum_initialized());
+  }
+  // Every momentum buffer removed while the metadata says they exist (one removed: "missing").
+  NamedTensors no_momentum;
+  for (const auto& [name, t] : st.tensors)
+    if (name.rfind("momentum/", 0) != 0) no_momentum.emplace_back(name, t);
+  const std::string path = dir.file("no_momentum.safetensors");
+  write_safetensors(path, no_momentum, st.metadata);
+  Model m;
+  SGD opt(m.params(), SGDOptions{0.9f, 5e-4f, false});
+  EXPECT_NE(load_error(path, m, opt).find("momentum_initialized = 1 but the file holds no momentum/* tensors"),
+            std::string::npos);
+}
+
+// A checkpoint never holds NaN/Inf (training stops or skips the step first): a parameter, buffer
+// or momentum value that is not finite marks the file as damaged, and nothing is copied.
+TEST(ckpt, NonFiniteValuesAreRejected) {
+  TempDir dir;
+  Model a;
+  SGD opt_a(a.params());
+  a.set_grads(0);
+  opt_a.step(0.1f);
+  for (const char* which : {"param/layer1.bias", "buffer/bn1.running_var", "momentum/layer1.weight"}) {
+    SCOPED_TRACE(which);
+    const std::string path = dir.file("nan.safetensors");
+    save_checkpoint(path, a.params(), a.buffers(), opt_a, sample_state());
+    SafeTensors st = read_safetensors(path);
+    st.tensors.at(which).data<float>()[2] = std::numeric_limits<float>::infinity();
+    write_safetensors(path, NamedTensors(st.tensors.begin(), st.tensors.end()), st.metadata);
+    Model m;
+    m.scramble();
+    const Tensor before = m.w.value.clone();
+    SGD opt(m.params());
+    const std::string msg = load_error(path, m, opt);
+    EXPECT_NE(msg.find(path + ": tensor '" + which + "' holds inf at element 2"), std::string::npos) << msg;
+    EXPECT_TRUE(same_bits(m.w.value, before));
+  }
+}
