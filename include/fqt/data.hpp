@@ -29,6 +29,9 @@ struct Dataset {
   Tensor labels;  // i32 [N], each in [0, num_classes)
   int num_classes = 0;
   std::string name;
+  // The file(s) the images came from (the images file of an IDX pair, the CIFAR-10 batch files),
+  // for messages that must name them; empty for data made in memory (synthetic).
+  std::string source;
   // Per-channel mean / stddev of pixel/255, used by the Loader to normalise. The loaders fill in
   // the customary constants; empty means "compute from `images`" (see normalization_of).
   std::vector<float> mean;

@@ -136,6 +136,7 @@ Dataset load_cifar10(const std::string& dir_in, bool train) {
     std::string().swap(contents[f]);  // free as we go: the train set is 150 MB of strings
   }
   set_cifar_stats(ds);
+  ds.source = paths.size() == 1 ? paths[0] : fmt::format("{} .. {}", paths.front(), paths.back());
   return ds;
 }
 

@@ -209,8 +209,10 @@ Dataset parse_idx_pair(const std::string& images_bytes, const std::string& label
 
 Dataset load_idx_pair(const std::string& images_path, const std::string& labels_path,
                       const std::string& name, int num_classes) {
-  return parse_idx_pair(read_file_bytes(images_path), read_file_bytes(labels_path), name,
-                        num_classes, images_path, labels_path);
+  Dataset ds = parse_idx_pair(read_file_bytes(images_path), read_file_bytes(labels_path), name,
+                              num_classes, images_path, labels_path);
+  ds.source = images_path;
+  return ds;
 }
 
 }  // namespace fqt

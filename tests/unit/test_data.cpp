@@ -364,6 +364,9 @@ TEST(data_idx, StandardNamesRawAndMissing) {
   EXPECT_NE(msg.find("dataset-fashion-mnist"), std::string::npos) << msg;
   EXPECT_NE(msg.find("--data-dir"), std::string::npos) << msg;
 
+  // The dataset knows the file its images came from (messages comparing two splits name it).
+  EXPECT_EQ(ds.source, dir.file("t10k-images-idx3-ubyte"));
+
   msg = message_of([&] { read_file_bytes(dir.path.string()); });
   EXPECT_NE(msg.find("is a directory"), std::string::npos) << msg;
 
