@@ -10,8 +10,8 @@
 //                      with log_every also {"kind": "step", step, epoch (fractional), train_loss,
 //                      train_acc, lr} every N steps (means over those N steps)
 //   ckpt.safetensors   the latest checkpoint (weights, BN buffers, momentum, RNG counters,
-//                      epoch/step), replaced atomically at the end of every epoch and, with
-//                      ckpt_every_steps, every N steps
+//                      epoch/step), replaced atomically at the end of every epoch, where
+//                      max_steps stops the run and, with ckpt_every_steps, every N steps
 // Everything random is a pure function of (seed, step, layer, role) or (seed, epoch, sample), so
 // a run resumed from any checkpoint continues bit for bit like the uninterrupted run.
 #pragma once
@@ -78,8 +78,15 @@ struct TrainConfig {
   int threads = 0;
   bool progress = true;
 
+  // Called once every setting and input has been validated (resume: the checkpoint too), before
+  // anything is written or trained: the CLI prints its warnings there, so that bad input still
+  // gets a single error line.
+  std::function<void()> on_validated;
+
   std::string to_json() const;
-  static TrainConfig from_json(const std::string& json);
+  // Parses a stored configuration (config.json, a checkpoint's fqt.config); every key is typed
+  // and range-checked. Problems are InputErrors naming `source` (the file, if given) and the key.
+  static TrainConfig from_json(const std::string& json, const std::string& source = "");
 };
 
 struct TrainResult {
@@ -91,12 +98,32 @@ struct TrainResult {
   double images_per_s = 0;
   size_t saved_activation_bytes = 0;  // the most a training step kept from forward for backward
   int64_t skipped_steps = 0;  // steps skipped for a non-finite loss or gradient (on_nonfinite = skip)
+  int64_t steps_per_epoch = 0;
+  // final_test_acc / best_test_acc come from evaluations of this run (at every epoch end, and
+  // where max_steps stops the run inside an epoch).
+  bool evaluated = false;
+  // max_steps ended the run inside an epoch: the checkpoint was written at that step (a resume
+  // continues from it) and the test set evaluated there; epochs_done counts whole epochs.
+  bool stopped_mid_epoch = false;
+  // resume found nothing to do (the run is complete, or already at max_steps): nothing was
+  // trained or written; `note` says why, for the user.
+  bool nothing_to_do = false;
+  std::string note;
 };
 
 // Trains (or, with resume, continues the run in cfg.out). Throws InputError for bad settings or
-// inputs (also an unwritable or full output folder), NonFiniteError when the loss or a gradient
-// stops being finite: its message names the epoch, the step and the layer where the NaN/Inf
-// appeared, and the last good checkpoint stays in place.
+// inputs (also an unwritable or full output folder), NonFiniteError when the loss, a gradient,
+// the updated weights or batch-norm statistics, or the test outputs stop being finite: its
+// message names the epoch, the step and the layer where the NaN/Inf appeared, and the last good
+// checkpoint stays in place.
+//
+// Everything is validated before cfg.out is touched (with resume: the stored configuration, with
+// the same checks as a new one, and the whole checkpoint). A fresh run writes config.json and
+// metrics.jsonl at once; one that continues (resume) or replaces (cfg.overwrite) a saved run
+// changes nothing there until its first checkpoint, when config.json, metrics.jsonl and the
+// checkpoint are replaced together. resume with cfg.overwrite is an InputError; resume with
+// nothing to do (run complete, or at max_steps) writes nothing and sets nothing_to_do.
+// max_steps stopping inside an epoch saves the checkpoint there and evaluates the test set.
 //
 // Test hook (not a user option): the environment variable FQT_TEST_POISON="grad:<param>:<step>"
 // or "weight:<param>:<step>" writes a NaN into that parameter's gradient (after backward) or

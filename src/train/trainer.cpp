@@ -14,7 +14,9 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -33,7 +35,6 @@ using json = nlohmann::json;
 namespace fs = std::filesystem;
 
 json spec_json(QuantizerSpec s) { return {{"quantizer", traits(s.kind).name}, {"bits", s.bits}}; }
-QuantizerSpec spec_from(const json& j) { return {parse_quantizer(j.at("quantizer").get<std::string>()), j.at("bits").get<int>()}; }
 
 Augment augment_for(const std::string& name, const std::string& data) {
   std::string a = name;
@@ -106,35 +107,19 @@ Model build_model(const TrainConfig& cfg, const Dataset& ds) {
   return m;
 }
 
-EvalResult run_eval(Module& net, const Dataset& test, int64_t batch) {
-  Loader loader(test, batch, false, Augment{}, 0, false, true);
-  loader.start_epoch(0);
-  SoftmaxCrossEntropy ce;
-  StepContext ctx{false, 0, 0};
-  EvalResult r;
-  double loss_sum = 0;
-  int64_t correct = 0;
-  Batch b;
-  while (loader.next(b)) {
-    Tensor logits = net.forward(b.x, ctx);
-    loss_sum += static_cast<double>(ce.forward(logits, b.y)) * b.size;
-    correct += ce.num_correct();
-    r.samples += b.size;
-  }
-  r.loss = r.samples ? loss_sum / r.samples : 0;
-  r.accuracy = r.samples ? static_cast<double>(correct) / r.samples : 0;
-  return r;
-}
-
 // ---- non-finite diagnosis ------------------------------------------------------------------
 
 bool finite(const Tensor& t) {
   if (!t.defined() || t.dtype() != DType::f32) return true;
   const float* p = t.data<float>();
   const int64_t n = t.numel();
-  float acc = 0.0f;  // x * 0 is NaN exactly when x is NaN or Inf
-  for (int64_t i = 0; i < n; ++i) acc += p[i] * 0.0f;
-  return std::isfinite(acc);
+  uint32_t bad = 0;  // NaN and Inf have every exponent bit set: an OR of integer tests (vectorised)
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, sizeof u);
+    bad |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
 }
 
 int64_t first_bad(const Tensor& t) {
@@ -176,6 +161,64 @@ std::vector<std::string> child_names(Sequential& seq) {
   return names;
 }
 
+// The first top-level module whose output is not finite on input x (run one by one): its name
+// and what is wrong, or "" when the forward pass is finite throughout.
+std::pair<std::string, std::string> first_non_finite_module(Sequential& seq, const std::vector<std::string>& names,
+                                                            const Tensor& x, const StepContext& ctx) {
+  Tensor h = x;
+  for (size_t k = 0; k < seq.size(); ++k) {
+    try {
+      h = seq.child(k).forward(h, ctx);
+      if (!finite(h)) return {names[k], "its output is non-finite"};
+    } catch (const NonFiniteError& e) {
+      if (k > 0 && !finite(h)) return {names[k - 1], fmt::format("its output is non-finite (noticed by {}: {})", names[k], e.what())};
+      return {names[k], e.what()};
+    }
+  }
+  return {};
+}
+
+// Loss and accuracy on the test set (batch-norm running statistics, no state changes). A NaN/Inf
+// in the outputs or the loss throws NonFiniteError "layer <name>: <what>" (the module that made
+// it, when the model is a Sequential); with `problem`, that text goes there instead (the first
+// one), the batch counts as wrong and the loss is NaN.
+EvalResult run_eval(Module& net, const Dataset& test, int64_t batch, const std::vector<std::string>& names = {},
+                    std::string* problem = nullptr) {
+  Loader loader(test, batch, false, Augment{}, 0, false, true);
+  loader.start_epoch(0);
+  SoftmaxCrossEntropy ce;
+  StepContext ctx{false, 0, 0};
+  EvalResult r;
+  double loss_sum = 0;
+  int64_t correct = 0;
+  Batch b;
+  while (loader.next(b)) {
+    float loss = 0;
+    try {
+      Tensor logits = net.forward(b.x, ctx);
+      loss = ce.forward(logits, b.y);
+      if (!std::isfinite(loss)) throw NonFiniteError(fmt::format("loss is {}", loss));
+    } catch (const NonFiniteError& e) {
+      auto* seq = dynamic_cast<Sequential*>(&net);
+      auto [layer, detail] = seq && names.size() == seq->size() ? first_non_finite_module(*seq, names, b.x, ctx)
+                                                                : std::pair<std::string, std::string>{};
+      const std::string what = layer.empty() ? fmt::format("layer unknown: {}", e.what())
+                                             : fmt::format("layer {}: {}", layer, detail);
+      if (!problem) throw NonFiniteError(what);
+      if (problem->empty()) *problem = what;
+      loss_sum = std::numeric_limits<double>::quiet_NaN();
+      r.samples += b.size;
+      continue;
+    }
+    loss_sum += static_cast<double>(loss) * b.size;
+    correct += ce.num_correct();
+    r.samples += b.size;
+  }
+  r.loss = r.samples ? loss_sum / r.samples : 0;
+  r.accuracy = r.samples ? static_cast<double>(correct) / r.samples : 0;
+  return r;
+}
+
 // FQT_TEST_POISON="grad:<param>:<step>" or "weight:<param>:<step>" (see train.hpp).
 struct Poison {
   std::string kind, param;
@@ -206,35 +249,76 @@ void apply_poison(const Poison& poison, const char* kind, int64_t step, const st
   throw InputError(fmt::format("FQT_TEST_POISON: the model has no parameter '{}'", poison.param));
 }
 
-void check_config(const TrainConfig& c) {
-  FQT_INPUT_CHECK(c.epochs >= 1 && c.epochs <= 100000, "--epochs must be at least 1 (got {})", c.epochs);
-  FQT_INPUT_CHECK(c.batch >= 1 && c.batch <= 65536, "--batch must be in 1..65536 (got {})", c.batch);
-  FQT_INPUT_CHECK(std::isfinite(c.lr) && c.lr > 0 && c.lr < 100, "--lr must be a positive number below 100 (got {})", c.lr);
-  FQT_INPUT_CHECK(c.momentum >= 0 && c.momentum < 1, "--momentum must be in [0, 1) (got {})", c.momentum);
-  FQT_INPUT_CHECK(c.weight_decay >= 0 && c.weight_decay < 1, "--weight-decay must be in [0, 1) (got {})", c.weight_decay);
-  FQT_INPUT_CHECK(c.label_smoothing >= 0 && c.label_smoothing < 1, "--label-smoothing must be in [0, 1) (got {})",
-                  c.label_smoothing);
-  FQT_INPUT_CHECK(c.warmup_epochs >= 0 && c.warmup_epochs <= c.epochs, "--warmup-epochs must be in [0, --epochs]");
-  for (QuantizerSpec s : {c.recipe.activation, c.recipe.weight, c.recipe.dgrad, c.recipe.wgrad})
-    FQT_INPUT_CHECK(s.bits >= 2 && s.bits <= 8, "bit widths must be 2..8 (got {})", s.bits);
-  FQT_INPUT_CHECK(traits(c.recipe.dgrad.kind).rounding == Rounding::stochastic,
-                  "--dgrad must be a stochastic quantizer (ptq, ptq-zero, psq, column, bhq), got {}",
-                  traits(c.recipe.dgrad.kind).name);
-  FQT_INPUT_CHECK(traits(c.recipe.wgrad.kind).rounding == Rounding::stochastic,
-                  "--wgrad must be a stochastic quantizer (ptq, ptq-zero, psq, column), got {}",
-                  traits(c.recipe.wgrad.kind).name);
-  FQT_INPUT_CHECK(c.recipe.wgrad.kind != QuantizerKind::bhq, "--wgrad bhq is not supported: BHQ transforms rows "
-                  "(samples), which the wgrad GEMM reduces over; use ptq or column");
-  FQT_INPUT_CHECK(c.on_nonfinite == "stop" || c.on_nonfinite == "skip",
-                  "unknown --on-nonfinite '{}' (valid: stop, skip)", c.on_nonfinite);
-  FQT_INPUT_CHECK(c.max_steps >= 0, "--max-steps must be >= 0 (got {})", c.max_steps);
-  FQT_INPUT_CHECK(c.ckpt_every_steps >= 0, "--ckpt-every must be >= 0 (got {})", c.ckpt_every_steps);
-  FQT_INPUT_CHECK(c.train_limit >= 0 && c.test_limit >= 0, "--train-limit and --test-limit must be >= 0");
-  FQT_INPUT_CHECK(c.threads >= 0 && c.threads <= 4096, "--threads must be in 0..4096 (got {})", c.threads);
-  FQT_INPUT_CHECK(c.track_variance_every >= 0, "--track-variance must be 0 (off) or a number of steps (got {})",
-                  c.track_variance_every);
-  FQT_INPUT_CHECK(c.log_every >= 0, "--log-every must be 0 (off) or a number of steps (got {})", c.log_every);
-  (void)augment_for(c.augment, c.data);
+// The checks of a configuration: one given on the command line (`stored` empty: messages name
+// the flag) or one stored in a checkpoint (`stored` says where: messages name it and the key),
+// so a damaged checkpoint cannot smuggle in what the command line refuses.
+void check_config(const TrainConfig& c, const std::string& stored = "") {
+  auto need = [&](bool ok, const char* flag, const char* key, const std::string& rule) {
+    if (ok) return;
+    throw InputError(stored.empty() ? fmt::format("{} {}", flag, rule) : fmt::format("{}: '{}' {}", stored, key, rule));
+  };
+  auto rethrow_named = [&](const InputError& e) {
+    throw InputError(stored.empty() ? std::string(e.what()) : fmt::format("{}: {}", stored, e.what()));
+  };
+  const auto& models = model_names();
+  need(std::find(models.begin(), models.end(), c.model) != models.end(), "--model", "model",
+       fmt::format("is '{}', an unknown model (valid: {})", c.model, fmt::join(models, ", ")));
+  const auto datasets = dataset_names();
+  need(c.data == "synthetic" || std::find(datasets.begin(), datasets.end(), c.data) != datasets.end(), "--data", "data",
+       fmt::format("is '{}', an unknown dataset (valid: {}, synthetic)", c.data, fmt::join(datasets, ", ")));
+  need(c.epochs >= 1 && c.epochs <= 100000, "--epochs", "epochs", fmt::format("must be in 1..100000 (got {})", c.epochs));
+  need(c.batch >= 1 && c.batch <= 65536, "--batch", "batch", fmt::format("must be in 1..65536 (got {})", c.batch));
+  need(std::isfinite(c.lr) && c.lr > 0 && c.lr < 100, "--lr", "lr",
+       fmt::format("must be a positive number below 100 (got {})", c.lr));
+  need(c.momentum >= 0 && c.momentum < 1, "--momentum", "momentum", fmt::format("must be in [0, 1) (got {})", c.momentum));
+  need(!c.nesterov || c.momentum > 0, "--nesterov", "nesterov", "needs a momentum above 0");
+  need(c.weight_decay >= 0 && c.weight_decay < 1, "--weight-decay", "weight_decay",
+       fmt::format("must be in [0, 1) (got {})", c.weight_decay));
+  need(c.label_smoothing >= 0 && c.label_smoothing < 1, "--label-smoothing", "label_smoothing",
+       fmt::format("must be in [0, 1) (got {})", c.label_smoothing));
+  need(c.warmup_epochs >= 0 && c.warmup_epochs <= c.epochs, "--warmup-epochs", "warmup_epochs",
+       fmt::format("must be in [0, epochs = {}] (got {})", c.epochs, c.warmup_epochs));
+  need(c.recipe.activation.kind == QuantizerKind::zero_aligned, "the activation quantizer", "activation.quantizer",
+       fmt::format("must be zero-aligned, the activation grid fqt trains with (got {})",
+                   traits(c.recipe.activation.kind).name));
+  need(c.recipe.weight.kind == QuantizerKind::symmetric || c.recipe.weight.kind == QuantizerKind::symmetric_row ||
+           c.recipe.weight.kind == QuantizerKind::zero_aligned,
+       "--weight-quantizer", "weight.quantizer",
+       fmt::format("must be symmetric, symmetric-row or zero-aligned (got '{}')", traits(c.recipe.weight.kind).name));
+  const std::pair<QuantizerSpec, std::pair<const char*, const char*>> specs[] = {
+      {c.recipe.activation, {"--act-bits", "activation.bits"}},
+      {c.recipe.weight, {"--weight-bits", "weight.bits"}},
+      {c.recipe.dgrad, {"--dgrad-bits", "dgrad.bits"}},
+      {c.recipe.wgrad, {"--wgrad-bits", "wgrad.bits"}}};
+  for (const auto& [spec, names] : specs)
+    need(spec.bits >= 2 && spec.bits <= 8, names.first, names.second, fmt::format("must be 2..8 (got {})", spec.bits));
+  need(traits(c.recipe.dgrad.kind).rounding == Rounding::stochastic, "--dgrad", "dgrad.quantizer",
+       fmt::format("must be a stochastic quantizer (ptq, ptq-zero, psq, column, bhq), got {}",
+                   traits(c.recipe.dgrad.kind).name));
+  need(c.recipe.wgrad.kind != QuantizerKind::bhq, "--wgrad bhq", "wgrad.quantizer bhq",
+       "is not supported: BHQ transforms rows (samples), which the wgrad GEMM reduces over; use ptq or column");
+  need(traits(c.recipe.wgrad.kind).rounding == Rounding::stochastic, "--wgrad", "wgrad.quantizer",
+       fmt::format("must be a stochastic quantizer (ptq, ptq-zero, psq, column), got {}", traits(c.recipe.wgrad.kind).name));
+  if (stored.empty())
+    FQT_INPUT_CHECK(c.on_nonfinite == "stop" || c.on_nonfinite == "skip",
+                    "unknown --on-nonfinite '{}' (valid: stop, skip)", c.on_nonfinite);
+  need(c.on_nonfinite == "stop" || c.on_nonfinite == "skip", "--on-nonfinite", "on_nonfinite",
+       fmt::format("is '{}' (valid: stop, skip)", c.on_nonfinite));
+  need(c.max_steps >= 0, "--max-steps", "max_steps", fmt::format("must be >= 0 (got {})", c.max_steps));
+  need(c.ckpt_every_steps >= 0, "--ckpt-every", "ckpt_every_steps", fmt::format("must be >= 0 (got {})", c.ckpt_every_steps));
+  need(c.train_limit >= 0, "--train-limit", "train_limit", fmt::format("must be >= 0 (got {}; 0 = all)", c.train_limit));
+  need(c.test_limit >= 0, "--test-limit", "test_limit", fmt::format("must be >= 0 (got {}; 0 = all)", c.test_limit));
+  need(c.threads >= 0 && c.threads <= kMaxThreads, "--threads", "threads",
+       fmt::format("must be in 0..{} (0 = all cores), got {}", kMaxThreads, c.threads));
+  need(c.track_variance_every >= 0, "--track-variance", "track_variance_every",
+       fmt::format("must be 0 (off) or a number of steps (got {})", c.track_variance_every));
+  need(c.log_every >= 0, "--log-every", "log_every", fmt::format("must be 0 (off) or a number of steps (got {})", c.log_every));
+  try {
+    (void)augment_for(c.augment, c.data);
+    (void)parse_schedule(c.schedule, c.lr, 1000000, 1000);  // the name; the lengths are checked with the data
+  } catch (const InputError& e) {
+    rethrow_named(e);
+  }
 }
 
 // A small text file, replaced atomically (temporary file + rename); a full disk or an
@@ -286,7 +370,8 @@ void remove_stale_temporaries(const std::string& dir) {
 // --track-variance: quantization vs sampling variance on the current batch (track_variance in
 // variance.hpp), one {"kind": "variance"} record in metrics.jsonl, a warning when quantization
 // variance exceeds sampling variance. Leaves gradients and batch-norm statistics unchanged.
-void log_variance(Model& m, const Batch& b, const Tensor& dlogits, const StepContext& ctx, const TrainConfig& cfg,
+// Returns the record's line ("" without a run folder).
+std::string log_variance(Model& m, const Batch& b, const Tensor& dlogits, const StepContext& ctx, const TrainConfig& cfg,
                   int64_t epoch) {
   const std::vector<TrackedVariance> tv =
       track_variance(*m.net, b.x, b.y, dlogits, ctx, 2, 4, static_cast<float>(cfg.label_smoothing));
@@ -308,7 +393,7 @@ void log_variance(Model& m, const Batch& b, const Tensor& dlogits, const StepCon
                  "(worst %s, ratio %.3g; all parameters: ratio %.3g) - consider more gradient bits or bhq\n",
                  cfg.progress && isatty(fileno(stderr)) ? "\n" : "", static_cast<unsigned long long>(ctx.step),
                  over.size(), tv.size() - 1, worst ? worst->layer.c_str() : "-", worst ? worst->ratio : 0.0, total.ratio);
-  if (cfg.out.empty()) return;
+  if (cfg.out.empty()) return "";
   json rec = {{"kind", "variance"},
               {"epoch", epoch},
               {"step", ctx.step},
@@ -317,7 +402,7 @@ void log_variance(Model& m, const Batch& b, const Tensor& dlogits, const StepCon
               {"ratio", std::isfinite(total.ratio) ? json(total.ratio) : json(nullptr)},
               {"layers_over", over.size()},
               {"layers", layers}};
-  std::ofstream(fs::path(cfg.out) / "metrics.jsonl", std::ios::app) << rec.dump() << "\n";
+  return rec.dump() + "\n";
 }
 
 }  // namespace
@@ -363,49 +448,129 @@ std::string TrainConfig::to_json() const {
   return j.dump(2);
 }
 
-TrainConfig TrainConfig::from_json(const std::string& text) {
+namespace {
+
+// "run configuration" or "<file>: run configuration (fqt.config)": how messages name a stored
+// configuration.
+std::string config_label(const std::string& source) {
+  return source.empty() ? "run configuration" : fmt::format("{}: run configuration (fqt.config)", source);
+}
+
+// Typed, range-checked access to the keys of a stored configuration. Every problem is an
+// InputError "<label> is incomplete or has a wrong type: <what>", never a JSON library message.
+struct ConfigReader {
+  std::string label;
+
+  [[noreturn]] void fail(const std::string& what) const {
+    throw InputError(fmt::format("{} is incomplete or has a wrong type: {}", label, what));
+  }
+  static std::string shown(const json& v) {
+    std::string s = v.dump();
+    return s.size() > 40 ? s.substr(0, 37) + "..." : s;
+  }
+  const json& at(const json& obj, const std::string& key, const std::string& path) const {
+    if (!obj.contains(key)) fail(fmt::format("key '{}' is missing", path));
+    return obj.at(key);
+  }
+  std::string str(const json& v, const std::string& path) const {
+    if (!v.is_string()) fail(fmt::format("'{}' must be a string (got {})", path, shown(v)));
+    return v.get<std::string>();
+  }
+  bool boolean(const json& v, const std::string& path) const {
+    if (!v.is_boolean()) fail(fmt::format("'{}' must be true or false (got {})", path, shown(v)));
+    return v.get<bool>();
+  }
+  double number(const json& v, const std::string& path) const {
+    if (!v.is_number()) fail(fmt::format("'{}' must be a number (got {})", path, shown(v)));
+    return v.get<double>();
+  }
+  // An integer in [lo, hi] (the range of the field's type; the meaning is checked by check_config).
+  int64_t integer(const json& v, const std::string& path, int64_t lo = std::numeric_limits<int64_t>::min(),
+                  int64_t hi = std::numeric_limits<int64_t>::max()) const {
+    if (v.is_number_unsigned()) {
+      const uint64_t u = v.get<uint64_t>();
+      if (u > static_cast<uint64_t>(hi)) fail(fmt::format("'{}' is {}, out of range (at most {})", path, u, hi));
+      return static_cast<int64_t>(u);
+    }
+    if (!v.is_number_integer()) fail(fmt::format("'{}' must be an integer (got {})", path, shown(v)));
+    const int64_t i = v.get<int64_t>();
+    if (i < lo || i > hi) fail(fmt::format("'{}' is {}, out of range ({}..{})", path, i, lo, hi));
+    return i;
+  }
+  int int32(const json& v, const std::string& path) const {
+    return static_cast<int>(integer(v, path, std::numeric_limits<int>::min(), std::numeric_limits<int>::max()));
+  }
+  uint64_t uinteger(const json& v, const std::string& path) const {
+    if (v.is_number_unsigned()) return v.get<uint64_t>();
+    if (v.is_number_integer()) fail(fmt::format("'{}' must be a non-negative integer (got {})", path, shown(v)));
+    fail(fmt::format("'{}' must be an integer (got {})", path, shown(v)));
+  }
+  QuantizerSpec spec(const json& j, const std::string& key) const {
+    const json& o = at(j, key, key);
+    if (!o.is_object()) fail(fmt::format("'{}' must be an object {{\"quantizer\": ..., \"bits\": ...}} (got {})", key, shown(o)));
+    return {parse_quantizer(str(at(o, "quantizer", key + ".quantizer"), key + ".quantizer")),
+            int32(at(o, "bits", key + ".bits"), key + ".bits")};
+  }
+};
+
+}  // namespace
+
+TrainConfig TrainConfig::from_json(const std::string& text, const std::string& source) {
+  const std::string label = config_label(source);
+  FQT_INPUT_CHECK(!text.empty(), "{} is empty (the checkpoint holds no settings: damaged?)", label);
   json j;
   try {
     j = json::parse(text);
   } catch (const std::exception& e) {
-    throw InputError(fmt::format("run configuration is not valid JSON: {}", e.what()));
+    std::string what = e.what();
+    if (what.rfind("[json.exception.", 0) == 0 && what.find("] ") != std::string::npos)
+      what = what.substr(what.find("] ") + 2);  // the library's own tag says nothing to users
+    throw InputError(fmt::format("{} is not valid JSON: {}", label, what));
   }
+  const ConfigReader r{label};
+  if (!j.is_object()) r.fail(fmt::format("it is {}, not a JSON object", j.type_name()));
   TrainConfig c;
   try {
-    c.model = j.at("model");
-    c.data = j.at("data");
-    c.data_dir = j.value("data_dir", "");
-    c.recipe.mode = parse_mode(j.at("mode"));
-    c.recipe.arith = parse_arith(j.value("arith", "int"));
-    c.recipe.activation = spec_from(j.at("activation"));
-    c.recipe.weight = spec_from(j.at("weight"));
-    c.recipe.dgrad = spec_from(j.at("dgrad"));
-    c.recipe.dgrad_rows = parse_grad_rows(j.value("dgrad_rows", "pixel"));  // runs from before the option: pixel
-    c.recipe.wgrad = spec_from(j.at("wgrad"));
-    c.epochs = j.at("epochs");
-    c.batch = j.at("batch");
-    c.lr = j.at("lr");
-    c.momentum = j.at("momentum");
-    c.nesterov = j.at("nesterov");
-    c.weight_decay = j.at("weight_decay");
-    c.schedule = j.at("schedule");
-    c.warmup_epochs = j.at("warmup_epochs");
-    c.label_smoothing = j.at("label_smoothing");
-    c.augment = j.at("augment");
-    c.seed = j.at("seed");
-    c.train_limit = j.at("train_limit");
-    c.test_limit = j.at("test_limit");
-    c.max_steps = j.value("max_steps", int64_t{0});
-    c.ckpt_every_steps = j.value("ckpt_every_steps", int64_t{0});
-    c.on_nonfinite = j.value("on_nonfinite", std::string("stop"));
-    c.track_variance_every = j.value("track_variance_every", int64_t{0});
-    c.log_every = j.value("log_every", int64_t{0});
+    c.model = r.str(r.at(j, "model", "model"), "model");
+    c.data = r.str(r.at(j, "data", "data"), "data");
+    c.data_dir = j.contains("data_dir") ? r.str(j.at("data_dir"), "data_dir") : "";
+    c.recipe.mode = parse_mode(r.str(r.at(j, "mode", "mode"), "mode"));
+    c.recipe.arith = parse_arith(j.contains("arith") ? r.str(j.at("arith"), "arith") : "int");
+    c.recipe.activation = r.spec(j, "activation");
+    c.recipe.weight = r.spec(j, "weight");
+    c.recipe.dgrad = r.spec(j, "dgrad");
+    // runs from before the option: pixel rows
+    c.recipe.dgrad_rows = parse_grad_rows(j.contains("dgrad_rows") ? r.str(j.at("dgrad_rows"), "dgrad_rows") : "pixel");
+    c.recipe.wgrad = r.spec(j, "wgrad");
+    c.epochs = r.int32(r.at(j, "epochs", "epochs"), "epochs");
+    c.batch = r.integer(r.at(j, "batch", "batch"), "batch");
+    c.lr = r.number(r.at(j, "lr", "lr"), "lr");
+    c.momentum = r.number(r.at(j, "momentum", "momentum"), "momentum");
+    c.nesterov = r.boolean(r.at(j, "nesterov", "nesterov"), "nesterov");
+    c.weight_decay = r.number(r.at(j, "weight_decay", "weight_decay"), "weight_decay");
+    c.schedule = r.str(r.at(j, "schedule", "schedule"), "schedule");
+    c.warmup_epochs = r.number(r.at(j, "warmup_epochs", "warmup_epochs"), "warmup_epochs");
+    c.label_smoothing = r.number(r.at(j, "label_smoothing", "label_smoothing"), "label_smoothing");
+    c.augment = r.str(r.at(j, "augment", "augment"), "augment");
+    c.seed = r.uinteger(r.at(j, "seed", "seed"), "seed");
+    c.train_limit = r.integer(r.at(j, "train_limit", "train_limit"), "train_limit");
+    c.test_limit = r.integer(r.at(j, "test_limit", "test_limit"), "test_limit");
+    c.max_steps = j.contains("max_steps") ? r.integer(j.at("max_steps"), "max_steps") : 0;
+    c.ckpt_every_steps = j.contains("ckpt_every_steps") ? r.integer(j.at("ckpt_every_steps"), "ckpt_every_steps") : 0;
+    c.on_nonfinite = j.contains("on_nonfinite") ? r.str(j.at("on_nonfinite"), "on_nonfinite") : "stop";
+    c.track_variance_every =
+        j.contains("track_variance_every") ? r.integer(j.at("track_variance_every"), "track_variance_every") : 0;
+    c.log_every = j.contains("log_every") ? r.integer(j.at("log_every"), "log_every") : 0;
     // (before "auto": a bool)
     if (j.contains("recompute"))
-      c.recompute = j["recompute"].is_boolean() ? (j["recompute"].get<bool>() ? Recompute::on : Recompute::off)
-                                                : parse_recompute(j["recompute"].get<std::string>());
-  } catch (const json::exception& e) {
-    throw InputError(fmt::format("run configuration is incomplete or has a wrong type: {}", e.what()));
+      c.recompute = j.at("recompute").is_boolean() ? (j.at("recompute").get<bool>() ? Recompute::on : Recompute::off)
+                                                   : parse_recompute(r.str(j.at("recompute"), "recompute"));
+  } catch (const InputError& e) {
+    const std::string m = e.what();
+    if (m.rfind(label, 0) == 0) throw;
+    throw InputError(fmt::format("{}: {}", label, m));  // an unknown name (mode, quantizer, ...)
+  } catch (const json::exception& e) {  // (not expected: every access above is typed)
+    r.fail(e.what());
   }
   return c;
 }
@@ -414,13 +579,24 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   TrainConfig cfg = cfg_in;
   const std::string ckpt_path = cfg.out.empty() ? "" : (fs::path(cfg.out) / "ckpt.safetensors").string();
   TrainState state;
+  // ---- validate everything before the run folder is touched -----------------------------------
+  FQT_INPUT_CHECK(!(resume && cfg.overwrite),
+                  "--resume and --overwrite cannot be combined: --resume continues the run in {}, --overwrite "
+                  "starts it again from scratch; give one of them",
+                  cfg.out.empty() ? "--out" : cfg.out);
   if (resume) {
     FQT_INPUT_CHECK(!cfg.out.empty(), "--resume needs --out: the run folder to continue");
     FQT_INPUT_CHECK(fs::exists(ckpt_path), "--resume: no checkpoint at {} (nothing to resume; drop --resume to start)",
                     ckpt_path);
     state = read_checkpoint_state(ckpt_path);
-    // The stored configuration wins; only the length of the run may be extended.
-    TrainConfig stored = TrainConfig::from_json(state.config_json);
+    // The stored configuration wins, checked as strictly as the command line; only run-time
+    // settings (length, threads, data folder, logging, recomputation) come from the caller.
+    TrainConfig stored = TrainConfig::from_json(state.config_json, ckpt_path);
+    check_config(stored, config_label(ckpt_path));
+    FQT_INPUT_CHECK(stored.seed == state.seed,
+                    "{}: checkpoint metadata fqt.seed = {} but its run configuration has seed {}: the checkpoint is "
+                    "damaged",
+                    ckpt_path, state.seed, stored.seed);
     stored.out = cfg.out;
     stored.threads = cfg.threads;
     stored.progress = cfg.progress;
@@ -429,11 +605,13 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     stored.track_variance_every = cfg.track_variance_every;
     stored.log_every = cfg.log_every;
     stored.recompute = cfg.recompute;
+    stored.on_validated = cfg.on_validated;
     cfg = stored;
   }
   check_config(cfg);
   std::error_code exists_ec;
-  FQT_INPUT_CHECK(resume || cfg.overwrite || ckpt_path.empty() || !fs::exists(ckpt_path, exists_ec),
+  const bool replaces = !resume && !ckpt_path.empty() && fs::exists(ckpt_path, exists_ec);
+  FQT_INPUT_CHECK(!replaces || cfg.overwrite,
                   "--out {} already holds a run ({} exists): add --resume to continue it, --overwrite to start "
                   "it again, or choose another --out",
                   cfg.out, ckpt_path);
@@ -442,6 +620,18 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   const Dataset train_full = load_data(cfg.data, cfg.data_dir, true);
   const Dataset train_set = subset(train_full, cfg.train_limit);
   const Dataset test_set = subset(load_data(cfg.data, cfg.data_dir, false), cfg.test_limit);
+  auto files = [](const Dataset& ds, const char* split) {
+    return ds.source.empty() ? fmt::format("the {} set", split) : ds.source;
+  };
+  FQT_INPUT_CHECK(train_full.channels() == test_set.channels() && train_full.height() == test_set.height() &&
+                      train_full.width() == test_set.width(),
+                  "{} holds {}x{}x{} images but {} holds {}x{}x{}: the training and test images must have the same "
+                  "shape (files of two different datasets in one folder?)",
+                  files(train_full, "training"), train_full.channels(), train_full.height(), train_full.width(),
+                  files(test_set, "test"), test_set.channels(), test_set.height(), test_set.width());
+  FQT_INPUT_CHECK(train_full.num_classes == test_set.num_classes,
+                  "{} has {} classes but {} has {}: the training and test sets must have the same classes",
+                  files(train_full, "training"), train_full.num_classes, files(test_set, "test"), test_set.num_classes);
   FQT_INPUT_CHECK(train_set.size() >= cfg.batch, "--batch {} is larger than the training set ({} samples)", cfg.batch,
                   train_set.size());
 
@@ -450,15 +640,83 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   Loader loader(train_set, cfg.batch, true, augment_for(cfg.augment, cfg.data), cfg.seed, true);
   const int64_t spe = loader.batches_per_epoch();
   const int64_t total_steps = spe * cfg.epochs;
-  LrSchedule sched = parse_schedule(cfg.schedule, cfg.lr, total_steps, spe,
-                                    static_cast<int64_t>(std::llround(cfg.warmup_epochs * spe)));
+  LrSchedule sched;
+  try {
+    sched = parse_schedule(cfg.schedule, cfg.lr, total_steps, spe,
+                           static_cast<int64_t>(std::llround(cfg.warmup_epochs * spe)));
+  } catch (const InputError& e) {
+    if (!resume) throw;
+    throw InputError(fmt::format("{}: {}", config_label(ckpt_path), e.what()));
+  }
 
+  TrainResult result;
+  result.steps_per_epoch = spe;
   if (resume) {
+    // Tensors (shapes, dtypes, NaN/Inf) and optimizer metadata; copied into the model only when
+    // all of it is valid (the run folder is not touched either way).
     state = load_checkpoint(ckpt_path, m.params, m.buffers, opt);
+    const SGDOptions want{static_cast<float>(cfg.momentum), static_cast<float>(cfg.weight_decay), cfg.nesterov};
+    FQT_INPUT_CHECK(state.sgd.momentum == want.momentum && state.sgd.weight_decay == want.weight_decay &&
+                        state.sgd.nesterov == want.nesterov,
+                    "{}: checkpoint metadata fqt.sgd.* (momentum {}, weight decay {}, nesterov {}) does not match its "
+                    "run configuration (momentum {}, weight decay {}, nesterov {}): the checkpoint is damaged",
+                    ckpt_path, state.sgd.momentum, state.sgd.weight_decay, state.sgd.nesterov, want.momentum,
+                    want.weight_decay, want.nesterov);
+    // Where the checkpoint lies in the run: inside an epoch (a mid-epoch checkpoint is never at
+    // an epoch's end: that one is saved as the next epoch's start), or at the end of the run.
+    FQT_INPUT_CHECK(state.epoch <= cfg.epochs,
+                    "{}: checkpoint metadata fqt.epoch = {} is past the run's {} epochs: the checkpoint is damaged or "
+                    "belongs to another run",
+                    ckpt_path, state.epoch, cfg.epochs);
+    const int64_t into = state.step - state.epoch * spe;
+    FQT_INPUT_CHECK(into >= 0 && (into < spe || (into == 0 && state.epoch == cfg.epochs)),
+                    "{}: checkpoint step {} does not lie in epoch {} ({} steps per epoch): the checkpoint is damaged "
+                    "or belongs to another run",
+                    ckpt_path, state.step, state.epoch + 1, spe);
+    if (auto it = state.extra.find("nonfinite_skipped"); it != state.extra.end()) {
+      int64_t v = -1;
+      const std::string& t = it->second;
+      auto [p, ec] = std::from_chars(t.data(), t.data() + t.size(), v);
+      FQT_INPUT_CHECK(!t.empty() && ec == std::errc() && p == t.data() + t.size() && v >= 0 && v <= state.step,
+                      "{}: checkpoint metadata fqt.extra.nonfinite_skipped is '{}', not a step count in 0..{}: the "
+                      "checkpoint is damaged",
+                      ckpt_path, t, state.step);
+    }
+    FQT_INPUT_CHECK(cfg.max_steps == 0 || cfg.max_steps >= state.step,
+                    "--max-steps {}: the run in {} is already at step {} (its checkpoint), and a run cannot go back; "
+                    "give a larger --max-steps, or 0 to run all {} epochs",
+                    cfg.max_steps, cfg.out, state.step, cfg.epochs);
+    if (state.epoch >= cfg.epochs || (cfg.max_steps > 0 && state.step >= cfg.max_steps)) {
+      if (cfg.on_validated) cfg.on_validated();
+      result.nothing_to_do = true;
+      result.epochs_done = state.epoch;
+      result.steps = state.step;
+      result.note =
+          state.epoch >= cfg.epochs
+              ? fmt::format("the run in {} is complete ({} epochs, {} steps); nothing was changed (`fqt eval "
+                            "--checkpoint {}` evaluates it)",
+                            cfg.out, state.epoch, state.step, ckpt_path)
+              : fmt::format("the run in {} is already at step {} = --max-steps (epoch {}, {} of {} steps); nothing "
+                            "was changed (a larger --max-steps, or none, continues it)",
+                            cfg.out, state.step, state.epoch + 1, into, spe);
+      return result;
+    }
   } else {
     state.seed = cfg.seed;
   }
+  if (cfg.on_validated) cfg.on_validated();
+
+  // ---- the run folder ---------------------------------------------------------------------------
+  // A fresh run writes config.json and an empty metrics.jsonl now. A run that continues
+  // (--resume) or replaces (--overwrite) a saved run changes nothing in the folder until it
+  // writes its first checkpoint: metrics are kept in memory until then, and then config.json,
+  // metrics.jsonl and the checkpoint are replaced together (with --overwrite the old checkpoint
+  // is removed first), so a run that fails before that leaves the saved run as it was.
   state.config_json = cfg.to_json();
+  const std::string config_path = cfg.out.empty() ? "" : (fs::path(cfg.out) / "config.json").string();
+  const std::string mpath = cfg.out.empty() ? "" : (fs::path(cfg.out) / "metrics.jsonl").string();
+  bool pending = false;
+  std::string pending_metrics;
   if (!cfg.out.empty()) {
     std::error_code ec;
     fs::create_directories(cfg.out, ec);
@@ -467,8 +725,6 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                     "--out {}: the run folder is not writable ({}); choose another --out or fix its permissions",
                     cfg.out, std::strerror(errno));
     remove_stale_temporaries(cfg.out);
-    write_text((fs::path(cfg.out) / "config.json").string(), state.config_json + "\n");
-    const std::string mpath = (fs::path(cfg.out) / "metrics.jsonl").string();
     std::string kept;
     if (resume) {
       // Drop metrics of epochs after the checkpoint (written before a crash, redone now).
@@ -487,36 +743,87 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
           }
         }
     }
-    write_text(mpath, kept);
+    if (resume || replaces) {
+      pending = true;
+      pending_metrics = kept;
+    } else {
+      write_text(config_path, state.config_json + "\n");
+      write_text(mpath, kept);
+    }
   }
+  auto add_metrics = [&](const std::string& line) {
+    if (mpath.empty() || line.empty()) return;
+    if (pending) pending_metrics += line;
+    else append_text(mpath, line);
+  };
 
   int64_t saved_step = resume ? state.step : -1;  // the last good checkpoint on disk
   auto save = [&] {
     if (ckpt_path.empty()) return;
+    if (pending) {
+      if (replaces) {
+        std::error_code ec;
+        fs::remove(ckpt_path, ec);
+        FQT_INPUT_CHECK(!ec, "{}: cannot remove the checkpoint of the run --overwrite replaces ({})", ckpt_path,
+                        ec.message());
+      }
+      write_text(config_path, state.config_json + "\n");
+      write_text(mpath, pending_metrics);
+      pending = false;
+      pending_metrics.clear();
+    }
     save_checkpoint(ckpt_path, m.params, m.buffers, opt, state);
     saved_step = state.step;
   };
+  // What a failed run leaves behind, for its error message.
+  auto kept_note = [&] {
+    if (saved_step >= 0)
+      return fmt::format("the last good checkpoint {} (saved after {} steps) is kept", ckpt_path, saved_step);
+    if (replaces)
+      return fmt::format("no checkpoint of this run was written, and the run in {} it was to replace is left as it was",
+                         cfg.out);
+    return std::string("no checkpoint was written");
+  };
+  const char* const hint = resume ? "(the run's stored settings apply on --resume: to change them start it again "
+                                    "with --overwrite, e.g. with a lower --lr or --on-nonfinite skip)"
+                                  : "(try a lower --lr, or --on-nonfinite skip)";
 
   // Non-finite handling: top-level modules are run one by one so that a NaN/Inf caught inside
   // one (quantizers reject them) is attributed to it; batch-norm statistics are snapshot before
-  // every step and restored when the step fails.
+  // every step and restored when the step fails; with skip, weights and momentum too (an update
+  // can overflow them).
   Sequential* seq = dynamic_cast<Sequential*>(m.net.get());
   const std::vector<std::string> names = seq ? child_names(*seq) : std::vector<std::string>{};
   std::vector<Tensor> buffer_snapshot;
   for (auto& [name, t] : m.buffers) buffer_snapshot.push_back(t->clone());
+  const bool skip_mode = cfg.on_nonfinite == "skip";
+  std::vector<Tensor> param_snapshot, momentum_snapshot;
+  bool momentum_initialized_snapshot = false;
+  if (skip_mode) {
+    for (const Param* p : m.params) param_snapshot.push_back(p->value.clone());
+    for (const Tensor& t : opt.momentum_buffers()) momentum_snapshot.push_back(t.clone());
+  }
   const Poison poison = poison_from_env();
   int64_t skipped = 0;
   size_t saved_peak = 0;  // bytes kept from forward for backward, the most in an epoch's steps
   if (auto it = state.extra.find("nonfinite_skipped"); it != state.extra.end()) skipped = std::atoll(it->second.c_str());
   const float smoothing = static_cast<float>(cfg.label_smoothing);
   SoftmaxCrossEntropy ce;
-  // Runs one training step; returns "" or, when a loss/gradient is not finite, "non-finite
+  // Runs one training step; returns "" or, when a loss/gradient/update is not finite, "non-finite
   // <what> at epoch E step N, layer <name>: <detail>" (then nothing is updated).
   auto train_step = [&](const Batch& b, const StepContext& ctx, float lr, float& loss) -> std::string {
     for (size_t k = 0; k < buffer_snapshot.size(); ++k)
       std::memcpy(buffer_snapshot[k].raw(), m.buffers[k].second->raw(), buffer_snapshot[k].nbytes());
+    if (skip_mode) {
+      for (size_t k = 0; k < param_snapshot.size(); ++k)
+        std::memcpy(param_snapshot[k].raw(), m.params[k]->value.raw(), param_snapshot[k].nbytes());
+      for (size_t k = 0; k < momentum_snapshot.size(); ++k)
+        std::memcpy(momentum_snapshot[k].raw(), opt.momentum_buffers()[k].raw(), momentum_snapshot[k].nbytes());
+      momentum_initialized_snapshot = opt.momentum_initialized();
+    }
     const char* phase = "activation";
     std::string layer;
+    std::string after_update;  // what the update made non-finite
     try {
       apply_poison(poison, "weight", static_cast<int64_t>(ctx.step), m.params);
       Tensor h = b.x;
@@ -562,16 +869,36 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
         m.net->backward(g, ctx);
       }
       layer.clear();
-      if (track) log_variance(m, b, dlogits, ctx, cfg, state.epoch + 1);
+      if (track) add_metrics(log_variance(m, b, dlogits, ctx, cfg, state.epoch + 1));
       apply_poison(poison, "grad", static_cast<int64_t>(ctx.step), m.params);
       phase = "update";
       opt.step(lr);
+      // A finite gradient times a large learning rate can still overflow the weights, and a
+      // finite forward pass the batch-norm statistics: caught here, not at the next use.
+      for (const Param* p : m.params)
+        if (!finite(p->value)) {
+          const int64_t i = first_bad(p->value);
+          phase = "weights";
+          layer = layer_of_param(p->name);
+          after_update = fmt::format("the SGD update (learning rate {}) made {} non-finite ({} at element {} of {})", lr,
+                                     p->name, p->value.data<float>()[i], i, p->value.numel());
+          throw NonFiniteError(after_update);
+        }
+      for (const auto& [name, t] : m.buffers)
+        if (!finite(*t)) {
+          const int64_t i = first_bad(*t);
+          phase = "batch-norm statistics";
+          layer = layer_of_param(name);
+          after_update = fmt::format("the running statistics {} became non-finite ({} at element {} of {})", name,
+                                     t->data<float>()[i], i, t->numel());
+          throw NonFiniteError(after_update);
+        }
       return "";
     } catch (const NonFiniteError& e) {
       std::string detail = e.what();
       // Weights that are already non-finite explain everything downstream.
       for (const Param* p : m.params)
-        if (!finite(p->value)) {
+        if (after_update.empty() && !finite(p->value)) {
           layer = layer_of_param(p->name);
           detail = fmt::format("the weights {} are non-finite ({} at element {}); {}", p->name,
                                p->value.data<float>()[first_bad(p->value)], first_bad(p->value), detail);
@@ -581,15 +908,8 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       if (std::string(phase) == "loss" && seq) {
         // The NaN/Inf went through the forward pass unnoticed (fp32): find the first module
         // whose output is not finite.
-        Tensor h = b.x;
-        for (size_t k = 0; k < seq->size() && layer.empty(); ++k) {
-          try {
-            h = seq->child(k).forward(h, ctx);
-            if (!finite(h)) layer = names[k], detail = fmt::format("its output is non-finite ({})", detail);
-          } catch (const NonFiniteError& e2) {
-            layer = names[k], detail = e2.what();
-          }
-        }
+        auto [l, d] = first_non_finite_module(*seq, names, b.x, ctx);
+        if (!l.empty()) layer = l, detail = d == "its output is non-finite" ? fmt::format("{} ({})", d, detail) : d;
       }
       if (std::string(phase) == "update") {
         // Gradients went non-finite without a quantizer noticing (fp32): name the layer nearest
@@ -611,9 +931,32 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       }
       for (size_t k = 0; k < buffer_snapshot.size(); ++k)
         std::memcpy(m.buffers[k].second->raw(), buffer_snapshot[k].raw(), buffer_snapshot[k].nbytes());
+      if (skip_mode) {
+        for (size_t k = 0; k < param_snapshot.size(); ++k)
+          std::memcpy(m.params[k]->value.raw(), param_snapshot[k].raw(), param_snapshot[k].nbytes());
+        for (size_t k = 0; k < momentum_snapshot.size(); ++k)
+          std::memcpy(opt.momentum_buffers()[k].raw(), momentum_snapshot[k].raw(), momentum_snapshot[k].nbytes());
+        opt.set_momentum_initialized(momentum_initialized_snapshot);
+      }
       return fmt::format("non-finite {} at epoch {} step {}, layer {}: {}", phase, state.epoch + 1, ctx.step,
                          layer.empty() ? "unknown" : layer, detail);
     }
+  };
+  // The test set at the end of an epoch (or where --max-steps stops the run). Weights that give a
+  // NaN/Inf there (a diverged run: finite, but so large that the forward pass overflows) stop the
+  // run like a step would; with skip, a warning, the batch counts as wrong, the test loss is NaN,
+  // and training goes on (its next steps meet the same overflow and are skipped).
+  auto evaluate_now = [&](const char* when) {
+    std::string problem;
+    const EvalResult ev = run_eval(*m.net, test_set, 500, names, &problem);
+    if (problem.empty()) return ev;
+    const std::string what =
+        fmt::format("non-finite test output at epoch {} step {}, {} (evaluating the test set {})",
+                    state.epoch + (std::string(when) == "where --max-steps stopped" ? 1 : 0), state.step, problem, when);
+    if (!skip_mode) throw NonFiniteError(fmt::format("{}; training stopped, {} {}", what, kept_note(), hint));
+    std::fprintf(stderr, "%sfqt train: warning: %s; those test samples count as wrong\n", cfg.progress ? "\n" : "",
+                 what.c_str());
+    return ev;
   };
 
   if (cfg.progress)
@@ -625,7 +968,6 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                  recompute_name(effective_recompute(cfg.recompute, cfg.recipe.mode)),
                  resume ? fmt::format(", resumed at epoch {} step {}", state.epoch, state.step).c_str() : "");
 
-  TrainResult result;
   Progress progress(cfg.progress);
   using clock = std::chrono::steady_clock;
   const auto run_start = clock::now();
@@ -633,10 +975,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   while (state.epoch < cfg.epochs) {
     const int64_t epoch = state.epoch;
     const int64_t skip = state.step - epoch * spe;  // > 0 when resuming mid-epoch
-    FQT_INPUT_CHECK(skip >= 0 && skip <= spe,
-                    "{}: checkpoint step {} does not lie in epoch {} ({} steps per epoch): the checkpoint is damaged "
-                    "or belongs to another run",
-                    ckpt_path, state.step, epoch + 1, spe);
+    FQT_CHECK(skip >= 0 && skip < spe, "step {} outside epoch {}", state.step, epoch + 1);
     loader.start_epoch(static_cast<uint64_t>(epoch), skip);
     double loss_sum = 0;
     int64_t correct = 0, seen = 0;
@@ -647,21 +986,18 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     Batch b;
     int64_t i = skip;
     bool stopped = false;
-    while (loader.next(b)) {
+    while (true) {
       if (cfg.max_steps > 0 && state.step >= cfg.max_steps) {
         stopped = true;
         break;
       }
+      if (!loader.next(b)) break;
       StepContext ctx{true, cfg.seed, static_cast<uint64_t>(state.step)};
       opt.zero_grad();
       float loss = 0;
       const std::string problem = train_step(b, ctx, sched.lr_at(state.step), loss);
       if (!problem.empty()) {
-        if (cfg.on_nonfinite == "stop")
-          throw NonFiniteError(fmt::format(
-              "{}; training stopped, {} (try a lower --lr, or --on-nonfinite skip)", problem,
-              saved_step >= 0 ? fmt::format("the last good checkpoint {} (saved after {} steps) is kept", ckpt_path, saved_step)
-                              : std::string("no checkpoint was written")));
+        if (!skip_mode) throw NonFiniteError(fmt::format("{}; training stopped, {} {}", problem, kept_note(), hint));
         ++skipped;
         state.extra["nonfinite_skipped"] = std::to_string(skipped);
         std::fprintf(stderr, "%sfqt train: warning: %s; step skipped (%lld so far)\n", cfg.progress ? "\n" : "",
@@ -690,24 +1026,45 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                             {"train_loss", log_loss / log_seen},
                             {"train_acc", double(log_correct) / log_seen},
                             {"lr", sched.lr_at(state.step - 1)}};
-          append_text((fs::path(cfg.out) / "metrics.jsonl").string(), rec.dump() + "\n");
+          add_metrics(rec.dump() + "\n");
           log_loss = 0, log_correct = 0, log_seen = 0;
         }
       }
       if (cfg.ckpt_every_steps > 0 && state.step % cfg.ckpt_every_steps == 0 && i < spe) save();
     }
     if (stopped) {
-      result.final_train_loss = seen ? loss_sum / seen : 0;
+      if (i > skip) {
+        // --max-steps ended the run inside this epoch: checkpoint here (a later --resume goes on
+        // from this step, bit for bit) and evaluate, so the result is not the last epoch's.
+        const double secs = std::chrono::duration<double>(clock::now() - epoch_start).count();
+        if (saved_step != state.step) save();
+        const EvalResult ev = evaluate_now("where --max-steps stopped");
+        result.final_train_loss = seen ? loss_sum / seen : 0;
+        result.final_test_acc = ev.accuracy;
+        result.best_test_acc = std::max(result.best_test_acc, ev.accuracy);
+        result.evaluated = true;
+        result.stopped_mid_epoch = true;
+        result.images_per_s = seen / std::max(secs, 1e-9);
+        result.saved_activation_bytes = std::max(result.saved_activation_bytes, saved_peak);
+        if (cfg.progress)
+          std::fprintf(stderr,
+                       "%sstopped at --max-steps %lld in epoch %lld (%lld of %lld steps): train loss %.4f | test loss "
+                       "%.4f acc %.2f%%%s\n",
+                       isatty(fileno(stderr)) ? "\n" : "", static_cast<long long>(cfg.max_steps), static_cast<long long>(epoch + 1),
+                       static_cast<long long>(i), static_cast<long long>(spe), result.final_train_loss, ev.loss,
+                       100 * ev.accuracy, ckpt_path.empty() ? "" : ", checkpoint saved");
+      }
       break;
     }
     const double secs = std::chrono::duration<double>(clock::now() - epoch_start).count();
     state.epoch = epoch + 1;
-    EvalResult ev = run_eval(*m.net, test_set, 500);
+    const EvalResult ev = evaluate_now("at the end of the epoch");
     save();
     result.epochs_done = state.epoch;
     result.final_train_loss = seen ? loss_sum / seen : 0;
     result.final_test_acc = ev.accuracy;
     result.best_test_acc = std::max(result.best_test_acc, ev.accuracy);
+    result.evaluated = true;
     result.images_per_s = seen / std::max(secs, 1e-9);
     result.saved_activation_bytes = std::max(result.saved_activation_bytes, saved_peak);
     if (cfg.progress)
@@ -728,12 +1085,12 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                   {"saved_activation_bytes", saved_peak},
                   {"lr", sched.lr_at(std::max<int64_t>(state.step - 1, 0))},
                   {"seconds", secs}};
-      append_text((fs::path(cfg.out) / "metrics.jsonl").string(), rec.dump() + "\n");
+      add_metrics(rec.dump() + "\n");
     }
   }
   result.steps = state.step;
   result.skipped_steps = skipped;
-  if (result.epochs_done == 0) result.epochs_done = state.epoch;
+  result.epochs_done = state.epoch;
   const double total = std::chrono::duration<double>(clock::now() - run_start).count();
   if (result.images_per_s == 0 && total > 0) result.images_per_s = run_images / total;
   return result;
@@ -742,13 +1099,21 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
 EvalResult evaluate_checkpoint(const std::string& path, const std::string& data_dir, int64_t limit) {
   FQT_INPUT_CHECK(limit >= 0, "--test-limit must be >= 0 (got {}; 0 = all samples)", limit);
   TrainState st = read_checkpoint_state(path);
-  TrainConfig cfg = TrainConfig::from_json(st.config_json);
+  TrainConfig cfg = TrainConfig::from_json(st.config_json, path);
+  check_config(cfg, config_label(path));
   if (!data_dir.empty()) cfg.data_dir = data_dir;
   const Dataset test = subset(load_data(cfg.data, cfg.data_dir, false), limit);
   Model m = build_model(cfg, test);
   SGD opt(m.params, SGDOptions{static_cast<float>(cfg.momentum), static_cast<float>(cfg.weight_decay), cfg.nesterov});
   load_checkpoint(path, m.params, m.buffers, opt);
-  return run_eval(*m.net, test, 500);
+  Sequential* seq = dynamic_cast<Sequential*>(m.net.get());
+  try {
+    return run_eval(*m.net, test, 500, seq ? child_names(*seq) : std::vector<std::string>{});
+  } catch (const NonFiniteError& e) {
+    throw InputError(fmt::format("{}: the model it holds gives non-finite test outputs ({}): the run had diverged "
+                                 "when it was saved",
+                                 path, e.what()));
+  }
 }
 
 }  // namespace fqt

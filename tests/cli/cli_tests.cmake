@@ -67,6 +67,11 @@ fqt_cli_test(eval_corrupt_checkpoint 2 "CMakeLists.txt" ${FQT_EXE} eval --checkp
 # clear line and leaves no output behind; kill -9 at random moments, then --resume, ends
 # byte-identical to an uninterrupted run (10 trials).
 add_test(NAME cli.bad_inputs COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/bad_inputs.sh ${FQT_EXE} ${CLI_TMP}/bad_inputs)
+# fqt train/eval with a run folder at stake: --max-steps checkpoints and resumes bit for bit,
+# failed resumes/overwrites, damaged checkpoint metadata and stored configurations, divergence,
+# mixed-shape MNIST files, ignored options: exit 2 with one line and the folder unchanged.
+add_test(NAME cli.train_inputs COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/train_inputs.sh ${FQT_EXE} ${CLI_TMP}/train_inputs)
+set_tests_properties(cli.train_inputs PROPERTIES TIMEOUT 300)
 add_test(NAME cli.kill_resume COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/kill_resume.sh ${FQT_EXE} ${CLI_TMP}/kill_resume 10 12345)
 set_tests_properties(cli.kill_resume PROPERTIES TIMEOUT 300)
 fqt_cli_test(train_on_nonfinite_stop 2 "non-finite gradient at epoch 1 step 2, layer conv2: .*last good checkpoint .*saved after 2 steps. is kept"

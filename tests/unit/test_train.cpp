@@ -3,13 +3,18 @@
 #include "fqt/train.hpp"
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <iterator>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -90,14 +95,16 @@ TEST(Train, SameSeedGivesBitIdenticalWeights) {
 TEST(Train, ResumeMidEpochEqualsUninterruptedRun) {
   const std::string full = tmp_dir("resume_full"), cut = tmp_dir("resume_cut");
   train(small(full));
-  // Checkpoint every 3 steps, "crash" at step 7 (after the checkpoint at step 6, mid-epoch 1),
-  // then resume: the run must end bit-identical to the uninterrupted one.
+  // Checkpoint every 3 steps, stop at step 7 (mid-epoch 1: --max-steps checkpoints where it
+  // stops), then resume: the run must end bit-identical to the uninterrupted one.
   TrainConfig c = small(cut);
   c.ckpt_every_steps = 3;
   c.max_steps = 7;
   TrainResult r = train(c);
   EXPECT_EQ(r.steps, 7);
-  EXPECT_EQ(read_checkpoint_state(cut + "/ckpt.safetensors").step, 6);
+  EXPECT_TRUE(r.stopped_mid_epoch);
+  EXPECT_TRUE(r.evaluated);
+  EXPECT_EQ(read_checkpoint_state(cut + "/ckpt.safetensors").step, 7);
   TrainConfig again = small(cut);
   again.ckpt_every_steps = 3;
   train(again, /*resume=*/true);
@@ -380,4 +387,285 @@ TEST(Train, ResumeRemovesTemporariesOfKilledRuns) {
   EXPECT_FALSE(fs::exists(dead));
   EXPECT_TRUE(fs::exists(live));
   EXPECT_EQ(read_checkpoint_state(out + "/ckpt.safetensors").step, 16);
+}
+
+namespace {
+// Every file of a folder and its bytes.
+std::map<std::string, std::string> folder(const std::string& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::ifstream f(e.path(), std::ios::binary);
+    out[e.path().filename().string()] = std::string(std::istreambuf_iterator<char>(f), {});
+  }
+  return out;
+}
+
+std::string input_error(const TrainConfig& c, bool resume) {
+  try {
+    train(c, resume);
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+TrainConfig tiny(const std::string& out) {  // mlp, 2 steps an epoch, 2 epochs
+  TrainConfig c = small(out);
+  c.model = "mlp";
+  c.train_limit = 128;
+  c.test_limit = 64;
+  return c;
+}
+
+// The checkpoint's metadata and tensors rewritten with one change.
+void rewrite_checkpoint(const std::string& path, const std::function<void(SafeTensors&)>& change) {
+  SafeTensors st = read_safetensors(path);
+  change(st);
+  write_safetensors(path, NamedTensors(st.tensors.begin(), st.tensors.end()), st.metadata);
+}
+}  // namespace
+
+// --max-steps inside an epoch: the checkpoint is written at that step and the test set
+// evaluated; --resume goes on from there to the uninterrupted run's weights, bit for bit.
+TEST(Train, MaxStepsMidEpochCheckpointsAndResumes) {
+  const std::string full = tmp_dir("ms_full"), cut = tmp_dir("ms_cut");
+  train(tiny(full));
+  TrainConfig c = tiny(cut);
+  c.max_steps = 1;
+  const TrainResult r = train(c);
+  EXPECT_EQ(r.steps, 1);
+  EXPECT_EQ(r.epochs_done, 0);
+  EXPECT_TRUE(r.stopped_mid_epoch);
+  EXPECT_TRUE(r.evaluated);
+  EXPECT_GT(r.final_test_acc, 0.0);
+  EXPECT_EQ(read_checkpoint_state(cut + "/ckpt.safetensors").step, 1);
+  c.max_steps = 3;
+  EXPECT_EQ(train(c, /*resume=*/true).steps, 3);
+  EXPECT_EQ(read_checkpoint_state(cut + "/ckpt.safetensors").step, 3);
+  c.max_steps = 0;
+  const TrainResult rest = train(c, /*resume=*/true);
+  EXPECT_FALSE(rest.stopped_mid_epoch);
+  expect_same_checkpoint(full + "/ckpt.safetensors", cut + "/ckpt.safetensors");
+}
+
+// A resume with nothing to do (complete run, or already at --max-steps) changes nothing and says
+// so; one asking for fewer steps than the checkpoint holds is an InputError, also changing nothing.
+TEST(Train, ResumeWithNothingToDoOrGoingBackChangesNothing) {
+  const std::string dir = tmp_dir("nothing");
+  TrainConfig c = tiny(dir);
+  c.max_steps = 3;
+  train(c);
+  const auto before = folder(dir);
+  TrainResult r = train(c, /*resume=*/true);
+  EXPECT_TRUE(r.nothing_to_do);
+  EXPECT_NE(r.note.find("already at step 3 = --max-steps"), std::string::npos) << r.note;
+  EXPECT_EQ(folder(dir), before);
+  c.max_steps = 2;
+  EXPECT_NE(input_error(c, true).find("--max-steps 2: the run in " + dir + " is already at step 3"), std::string::npos);
+  EXPECT_EQ(folder(dir), before);
+  c.max_steps = 0;
+  train(c, /*resume=*/true);
+  const auto done = folder(dir);
+  r = train(c, /*resume=*/true);
+  EXPECT_TRUE(r.nothing_to_do);
+  EXPECT_NE(r.note.find("is complete (2 epochs, 4 steps)"), std::string::npos) << r.note;
+  EXPECT_EQ(folder(dir), done);
+}
+
+// A resume refused for a damaged checkpoint leaves every file of the folder as it was (config.json
+// used to be rewritten first), and names the file.
+TEST(Train, FailedResumeChangesNothing) {
+  const std::string dir = tmp_dir("failed_resume");
+  TrainConfig c = tiny(dir);
+  c.max_steps = 1;
+  train(c);
+  const std::string ckpt = dir + "/ckpt.safetensors";
+  const std::string good = folder(dir).at("ckpt.safetensors");
+  const std::vector<std::pair<std::function<void(SafeTensors&)>, std::string>> damages = {
+      {[](SafeTensors& st) { st.tensors.at("param/fc1.weight").data<float>()[0] = NAN; },
+       "tensor 'param/fc1.weight' holds nan at element 0"},
+      {[](SafeTensors& st) { st.metadata["fqt.step"] = "999999999"; }, "checkpoint step 999999999 does not lie in epoch 1"},
+      {[](SafeTensors& st) { st.metadata["fqt.epoch"] = "7", st.metadata["fqt.step"] = "14"; },
+       "fqt.epoch = 7 is past the run's 2 epochs"},
+      {[](SafeTensors& st) { st.metadata["fqt.sgd.weight_decay"] = "0.25"; }, "does not match its run configuration"},
+      {[](SafeTensors& st) { st.metadata["fqt.extra.nonfinite_skipped"] = "x"; }, "nonfinite_skipped is 'x'"},
+  };
+  for (const auto& [damage, expect] : damages) {
+    SCOPED_TRACE(expect);
+    {
+      std::ofstream(ckpt, std::ios::binary | std::ios::trunc) << good;
+    }
+    rewrite_checkpoint(ckpt, damage);
+    const auto before = folder(dir);
+    c.max_steps = 4;
+    const std::string msg = input_error(c, true);
+    EXPECT_EQ(msg.rfind(ckpt + ": ", 0), 0u) << msg;
+    EXPECT_NE(msg.find(expect), std::string::npos) << msg;
+    EXPECT_EQ(folder(dir), before);
+  }
+}
+
+// The configuration stored in a checkpoint passes the command line's checks, with messages that
+// name the file and the key (not a flag, not the JSON library).
+TEST(Train, StoredConfigIsValidatedLikeTheCommandLine) {
+  const std::string dir = tmp_dir("stored_config");
+  TrainConfig c = tiny(dir);
+  c.max_steps = 1;
+  train(c);
+  const std::string ckpt = dir + "/ckpt.safetensors";
+  const std::string good = folder(dir).at("ckpt.safetensors");
+  const std::vector<std::pair<std::pair<std::string, std::string>, std::string>> rows = {
+      {{"activation", R"({"quantizer": "bhq", "bits": 8})"}, "'activation.quantizer' must be zero-aligned"},
+      {{"weight", R"({"quantizer": "ptq", "bits": 8})"}, "'weight.quantizer' must be symmetric, symmetric-row or zero-aligned"},
+      {{"dgrad", R"({"quantizer": "affine", "bits": 4})"}, "'dgrad.quantizer' must be a stochastic quantizer"},
+      {{"dgrad", R"({"quantizer": "bhq", "bits": 9})"}, "'dgrad.bits' must be 2..8 (got 9)"},
+      {{"seed", "-1"}, "'seed' must be a non-negative integer (got -1)"},
+      {{"seed", "1.5"}, "'seed' must be an integer (got 1.5)"},
+      {{"log_every", "-1"}, "'log_every' must be 0 (off) or a number of steps (got -1)"},
+      {{"track_variance_every", "-1"}, "'track_variance_every' must be 0 (off)"},
+      {{"batch", "1e30"}, "'batch' must be an integer (got 1e+30)"},
+      {{"batch", "\"64\""}, "'batch' must be an integer (got \"64\")"},
+      {{"epochs", "10000000000"}, "'epochs' is 10000000000, out of range"},
+      {{"momentum", "null"}, "'momentum' must be a number (got null)"},
+      {{"schedule", "\"wavy\""}, "schedule"},
+      {{"on_nonfinite", "\"ignore\""}, "'on_nonfinite' is 'ignore' (valid: stop, skip)"},
+  };
+  for (const auto& [edit, expect] : rows) {
+    SCOPED_TRACE(edit.first + " = " + edit.second);
+    {
+      std::ofstream(ckpt, std::ios::binary | std::ios::trunc) << good;
+    }
+    rewrite_checkpoint(ckpt, [&, &edit = edit](SafeTensors& st) {
+      nlohmann::json j = nlohmann::json::parse(st.metadata.at("fqt.config"));
+      j[edit.first] = nlohmann::json::parse(edit.second);
+      st.metadata["fqt.config"] = j.dump();
+    });
+    const auto before = folder(dir);
+    const std::string msg = input_error(c, true);
+    EXPECT_EQ(msg.rfind(ckpt + ": run configuration (fqt.config)", 0), 0u) << msg;
+    EXPECT_NE(msg.find(expect), std::string::npos) << msg;
+    EXPECT_EQ(msg.find("json.exception"), std::string::npos) << msg;
+    EXPECT_EQ(msg.find("--"), std::string::npos) << msg;
+    EXPECT_EQ(folder(dir), before);
+    try {
+      evaluate_checkpoint(ckpt);
+      ADD_FAILURE() << "eval accepted it";
+    } catch (const InputError& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(ckpt + ": ", 0), 0u) << e.what();
+    }
+  }
+  // Without a file: the same messages, naming the configuration.
+  try {
+    TrainConfig::from_json(R"({"model": "mlp", "data": 3})");
+    ADD_FAILURE();
+  } catch (const InputError& e) {
+    EXPECT_STREQ(e.what(), "run configuration is incomplete or has a wrong type: 'data' must be a string (got 3)");
+  }
+  try {
+    TrainConfig::from_json("");
+    ADD_FAILURE();
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("run configuration is empty"), std::string::npos) << e.what();
+  }
+}
+
+// --overwrite replaces the old run's files together when the new run writes its first
+// checkpoint: a new run that fails first (bad input, divergence) leaves the old one as it was.
+TEST(Train, FailedOverwriteKeepsTheOldRun) {
+  const std::string dir = tmp_dir("overwrite");
+  train(tiny(dir));
+  const auto before = folder(dir);
+  TrainConfig bad = tiny(dir);
+  bad.overwrite = true;
+  bad.batch = 32;
+  bad.lr = 99;  // diverges in its first epoch
+  try {
+    train(bad);
+    ADD_FAILURE() << "did not diverge";
+  } catch (const NonFiniteError& e) {
+    EXPECT_NE(std::string(e.what()).find("no checkpoint of this run was written, and the run in " + dir +
+                                         " it was to replace is left as it was"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(folder(dir), before);
+  TrainConfig good = tiny(dir);
+  good.overwrite = true;
+  good.epochs = 1;
+  good.batch = 32;
+  train(good);
+  const auto after = folder(dir);
+  EXPECT_NE(after.at("config.json").find("\"batch\": 32"), std::string::npos);
+  EXPECT_EQ(read_checkpoint_state(dir + "/ckpt.safetensors").step, 4);
+  EXPECT_EQ(std::count(after.at("metrics.jsonl").begin(), after.at("metrics.jsonl").end(), '\n'), 1);
+  // --resume with --overwrite is contradictory.
+  good.overwrite = true;
+  EXPECT_NE(input_error(good, true).find("--resume and --overwrite cannot be combined"), std::string::npos);
+  EXPECT_EQ(folder(dir), after);
+}
+
+// A divergence that only shows in the epoch's test evaluation (weights finite but so large that
+// the forward pass overflows) is reported like a step's: epoch, step, layer, what is kept, the
+// hint. With skip, the run goes on (its later steps are skipped) and writes its checkpoints.
+TEST(TrainNonFinite, DivergenceInTheEvaluationIsReported) {
+  TrainConfig c = tiny(tmp_dir("diverge_eval"));
+  c.batch = 32;
+  c.lr = 99;
+  const std::string msg = train_error(c);
+  EXPECT_NE(msg.find("non-finite test output at epoch 1 step 4, layer fc"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("training stopped, no checkpoint was written (try a lower --lr, or --on-nonfinite skip)"),
+            std::string::npos)
+      << msg;
+  c.out = tmp_dir("diverge_eval_skip");
+  c.on_nonfinite = "skip";
+  const TrainResult r = train(c);
+  EXPECT_EQ(r.steps, 8);
+  EXPECT_GT(r.skipped_steps, 0);
+  EXPECT_TRUE(all_finite(c.out + "/ckpt.safetensors"));
+}
+
+// With skip, a step whose update overflows the weights, or whose weights were already poisoned,
+// is rolled back entirely (weights and momentum too), so the run goes on from finite weights.
+TEST(TrainNonFinite, SkipRestoresWeightsAndMomentum) {
+  const std::string out = tmp_dir("skip_weights");
+  TrainConfig c = tiny(out);
+  c.on_nonfinite = "skip";
+  PoisonEnv poison("weight:fc1.weight:1");
+  const TrainResult r = train(c);
+  EXPECT_EQ(r.skipped_steps, 1);
+  EXPECT_EQ(r.steps, 4);
+  EXPECT_TRUE(all_finite(out + "/ckpt.safetensors"));
+}
+
+// MNIST-style files of two image shapes: refused when loading, naming both files, before anything
+// is written.
+TEST(Train, TrainAndTestImagesOfDifferentShapesAreRefused) {
+  const std::string data = tmp_dir("mixed_mnist"), out = tmp_dir("mixed_run");
+  fs::create_directories(data);
+  auto be32 = [](std::string& s, uint32_t v) {
+    for (int sh = 24; sh >= 0; sh -= 8) s.push_back(static_cast<char>((v >> sh) & 0xff));
+  };
+  auto write = [&](const std::string& split, uint32_t n, uint32_t side) {
+    std::string img, lab;
+    be32(img, 0x803), be32(img, n), be32(img, side), be32(img, side);
+    img.append(size_t{n} * side * side, '\x40');
+    be32(lab, 0x801), be32(lab, n);
+    for (uint32_t i = 0; i < n; ++i) lab.push_back(static_cast<char>(i % 10));
+    std::ofstream(data + "/" + split + "-images-idx3-ubyte", std::ios::binary) << img;
+    std::ofstream(data + "/" + split + "-labels-idx1-ubyte", std::ios::binary) << lab;
+  };
+  write("train", 32, 28);
+  write("t10k", 16, 32);
+  TrainConfig c = small(out);
+  c.model = "mlp";
+  c.data = "mnist";
+  c.data_dir = data;
+  c.batch = 16;
+  c.train_limit = c.test_limit = 0;
+  const std::string msg = input_error(c, false);
+  EXPECT_NE(msg.find(data + "/train-images-idx3-ubyte holds 1x28x28 images but " + data +
+                     "/t10k-images-idx3-ubyte holds 1x32x32"),
+            std::string::npos)
+      << msg;
+  EXPECT_FALSE(fs::exists(out));
 }

@@ -19,6 +19,14 @@ struct TrainOptions {
   bool resume = false, quiet = false;
 };
 
+// The options of `app` among `names` that the command line gave, as "--a, --b".
+std::string given(CLI::App& app, const std::vector<const char*>& names) {
+  std::string s;
+  for (const char* n : names)
+    if (app.get_option(n)->count() > 0) s += (s.empty() ? "" : ", ") + std::string(n);
+  return s;
+}
+
 std::string join(const std::vector<std::string>& v) {
   std::string s;
   for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
@@ -41,16 +49,24 @@ Runner add_train(CLI::App& app) {
   app.add_option("--data-dir", c.data_dir, "folder with the dataset files (default: the dataset's standard folder)");
   app.add_option("--mode", o->mode, "fp32 | qat (forward quantized) | fqt (forward + both backward GEMMs quantized)")
       ->capture_default_str();
-  app.add_option("--dgrad", o->dgrad, "gradient quantizer of the dgrad GEMM: ptq, ptq-zero, psq, bhq")->capture_default_str();
-  app.add_option("--dgrad-bits", o->dgrad_bits, "bits of the dgrad gradient quantizer (2..8)")->capture_default_str();
+  app.add_option("--dgrad", o->dgrad,
+                 "gradient quantizer of the dgrad GEMM: ptq, ptq-zero, psq, bhq (the SPEC's), or column (unbiased "
+                 "too, but its per-column grid varies along the GEMM's reduction, so that GEMM runs simulated in "
+                 "fp32); fqt mode only")
+      ->capture_default_str();
+  app.add_option("--dgrad-bits", o->dgrad_bits, "bits of the dgrad gradient quantizer (2..8; fqt mode only)")->capture_default_str();
   app.add_option("--dgrad-rows", o->dgrad_rows,
                  "what a row of a convolution's gradient is for psq / bhq: pixel (each output position of each "
                  "sample has its own grid; fqt's default) | sample (a row per sample, [N, C*H*W], as in the "
                  "paper's code: BHQ's groups then mix whole samples)")
       ->check(CLI::IsMember({"pixel", "sample"}))
       ->capture_default_str();
-  app.add_option("--wgrad", o->wgrad, "gradient quantizer of the wgrad GEMM: ptq, ptq-zero, column")->capture_default_str();
-  app.add_option("--wgrad-bits", o->wgrad_bits, "bits of the wgrad gradient quantizer (2..8)")->capture_default_str();
+  app.add_option("--wgrad", o->wgrad,
+                 "gradient quantizer of the wgrad GEMM: ptq, ptq-zero, column (the SPEC's), or psq (unbiased too, "
+                 "but its per-row grid varies along the GEMM's reduction over samples, so that GEMM runs simulated "
+                 "in fp32); not bhq; fqt mode only")
+      ->capture_default_str();
+  app.add_option("--wgrad-bits", o->wgrad_bits, "bits of the wgrad gradient quantizer (2..8; fqt mode only)")->capture_default_str();
   app.add_option("--arith", o->arith,
                  "arithmetic of the quantized GEMMs: int (8-bit integer GEMMs on the codes) | sim (dequantize, fp32 GEMM)")
       ->capture_default_str();
@@ -70,10 +86,16 @@ Runner add_train(CLI::App& app) {
   app.add_option("--label-smoothing", c.label_smoothing, "label smoothing of the cross-entropy")->capture_default_str();
   app.add_option("--augment", c.augment, "auto (crop+flip on cifar10, none otherwise) | none | flip | crop | crop+flip")
       ->capture_default_str();
-  app.add_option("--seed", c.seed, "seed of initialisation, data order, augmentation and gradient quantizers")->capture_default_str();
+  app.add_option("--seed", c.seed,
+                 "seed of initialisation, data order, augmentation and gradient quantizers (0..2^64-1)")
+      ->capture_default_str()
+      ->check(seed_validator());
   app.add_option("--train-limit", c.train_limit, "use only the first N training samples (0 = all)")->capture_default_str();
   app.add_option("--test-limit", c.test_limit, "evaluate on the first N test samples (0 = all)")->capture_default_str();
-  app.add_option("--max-steps", c.max_steps, "stop after this many steps in total (0 = all epochs)")->capture_default_str();
+  app.add_option("--max-steps", c.max_steps,
+                 "stop after this many steps in total (0 = all epochs); a stop inside an epoch writes the checkpoint "
+                 "there (--resume goes on from it) and evaluates the test set")
+      ->capture_default_str();
   app.add_option("--ckpt-every", c.ckpt_every_steps, "also checkpoint every N steps (0 = at epoch ends only)")->capture_default_str();
   app.add_option("--on-nonfinite", c.on_nonfinite,
                  "NaN/Inf in the loss or a gradient: stop (error naming step and layer; the last good checkpoint "
@@ -96,11 +118,17 @@ Runner add_train(CLI::App& app) {
       ->check(CLI::IsMember({"off", "auto", "on"}))
       ->capture_default_str();
   app.add_option("--out", c.out, "run folder for config, metrics and checkpoints (default: write nothing)");
-  app.add_flag("--overwrite", c.overwrite, "start afresh even if --out holds a checkpoint (it is replaced)");
-  app.add_flag("--resume", o->resume, "continue the run in --out from its checkpoint (its stored settings are used)");
+  app.add_flag("--overwrite", c.overwrite,
+               "start afresh even if --out holds a run: its checkpoint, config.json and metrics.jsonl are replaced "
+               "together when the new run writes its first checkpoint (a run that fails before that leaves the old "
+               "one as it was)");
+  app.add_flag("--resume", o->resume,
+               "continue the run in --out from its checkpoint, bit for bit, with the run's stored settings: only "
+               "--max-steps, --threads, --data-dir, --recompute, --track-variance, --log-every and --quiet apply; "
+               "other settings given are ignored (with a warning). Not with --overwrite");
   app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_flag("-q,--quiet", o->quiet, "no progress output");
-  return [o] {
+  return [o, &app] {
     TrainConfig cfg = o->cfg;
     cfg.recipe.mode = parse_mode(o->mode);
     cfg.recipe.dgrad = {parse_quantizer(o->dgrad), o->dgrad_bits};
@@ -109,15 +137,55 @@ Runner add_train(CLI::App& app) {
     cfg.recipe.weight = {parse_quantizer(o->weight_q), o->weight_bits};
     cfg.recipe.arith = parse_arith(o->arith);
     cfg.recipe.dgrad_rows = parse_grad_rows(o->dgrad_rows);
-    FQT_INPUT_CHECK(cfg.recipe.weight.kind == QuantizerKind::symmetric || cfg.recipe.weight.kind == QuantizerKind::symmetric_row ||
-                        cfg.recipe.weight.kind == QuantizerKind::zero_aligned,
-                    "--weight-quantizer must be symmetric, symmetric-row or zero-aligned (got '{}')", o->weight_q);
     cfg.recompute = parse_recompute(o->recompute);
     cfg.progress = !o->quiet;
+    // Settings that do nothing here: one warning line each, printed once everything has been
+    // validated (bad input still gets a single error line).
+    std::vector<std::string> warnings;
+    if (o->resume) {
+      const std::string ignored =
+          given(app, {"--model", "--data", "--mode", "--dgrad", "--dgrad-bits", "--dgrad-rows", "--wgrad", "--wgrad-bits",
+                      "--arith", "--weight-quantizer", "--act-bits", "--weight-bits", "--epochs", "--batch", "--lr",
+                      "--momentum", "--nesterov", "--weight-decay", "--schedule", "--warmup-epochs", "--label-smoothing",
+                      "--augment", "--seed", "--train-limit", "--test-limit", "--ckpt-every", "--on-nonfinite"});
+      if (!ignored.empty())
+        warnings.push_back(fmt::format("{} ignored: --resume continues with the settings stored in the run (only "
+                                       "--max-steps, --threads, --data-dir, --recompute, --track-variance and "
+                                       "--log-every apply)",
+                                       ignored));
+    } else if (cfg.recipe.mode != Mode::fqt) {
+      std::vector<const char*> unused = {"--dgrad", "--dgrad-bits", "--dgrad-rows", "--wgrad", "--wgrad-bits"};
+      if (cfg.recipe.mode == Mode::fp32)
+        for (const char* n : {"--arith", "--weight-quantizer", "--act-bits", "--weight-bits"}) unused.push_back(n);
+      const std::string ignored = given(app, unused);
+      if (!ignored.empty())
+        warnings.push_back(fmt::format("{} ignored: unused in --mode {} ({})", ignored, o->mode,
+                                       cfg.recipe.mode == Mode::fp32 ? "nothing is quantized"
+                                                                     : "the gradient GEMMs are not quantized in qat"));
+    }
+    cfg.on_validated = [warnings] {
+      for (const std::string& w : warnings) std::fprintf(stderr, "fqt train: warning: %s\n", w.c_str());
+    };
     TrainResult r = train(cfg, o->resume);
-    std::printf("final test accuracy %.2f%% (best %.2f%%) after %lld epochs, %lld steps, %.0f images/s\n",
-                100 * r.final_test_acc, 100 * r.best_test_acc, static_cast<long long>(r.epochs_done),
-                static_cast<long long>(r.steps), r.images_per_s);
+    if (r.nothing_to_do) {
+      std::printf("fqt train: nothing to do: %s\n", r.note.c_str());
+      return 0;
+    }
+    if (!r.evaluated)
+      std::printf("no test accuracy: no epoch was completed or evaluated in this run (%lld steps)\n",
+                  static_cast<long long>(r.steps));
+    else if (r.stopped_mid_epoch)
+      std::printf("final test accuracy %.2f%% (best %.2f%%) after %lld epochs, %lld steps (stopped by --max-steps in "
+                  "epoch %lld, %lld of %lld steps%s), %.0f images/s\n",
+                  100 * r.final_test_acc, 100 * r.best_test_acc, static_cast<long long>(r.epochs_done),
+                  static_cast<long long>(r.steps), static_cast<long long>(r.epochs_done + 1),
+                  static_cast<long long>(r.steps - r.epochs_done * r.steps_per_epoch),
+                  static_cast<long long>(r.steps_per_epoch), cfg.out.empty() ? "" : "; checkpoint saved",
+                  r.images_per_s);
+    else
+      std::printf("final test accuracy %.2f%% (best %.2f%%) after %lld epochs, %lld steps, %.0f images/s\n",
+                  100 * r.final_test_acc, 100 * r.best_test_acc, static_cast<long long>(r.epochs_done),
+                  static_cast<long long>(r.steps), r.images_per_s);
     if (r.skipped_steps > 0)
       std::printf("%lld step(s) skipped for a non-finite loss or gradient\n", static_cast<long long>(r.skipped_steps));
     return 0;
