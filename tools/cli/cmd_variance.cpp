@@ -146,7 +146,7 @@ int run_variance(const VarianceCliOptions& o) {
   FQT_INPUT_CHECK(o.act_bits >= 2 && o.act_bits <= 8 && o.weight_bits >= 2 && o.weight_bits <= 8,
                   "--act-bits and --weight-bits must be bit widths from 2 to 8 (got {} and {})", o.act_bits, o.weight_bits);
   if (!o.checkpoint.empty()) {
-    TrainConfig stored = TrainConfig::from_json(read_checkpoint_state(o.checkpoint).config_json);
+    TrainConfig stored = TrainConfig::from_json(read_checkpoint_state(o.checkpoint).config_json, o.checkpoint);
     if (!o.model_given) cfg.model = stored.model;
     if (!o.data_given) cfg.data = stored.data;
     FQT_INPUT_CHECK(stored.model == cfg.model, "--checkpoint {} holds a {} model, not {} (pass --model {})", o.checkpoint,
