@@ -24,6 +24,9 @@ printf 'just some text, not an array\n' > "$fx/text.npy"
 # A valid 1-D float32 .npy (header padded to 128 bytes, as numpy writes it): quantize needs 2-D.
 dict="{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
 { printf '\x93NUMPY\x01\x00\x76\x00'; printf '%s%*s\n' "$dict" $((118 - ${#dict} - 1)) ''; printf '\0\0\x80\x3f\0\0\0\x40'; } > "$fx/vec.npy"
+# A finite 2 x 1 float32 matrix spanning -3e38 .. 3e38 (x - lo overflows fp32).
+dict="{'descr': '<f4', 'fortran_order': False, 'shape': (2, 1), }"
+{ printf '\x93NUMPY\x01\x00\x76\x00'; printf '%s%*s\n' "$dict" $((118 - ${#dict} - 1)) ''; printf '\xe6\xb1\x61\x7f\xe6\xb1\x61\xff'; } > "$fx/huge.npy"
 # MNIST folders: garbage files, and a truncated gzip.
 mkdir -p "$fx/mnist_garbage" "$fx/mnist_truncated" "$fx/mnist_empty"
 for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
@@ -131,6 +134,7 @@ check quantize out-of-range-3 "--samples must be in 2..100000" -- "$fqt" quantiz
 check quantize empty-item     "the list '4,,8' has an empty item" -- "$fqt" quantize --input "$fx/good.npy" --bits 4,,8
 check quantize not-a-file     "/dev/zero: not a regular file" -- "$fqt" quantize --input /dev/zero
 check quantize folder         "is a folder, not a .npy file" -- "$fqt" quantize --input "$fx"
+check quantize out-of-range-4 "values span -3e\+38 .. 3e\+38, wider than fp32 grids" -- "$fqt" quantize --input "$fx/huge.npy"
 check quantize unknown-name   "unknown quantizer 'pqs'"    -- "$fqt" quantize --input "$fx/good.npy" --quantizer pqs
 check quantize incompatible   "expected a 2-D array"       -- "$fqt" quantize --input "$fx/vec.npy"
 check quantize missing-file   "cannot open"                -- "$fqt" quantize --input "$fx/nope.npy"

@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdio>
 
 namespace fqt::cli {
@@ -47,6 +48,11 @@ int run_quantize(const QuantizeOptions& o) {
   FQT_INPUT_CHECK(x.numel() > 0, "{}: the array is empty (shape {})", o.input, shape_str(x.shape()));
   x = x.to(DType::f32);
   check_finite(x, o.input.c_str());
+  {  // x - lo must stay finite in fp32 (a matrix spanning -3e38..3e38 gave bias "inf")
+    const auto [mn, mx] = std::minmax_element(x.data<float>(), x.data<float>() + x.numel());
+    FQT_INPUT_CHECK(static_cast<double>(*mx) - *mn <= 1e38, "{}: values span {:g} .. {:g}, wider than fp32 grids can hold (at most 1e38)",
+                    o.input, *mn, *mx);
+  }
 
   nlohmann::json records = nlohmann::json::array();
   if (!o.json) {
