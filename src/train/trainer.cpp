@@ -987,7 +987,9 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     int64_t i = skip;
     bool stopped = false;
     while (true) {
-      if (cfg.max_steps > 0 && state.step >= cfg.max_steps) {
+      // (At the epoch's last step the epoch ends as usual first: its evaluation, metrics record
+      // and checkpoint with the next epoch's number; the next epoch then stops at once.)
+      if (cfg.max_steps > 0 && state.step >= cfg.max_steps && i < spe) {
         stopped = true;
         break;
       }

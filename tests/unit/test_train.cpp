@@ -448,6 +448,27 @@ TEST(Train, MaxStepsMidEpochCheckpointsAndResumes) {
   expect_same_checkpoint(full + "/ckpt.safetensors", cut + "/ckpt.safetensors");
 }
 
+// --max-steps at an epoch's last step ends that epoch as usual (evaluation, metrics record, the
+// checkpoint numbered for the next epoch), so --resume goes on from it (it was refused: "step 2
+// does not lie in epoch 1") and the run ends as an uninterrupted one.
+TEST(Train, MaxStepsAtAnEpochEndResumes) {
+  const std::string full = tmp_dir("ms_end_full"), cut = tmp_dir("ms_end_cut");
+  train(tiny(full));
+  TrainConfig c = tiny(cut);
+  c.max_steps = 2;  // (2 steps per epoch)
+  const TrainResult r = train(c);
+  EXPECT_EQ(r.steps, 2);
+  EXPECT_EQ(r.epochs_done, 1);
+  EXPECT_FALSE(r.stopped_mid_epoch);
+  const TrainState st = read_checkpoint_state(cut + "/ckpt.safetensors");
+  EXPECT_EQ(st.step, 2);
+  EXPECT_EQ(st.epoch, 1);
+  c.max_steps = 0;
+  const TrainResult rest = train(c, /*resume=*/true);
+  EXPECT_EQ(rest.epochs_done, 2);
+  expect_same_checkpoint(full + "/ckpt.safetensors", cut + "/ckpt.safetensors");
+}
+
 // A resume with nothing to do (complete run, or already at --max-steps) changes nothing and says
 // so; one asking for fewer steps than the checkpoint holds is an InputError, also changing nothing.
 TEST(Train, ResumeWithNothingToDoOrGoingBackChangesNothing) {
