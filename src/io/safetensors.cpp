@@ -371,13 +371,18 @@ void atomic_write(const std::string& path, const std::function<void(const Sink&)
 }
 
 std::string read_all(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever (regular files ignore it).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) throw InputError(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
   std::string out;
   struct stat st {};
   if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
     ::close(fd);
     throw InputError(fmt::format("{}: is a folder, not a file", path));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw InputError(fmt::format("{}: not a regular file", path));
   }
   if (st.st_size > 0) out.reserve(static_cast<size_t>(st.st_size));
   char buf[1 << 16];
@@ -444,7 +449,7 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& name)
 SafeTensors read_safetensors(const std::string& path) { return parse_safetensors(read_all(path), path); }
 
 std::map<std::string, std::string> read_safetensors_metadata(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // (a FIFO: no wait, refused below)
   if (fd < 0) throw InputError(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {

@@ -90,6 +90,8 @@ check eval missing-file       "cannot open"                -- "$fqt" eval --chec
 check eval corrupt-file       "not a safetensors file|absurd" -- "$fqt" eval --checkpoint "$fx/good.npy"
 check eval truncated-file     "truncated"                  -- "$fqt" eval --checkpoint "$fx/truncated.safetensors"
 check eval folder-not-file    "not a regular file"              -- "$fqt" eval --checkpoint "$fx/run"
+mkfifo "$fx/fifo.safetensors"  # (opening it for reading waited for a writer forever)
+check eval fifo-not-file      "fifo.safetensors: not a regular file" -- timeout 20 "$fqt" eval --checkpoint "$fx/fifo.safetensors"
 check eval not-a-checkpoint   "not an fqt checkpoint"      -- "$fqt" eval --checkpoint "$fx/plain.safetensors"
 
 check bench unknown-option    "frobnicate"                 -- "$fqt" bench step --frobnicate
@@ -105,6 +107,8 @@ check bench incompatible-2    "--input must look like CxHxW" -- "$fqt" bench ste
 check bench incompatible-3    "model cnn needs images of at least 4x4" -- "$fqt" bench step --model cnn --input 1x2x2
 check bench incompatible-4    "stage1.block0.bn1: training needs more than one value" -- "$fqt" bench step --model preact_resnet20 --batch 1 --input 1x1x1 --mode fp32 --steps 1 --warmup 0
 check bench-memory out-of-range "--reps must be in 1..10000" -- "$fqt" bench memory --sizes 0.25 --reps 2147483647
+check bench-memory empty-item "the list '0.25,' has an empty item" -- "$fqt" bench memory --sizes 0.25,
+check bench-memory empty-item-2 "the list ',' has an empty item" -- "$fqt" bench memory --sizes , --reps 1
 check bench-gemm unknown-option "frobnicate"               -- "$fqt" bench gemm --frobnicate
 check bench-gemm malformed-number "--m"                    -- "$fqt" bench gemm --m big
 check bench-gemm out-of-range "--m|must be"                -- "$fqt" bench gemm --m 0
@@ -119,6 +123,9 @@ check variance malformed-number "samples"                  --no-output "$V" -- "
 check variance out-of-range   "bit width from 2 to 8"      --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-bits 9
 check variance out-of-range-2 "--threads must be in 0..1024" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --threads 100000
 check variance out-of-range-3 "a seed is an integer from 0" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --seed -1
+mkdir -p "$tmp/vfolder/variance.json"  # a folder where the output file goes
+check variance unwritable-output "variance.json: exists and is not a regular file" -- "$fqt" variance --data synthetic --model mlp --batches 2 --batch 16 --samples 2 --dgrad ptq --dgrad-bits 4 --breakdown none --no-floor -q --out "$tmp/vfolder"
+check variance out-of-range-5 "--samples must be in 2..100000" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --samples 2000000000
 check variance out-of-range-4 "--act-bits and --weight-bits must be bit widths" --no-output "$V" -- "$fqt" variance --checkpoint "$ckpt" --out "$V" --act-bits 9
 check variance unknown-name   "unknown quantizer 'pqs'"    --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad pqs
 check variance unknown-name-2 "dgrad-rows.*samples"        --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-rows samples

@@ -62,14 +62,23 @@ std::string parse_error_line(CLI::App& app, const CLI::ParseError& e, int argc, 
   return fmt::format("fqt: error: {} (see `{} --help`)", what, where);
 }
 
-// An empty value ("--momentum ''" or "--seed=") would be read as 0 by CLI11's conversions.
+// An empty value ("--momentum ''" or "--seed=") would be read as 0 by CLI11's conversions, and an
+// empty list item dropped.
 bool reject_empty_values(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     std::string opt;
     if (a.empty()) opt = i > 1 && argv[i - 1][0] == '-' ? argv[i - 1] : "";
     else if (a.size() > 2 && a.rfind("--", 0) == 0 && a.back() == '=') opt = a.substr(0, a.size() - 1);
-    else continue;
+    else {
+      // A list with an empty item ("4,,8", "0.25,", ","): CLI11's own list options drop it.
+      const std::string v = a.rfind("--", 0) == 0 && a.find('=') != std::string::npos ? a.substr(a.find('=') + 1) : a;
+      if (v.find(',') != std::string::npos && (v.front() == ',' || v.back() == ',' || v.find(",,") != std::string::npos)) {
+        std::fprintf(stderr, "fqt: error: the list '%s' has an empty item\n", v.c_str());
+        return true;
+      }
+      continue;
+    }
     if (opt.empty()) std::fprintf(stderr, "fqt: error: argument %d is an empty string\n", i);
     else std::fprintf(stderr, "fqt: error: %s was given an empty value\n", opt.c_str());
     return true;
