@@ -60,6 +60,10 @@ std::string serialize_safetensors(const NamedTensors& tensors, const std::map<st
 void write_safetensors(const std::string& path, const NamedTensors& tensors,
                        const std::map<std::string, std::string>& metadata = {}, const NamedI64Tensors& int64s = {});
 
+// Any file written the same atomic way as the checkpoints (temporary file, fsync, rename; the
+// previous file unchanged on failure, which is an InputError naming the file).
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
 // Parses an in-memory file image; `name` is used in messages. Exposed for tests and fuzzing.
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& name);
 SafeTensors read_safetensors(const std::string& path);

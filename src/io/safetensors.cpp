@@ -423,6 +423,10 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors,
   atomic_write(path, [&](const Sink& sink) { emit(p, sink); });
 }
 
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  atomic_write(path, [&](const Sink& sink) { sink(bytes.data(), bytes.size()); });
+}
+
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& name) {
   const uint64_t n = header_size(bytes, bytes.size(), name);
   const uint64_t data_size = bytes.size() - 8 - n;

@@ -299,11 +299,9 @@ void check_config(const TrainConfig& c, const std::string& stored = "") {
        "is not supported: BHQ transforms rows (samples), which the wgrad GEMM reduces over; use ptq or column");
   need(traits(c.recipe.wgrad.kind).rounding == Rounding::stochastic, "--wgrad", "wgrad.quantizer",
        fmt::format("must be a stochastic quantizer (ptq, ptq-zero, psq, column), got {}", traits(c.recipe.wgrad.kind).name));
-  if (stored.empty())
-    FQT_INPUT_CHECK(c.on_nonfinite == "stop" || c.on_nonfinite == "skip",
-                    "unknown --on-nonfinite '{}' (valid: stop, skip)", c.on_nonfinite);
-  need(c.on_nonfinite == "stop" || c.on_nonfinite == "skip", "--on-nonfinite", "on_nonfinite",
-       fmt::format("is '{}' (valid: stop, skip)", c.on_nonfinite));
+  if (c.on_nonfinite != "stop" && c.on_nonfinite != "skip")
+    throw InputError(stored.empty() ? fmt::format("unknown --on-nonfinite '{}' (valid: stop, skip)", c.on_nonfinite)
+                                    : fmt::format("{}: 'on_nonfinite' is '{}' (valid: stop, skip)", stored, c.on_nonfinite));
   need(c.max_steps >= 0, "--max-steps", "max_steps", fmt::format("must be >= 0 (got {})", c.max_steps));
   need(c.ckpt_every_steps >= 0, "--ckpt-every", "ckpt_every_steps", fmt::format("must be >= 0 (got {})", c.ckpt_every_steps));
   need(c.train_limit >= 0, "--train-limit", "train_limit", fmt::format("must be >= 0 (got {}; 0 = all)", c.train_limit));

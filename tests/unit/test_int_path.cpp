@@ -133,6 +133,34 @@ std::vector<double> deq_exact(const QuantizedTensor& q) {
   return out;
 }
 
+// dX in double, rounded once to fp32: the transposed convolution of the gradient operand g
+// (rows (n, oh, ow) of c.cout values) with the weights w ([Cout][Cin k k]):
+// dx[n, ci, ih, iw] = sum over (o, kh, kw) with oh = (ih + pad - kh) / stride, ow likewise,
+// inside the gradient image, of g[(n, oh, ow), o] w[o, ci, kh, kw].
+Tensor dgrad_fp64(const std::vector<double>& g, const std::vector<double>& w, const ConvCase& c, int64_t Ho, int64_t Wo) {
+  const int64_t ckk = c.cin * c.k * c.k;
+  Tensor dx = Tensor::empty({c.n, c.cin, c.h, c.w});
+  for (int64_t n = 0; n < c.n; ++n)
+    for (int64_t ci = 0; ci < c.cin; ++ci)
+      for (int64_t ih = 0; ih < c.h; ++ih)
+        for (int64_t iw = 0; iw < c.w; ++iw) {
+          double sum = 0;
+          for (int64_t o = 0; o < c.cout; ++o)
+            for (int64_t kh = 0; kh < c.k; ++kh)
+              for (int64_t kw = 0; kw < c.k; ++kw) {
+                const int64_t sh = ih + c.pad - kh, sv = iw + c.pad - kw, oh = sh / c.stride, ow = sv / c.stride;
+                if (sh < 0 || sv < 0 || sh % c.stride || sv % c.stride || oh >= Ho || ow >= Wo) continue;
+                sum += g[((n * Ho + oh) * Wo + ow) * c.cout + o] * w[o * ckk + (ci * c.k + kh) * c.k + kw];
+              }
+          dx.data<float>()[((n * c.cin + ci) * c.h + ih) * c.w + iw] = static_cast<float>(sum);
+        }
+  return dx;
+}
+
+std::vector<double> as_doubles(const Tensor& t) {
+  return std::vector<double>(t.data<float>(), t.data<float>() + t.numel());
+}
+
 // dW of a conv from the codes the integer path multiplied, summed in double: the wgrad operand G
 // (rows [N*P, Cout], a per-tensor or per-column grid) against the patches of the saved input
 // codes (one per-tensor grid; padding is the grid's zero code, whose value is 0 in fp32 but
@@ -632,26 +660,10 @@ TEST(intPath, ConvDirectDgradEqualsExactValue) {
           set_conv_direct_dgrad(true);
           const Tensor direct = l.backward(dy, ctx);
           ASSERT_TRUE(same_codes(gq, l.last_dgrad_q())) << what;
-          // fp64: dx[n, ci, ih, iw] = sum over (o, kh, kw) with oh = ih + pad - kh, ow = iw + pad - kw
-          // inside the gradient image of g[(n, oh, ow), o] w[o, ci, kh, kw].
+          // fp64 of the dequantized (fp32) operands
           const Tensor g = dequantize(gq), w = dequantize(l.saved_weight_q());
-          const int64_t Ho = y.size(2), Wo = y.size(3), K = c.cout * c.k * c.k;
-          Tensor want = Tensor::empty(x.shape());
-          for (int64_t n = 0; n < c.n; ++n)
-            for (int64_t ci = 0; ci < c.cin; ++ci)
-              for (int64_t ih = 0; ih < c.h; ++ih)
-                for (int64_t iw = 0; iw < c.w; ++iw) {
-                  double sum = 0;
-                  for (int64_t o = 0; o < c.cout; ++o)
-                    for (int64_t kh = 0; kh < c.k; ++kh)
-                      for (int64_t kw = 0; kw < c.k; ++kw) {
-                        const int64_t sh = ih + c.pad - kh, sv = iw + c.pad - kw, oh = sh / c.stride, ow = sv / c.stride;
-                        if (sh < 0 || sv < 0 || sh % c.stride || sv % c.stride || oh >= Ho || ow >= Wo) continue;
-                        sum += static_cast<double>(g.data<float>()[((n * Ho + oh) * Wo + ow) * c.cout + o]) *
-                               w.data<float>()[((o * c.cin + ci) * c.k + kh) * c.k + kw];
-                      }
-                  want.data<float>()[((n * c.cin + ci) * c.h + ih) * c.w + iw] = static_cast<float>(sum);
-                }
+          const int64_t K = c.cout * c.k * c.k;
+          const Tensor want = dgrad_fp64(as_doubles(g), as_doubles(w), c, y.size(2), y.size(3));
           const double bound = 16 * kEps * K * max_abs_deq(gq) * max_abs(w);
           expect_within(direct, want, bound, what + ": direct vs fp64");
           expect_within(rows, want, bound, what + ": per-pixel rows vs fp64");
@@ -733,21 +745,7 @@ TEST(intPath, ConvFpropAndDgradEqualExactValue) {
           }
           const std::vector<double> gv = deq_exact(gq);
           const int64_t K = c.cout * c.k * c.k;
-          Tensor want_dx = Tensor::empty(x.shape());
-          for (int64_t n = 0; n < c.n; ++n)
-            for (int64_t ci = 0; ci < c.cin; ++ci)
-              for (int64_t ih = 0; ih < c.h; ++ih)
-                for (int64_t iw = 0; iw < c.w; ++iw) {
-                  double sum = 0;
-                  for (int64_t o = 0; o < c.cout; ++o)
-                    for (int64_t kh = 0; kh < c.k; ++kh)
-                      for (int64_t kw = 0; kw < c.k; ++kw) {
-                        const int64_t sh = ih + c.pad - kh, sv = iw + c.pad - kw, oh = sh / c.stride, ow = sv / c.stride;
-                        if (sh < 0 || sv < 0 || sh % c.stride || sv % c.stride || oh >= Ho || ow >= Wo) continue;
-                        sum += gv[((n * Ho + oh) * Wo + ow) * c.cout + o] * wv[o * ckk + (ci * c.k + kh) * c.k + kw];
-                      }
-                  want_dx.data<float>()[((n * c.cin + ci) * c.h + ih) * c.w + iw] = static_cast<float>(sum);
-                }
+          const Tensor want_dx = dgrad_fp64(gv, wv, c, Ho, Wo);
           const double bound_d = 16 * kEps * K * max_abs_deq(gq) * aw;
           expect_within(dx, want_dx, bound_d, what + ": dgrad vs fp64");
           for (int64_t i = 0; i < dx.numel(); ++i)

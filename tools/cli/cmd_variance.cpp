@@ -257,32 +257,9 @@ int run_variance(const VarianceCliOptions& o) {
     std::error_code ec;
     fs::create_directories(o.out, ec);
     FQT_INPUT_CHECK(!ec && fs::is_directory(o.out), "--out {}: cannot create the folder ({})", o.out, ec.message());
-    // Both files to temporaries first, then renamed: a failure (a folder in the way, a full disk)
-    // is an error naming the file; one while writing leaves the previous pair as it was.
-    const std::pair<fs::path, std::string> files[] = {{fs::path(o.out) / "variance.json", doc.dump(1) + "\n"},
-                                                      {fs::path(o.out) / "variance.txt", table}};
-    std::vector<std::string> tmps;
-    auto drop = [&] {
-      for (const std::string& t : tmps) fs::remove(t, ec);
-    };
-    for (const auto& [path, text] : files) {
-      FQT_INPUT_CHECK(!fs::exists(path, ec) || fs::is_regular_file(path, ec), "{}: exists and is not a regular file",
-                      path.string());
-      tmps.push_back(path.string() + ".tmp");
-      std::ofstream f(tmps.back(), std::ios::binary | std::ios::trunc);
-      f << text;
-      f.flush();
-      if (!f) {
-        drop();
-        throw InputError(fmt::format("{}: cannot write (disk full or not writable?)", path.string()));
-      }
-    }
-    for (size_t i = 0; i < tmps.size(); ++i)
-      if (std::rename(tmps[i].c_str(), files[i].first.c_str()) != 0) {
-        const int err = errno;
-        drop();
-        throw InputError(fmt::format("{}: cannot rename into place ({})", files[i].first.string(), std::strerror(err)));
-      }
+    // (each replaced atomically, as checkpoints are: a failure is an error naming the file)
+    write_file_atomic((fs::path(o.out) / "variance.json").string(), doc.dump(1) + "\n");
+    write_file_atomic((fs::path(o.out) / "variance.txt").string(), table);
   }
   if (o.json) {
     std::printf("%s\n", jrecs.dump(2).c_str());
