@@ -64,6 +64,25 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors,
 // previous file unchanged on failure, which is an InputError naming the file).
 void write_file_atomic(const std::string& path, const std::string& bytes);
 
+// The first half of write_file_atomic: the bytes written to `path`'s temporary file and fsync'ed,
+// `path` itself not touched yet (a `path` that exists and is not a regular file is refused here).
+// commit() renames the temporary over `path` (on failure an InputError, the temporary removed and
+// `path` as it was); an uncommitted StagedFile removes its temporary when destroyed. Lets a writer
+// put several files on disk before replacing any of their predecessors.
+class StagedFile {
+ public:
+  StagedFile(const std::string& path, const std::string& bytes);
+  StagedFile(const StagedFile&) = delete;
+  StagedFile& operator=(const StagedFile&) = delete;
+  ~StagedFile();
+  void commit();
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::string tmp_;  // empty once committed
+};
+
 // Parses an in-memory file image; `name` is used in messages. Exposed for tests and fuzzing.
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& name);
 SafeTensors read_safetensors(const std::string& path);
@@ -93,6 +112,9 @@ using NamedBuffers = std::vector<std::pair<std::string, Tensor*>>;
 // atomically. Momentum buffers are saved under the names of opt.params().
 void save_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,
                      const SGD& opt, const TrainState& state);
+// The bytes save_checkpoint writes (for StagedFile).
+std::string serialize_checkpoint(const std::vector<Param*>& params, const NamedBuffers& buffers, const SGD& opt,
+                                 const TrainState& state);
 
 // Validates the whole file against the model first — every param/buffer/momentum tensor
 // present with the model's shape and dtype, no tensor the model does not have, no NaN/Inf in any
@@ -115,6 +137,9 @@ void set_write_fault_for_testing(int64_t fail_after_bytes);
 // Test hook: when nonzero, the next atomic write's temporary file cannot be created, as if open()
 // failed with this errno (e.g. EACCES for a read-only folder, which root would not see). One-shot.
 void set_open_fault_for_testing(int err);
+// Test hook: the next commit (rename into place) of a path ending in `path_suffix` fails as if
+// rename() returned this errno (e.g. EPERM for an immutable file). One-shot; err 0 disarms it.
+void set_commit_fault_for_testing(const std::string& path_suffix, int err);
 }  // namespace detail
 
 }  // namespace fqt

@@ -159,9 +159,17 @@ const Tensor& expect(const SafeTensors& st, const std::string& path, const std::
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,
-                     const SGD& opt, const TrainState& state) {
+namespace {
+
+struct CheckpointContents {
   NamedTensors tensors;
+  std::map<std::string, std::string> meta;
+};
+
+CheckpointContents checkpoint_contents(const std::vector<Param*>& params, const NamedBuffers& buffers, const SGD& opt,
+                                       const TrainState& state) {
+  CheckpointContents c;
+  NamedTensors& tensors = c.tensors;
   tensors.reserve(params.size() * 2 + buffers.size());
   for (const Param* p : params) {
     FQT_CHECK(p && p->value.defined(), "save_checkpoint: undefined parameter");
@@ -176,14 +184,29 @@ void save_checkpoint(const std::string& path, const std::vector<Param*>& params,
     for (size_t i = 0; i < opt.params().size(); ++i)
       tensors.emplace_back("momentum/" + opt.params()[i]->name, bufs[i]);
   }
-  auto meta = state_metadata(state);
+  auto& meta = c.meta;
+  meta = state_metadata(state);
   const SGDOptions& o = opt.options();
   meta["fqt.optimizer"] = "sgd";
   meta["fqt.sgd.momentum"] = f2s(o.momentum);
   meta["fqt.sgd.weight_decay"] = f2s(o.weight_decay);
   meta["fqt.sgd.nesterov"] = std::to_string(o.nesterov ? 1 : 0);
   meta["fqt.sgd.momentum_initialized"] = std::to_string(opt.momentum_initialized() ? 1 : 0);
-  write_safetensors(path, tensors, meta);
+  return c;
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,
+                     const SGD& opt, const TrainState& state) {
+  const CheckpointContents c = checkpoint_contents(params, buffers, opt, state);
+  write_safetensors(path, c.tensors, c.meta);
+}
+
+std::string serialize_checkpoint(const std::vector<Param*>& params, const NamedBuffers& buffers, const SGD& opt,
+                                 const TrainState& state) {
+  const CheckpointContents c = checkpoint_contents(params, buffers, opt, state);
+  return serialize_safetensors(c.tensors, c.meta);
 }
 
 TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,

@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <set>
 
 static_assert(std::endian::native == std::endian::little, "safetensors I/O assumes a little-endian host");
@@ -299,8 +300,9 @@ std::string dir_of(const std::string& path) {
   return path.substr(0, slash);
 }
 
-// Writes a file atomically (see the header). `produce` pushes the bytes through the sink.
-void atomic_write(const std::string& path, const std::function<void(const Sink&)>& produce) {
+// Writes `path`'s temporary file (see the header) and returns its name: fsync'ed and closed, not
+// yet renamed. `produce` pushes the bytes through the sink. On failure the temporary is removed.
+std::string stage(const std::string& path, const std::function<void(const Sink&)>& produce) {
   {  // A device node or folder in the way would be replaced by the rename (/dev/full as root).
     struct stat st {};
     if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
@@ -352,14 +354,36 @@ void atomic_write(const std::string& path, const std::function<void(const Sink&)
     if (rc != 0)
       throw InputError(fmt::format("{}: close failed ({}); the previous file, if any, is unchanged", path,
                                    std::strerror(errno)));
-    if (::rename(tmp.c_str(), path.c_str()) != 0)
-      throw InputError(fmt::format("{}: cannot rename '{}' into place ({}); the previous file, if any, is unchanged",
-                                   path, tmp, std::strerror(errno)));
   } catch (...) {
     cleanup();
     throw;
   }
-  // Make the rename durable. Some file systems cannot fsync a folder (EINVAL): that is fine.
+  return tmp;
+}
+
+std::mutex g_commit_fault_mutex;
+std::string g_commit_fault_suffix;
+int g_commit_fault_err = 0;
+
+// Renames a staged temporary over `path` and makes the rename durable. On a failed rename the
+// temporary is removed and `path` is as it was.
+void commit(const std::string& path, const std::string& tmp) {
+  int injected = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_commit_fault_mutex);
+    const std::string& sfx = g_commit_fault_suffix;
+    if (g_commit_fault_err && path.size() >= sfx.size() && path.compare(path.size() - sfx.size(), sfx.size(), sfx) == 0) {
+      injected = g_commit_fault_err;
+      g_commit_fault_err = 0;
+    }
+  }
+  if (injected || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = injected ? injected : errno;
+    ::unlink(tmp.c_str());
+    throw InputError(fmt::format("{}: cannot rename '{}' into place ({}); the previous file, if any, is unchanged",
+                                 path, tmp, std::strerror(err)));
+  }
+  // Some file systems cannot fsync a folder (EINVAL): that is fine.
   const int dfd = ::open(dir_of(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     const int rc = ::fsync(dfd);
@@ -368,6 +392,11 @@ void atomic_write(const std::string& path, const std::function<void(const Sink&)
     if (rc != 0 && err != EINVAL && err != ENOTSUP)
       throw InputError(fmt::format("{}: written, but syncing its folder failed ({})", path, std::strerror(err)));
   }
+}
+
+// Writes a file atomically (see the header).
+void atomic_write(const std::string& path, const std::function<void(const Sink&)>& produce) {
+  commit(path, stage(path, produce));
 }
 
 std::string read_all(const std::string& path) {
@@ -406,6 +435,11 @@ std::string read_all(const std::string& path) {
 namespace detail {
 void set_write_fault_for_testing(int64_t fail_after_bytes) { g_fault_after.store(fail_after_bytes); }
 void set_open_fault_for_testing(int err) { g_open_fault.store(err); }
+void set_commit_fault_for_testing(const std::string& path_suffix, int err) {
+  std::lock_guard<std::mutex> lock(g_commit_fault_mutex);
+  g_commit_fault_suffix = path_suffix;
+  g_commit_fault_err = err;
+}
 }  // namespace detail
 
 std::string serialize_safetensors(const NamedTensors& tensors, const std::map<std::string, std::string>& metadata,
@@ -425,6 +459,20 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors,
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {
   atomic_write(path, [&](const Sink& sink) { sink(bytes.data(), bytes.size()); });
+}
+
+StagedFile::StagedFile(const std::string& path, const std::string& bytes)
+    : path_(path), tmp_(stage(path, [&](const Sink& sink) { sink(bytes.data(), bytes.size()); })) {}
+
+StagedFile::~StagedFile() {
+  if (!tmp_.empty()) ::unlink(tmp_.c_str());
+}
+
+void StagedFile::commit() {
+  FQT_CHECK(!tmp_.empty(), "StagedFile::commit: {} was already committed", path_);
+  const std::string tmp = std::move(tmp_);
+  tmp_.clear();
+  fqt::commit(path_, tmp);
 }
 
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& name) {

@@ -25,6 +25,9 @@
 #include <limits>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <memory>
+#include <optional>
 #include <sstream>
 
 namespace fqt {
@@ -708,8 +711,8 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   // A fresh run writes config.json and an empty metrics.jsonl now. A run that continues
   // (--resume) or replaces (--overwrite) a saved run changes nothing in the folder until it
   // writes its first checkpoint: metrics are kept in memory until then, and then config.json,
-  // metrics.jsonl and the checkpoint are replaced together (with --overwrite the old checkpoint
-  // is removed first), so a run that fails before that leaves the saved run as it was.
+  // metrics.jsonl and the checkpoint are replaced together (save_pending below), so a run that
+  // fails before or while doing that leaves the saved run as it was.
   state.config_json = cfg.to_json();
   const std::string config_path = cfg.out.empty() ? "" : (fs::path(cfg.out) / "config.json").string();
   const std::string mpath = cfg.out.empty() ? "" : (fs::path(cfg.out) / "metrics.jsonl").string();
@@ -756,21 +759,71 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   };
 
   int64_t saved_step = resume ? state.step : -1;  // the last good checkpoint on disk
+  const std::string saved_run_note =
+      fmt::format("the run in {} it was to {} is left as it was", cfg.out, replaces ? "replace" : "continue");
+  // The first checkpoint of a run that continues or replaces a saved run: the new config.json,
+  // metrics.jsonl and checkpoint are all written first (fsync'ed temporaries beside them), then
+  // renamed into place in that order; if a rename fails, the files already replaced get their old
+  // contents back, so the saved run is kept unless the new one is complete. With --overwrite the
+  // old checkpoint is first renamed aside (to a temporary name, removed at the end, or by the next
+  // run after a kill), so no moment shows the new configuration beside the old run's checkpoint.
+  auto save_pending = [&] {
+    std::vector<std::optional<std::string>> old;  // config.json, metrics.jsonl before (nullopt: absent)
+    for (const std::string& path : {config_path, mpath}) {
+      std::error_code ec;
+      if (!fs::exists(path, ec)) {
+        old.emplace_back();
+        continue;
+      }
+      std::ifstream in(path, std::ios::binary);
+      std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      FQT_INPUT_CHECK(in.good() || in.eof(), "{}: cannot read it to keep a copy while the run is saved ({}); {}", path,
+                      std::strerror(errno), saved_run_note);
+      old.emplace_back(std::move(text));
+    }
+    std::vector<std::unique_ptr<StagedFile>> staged;
+    try {
+      staged.push_back(std::make_unique<StagedFile>(config_path, state.config_json + "\n"));
+      staged.push_back(std::make_unique<StagedFile>(mpath, pending_metrics));
+      staged.push_back(
+          std::make_unique<StagedFile>(ckpt_path, serialize_checkpoint(m.params, m.buffers, opt, state)));
+    } catch (const InputError& e) {
+      throw InputError(fmt::format("{}; {}", e.what(), saved_run_note));
+    }
+    const std::string aside = fmt::format("{}.replaced.tmp.{}", ckpt_path, static_cast<long>(::getpid()));
+    std::error_code aside_ec;
+    const bool moved_aside = replaces && fs::exists(ckpt_path, aside_ec);
+    if (moved_aside && std::rename(ckpt_path.c_str(), aside.c_str()) != 0)
+      throw InputError(fmt::format("{}: cannot rename it aside to replace it ({}); {}", ckpt_path,
+                                   std::strerror(errno), saved_run_note));
+    size_t done = 0;
+    try {
+      for (; done < staged.size(); ++done) staged[done]->commit();
+    } catch (const InputError& e) {
+      std::string restore_failed;
+      if (moved_aside && std::rename(aside.c_str(), ckpt_path.c_str()) != 0)
+        restore_failed += fmt::format("; and {} could not be put back from {}: {}", ckpt_path, aside,
+                                      std::strerror(errno));
+      for (size_t j = 0; j < done; ++j) {
+        const std::string& path = staged[j]->path();
+        try {
+          if (old[j]) write_file_atomic(path, *old[j]);
+          else fs::remove(path);
+        } catch (const std::exception& r) {
+          restore_failed += fmt::format("; and {} could not be put back: {}", path, r.what());
+        }
+      }
+      throw InputError(restore_failed.empty() ? fmt::format("{}; {}", e.what(), saved_run_note)
+                                              : fmt::format("{}{}", e.what(), restore_failed));
+    }
+    if (moved_aside) fs::remove(aside, aside_ec);
+    pending = false;
+    pending_metrics.clear();
+  };
   auto save = [&] {
     if (ckpt_path.empty()) return;
-    if (pending) {
-      if (replaces) {
-        std::error_code ec;
-        fs::remove(ckpt_path, ec);
-        FQT_INPUT_CHECK(!ec, "{}: cannot remove the checkpoint of the run --overwrite replaces ({})", ckpt_path,
-                        ec.message());
-      }
-      write_text(config_path, state.config_json + "\n");
-      write_text(mpath, pending_metrics);
-      pending = false;
-      pending_metrics.clear();
-    }
-    save_checkpoint(ckpt_path, m.params, m.buffers, opt, state);
+    if (pending) save_pending();
+    else save_checkpoint(ckpt_path, m.params, m.buffers, opt, state);
     saved_step = state.step;
   };
   // What a failed run leaves behind, for its error message.

@@ -388,6 +388,47 @@ TEST(ckptAtomicWrite, ExistingFileSurvivesADiskFullMidWrite) {
   EXPECT_EQ(read_safetensors(path).metadata.at("v"), "2");
 }
 
+// StagedFile: the bytes are on disk under the temporary name and `path` is untouched until
+// commit(); an uncommitted one removes its temporary; a failed rename (EPERM, injected) leaves
+// `path` as it was and no temporary.
+TEST(ckptAtomicWrite, StagedFileReplacesOnlyOnCommit) {
+  TempDir dir;
+  const std::string path = dir.file("config.json");
+  write_file_atomic(path, "old");
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    StagedFile f(path, "new");
+    EXPECT_EQ(slurp(path), "old");
+    EXPECT_EQ(slurp(tmp), "new");
+  }
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"config.json"});
+  {
+    StagedFile f(path, "new");
+    detail::set_commit_fault_for_testing("other.json", EPERM);  // another file's fault does not fire here
+    f.commit();
+    detail::set_commit_fault_for_testing("", 0);
+  }
+  EXPECT_EQ(slurp(path), "new");
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"config.json"});
+  {
+    StagedFile f(path, "newer");
+    detail::set_commit_fault_for_testing("config.json", EPERM);
+    try {
+      f.commit();
+      ADD_FAILURE() << "the injected rename failure did not fire";
+    } catch (const InputError& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(path + ": cannot rename", 0), 0u) << e.what();
+      EXPECT_NE(std::string(e.what()).find(std::strerror(EPERM)), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(f.commit(), Error);  // one commit per StagedFile
+  }
+  EXPECT_EQ(slurp(path), "new");
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"config.json"});
+  // A folder in the way is refused when staging, before anything is written.
+  fs::create_directory(dir.file("sub"));
+  EXPECT_THROW(StagedFile(dir.file("sub"), "x"), InputError);
+}
+
 // The same refusal as root, which folder permissions do not stop: open() failing with EACCES or
 // EROFS (a read-only mount) through the test hook. The message names the folder; the previous
 // checkpoint is untouched and no temporary file is left.

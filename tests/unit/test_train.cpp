@@ -625,6 +625,51 @@ TEST(Train, FailedOverwriteKeepsTheOldRun) {
   EXPECT_EQ(folder(dir), after);
 }
 
+// The first checkpoint of an --overwrite or --resume run replaces config.json, metrics.jsonl and
+// the checkpoint together: when any of the three cannot be written or renamed into place (a full
+// disk; EPERM for an immutable file, injected), the saved run is exactly as it was, with no
+// temporary left, and the error says so. Before this, --overwrite removed the old checkpoint
+// first and a failed config.json rename lost it.
+TEST(Train, SaveThatFailsMidwayKeepsTheSavedRun) {
+  for (const bool resume : {false, true}) {
+    const std::string dir = tmp_dir(resume ? "replace_fault_resume" : "replace_fault_overwrite");
+    TrainConfig first = tiny(dir);
+    if (resume) first.max_steps = 2;  // end of epoch 1 of 2
+    train(first);
+    const auto before = folder(dir);
+    ASSERT_EQ(before.size(), 3u);
+    TrainConfig next = tiny(dir);
+    next.overwrite = !resume;
+    if (!resume) next.batch = 32;
+    const std::string note =
+        "the run in " + dir + " it was to " + std::string(resume ? "continue" : "replace") + " is left as it was";
+    for (const char* file : {"config.json", "metrics.jsonl", "ckpt.safetensors"}) {
+      SCOPED_TRACE(std::string(resume ? "--resume, " : "--overwrite, ") + file);
+      detail::set_commit_fault_for_testing(file, EPERM);
+      const std::string msg = input_error(next, resume);
+      detail::set_commit_fault_for_testing("", 0);
+      EXPECT_EQ(msg.rfind(dir + "/" + file + ": cannot rename", 0), 0u) << msg;
+      EXPECT_NE(msg.find("Operation not permitted"), std::string::npos) << msg;
+      EXPECT_NE(msg.find(note), std::string::npos) << msg;
+      EXPECT_EQ(folder(dir), before);
+    }
+    {  // A full disk while the first of the three is written.
+      detail::set_write_fault_for_testing(10);
+      const std::string msg = input_error(next, resume);
+      detail::set_write_fault_for_testing(-1);
+      EXPECT_EQ(msg.rfind(dir + "/config.json: write failed after 10 bytes", 0), 0u) << msg;
+      EXPECT_NE(msg.find(note), std::string::npos) << msg;
+      EXPECT_EQ(folder(dir), before);
+    }
+    // The same run without a fault saves; --overwrite left nothing of the old run behind.
+    train(next, resume);
+    const auto after = folder(dir);
+    EXPECT_EQ(after.size(), 3u);
+    EXPECT_EQ(read_checkpoint_state(dir + "/ckpt.safetensors").step, resume ? 4 : 8);
+    EXPECT_EQ(after.at("config.json").find("\"batch\": 32") != std::string::npos, !resume);
+  }
+}
+
 // A divergence that only shows in the epoch's test evaluation (weights finite but so large that
 // the forward pass overflows) is reported like a step's: epoch, step, layer, what is kept, the
 // hint. With skip, the run goes on (its later steps are skipped) and writes its checkpoints.
