@@ -70,6 +70,13 @@ check train out-of-range      "--batch must be in 1..65536" --no-output "$R" -- 
 check train out-of-range-2    "--lr"                       --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --lr 1e999
 check train out-of-range-3    "--momentum" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --momentum 5
 check train out-of-range-4    "--threads must be in 0.." --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --threads 100000
+check train int64-overflow    "--max-steps: '99999999999999999999' is out of range \(at most 9223372036854775807\)" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --max-steps 99999999999999999999
+check train int32-overflow    "--dgrad-bits: '99999999999' is out of this option's range" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --dgrad-bits 99999999999
+check train not-decimal       "--batch: '0x20' is not a whole number in decimal digits" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --batch 0x20
+check train not-whole         "--max-steps: '1e3' is not a whole number" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --max-steps 1e3
+check train seed-overflow     "--seed: '18446744073709551616' is out of range \(at most 18446744073709551615\)" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --seed 18446744073709551616
+check train not-a-number      "--lr: 'abc' is not a number" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --lr abc
+check train repeated-option   "--epochs was given 2 times; give it once" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --epochs 2
 check train empty-value       "--momentum was given an empty value" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --momentum ""
 check train unknown-name      "unknown model"              --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --model resnet1000
 check train unknown-name-2    "unknown --on-nonfinite"     --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --on-nonfinite ignore
@@ -112,7 +119,8 @@ check bench-memory empty-item-2 "the list ',' has an empty item" -- "$fqt" bench
 check bench-gemm unknown-option "frobnicate"               -- "$fqt" bench gemm --frobnicate
 check bench-gemm malformed-number "--m"                    -- "$fqt" bench gemm --m big
 check bench-gemm out-of-range "--m|must be"                -- "$fqt" bench gemm --m 0
-check bench-gemm out-of-range-2 "each operand at most 2.28" -- "$fqt" bench gemm --m 99999999999999999999
+check bench-gemm out-of-range-2 "each operand at most 2.28" -- "$fqt" bench gemm --m 9999999999
+check bench-gemm int64-overflow "--m: '99999999999999999999' is out of range" -- "$fqt" bench gemm --m 99999999999999999999
 check bench-gemm out-of-range-3 "--threads must be in 0..1024" -- "$fqt" bench gemm --m 8 --n 8 --k 8 --threads 100000
 check bench-gemm incompatible "--shapes needs a square --input" -- "$fqt" bench gemm --shapes cnn --input 1x28x20
 check bench-gemm unknown-name "unknown model|valid"        -- "$fqt" bench gemm --shapes resnet1000
@@ -122,7 +130,7 @@ check variance unknown-option "frobnicate"                 --no-output "$V" -- "
 check variance malformed-number "samples"                  --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --samples lots
 check variance out-of-range   "bit width from 2 to 8"      --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-bits 9
 check variance out-of-range-2 "--threads must be in 0..1024" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --threads 100000
-check variance out-of-range-3 "a seed is an integer from 0" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --seed -1
+check variance out-of-range-3 "is negative; it must be >= 0" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --seed -1
 mkdir -p "$tmp/vfolder/variance.json"  # a folder where the output file goes
 check variance unwritable-output "variance.json: exists and is not a regular file" -- "$fqt" variance --data synthetic --model mlp --batches 2 --batch 16 --samples 2 --dgrad ptq --dgrad-bits 4 --breakdown none --no-floor -q --out "$tmp/vfolder"
 check variance out-of-range-5 "--samples must be in 2..100000" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --samples 2000000000
@@ -155,7 +163,7 @@ check synth out-of-range      "rows"                       --no-output "$S" -- "
 check synth unknown-name      "unknown matrix kind"        --no-output "$S" -- "$fqt" synth --out "$S" --kind cauchy
 check synth incompatible      "too large"                  --no-output "$S" -- "$fqt" synth --out "$S" --rows 1048576 --cols 1048576
 check synth unwritable-output "cannot write|No such file"  --no-output "$fx/a_file/x.npy" -- "$fqt" synth --out "$fx/a_file/x.npy"
-check synth out-of-range-2    "a seed is an integer from 0" --no-output "$S" -- "$fqt" synth --out "$S" --seed -1
+check synth out-of-range-2    "is negative; it must be >= 0" --no-output "$S" -- "$fqt" synth --out "$S" --seed -1
 cp "$ckpt" "$tmp/keep.safetensors"
 check synth not-an-npy-output "exists and is not a .npy file" -- "$fqt" synth --rows 2 --cols 2 --out "$tmp/keep.safetensors"
 cmp -s "$ckpt" "$tmp/keep.safetensors" || { echo "synth replaced a checkpoint"; failed=$((failed + 1)); }

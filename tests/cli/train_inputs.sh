@@ -209,7 +209,7 @@ expect mnist-mixed-shapes 2 "mixed/train-images-idx3-ubyte holds 1x28x28 images 
   --absent "$tmp/mixed_run" -- "$fqt" train --data mnist --data-dir "$tmp/mixed" --model mlp --batch 16 --quiet --out "$tmp/mixed_run"
 
 # ---- 8. seeds, options unused in a mode ----------------------------------------------------------------
-expect seed-negative 2 "--seed.*a seed is an integer from 0" --absent "$tmp/seed" \
+expect seed-negative 2 "--seed: .-1. is negative; it must be >= 0" --absent "$tmp/seed" \
   -- "$fqt" train "${B[@]}" --epochs 1 --seed -1 --out "$tmp/seed"
 expect fp32-unused-options 0 "warning: --dgrad, --wgrad-bits ignored: unused in --mode fp32" \
   -- "$fqt" train "${B[@]}" --epochs 1 --mode fp32 --dgrad ptq --wgrad-bits 4

@@ -88,8 +88,7 @@ Runner add_train(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--seed", c.seed,
                  "seed of initialisation, data order, augmentation and gradient quantizers (0..2^64-1)")
-      ->capture_default_str()
-      ->check(seed_validator());
+      ->capture_default_str();
   app.add_option("--train-limit", c.train_limit, "use only the first N training samples (0 = all)")->capture_default_str();
   app.add_option("--test-limit", c.test_limit, "evaluate on the first N test samples (0 = all)")->capture_default_str();
   app.add_option("--max-steps", c.max_steps,

@@ -319,7 +319,7 @@ Runner add_variance(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--breakdown-samples", o->breakdown_samples, "draws per batch used for the breakdown")
       ->capture_default_str();
-  app.add_option("--seed", o->seed, "seed of batch choice, initial weights and gradient quantizers")->capture_default_str()->check(seed_validator());
+  app.add_option("--seed", o->seed, "seed of batch choice, initial weights and gradient quantizers")->capture_default_str();
   app.add_option("--out", o->out, "folder for variance.json and variance.txt (default: print only)");
   app.add_option("--threads", o->threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_flag("--no-floor", o->no_floor,

@@ -19,7 +19,10 @@ Runner add_variance(CLI::App& app);
 
 // "a,b,c" -> {"a","b","c"}, items trimmed; an empty item ("4,,8", "4,") is an InputError.
 std::vector<std::string> split_list(const std::string& s);
-// --seed's check: a decimal integer 0..2^64-1 (CLI11 would read "-1" as 2^64 - 1).
-CLI::Validator seed_validator();
+// Every integer option's check (main() adds it to each INT / UINT option): decimal digits only
+// (CLI11 reads "010" as octal and "0x10" as hex), within the 64-bit range (CLI11 clamps
+// 99999999999999999999 to the largest value without a word, and reads "-1" for an unsigned
+// option such as --seed as 2^64 - 1); narrower types are range-checked by CLI11's conversion.
+CLI::Validator whole_number_validator(bool is_unsigned);
 
 }  // namespace fqt::cli

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <map>
 #include <new>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,20 @@ std::string parse_error_line(CLI::App& app, const CLI::ParseError& e, int argc, 
                             : fmt::format("unknown command '{}' for `{}`", unknown, where)) +
            fmt::format(" (one of: {})", fmt::join(names, ", "));
   }
+  // CLI11's wording for a value its conversion rejects and for a repeated option.
+  static const std::regex not_converted(R"(^Could not convert: (\S+) = (.*)$)");
+  static const std::regex repeated(R"(^(\S+): At Most 1 required but received (\d+)$)");
+  std::smatch m;
+  if (std::regex_match(what, m, not_converted)) {
+    const CLI::Option* o = at->get_option_no_throw(m[1].str());
+    const std::string type = o ? o->get_type_name() : "";
+    what = type.rfind("INT", 0) == 0 || type.rfind("UINT", 0) == 0
+               ? fmt::format("{}: '{}' is out of this option's range", m[1].str(), m[2].str())
+           : type.rfind("FLOAT", 0) == 0 ? fmt::format("{}: '{}' is not a number", m[1].str(), m[2].str())
+                                         : fmt::format("{}: cannot read '{}'", m[1].str(), m[2].str());
+  } else if (std::regex_match(what, m, repeated)) {
+    what = fmt::format("{} was given {} times; give it once", m[1].str(), m[2].str());
+  }
   return fmt::format("fqt: error: {} (see `{} --help`)", what, where);
 }
 
@@ -84,6 +99,16 @@ bool reject_empty_values(int argc, char** argv) {
     return true;
   }
   return false;
+}
+
+// whole_number_validator on every integer option of `a` and its subcommands.
+void check_integer_options(CLI::App* a) {
+  for (CLI::Option* o : a->get_options()) {
+    const std::string t = o->get_type_name();
+    const bool is_unsigned = t.rfind("UINT", 0) == 0;
+    if (is_unsigned || t.rfind("INT", 0) == 0) o->transform(fqt::cli::whole_number_validator(is_unsigned));
+  }
+  for (CLI::App* s : a->get_subcommands({})) check_integer_options(s);
 }
 
 }  // namespace
@@ -126,6 +151,7 @@ int main(int argc, char** argv) {
       fqt::cli::add_variance);
   add("synth", "Write a synthetic gradient-like matrix (.npy) to try the quantizers on", fqt::cli::add_synth);
 
+  check_integer_options(&app);
   if (reject_empty_values(argc, argv)) return 2;
   try {
     app.parse(argc, argv);

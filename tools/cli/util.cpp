@@ -2,7 +2,10 @@
 
 #include "fqt/error.hpp"
 
+#include <charconv>
 #include <cstdint>
+#include <limits>
+#include <string>
 
 namespace fqt::cli {
 
@@ -22,15 +25,39 @@ std::vector<std::string> split_list(const std::string& s) {
   return out;
 }
 
-CLI::Validator seed_validator() {
+CLI::Validator whole_number_validator(bool is_unsigned) {
   return CLI::Validator(
-      [](std::string& v) -> std::string {
-        if (v.empty() || v.size() > 20 || v.find_first_not_of("0123456789") != std::string::npos)
-          return "a seed is an integer from 0 to 2^64 - 1, got '" + v + "'";
-        if (v.size() == 20 && v > "18446744073709551615") return "a seed is at most 2^64 - 1, got " + v;
+      [is_unsigned](std::string& v) -> std::string {
+        size_t i = 0;
+        const bool negative = !v.empty() && v[0] == '-';
+        if (!v.empty() && (v[0] == '+' || v[0] == '-')) i = 1;
+        if (i == v.size() || v.find_first_not_of("0123456789", i) != std::string::npos)
+          return "'" + v + "' is not a whole number in decimal digits";
+        if (negative && is_unsigned) return "'" + v + "' is negative; it must be >= 0";
+        const char* first = v.data() + (v[0] == '+' ? 1 : 0);
+        const char* last = v.data() + v.size();
+        std::string canonical;
+        std::errc ec{};
+        if (is_unsigned) {
+          uint64_t x = 0;
+          ec = std::from_chars(first, last, x).ec;
+          canonical = std::to_string(x);
+        } else {
+          int64_t x = 0;
+          ec = std::from_chars(first, last, x).ec;
+          canonical = std::to_string(x);
+        }
+        if (ec == std::errc::result_out_of_range)
+          return "'" + v + "' is out of range (" +
+                 (is_unsigned ? "at most " + std::to_string(std::numeric_limits<uint64_t>::max())
+                  : negative  ? "at least " + std::to_string(std::numeric_limits<int64_t>::min())
+                              : "at most " + std::to_string(std::numeric_limits<int64_t>::max())) +
+                 ")";
+        if (ec != std::errc()) return "'" + v + "' is not a whole number in decimal digits";
+        v = canonical;  // CLI11 would read "010" as octal 8 and "0x10" as 16
         return {};
       },
-      "SEED");
+      "");
 }
 
 }  // namespace fqt::cli
