@@ -130,6 +130,7 @@ check variance unknown-option "frobnicate"                 --no-output "$V" -- "
 check variance malformed-number "samples"                  --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --samples lots
 check variance out-of-range   "bit width from 2 to 8"      --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad-bits 9
 check variance out-of-range-2 "--threads must be in 0..1024" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --threads 100000
+check variance unmeasured-breakdown "--breakdown: .bhq:4. is not one of the configurations measured" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --dgrad psq --breakdown bhq:4
 check variance out-of-range-3 "is negative; it must be >= 0" --no-output "$V" -- "$fqt" variance --data synthetic --out "$V" --seed -1
 mkdir -p "$tmp/vfolder/variance.json"  # a folder where the output file goes
 check variance unwritable-output "variance.json: exists and is not a regular file" -- "$fqt" variance --data synthetic --model mlp --batches 2 --batch 16 --samples 2 --dgrad ptq --dgrad-bits 4 --breakdown none --no-floor -q --out "$tmp/vfolder"

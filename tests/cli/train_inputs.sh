@@ -215,6 +215,10 @@ expect fp32-unused-options 0 "warning: --dgrad, --wgrad-bits ignored: unused in 
   -- "$fqt" train "${B[@]}" --epochs 1 --mode fp32 --dgrad ptq --wgrad-bits 4
 expect qat-unused-options 0 "warning: --dgrad-bits ignored: unused in --mode qat" \
   -- "$fqt" train "${B[@]}" --epochs 1 --mode qat --dgrad-bits 4
+expect fp32-track-variance 0 "warning: --track-variance in --mode fp32: the gradients are not quantized" \
+  -- "$fqt" train "${B[@]}" --epochs 1 --mode fp32 --track-variance 1
+expect synthetic-data-dir 0 "warning: --data-dir ignored: --data synthetic is generated" \
+  -- "$fqt" train "${B[@]}" --epochs 1 --data-dir /nonexistent
 
 # ---- 9. the quantizer lists of the help, and the extra ones train ------------------------------------
 expect help-dgrad-lists-column 0 "ptq, ptq-zero, psq, bhq .*or column" -- "$fqt" train --help

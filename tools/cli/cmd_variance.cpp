@@ -130,6 +130,10 @@ int run_variance(const VarianceCliOptions& o) {
                       "--breakdown: '{}' is not lowest, all, none or a list of quantizer:bits (e.g. bhq:4,psq:4)", item);
       const QuantizerKind k = parse_quantizer(item.substr(0, colon));
       const int b = parse_bits(item.substr(colon + 1), "--breakdown")[0];
+      FQT_INPUT_CHECK(std::find(kinds.begin(), kinds.end(), k) != kinds.end() &&
+                          std::find(bits.begin(), bits.end(), b) != bits.end(),
+                      "--breakdown: '{}' is not one of the configurations measured (--dgrad {} with --dgrad-bits {})",
+                      item, o.dgrad, o.dgrad_bits);
       breakdown.insert({int(k), b});
     }
   }
