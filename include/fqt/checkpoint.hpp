@@ -124,8 +124,10 @@ std::string serialize_checkpoint(const std::vector<Param*>& params, const NamedB
 // are there) — then copies the values into the existing tensors (storage
 // is kept, so modules see the new values) and restores the optimizer. On any validation error
 // nothing is modified and InputError names the tensor.
+// `model_for`, when given, says what the model was built for (e.g. "the 1x20x20 images of
+// <file>"): a shape mismatch then names it, since the input size shapes the first layers.
 TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,
-                           SGD& opt);
+                           SGD& opt, const std::string& model_for = "");
 
 // The TrainState of a checkpoint without loading tensors (e.g. to read the config to resume).
 TrainState read_checkpoint_state(const std::string& path);

@@ -41,6 +41,8 @@ struct Dataset {
   int channels() const { return static_cast<int>(images.size(1)); }
   int height() const { return static_cast<int>(images.size(2)); }
   int width() const { return static_cast<int>(images.size(3)); }
+  // "the CxHxW images of <source>" (or "of <name>" for data made in memory), for messages.
+  std::string describe_images() const;
 };
 
 // ---- byte-level helpers (public so that tests and fuzzers can feed bytes directly) ---------

@@ -10,6 +10,11 @@
 
 namespace fqt {
 
+std::string Dataset::describe_images() const {
+  return fmt::format("the {}x{}x{} images of {}", channels(), height(), width(),
+                     source.empty() ? (name.empty() ? std::string("the data") : name) : source);
+}
+
 namespace fs = std::filesystem;
 
 namespace {

@@ -136,7 +136,7 @@ int64_t first_non_finite(const Tensor& t) {
 
 // The tensor `name` of the file must exist with this shape and dtype.
 const Tensor& expect(const SafeTensors& st, const std::string& path, const std::string& name, const Shape& shape,
-                     DType dtype) {
+                     DType dtype, const std::string& model_for) {
   auto it = st.tensors.find(name);
   if (it == st.tensors.end()) {
     FQT_INPUT_CHECK(!st.int64s.count(name), "{}: tensor '{}' is I64 in the checkpoint but {} in the model", path, name,
@@ -146,10 +146,12 @@ const Tensor& expect(const SafeTensors& st, const std::string& path, const std::
                                  path, name));
   }
   const Tensor& t = it->second;
-  FQT_INPUT_CHECK(t.shape() == shape,
-                  "{}: tensor '{}' has shape {} in the checkpoint but {} in the model (checkpoint was written for a "
-                  "different model?)",
-                  path, name, shape_str(t.shape()), shape_str(shape));
+  FQT_INPUT_CHECK(t.shape() == shape, "{}: tensor '{}' has shape {} in the checkpoint but {} in the model {}", path, name,
+                  shape_str(t.shape()), shape_str(shape),
+                  model_for.empty() ? "(checkpoint was written for a different model?)"
+                                    : fmt::format("built for {} (images of another size than the run was trained on, "
+                                                  "or a checkpoint of a different model?)",
+                                                  model_for));
   FQT_INPUT_CHECK(t.dtype() == dtype,
                   "{}: tensor '{}' is {} in the checkpoint but {} in the model (checkpoint was written for a "
                   "different model?)",
@@ -210,7 +212,7 @@ std::string serialize_checkpoint(const std::vector<Param*>& params, const NamedB
 }
 
 TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,
-                           SGD& opt) {
+                           SGD& opt, const std::string& model_for) {
   const SafeTensors st = read_safetensors(path);
   // ---- validate everything --------------------------------------------------------------
   TrainState state = state_from_metadata(st.metadata, path);
@@ -221,13 +223,13 @@ TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& p
   for (Param* p : params) {
     FQT_CHECK(p && p->value.defined(), "load_checkpoint: undefined parameter");
     const std::string name = "param/" + p->name;
-    copies.push_back({name, {&expect(st, path, name, p->value.shape(), p->value.dtype()), &p->value}});
+    copies.push_back({name, {&expect(st, path, name, p->value.shape(), p->value.dtype(), model_for), &p->value}});
     used.insert(name);
   }
   for (const auto& [bname, t] : buffers) {
     FQT_CHECK(t && t->defined(), "load_checkpoint: undefined buffer '{}'", bname);
     const std::string name = "buffer/" + bname;
-    copies.push_back({name, {&expect(st, path, name, t->shape(), t->dtype()), t}});
+    copies.push_back({name, {&expect(st, path, name, t->shape(), t->dtype(), model_for), t}});
     used.insert(name);
   }
   bool has_momentum = false;
@@ -244,7 +246,7 @@ TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& p
     for (size_t i = 0; i < opt.params().size(); ++i) {
       const Param* p = opt.params()[i];
       const std::string name = "momentum/" + p->name;
-      copies.push_back({name, {&expect(st, path, name, p->value.shape(), DType::f32), &opt.momentum_buffers()[i]}});
+      copies.push_back({name, {&expect(st, path, name, p->value.shape(), DType::f32, model_for), &opt.momentum_buffers()[i]}});
       used.insert(name);
     }
   }

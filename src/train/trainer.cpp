@@ -655,7 +655,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   if (resume) {
     // Tensors (shapes, dtypes, NaN/Inf) and optimizer metadata; copied into the model only when
     // all of it is valid (the run folder is not touched either way).
-    state = load_checkpoint(ckpt_path, m.params, m.buffers, opt);
+    state = load_checkpoint(ckpt_path, m.params, m.buffers, opt, train_set.describe_images());
     const SGDOptions want{static_cast<float>(cfg.momentum), static_cast<float>(cfg.weight_decay), cfg.nesterov};
     FQT_INPUT_CHECK(state.sgd.momentum == want.momentum && state.sgd.weight_decay == want.weight_decay &&
                         state.sgd.nesterov == want.nesterov,
@@ -1158,7 +1158,7 @@ EvalResult evaluate_checkpoint(const std::string& path, const std::string& data_
   const Dataset test = subset(load_data(cfg.data, cfg.data_dir, false), limit);
   Model m = build_model(cfg, test);
   SGD opt(m.params, SGDOptions{static_cast<float>(cfg.momentum), static_cast<float>(cfg.weight_decay), cfg.nesterov});
-  load_checkpoint(path, m.params, m.buffers, opt);
+  load_checkpoint(path, m.params, m.buffers, opt, test.describe_images());
   Sequential* seq = dynamic_cast<Sequential*>(m.net.get());
   try {
     return run_eval(*m.net, test, 500, seq ? child_names(*seq) : std::vector<std::string>{});

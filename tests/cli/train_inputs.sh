@@ -204,9 +204,23 @@ def idx(name, n, side):
     open(f"{d}/{name}-labels-idx1-ubyte", "wb").write(struct.pack(">II", 0x801, n) + bytes(i % 10 for i in range(n)))
 idx("train", 32, 28)
 idx("t10k", 16, 32)
+for side in (20, 28):
+    d = f"{sys.argv[1]}{side}"; os.makedirs(d, exist_ok=True)
+    idx("train", 32, side)
+    idx("t10k", 16, side)
 EOF
 expect mnist-mixed-shapes 2 "mixed/train-images-idx3-ubyte holds 1x28x28 images but .*mixed/t10k-images-idx3-ubyte holds 1x32x32" \
   --absent "$tmp/mixed_run" -- "$fqt" train --data mnist --data-dir "$tmp/mixed" --model mlp --batch 16 --quiet --out "$tmp/mixed_run"
+# A run trained on 28x28 files, evaluated / resumed / measured on 20x20 ones: the message names the images.
+"$fqt" train --data mnist --data-dir "$tmp/mixed28" --model mlp --batch 16 --epochs 2 --max-steps 2 --quiet \
+  --out "$tmp/run28" > /dev/null 2>&1
+small_images="in the model built for the 1x20x20 images of .*mixed20/(t10k|train)-images-idx3-ubyte \(images of another size"
+expect eval-other-image-size 2 "run28/ckpt.safetensors: tensor 'param/fc1.weight' has shape \[256, 784\] in the checkpoint but \[256, 400\] $small_images" \
+  -- "$fqt" eval --checkpoint "$tmp/run28/ckpt.safetensors" --data-dir "$tmp/mixed20"
+expect resume-other-image-size 2 "run28/ckpt.safetensors: .*$small_images" --unchanged "$tmp/run28" \
+  -- "$fqt" train --resume --out "$tmp/run28" --data-dir "$tmp/mixed20" --quiet
+expect variance-other-image-size 2 "run28/ckpt.safetensors: .*$small_images" --absent "$tmp/var20" \
+  -- "$fqt" variance --checkpoint "$tmp/run28/ckpt.safetensors" --data-dir "$tmp/mixed20" --batch 4 --batches 2 --out "$tmp/var20"
 
 # ---- 8. seeds, options unused in a mode ----------------------------------------------------------------
 expect seed-negative 2 "--seed: .-1. is negative; it must be >= 0" --absent "$tmp/seed" \

@@ -172,7 +172,7 @@ int run_variance(const VarianceCliOptions& o) {
     net->collect_params(params);
     net->collect_buffers(buffers);
     SGD opt(params, SGDOptions{});
-    load_checkpoint(o.checkpoint, params, buffers, opt);
+    load_checkpoint(o.checkpoint, params, buffers, opt, train_set.describe_images());
   }
 
   // A fixed set of batches: the first --batches of a shuffled epoch (seed), no augmentation.
