@@ -19,6 +19,22 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// Something at `p` that is not a readable regular file (a folder, a FIFO, a device, a dangling
+// link): an InputError that says what it is. Nothing there: returns.
+void refuse_non_file(const fs::path& p) {
+  std::error_code ec;
+  const fs::file_status link = fs::symlink_status(p, ec);
+  if (ec || !fs::exists(link)) return;
+  const fs::file_status st = fs::status(p, ec);
+  if (fs::is_symlink(link) && (ec || !fs::exists(st)))
+    throw InputError(fmt::format("{}: a link to '{}', which does not exist", p.string(),
+                                 fs::read_symlink(p, ec).string()));
+  if (fs::is_directory(st)) throw InputError(fmt::format("{}: is a folder, not a file", p.string()));
+  if (!fs::is_regular_file(st))
+    throw InputError(fmt::format("{}: not a regular file (a FIFO, socket or device); give the data file itself",
+                                 p.string()));
+}
+
 // `dir/name.gz` if present, else `dir/name`; a missing file names both candidates and `hint`.
 std::string find_file(const std::string& dir, const std::string& name, const std::string& hint) {
   fs::path gz = fs::path(dir) / (name + ".gz");
@@ -26,6 +42,8 @@ std::string find_file(const std::string& dir, const std::string& name, const std
   std::error_code ec;
   if (fs::is_regular_file(gz, ec)) return gz.string();
   if (fs::is_regular_file(raw, ec)) return raw.string();
+  refuse_non_file(gz);
+  refuse_non_file(raw);
   throw InputError(fmt::format("{}: file not found (nor {}); {}", gz.string(), raw.string(), hint));
 }
 
@@ -121,6 +139,7 @@ Dataset load_cifar10(const std::string& dir_in, bool train) {
   for (const std::string& name : names) {
     fs::path p = fs::path(dir) / name;
     std::error_code ec;
+    if (!fs::is_regular_file(p, ec)) refuse_non_file(p);
     FQT_INPUT_CHECK(fs::is_regular_file(p, ec),
                     "{}: file not found; download the CIFAR-10 binary version "
                     "(cifar-10-binary.tar.gz), extract it and pass --data-dir <.../cifar-10-batches-bin>",

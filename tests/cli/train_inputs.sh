@@ -211,6 +211,15 @@ for side in (20, 28):
 EOF
 expect mnist-mixed-shapes 2 "mixed/train-images-idx3-ubyte holds 1x28x28 images but .*mixed/t10k-images-idx3-ubyte holds 1x32x32" \
   --absent "$tmp/mixed_run" -- "$fqt" train --data mnist --data-dir "$tmp/mixed" --model mlp --batch 16 --quiet --out "$tmp/mixed_run"
+# A FIFO or a dangling link where a data file should be: said so (a FIFO used to read as "file not found").
+mkdir -p "$tmp/oddfiles" && cp "$tmp/mixed28"/* "$tmp/oddfiles/" && rm "$tmp/oddfiles/t10k-images-idx3-ubyte"
+mkfifo "$tmp/oddfiles/t10k-images-idx3-ubyte"
+expect data-fifo 2 "oddfiles/t10k-images-idx3-ubyte: not a regular file \(a FIFO" --absent "$tmp/odd_run" \
+  -- timeout 60 "$fqt" train --data mnist --data-dir "$tmp/oddfiles" --model mlp --batch 16 --quiet --out "$tmp/odd_run"
+rm "$tmp/oddfiles/t10k-images-idx3-ubyte" && ln -s "$tmp/no-such-file" "$tmp/oddfiles/t10k-images-idx3-ubyte"
+expect data-dangling-link 2 "oddfiles/t10k-images-idx3-ubyte: a link to '.*no-such-file', which does not exist" \
+  --absent "$tmp/odd_run" \
+  -- "$fqt" train --data mnist --data-dir "$tmp/oddfiles" --model mlp --batch 16 --quiet --out "$tmp/odd_run"
 # A run trained on 28x28 files, evaluated / resumed / measured on 20x20 ones: the message names the images.
 "$fqt" train --data mnist --data-dir "$tmp/mixed28" --model mlp --batch 16 --epochs 2 --max-steps 2 --quiet \
   --out "$tmp/run28" > /dev/null 2>&1
