@@ -27,6 +27,9 @@ dict="{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
 # A finite 2 x 1 float32 matrix spanning -3e38 .. 3e38 (x - lo overflows fp32).
 dict="{'descr': '<f4', 'fortran_order': False, 'shape': (2, 1), }"
 { printf '\x93NUMPY\x01\x00\x76\x00'; printf '%s%*s\n' "$dict" $((118 - ${#dict} - 1)) ''; printf '\xe6\xb1\x61\x7f\xe6\xb1\x61\xff'; } > "$fx/huge.npy"
+# A 2 x 1 float64 matrix [1, 1e300]: finite, but beyond float32 (it used to be reported as Inf).
+dict="{'descr': '<f8', 'fortran_order': False, 'shape': (2, 1), }"
+{ printf '\x93NUMPY\x01\x00\x76\x00'; printf '%s%*s\n' "$dict" $((118 - ${#dict} - 1)) ''; printf '\0\0\0\0\0\0\xf0\x3f\x9c\x75\x00\x88\x3c\xe4\x37\x7e'; } > "$fx/f64big.npy"
 # MNIST folders: garbage files, and a truncated gzip.
 mkdir -p "$fx/mnist_garbage" "$fx/mnist_truncated" "$fx/mnist_empty"
 for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
@@ -151,6 +154,7 @@ check quantize empty-item     "the list '4,,8' has an empty item" -- "$fqt" quan
 check quantize not-a-file     "/dev/zero: not a regular file" -- "$fqt" quantize --input /dev/zero
 check quantize folder         "is a folder, not a .npy file" -- "$fqt" quantize --input "$fx"
 check quantize out-of-range-4 "values span -3e\+38 .. 3e\+38, wider than fp32 grids" -- "$fqt" quantize --input "$fx/huge.npy"
+check quantize beyond-fp32    "the value 1e\+300 at row 1, column 0 is beyond float32's range" -- "$fqt" quantize --input "$fx/f64big.npy"
 check quantize unknown-name   "unknown quantizer 'pqs'"    -- "$fqt" quantize --input "$fx/good.npy" --quantizer pqs
 check quantize incompatible   "expected a 2-D array"       -- "$fqt" quantize --input "$fx/vec.npy"
 check quantize missing-file   "cannot open"                -- "$fqt" quantize --input "$fx/nope.npy"

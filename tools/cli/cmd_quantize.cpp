@@ -7,6 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdio>
 
 namespace fqt::cli {
@@ -46,6 +48,14 @@ int run_quantize(const QuantizeOptions& o) {
   FQT_INPUT_CHECK(x.dim() == 2, "{}: expected a 2-D array (rows = samples), got shape {}", o.input,
                   shape_str(x.shape()));
   FQT_INPUT_CHECK(x.numel() > 0, "{}: the array is empty (shape {})", o.input, shape_str(x.shape()));
+  if (x.dtype() == DType::f64) {  // finite doubles beyond fp32's range would read as "contains Inf" after the cast
+    const double* d = x.data<double>();
+    for (int64_t i = 0; i < x.numel(); ++i)
+      FQT_INPUT_CHECK(!std::isfinite(d[i]) || std::fabs(d[i]) <= std::numeric_limits<float>::max(),
+                      "{}: the value {:g} at row {}, column {} is beyond float32's range (|x| <= {:g}); fqt "
+                      "quantizes in float32",
+                      o.input, d[i], i / x.size(1), i % x.size(1), std::numeric_limits<float>::max());
+  }
   x = x.to(DType::f32);
   check_finite(x, o.input.c_str());
   {  // x - lo must stay finite in fp32 (a matrix spanning -3e38..3e38 gave bias "inf")
