@@ -670,6 +670,10 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                     "belongs to another run",
                     ckpt_path, state.epoch, cfg.epochs);
     const int64_t into = state.step - state.epoch * spe;
+    FQT_INPUT_CHECK(state.epoch < cfg.epochs || into == 0,
+                    "{}: checkpoint metadata fqt.epoch = {} (the run's last) but fqt.step = {}, not the run's {} steps "
+                    "({} per epoch): the checkpoint is damaged or belongs to another run",
+                    ckpt_path, state.epoch, state.step, total_steps, spe);
     FQT_INPUT_CHECK(into >= 0 && (into < spe || (into == 0 && state.epoch == cfg.epochs)),
                     "{}: checkpoint step {} does not lie in epoch {} ({} steps per epoch): the checkpoint is damaged "
                     "or belongs to another run",

@@ -161,6 +161,11 @@ damaged "'model' is 'resnet1000', an unknown model" config model '"resnet1000"'
 damaged "unknown mode 'int4'" config mode '"int4"'
 damaged "'lr' must be a positive number below 100 \(got 1000\)" config lr 1000
 damaged "'on_nonfinite' is 'ignore'" config on_nonfinite '"ignore"'
+# The run's last epoch done but a step past it (config epochs 1, step 3): damaged, not "complete".
+mkdir -p "$tmp/pastend" && cp "$tmp/e1"/* "$tmp/pastend/" && edit "$tmp/pastend/ckpt.safetensors" config epochs 1 &&
+  edit "$tmp/pastend/ckpt.safetensors" meta fqt.step 3
+expect resume-step-past-the-end 2 "pastend/ckpt.safetensors: checkpoint metadata fqt.epoch = 1 \(the run's last\) but fqt.step = 3, not the run's 2 steps" \
+  --unchanged "$tmp/pastend" -- "$fqt" train --out "$tmp/pastend" --resume --quiet
 # A stored configuration that does not parse at all.
 k=$((k + 1)) && d=$tmp/damaged$k && mkdir -p "$d" && cp "$tmp/e1"/* "$d/" && edit "$d/ckpt.safetensors" meta fqt.config '{"model": "mlp",'
 expect "damaged-$k(config not JSON)" 2 "$d/ckpt.safetensors: run configuration \(fqt.config\) is not valid JSON" \
