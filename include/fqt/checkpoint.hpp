@@ -66,9 +66,11 @@ void write_file_atomic(const std::string& path, const std::string& bytes);
 
 // The first half of write_file_atomic: the bytes written to `path`'s temporary file and fsync'ed,
 // `path` itself not touched yet (a `path` that exists and is not a regular file is refused here).
-// commit() renames the temporary over `path` (on failure an InputError, the temporary removed and
-// `path` as it was); an uncommitted StagedFile removes its temporary when destroyed. Lets a writer
-// put several files on disk before replacing any of their predecessors.
+// commit() renames the temporary over `path`, then fsyncs the folder; it throws InputError when
+// the rename fails (the temporary removed, `path` as it was, committed() false) and when the
+// folder's fsync fails (`path` already replaced, committed() true). An uncommitted StagedFile
+// removes its temporary when destroyed. Lets a writer put several files on disk before replacing
+// any of their predecessors.
 class StagedFile {
  public:
   StagedFile(const std::string& path, const std::string& bytes);
@@ -76,12 +78,17 @@ class StagedFile {
   StagedFile& operator=(const StagedFile&) = delete;
   ~StagedFile();
   void commit();
+  bool committed() const { return committed_; }
   const std::string& path() const { return path_; }
 
  private:
   std::string path_;
-  std::string tmp_;  // empty once committed
+  std::string tmp_;  // empty once commit() was called
+  bool committed_ = false;
 };
+
+// The whole file (a regular file; InputError naming it when it cannot be opened or read).
+std::string read_whole_file(const std::string& path);
 
 // Parses an in-memory file image; `name` is used in messages. Exposed for tests and fuzzing.
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& name);
@@ -140,8 +147,9 @@ void set_write_fault_for_testing(int64_t fail_after_bytes);
 // failed with this errno (e.g. EACCES for a read-only folder, which root would not see). One-shot.
 void set_open_fault_for_testing(int err);
 // Test hook: the next commit (rename into place) of a path ending in `path_suffix` fails as if
-// rename() returned this errno (e.g. EPERM for an immutable file). One-shot; err 0 disarms it.
-void set_commit_fault_for_testing(const std::string& path_suffix, int err);
+// rename() returned this errno (e.g. EPERM for an immutable file), or with after_rename, as if
+// the folder's fsync after the rename did (EIO). One-shot; err 0 disarms it.
+void set_commit_fault_for_testing(const std::string& path_suffix, int err, bool after_rename = false);
 }  // namespace detail
 
 }  // namespace fqt

@@ -128,6 +128,9 @@ struct TrainResult {
 // Test hook (not a user option): the environment variable FQT_TEST_POISON="grad:<param>:<step>"
 // or "weight:<param>:<step>" writes a NaN into that parameter's gradient (after backward) or
 // weights (before forward) at that global step, to test the detection end to end.
+// FQT_TEST_KILL_BEFORE="config.json" (or "metrics.jsonl", "ckpt.safetensors") sends the process
+// SIGKILL just before the first save of a --resume / --overwrite run renames that file into
+// place, to test that the next run puts the saved run back.
 TrainResult train(const TrainConfig& cfg, bool resume = false);
 
 struct EvalResult {

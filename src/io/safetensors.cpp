@@ -364,30 +364,41 @@ std::string stage(const std::string& path, const std::function<void(const Sink&)
 std::mutex g_commit_fault_mutex;
 std::string g_commit_fault_suffix;
 int g_commit_fault_err = 0;
+bool g_commit_fault_after_rename = false;
 
-// Renames a staged temporary over `path` and makes the rename durable. On a failed rename the
-// temporary is removed and `path` is as it was.
-void commit(const std::string& path, const std::string& tmp) {
-  int injected = 0;
-  {
-    std::lock_guard<std::mutex> lock(g_commit_fault_mutex);
-    const std::string& sfx = g_commit_fault_suffix;
-    if (g_commit_fault_err && path.size() >= sfx.size() && path.compare(path.size() - sfx.size(), sfx.size(), sfx) == 0) {
-      injected = g_commit_fault_err;
-      g_commit_fault_err = 0;
-    }
-  }
+// The commit fault hook: the errno to fail with when `path` matches and the fault is set for
+// this stage (before or after the rename), then disarmed; 0 otherwise.
+int commit_fault(const std::string& path, bool after_rename) {
+  std::lock_guard<std::mutex> lock(g_commit_fault_mutex);
+  const std::string& sfx = g_commit_fault_suffix;
+  if (!g_commit_fault_err || g_commit_fault_after_rename != after_rename || path.size() < sfx.size() ||
+      path.compare(path.size() - sfx.size(), sfx.size(), sfx) != 0)
+    return 0;
+  const int err = g_commit_fault_err;
+  g_commit_fault_err = 0;
+  return err;
+}
+
+// Renames a staged temporary over `path`. On failure the temporary is removed and `path` is as
+// it was.
+void rename_into_place(const std::string& path, const std::string& tmp) {
+  const int injected = commit_fault(path, false);
   if (injected || ::rename(tmp.c_str(), path.c_str()) != 0) {
     const int err = injected ? injected : errno;
     ::unlink(tmp.c_str());
     throw InputError(fmt::format("{}: cannot rename '{}' into place ({}); the previous file, if any, is unchanged",
                                  path, tmp, std::strerror(err)));
   }
-  // Some file systems cannot fsync a folder (EINVAL): that is fine.
+}
+
+// Makes a rename in `path`'s folder durable. Some file systems cannot fsync a folder (EINVAL):
+// that is fine.
+void sync_folder_of(const std::string& path) {
   const int dfd = ::open(dir_of(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
-    const int rc = ::fsync(dfd);
-    const int err = errno;
+    const int injected = commit_fault(path, true);
+    const int rc = injected ? -1 : ::fsync(dfd);
+    const int err = injected ? injected : errno;
     ::close(dfd);
     if (rc != 0 && err != EINVAL && err != ENOTSUP)
       throw InputError(fmt::format("{}: written, but syncing its folder failed ({})", path, std::strerror(err)));
@@ -396,7 +407,8 @@ void commit(const std::string& path, const std::string& tmp) {
 
 // Writes a file atomically (see the header).
 void atomic_write(const std::string& path, const std::function<void(const Sink&)>& produce) {
-  commit(path, stage(path, produce));
+  rename_into_place(path, stage(path, produce));
+  sync_folder_of(path);
 }
 
 std::string read_all(const std::string& path) {
@@ -435,10 +447,11 @@ std::string read_all(const std::string& path) {
 namespace detail {
 void set_write_fault_for_testing(int64_t fail_after_bytes) { g_fault_after.store(fail_after_bytes); }
 void set_open_fault_for_testing(int err) { g_open_fault.store(err); }
-void set_commit_fault_for_testing(const std::string& path_suffix, int err) {
+void set_commit_fault_for_testing(const std::string& path_suffix, int err, bool after_rename) {
   std::lock_guard<std::mutex> lock(g_commit_fault_mutex);
   g_commit_fault_suffix = path_suffix;
   g_commit_fault_err = err;
+  g_commit_fault_after_rename = after_rename;
 }
 }  // namespace detail
 
@@ -469,11 +482,15 @@ StagedFile::~StagedFile() {
 }
 
 void StagedFile::commit() {
-  FQT_CHECK(!tmp_.empty(), "StagedFile::commit: {} was already committed", path_);
+  FQT_CHECK(!tmp_.empty(), "StagedFile::commit: {} was already committed or failed to", path_);
   const std::string tmp = std::move(tmp_);
   tmp_.clear();
-  fqt::commit(path_, tmp);
+  rename_into_place(path_, tmp);
+  committed_ = true;
+  sync_folder_of(path_);
 }
+
+std::string read_whole_file(const std::string& path) { return read_all(path); }
 
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& name) {
   const uint64_t n = header_size(bytes, bytes.size(), name);

@@ -352,6 +352,64 @@ void append_text(const std::string& path, const std::string& text) {
   FQT_INPUT_CHECK(static_cast<bool>(f), "{}: cannot append ({}); is the disk full?", path, std::strerror(errno));
 }
 
+// Where a save keeps a file it replaces: "<path>.replaced.tmp.<pid>" (a temporary name, so that
+// remove_stale_temporaries removes what recover_interrupted_save leaves).
+std::string aside_name(const std::string& path, long pid) { return fmt::format("{}.replaced.tmp.{}", path, pid); }
+
+// `aside` becomes a second name of `path` (a hard link), or where the file system has none, a
+// copy (fsync'ed).
+void keep_aside(const std::string& path, const std::string& aside) {
+  ::unlink(aside.c_str());
+  if (::link(path.c_str(), aside.c_str()) == 0) return;
+  write_file_atomic(aside, read_whole_file(path));
+}
+
+// The first save of a run that continues or replaces a saved run renames the old checkpoint
+// aside (after keeping config.json and metrics.jsonl aside) before its new files land, the
+// checkpoint last. A kill in between leaves "ckpt.safetensors.replaced.tmp.<pid>" of a process
+// that is gone: without a ckpt.safetensors the old run is put back, all three files (the kill
+// came before the new checkpoint landed); beside one, the asides are removed (it came after).
+// Returns a note for the user when a run was put back.
+std::string recover_interrupted_save(const std::string& dir) {
+  std::error_code ec;
+  if (dir.empty() || !fs::is_directory(dir, ec)) return "";
+  const std::string ckpt = (fs::path(dir) / "ckpt.safetensors").string();
+  const std::string prefix = "ckpt.safetensors.replaced.tmp.";
+  std::vector<long> pids;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind(prefix, 0) != 0) continue;
+    char* end = nullptr;
+    const long pid = std::strtol(n.c_str() + prefix.size(), &end, 10);
+    if (pid <= 0 || *end != '\0') continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // still saving
+    pids.push_back(pid);
+  }
+  std::string note;
+  for (long pid : pids) {
+    const bool restore = !fs::exists(fs::symlink_status(ckpt, ec));
+    for (const char* name : {"config.json", "metrics.jsonl", "ckpt.safetensors"}) {
+      const std::string path = (fs::path(dir) / name).string();
+      const std::string aside = aside_name(path, pid);
+      if (!fs::exists(fs::symlink_status(aside, ec))) continue;
+      if (!restore) {
+        fs::remove(aside, ec);
+      } else if (std::rename(aside.c_str(), path.c_str()) == 0) {
+        fs::remove(aside, ec);  // (left when it was a hard link of the file itself)
+      } else {
+        throw InputError(fmt::format("{}: a save of this run was interrupted (process {}) and its earlier file '{}' "
+                                     "cannot be put back ({}); rename it to {} by hand",
+                                     path, pid, aside, std::strerror(errno), name));
+      }
+    }
+    if (restore)
+      note = fmt::format("the save of a run in {} was interrupted (process {}) before its checkpoint was written: "
+                         "the run saved before it (checkpoint, config.json, metrics.jsonl) is put back",
+                         dir, pid);
+  }
+  return note;
+}
+
 // Temporary files "<name>.tmp.<pid>" left by a killed run (kill -9 mid-write), whose process
 // is gone. A live writer's file is left alone.
 void remove_stale_temporaries(const std::string& dir) {
@@ -580,6 +638,10 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   TrainConfig cfg = cfg_in;
   const std::string ckpt_path = cfg.out.empty() ? "" : (fs::path(cfg.out) / "ckpt.safetensors").string();
   TrainState state;
+  // A save killed midway (see save_pending) is settled first: the only change made to the
+  // folder before validation, and one that restores the run saved before it.
+  if (const std::string note = recover_interrupted_save(cfg.out); !note.empty())
+    std::fprintf(stderr, "fqt train: note: %s\n", note.c_str());
   // ---- validate everything before the run folder is touched -----------------------------------
   FQT_INPUT_CHECK(!(resume && cfg.overwrite),
                   "--resume and --overwrite cannot be combined: --resume continues the run in {}, --overwrite "
@@ -765,26 +827,13 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   int64_t saved_step = resume ? state.step : -1;  // the last good checkpoint on disk
   const std::string saved_run_note =
       fmt::format("the run in {} it was to {} is left as it was", cfg.out, replaces ? "replace" : "continue");
-  // The first checkpoint of a run that continues or replaces a saved run: the new config.json,
-  // metrics.jsonl and checkpoint are all written first (fsync'ed temporaries beside them), then
-  // renamed into place in that order; if a rename fails, the files already replaced get their old
-  // contents back, so the saved run is kept unless the new one is complete. With --overwrite the
-  // old checkpoint is first renamed aside (to a temporary name, removed at the end, or by the next
-  // run after a kill), so no moment shows the new configuration beside the old run's checkpoint.
+  // The first checkpoint of a run that continues or replaces a saved run (see
+  // recover_interrupted_save for the protocol): the new config.json, metrics.jsonl and checkpoint
+  // are written first (fsync'ed temporaries), the old ones kept aside (config.json and
+  // metrics.jsonl linked or copied, the checkpoint renamed: last, it marks the save as begun), the
+  // new ones renamed into place, the checkpoint last, and the asides removed. A failure puts the
+  // old files back; a kill before the checkpoint landed is undone by the next run in the folder.
   auto save_pending = [&] {
-    std::vector<std::optional<std::string>> old;  // config.json, metrics.jsonl before (nullopt: absent)
-    for (const std::string& path : {config_path, mpath}) {
-      std::error_code ec;
-      if (!fs::exists(path, ec)) {
-        old.emplace_back();
-        continue;
-      }
-      std::ifstream in(path, std::ios::binary);
-      std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-      FQT_INPUT_CHECK(in.good() || in.eof(), "{}: cannot read it to keep a copy while the run is saved ({}); {}", path,
-                      std::strerror(errno), saved_run_note);
-      old.emplace_back(std::move(text));
-    }
     std::vector<std::unique_ptr<StagedFile>> staged;
     try {
       staged.push_back(std::make_unique<StagedFile>(config_path, state.config_json + "\n"));
@@ -794,33 +843,52 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     } catch (const InputError& e) {
       throw InputError(fmt::format("{}; {}", e.what(), saved_run_note));
     }
-    const std::string aside = fmt::format("{}.replaced.tmp.{}", ckpt_path, static_cast<long>(::getpid()));
-    std::error_code aside_ec;
-    const bool moved_aside = replaces && fs::exists(ckpt_path, aside_ec);
-    if (moved_aside && std::rename(ckpt_path.c_str(), aside.c_str()) != 0)
-      throw InputError(fmt::format("{}: cannot rename it aside to replace it ({}); {}", ckpt_path,
-                                   std::strerror(errno), saved_run_note));
+    const std::vector<std::string> paths = {config_path, mpath, ckpt_path};
+    std::vector<std::string> aside;
+    std::vector<bool> had;
+    std::error_code ec;
+    for (const std::string& p : paths) {
+      aside.push_back(aside_name(p, static_cast<long>(::getpid())));
+      had.push_back(fs::exists(p, ec));
+    }
+    auto remove_asides = [&] {
+      for (size_t j = 0; j < paths.size(); ++j) fs::remove(aside[j], ec);
+    };
+    try {
+      for (size_t j = 0; j < 2; ++j)
+        if (had[j]) keep_aside(paths[j], aside[j]);
+      if (had[2] && std::rename(ckpt_path.c_str(), aside[2].c_str()) != 0)
+        throw InputError(fmt::format("{}: cannot rename it aside to '{}' ({})", ckpt_path, aside[2],
+                                     std::strerror(errno)));
+    } catch (const InputError& e) {
+      remove_asides();
+      throw InputError(fmt::format("{}; {}", e.what(), saved_run_note));
+    }
+    const char* kill_before = std::getenv("FQT_TEST_KILL_BEFORE");  // (test hook, see train.hpp)
     size_t done = 0;
     try {
-      for (; done < staged.size(); ++done) staged[done]->commit();
+      for (; done < staged.size(); ++done) {
+        if (kill_before && fs::path(paths[done]).filename() == kill_before) ::raise(SIGKILL);
+        staged[done]->commit();
+      }
     } catch (const InputError& e) {
+      if (staged[done]->committed()) ++done;  // renamed, then its folder's fsync failed: undo it too
       std::string restore_failed;
-      if (moved_aside && std::rename(aside.c_str(), ckpt_path.c_str()) != 0)
-        restore_failed += fmt::format("; and {} could not be put back from {}: {}", ckpt_path, aside,
-                                      std::strerror(errno));
-      for (size_t j = 0; j < done; ++j) {
-        const std::string& path = staged[j]->path();
-        try {
-          if (old[j]) write_file_atomic(path, *old[j]);
-          else fs::remove(path);
-        } catch (const std::exception& r) {
-          restore_failed += fmt::format("; and {} could not be put back: {}", path, r.what());
+      for (size_t j = 0; j < paths.size(); ++j) {
+        if (had[j]) {
+          // (rename of a hard link onto its own file does nothing: the aside name is removed after)
+          if (std::rename(aside[j].c_str(), paths[j].c_str()) == 0) fs::remove(aside[j], ec);
+          else
+            restore_failed += fmt::format("; and {} could not be put back from '{}' ({})", paths[j], aside[j],
+                                          std::strerror(errno));
+        } else if (j < done) {
+          fs::remove(paths[j], ec);
         }
       }
       throw InputError(restore_failed.empty() ? fmt::format("{}; {}", e.what(), saved_run_note)
                                               : fmt::format("{}{}", e.what(), restore_failed));
     }
-    if (moved_aside) fs::remove(aside, aside_ec);
+    remove_asides();
     pending = false;
     pending_metrics.clear();
   };

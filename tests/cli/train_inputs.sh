@@ -200,6 +200,36 @@ expect diverge-skip 0 "step\(s\) skipped for a non-finite" \
 rows=$((rows + 1))
 if [[ -f $tmp/divskip/ckpt.safetensors ]]; then pass "diverge-skip-checkpoint"; else fail "diverge-skip-checkpoint: none written"; fi
 
+# ---- 6b. kill -9 during the first save of an --overwrite / --resume run -------------------------------
+# The save keeps the old files aside and renames its new ones into place, the checkpoint last; a kill
+# before any of the three renames (test hook FQT_TEST_KILL_BEFORE) is undone by the next run in the
+# folder: the saved run is put back byte for byte (a fresh run without --overwrite is then refused
+# again), and the interrupted run can simply be started again.
+three() { (cd "$1" && sha256sum config.json metrics.jsonl ckpt.safetensors 2>&1); }
+for how in overwrite resume; do
+  for file in config.json metrics.jsonl ckpt.safetensors; do
+    d=$tmp/kill_${how}_$file
+    mkdir -p "$d" && cp "$tmp/e1"/* "$d/"
+    before=$(three "$d")
+    if [[ $how == overwrite ]]; then run=("$fqt" train "${B0[@]}" --epochs 1 --batch 32 --overwrite --out "$d")
+    else run=("$fqt" train --resume --out "$d" --quiet); fi
+    FQT_TEST_KILL_BEFORE=$file sh -c '"$@"; exit $?' sh "${run[@]}" > /dev/null 2>&1
+    status=$?
+    rows=$((rows + 1))
+    if ((status != 137)); then fail "kill-$how-before-$file: the hook did not kill the run (exit status $status)"; continue; fi
+    out=$("$fqt" train "${B[@]}" --epochs 1 --out "$d" 2>&1)
+    status=$?
+    if ((status != 2)) || ! grep -q "is put back" <<<"$out" || ! grep -q "already holds a run" <<<"$out"; then
+      fail "kill-$how-before-$file: the next run did not put the saved run back (exit status $status)" "$out"; continue
+    fi
+    if [[ $(three "$d") != "$before" ]]; then fail "kill-$how-before-$file: the saved run differs after the recovery"; continue; fi
+    if ! "${run[@]}" > /dev/null 2>&1 || [[ $(ls "$d" | tr '\n' ' ') != "ckpt.safetensors config.json metrics.jsonl " ]]; then
+      fail "kill-$how-before-$file: the run again did not finish cleanly" "$(ls "$d")"; continue
+    fi
+    pass "kill-$how-before-$file"
+  done
+done
+
 # ---- 7. MNIST files of two shapes -------------------------------------------------------------------
 python3 - "$tmp/mixed" <<'EOF'
 import os, struct, sys

@@ -646,10 +646,17 @@ TEST(Train, SaveThatFailsMidwayKeepsTheSavedRun) {
     for (const char* file : {"config.json", "metrics.jsonl", "ckpt.safetensors"}) {
       SCOPED_TRACE(std::string(resume ? "--resume, " : "--overwrite, ") + file);
       detail::set_commit_fault_for_testing(file, EPERM);
-      const std::string msg = input_error(next, resume);
+      std::string msg = input_error(next, resume);
       detail::set_commit_fault_for_testing("", 0);
       EXPECT_EQ(msg.rfind(dir + "/" + file + ": cannot rename", 0), 0u) << msg;
       EXPECT_NE(msg.find("Operation not permitted"), std::string::npos) << msg;
+      EXPECT_NE(msg.find(note), std::string::npos) << msg;
+      EXPECT_EQ(folder(dir), before);
+      // The rename done, the folder's fsync failing: that file is put back too.
+      detail::set_commit_fault_for_testing(file, EIO, true);
+      msg = input_error(next, resume);
+      detail::set_commit_fault_for_testing("", 0);
+      EXPECT_EQ(msg.rfind(dir + "/" + file + ": written, but syncing its folder failed", 0), 0u) << msg;
       EXPECT_NE(msg.find(note), std::string::npos) << msg;
       EXPECT_EQ(folder(dir), before);
     }
