@@ -672,6 +672,21 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     cfg = stored;
   }
   check_config(cfg);
+  {  // Run-time settings that do nothing with this run's (stored) settings: warned about once
+     // the input is valid, after the caller's own warnings.
+    std::vector<std::string> warnings;
+    if (cfg.recipe.mode != Mode::fqt && cfg.track_variance_every > 0)
+      warnings.push_back(fmt::format("--track-variance in {} mode: the gradients are not quantized, so its records "
+                                     "show a quantization variance of 0 (the sampling variance only)",
+                                     mode_name(cfg.recipe.mode)));
+    if (cfg.data == "synthetic" && !cfg_in.data_dir.empty())
+      warnings.push_back("--data-dir ignored: the synthetic data is generated, not read from files");
+    if (!warnings.empty())
+      cfg.on_validated = [before = cfg.on_validated, warnings] {
+        if (before) before();
+        for (const std::string& w : warnings) std::fprintf(stderr, "fqt train: warning: %s\n", w.c_str());
+      };
+  }
   std::error_code exists_ec;
   const bool replaces = !resume && !ckpt_path.empty() && fs::exists(ckpt_path, exists_ec);
   FQT_INPUT_CHECK(!replaces || cfg.overwrite,
@@ -732,14 +747,18 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                     "belongs to another run",
                     ckpt_path, state.epoch, cfg.epochs);
     const int64_t into = state.step - state.epoch * spe;
+    // Steps per epoch come from the training set found now: other data (--data-dir) shows here too.
+    const std::string data_note =
+        fmt::format("the checkpoint is damaged or belongs to another run, or the training data differs from the run's "
+                    "({} training samples in {}, batch {})",
+                    train_set.size(), train_set.source.empty() ? train_set.name : train_set.source, cfg.batch);
     FQT_INPUT_CHECK(state.epoch < cfg.epochs || into == 0,
                     "{}: checkpoint metadata fqt.epoch = {} (the run's last) but fqt.step = {}, not the run's {} steps "
-                    "({} per epoch): the checkpoint is damaged or belongs to another run",
-                    ckpt_path, state.epoch, state.step, total_steps, spe);
+                    "({} per epoch): {}",
+                    ckpt_path, state.epoch, state.step, total_steps, spe, data_note);
     FQT_INPUT_CHECK(into >= 0 && (into < spe || (into == 0 && state.epoch == cfg.epochs)),
-                    "{}: checkpoint step {} does not lie in epoch {} ({} steps per epoch): the checkpoint is damaged "
-                    "or belongs to another run",
-                    ckpt_path, state.step, state.epoch + 1, spe);
+                    "{}: checkpoint step {} does not lie in epoch {} ({} steps per epoch): {}", ckpt_path, state.step,
+                    state.epoch + 1, spe, data_note);
     if (auto it = state.extra.find("nonfinite_skipped"); it != state.extra.end()) {
       int64_t v = -1;
       const std::string& t = it->second;

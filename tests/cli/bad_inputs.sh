@@ -73,11 +73,11 @@ check train out-of-range      "--batch must be in 1..65536" --no-output "$R" -- 
 check train out-of-range-2    "--lr"                       --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --lr 1e999
 check train out-of-range-3    "--momentum" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --momentum 5
 check train out-of-range-4    "--threads must be in 0.." --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --threads 100000
-check train int64-overflow    "--max-steps: '99999999999999999999' is out of range \(at most 9223372036854775807\)" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --max-steps 99999999999999999999
+check train int64-overflow    "--max-steps: '99999999999999999999' is out of this option's range" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --max-steps 99999999999999999999
 check train int32-overflow    "--dgrad-bits: '99999999999' is out of this option's range" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --dgrad-bits 99999999999
 check train not-decimal       "--batch: '0x20' is not a whole number in decimal digits" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --batch 0x20
 check train not-whole         "--max-steps: '1e3' is not a whole number" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --max-steps 1e3
-check train seed-overflow     "--seed: '18446744073709551616' is out of range \(at most 18446744073709551615\)" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --seed 18446744073709551616
+check train seed-overflow     "--seed: '18446744073709551616' is out of this option's range" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --seed 18446744073709551616
 check train not-a-number      "--lr: 'abc' is not a number" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --lr abc
 check train repeated-option   "--epochs was given 2 times; give it once" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --epochs 2
 check train empty-value       "--momentum was given an empty value" --no-output "$R" -- "$fqt" "${T[@]}" --out "$R" --momentum ""
@@ -123,7 +123,7 @@ check bench-gemm unknown-option "frobnicate"               -- "$fqt" bench gemm 
 check bench-gemm malformed-number "--m"                    -- "$fqt" bench gemm --m big
 check bench-gemm out-of-range "--m|must be"                -- "$fqt" bench gemm --m 0
 check bench-gemm out-of-range-2 "each operand at most 2.28" -- "$fqt" bench gemm --m 9999999999
-check bench-gemm int64-overflow "--m: '99999999999999999999' is out of range" -- "$fqt" bench gemm --m 99999999999999999999
+check bench-gemm int64-overflow "--m: '99999999999999999999' is out of this option's range" -- "$fqt" bench gemm --m 99999999999999999999
 check bench-gemm out-of-range-3 "--threads must be in 0..1024" -- "$fqt" bench gemm --m 8 --n 8 --k 8 --threads 100000
 check bench-gemm incompatible "--shapes needs a square --input" -- "$fqt" bench gemm --shapes cnn --input 1x28x20
 check bench-gemm unknown-name "unknown model|valid"        -- "$fqt" bench gemm --shapes resnet1000
@@ -155,6 +155,7 @@ check quantize not-a-file     "/dev/zero: not a regular file" -- "$fqt" quantize
 check quantize folder         "is a folder, not a .npy file" -- "$fqt" quantize --input "$fx"
 check quantize out-of-range-4 "values span -3e\+38 .. 3e\+38, wider than fp32 grids" -- "$fqt" quantize --input "$fx/huge.npy"
 check quantize beyond-fp32    "the value 1e\+300 at row 1, column 0 is beyond float32's range" -- "$fqt" quantize --input "$fx/f64big.npy"
+check quantize repeated-option "-k/--samples was given 2 times; give it once" -- "$fqt" quantize --input "$fx/good.npy" -k 3 --samples 4
 check quantize unknown-name   "unknown quantizer 'pqs'"    -- "$fqt" quantize --input "$fx/good.npy" --quantizer pqs
 check quantize incompatible   "expected a 2-D array"       -- "$fqt" quantize --input "$fx/vec.npy"
 check quantize missing-file   "cannot open"                -- "$fqt" quantize --input "$fx/nope.npy"

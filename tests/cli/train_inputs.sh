@@ -273,9 +273,14 @@ expect fp32-unused-options 0 "warning: --dgrad, --wgrad-bits ignored: unused in 
   -- "$fqt" train "${B[@]}" --epochs 1 --mode fp32 --dgrad ptq --wgrad-bits 4
 expect qat-unused-options 0 "warning: --dgrad-bits ignored: unused in --mode qat" \
   -- "$fqt" train "${B[@]}" --epochs 1 --mode qat --dgrad-bits 4
-expect fp32-track-variance 0 "warning: --track-variance in --mode fp32: the gradients are not quantized" \
+expect fp32-track-variance 0 "warning: --track-variance in fp32 mode: the gradients are not quantized" \
   -- "$fqt" train "${B[@]}" --epochs 1 --mode fp32 --track-variance 1
-expect synthetic-data-dir 0 "warning: --data-dir ignored: --data synthetic is generated" \
+"$fqt" train "${B[@]}" --epochs 2 --max-steps 1 --mode fp32 --out "$tmp/fp32run" > /dev/null 2>&1
+expect resume-fp32-track-variance 0 "warning: --track-variance in fp32 mode: the gradients are not quantized" \
+  -- "$fqt" train --resume --out "$tmp/fp32run" --track-variance 1 --max-steps 2 --quiet
+expect resume-synthetic-data-dir 0 "warning: --data-dir ignored: the synthetic data" \
+  -- "$fqt" train --resume --out "$tmp/fp32run" --data-dir /nonexistent --max-steps 3 --quiet
+expect synthetic-data-dir 0 "warning: --data-dir ignored: the synthetic data is generated" \
   -- "$fqt" train "${B[@]}" --epochs 1 --data-dir /nonexistent
 
 # ---- 9. the quantizer lists of the help, and the extra ones train ------------------------------------

@@ -52,7 +52,7 @@ int run_quantize(const QuantizeOptions& o) {
     const double* d = x.data<double>();
     for (int64_t i = 0; i < x.numel(); ++i)
       FQT_INPUT_CHECK(!std::isfinite(d[i]) || std::fabs(d[i]) <= std::numeric_limits<float>::max(),
-                      "{}: the value {:g} at row {}, column {} is beyond float32's range (|x| <= {:g}); fqt "
+                      "{}: the value {:.9g} at row {}, column {} is beyond float32's range (|x| <= {:.9g}); fqt "
                       "quantizes in float32",
                       o.input, d[i], i / x.size(1), i % x.size(1), std::numeric_limits<float>::max());
   }

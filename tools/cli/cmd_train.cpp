@@ -162,12 +162,6 @@ Runner add_train(CLI::App& app) {
                                        cfg.recipe.mode == Mode::fp32 ? "nothing is quantized"
                                                                      : "the gradient GEMMs are not quantized in qat"));
     }
-    if (!o->resume && cfg.recipe.mode != Mode::fqt && cfg.track_variance_every > 0)
-      warnings.push_back(fmt::format("--track-variance in --mode {}: the gradients are not quantized, so its records "
-                                     "show a quantization variance of 0 (the sampling variance only)",
-                                     o->mode));
-    if (!o->resume && cfg.data == "synthetic" && !given(app, {"--data-dir"}).empty())
-      warnings.push_back("--data-dir ignored: --data synthetic is generated, not read from files");
     cfg.on_validated = [warnings] {
       for (const std::string& w : warnings) std::fprintf(stderr, "fqt train: warning: %s\n", w.c_str());
     };

@@ -9,6 +9,7 @@
 #include <fmt/ranges.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -72,7 +73,10 @@ std::string parse_error_line(CLI::App& app, const CLI::ParseError& e, int argc, 
            : type.rfind("FLOAT", 0) == 0 ? fmt::format("{}: '{}' is not a number", m[1].str(), m[2].str())
                                          : fmt::format("{}: cannot read '{}'", m[1].str(), m[2].str());
   } else if (std::regex_match(what, m, repeated)) {
-    what = fmt::format("{} was given {} times; give it once", m[1].str(), m[2].str());
+    const CLI::Option* o = at->get_option_no_throw(m[1].str());
+    std::string names = o ? o->get_name(false, true) : m[1].str();  // "-k,--samples": either counts
+    std::replace(names.begin(), names.end(), ',', '/');
+    what = fmt::format("{} was given {} times; give it once", names, m[2].str());
   }
   return fmt::format("fqt: error: {} (see `{} --help`)", what, where);
 }

@@ -4,7 +4,6 @@
 
 #include <charconv>
 #include <cstdint>
-#include <limits>
 #include <string>
 
 namespace fqt::cli {
@@ -33,8 +32,9 @@ CLI::Validator whole_number_validator(bool is_unsigned) {
         if (!v.empty() && (v[0] == '+' || v[0] == '-')) i = 1;
         if (i == v.size() || v.find_first_not_of("0123456789", i) != std::string::npos)
           return "'" + v + "' is not a whole number in decimal digits";
-        if (negative && is_unsigned) return "'" + v + "' is negative; it must be >= 0";
-        const char* first = v.data() + (v[0] == '+' ? 1 : 0);
+        if (negative && is_unsigned && v.find_first_not_of('0', 1) != std::string::npos)
+          return "'" + v + "' is negative; it must be >= 0";
+        const char* first = v.data() + (v[0] == '+' || (negative && is_unsigned) ? 1 : 0);  // "-0": 0
         const char* last = v.data() + v.size();
         std::string canonical;
         std::errc ec{};
@@ -47,12 +47,8 @@ CLI::Validator whole_number_validator(bool is_unsigned) {
           ec = std::from_chars(first, last, x).ec;
           canonical = std::to_string(x);
         }
-        if (ec == std::errc::result_out_of_range)
-          return "'" + v + "' is out of range (" +
-                 (is_unsigned ? "at most " + std::to_string(std::numeric_limits<uint64_t>::max())
-                  : negative  ? "at least " + std::to_string(std::numeric_limits<int64_t>::min())
-                              : "at most " + std::to_string(std::numeric_limits<int64_t>::max())) +
-                 ")";
+        // (the option's own check names its range; a 32-bit option's overflow reads the same)
+        if (ec == std::errc::result_out_of_range) return "'" + v + "' is out of this option's range";
         if (ec != std::errc()) return "'" + v + "' is not a whole number in decimal digits";
         v = canonical;  // CLI11 would read "010" as octal 8 and "0x10" as 16
         return {};
