@@ -4,6 +4,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <set>
 
 namespace fqt {
@@ -163,6 +164,25 @@ const Tensor& expect(const SafeTensors& st, const std::string& path, const std::
 
 namespace {
 
+// A missing checkpoint whose save was interrupted (train's first save of a --resume/--overwrite
+// run renames it aside to "<path>.replaced.tmp.<pid>" before the new one lands): said so, with
+// the way to put it back, instead of "cannot open".
+void refuse_interrupted_save(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(fs::symlink_status(path, ec))) return;
+  const fs::path p(path);
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  const std::string prefix = p.filename().string() + ".replaced.tmp.";
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (e.path().filename().string().rfind(prefix, 0) != 0) continue;
+    throw InputError(fmt::format("{}: missing: a save of its run was interrupted, and the checkpoint saved before it "
+                                 "is kept as '{}'; any `fqt train` in {} (e.g. `fqt train --resume --out {}`) puts "
+                                 "the saved run back first",
+                                 path, e.path().string(), dir.string(), dir.string()));
+  }
+}
+
 struct CheckpointContents {
   NamedTensors tensors;
   std::map<std::string, std::string> meta;
@@ -213,6 +233,7 @@ std::string serialize_checkpoint(const std::vector<Param*>& params, const NamedB
 
 TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& params, const NamedBuffers& buffers,
                            SGD& opt, const std::string& model_for) {
+  refuse_interrupted_save(path);
   const SafeTensors st = read_safetensors(path);
   // ---- validate everything --------------------------------------------------------------
   TrainState state = state_from_metadata(st.metadata, path);
@@ -276,6 +297,7 @@ TrainState load_checkpoint(const std::string& path, const std::vector<Param*>& p
 }
 
 TrainState read_checkpoint_state(const std::string& path) {
+  refuse_interrupted_save(path);
   return state_from_metadata(read_safetensors_metadata(path), path);
 }
 

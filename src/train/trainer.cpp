@@ -11,7 +11,9 @@
 #include "fqt/variance.hpp"
 
 #include <nlohmann/json.hpp>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -364,13 +366,49 @@ void keep_aside(const std::string& path, const std::string& aside) {
   write_file_atomic(aside, read_whole_file(path));
 }
 
-// The first save of a run that continues or replaces a saved run renames the old checkpoint
-// aside (after keeping config.json and metrics.jsonl aside) before its new files land, the
-// checkpoint last. A kill in between leaves "ckpt.safetensors.replaced.tmp.<pid>" of a process
-// that is gone: without a ckpt.safetensors the old run is put back, all three files (the kill
-// came before the new checkpoint landed); beside one, the asides are removed (it came after).
+// An exclusive lock on a run folder (flock on the folder itself) for as long as a train() uses it:
+// a second `fqt train` in the same folder is refused, and whatever a save left behind in a
+// folder we hold belongs to a process that is gone, whatever its pid (pids repeat, e.g. in
+// containers). held is false where the file system has no flock (then pids decide).
+struct RunFolderLock {
+  int fd = -1;
+  bool held = false;
+  RunFolderLock() = default;
+  RunFolderLock(const RunFolderLock&) = delete;
+  RunFolderLock& operator=(const RunFolderLock&) = delete;
+  ~RunFolderLock() {
+    if (fd >= 0) ::close(fd);  // releases the lock
+  }
+  void acquire(const std::string& dir) {
+    if (held || dir.empty()) return;
+    if (fd < 0) fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return;  // (an unreadable folder is reported by the checks that follow)
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+      held = true;
+      return;
+    }
+    const int err = errno;
+    FQT_INPUT_CHECK(err != EWOULDBLOCK, "--out {}: another `fqt train` is using this run folder; wait for it to end, "
+                    "or choose another --out", dir);
+  }
+};
+
+// Whether the process that wrote "<name>.tmp.<pid>" in a folder we may hold is gone.
+bool writer_gone(long pid, bool folder_locked) {
+  if (folder_locked || pid == static_cast<long>(::getpid())) return true;
+  return ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+}
+
+// The first save of a run that continues or replaces a saved run (save_pending in train())
+// keeps config.json and metrics.jsonl aside, then renames the old checkpoint aside (which marks
+// the save as begun: both other asides are complete by then, and a file without one did not
+// exist), renames its new files into place, the checkpoint last, and removes the asides. A kill
+// in between leaves "ckpt.safetensors.replaced.tmp.<pid>" of a process that is gone: without a
+// ckpt.safetensors the old run is put back (config.json and metrics.jsonl from their asides, or
+// removed where the old run had none, then the checkpoint), with the killed save's temporaries
+// removed; beside one (the kill came after the new checkpoint landed), the asides are removed.
 // Returns a note for the user when a run was put back.
-std::string recover_interrupted_save(const std::string& dir) {
+std::string recover_interrupted_save(const std::string& dir, bool folder_locked) {
   std::error_code ec;
   if (dir.empty() || !fs::is_directory(dir, ec)) return "";
   const std::string ckpt = (fs::path(dir) / "ckpt.safetensors").string();
@@ -382,7 +420,7 @@ std::string recover_interrupted_save(const std::string& dir) {
     char* end = nullptr;
     const long pid = std::strtol(n.c_str() + prefix.size(), &end, 10);
     if (pid <= 0 || *end != '\0') continue;
-    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // still saving
+    if (!writer_gone(pid, folder_locked)) continue;  // still saving
     pids.push_back(pid);
   }
   std::string note;
@@ -391,9 +429,11 @@ std::string recover_interrupted_save(const std::string& dir) {
     for (const char* name : {"config.json", "metrics.jsonl", "ckpt.safetensors"}) {
       const std::string path = (fs::path(dir) / name).string();
       const std::string aside = aside_name(path, pid);
-      if (!fs::exists(fs::symlink_status(aside, ec))) continue;
+      const bool has_aside = fs::exists(fs::symlink_status(aside, ec));
       if (!restore) {
-        fs::remove(aside, ec);
+        if (has_aside) fs::remove(aside, ec);
+      } else if (!has_aside) {
+        fs::remove(path, ec);  // the saved run had none: the interrupted save's own
       } else if (std::rename(aside.c_str(), path.c_str()) == 0) {
         fs::remove(aside, ec);  // (left when it was a hard link of the file itself)
       } else {
@@ -402,26 +442,31 @@ std::string recover_interrupted_save(const std::string& dir) {
                                      path, pid, aside, std::strerror(errno), name));
       }
     }
-    if (restore)
-      note = fmt::format("the save of a run in {} was interrupted (process {}) before its checkpoint was written: "
-                         "the run saved before it (checkpoint, config.json, metrics.jsonl) is put back",
-                         dir, pid);
+    if (!restore) continue;
+    for (const char* name : {"config.json", "metrics.jsonl", "ckpt.safetensors"})  // the save's staged files
+      fs::remove(fs::path(dir) / fmt::format("{}.tmp.{}", name, pid), ec);
+    note = fmt::format("the save of a run in {} was interrupted (process {}) before its checkpoint was written: "
+                       "the run saved before it is put back",
+                       dir, pid);
   }
   return note;
 }
 
 // Temporary files "<name>.tmp.<pid>" left by a killed run (kill -9 mid-write), whose process
-// is gone. A live writer's file is left alone.
+// is gone. A live process's file is left alone (even in a folder we hold: another command may
+// write there; a reused pid only delays the cleanup), and so are a save's asides
+// ("<name>.replaced.tmp.<pid>"), which only recover_interrupted_save settles.
 void remove_stale_temporaries(const std::string& dir) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string n = e.path().filename().string();
     const size_t k = n.rfind(".tmp.");
     if (k == std::string::npos) continue;
+    if (n.find(".replaced.tmp.") != std::string::npos) continue;
     char* end = nullptr;
     const long pid = std::strtol(n.c_str() + k + 5, &end, 10);
     if (pid <= 0 || *end != '\0') continue;
-    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    if (!writer_gone(pid, false)) continue;
     fs::remove(e.path(), ec);
   }
 }
@@ -638,9 +683,15 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
   TrainConfig cfg = cfg_in;
   const std::string ckpt_path = cfg.out.empty() ? "" : (fs::path(cfg.out) / "ckpt.safetensors").string();
   TrainState state;
-  // A save killed midway (see save_pending) is settled first: the only change made to the
-  // folder before validation, and one that restores the run saved before it.
-  if (const std::string note = recover_interrupted_save(cfg.out); !note.empty())
+  // The run folder is ours for the whole run. A save killed midway (see save_pending) is settled
+  // first: the only change made to the folder before validation, and one that restores the run
+  // saved before it.
+  RunFolderLock folder_lock;
+  {
+    std::error_code ec;
+    if (!cfg.out.empty() && fs::is_directory(cfg.out, ec)) folder_lock.acquire(cfg.out);
+  }
+  if (const std::string note = recover_interrupted_save(cfg.out, folder_lock.held); !note.empty())
     std::fprintf(stderr, "fqt train: note: %s\n", note.c_str());
   // ---- validate everything before the run folder is touched -----------------------------------
   FQT_INPUT_CHECK(!(resume && cfg.overwrite),
@@ -810,6 +861,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     FQT_INPUT_CHECK(::access(cfg.out.c_str(), W_OK | X_OK) == 0,
                     "--out {}: the run folder is not writable ({}); choose another --out or fix its permissions",
                     cfg.out, std::strerror(errno));
+    folder_lock.acquire(cfg.out);  // (a folder created just now)
     remove_stale_temporaries(cfg.out);
     std::string kept;
     if (resume) {
@@ -894,14 +946,21 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       if (staged[done]->committed()) ++done;  // renamed, then its folder's fsync failed: undo it too
       std::string restore_failed;
       for (size_t j = 0; j < paths.size(); ++j) {
+        if (j == 2 && !restore_failed.empty()) {
+          // The checkpoint stays aside, so that the next run's recovery retries the other two.
+          restore_failed += fmt::format("; the saved checkpoint is kept as '{}', and the next `fqt train` in {} puts "
+                                        "the saved run back",
+                                        aside[2], cfg.out);
+          break;
+        }
         if (had[j]) {
           // (rename of a hard link onto its own file does nothing: the aside name is removed after)
           if (std::rename(aside[j].c_str(), paths[j].c_str()) == 0) fs::remove(aside[j], ec);
           else
             restore_failed += fmt::format("; and {} could not be put back from '{}' ({})", paths[j], aside[j],
                                           std::strerror(errno));
-        } else if (j < done) {
-          fs::remove(paths[j], ec);
+        } else if (j < done && !fs::remove(paths[j], ec) && fs::exists(paths[j], ec)) {
+          restore_failed += fmt::format("; and {} (which the saved run did not have) could not be removed", paths[j]);
         }
       }
       throw InputError(restore_failed.empty() ? fmt::format("{}; {}", e.what(), saved_run_note)

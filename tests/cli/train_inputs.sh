@@ -202,31 +202,45 @@ if [[ -f $tmp/divskip/ckpt.safetensors ]]; then pass "diverge-skip-checkpoint"; 
 
 # ---- 6b. kill -9 during the first save of an --overwrite / --resume run -------------------------------
 # The save keeps the old files aside and renames its new ones into place, the checkpoint last; a kill
-# before any of the three renames (test hook FQT_TEST_KILL_BEFORE) is undone by the next run in the
-# folder: the saved run is put back byte for byte (a fresh run without --overwrite is then refused
-# again), and the interrupted run can simply be started again.
+# before any of the three renames (test hook FQT_TEST_KILL_BEFORE) leaves the checkpoint aside:
+# `fqt eval` says so, and the next run in the folder puts the saved run back byte for byte (a fresh
+# run without --overwrite is then refused again), even when the killed process's pid is alive again
+# (the asides are renamed to this shell's pid: pids repeat in containers; the folder lock decides),
+# and the interrupted run can simply be started again. "noconfig": a saved run without config.json,
+# whose new config.json the recovery removes.
 three() { (cd "$1" && sha256sum config.json metrics.jsonl ckpt.safetensors 2>&1); }
-for how in overwrite resume; do
+for how in overwrite resume noconfig; do
   for file in config.json metrics.jsonl ckpt.safetensors; do
+    [[ $how == noconfig && $file != ckpt.safetensors ]] && continue
+    name=kill-$how-before-$file
     d=$tmp/kill_${how}_$file
     mkdir -p "$d" && cp "$tmp/e1"/* "$d/"
+    [[ $how == noconfig ]] && rm "$d/config.json"
     before=$(three "$d")
-    if [[ $how == overwrite ]]; then run=("$fqt" train "${B0[@]}" --epochs 1 --batch 32 --overwrite --out "$d")
-    else run=("$fqt" train --resume --out "$d" --quiet); fi
+    if [[ $how == resume ]]; then run=("$fqt" train --resume --out "$d" --quiet)
+    else run=("$fqt" train "${B0[@]}" --epochs 1 --batch 32 --overwrite --out "$d"); fi
     FQT_TEST_KILL_BEFORE=$file sh -c '"$@"; exit $?' sh "${run[@]}" > /dev/null 2>&1
     status=$?
     rows=$((rows + 1))
-    if ((status != 137)); then fail "kill-$how-before-$file: the hook did not kill the run (exit status $status)"; continue; fi
+    if ((status != 137)); then fail "$name: the hook did not kill the run (exit status $status)"; continue; fi
+    for f in "$d"/*.tmp.*; do mv "$f" "${f%.*}.$$"; done
+    out=$("$fqt" eval --checkpoint "$d/ckpt.safetensors" 2>&1)
+    if ! grep -q "ckpt.safetensors: missing: a save of its run was interrupted" <<<"$out"; then
+      fail "$name: eval does not name the interrupted save" "$out"; continue
+    fi
     out=$("$fqt" train "${B[@]}" --epochs 1 --out "$d" 2>&1)
     status=$?
     if ((status != 2)) || ! grep -q "is put back" <<<"$out" || ! grep -q "already holds a run" <<<"$out"; then
-      fail "kill-$how-before-$file: the next run did not put the saved run back (exit status $status)" "$out"; continue
+      fail "$name: the next run did not put the saved run back (exit status $status)" "$out"; continue
     fi
-    if [[ $(three "$d") != "$before" ]]; then fail "kill-$how-before-$file: the saved run differs after the recovery"; continue; fi
+    if [[ $(three "$d") != "$before" ]]; then fail "$name: the saved run differs after the recovery" "$(three "$d")"; continue; fi
+    want="ckpt.safetensors config.json metrics.jsonl "
+    [[ $how == noconfig ]] && want="ckpt.safetensors metrics.jsonl "
+    if [[ $(ls "$d" | tr '\n' ' ') != "$want" ]]; then fail "$name: files left after the recovery" "$(ls "$d")"; continue; fi
     if ! "${run[@]}" > /dev/null 2>&1 || [[ $(ls "$d" | tr '\n' ' ') != "ckpt.safetensors config.json metrics.jsonl " ]]; then
-      fail "kill-$how-before-$file: the run again did not finish cleanly" "$(ls "$d")"; continue
+      fail "$name: the run again did not finish cleanly" "$(ls "$d")"; continue
     fi
-    pass "kill-$how-before-$file"
+    pass "$name"
   done
 done
 

@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 using namespace fqt;
@@ -675,6 +677,30 @@ TEST(Train, SaveThatFailsMidwayKeepsTheSavedRun) {
     EXPECT_EQ(read_checkpoint_state(dir + "/ckpt.safetensors").step, resume ? 4 : 8);
     EXPECT_EQ(after.at("config.json").find("\"batch\": 32") != std::string::npos, !resume);
   }
+}
+
+// One `fqt train` per run folder: a second one (here: this test holding the folder's flock, as a
+// running train() does) is refused before anything is touched, for a fresh run, --resume and
+// --overwrite alike; once the folder is free the same run goes through.
+TEST(Train, RunFolderInUseIsRefused) {
+  const std::string dir = tmp_dir("in_use");
+  TrainConfig first = tiny(dir);
+  first.max_steps = 2;
+  train(first);
+  const auto before = folder(dir);
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  TrainConfig over = tiny(dir);
+  over.overwrite = true;
+  for (const auto& [c, resume] : {std::pair{tiny(dir), true}, std::pair{over, false}, std::pair{tiny(dir), false}}) {
+    const std::string msg = input_error(c, resume);
+    EXPECT_EQ(msg, "--out " + dir + ": another `fqt train` is using this run folder; wait for it to end, or choose "
+                   "another --out");
+    EXPECT_EQ(folder(dir), before);
+  }
+  ::close(fd);
+  EXPECT_EQ(train(tiny(dir), true).steps, 4);
 }
 
 // A divergence that only shows in the epoch's test evaluation (weights finite but so large that
