@@ -454,18 +454,22 @@ std::string recover_interrupted_save(const std::string& dir, bool folder_locked)
 
 // Temporary files "<name>.tmp.<pid>" left by a killed run (kill -9 mid-write), whose process
 // is gone. A live process's file is left alone (even in a folder we hold: another command may
-// write there; a reused pid only delays the cleanup), and so are a save's asides
-// ("<name>.replaced.tmp.<pid>"), which only recover_interrupted_save settles.
+// write there; a reused pid only delays the cleanup), and so are the asides of a save that has
+// begun ("<name>.replaced.tmp.<pid>"), which only recover_interrupted_save settles.
 void remove_stale_temporaries(const std::string& dir) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string n = e.path().filename().string();
     const size_t k = n.rfind(".tmp.");
     if (k == std::string::npos) continue;
-    if (n.find(".replaced.tmp.") != std::string::npos) continue;
     char* end = nullptr;
     const long pid = std::strtol(n.c_str() + k + 5, &end, 10);
     if (pid <= 0 || *end != '\0') continue;
+    // A save that has begun (its checkpoint aside exists) is recover_interrupted_save's; the asides
+    // of one killed before (config.json's, metrics.jsonl's, a copy's temporary) are stale.
+    if (n.find(".replaced.tmp.") != std::string::npos &&
+        fs::exists(fs::symlink_status(fs::path(dir) / fmt::format("ckpt.safetensors.replaced.tmp.{}", pid), ec)))
+      continue;
     if (!writer_gone(pid, false)) continue;
     fs::remove(e.path(), ec);
   }

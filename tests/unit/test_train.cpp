@@ -379,7 +379,11 @@ TEST(Train, ResumeRemovesTemporariesOfKilledRuns) {
   train(c);
   const std::string dead = out + "/ckpt.safetensors.tmp.999999999";  // above any pid_max
   const std::string live = out + "/ckpt.safetensors.tmp.1";           // pid 1 always exists
-  for (const std::string& p : {dead, live}) {
+  // A save killed while it kept config.json and metrics.jsonl aside (a copy, on a file system
+  // without hard links), before its checkpoint aside marked it as begun: stale too.
+  const std::string dead_aside = out + "/config.json.replaced.tmp.999999998";
+  const std::string dead_copy = out + "/metrics.jsonl.replaced.tmp.999999998.tmp.999999998";
+  for (const std::string& p : {dead, live, dead_aside, dead_copy}) {
     std::FILE* f = std::fopen(p.c_str(), "w");
     ASSERT_NE(f, nullptr);
     std::fputs("partial", f);
@@ -387,6 +391,8 @@ TEST(Train, ResumeRemovesTemporariesOfKilledRuns) {
   }
   train(small(out), /*resume=*/true);
   EXPECT_FALSE(fs::exists(dead));
+  EXPECT_FALSE(fs::exists(dead_aside));
+  EXPECT_FALSE(fs::exists(dead_copy));
   EXPECT_TRUE(fs::exists(live));
   EXPECT_EQ(read_checkpoint_state(out + "/ckpt.safetensors").step, 16);
 }
