@@ -116,11 +116,14 @@ Runner add_train(CLI::App& app) {
                  "activations; none in fp32)")
       ->check(CLI::IsMember({"off", "auto", "on"}))
       ->capture_default_str();
-  app.add_option("--out", c.out, "run folder for config, metrics and checkpoints (default: write nothing)");
+  app.add_option("--out", c.out,
+                 "run folder for config, metrics and checkpoints (default: write nothing); one fqt train at a time "
+                 "per folder");
   app.add_flag("--overwrite", c.overwrite,
                "start afresh even if --out holds a run: its checkpoint, config.json and metrics.jsonl are replaced "
-               "together when the new run writes its first checkpoint (a run that fails before that leaves the old "
-               "one as it was)");
+               "together when the new run writes its first checkpoint (a run that fails or is killed before or "
+               "while doing that leaves the old one as it was; after a kill, the next fqt train in the folder puts "
+               "it back)");
   app.add_flag("--resume", o->resume,
                "continue the run in --out from its checkpoint, bit for bit, with the run's stored settings: only "
                "--max-steps, --threads, --data-dir, --recompute, --track-variance, --log-every and --quiet apply; "
