@@ -176,10 +176,11 @@ void refuse_interrupted_save(const std::string& path) {
   const std::string prefix = p.filename().string() + ".replaced.tmp.";
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     if (e.path().filename().string().rfind(prefix, 0) != 0) continue;
-    throw InputError(fmt::format("{}: missing: a save of its run was interrupted, and the checkpoint saved before it "
-                                 "is kept as '{}'; any `fqt train` in {} (e.g. `fqt train --resume --out {}`) puts "
-                                 "the saved run back first",
-                                 path, e.path().string(), dir.string(), dir.string()));
+    throw InputError(fmt::format("{}: missing: a save of its run was interrupted (or is under way), and the "
+                                 "checkpoint saved before it is kept as '{}'; the next `fqt train` with --out {} "
+                                 "(--resume to continue the run, --overwrite to replace it) puts the saved run back "
+                                 "first",
+                                 path, e.path().string(), dir.string()));
   }
 }
 

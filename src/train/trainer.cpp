@@ -354,9 +354,11 @@ void append_text(const std::string& path, const std::string& text) {
   FQT_INPUT_CHECK(static_cast<bool>(f), "{}: cannot append ({}); is the disk full?", path, std::strerror(errno));
 }
 
-// Where a save keeps a file it replaces: "<path>.replaced.tmp.<pid>" (a temporary name, so that
-// remove_stale_temporaries removes what recover_interrupted_save leaves).
+// Where a save keeps a file it replaces: "<path>.replaced.tmp.<pid>"; and the empty marker it
+// leaves for a file the saved run did not have: "<path>.absent.tmp.<pid>" (temporary names, so
+// that remove_stale_temporaries removes what recover_interrupted_save leaves).
 std::string aside_name(const std::string& path, long pid) { return fmt::format("{}.replaced.tmp.{}", path, pid); }
+std::string absent_name(const std::string& path, long pid) { return fmt::format("{}.absent.tmp.{}", path, pid); }
 
 // `aside` becomes a second name of `path` (a hard link), or where the file system has none, a
 // copy (fsync'ed).
@@ -400,14 +402,15 @@ bool writer_gone(long pid, bool folder_locked) {
 }
 
 // The first save of a run that continues or replaces a saved run (save_pending in train())
-// keeps config.json and metrics.jsonl aside, then renames the old checkpoint aside (which marks
-// the save as begun: both other asides are complete by then, and a file without one did not
-// exist), renames its new files into place, the checkpoint last, and removes the asides. A kill
-// in between leaves "ckpt.safetensors.replaced.tmp.<pid>" of a process that is gone: without a
-// ckpt.safetensors the old run is put back (config.json and metrics.jsonl from their asides, or
-// removed where the old run had none, then the checkpoint), with the killed save's temporaries
-// removed; beside one (the kill came after the new checkpoint landed), the asides are removed.
-// Returns a note for the user when a run was put back.
+// keeps config.json and metrics.jsonl aside (or marks them absent), then renames the old
+// checkpoint aside, which marks the save as begun, renames its new files into place, the
+// checkpoint last, and removes the asides and markers. A kill in between leaves
+// "ckpt.safetensors.replaced.tmp.<pid>" of a process that is gone: without a ckpt.safetensors the
+// old run is put back (config.json and metrics.jsonl from their asides, or removed where marked
+// absent, then the checkpoint; then the markers and the killed save's temporaries go); beside one
+// (the kill came after the new checkpoint landed), the asides and markers are removed. Each step
+// can be repeated: a kill during the recovery is recovered by the next run. Returns a note for
+// the user when a run was put back.
 std::string recover_interrupted_save(const std::string& dir, bool folder_locked) {
   std::error_code ec;
   if (dir.empty() || !fs::is_directory(dir, ec)) return "";
@@ -424,16 +427,16 @@ std::string recover_interrupted_save(const std::string& dir, bool folder_locked)
     pids.push_back(pid);
   }
   std::string note;
+  const char* const names[] = {"config.json", "metrics.jsonl", "ckpt.safetensors"};
   for (long pid : pids) {
     const bool restore = !fs::exists(fs::symlink_status(ckpt, ec));
-    for (const char* name : {"config.json", "metrics.jsonl", "ckpt.safetensors"}) {
+    for (const char* name : names) {
       const std::string path = (fs::path(dir) / name).string();
       const std::string aside = aside_name(path, pid);
       const bool has_aside = fs::exists(fs::symlink_status(aside, ec));
-      if (!restore) {
-        if (has_aside) fs::remove(aside, ec);
-      } else if (!has_aside) {
-        fs::remove(path, ec);  // the saved run had none: the interrupted save's own
+      if (!restore || !has_aside) {
+        if (restore && fs::exists(fs::symlink_status(absent_name(path, pid), ec)))
+          fs::remove(path, ec);  // the saved run had none: the interrupted save's own
       } else if (std::rename(aside.c_str(), path.c_str()) == 0) {
         fs::remove(aside, ec);  // (left when it was a hard link of the file itself)
       } else {
@@ -442,12 +445,16 @@ std::string recover_interrupted_save(const std::string& dir, bool folder_locked)
                                      path, pid, aside, std::strerror(errno), name));
       }
     }
-    if (!restore) continue;
-    for (const char* name : {"config.json", "metrics.jsonl", "ckpt.safetensors"})  // the save's staged files
-      fs::remove(fs::path(dir) / fmt::format("{}.tmp.{}", name, pid), ec);
-    note = fmt::format("the save of a run in {} was interrupted (process {}) before its checkpoint was written: "
-                       "the run saved before it is put back",
-                       dir, pid);
+    for (const char* name : names) {  // the asides (beside a new checkpoint), the markers, the temporaries
+      const std::string path = (fs::path(dir) / name).string();
+      fs::remove(aside_name(path, pid), ec);
+      fs::remove(absent_name(path, pid), ec);
+      if (restore) fs::remove(fmt::format("{}.tmp.{}", path, pid), ec);
+    }
+    if (restore)
+      note = fmt::format("the save of a run in {} was interrupted (process {}) before its checkpoint was written: "
+                         "the run saved before it is put back",
+                         dir, pid);
   }
   return note;
 }
@@ -466,8 +473,8 @@ void remove_stale_temporaries(const std::string& dir) {
     const long pid = std::strtol(n.c_str() + k + 5, &end, 10);
     if (pid <= 0 || *end != '\0') continue;
     // A save that has begun (its checkpoint aside exists) is recover_interrupted_save's; the asides
-    // of one killed before (config.json's, metrics.jsonl's, a copy's temporary) are stale.
-    if (n.find(".replaced.tmp.") != std::string::npos &&
+    // and markers of one killed before (config.json's, metrics.jsonl's, a copy's temporary) are stale.
+    if ((n.find(".replaced.tmp.") != std::string::npos || n.find(".absent.tmp.") != std::string::npos) &&
         fs::exists(fs::symlink_status(fs::path(dir) / fmt::format("ckpt.safetensors.replaced.tmp.{}", pid), ec)))
       continue;
     if (!writer_gone(pid, false)) continue;
@@ -919,19 +926,25 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       throw InputError(fmt::format("{}; {}", e.what(), saved_run_note));
     }
     const std::vector<std::string> paths = {config_path, mpath, ckpt_path};
-    std::vector<std::string> aside;
+    std::vector<std::string> aside, absent;
     std::vector<bool> had;
     std::error_code ec;
     for (const std::string& p : paths) {
       aside.push_back(aside_name(p, static_cast<long>(::getpid())));
+      absent.push_back(absent_name(p, static_cast<long>(::getpid())));
       had.push_back(fs::exists(p, ec));
     }
     auto remove_asides = [&] {
-      for (size_t j = 0; j < paths.size(); ++j) fs::remove(aside[j], ec);
+      for (size_t j = 0; j < paths.size(); ++j) {
+        fs::remove(aside[j], ec);
+        fs::remove(absent[j], ec);
+      }
     };
     try {
-      for (size_t j = 0; j < 2; ++j)
+      for (size_t j = 0; j < 2; ++j) {
         if (had[j]) keep_aside(paths[j], aside[j]);
+        else write_file_atomic(absent[j], "");
+      }
       if (had[2] && std::rename(ckpt_path.c_str(), aside[2].c_str()) != 0)
         throw InputError(fmt::format("{}: cannot rename it aside to '{}' ({})", ckpt_path, aside[2],
                                      std::strerror(errno)));
@@ -949,14 +962,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
     } catch (const InputError& e) {
       if (staged[done]->committed()) ++done;  // renamed, then its folder's fsync failed: undo it too
       std::string restore_failed;
-      for (size_t j = 0; j < paths.size(); ++j) {
-        if (j == 2 && !restore_failed.empty()) {
-          // The checkpoint stays aside, so that the next run's recovery retries the other two.
-          restore_failed += fmt::format("; the saved checkpoint is kept as '{}', and the next `fqt train` in {} puts "
-                                        "the saved run back",
-                                        aside[2], cfg.out);
-          break;
-        }
+      for (size_t j = 0; j < 2; ++j) {
         if (had[j]) {
           // (rename of a hard link onto its own file does nothing: the aside name is removed after)
           if (std::rename(aside[j].c_str(), paths[j].c_str()) == 0) fs::remove(aside[j], ec);
@@ -966,6 +972,20 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
         } else if (j < done && !fs::remove(paths[j], ec) && fs::exists(paths[j], ec)) {
           restore_failed += fmt::format("; and {} (which the saved run did not have) could not be removed", paths[j]);
         }
+      }
+      if (restore_failed.empty()) {
+        if (had[2] && std::rename(aside[2].c_str(), ckpt_path.c_str()) != 0)
+          restore_failed += fmt::format("; and {} could not be put back from '{}' ({})", ckpt_path, aside[2],
+                                        std::strerror(errno));
+        else remove_asides();
+      } else {
+        // The checkpoint stays aside (the new one, if it landed, removed): the next run's recovery
+        // retries what failed here, from the asides and markers left.
+        if (done > 2 && !fs::remove(ckpt_path, ec) && fs::exists(ckpt_path, ec))
+          restore_failed += fmt::format("; and the new {} could not be removed", ckpt_path);
+        restore_failed += fmt::format("; the saved checkpoint is kept as '{}', and the next `fqt train` in {} puts "
+                                      "the saved run back",
+                                      aside[2], cfg.out);
       }
       throw InputError(restore_failed.empty() ? fmt::format("{}; {}", e.what(), saved_run_note)
                                               : fmt::format("{}{}", e.what(), restore_failed));

@@ -59,6 +59,8 @@ fqt_cli_test(train_bad_data 2 "unknown dataset" ${FQT_EXE} train --data imagenet
 fqt_cli_test(train_missing_data_dir 2 "cannot|missing|not found|No such" ${FQT_EXE} train --data mnist --data-dir ${CLI_TMP}/no_such_dir)
 fqt_cli_test(train_existing_run 2 "already holds a run .*--resume.*--overwrite" ${FQT_EXE} train --data synthetic --out ${RUN})
 set_tests_properties(cli.train_existing_run PROPERTIES FIXTURES_REQUIRED trained)
+# Both start an fqt train in ${RUN}, which one fqt train at a time may use (its folder lock).
+set_tests_properties(cli.train_no_overwrite cli.train_existing_run PROPERTIES RESOURCE_LOCK run_folder)
 fqt_cli_test(train_resume_nothing 2 "no checkpoint" ${FQT_EXE} train --data synthetic --resume --out ${CLI_TMP}/never_ran)
 # A corrupt checkpoint (this CMakeLists.txt) is rejected with a message, not a crash.
 fqt_cli_test(eval_corrupt_checkpoint 2 "CMakeLists.txt" ${FQT_EXE} eval --checkpoint ${CMAKE_CURRENT_SOURCE_DIR}/CMakeLists.txt)

@@ -207,11 +207,12 @@ if [[ -f $tmp/divskip/ckpt.safetensors ]]; then pass "diverge-skip-checkpoint"; 
 # run without --overwrite is then refused again), even when the killed process's pid is alive again
 # (the asides are renamed to this shell's pid: pids repeat in containers; the folder lock decides),
 # and the interrupted run can simply be started again. "noconfig": a saved run without config.json,
-# whose new config.json the recovery removes.
+# whose new config.json the recovery removes. "halfway": a recovery killed after it put config.json
+# back (done here by hand) is finished by the next run without touching config.json again.
 three() { (cd "$1" && sha256sum config.json metrics.jsonl ckpt.safetensors 2>&1); }
-for how in overwrite resume noconfig; do
+for how in overwrite resume noconfig halfway; do
   for file in config.json metrics.jsonl ckpt.safetensors; do
-    [[ $how == noconfig && $file != ckpt.safetensors ]] && continue
+    [[ ($how == noconfig || $how == halfway) && $file != ckpt.safetensors ]] && continue
     name=kill-$how-before-$file
     d=$tmp/kill_${how}_$file
     mkdir -p "$d" && cp "$tmp/e1"/* "$d/"
@@ -224,6 +225,7 @@ for how in overwrite resume noconfig; do
     rows=$((rows + 1))
     if ((status != 137)); then fail "$name: the hook did not kill the run (exit status $status)"; continue; fi
     for f in "$d"/*.tmp.*; do mv "$f" "${f%.*}.$$"; done
+    [[ $how == halfway ]] && mv "$d/config.json.replaced.tmp.$$" "$d/config.json"
     out=$("$fqt" eval --checkpoint "$d/ckpt.safetensors" 2>&1)
     if ! grep -q "ckpt.safetensors: missing: a save of its run was interrupted" <<<"$out"; then
       fail "$name: eval does not name the interrupted save" "$out"; continue
