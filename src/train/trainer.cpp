@@ -430,6 +430,8 @@ std::string recover_interrupted_save(const std::string& dir, bool folder_locked)
   const char* const names[] = {"config.json", "metrics.jsonl", "ckpt.safetensors"};
   for (long pid : pids) {
     const bool restore = !fs::exists(fs::symlink_status(ckpt, ec));
+    if (restore)  // the killed save's staged files first (a full checkpoint among them)
+      for (const char* name : names) fs::remove(fmt::format("{}.tmp.{}", (fs::path(dir) / name).string(), pid), ec);
     for (const char* name : names) {
       const std::string path = (fs::path(dir) / name).string();
       const std::string aside = aside_name(path, pid);
@@ -445,11 +447,10 @@ std::string recover_interrupted_save(const std::string& dir, bool folder_locked)
                                      path, pid, aside, std::strerror(errno), name));
       }
     }
-    for (const char* name : names) {  // the asides (beside a new checkpoint), the markers, the temporaries
+    for (const char* name : names) {  // the asides (beside a new checkpoint) and the markers
       const std::string path = (fs::path(dir) / name).string();
       fs::remove(aside_name(path, pid), ec);
       fs::remove(absent_name(path, pid), ec);
-      if (restore) fs::remove(fmt::format("{}.tmp.{}", path, pid), ec);
     }
     if (restore)
       note = fmt::format("the save of a run in {} was interrupted (process {}) before its checkpoint was written: "
@@ -460,10 +461,11 @@ std::string recover_interrupted_save(const std::string& dir, bool folder_locked)
 }
 
 // Temporary files "<name>.tmp.<pid>" left by a killed run (kill -9 mid-write), whose process
-// is gone. A live process's file is left alone (even in a folder we hold: another command may
-// write there; a reused pid only delays the cleanup), and so are the asides of a save that has
-// begun ("<name>.replaced.tmp.<pid>"), which only recover_interrupted_save settles.
-void remove_stale_temporaries(const std::string& dir) {
+// is gone. The asides of a save that has begun ("<name>.replaced.tmp.<pid>") are left to
+// recover_interrupted_save. Files only `fqt train` writes (config.json, metrics.jsonl,
+// ckpt.safetensors and their asides and markers) are stale whatever their pid in a folder we
+// hold; others only when no process has that pid (another command may write there).
+void remove_stale_temporaries(const std::string& dir, bool folder_locked) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string n = e.path().filename().string();
@@ -477,7 +479,9 @@ void remove_stale_temporaries(const std::string& dir) {
     if ((n.find(".replaced.tmp.") != std::string::npos || n.find(".absent.tmp.") != std::string::npos) &&
         fs::exists(fs::symlink_status(fs::path(dir) / fmt::format("ckpt.safetensors.replaced.tmp.{}", pid), ec)))
       continue;
-    if (!writer_gone(pid, false)) continue;
+    const bool ours = n.rfind("config.json.", 0) == 0 || n.rfind("metrics.jsonl.", 0) == 0 ||
+                      n.rfind("ckpt.safetensors.", 0) == 0;
+    if (!writer_gone(pid, ours && folder_locked)) continue;
     fs::remove(e.path(), ec);
   }
 }
@@ -873,7 +877,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                     "--out {}: the run folder is not writable ({}); choose another --out or fix its permissions",
                     cfg.out, std::strerror(errno));
     folder_lock.acquire(cfg.out);  // (a folder created just now)
-    remove_stale_temporaries(cfg.out);
+    remove_stale_temporaries(cfg.out, folder_lock.held);
     std::string kept;
     if (resume) {
       // Drop metrics of epochs after the checkpoint (written before a crash, redone now).
@@ -961,6 +965,15 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       }
     } catch (const InputError& e) {
       if (staged[done]->committed()) ++done;  // renamed, then its folder's fsync failed: undo it too
+      // First the new checkpoint goes, if it landed: from then on every instant is "checkpoint
+      // aside, no ckpt.safetensors", which the next run's recovery undoes should this be killed.
+      if (done > 2 && ::unlink(ckpt_path.c_str()) != 0 && errno != ENOENT) {
+        const int err = errno;
+        remove_asides();  // the new run is in place, all three files: it stays
+        throw InputError(fmt::format("{}; the new {} could not be removed to put the saved run back ({}): the folder "
+                                     "holds the new run",
+                                     e.what(), ckpt_path, std::strerror(err)));
+      }
       std::string restore_failed;
       for (size_t j = 0; j < 2; ++j) {
         if (had[j]) {
@@ -973,20 +986,14 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
           restore_failed += fmt::format("; and {} (which the saved run did not have) could not be removed", paths[j]);
         }
       }
-      if (restore_failed.empty()) {
-        if (had[2] && std::rename(aside[2].c_str(), ckpt_path.c_str()) != 0)
-          restore_failed += fmt::format("; and {} could not be put back from '{}' ({})", ckpt_path, aside[2],
-                                        std::strerror(errno));
-        else remove_asides();
-      } else {
-        // The checkpoint stays aside (the new one, if it landed, removed): the next run's recovery
-        // retries what failed here, from the asides and markers left.
-        if (done > 2 && !fs::remove(ckpt_path, ec) && fs::exists(ckpt_path, ec))
-          restore_failed += fmt::format("; and the new {} could not be removed", ckpt_path);
+      if (restore_failed.empty() && had[2] && std::rename(aside[2].c_str(), ckpt_path.c_str()) != 0)
+        restore_failed += fmt::format("; and {} could not be put back from '{}' ({})", ckpt_path, aside[2],
+                                      std::strerror(errno));
+      if (restore_failed.empty()) remove_asides();
+      else  // the checkpoint aside, the markers and the other asides left stay for the next run's recovery
         restore_failed += fmt::format("; the saved checkpoint is kept as '{}', and the next `fqt train` in {} puts "
                                       "the saved run back",
                                       aside[2], cfg.out);
-      }
       throw InputError(restore_failed.empty() ? fmt::format("{}; {}", e.what(), saved_run_note)
                                               : fmt::format("{}{}", e.what(), restore_failed));
     }

@@ -370,7 +370,9 @@ TEST(Train, UnwritableOutputFolderIsAnInputError) {
 }
 
 // A temporary file left by a killed writer (its process is gone) is removed when the run is
-// resumed; one of a live process is left alone. The resumed run is unaffected.
+// resumed; another command's file of a live process is left alone, but a checkpoint temporary is
+// fqt train's own, stale in a folder it holds whatever its pid (pids repeat, e.g. in containers).
+// The resumed run is unaffected.
 TEST(Train, ResumeRemovesTemporariesOfKilledRuns) {
   const std::string out = tmp_dir("stale_tmp");
   TrainConfig c = small(out);
@@ -378,12 +380,13 @@ TEST(Train, ResumeRemovesTemporariesOfKilledRuns) {
   c.ckpt_every_steps = 1;
   train(c);
   const std::string dead = out + "/ckpt.safetensors.tmp.999999999";  // above any pid_max
-  const std::string live = out + "/ckpt.safetensors.tmp.1";           // pid 1 always exists
+  const std::string live = out + "/variance.json.tmp.1";              // pid 1 always exists
+  const std::string reused = out + "/ckpt.safetensors.tmp.1";
   // A save killed while it kept config.json and metrics.jsonl aside (a copy, on a file system
   // without hard links), before its checkpoint aside marked it as begun: stale too.
   const std::string dead_aside = out + "/config.json.replaced.tmp.999999998";
   const std::string dead_copy = out + "/metrics.jsonl.replaced.tmp.999999998.tmp.999999998";
-  for (const std::string& p : {dead, live, dead_aside, dead_copy}) {
+  for (const std::string& p : {dead, live, reused, dead_aside, dead_copy}) {
     std::FILE* f = std::fopen(p.c_str(), "w");
     ASSERT_NE(f, nullptr);
     std::fputs("partial", f);
@@ -394,6 +397,7 @@ TEST(Train, ResumeRemovesTemporariesOfKilledRuns) {
   EXPECT_FALSE(fs::exists(dead_aside));
   EXPECT_FALSE(fs::exists(dead_copy));
   EXPECT_TRUE(fs::exists(live));
+  EXPECT_FALSE(fs::exists(reused));
   EXPECT_EQ(read_checkpoint_state(out + "/ckpt.safetensors").step, 16);
 }
 
