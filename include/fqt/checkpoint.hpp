@@ -89,6 +89,9 @@ class StagedFile {
 
 // The whole file (a regular file; InputError naming it when it cannot be opened or read).
 std::string read_whole_file(const std::string& path);
+// rename(2) (0, or -1 with errno set) through the commit fault hook below, for writers' own
+// renames (a save's asides, its rollback) so that tests can fail them.
+int rename_file(const std::string& from, const std::string& to);
 
 // Parses an in-memory file image; `name` is used in messages. Exposed for tests and fuzzing.
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& name);
@@ -146,10 +149,11 @@ void set_write_fault_for_testing(int64_t fail_after_bytes);
 // Test hook: when nonzero, the next atomic write's temporary file cannot be created, as if open()
 // failed with this errno (e.g. EACCES for a read-only folder, which root would not see). One-shot.
 void set_open_fault_for_testing(int err);
-// Test hook: the next commit (rename into place) of a path ending in `path_suffix` fails as if
-// rename() returned this errno (e.g. EPERM for an immutable file), or with after_rename, as if
-// the folder's fsync after the rename did (EIO). One-shot; err 0 disarms it.
-void set_commit_fault_for_testing(const std::string& path_suffix, int err, bool after_rename = false);
+// Test hook: the next commit (rename into place) or rename_file to a path ending in
+// `path_suffix` fails as if rename() returned this errno (e.g. EPERM for an immutable file), or
+// with after_rename, as if the folder's fsync after the rename did (EIO); `skip` matching renames
+// go through first. One-shot each; several can be armed; err 0 disarms them all.
+void set_commit_fault_for_testing(const std::string& path_suffix, int err, bool after_rename = false, int skip = 0);
 }  // namespace detail
 
 }  // namespace fqt

@@ -15,6 +15,7 @@
 #include <functional>
 #include <mutex>
 #include <set>
+#include <vector>
 
 static_assert(std::endian::native == std::endian::little, "safetensors I/O assumes a little-endian host");
 
@@ -361,22 +362,33 @@ std::string stage(const std::string& path, const std::function<void(const Sink&)
   return tmp;
 }
 
+struct CommitFault {
+  std::string suffix;
+  int err = 0;
+  bool after_rename = false;
+  int skip = 0;  // matches to let pass first
+};
 std::mutex g_commit_fault_mutex;
-std::string g_commit_fault_suffix;
-int g_commit_fault_err = 0;
-bool g_commit_fault_after_rename = false;
+std::vector<CommitFault> g_commit_faults;
 
-// The commit fault hook: the errno to fail with when `path` matches and the fault is set for
-// this stage (before or after the rename), then disarmed; 0 otherwise.
+// The commit fault hook: the errno to fail with when an armed fault matches `path` (by suffix)
+// and this stage (before or after the rename), then disarmed; 0 otherwise.
 int commit_fault(const std::string& path, bool after_rename) {
   std::lock_guard<std::mutex> lock(g_commit_fault_mutex);
-  const std::string& sfx = g_commit_fault_suffix;
-  if (!g_commit_fault_err || g_commit_fault_after_rename != after_rename || path.size() < sfx.size() ||
-      path.compare(path.size() - sfx.size(), sfx.size(), sfx) != 0)
-    return 0;
-  const int err = g_commit_fault_err;
-  g_commit_fault_err = 0;
-  return err;
+  for (auto it = g_commit_faults.begin(); it != g_commit_faults.end(); ++it) {
+    const std::string& sfx = it->suffix;
+    if (it->after_rename != after_rename || path.size() < sfx.size() ||
+        path.compare(path.size() - sfx.size(), sfx.size(), sfx) != 0)
+      continue;
+    if (it->skip > 0) {
+      --it->skip;
+      continue;
+    }
+    const int err = it->err;
+    g_commit_faults.erase(it);
+    return err;
+  }
+  return 0;
 }
 
 // Renames a staged temporary over `path`. On failure the temporary is removed and `path` is as
@@ -447,11 +459,10 @@ std::string read_all(const std::string& path) {
 namespace detail {
 void set_write_fault_for_testing(int64_t fail_after_bytes) { g_fault_after.store(fail_after_bytes); }
 void set_open_fault_for_testing(int err) { g_open_fault.store(err); }
-void set_commit_fault_for_testing(const std::string& path_suffix, int err, bool after_rename) {
+void set_commit_fault_for_testing(const std::string& path_suffix, int err, bool after_rename, int skip) {
   std::lock_guard<std::mutex> lock(g_commit_fault_mutex);
-  g_commit_fault_suffix = path_suffix;
-  g_commit_fault_err = err;
-  g_commit_fault_after_rename = after_rename;
+  if (err == 0) g_commit_faults.clear();
+  else g_commit_faults.push_back({path_suffix, err, after_rename, skip});
 }
 }  // namespace detail
 
@@ -491,6 +502,14 @@ void StagedFile::commit() {
 }
 
 std::string read_whole_file(const std::string& path) { return read_all(path); }
+
+int rename_file(const std::string& from, const std::string& to) {
+  if (const int injected = commit_fault(to, false)) {
+    errno = injected;
+    return -1;
+  }
+  return ::rename(from.c_str(), to.c_str());
+}
 
 SafeTensors parse_safetensors(const std::string& bytes, const std::string& name) {
   const uint64_t n = header_size(bytes, bytes.size(), name);

@@ -439,7 +439,7 @@ std::string recover_interrupted_save(const std::string& dir, bool folder_locked)
       if (!restore || !has_aside) {
         if (restore && fs::exists(fs::symlink_status(absent_name(path, pid), ec)))
           fs::remove(path, ec);  // the saved run had none: the interrupted save's own
-      } else if (std::rename(aside.c_str(), path.c_str()) == 0) {
+      } else if (rename_file(aside, path) == 0) {
         fs::remove(aside, ec);  // (left when it was a hard link of the file itself)
       } else {
         throw InputError(fmt::format("{}: a save of this run was interrupted (process {}) and its earlier file '{}' "
@@ -949,7 +949,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
         if (had[j]) keep_aside(paths[j], aside[j]);
         else write_file_atomic(absent[j], "");
       }
-      if (had[2] && std::rename(ckpt_path.c_str(), aside[2].c_str()) != 0)
+      if (had[2] && rename_file(ckpt_path, aside[2]) != 0)
         throw InputError(fmt::format("{}: cannot rename it aside to '{}' ({})", ckpt_path, aside[2],
                                      std::strerror(errno)));
     } catch (const InputError& e) {
@@ -978,7 +978,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       for (size_t j = 0; j < 2; ++j) {
         if (had[j]) {
           // (rename of a hard link onto its own file does nothing: the aside name is removed after)
-          if (std::rename(aside[j].c_str(), paths[j].c_str()) == 0) fs::remove(aside[j], ec);
+          if (rename_file(aside[j], paths[j]) == 0) fs::remove(aside[j], ec);
           else
             restore_failed += fmt::format("; and {} could not be put back from '{}' ({})", paths[j], aside[j],
                                           std::strerror(errno));
@@ -986,7 +986,7 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
           restore_failed += fmt::format("; and {} (which the saved run did not have) could not be removed", paths[j]);
         }
       }
-      if (restore_failed.empty() && had[2] && std::rename(aside[2].c_str(), ckpt_path.c_str()) != 0)
+      if (restore_failed.empty() && had[2] && rename_file(aside[2], ckpt_path) != 0)
         restore_failed += fmt::format("; and {} could not be put back from '{}' ({})", ckpt_path, aside[2],
                                       std::strerror(errno));
       if (restore_failed.empty()) remove_asides();

@@ -689,6 +689,37 @@ TEST(Train, SaveThatFailsMidwayKeepsTheSavedRun) {
   }
 }
 
+// Two faults in a row: the checkpoint's rename refused, then putting metrics.jsonl back refused
+// too. The save cannot restore the saved run itself: it leaves the checkpoint aside and says so,
+// and the next `fqt train` in the folder (here a fresh run, refused as the folder holds a run)
+// puts the saved run back byte for byte, nothing else left.
+TEST(Train, RollbackThatFailsIsFinishedByTheNextRun) {
+  for (const bool resume : {false, true}) {
+    SCOPED_TRACE(resume ? "--resume" : "--overwrite");
+    const std::string dir = tmp_dir(resume ? "double_fault_resume" : "double_fault_overwrite");
+    TrainConfig first = tiny(dir);
+    first.max_steps = 2;
+    train(first);
+    const auto before = folder(dir);
+    TrainConfig next = tiny(dir);
+    next.overwrite = !resume;
+    detail::set_commit_fault_for_testing("ckpt.safetensors", EPERM);
+    detail::set_commit_fault_for_testing("metrics.jsonl", EIO, false, 1);  // its commit passes, its restore not
+    const std::string msg = input_error(next, resume);
+    detail::set_commit_fault_for_testing("", 0);
+    EXPECT_EQ(msg.rfind(dir + "/ckpt.safetensors: cannot rename", 0), 0u) << msg;
+    EXPECT_NE(msg.find("and " + dir + "/metrics.jsonl could not be put back"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("the saved checkpoint is kept as '" + dir + "/ckpt.safetensors.replaced.tmp."),
+              std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find("the next `fqt train` in " + dir + " puts the saved run back"), std::string::npos) << msg;
+    EXPECT_FALSE(fs::exists(dir + "/ckpt.safetensors"));
+    EXPECT_NE(folder(dir), before);
+    EXPECT_NE(input_error(tiny(dir), false).find("already holds a run"), std::string::npos);
+    EXPECT_EQ(folder(dir), before);
+  }
+}
+
 // One `fqt train` per run folder: a second one (here: this test holding the folder's flock, as a
 // running train() does) is refused before anything is touched, for a fresh run, --resume and
 // --overwrite alike; once the folder is free the same run goes through.
