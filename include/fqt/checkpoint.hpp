@@ -87,6 +87,12 @@ class StagedFile {
   bool committed_ = false;
 };
 
+// The name under which a save keeps the file `path` it replaces while its new one lands: this
+// prefix, then the saving process's pid (train's first save of a --resume / --overwrite run;
+// trainer.cpp's save_pending and recover_interrupted_save; load_checkpoint names it when `path`
+// is missing).
+inline std::string aside_prefix(const std::string& path) { return path + ".replaced.tmp."; }
+
 // The whole file (a regular file; InputError naming it when it cannot be opened or read).
 std::string read_whole_file(const std::string& path);
 // rename(2) (0, or -1 with errno set) through the commit fault hook below, for writers' own

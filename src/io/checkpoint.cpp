@@ -173,7 +173,7 @@ void refuse_interrupted_save(const std::string& path) {
   if (fs::exists(fs::symlink_status(path, ec))) return;
   const fs::path p(path);
   const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
-  const std::string prefix = p.filename().string() + ".replaced.tmp.";
+  const std::string prefix = aside_prefix(p.filename().string());
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     if (e.path().filename().string().rfind(prefix, 0) != 0) continue;
     throw InputError(fmt::format("{}: missing: a save of its run was interrupted (or is under way), and the "

@@ -27,9 +27,7 @@
 #include <limits>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <memory>
-#include <optional>
 #include <sstream>
 
 namespace fqt {
@@ -324,29 +322,6 @@ void check_config(const TrainConfig& c, const std::string& stored = "") {
   }
 }
 
-// A small text file, replaced atomically (temporary file + rename); a full disk or an
-// unwritable folder is an InputError naming the file.
-void write_text(const std::string& path, const std::string& text) {
-  const std::string tmp = fmt::format("{}.tmp.{}", path, static_cast<long>(::getpid()));
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    if (f) f << text;
-    if (f) f.flush();
-    if (!f) {
-      const int err = errno;
-      f.close();
-      std::remove(tmp.c_str());
-      throw InputError(fmt::format("{}: cannot write ({}); is the output folder writable, is the disk full?", path,
-                                   std::strerror(err)));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    std::remove(tmp.c_str());
-    throw InputError(fmt::format("{}: cannot rename into place ({})", path, std::strerror(err)));
-  }
-}
-
 void append_text(const std::string& path, const std::string& text) {
   std::ofstream f(path, std::ios::app);
   if (f) f << text;
@@ -357,7 +332,7 @@ void append_text(const std::string& path, const std::string& text) {
 // Where a save keeps a file it replaces: "<path>.replaced.tmp.<pid>"; and the empty marker it
 // leaves for a file the saved run did not have: "<path>.absent.tmp.<pid>" (temporary names, so
 // that remove_stale_temporaries removes what recover_interrupted_save leaves).
-std::string aside_name(const std::string& path, long pid) { return fmt::format("{}.replaced.tmp.{}", path, pid); }
+std::string aside_name(const std::string& path, long pid) { return aside_prefix(path) + std::to_string(pid); }
 std::string absent_name(const std::string& path, long pid) { return fmt::format("{}.absent.tmp.{}", path, pid); }
 
 // `aside` becomes a second name of `path` (a hard link), or where the file system has none, a
@@ -395,6 +370,13 @@ struct RunFolderLock {
   }
 };
 
+// The pid that ends a temporary name ("<name>.tmp.<pid>", from `at` on), or -1.
+long pid_at(const std::string& name, size_t at) {
+  char* end = nullptr;
+  const long pid = std::strtol(name.c_str() + at, &end, 10);
+  return pid > 0 && *end == '\0' ? pid : -1;
+}
+
 // Whether the process that wrote "<name>.tmp.<pid>" in a folder we may hold is gone.
 bool writer_gone(long pid, bool folder_locked) {
   if (folder_locked || pid == static_cast<long>(::getpid())) return true;
@@ -415,15 +397,13 @@ std::string recover_interrupted_save(const std::string& dir, bool folder_locked)
   std::error_code ec;
   if (dir.empty() || !fs::is_directory(dir, ec)) return "";
   const std::string ckpt = (fs::path(dir) / "ckpt.safetensors").string();
-  const std::string prefix = "ckpt.safetensors.replaced.tmp.";
+  const std::string prefix = aside_prefix("ckpt.safetensors");
   std::vector<long> pids;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string n = e.path().filename().string();
     if (n.rfind(prefix, 0) != 0) continue;
-    char* end = nullptr;
-    const long pid = std::strtol(n.c_str() + prefix.size(), &end, 10);
-    if (pid <= 0 || *end != '\0') continue;
-    if (!writer_gone(pid, folder_locked)) continue;  // still saving
+    const long pid = pid_at(n, prefix.size());
+    if (pid < 0 || !writer_gone(pid, folder_locked)) continue;  // (a live pid: still saving)
     pids.push_back(pid);
   }
   std::string note;
@@ -471,13 +451,12 @@ void remove_stale_temporaries(const std::string& dir, bool folder_locked) {
     const std::string n = e.path().filename().string();
     const size_t k = n.rfind(".tmp.");
     if (k == std::string::npos) continue;
-    char* end = nullptr;
-    const long pid = std::strtol(n.c_str() + k + 5, &end, 10);
-    if (pid <= 0 || *end != '\0') continue;
+    const long pid = pid_at(n, k + 5);
+    if (pid < 0) continue;
     // A save that has begun (its checkpoint aside exists) is recover_interrupted_save's; the asides
     // and markers of one killed before (config.json's, metrics.jsonl's, a copy's temporary) are stale.
     if ((n.find(".replaced.tmp.") != std::string::npos || n.find(".absent.tmp.") != std::string::npos) &&
-        fs::exists(fs::symlink_status(fs::path(dir) / fmt::format("ckpt.safetensors.replaced.tmp.{}", pid), ec)))
+        fs::exists(fs::symlink_status(aside_name((fs::path(dir) / "ckpt.safetensors").string(), pid), ec)))
       continue;
     const bool ours = n.rfind("config.json.", 0) == 0 || n.rfind("metrics.jsonl.", 0) == 0 ||
                       n.rfind("ckpt.safetensors.", 0) == 0;
@@ -900,8 +879,8 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
       pending = true;
       pending_metrics = kept;
     } else {
-      write_text(config_path, state.config_json + "\n");
-      write_text(mpath, kept);
+      write_file_atomic(config_path, state.config_json + "\n");
+      write_file_atomic(mpath, kept);
     }
   }
   auto add_metrics = [&](const std::string& line) {
