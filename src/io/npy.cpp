@@ -1,5 +1,7 @@
 #include "fqt/npy.hpp"
 
+#include "fqt/checkpoint.hpp"  // write_file_atomic
+
 #include <algorithm>
 #include <bit>
 #include <cstdio>
@@ -201,26 +203,15 @@ void write_npy(const std::string& path, const Tensor& t) {
         throw InputError(fmt::format("{}: exists and is not a .npy file; not replacing it (choose another output path)", path));
     }
   }
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw InputError(fmt::format("{}: cannot write ({})", path, std::strerror(errno)));
-    f.write("\x93NUMPY\x01\x00", 8);
-    const uint16_t hl = static_cast<uint16_t>(header.size());
-    const char hb[2] = {static_cast<char>(hl & 0xff), static_cast<char>(hl >> 8)};
-    f.write(hb, 2);
-    f.write(header.data(), static_cast<std::streamsize>(header.size()));
-    f.write(static_cast<const char*>(t.raw()), static_cast<std::streamsize>(t.nbytes()));
-    f.flush();
-    if (!f) {
-      std::remove(tmp.c_str());
-      throw InputError(fmt::format("{}: write failed (disk full?)", path));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw InputError(fmt::format("{}: cannot rename into place ({})", path, std::strerror(errno)));
-  }
+  // The same atomic write as the checkpoints (temporary named by pid, fsync, rename): a failure
+  // leaves the previous file as it was and no temporary behind.
+  std::string bytes("\x93NUMPY\x01\x00", 8);
+  const uint16_t hl = static_cast<uint16_t>(header.size());
+  bytes += static_cast<char>(hl & 0xff);
+  bytes += static_cast<char>(hl >> 8);
+  bytes += header;
+  bytes.append(static_cast<const char*>(t.raw()), t.nbytes());
+  write_file_atomic(path, bytes);
 }
 
 }  // namespace fqt

@@ -1,6 +1,9 @@
 // .npy reader: valid files of both dtypes and byte orders load; malformed ones are rejected.
 #include "fqt/npy.hpp"
 
+#include "fqt/checkpoint.hpp"  // the write fault hook
+#include "fqt/error.hpp"
+
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -68,6 +71,35 @@ TEST(Npy, WriteThenReadRoundTrips) {
   ASSERT_EQ(b.shape(), a.shape());
   EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0);
   std::remove(path.c_str());
+}
+
+// write_npy is atomic like the checkpoints: a write that fails part way (the disk-full hook)
+// leaves the previous file byte for byte and no temporary file in the folder.
+TEST(Npy, FailedWriteKeepsThePreviousFile) {
+  const auto dir = std::filesystem::temp_directory_path() / ("fqt_test_npy_fault_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "a.npy").string();
+  write_npy(path, Tensor::from<float>({2, 2}, {1, 2, 3, 4}));
+  const Tensor before = read_npy(path);
+  for (int64_t after : {0, 9, 70, 130}) {
+    detail::set_write_fault_for_testing(after);
+    try {
+      write_npy(path, Tensor::from<float>({2, 3}, {5, 6, 7, 8, 9, 10}));
+      ADD_FAILURE() << "fault after " << after << " bytes did not fire";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("unchanged"), std::string::npos) << e.what();
+    }
+    const Tensor now = read_npy(path);
+    ASSERT_EQ(now.shape(), before.shape());
+    EXPECT_EQ(std::memcmp(now.raw(), before.raw(), before.nbytes()), 0);
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) names.push_back(e.path().filename().string());
+    EXPECT_EQ(names, std::vector<std::string>{"a.npy"}) << "temporary file left behind";
+  }
+  write_npy(path, Tensor::from<float>({2, 3}, {5, 6, 7, 8, 9, 10}));  // the hook is one-shot
+  EXPECT_EQ(read_npy(path).shape(), (std::vector<int64_t>{2, 3}));
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Npy, MalformedFilesAreRejectedWithAMessage) {
