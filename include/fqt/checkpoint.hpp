@@ -93,8 +93,6 @@ class StagedFile {
 // is missing).
 inline std::string aside_prefix(const std::string& path) { return path + ".replaced.tmp."; }
 
-// The whole file (a regular file; InputError naming it when it cannot be opened or read).
-std::string read_whole_file(const std::string& path);
 // rename(2) (0, or -1 with errno set) through the commit fault hook below, for writers' own
 // renames (a save's asides, its rollback) so that tests can fail them.
 int rename_file(const std::string& from, const std::string& to);

@@ -47,8 +47,6 @@ struct Dataset {
 
 // ---- byte-level helpers (public so that tests and fuzzers can feed bytes directly) ---------
 
-// The whole file as bytes. Throws InputError naming the path when it cannot be read.
-std::string read_file_bytes(const std::string& path);
 // If `bytes` starts with the gzip magic (1f 8b), the inflated content (concatenated members
 // allowed); otherwise `bytes` unchanged. Truncated or corrupt streams, and outputs larger than
 // `max_output` bytes, throw InputError("<what>: ...").

@@ -1,6 +1,7 @@
 // Named datasets (Fashion-MNIST, MNIST, CIFAR-10), synthetic data and normalisation statistics.
 #include "data/permutation.hpp"
 #include "fqt/data.hpp"
+#include "fqt/file.hpp"
 #include "fqt/rng.hpp"
 
 #include <algorithm>
@@ -145,7 +146,7 @@ Dataset load_cifar10(const std::string& dir_in, bool train) {
                     "(cifar-10-binary.tar.gz), extract it and pass --data-dir <.../cifar-10-batches-bin>",
                     p.string());
     paths.push_back(p.string());
-    contents.push_back(read_file_bytes(p.string()));
+    contents.push_back(read_whole_file(p.string()));
     check_cifar_size(contents.back(), paths.back());
     n += static_cast<int64_t>(contents.back().size()) / kCifarRecord;
   }

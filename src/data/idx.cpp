@@ -4,28 +4,17 @@
 // then DD big-endian u32 dims, then the row-major u8 payload. Everything that comes from a
 // file is validated before use: these readers are also fuzz targets.
 #include "fqt/data.hpp"
+#include "fqt/file.hpp"
 
 #include <zlib.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 
 namespace fqt {
-
-std::string read_file_bytes(const std::string& path) {
-  std::error_code ec;
-  FQT_INPUT_CHECK(!std::filesystem::is_directory(path, ec), "{}: is a directory, expected a file",
-                  path);
-  std::ifstream f(path, std::ios::binary);
-  FQT_INPUT_CHECK(f.good(), "{}: cannot open file ({})", path, std::strerror(errno));
-  std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  FQT_INPUT_CHECK(!f.bad(), "{}: read error", path);
-  return bytes;
-}
 
 static bool is_gzip(const std::string& b) {
   return b.size() >= 2 && static_cast<uint8_t>(b[0]) == 0x1f && static_cast<uint8_t>(b[1]) == 0x8b;
@@ -209,7 +198,7 @@ Dataset parse_idx_pair(const std::string& images_bytes, const std::string& label
 
 Dataset load_idx_pair(const std::string& images_path, const std::string& labels_path,
                       const std::string& name, int num_classes) {
-  Dataset ds = parse_idx_pair(read_file_bytes(images_path), read_file_bytes(labels_path), name,
+  Dataset ds = parse_idx_pair(read_whole_file(images_path), read_whole_file(labels_path), name,
                               num_classes, images_path, labels_path);
   ds.source = images_path;
   return ds;

@@ -1,14 +1,13 @@
 #include "fqt/npy.hpp"
 
 #include "fqt/checkpoint.hpp"  // write_file_atomic
+#include "fqt/file.hpp"
 
 #include <algorithm>
 #include <bit>
-#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 namespace fqt {
 
@@ -163,13 +162,7 @@ Tensor read_npy(const std::string& path) {
   std::error_code ec;
   const auto st = std::filesystem::status(path, ec);
   if (!ec && std::filesystem::is_directory(st)) throw InputError(fmt::format("{}: is a folder, not a .npy file", path));
-  if (!ec && !std::filesystem::is_regular_file(st))  // /dev/zero would be read until memory runs out
-    throw InputError(fmt::format("{}: not a regular file", path));
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw InputError(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return parse_npy(ss.str(), path);
+  return parse_npy(read_whole_file(path), path);  // (a device such as /dev/zero: "not a regular file")
 }
 
 void write_npy(const std::string& path, const Tensor& t) {

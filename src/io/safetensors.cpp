@@ -1,5 +1,6 @@
 // safetensors reader and writer (see fqt/checkpoint.hpp for the format and the guarantees).
 #include "fqt/checkpoint.hpp"
+#include "fqt/file.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -423,37 +424,6 @@ void atomic_write(const std::string& path, const std::function<void(const Sink&)
   sync_folder_of(path);
 }
 
-std::string read_all(const std::string& path) {
-  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever (regular files ignore it).
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) throw InputError(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
-  std::string out;
-  struct stat st {};
-  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
-    ::close(fd);
-    throw InputError(fmt::format("{}: is a folder, not a file", path));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw InputError(fmt::format("{}: not a regular file", path));
-  }
-  if (st.st_size > 0) out.reserve(static_cast<size_t>(st.st_size));
-  char buf[1 << 16];
-  for (;;) {
-    ssize_t r = ::read(fd, buf, sizeof buf);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      const int err = errno;
-      ::close(fd);
-      throw InputError(fmt::format("{}: read failed ({})", path, std::strerror(err)));
-    }
-    if (r == 0) break;
-    out.append(buf, static_cast<size_t>(r));
-  }
-  ::close(fd);
-  return out;
-}
-
 }  // namespace
 
 namespace detail {
@@ -501,8 +471,6 @@ void StagedFile::commit() {
   sync_folder_of(path_);
 }
 
-std::string read_whole_file(const std::string& path) { return read_all(path); }
-
 int rename_file(const std::string& from, const std::string& to) {
   if (const int injected = commit_fault(to, false)) {
     errno = injected;
@@ -534,7 +502,7 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& name)
   return out;
 }
 
-SafeTensors read_safetensors(const std::string& path) { return parse_safetensors(read_all(path), path); }
+SafeTensors read_safetensors(const std::string& path) { return parse_safetensors(read_whole_file(path), path); }
 
 std::map<std::string, std::string> read_safetensors_metadata(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // (a FIFO: no wait, refused below)

@@ -3,6 +3,7 @@
 #include "fqt/train.hpp"
 
 #include "fqt/checkpoint.hpp"
+#include "fqt/file.hpp"
 #include "fqt/data.hpp"
 #include "fqt/layers.hpp"
 #include "fqt/models.hpp"

@@ -1,6 +1,7 @@
 // Data pipeline: IDX / CIFAR-10 readers (real files and table-driven corrupt inputs),
 // synthetic data, and the Loader's determinism, resume and background-thread guarantees.
 #include "fqt/data.hpp"
+#include "fqt/file.hpp"
 #include "fqt/rng.hpp"
 
 #include <gtest/gtest.h>
@@ -335,14 +336,14 @@ TEST(data_idx, GzipAndRawFiles) {
             std::string::npos);
   // Missing file.
   EXPECT_NE(message_of([&] { load_idx_pair(dir.file("nope.gz"), dir.file("lab.raw"), "t"); })
-                .find("nope.gz: cannot open file"),
+                .find("nope.gz: cannot open (No such file"),
             std::string::npos);
 }
 
 TEST(data_idx, TruncatedRealGzip) {
   if (!have_fashion()) GTEST_SKIP() << "dataset-fashion-mnist not installed";
   TempDir dir;
-  std::string gz = read_file_bytes(std::string(kFashionDir) + "/t10k-labels-idx1-ubyte.gz");
+  std::string gz = read_whole_file(std::string(kFashionDir) + "/t10k-labels-idx1-ubyte.gz");
   write_file(dir.file("t10k-labels-idx1-ubyte.gz"), gz.substr(0, gz.size() - 1000));
   write_file(dir.file("t10k-images-idx3-ubyte.gz"), gzip_compress(idx_images(10000, 1, 1)));
   std::string msg = message_of([&] { load_fashion_mnist(dir.path.string(), false); });
@@ -367,8 +368,8 @@ TEST(data_idx, StandardNamesRawAndMissing) {
   // The dataset knows the file its images came from (messages comparing two splits name it).
   EXPECT_EQ(ds.source, dir.file("t10k-images-idx3-ubyte"));
 
-  msg = message_of([&] { read_file_bytes(dir.path.string()); });
-  EXPECT_NE(msg.find("is a directory"), std::string::npos) << msg;
+  msg = message_of([&] { read_whole_file(dir.path.string()); });
+  EXPECT_NE(msg.find(": is a folder, not a file"), std::string::npos) << msg;
 
   msg = message_of([&] { load_dataset("imagenet", "", true); });
   EXPECT_NE(msg.find("unknown dataset 'imagenet'"), std::string::npos) << msg;
