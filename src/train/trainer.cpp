@@ -699,7 +699,8 @@ TrainResult train(const TrainConfig& cfg_in, bool resume) {
                     ckpt_path);
     state = read_checkpoint_state(ckpt_path);
     // The stored configuration wins, checked as strictly as the command line; only run-time
-    // settings (length, threads, data folder, logging, recomputation) come from the caller.
+    // settings (length, threads, data folder, logging, recomputation) come from the caller
+    // (`fqt train --resume` lists them from kResumeApplies in tools/cli/cmd_train.cpp).
     TrainConfig stored = TrainConfig::from_json(state.config_json, ckpt_path);
     check_config(stored, config_label(ckpt_path));
     FQT_INPUT_CHECK(stored.seed == state.seed,

@@ -19,6 +19,27 @@ struct TrainOptions {
   bool resume = false, quiet = false;
 };
 
+// What --resume does with each option given alongside it. The run's stored settings win, so these
+// are ignored (a warning names them)...
+const std::vector<const char*> kResumeIgnores = {
+    "--model", "--data", "--mode", "--dgrad", "--dgrad-bits", "--dgrad-rows", "--wgrad", "--wgrad-bits", "--arith",
+    "--weight-quantizer", "--act-bits", "--weight-bits", "--epochs", "--batch", "--lr", "--momentum", "--nesterov",
+    "--weight-decay", "--schedule", "--warmup-epochs", "--label-smoothing", "--augment", "--seed", "--train-limit",
+    "--test-limit", "--ckpt-every", "--on-nonfinite"};
+// ...and these run-time settings apply (train() copies them into the stored configuration);
+// the help text and the warning list them from here.
+const std::vector<const char*> kResumeApplies = {"--max-steps",       "--threads",   "--data-dir", "--recompute",
+                                                 "--track-variance", "--log-every", "--quiet"};
+// The rest concern the run folder itself. add_train checks that every option is in one of the three.
+const std::vector<const char*> kResumeFolder = {"--help", "--out", "--resume", "--overwrite"};
+
+std::string listed(const std::vector<const char*>& names) {
+  std::string s;
+  for (size_t i = 0; i < names.size(); ++i)
+    s += (i == 0 ? "" : i + 1 == names.size() ? " and " : ", ") + std::string(names[i]);
+  return s;
+}
+
 // The options of `app` among `names` that the command line gave, as "--a, --b".
 std::string given(CLI::App& app, const std::vector<const char*>& names) {
   std::string s;
@@ -125,11 +146,18 @@ Runner add_train(CLI::App& app) {
                "while doing that leaves the old one as it was; after a kill, the next fqt train in the folder puts "
                "it back)");
   app.add_flag("--resume", o->resume,
-               "continue the run in --out from its checkpoint, bit for bit, with the run's stored settings: only "
-               "--max-steps, --threads, --data-dir, --recompute, --track-variance, --log-every and --quiet apply; "
-               "other settings given are ignored (with a warning). Not with --overwrite");
+               "continue the run in --out from its checkpoint, bit for bit, with the run's stored settings: only " +
+                   listed(kResumeApplies) +
+                   " apply; other settings given are ignored (with a warning). Not with --overwrite");
   app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_flag("-q,--quiet", o->quiet, "no progress output");
+  for (const CLI::Option* opt : app.get_options()) {  // a new option must say what --resume does with it
+    const std::string name = "--" + opt->get_lnames().at(0);
+    bool classified = false;
+    for (const auto* list : {&kResumeIgnores, &kResumeApplies, &kResumeFolder})
+      for (const char* n : *list) classified = classified || name == n;
+    FQT_CHECK(classified, "fqt train: option {} is in none of cmd_train.cpp's --resume lists", name);
+  }
   return [o, &app] {
     TrainConfig cfg = o->cfg;
     cfg.recipe.mode = parse_mode(o->mode);
@@ -145,16 +173,11 @@ Runner add_train(CLI::App& app) {
     // validated (bad input still gets a single error line).
     std::vector<std::string> warnings;
     if (o->resume) {
-      const std::string ignored =
-          given(app, {"--model", "--data", "--mode", "--dgrad", "--dgrad-bits", "--dgrad-rows", "--wgrad", "--wgrad-bits",
-                      "--arith", "--weight-quantizer", "--act-bits", "--weight-bits", "--epochs", "--batch", "--lr",
-                      "--momentum", "--nesterov", "--weight-decay", "--schedule", "--warmup-epochs", "--label-smoothing",
-                      "--augment", "--seed", "--train-limit", "--test-limit", "--ckpt-every", "--on-nonfinite"});
+      const std::string ignored = given(app, kResumeIgnores);
       if (!ignored.empty())
-        warnings.push_back(fmt::format("{} ignored: --resume continues with the settings stored in the run (only "
-                                       "--max-steps, --threads, --data-dir, --recompute, --track-variance and "
-                                       "--log-every apply)",
-                                       ignored));
+        warnings.push_back(fmt::format("{} ignored: --resume continues with the settings stored in the run (only {} "
+                                       "apply)",
+                                       ignored, listed(kResumeApplies)));
     } else if (cfg.recipe.mode != Mode::fqt) {
       std::vector<const char*> unused = {"--dgrad", "--dgrad-bits", "--dgrad-rows", "--wgrad", "--wgrad-bits"};
       if (cfg.recipe.mode == Mode::fp32)
