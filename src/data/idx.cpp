@@ -10,9 +10,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
-#include <limits>
 
 namespace fqt {
 

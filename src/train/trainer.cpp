@@ -3,8 +3,8 @@
 #include "fqt/train.hpp"
 
 #include "fqt/checkpoint.hpp"
-#include "fqt/file.hpp"
 #include "fqt/data.hpp"
+#include "fqt/file.hpp"
 #include "fqt/layers.hpp"
 #include "fqt/models.hpp"
 #include "fqt/optim.hpp"
