@@ -28,19 +28,7 @@ int run_quantize(const QuantizeOptions& o) {
   std::vector<QuantizerKind> kinds;
   for (const auto& n : split_list(o.quantizers)) kinds.push_back(parse_quantizer(n));
   FQT_INPUT_CHECK(!kinds.empty(), "--quantizer needs at least one name");
-  std::vector<int> bits;
-  for (const auto& b : split_list(o.bits)) {
-    int v = 0;
-    size_t used = 0;
-    try {
-      v = std::stoi(b, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    FQT_INPUT_CHECK(used == b.size() && v >= 2 && v <= 8, "--bits: '{}' is not a bit width from 2 to 8", b);
-    bits.push_back(v);
-  }
-  FQT_INPUT_CHECK(!bits.empty(), "--bits needs at least one bit width");
+  const std::vector<int> bits = parse_bits(o.bits, "--bits");
   FQT_INPUT_CHECK(o.samples >= 2 && o.samples <= 100000, "--samples must be in 2..100000 (got {})", o.samples);
   set_num_threads(o.threads);
 

@@ -45,23 +45,6 @@ struct VarianceCliOptions {
   std::string command_line;
 };
 
-std::vector<int> parse_bits(const std::string& s, const char* flag) {
-  std::vector<int> bits;
-  for (const auto& b : split_list(s)) {
-    int v = 0;
-    size_t used = 0;
-    try {
-      v = std::stoi(b, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    FQT_INPUT_CHECK(used == b.size() && v >= 2 && v <= 8, "{}: '{}' is not a bit width from 2 to 8", flag, b);
-    bits.push_back(v);
-  }
-  FQT_INPUT_CHECK(!bits.empty(), "{} needs at least one bit width", flag);
-  return bits;
-}
-
 std::string fmt_num(double v) {
   if (!std::isfinite(v)) return "inf";
   return fmt::format("{:.3e}", v);
