@@ -95,7 +95,7 @@ Runner add_train(CLI::App& app) {
                  "weight grid: symmetric (per tensor) | symmetric-row (per output channel; dgrad then runs in fp32) | zero-aligned")
       ->capture_default_str();
   app.add_option("--act-bits", o->act_bits, "bits of forward activations (per-tensor, zero-aligned)")->capture_default_str();
-  app.add_option("--weight-bits", o->weight_bits, "bits of weights (per-tensor symmetric)")->capture_default_str();
+  app.add_option("--weight-bits", o->weight_bits, "bits of weights (on the --weight-quantizer grid)")->capture_default_str();
   app.add_option("--epochs", c.epochs, "epochs")->capture_default_str();
   app.add_option("--batch", c.batch, "batch size")->capture_default_str();
   app.add_option("--lr", c.lr, "peak learning rate")->capture_default_str();
