@@ -505,40 +505,11 @@ SafeTensors parse_safetensors(const std::string& bytes, const std::string& name)
 SafeTensors read_safetensors(const std::string& path) { return parse_safetensors(read_whole_file(path), path); }
 
 std::map<std::string, std::string> read_safetensors_metadata(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // (a FIFO: no wait, refused below)
-  if (fd < 0) throw InputError(fmt::format("{}: cannot open ({})", path, std::strerror(errno)));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw InputError(fmt::format("{}: not a regular file", path));
-  }
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
-  auto read_exact = [&](std::string& buf, size_t n) {
-    buf.resize(n);
-    size_t got = 0;
-    while (got < n) {
-      ssize_t r = ::read(fd, buf.data() + got, n - got);
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) {
-        const int err = r < 0 ? errno : EIO;
-        ::close(fd);
-        throw InputError(fmt::format("{}: read failed ({})", path, std::strerror(err)));
-      }
-      got += static_cast<size_t>(r);
-    }
-  };
-  std::string head;
-  if (size >= 8) read_exact(head, 8);
-  uint64_t n;
-  try {
-    n = header_size(head, size, path);
-  } catch (...) {
-    ::close(fd);
-    throw;
-  }
-  std::string hdr;
-  read_exact(hdr, n);
-  ::close(fd);
+  InputFile f(path);  // only the header is read: a checkpoint's tensors can be large
+  const uint64_t size = f.size();
+  const std::string head = size >= 8 ? f.read(8) : std::string();
+  const uint64_t n = header_size(head, size, path);
+  const std::string hdr = f.read(static_cast<size_t>(n));
   return parse_header(hdr.data(), hdr.size(), size - 8 - n, path).metadata;
 }
 

@@ -99,7 +99,7 @@ check eval out-of-range       "--test-limit must be >= 0"  -- "$fqt" eval --chec
 check eval missing-file       "cannot open"                -- "$fqt" eval --checkpoint "$fx/nope.safetensors"
 check eval corrupt-file       "not a safetensors file|absurd" -- "$fqt" eval --checkpoint "$fx/good.npy"
 check eval truncated-file     "truncated"                  -- "$fqt" eval --checkpoint "$fx/truncated.safetensors"
-check eval folder-not-file    "not a regular file"              -- "$fqt" eval --checkpoint "$fx/run"
+check eval folder-not-file    "run: is a folder, not a file"    -- "$fqt" eval --checkpoint "$fx/run"
 mkfifo "$fx/fifo.safetensors"  # (opening it for reading waited for a writer forever)
 check eval fifo-not-file      "fifo.safetensors: not a regular file" -- timeout 20 "$fqt" eval --checkpoint "$fx/fifo.safetensors"
 check eval not-a-checkpoint   "not an fqt checkpoint"      -- "$fqt" eval --checkpoint "$fx/plain.safetensors"

@@ -15,6 +15,7 @@
 #include <numeric>
 #include <tuple>
 
+#include <sys/stat.h>
 #include <unistd.h>
 #include <map>
 #include <set>
@@ -374,6 +375,36 @@ TEST(data_idx, StandardNamesRawAndMissing) {
   msg = message_of([&] { load_dataset("imagenet", "", true); });
   EXPECT_NE(msg.find("unknown dataset 'imagenet'"), std::string::npos) << msg;
   EXPECT_NE(msg.find("fashion-mnist, mnist, cifar10"), std::string::npos) << msg;
+}
+
+// InputFile, under every reader: pieces in order, a short read named with the counts, and only
+// regular files opened (a FIFO without a writer is refused at once instead of blocking).
+TEST(File, InputFileReadsPiecesAndNamesAShortRead) {
+  TempDir dir;
+  write_file(dir.file("ten"), "abcdefghij");
+  {
+    InputFile f(dir.file("ten"));
+    EXPECT_EQ(f.size(), 10u);
+    EXPECT_EQ(f.read(3), "abc");
+    EXPECT_EQ(f.read(0), "");
+    EXPECT_EQ(f.read(4), "defg");
+    const std::string msg = message_of([&] { f.read(5); });
+    EXPECT_EQ(msg, dir.file("ten") + ": read failed (the file ends after 3 of 5 bytes; was it truncated while read?)");
+  }
+  {
+    InputFile f(dir.file("ten"));
+    EXPECT_EQ(f.read(2), "ab");
+    EXPECT_EQ(f.read_rest(), "cdefghij");
+    EXPECT_EQ(f.read_rest(), "");
+  }
+  EXPECT_EQ(read_whole_file(dir.file("ten")), "abcdefghij");
+  std::string msg = message_of([&] { InputFile f(dir.path.string()); });
+  EXPECT_EQ(msg, dir.path.string() + ": is a folder, not a file");
+  msg = message_of([&] { InputFile f(dir.file("missing")); });
+  EXPECT_EQ(msg.rfind(dir.file("missing") + ": cannot open (", 0), 0u) << msg;
+  ASSERT_EQ(::mkfifo(dir.file("fifo").c_str(), 0600), 0);
+  msg = message_of([&] { InputFile f(dir.file("fifo")); });
+  EXPECT_EQ(msg, dir.file("fifo") + ": not a regular file");
 }
 
 // ==== CIFAR-10 ===============================================================================
