@@ -14,7 +14,6 @@
 #include <cstdlib>
 #include <map>
 #include <new>
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -34,6 +33,20 @@ std::string command_path(const CLI::App* a) {
 
 // One line for a command-line error, naming the command whose --help lists the options; an
 // unknown subcommand word (CLI11 only says "A subcommand is required") is named with the valid ones.
+// what == prefix + name + sep + value (sep's first occurrence after the prefix): name and value.
+bool split_cli11_message(const std::string& what, const std::string& prefix, const std::string& sep,
+                         std::string& name, std::string& value) {
+  if (what.rfind(prefix, 0) != 0) return false;
+  const size_t at = what.find(sep, prefix.size());
+  if (at == std::string::npos) return false;
+  name = what.substr(prefix.size(), at - prefix.size());
+  value = what.substr(at + sep.size());
+  return true;
+}
+
+// An option name as CLI11 prints it: non-empty, no white space.
+bool is_word(const std::string& s) { return !s.empty() && s.find_first_of(" \t\n") == std::string::npos; }
+
 std::string parse_error_line(CLI::App& app, const CLI::ParseError& e, int argc, char** argv) {
   CLI::App* at = deepest_parsed(&app);
   const std::string where = command_path(at);
@@ -62,21 +75,20 @@ std::string parse_error_line(CLI::App& app, const CLI::ParseError& e, int argc, 
            fmt::format(" (one of: {})", fmt::join(names, ", "));
   }
   // CLI11's wording for a value its conversion rejects and for a repeated option.
-  static const std::regex not_converted(R"(^Could not convert: (\S+) = (.*)$)");
-  static const std::regex repeated(R"(^(\S+): At Most 1 required but received (\d+)$)");
-  std::smatch m;
-  if (std::regex_match(what, m, not_converted)) {
-    const CLI::Option* o = at->get_option_no_throw(m[1].str());
+  std::string name, value;
+  if (split_cli11_message(what, "Could not convert: ", " = ", name, value) && is_word(name)) {
+    const CLI::Option* o = at->get_option_no_throw(name);
     const std::string type = o ? o->get_type_name() : "";
     what = type.rfind("INT", 0) == 0 || type.rfind("UINT", 0) == 0
-               ? fmt::format("{}: '{}' is out of this option's range", m[1].str(), m[2].str())
-           : type.rfind("FLOAT", 0) == 0 ? fmt::format("{}: '{}' is not a number", m[1].str(), m[2].str())
-                                         : fmt::format("{}: cannot read '{}'", m[1].str(), m[2].str());
-  } else if (std::regex_match(what, m, repeated)) {
-    const CLI::Option* o = at->get_option_no_throw(m[1].str());
-    std::string names = o ? o->get_name(false, true) : m[1].str();  // "-k,--samples": either counts
+               ? fmt::format("{}: '{}' is out of this option's range", name, value)
+           : type.rfind("FLOAT", 0) == 0 ? fmt::format("{}: '{}' is not a number", name, value)
+                                         : fmt::format("{}: cannot read '{}'", name, value);
+  } else if (split_cli11_message(what, "", ": At Most 1 required but received ", name, value) && is_word(name) &&
+             !value.empty() && value.find_first_not_of("0123456789") == std::string::npos) {
+    const CLI::Option* o = at->get_option_no_throw(name);
+    std::string names = o ? o->get_name(false, true) : name;  // "-k,--samples": either counts
     std::replace(names.begin(), names.end(), ',', '/');
-    what = fmt::format("{} was given {} times; give it once", names, m[2].str());
+    what = fmt::format("{} was given {} times; give it once", names, value);
   }
   return fmt::format("fqt: error: {} (see `{} --help`)", what, where);
 }
