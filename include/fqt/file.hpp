@@ -23,7 +23,6 @@ class InputFile {
   InputFile(const InputFile&) = delete;
   InputFile& operator=(const InputFile&) = delete;
 
-  const std::string& path() const { return path_; }
   uint64_t size() const { return size_; }  // when opened
   // The next n bytes; "<path>: read failed (...)" if the file ends before them.
   std::string read(size_t n);

@@ -21,7 +21,8 @@ Runner add_variance(CLI::App& app);
 
 // "a,b,c" -> {"a","b","c"}, items trimmed; an empty item ("4,,8", "4,") is an InputError.
 std::vector<std::string> split_list(const std::string& s);
-// "4,8" -> {4, 8}: each item a bit width 2..8, else an InputError naming `flag`.
+// "4,8" -> {4, 8} (never empty: split_list refuses empty items): each item a bit width 2..8,
+// else an InputError naming `flag`.
 std::vector<int> parse_bits(const std::string& s, const char* flag);
 // Every integer option's check (main() adds it to each INT / UINT option): decimal digits only
 // (CLI11 reads "010" as octal and "0x10" as hex), within the 64-bit range (CLI11 clamps

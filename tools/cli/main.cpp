@@ -31,8 +31,6 @@ std::string command_path(const CLI::App* a) {
   return path;
 }
 
-// One line for a command-line error, naming the command whose --help lists the options; an
-// unknown subcommand word (CLI11 only says "A subcommand is required") is named with the valid ones.
 // what == prefix + name + sep + value (sep's first occurrence after the prefix): name and value.
 bool split_cli11_message(const std::string& what, const std::string& prefix, const std::string& sep,
                          std::string& name, std::string& value) {
@@ -47,6 +45,8 @@ bool split_cli11_message(const std::string& what, const std::string& prefix, con
 // An option name as CLI11 prints it: non-empty, no white space.
 bool is_word(const std::string& s) { return !s.empty() && s.find_first_of(" \t\n") == std::string::npos; }
 
+// One line for a command-line error, naming the command whose --help lists the options; an
+// unknown subcommand word (CLI11 only says "A subcommand is required") is named with the valid ones.
 std::string parse_error_line(CLI::App& app, const CLI::ParseError& e, int argc, char** argv) {
   CLI::App* at = deepest_parsed(&app);
   const std::string where = command_path(at);

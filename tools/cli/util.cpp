@@ -39,7 +39,6 @@ std::vector<int> parse_bits(const std::string& s, const char* flag) {
     FQT_INPUT_CHECK(used == b.size() && v >= 2 && v <= 8, "{}: '{}' is not a bit width from 2 to 8", flag, b);
     bits.push_back(v);
   }
-  FQT_INPUT_CHECK(!bits.empty(), "{} needs at least one bit width", flag);
   return bits;
 }
 
