@@ -84,12 +84,12 @@ edit() { python3 "$tmp/edit.py" "$@" || { echo "edit.py $* failed"; exit 1; }; }
 
 # ---- 1. --max-steps inside an epoch checkpoints there; --resume continues bit for bit ----------
 "$fqt" train "${B[@]}" --epochs 2 --out "$tmp/full" > /dev/null 2>&1 || { echo "reference run failed"; exit 1; }
-expect max-steps-checkpoints 0 "final test accuracy [0-9.]+% .*after 0 epochs, 1 steps \(stopped by --max-steps in epoch 1, 1 of 2 steps; checkpoint saved\)" \
+expect max-steps-checkpoints 0 "final test accuracy [0-9.]+% .*after 0 epochs, 1 step \(stopped by --max-steps in epoch 1, 1 of 2 steps; checkpoint saved\)" \
   -- "$fqt" train "${B[@]}" --epochs 2 --max-steps 1 --out "$tmp/cut"
 rows=$((rows + 1))
 if [[ -f $tmp/cut/ckpt.safetensors ]] && grep -aq '"fqt.step":"1"' "$tmp/cut/ckpt.safetensors"; then pass "max-steps-checkpoint-at-step-1"
 else fail "max-steps-checkpoint-at-step-1: no checkpoint at step 1 in $tmp/cut" "$(ls "$tmp/cut")"; fi
-expect resume-to-step-3 0 "after 1 epochs, 3 steps \(stopped by --max-steps in epoch 2, 1 of 2 steps" \
+expect resume-to-step-3 0 "after 1 epoch, 3 steps \(stopped by --max-steps in epoch 2, 1 of 2 steps" \
   -- "$fqt" train --out "$tmp/cut" --resume --max-steps 3 --quiet
 expect resume-to-the-end 0 "after 2 epochs, 4 steps" -- "$fqt" train --out "$tmp/cut" --resume --quiet
 rows=$((rows + 1))
@@ -179,7 +179,7 @@ expect overwrite-diverges 2 "non-finite .* at epoch 1 step [0-9]+, layer fc[0-9]
 expect overwrite-bad-input 2 "--batch must be in 1..65536" --unchanged "$tmp/e1" \
   -- "$fqt" train "${B0[@]}" --epochs 2 --batch 0 --overwrite --out "$tmp/e1"
 mkdir -p "$tmp/ow" && cp "$tmp/e1"/* "$tmp/ow/"
-expect overwrite-replaces 0 "after 1 epochs, 4 steps" -- "$fqt" train "${B0[@]}" --epochs 1 --batch 32 --overwrite --out "$tmp/ow"
+expect overwrite-replaces 0 "after 1 epoch, 4 steps" -- "$fqt" train "${B0[@]}" --epochs 1 --batch 32 --overwrite --out "$tmp/ow"
 rows=$((rows + 1))
 if grep -q '"batch": 32' "$tmp/ow/config.json" && grep -aq '"fqt.step":"4"' "$tmp/ow/ckpt.safetensors" &&
    [[ $(grep -c . "$tmp/ow/metrics.jsonl") -eq 1 ]] && grep -q '"step":4' "$tmp/ow/metrics.jsonl"; then pass "overwrite-replaces-all-three"

@@ -5,6 +5,8 @@
 #include "fqt/models.hpp"
 #include "fqt/train.hpp"
 
+#include <fmt/format.h>
+
 #include <cstdio>
 
 namespace fqt::cli {
@@ -47,6 +49,9 @@ std::string given(CLI::App& app, const std::vector<const char*>& names) {
     if (app.get_option(n)->count() > 0) s += (s.empty() ? "" : ", ") + std::string(n);
   return s;
 }
+
+// "1 epoch", "3 epochs".
+std::string count_of(int64_t n, const char* noun) { return fmt::format("{} {}{}", n, noun, n == 1 ? "" : "s"); }
 
 std::string join(const std::vector<std::string>& v) {
   std::string s;
@@ -200,17 +205,17 @@ Runner add_train(CLI::App& app) {
       std::printf("no test accuracy: no epoch was completed or evaluated in this run (%lld steps)\n",
                   static_cast<long long>(r.steps));
     else if (r.stopped_mid_epoch)
-      std::printf("final test accuracy %.2f%% (best %.2f%%) after %lld epochs, %lld steps (stopped by --max-steps in "
+      std::printf("final test accuracy %.2f%% (best %.2f%%) after %s, %s (stopped by --max-steps in "
                   "epoch %lld, %lld of %lld steps%s), %.0f images/s\n",
-                  100 * r.final_test_acc, 100 * r.best_test_acc, static_cast<long long>(r.epochs_done),
-                  static_cast<long long>(r.steps), static_cast<long long>(r.epochs_done + 1),
+                  100 * r.final_test_acc, 100 * r.best_test_acc, count_of(r.epochs_done, "epoch").c_str(),
+                  count_of(r.steps, "step").c_str(), static_cast<long long>(r.epochs_done + 1),
                   static_cast<long long>(r.steps - r.epochs_done * r.steps_per_epoch),
                   static_cast<long long>(r.steps_per_epoch), cfg.out.empty() ? "" : "; checkpoint saved",
                   r.images_per_s);
     else
-      std::printf("final test accuracy %.2f%% (best %.2f%%) after %lld epochs, %lld steps, %.0f images/s\n",
-                  100 * r.final_test_acc, 100 * r.best_test_acc, static_cast<long long>(r.epochs_done),
-                  static_cast<long long>(r.steps), r.images_per_s);
+      std::printf("final test accuracy %.2f%% (best %.2f%%) after %s, %s, %.0f images/s\n", 100 * r.final_test_acc,
+                  100 * r.best_test_acc, count_of(r.epochs_done, "epoch").c_str(), count_of(r.steps, "step").c_str(),
+                  r.images_per_s);
     if (r.skipped_steps > 0)
       std::printf("%lld step(s) skipped for a non-finite loss or gradient\n", static_cast<long long>(r.skipped_steps));
     return 0;
