@@ -60,10 +60,14 @@ struct Recipe {
   // quantized W; `dgrad` is ignored) while wgrad stays quantized. The "wgrad-only floor" of
   // `fqt variance` (variance.hpp): the variance the wgrad quantizers alone add.
   bool exact_dgrad = false;
+  // fqt mode only: compute wgrad exactly as in qat mode (fp32 GEMM of the unquantized G with the
+  // quantized activations; `wgrad` is ignored) while dgrad stays quantized: `fqt variance
+  // --wgrad exact` measures the variance the dgrad quantizers alone add.
+  bool exact_wgrad = false;
 };
 
 // One line for logs: "mode fqt (int): act zero-aligned 8, weight symmetric 8, dgrad bhq 5, wgrad ptq 8"
-// ("dgrad exact" with exact_dgrad; "dgrad bhq 5 per sample" with dgrad_rows = sample).
+// ("dgrad exact" / "wgrad exact" with exact_dgrad / exact_wgrad; "dgrad bhq 5 per sample" with dgrad_rows = sample).
 std::string recipe_summary(const Recipe& r);
 
 // Random-number streams for the two gradient quantizations of one layer at one step: two

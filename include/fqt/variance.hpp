@@ -63,12 +63,16 @@ struct VarianceBatch {
 // ignored; Recipe::exact_dgrad) and only the wgrad quantizers are active. Its records carry
 // quantizer "none" and bits 0. Since the wgrad quantizer is the same in every configuration, the
 // floor is the part of each configuration's variance that no dgrad quantizer can remove.
+// exact_wgrad: every layer's wgrad is computed as in QAT (`wgrad` ignored; Recipe::exact_wgrad),
+// so only the dgrad quantizers add variance: the dgrad-induced variance itself, with no floor to
+// subtract (and none of the floor's sampling noise). Its records carry wgrad "exact", bits 0.
 struct VarianceConfig {
   QuantizerSpec dgrad{QuantizerKind::psq, 8};
   QuantizerSpec wgrad{QuantizerKind::ptq, 8};
   bool breakdown = false;    // also compute the per-layer increments
   bool exact_dgrad = false;  // the wgrad-only floor (see above)
   GradRows dgrad_rows = GradRows::pixel;  // what a row of a convolution's dgrad operand is (recipe.hpp)
+  bool exact_wgrad = false;  // only the dgrad quantizers active (see above)
 };
 
 struct VarianceOptions {
@@ -84,7 +88,7 @@ struct VarianceRecord {
   std::string quantizer;   // dgrad quantizer name; "none" for the wgrad-only floor (exact dgrad)
   int bits = 0;            // dgrad bits; 0 for the wgrad-only floor
   std::string dgrad_rows = "pixel";  // pixel or sample (Recipe::dgrad_rows)
-  std::string wgrad;       // wgrad quantizer name
+  std::string wgrad;       // wgrad quantizer name; "exact" with VarianceConfig::exact_wgrad (bits 0)
   int wgrad_bits = 0;
   std::string layer;       // layer name, or "total" (all parameters)
   int layer_index = -1;    // forward order of the quantized layer, -1 for total

@@ -294,7 +294,7 @@ Tensor Conv2d::backward_ranged(Tensor dy, const StepContext& ctx, const ValueRan
   // then need no rows of G). Per-row / per-tensor draws straight from dy (quantize_pair_nchw:
   // the rows of G are formed block by block in cache, never written); others (BHQ, per-column)
   // from G's rows, laid out once (nchw_to_rows, with G's range for quantize_pair).
-  const bool drawn = recipe_.mode == Mode::fqt && input_grad_ && !recipe_.exact_dgrad;
+  const bool drawn = recipe_.mode == Mode::fqt && input_grad_ && !recipe_.exact_dgrad && !recipe_.exact_wgrad;
   const RngKey kd = grad_key(ctx.seed, ctx.step, layer_id_, GradRole::dgrad);
   const RngKey kw = grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad);
   Tensor rows;
@@ -413,7 +413,9 @@ void Conv2d::wgrad_rows(const Tensor& dy, const Tensor& rows, const StepContext&
   const Geom g = geom(in_shape_, k_, stride_, pad_);
   const int64_t N = in_shape_[0], P = g.P(), ckk = g.rows(), chw = cin_ * g.H * g.W, wsize = cout_ * ckk;
   Tensor grows;  // fqt: dequantized Qwgrad(G) in the SPEC's row layout [(N*P), Cout]
-  if (recipe_.mode == Mode::fqt) {
+  if (recipe_.mode == Mode::fqt && recipe_.exact_wgrad) {
+    gq_wgrad_ = QuantizedTensor{};  // wgrad as in qat: the fp32 GEMM on dy below
+  } else if (recipe_.mode == Mode::fqt) {
     if (!drawn)
       gq_wgrad_ = quantize(rows, recipe_.wgrad, grad_key(ctx.seed, ctx.step, layer_id_, GradRole::wgrad));
     if (saved_zero_code() >= 0 && int_wgrad(recipe_, gq_wgrad_, xq_)) {

@@ -79,7 +79,10 @@ Tensor Linear::dgrad(const Tensor& dy_in, const StepContext& ctx) {
 void Linear::wgrad(const Tensor& dy_in, const StepContext& ctx) {
   profile::RegionScope region([&] { return fmt::format("linear {}->{}: backward: wgrad", in_, out_); });
   const Tensor g = dy_in.reshape({dy_in.size(0), out_});
-  switch (recipe_.mode) {
+  // exact_wgrad: fqt mode with the wgrad GEMM computed as in qat (dgrad stays quantized).
+  const Mode mode = recipe_.mode == Mode::fqt && recipe_.exact_wgrad ? Mode::qat : recipe_.mode;
+  if (mode != recipe_.mode) gq_wgrad_ = QuantizedTensor{};  // no wgrad operand was quantized
+  switch (mode) {
     case Mode::fp32:
       FQT_CHECK(x_.defined(), "Linear {}: backward without a training forward", name_);
       matmul(GemmOperand::of(g), true, GemmOperand::of(x_), false, weight_.grad, true);

@@ -43,7 +43,7 @@ std::string recipe_summary(const Recipe& r) {
   if (r.mode == Mode::fqt) {
     s += r.exact_dgrad ? std::string(", dgrad exact") : fmt::format(", dgrad {} {}{}", traits(r.dgrad.kind).name, r.dgrad.bits,
                                                                       r.dgrad_rows == GradRows::sample ? " per sample" : "");
-    s += fmt::format(", wgrad {} {}", traits(r.wgrad.kind).name, r.wgrad.bits);
+    s += r.exact_wgrad ? std::string(", wgrad exact") : fmt::format(", wgrad {} {}", traits(r.wgrad.kind).name, r.wgrad.bits);
   }
   return s;
 }

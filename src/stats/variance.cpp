@@ -190,14 +190,15 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
                   "breakdown samples must be in 1..samples ({}), got {}", opt.samples, opt.breakdown_samples);
   FQT_INPUT_CHECK(!batches.empty(), "need at least one batch");
   for (const VarianceConfig& c : configs) {
-    // The floor's dgrad spec is ignored (exact dgrad), so it is not checked.
+    // An exact half's spec is ignored, so it is not checked.
     FQT_INPUT_CHECK((c.exact_dgrad || traits(c.dgrad.kind).rounding == Rounding::stochastic) &&
-                        traits(c.wgrad.kind).rounding == Rounding::stochastic,
+                        (c.exact_wgrad || traits(c.wgrad.kind).rounding == Rounding::stochastic),
                     "gradient quantizers must be stochastic (got dgrad {}, wgrad {})", traits(c.dgrad.kind).name,
                     traits(c.wgrad.kind).name);
-    FQT_INPUT_CHECK(c.wgrad.kind != QuantizerKind::bhq, "wgrad bhq is not supported (BHQ transforms the rows "
+    FQT_INPUT_CHECK(c.exact_wgrad || c.wgrad.kind != QuantizerKind::bhq, "wgrad bhq is not supported (BHQ transforms the rows "
                     "the wgrad GEMM reduces over); use ptq or column");
-    FQT_INPUT_CHECK((c.exact_dgrad || (c.dgrad.bits >= 2 && c.dgrad.bits <= 8)) && c.wgrad.bits >= 2 && c.wgrad.bits <= 8,
+    FQT_INPUT_CHECK((c.exact_dgrad || (c.dgrad.bits >= 2 && c.dgrad.bits <= 8)) &&
+                        (c.exact_wgrad || (c.wgrad.bits >= 2 && c.wgrad.bits <= 8)),
                     "bit widths must be 2..8");
   }
   ParamLayout L = layout_of(model);
@@ -216,6 +217,7 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
       Recipe& r = L.layers[i]->recipe();
       if (c) r.dgrad = c->dgrad, r.wgrad = c->wgrad, r.dgrad_rows = c->dgrad_rows;
       r.exact_dgrad = c && c->exact_dgrad;
+      r.exact_wgrad = c && c->exact_wgrad;
       r.mode = (c && i >= exact_below) ? Mode::fqt : Mode::qat;
     }
   };
@@ -312,8 +314,8 @@ std::vector<VarianceRecord> measure_variance(Module& model, const std::vector<Va
       r.quantizer = c.exact_dgrad ? "none" : traits(c.dgrad.kind).name;
       r.bits = c.exact_dgrad ? 0 : c.dgrad.bits;
       r.dgrad_rows = grad_rows_name(c.dgrad_rows);
-      r.wgrad = traits(c.wgrad.kind).name;
-      r.wgrad_bits = c.wgrad.bits;
+      r.wgrad = c.exact_wgrad ? "exact" : traits(c.wgrad.kind).name;
+      r.wgrad_bits = c.exact_wgrad ? 0 : c.wgrad.bits;
       r.samples = K;
       r.batches = static_cast<int>(B);
       const bool total = s == nl;

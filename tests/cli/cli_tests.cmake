@@ -101,6 +101,16 @@ fqt_cli_test(variance_floor_row 0 "none +- +[0-9.]+e[-+][0-9]+ +[0-9.]+e" ${FQT_
 add_test(NAME cli.variance_no_floor COMMAND sh -c "$<TARGET_FILE:fqt_cli> variance --data synthetic --model cnn --dgrad psq \
   --dgrad-bits 8 --samples 2 --batches 2 --batch 16 --threads 1 --breakdown none --no-floor --json > ${CLI_TMP}/no_floor.json \
   && grep -q '\"quant_variance_se\"' ${CLI_TMP}/no_floor.json && ! grep -q '\"quantizer\": \"none\"' ${CLI_TMP}/no_floor.json")
+# --wgrad exact: records say wgrad "exact" (bits 0), there is no floor row, and the top layer (fc), whose
+# incoming gradient is exact, has no quantization variance; --wgrad-bits with it is refused.
+add_test(NAME cli.variance_wgrad_exact COMMAND sh -c "$<TARGET_FILE:fqt_cli> variance --data synthetic --model cnn --dgrad psq \
+  --dgrad-bits 4 --samples 2 --batches 2 --batch 16 --threads 1 --breakdown none --wgrad exact --json > ${CLI_TMP}/wexact.json \
+  && /usr/bin/python3 -c \"import json,sys; r=json.load(open(sys.argv[1])); \
+assert r and all(x['wgrad']=='exact' and x['wgrad_bits']==0 and x['quantizer']=='psq' for x in r), r; \
+fc=[x for x in r if x['layer']=='fc'][0]; t=[x for x in r if x['layer']=='total'][0]; \
+assert fc['quant_variance']==0 and t['quant_variance']>0, (fc, t)\" ${CLI_TMP}/wexact.json")
+fqt_cli_test(variance_wgrad_exact_bits 2 "--wgrad-bits has no meaning with --wgrad exact" ${FQT_EXE} variance
+             --data synthetic --wgrad exact --wgrad-bits 4)
 # Plots with Debian's matplotlib; skipped (77) where /usr/bin/python3 has none.
 add_test(NAME cli.plot_variance COMMAND sh -c "/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || exit 77; \
   /usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/plot_variance ${CLI_TMP}/variance/variance.json --runs ${RUN} \

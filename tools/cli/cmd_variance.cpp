@@ -42,6 +42,7 @@ struct VarianceCliOptions {
   bool json = false, quiet = false;
   bool no_floor = false;  // skip the wgrad-only floor configuration
   bool model_given = false, data_given = false;  // else taken from --checkpoint
+  bool wgrad_bits_given = false;
   std::string command_line;
 };
 
@@ -86,10 +87,14 @@ int run_variance(const VarianceCliOptions& o) {
   FQT_INPUT_CHECK(!kinds.empty(), "--dgrad needs at least one quantizer name");
   const std::vector<int> bits = parse_bits(o.dgrad_bits, "--dgrad-bits");
   const GradRows rows = parse_grad_rows(o.dgrad_rows);
-  const QuantizerKind wkind = parse_quantizer(o.wgrad);
-  FQT_INPUT_CHECK(traits(wkind).rounding == Rounding::stochastic && wkind != QuantizerKind::bhq,
-                  "--wgrad must be ptq, ptq-zero or column (got {})", o.wgrad);
+  // --wgrad exact: only the dgrad quantizers add variance; a floor would be the QAT gradient itself.
+  const bool exact_wgrad = o.wgrad == "exact";
+  const QuantizerKind wkind = exact_wgrad ? QuantizerKind::ptq : parse_quantizer(o.wgrad);
+  FQT_INPUT_CHECK(exact_wgrad || (traits(wkind).rounding == Rounding::stochastic && wkind != QuantizerKind::bhq),
+                  "--wgrad must be ptq, ptq-zero, column or exact (got {})", o.wgrad);
   FQT_INPUT_CHECK(o.wgrad_bits >= 2 && o.wgrad_bits <= 8, "--wgrad-bits must be 2..8 (got {})", o.wgrad_bits);
+  FQT_INPUT_CHECK(!exact_wgrad || !o.wgrad_bits_given,
+                  "--wgrad-bits has no meaning with --wgrad exact (the wgrad GEMM is not quantized)");
   FQT_INPUT_CHECK(o.samples >= 2 && o.samples <= 100000, "--samples must be in 2..100000 (got {})", o.samples);
   FQT_INPUT_CHECK(o.batches >= 2, "--batches must be at least 2: the sampling variance is measured across batches (got {})",
                   o.batches);
@@ -169,9 +174,12 @@ int run_variance(const VarianceCliOptions& o) {
 
   std::vector<VarianceConfig> configs;
   for (QuantizerKind k : kinds)
-    for (int b : bits) configs.push_back({{k, b}, {wkind, o.wgrad_bits}, breakdown.count({int(k), b}) > 0, false, rows});
+    for (int b : bits)
+      configs.push_back({{k, b}, {wkind, o.wgrad_bits}, breakdown.count({int(k), b}) > 0, false, rows, exact_wgrad});
   // The wgrad-only floor: dgrad exact, only the (fixed) wgrad quantizer active; records "none", 0.
-  if (!o.no_floor) configs.push_back({{}, {wkind, o.wgrad_bits}, false, true, rows});
+  // With --wgrad exact there is none (it would be the QAT gradient, variance 0).
+  const bool floor = !o.no_floor && !exact_wgrad;
+  if (floor) configs.push_back({{}, {wkind, o.wgrad_bits}, false, true, rows});
 
   std::vector<QuantizedLayer*> layers;
   net->collect_quantized(layers);
@@ -181,7 +189,7 @@ int run_variance(const VarianceCliOptions& o) {
                  "fqt variance: %s on %s (%s), %zu quantized layers; %zu configurations%s x %d batches x %d draws; "
                  "per-layer breakdown for %zu of them (%d draw%s per batch, %zu backward passes each)\n",
                  cfg.model.c_str(), cfg.data.c_str(), o.checkpoint.empty() ? "initial weights" : o.checkpoint.c_str(),
-                 layers.size(), configs.size(), o.no_floor ? "" : " (incl. the wgrad-only floor)", o.batches, o.samples,
+                 layers.size(), configs.size(), floor ? " (incl. the wgrad-only floor)" : "", o.batches, o.samples,
                  breakdown.size(), o.breakdown_samples,
                  o.breakdown_samples == 1 ? "" : "s", layers.size() - 1);
   VarianceOptions vo;
@@ -209,11 +217,13 @@ int run_variance(const VarianceCliOptions& o) {
 
   std::string table;
   auto line = [&](const std::string& s) { table += s + "\n"; };
-  line(fmt::format("{} on {}, {}: {} batches of {}, K = {} FQT draws per batch, wgrad {} {}-bit, dgrad rows per {} "
+  line(fmt::format("{} on {}, {}: {} batches of {}, K = {} FQT draws per batch, wgrad {}, dgrad rows per {} "
                    "({:.1f} s)", cfg.model, cfg.data, o.checkpoint.empty() ? "initial weights" : o.checkpoint, o.batches,
-                   o.batch, o.samples, o.wgrad, o.wgrad_bits, o.dgrad_rows, secs));
+                   o.batch, o.samples, exact_wgrad ? std::string("exact (only dgrad quantized)") : fmt::format("{} {}-bit", o.wgrad, o.wgrad_bits),
+                   o.dgrad_rows, secs));
   line("Totals over all parameters (quant = quantization variance given the batch, se = its standard error over the");
-  line("batches; sampling = QAT variance across batches; quantizer none = the wgrad-only floor, dgrad exact):");
+  line(floor ? "batches; sampling = QAT variance across batches; quantizer none = the wgrad-only floor, dgrad exact):"
+             : "batches; sampling = QAT variance across batches):");
   line(fmt::format("{:<9} {:>4}  {:>10}  {:>9}  {:>10}  {:>9}  {:>10}  {:>10}  {:>10}  {:>12}", "quantizer", "bits",
                    "quant_var", "se", "sampl_var", "ratio", "bias", "noise_flr", "dgrad_bnd", "sum_of_incr"));
   for (const auto& r : recs)
@@ -270,6 +280,7 @@ Runner add_variance(CLI::App& app) {
       "their ratio; the per-layer breakdown (variance added by each layer's quantizers, layers switched to\n"
       "exact one at a time from input to output); and the SPEC section 3 bound of each dgrad operand.\n"
       "Also measures the wgrad-only floor (dgrad exact, only the wgrad quantizer active; --no-floor skips it),\n"
+      "or, with --wgrad exact, leaves wgrad unquantized so that only the dgrad quantizers add variance.\n"
       "and the standard error over batches of every quantization variance.\n"
       "Writes variance.json (records) and variance.txt to --out; plot with scripts/plot_variance.\n"
       "Example: fqt variance --model preact_resnet20 --data fashion-mnist --checkpoint runs/x/ckpt.safetensors\n"
@@ -291,7 +302,9 @@ Runner add_variance(CLI::App& app) {
                  "paper's code); see fqt train --help")
       ->check(CLI::IsMember({"pixel", "sample"}))
       ->capture_default_str();
-  app.add_option("--wgrad", o->wgrad, "wgrad quantizer (fixed across configurations): ptq, ptq-zero, column")
+  app.add_option("--wgrad", o->wgrad,
+                 "wgrad quantizer (fixed across configurations): ptq, ptq-zero, column, or exact (wgrad as in QAT: the "
+                 "variance is the dgrad quantizers' alone; no floor)")
       ->capture_default_str();
   app.add_option("--wgrad-bits", o->wgrad_bits, "wgrad bits")->capture_default_str();
   app.add_option("--act-bits", o->act_bits, "forward activation bits, 2..8 (without --checkpoint: a checkpoint's own are used)")->capture_default_str();
@@ -325,6 +338,7 @@ Runner add_variance(CLI::App& app) {
     o->command_line = cmd;
     o->model_given = app.count("--model") > 0;
     o->data_given = app.count("--data") > 0;
+    o->wgrad_bits_given = app.count("--wgrad-bits") > 0;
     return run_variance(*o);
   };
 }
