@@ -104,11 +104,13 @@ add_test(NAME cli.variance_no_floor COMMAND sh -c "$<TARGET_FILE:fqt_cli> varian
 # --wgrad exact: records say wgrad "exact" (bits 0), there is no floor row, and the top layer (fc), whose
 # incoming gradient is exact, has no quantization variance; --wgrad-bits with it is refused.
 add_test(NAME cli.variance_wgrad_exact COMMAND sh -c "$<TARGET_FILE:fqt_cli> variance --data synthetic --model cnn --dgrad psq \
-  --dgrad-bits 4 --samples 2 --batches 2 --batch 16 --threads 1 --breakdown none --wgrad exact --json > ${CLI_TMP}/wexact.json \
+  --dgrad-bits 4,8 --samples 2 --batches 2 --batch 16 --threads 1 --breakdown none --wgrad exact --out ${CLI_TMP}/variance_dgrad \
+  --json > ${CLI_TMP}/wexact.json \
   && /usr/bin/python3 -c \"import json,sys; r=json.load(open(sys.argv[1])); \
 assert r and all(x['wgrad']=='exact' and x['wgrad_bits']==0 and x['quantizer']=='psq' for x in r), r; \
 fc=[x for x in r if x['layer']=='fc'][0]; t=[x for x in r if x['layer']=='total'][0]; \
 assert fc['quant_variance']==0 and t['quant_variance']>0, (fc, t)\" ${CLI_TMP}/wexact.json")
+set_tests_properties(cli.variance_wgrad_exact PROPERTIES FIXTURES_SETUP variance_dgrad)
 fqt_cli_test(variance_wgrad_exact_bits 2 "--wgrad-bits has no meaning with --wgrad exact" ${FQT_EXE} variance
              --data synthetic --wgrad exact --wgrad-bits 4)
 # Plots with Debian's matplotlib; skipped (77) where /usr/bin/python3 has none.
@@ -137,8 +139,16 @@ add_test(NAME cli.write_results COMMAND sh -c "/usr/bin/python3 ${CMAKE_SOURCE_D
   && grep -q 'Smoke test' ${CLI_TMP}/RESULTS.md && grep -q 'Sampling (QAT) variance' ${CLI_TMP}/RESULTS.md \
   && grep -q '| none (wgrad-only floor, dgrad exact) |' ${CLI_TMP}/RESULTS.md \
   && grep -q 'Any violation beyond 2 SE' ${CLI_TMP}/RESULTS.md && grep -q '| variance BHQ <= PSQ <= PTQ at 8 bits' ${CLI_TMP}/RESULTS.md \
-  && grep -q 'ratio (dgrad-induced)' ${CLI_TMP}/RESULTS.md")
+  && grep -q 'ratio (dgrad-induced)' ${CLI_TMP}/RESULTS.md && ! grep -q 'dgrad quantizers alone' ${CLI_TMP}/RESULTS.md")
 set_tests_properties(cli.write_results PROPERTIES FIXTURES_REQUIRED "variance;trained;tracked")
+# ... and with the --wgrad exact measurement: its section and its Targets rows.
+add_test(NAME cli.write_results_dgrad_only COMMAND sh -c "/usr/bin/python3 ${CMAKE_SOURCE_DIR}/scripts/write_results --runs ${CLI_TMP} \
+  --names 'train_run' --variance ${CLI_TMP}/variance/variance.json --variance-dgrad ${CLI_TMP}/variance_dgrad/variance.json \
+  --figures ${CLI_TMP}/figures --results ${CLI_TMP}/RESULTS_dgrad.md --smoke 1 \
+  && grep -q '### The dgrad quantizers alone' ${CLI_TMP}/RESULTS_dgrad.md \
+  && grep -q '| variance ratio PSQ 4->8 bits = 289.00 (dgrad alone, wgrad exact) |' ${CLI_TMP}/RESULTS_dgrad.md \
+  && grep -q '| psq | 8 | [0-9.]*e-[0-9]* |' ${CLI_TMP}/RESULTS_dgrad.md")
+set_tests_properties(cli.write_results_dgrad_only PROPERTIES FIXTURES_REQUIRED "variance;variance_dgrad;trained")
 # Issue 4: 2-epoch FQT training on Fashion-MNIST (6000 images) with --arith int reaches the
 # accuracy of --arith sim within 3 sigma of test-set noise (the script states the bound).
 add_test(NAME cli.int_vs_sim_accuracy COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cli/int_vs_sim_accuracy.sh ${FQT_EXE} ${CLI_TMP}/int_vs_sim)
