@@ -50,6 +50,16 @@ const VarianceRecord& find(const std::vector<VarianceRecord>& rs, const std::str
   throw std::runtime_error("no record " + q + " " + std::to_string(bits) + " " + layer);
 }
 
+// Options with K draws per batch and a fixed seed, which FQT_TEST_SEED replaces (the spread checks
+// quoted in the tests' comments).
+VarianceOptions seeded(int samples, uint64_t seed) {
+  VarianceOptions o;
+  o.samples = samples;
+  o.seed = seed;
+  if (const char* e = std::getenv("FQT_TEST_SEED")) o.seed = std::strtoull(e, nullptr, 10);
+  return o;
+}
+
 struct OneThread {
   int saved = omp_get_max_threads();
   OneThread() { omp_set_num_threads(1); }  // tiny matrices: barriers only cost
@@ -100,11 +110,8 @@ TEST(Variance, PerLayerIncrementsAddUpToTotal) {
   OneThread one;
   TinyNet m(qat_recipe());
   const auto batches = tiny_batches(4);
-  VarianceOptions o;
-  o.samples = 64;
+  VarianceOptions o = seeded(64, 3);
   o.breakdown_samples = 64;
-  o.seed = 3;
-  if (const char* e = std::getenv("FQT_TEST_SEED")) o.seed = std::strtoull(e, nullptr, 10);  // spread checks
   for (QuantizerKind k : {QuantizerKind::ptq, QuantizerKind::bhq}) {
     const std::vector<VarianceConfig> cfg{{{k, 4}, {QuantizerKind::ptq, 4}, true}};
     const auto rs = measure_variance(m.net, batches, cfg, o);
@@ -213,9 +220,7 @@ TEST(Variance, OrderingBhqPsqPtqOnResNetGradients) {
   loader.start_epoch(0);
   Batch b;
   while (batches.size() < 2 && loader.next(b)) batches.push_back({b.x, b.y});
-  VarianceOptions o;
-  o.samples = 4;
-  if (const char* e = std::getenv("FQT_TEST_SEED")) o.seed = std::strtoull(e, nullptr, 10);  // spread checks
+  const VarianceOptions o = seeded(4, 0);
   std::vector<VarianceConfig> cfg;
   const std::vector<int> bits{4, 6, 8};
   for (QuantizerKind k : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq})
@@ -236,6 +241,57 @@ TEST(Variance, OrderingBhqPsqPtqOnResNetGradients) {
   EXPECT_LT(r46, 21.0);
 }
 
+namespace {
+
+// A Conv2d and a Linear in fqt mode with recipe r, after a training forward on fixed inputs, and
+// their gradients for a fixed dy with either half of the backward pass exact (Recipe::exact_dgrad
+// / exact_wgrad), or in another mode.
+struct ExactHalves {
+  struct Case {
+    QuantizedLayer* layer;
+    Tensor x, dy;
+  };
+  Conv2d conv;
+  Linear fc;
+  std::vector<Case> cases;
+  StepContext ctx{true, 99, 7};
+
+  ExactHalves(const Recipe& r, uint64_t stream)
+      : conv("conv", 4, 6, 3, 1, 1, true, r, 1, 5), fc("fc", 12, 7, true, r, 2, 5) {
+    cases = {{&conv, Tensor::empty({3, 4, 5, 5}), Tensor::empty({3, 6, 5, 5})},
+             {&fc, Tensor::empty({9, 12}), Tensor::empty({9, 7})}};
+    for (Case& c : cases) {
+      for (int64_t i = 0; i < c.x.numel(); ++i) c.x.data<float>()[i] = normal_at({stream, 1}, i);
+      for (int64_t i = 0; i < c.dy.numel(); ++i) c.dy.data<float>()[i] = normal_at({stream, 2}, i);
+      c.layer->forward(c.x, ctx);
+    }
+  }
+  // (dx, the weight's gradient); `whole`: through backward() (conv: both draws of G in one pass
+  // where the recipe allows), else dgrad() then wgrad().
+  std::pair<Tensor, Tensor> grads(const Case& c, Mode mode, bool exact_dgrad, bool exact_wgrad, bool whole = false) {
+    c.layer->recipe().mode = mode;
+    c.layer->recipe().exact_dgrad = exact_dgrad;
+    c.layer->recipe().exact_wgrad = exact_wgrad;
+    std::vector<Param*> ps;
+    c.layer->collect_params(ps);
+    for (Param* p : ps) p->grad.fill(0.0);
+    Tensor dx;
+    if (whole) {
+      dx = c.layer->backward(c.dy, ctx);
+    } else {
+      dx = c.layer->dgrad(c.dy, ctx);
+      c.layer->wgrad(c.dy, ctx);
+    }
+    return {dx, ps[0]->grad.clone()};
+  }
+  const QuantizedTensor& dgrad_q(const Case& c) const { return c.layer == &conv ? conv.last_dgrad_q() : fc.last_dgrad_q(); }
+  const QuantizedTensor& wgrad_q(const Case& c) const { return c.layer == &conv ? conv.last_wgrad_q() : fc.last_wgrad_q(); }
+};
+
+bool same_bits(const Tensor& a, const Tensor& b) { return std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0; }
+
+}  // namespace
+
 // Recipe::exact_dgrad (the wgrad-only floor of `fqt variance`): in fqt mode, a layer's dgrad is
 // bit for bit the QAT dgrad, while its wgrad is bit for bit the ordinary FQT wgrad (same random
 // stream) and so differs from QAT. Conv2d and Linear, integer and simulated arithmetic.
@@ -247,45 +303,21 @@ TEST(Variance, ExactDgradIsQatDgradWhileWgradStaysQuantized) {
     r.arith = arith;
     r.dgrad = {QuantizerKind::bhq, 4};
     r.wgrad = {QuantizerKind::ptq, 4};
-    Conv2d conv("conv", 4, 6, 3, 1, 1, true, r, 1, 5);
-    Linear fc("fc", 12, 7, true, r, 2, 5);
-    struct Case {
-      QuantizedLayer* layer;
-      Tensor x, dy;
-    };
-    std::vector<Case> cases{{&conv, Tensor::empty({3, 4, 5, 5}), Tensor::empty({3, 6, 5, 5})},
-                            {&fc, Tensor::empty({9, 12}), Tensor::empty({9, 7})}};
-    for (Case& c : cases) {
-      for (int64_t i = 0; i < c.x.numel(); ++i) c.x.data<float>()[i] = normal_at({41, 1}, i);
-      for (int64_t i = 0; i < c.dy.numel(); ++i) c.dy.data<float>()[i] = normal_at({41, 2}, i);
-      const StepContext ctx{true, 99, 7};
-      c.layer->forward(c.x, ctx);
-      std::vector<Param*> ps;
-      c.layer->collect_params(ps);
-      Param* w = ps[0];
-      auto run = [&](Mode mode, bool exact) {
-        c.layer->recipe().mode = mode;
-        c.layer->recipe().exact_dgrad = exact;
-        for (Param* p : ps) p->grad.fill(0.0);
-        Tensor dx = c.layer->dgrad(c.dy, ctx);
-        c.layer->wgrad(c.dy, ctx);
-        return std::make_pair(dx, w->grad.clone());
-      };
-      const auto qat = run(Mode::qat, false), fqt = run(Mode::fqt, false), floor = run(Mode::fqt, true);
+    ExactHalves h(r, 41);
+    for (const auto& c : h.cases) {
+      const auto qat = h.grads(c, Mode::qat, false, false), fqt = h.grads(c, Mode::fqt, false, false),
+                 floor = h.grads(c, Mode::fqt, true, false);
       const std::string what = c.layer->name() + " " + arith_name(arith);
-      auto same = [](const Tensor& a, const Tensor& b) { return std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0; };
-      EXPECT_TRUE(same(floor.first, qat.first)) << what << ": exact dgrad must be the QAT dgrad bit for bit";
-      EXPECT_FALSE(same(fqt.first, qat.first)) << what << ": 4-bit BHQ dgrad should differ from QAT";
-      EXPECT_TRUE(same(floor.second, fqt.second)) << what << ": wgrad must be the ordinary quantized wgrad";
-      EXPECT_FALSE(same(floor.second, qat.second)) << what << ": 4-bit PTQ wgrad should differ from QAT";
+      EXPECT_TRUE(same_bits(floor.first, qat.first)) << what << ": exact dgrad must be the QAT dgrad bit for bit";
+      EXPECT_FALSE(same_bits(fqt.first, qat.first)) << what << ": 4-bit BHQ dgrad should differ from QAT";
+      EXPECT_TRUE(same_bits(floor.second, fqt.second)) << what << ": wgrad must be the ordinary quantized wgrad";
+      EXPECT_FALSE(same_bits(floor.second, qat.second)) << what << ": 4-bit PTQ wgrad should differ from QAT";
       // No dgrad operand was quantized: the layer reports none (its bound is 0).
-      const QuantizedTensor& dq = c.layer == &conv ? conv.last_dgrad_q() : fc.last_dgrad_q();
-      EXPECT_FALSE(dq.codes.defined()) << what;
-      EXPECT_EQ(grid_variance_bound(dq), 0.0) << what;
+      EXPECT_FALSE(h.dgrad_q(c).codes.defined()) << what;
+      EXPECT_EQ(grid_variance_bound(h.dgrad_q(c)), 0.0) << what;
     }
   }
 }
-
 
 // Recipe::exact_wgrad (`fqt variance --wgrad exact`): in fqt mode, a layer's wgrad is bit for bit
 // the QAT wgrad and its dgrad bit for bit the ordinary FQT dgrad (same random stream), so it
@@ -301,54 +333,23 @@ TEST(Variance, ExactWgradIsQatWgradWhileDgradStaysQuantized) {
       r.arith = arith;
       r.dgrad = {dk, 4};
       r.wgrad = {QuantizerKind::ptq, 4};
-      Conv2d conv("conv", 4, 6, 3, 1, 1, true, r, 1, 5);
-      Linear fc("fc", 12, 7, true, r, 2, 5);
-      struct Case {
-        QuantizedLayer* layer;
-        Tensor x, dy;
-      };
-      std::vector<Case> cases{{&conv, Tensor::empty({3, 4, 5, 5}), Tensor::empty({3, 6, 5, 5})},
-                              {&fc, Tensor::empty({9, 12}), Tensor::empty({9, 7})}};
-      for (Case& c : cases) {
-        for (int64_t i = 0; i < c.x.numel(); ++i) c.x.data<float>()[i] = normal_at({43, 1}, i);
-        for (int64_t i = 0; i < c.dy.numel(); ++i) c.dy.data<float>()[i] = normal_at({43, 2}, i);
-        const StepContext ctx{true, 99, 7};
-        c.layer->forward(c.x, ctx);
-        std::vector<Param*> ps;
-        c.layer->collect_params(ps);
-        Param* w = ps[0];
-        auto run = [&](Mode mode, bool exact_d, bool exact_w, bool whole) {
-          c.layer->recipe().mode = mode;
-          c.layer->recipe().exact_dgrad = exact_d;
-          c.layer->recipe().exact_wgrad = exact_w;
-          for (Param* p : ps) p->grad.fill(0.0);
-          Tensor dx;
-          if (whole) {
-            dx = c.layer->backward(c.dy, ctx);
-          } else {
-            dx = c.layer->dgrad(c.dy, ctx);
-            c.layer->wgrad(c.dy, ctx);
-          }
-          return std::make_pair(dx, w->grad.clone());
-        };
+      ExactHalves h(r, 43);
+      for (const auto& c : h.cases) {
         const std::string what = c.layer->name() + " " + arith_name(arith) + " dgrad " + traits(dk).name;
-        auto same = [](const Tensor& a, const Tensor& b) { return std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0; };
-        const auto qat = run(Mode::qat, false, false, false), fqt = run(Mode::fqt, false, false, false);
+        const auto qat = h.grads(c, Mode::qat, false, false), fqt = h.grads(c, Mode::fqt, false, false);
         for (bool whole : {false, true}) {
-          const auto dq = run(Mode::fqt, false, true, whole);
+          const auto dq = h.grads(c, Mode::fqt, false, true, whole);
           const std::string how = what + (whole ? " (backward)" : " (dgrad, wgrad)");
-          EXPECT_TRUE(same(dq.second, qat.second)) << how << ": exact wgrad must be the QAT wgrad bit for bit";
-          EXPECT_FALSE(same(fqt.second, qat.second)) << how << ": 4-bit PTQ wgrad should differ from QAT";
-          EXPECT_TRUE(same(dq.first, fqt.first)) << how << ": dgrad must be the ordinary quantized dgrad";
-          EXPECT_FALSE(same(dq.first, qat.first)) << how << ": 4-bit dgrad should differ from QAT";
+          EXPECT_TRUE(same_bits(dq.second, qat.second)) << how << ": exact wgrad must be the QAT wgrad bit for bit";
+          EXPECT_FALSE(same_bits(fqt.second, qat.second)) << how << ": 4-bit PTQ wgrad should differ from QAT";
+          EXPECT_TRUE(same_bits(dq.first, fqt.first)) << how << ": dgrad must be the ordinary quantized dgrad";
+          EXPECT_FALSE(same_bits(dq.first, qat.first)) << how << ": 4-bit dgrad should differ from QAT";
           // No wgrad operand was quantized: the layer reports none (its bound is 0); the dgrad operand is there.
-          const QuantizedTensor& wq = c.layer == &conv ? conv.last_wgrad_q() : fc.last_wgrad_q();
-          const QuantizedTensor& gq = c.layer == &conv ? conv.last_dgrad_q() : fc.last_dgrad_q();
-          EXPECT_FALSE(wq.codes.defined()) << how;
-          EXPECT_EQ(grid_variance_bound(wq), 0.0) << how;
-          EXPECT_TRUE(gq.codes.defined()) << how;
-          const auto both = run(Mode::fqt, true, true, whole);
-          EXPECT_TRUE(same(both.first, qat.first) && same(both.second, qat.second))
+          EXPECT_FALSE(h.wgrad_q(c).codes.defined()) << how;
+          EXPECT_EQ(grid_variance_bound(h.wgrad_q(c)), 0.0) << how;
+          EXPECT_TRUE(h.dgrad_q(c).codes.defined()) << how;
+          const auto both = h.grads(c, Mode::fqt, true, true, whole);
+          EXPECT_TRUE(same_bits(both.first, qat.first) && same_bits(both.second, qat.second))
               << how << ": both halves exact must be the QAT gradients";
         }
       }
@@ -369,10 +370,7 @@ TEST(Variance, ExactWgradLeavesOnlyTheDgradQuantizersVariance) {
   OneThread one;
   TinyNet m(qat_recipe());
   const auto batches = tiny_batches(6);
-  VarianceOptions o;
-  o.samples = 16;
-  o.seed = 3;
-  if (const char* e = std::getenv("FQT_TEST_SEED")) o.seed = std::strtoull(e, nullptr, 10);  // spread checks
+  const VarianceOptions o = seeded(16, 3);
   std::vector<VarianceConfig> cfg;
   for (int b : {4, 6}) cfg.push_back({{QuantizerKind::psq, b}, {QuantizerKind::ptq, 8}, false, false, GradRows::pixel, true});
   const auto rs = measure_variance(m.net, batches, cfg, o);
@@ -410,10 +408,7 @@ TEST(Variance, WgradOnlyFloorBelowEveryDgradConfiguration) {
   OneThread one;
   TinyNet m(qat_recipe());
   const auto batches = tiny_batches(6);
-  VarianceOptions o;
-  o.samples = 16;
-  o.seed = 5;
-  if (const char* e = std::getenv("FQT_TEST_SEED")) o.seed = std::strtoull(e, nullptr, 10);  // spread checks
+  const VarianceOptions o = seeded(16, 5);
   std::vector<VarianceConfig> cfg;
   for (QuantizerKind k : {QuantizerKind::ptq, QuantizerKind::psq, QuantizerKind::bhq})
     for (int b : {4, 8}) cfg.push_back({{k, b}, {QuantizerKind::ptq, 8}, false});
