@@ -1,5 +1,6 @@
 # Benchmarks and the performance report: `fqt bench gemm` / `fqt bench step` on tiny shapes
-# (fields the report relies on), and the report generator on fixture JSON (a quick-mode run).
+# (fields the report relies on), the report generator on fixture JSON (a quick-mode run), and
+# scripts/perf_history on fixture reports.
 set(PERF_FQT $<TARGET_FILE:fqt_cli>)
 set(PERF_EXPECT ${CMAKE_CURRENT_SOURCE_DIR}/cli/expect.sh)
 add_test(NAME perf.bench_gemm_json COMMAND ${PERF_EXPECT} 0 "\"fp32_gflops\"" --
@@ -17,6 +18,9 @@ if(PERF_PYTHON)
            COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/perf/check_report.sh ${PERF_PYTHON}
                    ${CMAKE_SOURCE_DIR}/scripts/perf_report_md.py ${CMAKE_CURRENT_SOURCE_DIR}/perf/fixtures
                    ${CMAKE_CURRENT_BINARY_DIR}/perf_report_test.md)
+  add_test(NAME perf.history
+           COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/perf/check_history.sh ${PERF_PYTHON}
+                   ${CMAKE_SOURCE_DIR}/scripts/perf_history.py ${CMAKE_CURRENT_SOURCE_DIR}/perf/fixtures/history)
 endif()
 add_test(NAME perf.bench_step_recompute COMMAND ${PERF_EXPECT} 0 "\"recompute\": \"auto\"" --
          ${PERF_FQT} bench step --model cnn --mode fqt --dgrad psq --recompute off,auto,on --batch 4 --input 1x8x8
