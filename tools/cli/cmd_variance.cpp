@@ -279,9 +279,9 @@ Runner add_variance(CLI::App& app) {
       "quantization variance (given the batch), sampling variance across batches (the QAT variance) and\n"
       "their ratio; the per-layer breakdown (variance added by each layer's quantizers, layers switched to\n"
       "exact one at a time from input to output); and the SPEC section 3 bound of each dgrad operand.\n"
-      "Also measures the wgrad-only floor (dgrad exact, only the wgrad quantizer active; --no-floor skips it),\n"
-      "or, with --wgrad exact, leaves wgrad unquantized so that only the dgrad quantizers add variance.\n"
-      "and the standard error over batches of every quantization variance.\n"
+      "Also measures the wgrad-only floor (dgrad exact, only the wgrad quantizer active; --no-floor skips it;\n"
+      "--wgrad exact instead leaves wgrad unquantized, so that only the dgrad quantizers add variance and there\n"
+      "is no floor), and the standard error over batches of every quantization variance.\n"
       "Writes variance.json (records) and variance.txt to --out; plot with scripts/plot_variance.\n"
       "Example: fqt variance --model preact_resnet20 --data fashion-mnist --checkpoint runs/x/ckpt.safetensors\n"
       "         --dgrad ptq,psq,bhq --dgrad-bits 4,5,6,7,8 --samples 16 --batches 8 --out runs/var");
